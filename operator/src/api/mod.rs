@@ -1,0 +1,606 @@
+//! The `ModelDeployment` API (`tessera.dev/v1alpha1`).
+//!
+//! The Rust types here are the single source of the CRD: [`crd()`] derives the schema from them,
+//! adds the bounds and CEL rules of [`rules`], and `crds/modeldeployment.yaml` is its committed
+//! output (a test fails on drift). Field names are a contract with users, examples and the docs
+//! (`docs/api.md`).
+
+mod crd;
+mod degree;
+pub mod rules;
+mod validate;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    ConfigMapVolumeSource, EmptyDirVolumeSource, EnvVar, LocalObjectReference,
+    PersistentVolumeClaimVolumeSource, SecretVolumeSource, Toleration, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use crd::{crd, crd_yaml, spec_schema};
+pub use degree::ParallelDegree;
+pub use validate::{
+    FieldError, ValidationError, parse_model_deployment, validate, validate_update,
+};
+
+/// API group of every Tessera resource.
+pub const GROUP: &str = "tessera.dev";
+/// The served and stored version.
+pub const VERSION: &str = "v1alpha1";
+/// Longest `metadata.name` a ModelDeployment may have, so that every derived child name
+/// (`NAME-rREPLICA-INCARNATION-sSTAGE`, Services `NAME-workers`) stays a DNS label of at most
+/// 63 characters.
+pub const MAX_NAME_LENGTH: usize = 45;
+/// Upper bound on GPUs in one replica (tensor x pipeline).
+pub const MAX_GPUS_PER_REPLICA: u32 = 64;
+/// Upper bound on `spec.replicas` and `spec.autoscaling.maxReplicas`.
+pub const MAX_REPLICAS: i32 = 512;
+
+/// A fleet of identical LLM inference replicas. Tessera chooses the GPU type and the
+/// tensor x pipeline parallel layout, places each replica as an all-or-nothing gang of worker
+/// pods, keeps it healthy and scales it with load.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "tessera.dev",
+    version = "v1alpha1",
+    kind = "ModelDeployment",
+    namespaced,
+    shortname = "mdep",
+    category = "tessera",
+    status = "ModelDeploymentStatus",
+    derive = "PartialEq",
+    doc = "A fleet of LLM inference replicas that Tessera shards, places as gangs of worker pods, heals and scales.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "Replicas whose whole worker group is ready"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".spec.replicas",
+        description = "Desired replicas"
+    ),
+    printcolumn(
+        name = "GPU",
+        type_ = "string",
+        json_path = ".status.gpuType",
+        description = "GPU type the planner chose"
+    ),
+    printcolumn(
+        name = "TP",
+        type_ = "integer",
+        json_path = ".status.tensorParallel",
+        description = "Tensor-parallel degree"
+    ),
+    printcolumn(
+        name = "PP",
+        type_ = "integer",
+        json_path = ".status.pipelineParallel",
+        description = "Pipeline-parallel degree"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Lifecycle phase"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelDeploymentSpec {
+    /// Desired number of replicas; each replica is one complete copy of the model served by a
+    /// group of tensor x pipeline workers. Also the scale subresource's spec path.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 512))]
+    pub replicas: i32,
+
+    /// Higher priority deployments are placed first and win GPUs when the cluster is short.
+    /// Running replicas are never evicted for a lower priority.
+    #[serde(default)]
+    #[schemars(range(min = -1000, max = 1000))]
+    pub priority: i32,
+
+    /// The model: where its weights are and the architecture facts the planner needs.
+    pub model: ModelSpec,
+
+    /// Tensor- and pipeline-parallel degrees; `auto` lets the planner choose.
+    #[serde(default)]
+    pub parallelism: ParallelismSpec,
+
+    /// Which GPUs the replicas may use.
+    #[serde(default)]
+    pub gpu: GpuSpec,
+
+    /// Where and how tightly the workers of one replica are placed.
+    #[serde(default)]
+    pub placement: PlacementSpec,
+
+    /// The serving endpoint and the load each replica must hold.
+    #[serde(default)]
+    pub serving: ServingSpec,
+
+    /// Built-in autoscaling on load. Leave disabled to drive the scale subresource with HPA or
+    /// KEDA instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+
+    /// The worker pods: image, resources and a small set of pod overrides.
+    #[serde(default)]
+    pub worker: WorkerSpec,
+
+    /// What happens when a member of a replica fails.
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+/// Where the weights are and what shape they have.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Location of the weights: `file:///path` (inside the worker's model volume, supplied
+    /// through `worker.volumes`), `pvc://CLAIM/path` (mounted read-only into every worker) or
+    /// `http(s)://...` (downloaded by each worker at start).
+    #[schemars(length(min = 1, max = 2048))]
+    pub uri: String,
+
+    /// Optional lowercase hex SHA-256 of the weights file; workers refuse a download that does
+    /// not match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(equal = 64))]
+    pub sha256: Option<String>,
+
+    /// Model name served by the OpenAI API (`model` in requests). Defaults to the
+    /// ModelDeployment's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub served_name: Option<String>,
+
+    /// Architecture facts used for the parallelism rules and the cost model.
+    pub architecture: ModelArchitecture,
+}
+
+/// Architecture of a Llama-family decoder.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelArchitecture {
+    /// Total parameter count (for example 70000000000).
+    #[schemars(range(min = 1, max = 100_000_000_000_000i64))]
+    pub parameters: i64,
+    /// Decoder layers.
+    #[schemars(range(min = 1, max = 1024))]
+    pub layers: i32,
+    /// Hidden (model) dimension.
+    #[schemars(range(min = 1, max = 131072))]
+    pub hidden_size: i32,
+    /// Attention (query) heads.
+    #[schemars(range(min = 1, max = 1024))]
+    pub attention_heads: i32,
+    /// Key/value heads (grouped-query attention); equal to `attentionHeads` without GQA.
+    #[schemars(range(min = 1, max = 1024))]
+    pub kv_heads: i32,
+    /// Feed-forward (SwiGLU) inner dimension.
+    #[schemars(range(min = 1, max = 1048576))]
+    pub intermediate_size: i32,
+    /// Vocabulary size.
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub vocab_size: i32,
+    /// Longest context the model supports, in tokens.
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub context_length: i32,
+    /// Bytes per weight as stored: 2 for BF16/FP16, 1 for FP8/INT8, about 0.56 for Q4_1.
+    #[schemars(range(min = 0.1, max = 4.0))]
+    pub bytes_per_parameter: f64,
+}
+
+/// Tensor- and pipeline-parallel degrees.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ParallelismSpec {
+    /// Tensor-parallel degree: `auto` (the planner chooses) or a positive integer that divides
+    /// the attention heads and divides, or is a multiple of, the KV heads.
+    #[serde(default)]
+    pub tensor: ParallelDegree,
+    /// Pipeline-parallel degree: `auto` (the planner chooses) or a positive integer of at most
+    /// the model's layers.
+    #[serde(default)]
+    pub pipeline: ParallelDegree,
+}
+
+/// Which GPUs a replica may use.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GpuSpec {
+    /// Allowed GPU types in order of preference, as short names (`H100`, `H800`, `H20`, `L40S`)
+    /// matched as whole tokens against node GPU products (so `H20` never matches `H200`).
+    /// Empty: any GPU type the catalog knows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 8),
+        inner(
+            length(min = 1, max = 63),
+            regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+        )
+    )]
+    pub types: Vec<String>,
+    /// Only use GPUs with at least this much memory each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub min_memory_gi_b: Option<i32>,
+}
+
+/// How far the tensor-parallel group of a replica may spread.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+pub enum TensorParallelScope {
+    /// All GPUs of a TP group share one NVLink domain (NVSwitch board or NVLink island).
+    #[default]
+    #[serde(rename = "NVLinkDomain")]
+    NvLinkDomain,
+    /// All GPUs of a TP group are on one node (PCIe between them is acceptable).
+    Node,
+    /// A TP group may span nodes (over the inter-node fabric); only sensible for small models.
+    Any,
+}
+
+/// Placement constraints.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PlacementSpec {
+    /// How far a tensor-parallel group may spread: `NVLinkDomain` (default), `Node` or `Any`.
+    #[serde(default)]
+    pub tensor_parallel_scope: TensorParallelScope,
+    /// Optional Node label key (for example a rack or block label) whose value all pipeline
+    /// stages of a replica must share. Without it stages go to the tightest domain with room.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 317))]
+    pub pipeline_topology_key: Option<String>,
+    /// Only nodes with all of these labels are used.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations for tainted GPU nodes; also copied onto the worker pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+}
+
+/// The serving endpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServingSpec {
+    /// Port of the OpenAI-compatible API on each replica leader.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: i32,
+    /// Concurrent sequences each replica must hold in its KV cache.
+    #[serde(default = "default_max_concurrency")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_concurrency: i32,
+    /// Context (prompt + output tokens) each sequence may use; sizes the KV-cache budget.
+    /// Defaults to the model's `contextLength`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub context_length: Option<i32>,
+}
+
+fn default_port() -> i32 {
+    8000
+}
+fn default_max_concurrency() -> i32 {
+    16
+}
+
+impl Default for ServingSpec {
+    fn default() -> Self {
+        Self {
+            port: default_port(),
+            max_concurrency: default_max_concurrency(),
+            context_length: None,
+        }
+    }
+}
+
+/// Load signal the autoscaler tracks.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ScalingMetric {
+    /// Waiting plus running requests per replica.
+    #[default]
+    QueueDepth,
+    /// Fraction (0..1) of the KV-cache budget in use, averaged over replicas.
+    KvCacheUtilization,
+    /// Generated tokens per second per replica.
+    TokensPerSecond,
+    /// GPU utilisation (0..1) averaged over the replica's GPUs.
+    GpuUtilization,
+}
+
+/// Built-in autoscaling.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AutoscalingSpec {
+    /// Turn the built-in autoscaler on. Off: `spec.replicas` is left to you (or HPA/KEDA).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Fewest replicas.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 1, max = 512))]
+    pub min_replicas: i32,
+    /// Most replicas.
+    #[schemars(range(min = 1, max = 512))]
+    pub max_replicas: i32,
+    /// Load signal to track.
+    #[serde(default)]
+    pub metric: ScalingMetric,
+    /// Per-replica target of the metric (requests, fraction 0..1, or tokens/s).
+    #[schemars(range(min = 0.001, max = 1_000_000.0))]
+    pub target: f64,
+    /// Load must stay above target this long before scaling up.
+    #[serde(default = "default_scale_up_window")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_up_stabilization_seconds: i32,
+    /// Load must stay below target this long before scaling down.
+    #[serde(default = "default_scale_down_window")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: i32,
+}
+
+fn default_min_replicas() -> i32 {
+    1
+}
+fn default_scale_up_window() -> i32 {
+    30
+}
+fn default_scale_down_window() -> i32 {
+    300
+}
+
+/// Image pull policy of the worker container.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+/// CPU and memory of the worker container (GPUs come from the plan).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CpuMemory {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+}
+
+/// Resources of the worker container. GPUs are not set here: the plan decides them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkerResources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<CpuMemory>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<CpuMemory>,
+}
+
+/// A volume for the worker pods, limited to sources that grant no host access.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkerVolume {
+    /// Volume name, referenced by `worker.volumeMounts`.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<PersistentVolumeClaimVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_dir: Option<EmptyDirVolumeSource>,
+}
+
+/// The worker pods. Deliberately small: no privileged mode, host namespaces or hostPath.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkerSpec {
+    /// Worker image; defaults to the operator's `--worker-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<WorkerResources>,
+    /// Extra environment; names starting with `TESSERA_` are reserved for the operator.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Extra labels on the worker pods (keys under `tessera.dev/` are reserved).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations on the worker pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Priority class of the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+    /// Pull secrets for a private worker image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// Extra volumes (PVC, ConfigMap, Secret or emptyDir only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<WorkerVolume>,
+    /// Mounts of `volumes` into the worker container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
+}
+
+/// What happens when a member of a replica fails.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FailurePolicy {
+    /// Recreate the whole replica (a new incarnation) when any member fails. Tensor-parallel
+    /// groups cannot survive the loss of a rank, so turning this off only makes sense for
+    /// debugging.
+    #[serde(default = "default_true")]
+    pub recreate_group: bool,
+    /// Recreations of one replica before it is marked Degraded and its node avoided.
+    #[serde(default = "default_max_restarts")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_restarts: i32,
+    /// First backoff between recreations; doubles on each further failure (capped at 10 min).
+    #[serde(default = "default_backoff_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub backoff_seconds: i32,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_restarts() -> i32 {
+    5
+}
+fn default_backoff_seconds() -> i32 {
+    10
+}
+
+impl Default for FailurePolicy {
+    fn default() -> Self {
+        Self {
+            recreate_group: true,
+            max_restarts: default_max_restarts(),
+            backoff_seconds: default_backoff_seconds(),
+        }
+    }
+}
+
+/// Lifecycle phase shown in `kubectl get mdep`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// Accepted, not yet planned.
+    Pending,
+    /// Placed; worker groups are starting or loading the model.
+    Progressing,
+    /// Every desired replica is ready.
+    Ready,
+    /// Some replicas serve, others are failing or unplaced.
+    Degraded,
+    /// No replica can be placed; the Placed condition says why.
+    Unschedulable,
+    /// The spec is invalid for this cluster or the model cannot be fetched.
+    Failed,
+}
+
+/// Observed state, written only by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Placed, Ready, Progressing, Degraded and ScalingLimited, each with a reason and numbers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Replicas that currently have worker pods (scale subresource status path).
+    #[serde(default)]
+    pub replicas: i32,
+    /// Replicas whose whole worker group is ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector of the worker pods, for the scale subresource (HPA, KEDA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// GPU type of the current plan (printer column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_type: Option<String>,
+    /// Tensor-parallel degree of the current plan (printer column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensor_parallel: Option<i32>,
+    /// Pipeline-parallel degree of the current plan (printer column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_parallel: Option<i32>,
+    /// Why the planner chose this layout: the choice and the best alternatives with predictions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alternatives: Vec<LayoutPrediction>,
+    /// One entry per placed replica.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placements: Vec<ReplicaPlacement>,
+}
+
+/// A candidate layout and what the cost model predicts for it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LayoutPrediction {
+    pub gpu_type: String,
+    pub tensor_parallel: i32,
+    pub pipeline_parallel: i32,
+    pub predicted: Prediction,
+    /// Why it was or was not chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Cost-model predictions for one replica.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Prediction {
+    /// Aggregate decode tokens/s of the replica at `serving.maxConcurrency`.
+    pub decode_tokens_per_second: f64,
+    /// Prefill tokens/s of the replica.
+    pub prefill_tokens_per_second: f64,
+    /// Time to first token for a prompt of the serving context, in seconds.
+    #[serde(default)]
+    pub time_to_first_token_seconds: f64,
+    /// Per-direction bandwidth of the slowest link in the tensor-parallel ring, GB/s.
+    pub all_reduce_g_bps: f64,
+}
+
+/// Where one replica runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaPlacement {
+    pub replica: i32,
+    /// Changes every time the whole group is recreated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<String>,
+    pub gpu_type: String,
+    pub tensor_parallel: i32,
+    pub pipeline_parallel: i32,
+    pub stages: Vec<StagePlacement>,
+    pub predicted: Prediction,
+    #[serde(default)]
+    pub ready: bool,
+    /// Group recreations so far.
+    #[serde(default)]
+    pub restarts: i32,
+}
+
+/// One pipeline stage of a replica (its tensor-parallel group).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StagePlacement {
+    pub stage: i32,
+    pub node: String,
+    /// GPUs the stage uses on that node.
+    pub gpus: i32,
+}

@@ -1,0 +1,237 @@
+//! CEL rules (`x-kubernetes-validations`) of the ModelDeployment CRD.
+//!
+//! These are the checks a structural schema cannot express. Each rule's message is built by a
+//! CEL `messageExpression` so that it names the value, the rule and a fix; the API server
+//! prefixes it with the field path (`fieldPath`), giving errors such as
+//! `spec.parallelism.tensor: Invalid value: "object": 3 must divide the model's 32 attention
+//! heads; valid: 1, 2, 4, 8, 16, 32`. The same rules run client-side (kube's `cel` support) in
+//! `tessera-operator plan` and in the tests, so both see the same messages.
+
+use super::{MAX_GPUS_PER_REPLICA, MAX_NAME_LENGTH};
+
+/// One CEL rule and where it sits in the schema.
+#[derive(Clone, Debug)]
+pub struct CelRule {
+    /// Schema location as property names from the root (`"items"` steps into a list).
+    pub at: &'static [&'static str],
+    /// The CEL expression that must hold.
+    pub rule: String,
+    /// CEL expression that builds the failure message.
+    pub message_expression: String,
+    /// Static fallback message (used by the API server if the expression fails).
+    pub message: String,
+    /// Field the error is reported on, relative to `at` (for example `.parallelism.tensor`).
+    pub field_path: Option<&'static str>,
+    /// A transition rule (uses `oldSelf`): evaluated on updates only.
+    pub transition: bool,
+}
+
+/// CEL literal list of the candidate degrees 1..=MAX_GPUS_PER_REPLICA.
+fn degrees() -> String {
+    let items: Vec<String> = (1..=MAX_GPUS_PER_REPLICA).map(|d| d.to_string()).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// CEL expression: the tensor-parallel degrees the model's heads allow, as a ", "-joined string.
+fn valid_tensor_degrees(arch: &str) -> String {
+    format!(
+        "{list}.filter(d, {arch}.attentionHeads % d == 0 && ({arch}.kvHeads % d == 0 || d % {arch}.kvHeads == 0)).map(d, string(d)).join(', ')",
+        list = degrees()
+    )
+}
+
+fn degree_rule(field: &str) -> (String, String, String) {
+    let max = MAX_GPUS_PER_REPLICA;
+    (
+        format!("type(self) == string ? self == 'auto' : (self >= 1 && self <= {max})"),
+        format!(
+            r#"(type(self) == string ? '"' + self + '"' : string(self)) + ' is not a valid {field} degree; use "auto" or an integer from 1 to {max}'"#
+        ),
+        format!(r#"must be "auto" or an integer from 1 to {max}"#),
+    )
+}
+
+/// Every CEL rule of the CRD, in a stable order.
+pub fn rules() -> Vec<CelRule> {
+    let arch = "self.model.architecture";
+    let valid_tp = valid_tensor_degrees(arch);
+    let max_gpus = MAX_GPUS_PER_REPLICA;
+    let max_name = MAX_NAME_LENGTH;
+    let (tensor_rule, tensor_msg, tensor_static) = degree_rule("tensor-parallel");
+    let (pipeline_rule, pipeline_msg, pipeline_static) = degree_rule("pipeline-parallel");
+    let tensor_is_int = "has(self.parallelism) && has(self.parallelism.tensor) && type(self.parallelism.tensor) == int && self.parallelism.tensor >= 1";
+    let pipeline_is_int = "has(self.parallelism) && has(self.parallelism.pipeline) && type(self.parallelism.pipeline) == int && self.parallelism.pipeline >= 1";
+
+    vec![
+        CelRule {
+            at: &[],
+            rule: format!("size(self.metadata.name) <= {max_name}"),
+            message_expression: format!(
+                r#"'metadata.name: "' + self.metadata.name + '" has ' + string(size(self.metadata.name)) + ' characters; at most {max_name} are allowed so that worker pod and Service names stay within 63; choose a shorter name'"#
+            ),
+            message: format!("metadata.name must have at most {max_name} characters"),
+            field_path: None,
+            transition: false,
+        },
+        CelRule {
+            at: &[],
+            rule: "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')".into(),
+            message_expression: r#"'metadata.name: "' + self.metadata.name + '" must be a DNS label (lowercase letters, digits and dashes, starting with a letter, no dots) because it names the worker Services; choose a name like "llama-70b"'"#.into(),
+            message: "metadata.name must be a DNS-1035 label".into(),
+            field_path: None,
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "parallelism", "tensor"],
+            rule: tensor_rule,
+            message_expression: tensor_msg,
+            message: tensor_static,
+            field_path: None,
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "parallelism", "pipeline"],
+            rule: pipeline_rule,
+            message_expression: pipeline_msg,
+            message: pipeline_static,
+            field_path: None,
+            transition: false,
+        },
+        CelRule {
+            at: &["spec"],
+            rule: format!("!({tensor_is_int}) || {arch}.attentionHeads % self.parallelism.tensor == 0"),
+            message_expression: format!(
+                r#"string(self.parallelism.tensor) + " must divide the model's " + string({arch}.attentionHeads) + ' attention heads; valid: ' + {valid_tp}"#
+            ),
+            message: "tensor-parallel degree must divide model.architecture.attentionHeads".into(),
+            field_path: Some(".parallelism.tensor"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec"],
+            rule: format!(
+                "!({tensor_is_int}) || {arch}.kvHeads % self.parallelism.tensor == 0 || self.parallelism.tensor % {arch}.kvHeads == 0"
+            ),
+            message_expression: format!(
+                r#"string(self.parallelism.tensor) + " must divide the model's " + string({arch}.kvHeads) + ' KV heads or be a multiple of them; valid: ' + {valid_tp}"#
+            ),
+            message: "tensor-parallel degree must divide model.architecture.kvHeads or be a multiple of it".into(),
+            field_path: Some(".parallelism.tensor"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec"],
+            rule: format!("!({pipeline_is_int}) || self.parallelism.pipeline <= {arch}.layers"),
+            message_expression: format!(
+                r#"string(self.parallelism.pipeline) + " exceeds the model's " + string({arch}.layers) + ' layers (each stage needs at least one); use "auto" or 1 to ' + string({arch}.layers)"#
+            ),
+            message: "pipeline-parallel degree must be at most model.architecture.layers".into(),
+            field_path: Some(".parallelism.pipeline"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec"],
+            rule: format!(
+                "!({tensor_is_int}) || !({pipeline_is_int}) || self.parallelism.tensor * self.parallelism.pipeline <= {max_gpus}"
+            ),
+            message_expression: format!(
+                r#"'tensor x pipeline = ' + string(self.parallelism.tensor) + ' x ' + string(self.parallelism.pipeline) + ' = ' + string(self.parallelism.tensor * self.parallelism.pipeline) + ' GPUs per replica exceeds the maximum of {max_gpus}; lower tensor or pipeline, or set them to "auto"'"#
+            ),
+            message: format!("tensor x pipeline must be at most {max_gpus} GPUs per replica"),
+            field_path: Some(".parallelism"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "model", "architecture"],
+            rule: "self.kvHeads <= self.attentionHeads && self.attentionHeads % self.kvHeads == 0".into(),
+            message_expression: "string(self.kvHeads) + ' must divide attentionHeads (' + string(self.attentionHeads) + '): grouped-query attention shares each KV head among a whole number of query heads; copy num_key_value_heads from the model config'".into(),
+            message: "kvHeads must divide attentionHeads".into(),
+            field_path: Some(".kvHeads"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "model", "uri"],
+            rule: r"self.matches('^(file:///[^\\s]+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^\\s]+|https?://[^/\\s]+(/[^\\s]*)?)$')".into(),
+            message_expression: r#"'"' + self + '" is not a supported model location; use file:///PATH (inside a volume from worker.volumes), pvc://CLAIM/PATH or https://HOST/PATH'"#.into(),
+            message: "model.uri must be file:///PATH, pvc://CLAIM/PATH or http(s)://HOST/PATH".into(),
+            field_path: None,
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "model", "sha256"],
+            rule: "self.matches('^[0-9a-f]{64}$')".into(),
+            message_expression: r#"'"' + self + '" is not a SHA-256; use the 64 lowercase hex characters that sha256sum prints'"#.into(),
+            message: "sha256 must be 64 lowercase hex characters".into(),
+            field_path: None,
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "model"],
+            rule: "self.uri != oldSelf.uri || self.architecture == oldSelf.architecture".into(),
+            message_expression: "'describes the weights at ' + self.uri + ' and cannot change on its own; change model.uri in the same update, or create a new ModelDeployment'".into(),
+            message: "model.architecture can only change together with model.uri".into(),
+            field_path: Some(".architecture"),
+            transition: true,
+        },
+        CelRule {
+            at: &["spec"],
+            rule: "!self.model.uri.startsWith('file://') || (has(self.worker) && has(self.worker.volumeMounts) && size(self.worker.volumeMounts) > 0)".into(),
+            message_expression: r#"'"' + self.model.uri + '" is a path inside the worker, but worker.volumeMounts is empty; add a volume in worker.volumes and mount it, or use pvc://CLAIM/PATH'"#.into(),
+            message: "a file:// model needs a volume mounted through worker.volumes and worker.volumeMounts".into(),
+            field_path: Some(".model.uri"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec"],
+            rule: format!(
+                "!has(self.serving) || !has(self.serving.contextLength) || self.serving.contextLength <= {arch}.contextLength"
+            ),
+            message_expression: format!(
+                r#"string(self.serving.contextLength) + " exceeds the model's context length of " + string({arch}.contextLength) + '; use at most ' + string({arch}.contextLength) + ' or leave it unset'"#
+            ),
+            message: "serving.contextLength must be at most model.architecture.contextLength".into(),
+            field_path: Some(".serving.contextLength"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "autoscaling"],
+            rule: "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas".into(),
+            message_expression: "string(self.minReplicas) + ' is greater than maxReplicas (' + string(self.maxReplicas) + '); raise maxReplicas or lower minReplicas'".into(),
+            message: "minReplicas must be at most maxReplicas".into(),
+            field_path: Some(".minReplicas"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "worker"],
+            rule: "!has(self.env) || self.env.all(e, !e.name.startsWith('TESSERA_'))".into(),
+            message_expression: "self.env.filter(e, e.name.startsWith('TESSERA_')).map(e, e.name).join(', ') + ': names starting with TESSERA_ are reserved for the operator; rename them'".into(),
+            message: "env names starting with TESSERA_ are reserved".into(),
+            field_path: Some(".env"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "worker"],
+            rule: "!has(self.labels) || self.labels.all(k, !k.startsWith('tessera.dev/'))".into(),
+            message_expression: "self.labels.filter(k, k.startsWith('tessera.dev/')).join(', ') + ': label keys under tessera.dev/ are reserved for the operator; use another prefix'".into(),
+            message: "label keys under tessera.dev/ are reserved".into(),
+            field_path: Some(".labels"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "worker", "volumes", "items"],
+            rule: "[has(self.persistentVolumeClaim), has(self.configMap), has(self.secret), has(self.emptyDir)].filter(x, x).size() == 1".into(),
+            message_expression: r#"'volume "' + self.name + '" must set exactly one of persistentVolumeClaim, configMap, secret or emptyDir'"#.into(),
+            message: "a volume must set exactly one source".into(),
+            field_path: None,
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "worker"],
+            rule: "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && self.volumes.exists(v, v.name == m.name))".into(),
+            message_expression: "self.volumeMounts.filter(m, !has(self.volumes) || !self.volumes.exists(v, v.name == m.name)).map(m, m.name).join(', ') + ': mounted but not declared in worker.volumes; add the volume or fix the name'".into(),
+            message: "every volumeMount must name a volume in worker.volumes".into(),
+            field_path: Some(".volumeMounts"),
+            transition: false,
+        },
+    ]
+}

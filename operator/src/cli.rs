@@ -1,0 +1,60 @@
+//! Command-line surface of `tessera-operator`.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::logging::LogFormat;
+
+/// Tessera: places LLM inference fleets on mixed GPU clusters with a bandwidth-aware planner.
+#[derive(Debug, Parser)]
+#[command(name = "tessera-operator", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "TESSERA_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the ModelDeployment CustomResourceDefinition as YAML (what crds/ holds).
+    Crd,
+    /// Run the controller against the cluster in the current kubeconfig or service account.
+    Run(RunArgs),
+}
+
+/// Flags of `tessera-operator run`. The Helm chart sets these; keep docs/operator.md in step.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Elect a leader on a Lease so that only one replica of the operator writes.
+    #[arg(long, env = "TESSERA_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "tessera-operator", env = "TESSERA_LEASE_NAME")]
+    pub lease_name: String,
+    /// Namespace of the Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tessera-system")]
+    pub lease_namespace: String,
+    /// Watch ModelDeployments in this namespace only (namespaced mode); all namespaces if unset.
+    #[arg(long, env = "TESSERA_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Address of the Prometheus /metrics endpoint.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "TESSERA_METRICS_ADDR")]
+    pub metrics_addr: SocketAddr,
+    /// Address of the /healthz and /readyz endpoints.
+    #[arg(long, default_value = "0.0.0.0:8081", env = "TESSERA_HEALTH_ADDR")]
+    pub health_addr: SocketAddr,
+    /// Worker image used when a ModelDeployment sets no worker.image.
+    #[arg(long, env = "TESSERA_WORKER_IMAGE", default_value = concat!("tessera-worker:", env!("CARGO_PKG_VERSION")))]
+    pub worker_image: String,
+    /// Node label keys that describe the fabric, outermost first (zone, block, rack).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "TESSERA_TOPOLOGY_KEYS",
+        default_value = "topology.kubernetes.io/zone,tessera.dev/fabric.block,tessera.dev/fabric.rack"
+    )]
+    pub topology_keys: Vec<String>,
+}

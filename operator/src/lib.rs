@@ -1,0 +1,9 @@
+//! Tessera's operator: the `ModelDeployment` API, the bandwidth-aware planner and the
+//! controller that turns plans into gangs of worker pods.
+//!
+//! Pure logic (API validation, inventory, planner, object building, autoscaling decisions)
+//! takes plain data and returns plain data; only the controller talks to Kubernetes.
+
+pub mod api;
+pub mod cli;
+pub mod logging;
