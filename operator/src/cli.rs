@@ -18,6 +18,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process; boxing buys nothing
 pub enum Command {
     /// Print the ModelDeployment CustomResourceDefinition as YAML (what crds/ holds).
     Crd,
@@ -57,4 +58,19 @@ pub struct RunArgs {
         default_value = "topology.kubernetes.io/zone,tessera.dev/fabric.block,tessera.dev/fabric.rack"
     )]
     pub topology_keys: Vec<String>,
+    /// Create a NetworkPolicy per replica so that workers accept collective and rendezvous
+    /// traffic only from their own replica group.
+    #[arg(long, env = "TESSERA_WORKER_NETWORK_POLICIES")]
+    pub worker_network_policies: bool,
+    /// Label selector of the namespaces whose pods may call the workers' OpenAI API (empty:
+    /// only the ModelDeployment's own namespace).
+    #[arg(long, default_value = "", env = "TESSERA_API_NAMESPACE_SELECTOR")]
+    pub api_namespace_selector: String,
+    /// Namespace of the Prometheus that scrapes worker /metrics.
+    #[arg(
+        long,
+        default_value = "monitoring",
+        env = "TESSERA_MONITORING_NAMESPACE"
+    )]
+    pub monitoring_namespace: String,
 }

@@ -181,11 +181,10 @@ fn add_default_bounds(node: &mut Value, is_root: bool) {
         return;
     };
     let ty = obj.get("type").and_then(Value::as_str).map(str::to_owned);
+    // Every int-or-string in the embedded Kubernetes types here is a resource.Quantity; our own
+    // int-or-string fields (parallel degrees) carry CEL rules instead.
     let is_quantity = obj.get("x-kubernetes-int-or-string") == Some(&json!(true))
-        && obj
-            .get("description")
-            .and_then(Value::as_str)
-            .is_some_and(|d| d.starts_with("Quantity is a fixed-point"));
+        && !obj.contains_key("x-kubernetes-validations");
     if is_quantity {
         obj.entry("pattern").or_insert(json!(QUANTITY_PATTERN));
     }

@@ -5,6 +5,9 @@
 //! output (a test fails on drift). Field names are a contract with users, examples and the docs
 //! (`docs/api.md`).
 
+// kube-derive repeats `type_` and `name` per printcolumn, which this lint mistakes for duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 mod crd;
 mod degree;
 pub mod rules;

@@ -40,12 +40,30 @@ fn valid_tensor_degrees(arch: &str) -> String {
     )
 }
 
+/// CEL for "this int-or-string value is a pinned integer degree" (1 to 999; the range rule
+/// narrows it further). Written with `string()` and
+/// `int()` instead of `type()` so that it evaluates the same in the API server and in kube's
+/// client-side CEL (which has no `type()`).
+fn is_pinned(v: &str) -> String {
+    format!("string({v}).matches('^[1-9][0-9]{{0,2}}$')")
+}
+
+/// CEL for the integer value of a pinned degree (only evaluated when [`is_pinned`] holds).
+fn pinned(v: &str) -> String {
+    format!("int(string({v}))")
+}
+
 fn degree_rule(field: &str) -> (String, String, String) {
     let max = MAX_GPUS_PER_REPLICA;
     (
-        format!("type(self) == string ? self == 'auto' : (self >= 1 && self <= {max})"),
         format!(
-            r#"(type(self) == string ? '"' + self + '"' : string(self)) + ' is not a valid {field} degree; use "auto" or an integer from 1 to {max}'"#
+            "string(self) == 'auto' || ({} && {} >= 1 && {} <= {max})",
+            is_pinned("self"),
+            pinned("self"),
+            pinned("self")
+        ),
+        format!(
+            r#"(string(self).matches('^[0-9]+$') ? string(self) : '"' + string(self) + '"') + ' is not a valid {field} degree; use "auto" or an integer from 1 to {max}'"#
         ),
         format!(r#"must be "auto" or an integer from 1 to {max}"#),
     )
@@ -59,8 +77,16 @@ pub fn rules() -> Vec<CelRule> {
     let max_name = MAX_NAME_LENGTH;
     let (tensor_rule, tensor_msg, tensor_static) = degree_rule("tensor-parallel");
     let (pipeline_rule, pipeline_msg, pipeline_static) = degree_rule("pipeline-parallel");
-    let tensor_is_int = "has(self.parallelism) && has(self.parallelism.tensor) && type(self.parallelism.tensor) == int && self.parallelism.tensor >= 1";
-    let pipeline_is_int = "has(self.parallelism) && has(self.parallelism.pipeline) && type(self.parallelism.pipeline) == int && self.parallelism.pipeline >= 1";
+    let tensor_is_int = format!(
+        "has(self.parallelism) && has(self.parallelism.tensor) && {}",
+        is_pinned("self.parallelism.tensor")
+    );
+    let pipeline_is_int = format!(
+        "has(self.parallelism) && has(self.parallelism.pipeline) && {}",
+        is_pinned("self.parallelism.pipeline")
+    );
+    let tp = pinned("self.parallelism.tensor");
+    let pp = pinned("self.parallelism.pipeline");
 
     vec![
         CelRule {
@@ -99,9 +125,9 @@ pub fn rules() -> Vec<CelRule> {
         },
         CelRule {
             at: &["spec"],
-            rule: format!("!({tensor_is_int}) || {arch}.attentionHeads % self.parallelism.tensor == 0"),
+            rule: format!("!({tensor_is_int}) || {arch}.attentionHeads % {tp} == 0"),
             message_expression: format!(
-                r#"string(self.parallelism.tensor) + " must divide the model's " + string({arch}.attentionHeads) + ' attention heads; valid: ' + {valid_tp}"#
+                r#"string({tp}) + " must divide the model's " + string({arch}.attentionHeads) + ' attention heads; valid: ' + {valid_tp}"#
             ),
             message: "tensor-parallel degree must divide model.architecture.attentionHeads".into(),
             field_path: Some(".parallelism.tensor"),
@@ -110,10 +136,10 @@ pub fn rules() -> Vec<CelRule> {
         CelRule {
             at: &["spec"],
             rule: format!(
-                "!({tensor_is_int}) || {arch}.kvHeads % self.parallelism.tensor == 0 || self.parallelism.tensor % {arch}.kvHeads == 0"
+                "!({tensor_is_int}) || {arch}.kvHeads % {tp} == 0 || {tp} % {arch}.kvHeads == 0"
             ),
             message_expression: format!(
-                r#"string(self.parallelism.tensor) + " must divide the model's " + string({arch}.kvHeads) + ' KV heads or be a multiple of them; valid: ' + {valid_tp}"#
+                r#"string({tp}) + " must divide the model's " + string({arch}.kvHeads) + ' KV heads or be a multiple of them; valid: ' + {valid_tp}"#
             ),
             message: "tensor-parallel degree must divide model.architecture.kvHeads or be a multiple of it".into(),
             field_path: Some(".parallelism.tensor"),
@@ -121,9 +147,9 @@ pub fn rules() -> Vec<CelRule> {
         },
         CelRule {
             at: &["spec"],
-            rule: format!("!({pipeline_is_int}) || self.parallelism.pipeline <= {arch}.layers"),
+            rule: format!("!({pipeline_is_int}) || {pp} <= {arch}.layers"),
             message_expression: format!(
-                r#"string(self.parallelism.pipeline) + " exceeds the model's " + string({arch}.layers) + ' layers (each stage needs at least one); use "auto" or 1 to ' + string({arch}.layers)"#
+                r#"string({pp}) + " exceeds the model's " + string({arch}.layers) + ' layers (each stage needs at least one); use "auto" or 1 to ' + string({arch}.layers)"#
             ),
             message: "pipeline-parallel degree must be at most model.architecture.layers".into(),
             field_path: Some(".parallelism.pipeline"),
@@ -132,10 +158,10 @@ pub fn rules() -> Vec<CelRule> {
         CelRule {
             at: &["spec"],
             rule: format!(
-                "!({tensor_is_int}) || !({pipeline_is_int}) || self.parallelism.tensor * self.parallelism.pipeline <= {max_gpus}"
+                "!({tensor_is_int}) || !({pipeline_is_int}) || {tp} * {pp} <= {max_gpus}"
             ),
             message_expression: format!(
-                r#"'tensor x pipeline = ' + string(self.parallelism.tensor) + ' x ' + string(self.parallelism.pipeline) + ' = ' + string(self.parallelism.tensor * self.parallelism.pipeline) + ' GPUs per replica exceeds the maximum of {max_gpus}; lower tensor or pipeline, or set them to "auto"'"#
+                r#"'tensor x pipeline = ' + string({tp}) + ' x ' + string({pp}) + ' = ' + string({tp} * {pp}) + ' GPUs per replica exceeds the maximum of {max_gpus}; lower tensor or pipeline, or set them to "auto"'"#
             ),
             message: format!("tensor x pipeline must be at most {max_gpus} GPUs per replica"),
             field_path: Some(".parallelism"),

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it. Installs what it needs (Helm for the chart checks, Python
+# packages into .tools/) and runs: rustfmt, clippy, every Rust test, and the chart checks.
+# Usage: scripts/test.sh            (from anywhere inside the repository)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test --workspace"
+cargo test --workspace --locked
+
+if [ -x scripts/chart-test.sh ]; then
+  step "chart and manifest checks"
+  scripts/chart-test.sh
+fi
+
+step "all checks passed"
