@@ -30,10 +30,19 @@ pub enum Command {
         #[arg(long, default_value_t = 8000)]
         port: u16,
     },
-    /// Run as the node agent (DaemonSet): publish GPU and NVLink topology as Node labels.
-    Agent,
-    /// Print one GPU telemetry snapshot as JSON.
-    Telemetry,
+    /// Run as the node agent (DaemonSet): publish GPU and NVLink topology as Node labels and
+    /// serve the node's GPU metrics.
+    Agent(crate::agent::AgentArgs),
+    /// Print one GPU telemetry snapshot as JSON. Exits 0 without GPUs too; the JSON then says
+    /// `"available": false` and why.
+    Telemetry {
+        /// Read the snapshot from this JSON fixture instead of NVML.
+        #[arg(long)]
+        fake: Option<std::path::PathBuf>,
+        /// Print the labels the node agent would publish instead of the snapshot.
+        #[arg(long)]
+        labels: bool,
+    },
 }
 
 impl Command {
@@ -42,8 +51,8 @@ impl Command {
         match self {
             Command::Serve => "serve",
             Command::Local { .. } => "local",
-            Command::Agent => "agent",
-            Command::Telemetry => "telemetry",
+            Command::Agent(_) => "agent",
+            Command::Telemetry { .. } => "telemetry",
         }
     }
 }

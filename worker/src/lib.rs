@@ -1,7 +1,12 @@
-//! `tessera-worker`: the process that runs in every Tessera worker pod.
+//! `tessera-worker`: the process that runs in every Tessera worker pod, and the node agent.
 //!
-//! The inference core, the OpenAI-compatible API, telemetry and the node agent each have their
-//! own issue; this crate currently carries the command-line surface so that the operator's
-//! contract (subcommands, environment) has a fixed shape to build against.
+//! - [`telemetry`]: GPU snapshots from NVML (or JSON fixtures), NVLink topology, dcgm-style
+//!   metrics.
+//! - [`agent`]: the DaemonSet that publishes GPU and NVLink topology as Node labels. It is the
+//!   only module with a Kubernetes client; the inference path never uses it.
+//! - [`cli`]: the command-line surface.
 
+pub mod agent;
 pub mod cli;
+pub mod logging;
+pub mod telemetry;
