@@ -231,14 +231,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn publish(nodes: &Api<Node>, name: &str, s: &Snapshot) -> anyhow::Result<()> {
+/// Read the node and, unless it is up to date, apply the agent's labels and annotation.
+/// Returns whether it wrote.
+pub async fn publish(nodes: &Api<Node>, name: &str, s: &Snapshot) -> anyhow::Result<bool> {
     let node = nodes
         .get(name)
         .await
         .with_context(|| format!("reading node {name}"))?;
     if up_to_date(&node, s) {
         tracing::debug!(node = name, "labels up to date; nothing to write");
-        return Ok(());
+        return Ok(false);
     }
     let params = PatchParams::apply(FIELD_MANAGER).force();
     nodes
@@ -246,7 +248,7 @@ async fn publish(nodes: &Api<Node>, name: &str, s: &Snapshot) -> anyhow::Result<
         .await
         .with_context(|| format!("applying topology labels to node {name}"))?;
     tracing::info!(node = name, labels = ?node_labels(s), "published GPU topology");
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]
