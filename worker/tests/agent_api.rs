@@ -14,7 +14,7 @@ fn snapshot() -> tessera_worker::telemetry::Snapshot {
     FakeTelemetry::from_file(&path).expect("fixture").snapshot()
 }
 
-fn node_json(labels: serde_json::Value) -> Vec<u8> {
+fn node_json(labels: &serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": "h800-1", "labels": labels}
@@ -42,7 +42,7 @@ async fn publishes_with_server_side_apply_under_its_own_manager() {
         send.send_response(
             Response::builder()
                 .body(Body::from(node_json(
-                    serde_json::json!({"nvidia.com/gpu.product": "NVIDIA-H800"}),
+                    &serde_json::json!({"nvidia.com/gpu.product": "NVIDIA-H800"}),
                 )))
                 .expect("response"),
         );
