@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it. Installs what it needs (Helm for the chart checks, Python
-# packages into .tools/) and runs: rustfmt, clippy, every Rust test, and the chart checks.
+# The whole test suite, as CI runs it. Installs what it needs (the test model into models/, Helm
+# and Python packages into .tools/) and runs: rustfmt, clippy, every Rust test, the chart checks.
 # Usage: scripts/test.sh            (from anywhere inside the repository)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,9 @@ cargo fmt --all -- --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "test model (scripts/fetch-model.sh)"
+scripts/fetch-model.sh
 
 step "cargo test --workspace"
 cargo test --workspace --locked

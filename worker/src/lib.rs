@@ -9,4 +9,5 @@
 pub mod agent;
 pub mod cli;
 pub mod logging;
+pub mod model;
 pub mod telemetry;

@@ -1,0 +1,32 @@
+//! Model files: the GGUF container (more formats and the Llama decoder follow in the inference
+//! core's issue).
+
+pub mod gguf;
+
+use std::path::Path;
+
+/// A memory-mapped GGUF file: the parsed directory plus the bytes it points into.
+pub struct MappedGguf {
+    pub gguf: gguf::Gguf,
+    map: memmap2::Mmap,
+}
+
+impl MappedGguf {
+    /// Open and parse a GGUF file. Errors name the file and what is wrong.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let file = std::fs::File::open(path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot open model file: {e}", path.display()))?;
+        // SAFETY: the file is mapped read-only; Tessera never writes model files while serving
+        // them, and a concurrent truncation by someone else is a SIGBUS we cannot prevent for
+        // any mmap-based loader (llama.cpp has the same contract).
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| anyhow::anyhow!("{}: cannot map model file: {e}", path.display()))?;
+        let gguf = gguf::Gguf::parse(path, &map)?;
+        Ok(Self { gguf, map })
+    }
+
+    /// The raw bytes of a tensor.
+    pub fn tensor_bytes(&self, t: &gguf::TensorInfo) -> &[u8] {
+        &self.map[t.offset as usize..(t.offset + t.size) as usize]
+    }
+}
