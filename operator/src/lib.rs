@@ -5,5 +5,6 @@
 //! takes plain data and returns plain data; only the controller talks to Kubernetes.
 
 pub mod api;
+pub mod build;
 pub mod cli;
 pub mod logging;

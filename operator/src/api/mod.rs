@@ -383,6 +383,17 @@ pub enum PullPolicy {
     Never,
 }
 
+impl PullPolicy {
+    /// The value as Kubernetes spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
 /// CPU and memory of the worker container (GPUs come from the plan).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -548,6 +559,21 @@ pub struct ModelDeploymentStatus {
     /// One entry per placed replica.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placements: Vec<ReplicaPlacement>,
+    /// Nodes where replicas kept failing; the planner avoids them for this deployment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub avoid_nodes: Vec<String>,
+}
+
+/// Lifecycle of one replica (its whole worker group).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ReplicaState {
+    /// Pods applied; not all of them observed yet.
+    #[default]
+    Creating,
+    /// Every member pod exists; `ready` says whether the group serves.
+    Running,
+    /// A member failed; the group was removed and is recreated after a backoff.
+    Backoff,
 }
 
 /// A candidate layout and what the cost model predicts for it.
@@ -596,6 +622,16 @@ pub struct ReplicaPlacement {
     /// Group recreations so far.
     #[serde(default)]
     pub restarts: i32,
+    #[serde(default)]
+    pub state: ReplicaState,
+    /// Hash of the pod template the group was created from (a change rolls the replica).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_hash: Option<String>,
+    /// When a member last failed, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
 }
 
 /// One pipeline stage of a replica (its tensor-parallel group).

@@ -1,0 +1,606 @@
+//! Desired child objects of a ModelDeployment, built from its placements (pure: plain data in,
+//! Kubernetes objects out). The controller applies exactly these with server-side apply, and
+//! `tessera-operator plan -o yaml` prints them. The names, labels and environment are the
+//! contract with the worker (`docs/contract.md`).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+
+use crate::api::{ModelDeployment, ReplicaPlacement, WorkerVolume};
+
+/// Label keys and values shared with the worker and the scale selector.
+pub mod labels {
+    pub const DEPLOYMENT: &str = "tessera.dev/deployment";
+    pub const REPLICA: &str = "tessera.dev/replica";
+    pub const STAGE: &str = "tessera.dev/stage";
+    pub const ROLE: &str = "tessera.dev/role";
+    pub const INCARNATION: &str = "tessera.dev/incarnation";
+    pub const ROLE_LEADER: &str = "leader";
+    pub const ROLE_WORKER: &str = "worker";
+    pub const NAME: &str = "app.kubernetes.io/name";
+    pub const INSTANCE: &str = "app.kubernetes.io/instance";
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    pub const WORKER_NAME: &str = "tessera-worker";
+    pub const MANAGER: &str = "tessera-operator";
+}
+
+/// Environment variables the worker reads (`docs/contract.md`).
+pub mod env {
+    pub const DEPLOYMENT: &str = "TESSERA_DEPLOYMENT";
+    pub const NAMESPACE: &str = "TESSERA_NAMESPACE";
+    pub const REPLICA: &str = "TESSERA_REPLICA";
+    pub const INCARNATION: &str = "TESSERA_INCARNATION";
+    pub const STAGE: &str = "TESSERA_STAGE";
+    pub const TP: &str = "TESSERA_TP";
+    pub const PP: &str = "TESSERA_PP";
+    pub const WORLD_SIZE: &str = "TESSERA_WORLD_SIZE";
+    pub const RANK_OFFSET: &str = "TESSERA_RANK_OFFSET";
+    pub const LOCAL_RANKS: &str = "TESSERA_LOCAL_RANKS";
+    pub const LEADER_ADDRESS: &str = "TESSERA_LEADER_ADDRESS";
+    pub const RENDEZVOUS_PORT: &str = "TESSERA_RENDEZVOUS_PORT";
+    pub const PORT: &str = "TESSERA_PORT";
+    pub const MODEL_URI: &str = "TESSERA_MODEL_URI";
+    pub const MODEL_PATH: &str = "TESSERA_MODEL_PATH";
+    pub const MODEL_SHA256: &str = "TESSERA_MODEL_SHA256";
+    pub const SERVED_MODEL_NAME: &str = "TESSERA_SERVED_MODEL_NAME";
+    pub const MAX_CONCURRENCY: &str = "TESSERA_MAX_CONCURRENCY";
+    pub const CONTEXT_LENGTH: &str = "TESSERA_CONTEXT_LENGTH";
+
+    /// Every variable the operator sets on every worker (the optional checksum aside).
+    pub const REQUIRED: &[&str] = &[
+        DEPLOYMENT,
+        NAMESPACE,
+        REPLICA,
+        INCARNATION,
+        STAGE,
+        TP,
+        PP,
+        WORLD_SIZE,
+        RANK_OFFSET,
+        LOCAL_RANKS,
+        LEADER_ADDRESS,
+        RENDEZVOUS_PORT,
+        PORT,
+        MODEL_URI,
+        MODEL_PATH,
+        SERVED_MODEL_NAME,
+        MAX_CONCURRENCY,
+        CONTEXT_LENGTH,
+    ];
+}
+
+/// Port of the ranks' rendezvous and collective traffic.
+pub const RENDEZVOUS_PORT: i32 = 29500;
+/// ServiceAccount of the worker pods (no token mounted).
+pub const WORKER_SERVICE_ACCOUNT: &str = "tessera-worker";
+/// The uid every Tessera container runs as.
+pub const RUN_AS_USER: i64 = 65532;
+
+/// Settings of the object builder that come from the operator, not the ModelDeployment.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// Image used when `spec.worker.image` is unset.
+    pub default_worker_image: String,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self {
+            default_worker_image: concat!("tessera-worker:", env!("CARGO_PKG_VERSION")).into(),
+        }
+    }
+}
+
+/// A replica to materialise: its placement and its incarnation id.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplicaToBuild<'a> {
+    pub placement: &'a ReplicaPlacement,
+    pub incarnation: &'a str,
+}
+
+/// Everything the controller applies for one ModelDeployment.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Children {
+    pub service_account: Option<ServiceAccount>,
+    pub services: Vec<Service>,
+    pub pods: Vec<Pod>,
+}
+
+/// Name of the headless rendezvous Service.
+pub fn workers_service_name(deployment: &str) -> String {
+    format!("{deployment}-workers")
+}
+
+/// Name of a worker pod (also its hostname).
+pub fn pod_name(
+    deployment: &str,
+    replica: i32,
+    incarnation: &str,
+    stage: i32,
+    part: usize,
+) -> String {
+    if part == 0 {
+        format!("{deployment}-r{replica}-{incarnation}-s{stage}")
+    } else {
+        format!("{deployment}-r{replica}-{incarnation}-s{stage}p{part}")
+    }
+}
+
+/// The label selector of a deployment's replica leaders (the scale subresource's selector).
+pub fn leader_selector(deployment: &str) -> String {
+    format!(
+        "{}={deployment},{}={}",
+        labels::DEPLOYMENT,
+        labels::ROLE,
+        labels::ROLE_LEADER
+    )
+}
+
+/// A short, DNS-safe incarnation id derived from a seed (for example the time and replica).
+pub fn incarnation_id(seed: u64) -> String {
+    // 5 base-36 characters: 60 million values, plenty to never repeat within one replica.
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (seed >> 29);
+    let mut out = String::with_capacity(5);
+    for _ in 0..5 {
+        out.push(ALPHABET[(x % 36) as usize] as char);
+        x /= 36;
+    }
+    out
+}
+
+fn owner_reference(md: &ModelDeployment) -> Option<OwnerReference> {
+    md.controller_owner_ref(&())
+}
+
+fn common_labels(md: &ModelDeployment) -> BTreeMap<String, String> {
+    let name = md.metadata.name.clone().unwrap_or_default();
+    BTreeMap::from([
+        (labels::NAME.to_owned(), labels::WORKER_NAME.to_owned()),
+        (labels::INSTANCE.to_owned(), name.clone()),
+        (labels::MANAGED_BY.to_owned(), labels::MANAGER.to_owned()),
+        (labels::DEPLOYMENT.to_owned(), name),
+    ])
+}
+
+fn meta(md: &ModelDeployment, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: md.metadata.namespace.clone(),
+        labels: Some(labels),
+        owner_references: owner_reference(md).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Where the weights end up inside the pod, and the volume and mount that put them there.
+struct ModelDelivery {
+    path: String,
+    volume: Option<Volume>,
+    mount: Option<VolumeMount>,
+}
+
+fn model_delivery(md: &ModelDeployment) -> ModelDelivery {
+    let uri = md.spec.model.uri.as_str();
+    if let Some(rest) = uri.strip_prefix("pvc://") {
+        let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
+        ModelDelivery {
+            path: format!("/models/{path}"),
+            volume: Some(Volume {
+                name: "model".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.to_owned(),
+                    read_only: Some(true),
+                }),
+                ..Volume::default()
+            }),
+            mount: Some(VolumeMount {
+                name: "model".into(),
+                mount_path: "/models".into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }),
+        }
+    } else if uri.starts_with("http://") || uri.starts_with("https://") {
+        let file = uri
+            .split(['?', '#'])
+            .next()
+            .and_then(|u| u.rsplit('/').next())
+            .filter(|f| !f.is_empty())
+            .unwrap_or("model");
+        let arch = &md.spec.model.architecture;
+        // The whole file, plus 10% headroom for a partial download being resumed.
+        let bytes = arch.parameters as f64 * arch.bytes_per_parameter * 1.1;
+        let gib = (bytes / (1u64 << 30) as f64).ceil().max(1.0) as u64;
+        ModelDelivery {
+            path: format!("/model-cache/{file}"),
+            volume: Some(Volume {
+                name: "model".into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    size_limit: Some(Quantity(format!("{gib}Gi"))),
+                    ..EmptyDirVolumeSource::default()
+                }),
+                ..Volume::default()
+            }),
+            mount: Some(VolumeMount {
+                name: "model".into(),
+                mount_path: "/model-cache".into(),
+                ..VolumeMount::default()
+            }),
+        }
+    } else {
+        ModelDelivery {
+            path: uri.strip_prefix("file://").unwrap_or(uri).to_owned(),
+            volume: None,
+            mount: None,
+        }
+    }
+}
+
+fn user_volume(v: &WorkerVolume) -> Volume {
+    Volume {
+        name: v.name.clone(),
+        persistent_volume_claim: v.persistent_volume_claim.clone(),
+        config_map: v.config_map.clone(),
+        secret: v.secret.clone(),
+        empty_dir: v.empty_dir.clone(),
+        ..Volume::default()
+    }
+}
+
+fn env_var(name: &str, value: impl ToString) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.to_string()),
+        value_from: None,
+    }
+}
+
+fn http_probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::Int(port),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+fn quantity_map(
+    cpu_memory: Option<&crate::api::CpuMemory>,
+    gpus: Option<i32>,
+) -> Option<BTreeMap<String, Quantity>> {
+    let mut m = BTreeMap::new();
+    if let Some(cm) = cpu_memory {
+        if let Some(c) = &cm.cpu {
+            m.insert("cpu".to_owned(), c.clone());
+        }
+        if let Some(mem) = &cm.memory {
+            m.insert("memory".to_owned(), mem.clone());
+        }
+    }
+    if let Some(g) = gpus {
+        m.insert("nvidia.com/gpu".to_owned(), Quantity(g.to_string()));
+    }
+    (!m.is_empty()).then_some(m)
+}
+
+/// The worker pods of one replica (one per stage, or per stage part).
+pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOptions) -> Vec<Pod> {
+    let name = md.metadata.name.clone().unwrap_or_default();
+    let namespace = md
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let spec = &md.spec;
+    let p = r.placement;
+    let tp = p.tensor_parallel;
+    let workers_svc = workers_service_name(&name);
+    let leader_host = pod_name(&name, p.replica, r.incarnation, 0, 0);
+    let leader_address = format!("{leader_host}.{workers_svc}.{namespace}.svc:{RENDEZVOUS_PORT}");
+    let model = model_delivery(md);
+    let context_length = spec
+        .serving
+        .context_length
+        .unwrap_or(spec.model.architecture.context_length);
+    let served_name = spec
+        .model
+        .served_name
+        .clone()
+        .unwrap_or_else(|| name.clone());
+    let image = spec
+        .worker
+        .image
+        .clone()
+        .unwrap_or_else(|| opts.default_worker_image.clone());
+    let resources = spec.worker.resources.clone().unwrap_or_default();
+
+    let mut pods = Vec::new();
+    // Parts of a stage (several entries with the same stage number) are numbered in order.
+    let mut part_of_stage: BTreeMap<i32, usize> = BTreeMap::new();
+    let mut offset_in_stage: BTreeMap<i32, i32> = BTreeMap::new();
+    for stage in &p.stages {
+        let part = *part_of_stage
+            .entry(stage.stage)
+            .and_modify(|n| *n += 1)
+            .or_insert(0);
+        let in_stage = offset_in_stage.entry(stage.stage).or_insert(0);
+        let rank_offset = stage.stage * tp + *in_stage;
+        *in_stage += stage.gpus;
+        let leader = stage.stage == 0 && part == 0;
+        let pod_name = pod_name(&name, p.replica, r.incarnation, stage.stage, part);
+
+        let mut pod_labels = common_labels(md);
+        pod_labels.extend(spec.worker.labels.clone());
+        pod_labels.insert(labels::REPLICA.into(), p.replica.to_string());
+        pod_labels.insert(labels::STAGE.into(), stage.stage.to_string());
+        pod_labels.insert(
+            labels::ROLE.into(),
+            if leader {
+                labels::ROLE_LEADER
+            } else {
+                labels::ROLE_WORKER
+            }
+            .into(),
+        );
+        pod_labels.insert(labels::INCARNATION.into(), r.incarnation.to_owned());
+
+        let mut env = vec![
+            env_var(env::DEPLOYMENT, &name),
+            env_var(env::NAMESPACE, &namespace),
+            env_var(env::REPLICA, p.replica),
+            env_var(env::INCARNATION, r.incarnation),
+            env_var(env::STAGE, stage.stage),
+            env_var(env::TP, tp),
+            env_var(env::PP, p.pipeline_parallel),
+            env_var(env::WORLD_SIZE, tp * p.pipeline_parallel),
+            env_var(env::RANK_OFFSET, rank_offset),
+            env_var(env::LOCAL_RANKS, stage.gpus),
+            env_var(env::LEADER_ADDRESS, &leader_address),
+            env_var(env::RENDEZVOUS_PORT, RENDEZVOUS_PORT),
+            env_var(env::PORT, spec.serving.port),
+            env_var(env::MODEL_URI, &spec.model.uri),
+            env_var(env::MODEL_PATH, &model.path),
+            env_var(env::SERVED_MODEL_NAME, &served_name),
+            env_var(env::MAX_CONCURRENCY, spec.serving.max_concurrency),
+            env_var(env::CONTEXT_LENGTH, context_length),
+        ];
+        if let Some(sha) = &spec.model.sha256 {
+            env.push(env_var(env::MODEL_SHA256, sha));
+        }
+        env.extend(spec.worker.env.iter().cloned());
+
+        let mut volumes = vec![
+            Volume {
+                name: "dshm".into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    medium: Some("Memory".into()),
+                    size_limit: Some(Quantity("16Gi".into())),
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "tmp".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            },
+        ];
+        let mut mounts = vec![
+            VolumeMount {
+                name: "dshm".into(),
+                mount_path: "/dev/shm".into(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".into(),
+                mount_path: "/tmp".into(),
+                ..VolumeMount::default()
+            },
+        ];
+        volumes.extend(model.volume.clone());
+        mounts.extend(model.mount.clone());
+        volumes.extend(spec.worker.volumes.iter().map(user_volume));
+        mounts.extend(spec.worker.volume_mounts.iter().cloned());
+
+        let container = Container {
+            name: "worker".into(),
+            image: Some(image.clone()),
+            image_pull_policy: spec.worker.image_pull_policy.map(|p| p.as_str().to_owned()),
+            args: Some(vec!["serve".into()]),
+            env: Some(env),
+            ports: Some(vec![
+                ContainerPort {
+                    name: Some("http".into()),
+                    container_port: spec.serving.port,
+                    protocol: Some("TCP".into()),
+                    ..ContainerPort::default()
+                },
+                ContainerPort {
+                    name: Some("rendezvous".into()),
+                    container_port: RENDEZVOUS_PORT,
+                    protocol: Some("TCP".into()),
+                    ..ContainerPort::default()
+                },
+            ]),
+            resources: Some(ResourceRequirements {
+                requests: quantity_map(resources.requests.as_ref(), None),
+                limits: quantity_map(resources.limits.as_ref(), Some(stage.gpus)),
+                ..ResourceRequirements::default()
+            }),
+            // Readiness is group-wide on the leader: /readyz fails as soon as any rank is lost.
+            readiness_probe: Some(http_probe(
+                if leader { "/readyz" } else { "/healthz" },
+                spec.serving.port,
+                5,
+                1,
+            )),
+            liveness_probe: Some(http_probe("/healthz", spec.serving.port, 10, 3)),
+            // Loading a large model takes minutes; liveness starts after it.
+            startup_probe: Some(http_probe("/healthz", spec.serving.port, 10, 180)),
+            security_context: Some(SecurityContext {
+                allow_privilege_escalation: Some(false),
+                read_only_root_filesystem: Some(true),
+                run_as_non_root: Some(true),
+                capabilities: Some(Capabilities {
+                    drop: Some(vec!["ALL".into()]),
+                    add: None,
+                }),
+                ..SecurityContext::default()
+            }),
+            volume_mounts: Some(mounts),
+            ..Container::default()
+        };
+
+        let annotations =
+            (!spec.worker.annotations.is_empty()).then(|| spec.worker.annotations.clone());
+        let pod = Pod {
+            metadata: ObjectMeta {
+                annotations,
+                ..meta(md, pod_name.clone(), pod_labels)
+            },
+            spec: Some(PodSpec {
+                hostname: Some(pod_name),
+                subdomain: Some(workers_svc.clone()),
+                service_account_name: Some(WORKER_SERVICE_ACCOUNT.into()),
+                automount_service_account_token: Some(false),
+                // A member that exits is not restarted in place: the controller recreates the
+                // whole replica (a tensor-parallel group cannot survive a lost rank).
+                restart_policy: Some(
+                    if spec.failure_policy.recreate_group {
+                        "Never"
+                    } else {
+                        "Always"
+                    }
+                    .into(),
+                ),
+                termination_grace_period_seconds: Some(60),
+                priority_class_name: spec.worker.priority_class_name.clone(),
+                image_pull_secrets: (!spec.worker.image_pull_secrets.is_empty())
+                    .then(|| spec.worker.image_pull_secrets.clone()),
+                tolerations: (!spec.placement.tolerations.is_empty())
+                    .then(|| spec.placement.tolerations.clone()),
+                affinity: Some(Affinity {
+                    node_affinity: Some(NodeAffinity {
+                        required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                            node_selector_terms: vec![NodeSelectorTerm {
+                                match_expressions: Some(vec![NodeSelectorRequirement {
+                                    key: "kubernetes.io/hostname".into(),
+                                    operator: "In".into(),
+                                    values: Some(vec![stage.node.clone()]),
+                                }]),
+                                ..NodeSelectorTerm::default()
+                            }],
+                        }),
+                        ..NodeAffinity::default()
+                    }),
+                    ..Affinity::default()
+                }),
+                security_context: Some(PodSecurityContext {
+                    run_as_non_root: Some(true),
+                    run_as_user: Some(RUN_AS_USER),
+                    run_as_group: Some(RUN_AS_USER),
+                    fs_group: Some(RUN_AS_USER),
+                    seccomp_profile: Some(SeccompProfile {
+                        type_: "RuntimeDefault".into(),
+                        localhost_profile: None,
+                    }),
+                    ..PodSecurityContext::default()
+                }),
+                containers: vec![container],
+                volumes: Some(volumes),
+                ..PodSpec::default()
+            }),
+            status: None,
+        };
+        pods.push(pod);
+    }
+    pods
+}
+
+/// The Services: headless rendezvous and the traffic Service over ready leaders.
+pub fn services(md: &ModelDeployment) -> Vec<Service> {
+    let name = md.metadata.name.clone().unwrap_or_default();
+    let port = md.spec.serving.port;
+    let selector_all = BTreeMap::from([(labels::DEPLOYMENT.to_owned(), name.clone())]);
+    let mut selector_leaders = selector_all.clone();
+    selector_leaders.insert(labels::ROLE.into(), labels::ROLE_LEADER.into());
+    let service_port = |pname: &str, p: i32| ServicePort {
+        name: Some(pname.into()),
+        port: p,
+        target_port: Some(IntOrString::Int(p)),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
+    };
+    vec![
+        Service {
+            metadata: meta(md, workers_service_name(&name), common_labels(md)),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("None".into()),
+                // Ranks must find each other before any of them is ready.
+                publish_not_ready_addresses: Some(true),
+                selector: Some(selector_all),
+                ports: Some(vec![service_port("rendezvous", RENDEZVOUS_PORT)]),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        },
+        Service {
+            metadata: meta(md, name.clone(), common_labels(md)),
+            spec: Some(ServiceSpec {
+                selector: Some(selector_leaders),
+                ports: Some(vec![service_port("http", port)]),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        },
+    ]
+}
+
+/// The worker ServiceAccount of the namespace (no API token is mounted into workers).
+pub fn worker_service_account(md: &ModelDeployment) -> ServiceAccount {
+    ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(WORKER_SERVICE_ACCOUNT.into()),
+            namespace: md.metadata.namespace.clone(),
+            labels: Some(BTreeMap::from([(
+                labels::MANAGED_BY.to_owned(),
+                labels::MANAGER.to_owned(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    }
+}
+
+/// Every child object for these replicas.
+pub fn desired_children(
+    md: &ModelDeployment,
+    replicas: &[ReplicaToBuild<'_>],
+    opts: &BuildOptions,
+) -> Children {
+    Children {
+        service_account: Some(worker_service_account(md)),
+        services: services(md),
+        pods: replicas
+            .iter()
+            .flat_map(|r| replica_pods(md, r, opts))
+            .collect(),
+    }
+}

@@ -1,0 +1,285 @@
+//! The object builder: worker pods meet the restricted Pod Security Standard, carry the
+//! worker's environment contract, request exactly their GPUs on their planned node, and every
+//! child has one controller owner.
+
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::json;
+use tessera_operator::api::{
+    ModelDeployment, Prediction, ReplicaPlacement, StagePlacement, parse_model_deployment,
+};
+use tessera_operator::build::{
+    self, BuildOptions, ReplicaToBuild, desired_children, env, labels, leader_selector,
+};
+
+fn deployment(uri: &str) -> ModelDeployment {
+    let mut md = parse_model_deployment(&json!({
+        "apiVersion": "tessera.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "llama-405b", "namespace": "inference", "uid": "0c1d2e3f-0000-4000-8000-000000000001"},
+        "spec": {
+            "replicas": 1,
+            "model": {
+                "uri": uri,
+                "architecture": {
+                    "parameters": 405853388800i64, "layers": 126, "hiddenSize": 16384,
+                    "attentionHeads": 128, "kvHeads": 8, "intermediateSize": 53248,
+                    "vocabSize": 128256, "contextLength": 131072, "bytesPerParameter": 2
+                }
+            },
+            "serving": {"maxConcurrency": 16, "contextLength": 8192},
+            "worker": {
+                "env": [{"name": "HF_HOME", "value": "/tmp/hf"}],
+                "resources": {"requests": {"cpu": "16", "memory": "256Gi"}}
+            }
+        }
+    }))
+    .expect("valid deployment");
+    md.metadata.uid = Some("0c1d2e3f-0000-4000-8000-000000000001".into());
+    md
+}
+
+fn placement() -> ReplicaPlacement {
+    ReplicaPlacement {
+        replica: 0,
+        incarnation: None,
+        gpu_type: "NVIDIA-H100-80GB-HBM3".into(),
+        tensor_parallel: 8,
+        pipeline_parallel: 2,
+        stages: vec![
+            StagePlacement {
+                stage: 0,
+                node: "h100-1".into(),
+                gpus: 8,
+            },
+            StagePlacement {
+                stage: 1,
+                node: "h100-2".into(),
+                gpus: 8,
+            },
+        ],
+        predicted: Prediction::default(),
+        ..ReplicaPlacement::default()
+    }
+}
+
+fn pods(md: &ModelDeployment) -> Vec<Pod> {
+    let p = placement();
+    desired_children(
+        md,
+        &[ReplicaToBuild {
+            placement: &p,
+            incarnation: "k3x9a",
+        }],
+        &BuildOptions::default(),
+    )
+    .pods
+}
+
+fn env_of(pod: &Pod) -> std::collections::BTreeMap<String, String> {
+    pod.spec.as_ref().expect("spec").containers[0]
+        .env
+        .as_ref()
+        .expect("env")
+        .iter()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect()
+}
+
+#[test]
+fn one_pod_per_stage_with_the_contract_environment() {
+    let md = deployment("pvc://models/llama-3.1-405b");
+    let pods = pods(&md);
+    assert_eq!(pods.len(), 2);
+    let names: Vec<_> = pods
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["llama-405b-r0-k3x9a-s0", "llama-405b-r0-k3x9a-s1"]);
+    for (stage, pod) in pods.iter().enumerate() {
+        let e = env_of(pod);
+        for var in env::REQUIRED {
+            assert!(e.contains_key(*var), "{var} missing on stage {stage}");
+        }
+        assert_eq!(e[env::STAGE], stage.to_string());
+        assert_eq!(e[env::RANK_OFFSET], (stage * 8).to_string());
+        assert_eq!(e[env::WORLD_SIZE], "16");
+        assert_eq!(e[env::INCARNATION], "k3x9a");
+        assert_eq!(
+            e[env::LEADER_ADDRESS],
+            "llama-405b-r0-k3x9a-s0.llama-405b-workers.inference.svc:29500"
+        );
+        assert_eq!(e[env::MODEL_PATH], "/models/llama-3.1-405b");
+        assert_eq!(e[env::CONTEXT_LENGTH], "8192");
+        assert_eq!(e["HF_HOME"], "/tmp/hf", "user env is kept");
+        let l = pod.metadata.labels.as_ref().expect("labels");
+        assert_eq!(
+            l[labels::ROLE],
+            if stage == 0 { "leader" } else { "worker" }
+        );
+        assert_eq!(l[labels::DEPLOYMENT], "llama-405b");
+        assert_eq!(l[labels::INCARNATION], "k3x9a");
+    }
+}
+
+#[test]
+fn pods_request_their_gpus_on_their_planned_node() {
+    let md = deployment("pvc://models/llama-3.1-405b");
+    for (pod, node) in pods(&md).iter().zip(["h100-1", "h100-2"]) {
+        let spec = pod.spec.as_ref().expect("spec");
+        let limits = spec.containers[0]
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .expect("limits");
+        assert_eq!(limits["nvidia.com/gpu"].0, "8");
+        let requests = spec.containers[0]
+            .resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref())
+            .expect("requests");
+        assert_eq!(requests["cpu"].0, "16");
+        let term = &spec
+            .affinity
+            .as_ref()
+            .and_then(|a| a.node_affinity.as_ref())
+            .and_then(|n| {
+                n.required_during_scheduling_ignored_during_execution
+                    .as_ref()
+            })
+            .expect("required node affinity")
+            .node_selector_terms[0];
+        let req = &term.match_expressions.as_ref().expect("expressions")[0];
+        assert_eq!(req.key, "kubernetes.io/hostname");
+        assert_eq!(req.operator, "In");
+        assert_eq!(req.values.as_deref(), Some(&[node.to_string()][..]));
+        assert!(
+            spec.node_name.is_none(),
+            "the real scheduler still admits the pod"
+        );
+    }
+}
+
+#[test]
+fn worker_pods_meet_the_restricted_pod_security_standard() {
+    let md = deployment("https://models.example.com/llama-405b.gguf");
+    for pod in pods(&md) {
+        let spec = pod.spec.expect("spec");
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(spec.service_account_name.as_deref(), Some("tessera-worker"));
+        assert!(spec.host_network.is_none() && spec.host_pid.is_none() && spec.host_ipc.is_none());
+        let psc = spec.security_context.expect("pod security context");
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(
+            psc.seccomp_profile.map(|s| s.type_),
+            Some("RuntimeDefault".to_string())
+        );
+        for c in &spec.containers {
+            let sc = c
+                .security_context
+                .as_ref()
+                .expect("container security context");
+            assert_eq!(sc.allow_privilege_escalation, Some(false));
+            assert_eq!(sc.privileged, None);
+            assert_eq!(
+                sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+                Some(vec!["ALL".to_string()])
+            );
+            assert!(
+                sc.capabilities
+                    .as_ref()
+                    .and_then(|c| c.add.as_ref())
+                    .is_none()
+            );
+        }
+        let volumes = spec.volumes.expect("volumes");
+        assert!(volumes.iter().all(|v| v.host_path.is_none()));
+        let shm = volumes
+            .iter()
+            .find(|v| v.name == "dshm")
+            .expect("/dev/shm volume");
+        assert_eq!(
+            shm.empty_dir.as_ref().and_then(|e| e.medium.as_deref()),
+            Some("Memory")
+        );
+        // http(s) models are fetched into a size-limited emptyDir (810 GB x 1.1 = 831 GiB).
+        let model = volumes
+            .iter()
+            .find(|v| v.name == "model")
+            .expect("model volume");
+        assert_eq!(
+            model
+                .empty_dir
+                .as_ref()
+                .and_then(|e| e.size_limit.as_ref())
+                .map(|q| q.0.as_str()),
+            Some("832Gi")
+        );
+    }
+}
+
+#[test]
+fn every_child_has_one_controller_owner_and_short_names() {
+    let md = deployment("pvc://models/llama-3.1-405b");
+    let p = placement();
+    let children = desired_children(
+        &md,
+        &[ReplicaToBuild {
+            placement: &p,
+            incarnation: "k3x9a",
+        }],
+        &BuildOptions::default(),
+    );
+    let metas = children
+        .pods
+        .iter()
+        .map(|p| &p.metadata)
+        .chain(children.services.iter().map(|s| &s.metadata));
+    for m in metas {
+        let owners = m.owner_references.as_ref().expect("owner references");
+        let controllers: Vec<_> = owners
+            .iter()
+            .filter(|o| o.controller == Some(true))
+            .collect();
+        assert_eq!(controllers.len(), 1, "{:?}", m.name);
+        assert_eq!(controllers[0].kind, "ModelDeployment");
+        assert_eq!(controllers[0].name, "llama-405b");
+        assert!(m.name.as_ref().expect("name").len() <= 63);
+    }
+    let names: Vec<_> = children
+        .services
+        .iter()
+        .map(|s| s.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["llama-405b-workers", "llama-405b"]);
+    let headless = children.services[0].spec.as_ref().expect("spec");
+    assert_eq!(headless.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(headless.publish_not_ready_addresses, Some(true));
+    let traffic = children.services[1].spec.as_ref().expect("spec");
+    assert_eq!(
+        traffic.selector.as_ref().expect("selector")[labels::ROLE],
+        "leader"
+    );
+    assert_eq!(
+        leader_selector("llama-405b"),
+        "tessera.dev/deployment=llama-405b,tessera.dev/role=leader"
+    );
+}
+
+#[test]
+fn longest_names_stay_within_63_characters() {
+    let name = "a".repeat(45);
+    let pod = build::pod_name(&name, 511, "zzzzz", 63, 9);
+    assert!(pod.len() <= 63, "{pod} has {}", pod.len());
+    assert!(build::workers_service_name(&name).len() <= 63);
+}
+
+#[test]
+fn incarnation_ids_are_short_dns_safe_and_vary() {
+    let ids: std::collections::BTreeSet<String> = (0..1000).map(build::incarnation_id).collect();
+    assert_eq!(ids.len(), 1000);
+    assert!(ids.iter().all(|i| {
+        i.len() == 5
+            && i.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    }));
+}
