@@ -30,6 +30,9 @@ pub enum Command {
         #[arg(long, default_value_t = 8000)]
         port: u16,
     },
+    /// Generate text from a prompt on this machine's CPU (one rank), printing the text and, on
+    /// stderr, prompt and decode speed.
+    Generate(GenerateArgs),
     /// Run as the node agent (DaemonSet): publish GPU and NVLink topology as Node labels and
     /// serve the node's GPU metrics.
     Agent(crate::agent::AgentArgs),
@@ -51,8 +54,50 @@ impl Command {
         match self {
             Command::Serve => "serve",
             Command::Local { .. } => "local",
+            Command::Generate(_) => "generate",
             Command::Agent(_) => "agent",
             Command::Telemetry { .. } => "telemetry",
         }
     }
+}
+
+/// Arguments of `tessera-worker generate`.
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// Path to a GGUF model.
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// The prompt (a user message with --chat).
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat (none by default).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Top-k filter (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Top-p (nucleus) filter (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Random seed for sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop sequences (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// CPU threads (0: all available).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// KV-cache budget for the sequence, in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub kv_cache_mib: usize,
 }

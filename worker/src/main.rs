@@ -11,6 +11,13 @@ fn main() -> ExitCode {
     logging::init();
     match cli.command {
         Command::Telemetry { fake, labels } => telemetry(fake.as_deref(), labels),
+        Command::Generate(args) => match generate(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Agent(args) => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
@@ -61,4 +68,63 @@ fn telemetry(fake: Option<&std::path::Path>, labels: bool) -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+fn generate(args: &tessera_worker::cli::GenerateArgs) -> anyhow::Result<()> {
+    use tessera_worker::engine::{Engine, GenerateParams, SamplingParams};
+    use tessera_worker::tokenizer::Message;
+
+    let t0 = std::time::Instant::now();
+    let engine = Engine::open(&args.model, args.threads)?;
+    let load = t0.elapsed();
+    let prompt = if args.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(Message::new("system", system));
+        }
+        messages.push(Message::new("user", &args.prompt));
+        engine.chat_prompt(&messages)?
+    } else {
+        engine.tokenizer.encode(&args.prompt, false)
+    };
+    let params = GenerateParams {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        stop: args.stop.clone(),
+        kv_budget_bytes: args.kv_cache_mib << 20,
+    };
+    let mut out = std::io::stdout().lock();
+    let mut write_err = None;
+    let g = engine.generate(&prompt, &params, |piece| {
+        if write_err.is_none() {
+            write_err = out
+                .write_all(piece.as_bytes())
+                .and_then(|()| out.flush())
+                .err();
+        }
+    })?;
+    writeln!(out)?;
+    if let Some(e) = write_err {
+        anyhow::bail!("writing to stdout: {e}");
+    }
+    eprintln!(
+        "load {:.2} s; prompt {} tokens in {:.3} s ({:.1} tokens/s); generated {} tokens, {} decode steps in {:.3} s ({:.1} tokens/s); finish {}; {} threads, {}",
+        load.as_secs_f64(),
+        g.usage.prompt_tokens,
+        g.prefill.as_secs_f64(),
+        g.prefill_tokens_per_s(),
+        g.usage.completion_tokens,
+        g.decode_steps,
+        g.decode.as_secs_f64(),
+        g.decode_tokens_per_s(),
+        g.finish_reason.as_str(),
+        engine.pool.threads(),
+        engine.pool.simd(),
+    );
+    Ok(())
 }

@@ -434,7 +434,12 @@ impl Gguf {
                     ),
                 ));
             }
-            let size = elements / per * bytes;
+            let size = (elements / per).checked_mul(bytes).ok_or_else(|| {
+                r.invalid(
+                    &format!("tensor {name}"),
+                    format!("dimensions {dims:?} overflow"),
+                )
+            })?;
             let offset = data_offset.saturating_add(rel);
             if !rel.is_multiple_of(alignment)
                 || offset.checked_add(size).is_none_or(|end| end > file_len)

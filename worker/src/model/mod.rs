@@ -1,7 +1,10 @@
-//! Model files: the GGUF container (more formats and the Llama decoder follow in the inference
-//! core's issue).
+//! Model files: the GGUF container, the Llama decoder, its KV cache and the tensor-parallel
+//! seams (shards and collectives).
 
 pub mod gguf;
+pub mod kv_cache;
+pub mod llama;
+pub mod parallel;
 
 use std::path::Path;
 
@@ -23,6 +26,11 @@ impl MappedGguf {
             .map_err(|e| anyhow::anyhow!("{}: cannot map model file: {e}", path.display()))?;
         let gguf = gguf::Gguf::parse(path, &map)?;
         Ok(Self { gguf, map })
+    }
+
+    /// The whole mapped file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
     }
 
     /// The raw bytes of a tensor.

@@ -1,0 +1,40 @@
+//! The engine: a loaded model with its tokenizer, CPU pool and collective, sampling and
+//! generation (one sequence at a time for now; continuous batching comes with the server).
+
+pub mod generate;
+pub mod sampling;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::kernels::Pool;
+use crate::model::MappedGguf;
+use crate::model::llama::Llama;
+use crate::model::parallel::{Collective, Identity, Shard};
+use crate::tokenizer::Tokenizer;
+
+pub use generate::{FinishReason, GenerateParams, Generation, Usage};
+pub use sampling::{Sampler, SamplingParams};
+
+/// A model ready to generate.
+pub struct Engine {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub pool: Pool,
+    pub collective: Box<dyn Collective>,
+}
+
+impl Engine {
+    /// Load a GGUF model on one rank (`threads` CPU threads, 0 = all).
+    pub fn open(path: &Path, threads: usize) -> anyhow::Result<Self> {
+        let file = Arc::new(MappedGguf::open(path)?);
+        let tokenizer = Tokenizer::from_gguf(&file.gguf)?;
+        let model = Llama::load(file, Shard::SINGLE)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            pool: Pool::new(threads)?,
+            collective: Box::new(Identity),
+        })
+    }
+}

@@ -1,0 +1,585 @@
+//! The Llama-family decoder: RMSNorm, RoPE (ggml's "normal" mode: adjacent pairs), grouped-query
+//! attention with a KV cache, SwiGLU MLP, LM head tied to the embedding when the file has no
+//! `output.weight`.
+//!
+//! Weights stay in their GGUF encoding, borrowed from the memory map. A [`Shard`] selects the
+//! part of every matrix a tensor-parallel rank holds (whole attention heads and an FFN slice for
+//! the column-parallel Q/K/V and gate/up projections; the matching input columns of the
+//! row-parallel attention-output and down projections), and the forward pass calls the
+//! [`Collective`] once after each row-parallel product.
+//!
+//! RoPE: llama.cpp's converter permutes the Q and K rows of Hugging Face checkpoints so that
+//! ggml's normal RoPE (rotating elements `2i` and `2i + 1`) applies; this module uses the same
+//! convention, so GGUF weights are used as stored.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+
+use super::MappedGguf;
+use super::gguf::{Gguf, TensorInfo, Value};
+use super::kv_cache::KvCache;
+use super::parallel::{Collective, Shard};
+use crate::kernels::{self, Bytes, Pool, QMatrix, SendPtr, dot};
+
+/// Hyper-parameters from the GGUF metadata (`llama.*`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub rope_base: f32,
+    pub rope_dim: usize,
+    pub rms_eps: f32,
+    pub context_length: usize,
+}
+
+impl LlamaConfig {
+    /// Read the configuration; errors name the file and the missing or invalid key.
+    pub fn from_gguf(g: &Gguf) -> anyhow::Result<Self> {
+        let path = g.path.display();
+        let arch = g
+            .architecture()
+            .with_context(|| format!("{path}: metadata key general.architecture is missing"))?;
+        if arch != "llama" {
+            bail!("{path}: architecture {arch:?} is not supported (llama is)");
+        }
+        let get = |key: &str| -> anyhow::Result<usize> {
+            let v = g
+                .get(key)
+                .with_context(|| format!("{path}: metadata key {key} is missing"))?;
+            v.as_u64()
+                .map(|v| v as usize)
+                .with_context(|| format!("{path}: metadata key {key} is not an integer: {v:?}"))
+        };
+        let positive = |key: &str| -> anyhow::Result<usize> {
+            match get(key)? {
+                0 => bail!("{path}: metadata key {key} is 0"),
+                v => Ok(v),
+            }
+        };
+        let n_layers = positive("llama.block_count")?;
+        let hidden = positive("llama.embedding_length")?;
+        let n_heads = get("llama.attention.head_count")?;
+        let n_kv_heads = match g.get("llama.attention.head_count_kv") {
+            Some(_) => get("llama.attention.head_count_kv")?,
+            None => n_heads,
+        };
+        let ffn = positive("llama.feed_forward_length")?;
+        let context_length = positive("llama.context_length")?;
+        let rms_eps = g
+            .get("llama.attention.layer_norm_rms_epsilon")
+            .and_then(Value::as_f64)
+            .with_context(|| {
+                format!("{path}: metadata key llama.attention.layer_norm_rms_epsilon is missing")
+            })? as f32;
+        let rope_base = g
+            .get("llama.rope.freq_base")
+            .and_then(Value::as_f64)
+            .unwrap_or(10_000.0) as f32;
+        let vocab = match g.get("llama.vocab_size") {
+            Some(_) => get("llama.vocab_size")?,
+            None => g
+                .get("tokenizer.ggml.tokens")
+                .and_then(Value::as_array)
+                .map(<[Value]>::len)
+                .or_else(|| {
+                    g.tensor("token_embd.weight")
+                        .and_then(|t| t.dims.get(1).map(|&d| d as usize))
+                })
+                .with_context(|| format!("{path}: metadata key llama.vocab_size is missing"))?,
+        };
+        if n_heads == 0 || n_kv_heads == 0 || !hidden.is_multiple_of(n_heads) {
+            bail!(
+                "{path}: llama.embedding_length {hidden} is not a multiple of llama.attention.head_count {n_heads}"
+            );
+        }
+        if !n_heads.is_multiple_of(n_kv_heads) {
+            bail!(
+                "{path}: llama.attention.head_count {n_heads} is not a multiple of llama.attention.head_count_kv {n_kv_heads}"
+            );
+        }
+        let head_dim = match g.get("llama.attention.key_length") {
+            Some(_) => positive("llama.attention.key_length")?,
+            None => hidden / n_heads,
+        };
+        let rope_dim = match g.get("llama.rope.dimension_count") {
+            Some(_) => get("llama.rope.dimension_count")?,
+            None => head_dim,
+        };
+        if rope_dim > head_dim || !rope_dim.is_multiple_of(2) {
+            bail!(
+                "{path}: llama.rope.dimension_count {rope_dim} does not fit head size {head_dim}"
+            );
+        }
+        Ok(Self {
+            n_layers,
+            hidden,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            ffn,
+            vocab,
+            rope_base,
+            rope_dim,
+            rms_eps,
+            context_length,
+        })
+    }
+
+    /// Whether `world` ranks can split this model (heads evenly; KV heads split or replicated).
+    pub fn check_shard(&self, shard: Shard) -> anyhow::Result<()> {
+        let w = shard.world;
+        if !self.n_heads.is_multiple_of(w) {
+            bail!(
+                "tensor-parallel degree {w} must divide the model's {} attention heads",
+                self.n_heads
+            );
+        }
+        if !(self.n_kv_heads.is_multiple_of(w) || w.is_multiple_of(self.n_kv_heads)) {
+            bail!(
+                "tensor-parallel degree {w} must divide, or be a multiple of, the model's {} KV heads",
+                self.n_kv_heads
+            );
+        }
+        if !self.ffn.is_multiple_of(w) {
+            bail!(
+                "tensor-parallel degree {w} must divide the feed-forward size {}",
+                self.ffn
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The heads and FFN slice one rank holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalDims {
+    /// Global index of the first query head and the number held.
+    pub q_head0: usize,
+    pub q_heads: usize,
+    /// Global index of the first KV head and the number held.
+    pub kv_head0: usize,
+    pub kv_heads: usize,
+    /// FFN columns held.
+    pub ffn: std::ops::Range<usize>,
+}
+
+impl LocalDims {
+    pub fn new(c: &LlamaConfig, s: Shard) -> Self {
+        let q = s.range(c.n_heads);
+        let group = c.n_heads / c.n_kv_heads;
+        let kv_head0 = q.start / group;
+        let kv_end = (q.end - 1) / group + 1;
+        Self {
+            q_head0: q.start,
+            q_heads: q.len(),
+            kv_head0,
+            kv_heads: kv_end - kv_head0,
+            ffn: s.range(c.ffn),
+        }
+    }
+}
+
+/// One decoder layer's weights (this rank's shard).
+#[derive(Debug)]
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub wq: QMatrix,
+    pub wk: QMatrix,
+    pub wv: QMatrix,
+    pub wo: QMatrix,
+    pub ffn_norm: Vec<f32>,
+    pub w_gate: QMatrix,
+    pub w_up: QMatrix,
+    pub w_down: QMatrix,
+}
+
+/// A loaded Llama model (one rank's shard).
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub shard: Shard,
+    pub local: LocalDims,
+    pub embed: QMatrix,
+    pub layers: Vec<Layer>,
+    pub norm: Vec<f32>,
+    pub lm_head: QMatrix,
+    inv_freq: Vec<f32>,
+    file: Option<Arc<MappedGguf>>,
+}
+
+/// Which logits a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// The last token's (`[vocab]`): generation.
+    Last,
+    /// Every token's (`[tokens, vocab]`): tests and scoring.
+    All,
+}
+
+struct Loader<'a> {
+    file: &'a Arc<MappedGguf>,
+}
+
+impl Loader<'_> {
+    fn info(&self, name: &str) -> anyhow::Result<&TensorInfo> {
+        let g = &self.file.gguf;
+        g.tensor(name)
+            .with_context(|| format!("{}: tensor {name} is missing", g.path.display()))
+    }
+
+    /// A matrix `[rows, cols]` (GGUF dims `[cols, rows]`).
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> anyhow::Result<QMatrix> {
+        let t = self.info(name)?;
+        let path = self.file.gguf.path.display();
+        if t.dims != [cols as u64, rows as u64] {
+            bail!(
+                "{path}: tensor {name} has shape {:?}, expected [{cols}, {rows}]",
+                t.dims
+            );
+        }
+        let data = Bytes::Mapped {
+            file: Arc::clone(self.file),
+            start: t.offset as usize,
+            len: t.size as usize,
+        };
+        QMatrix::new(t.ggml_type, rows, cols, data)
+            .map_err(|e| anyhow::anyhow!("{path}: tensor {name}: {e}"))
+    }
+
+    fn vector(&self, name: &str, n: usize) -> anyhow::Result<Vec<f32>> {
+        let t = self.info(name)?;
+        let path = self.file.gguf.path.display();
+        if t.dims != [n as u64] {
+            bail!(
+                "{path}: tensor {name} has shape {:?}, expected [{n}]",
+                t.dims
+            );
+        }
+        if !kernels::quant::supported(t.ggml_type) {
+            bail!(
+                "{path}: tensor {name}: type {} is not supported",
+                t.ggml_type
+            );
+        }
+        let mut out = vec![0f32; n];
+        kernels::quant::dequantize_row(t.ggml_type, self.file.tensor_bytes(t), &mut out);
+        Ok(out)
+    }
+}
+
+impl Llama {
+    /// Open a GGUF file and load this rank's shard.
+    pub fn open(path: &Path, shard: Shard) -> anyhow::Result<Self> {
+        let file = Arc::new(MappedGguf::open(path)?);
+        Self::load(file, shard)
+    }
+
+    /// Load this rank's shard from a mapped GGUF file. Errors name the file and the tensor.
+    pub fn load(file: Arc<MappedGguf>, shard: Shard) -> anyhow::Result<Self> {
+        let config = LlamaConfig::from_gguf(&file.gguf)?;
+        config
+            .check_shard(shard)
+            .with_context(|| format!("{}", file.gguf.path.display()))?;
+        let local = LocalDims::new(&config, shard);
+        let c = &config;
+        let hd = c.head_dim;
+        let ld = Loader { file: &file };
+        let path = file.gguf.path.display().to_string();
+        let q_rows = local.q_head0 * hd..(local.q_head0 + local.q_heads) * hd;
+        let kv_rows = local.kv_head0 * hd..(local.kv_head0 + local.kv_heads) * hd;
+        // No `with_capacity(n_layers)`: the count comes from the file and is only trusted once
+        // every layer's tensors have been found.
+        let mut layers = Vec::new();
+        for i in 0..c.n_layers {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let cols = |m: QMatrix, r: std::ops::Range<usize>, name: &str| {
+                m.slice_cols(r)
+                    .map_err(|e| anyhow::anyhow!("{path}: tensor {name}: {e}"))
+            };
+            layers.push(Layer {
+                attn_norm: ld.vector(&n("attn_norm"), c.hidden)?,
+                wq: ld
+                    .matrix(&n("attn_q"), c.n_heads * hd, c.hidden)?
+                    .slice_rows(q_rows.clone()),
+                wk: ld
+                    .matrix(&n("attn_k"), c.n_kv_heads * hd, c.hidden)?
+                    .slice_rows(kv_rows.clone()),
+                wv: ld
+                    .matrix(&n("attn_v"), c.n_kv_heads * hd, c.hidden)?
+                    .slice_rows(kv_rows.clone()),
+                wo: cols(
+                    ld.matrix(&n("attn_output"), c.hidden, c.n_heads * hd)?,
+                    q_rows.clone(),
+                    &n("attn_output"),
+                )?,
+                ffn_norm: ld.vector(&n("ffn_norm"), c.hidden)?,
+                w_gate: ld
+                    .matrix(&n("ffn_gate"), c.ffn, c.hidden)?
+                    .slice_rows(local.ffn.clone()),
+                w_up: ld
+                    .matrix(&n("ffn_up"), c.ffn, c.hidden)?
+                    .slice_rows(local.ffn.clone()),
+                w_down: cols(
+                    ld.matrix(&n("ffn_down"), c.hidden, c.ffn)?,
+                    local.ffn.clone(),
+                    &n("ffn_down"),
+                )?,
+            });
+        }
+        let embed = ld.matrix("token_embd.weight", c.vocab, c.hidden)?;
+        let lm_head = if file.gguf.tensor("output.weight").is_some() {
+            ld.matrix("output.weight", c.vocab, c.hidden)?
+        } else {
+            embed.clone()
+        };
+        let norm = ld.vector("output_norm.weight", c.hidden)?;
+        let inv_freq = (0..c.rope_dim / 2)
+            .map(|i| (f64::from(c.rope_base)).powf(-2.0 * i as f64 / c.rope_dim as f64) as f32)
+            .collect();
+        Ok(Self {
+            config,
+            shard,
+            local,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            file: Some(file),
+        })
+    }
+
+    /// The file the weights come from.
+    pub fn file(&self) -> Option<&Arc<MappedGguf>> {
+        self.file.as_ref()
+    }
+
+    /// Bytes of weights this rank uses, and how many of them are copies (not in the map).
+    pub fn weight_bytes(&self) -> (usize, usize) {
+        let mut total = 0;
+        let mut owned = 0;
+        let mut add = |m: &QMatrix| {
+            total += m.bytes().len();
+            if !m.is_mapped() {
+                owned += m.bytes().len();
+            }
+        };
+        for l in &self.layers {
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                add(m);
+            }
+        }
+        add(&self.embed);
+        (total, owned)
+    }
+
+    /// Width of this rank's K (and V) rows in the cache.
+    pub fn kv_dim(&self) -> usize {
+        self.local.kv_heads * self.config.head_dim
+    }
+
+    /// A KV cache for one sequence: as many tokens as `budget_bytes` allows, at most the
+    /// model's context length.
+    pub fn new_cache(&self, budget_bytes: usize) -> anyhow::Result<KvCache> {
+        let per_token = (self.config.n_layers * self.kv_dim() * 2 * 4).max(1);
+        let tokens = (budget_bytes / per_token).min(self.config.context_length);
+        if tokens == 0 {
+            bail!(
+                "a KV-cache budget of {budget_bytes} bytes holds no token ({per_token} bytes each)"
+            );
+        }
+        Ok(KvCache::new(self.config.n_layers, self.kv_dim(), tokens))
+    }
+
+    /// Run `tokens` (positions following what `cache` holds) through the model, appending to
+    /// the cache. Returns the last token's logits or every token's.
+    pub fn forward(
+        &self,
+        pool: &Pool,
+        coll: &dyn Collective,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        which: Logits,
+    ) -> anyhow::Result<Vec<f32>> {
+        if tokens.is_empty() {
+            bail!("forward pass over no tokens");
+        }
+        cache.check_room(tokens.len())?;
+        if cache.kv_dim() != self.kv_dim() || cache.layers.len() != self.config.n_layers {
+            bail!("the KV cache was made for another model");
+        }
+        match self.forward_inner(pool, coll, cache, tokens, which) {
+            Ok(l) => {
+                cache.commit(tokens.len());
+                Ok(l)
+            }
+            Err(e) => {
+                cache.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    fn forward_inner(
+        &self,
+        pool: &Pool,
+        coll: &dyn Collective,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        which: Logits,
+    ) -> anyhow::Result<Vec<f32>> {
+        let c = &self.config;
+        let b = tokens.len();
+        let h = c.hidden;
+        let hd = c.head_dim;
+        let start = cache.len();
+        let (qd, kvd) = (self.local.q_heads * hd, self.kv_dim());
+        let fd = self.local.ffn.len();
+
+        let mut x = vec![0f32; b * h];
+        for (t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
+            if *t as usize >= c.vocab {
+                bail!("token id {t} is outside the vocabulary of {}", c.vocab);
+            }
+            self.embed.dequantize_row(*t as usize, row);
+        }
+        let mut xn = vec![0f32; b * h];
+        let mut q = vec![0f32; b * qd];
+        let mut k = vec![0f32; b * kvd];
+        let mut v = vec![0f32; b * kvd];
+        let mut att = vec![0f32; b * qd];
+        let mut o = vec![0f32; b * h];
+        let mut g = vec![0f32; b * fd];
+        let mut u = vec![0f32; b * fd];
+
+        for (li, l) in self.layers.iter().enumerate() {
+            rms_norm(&x, &l.attn_norm, c.rms_eps, &mut xn);
+            kernels::matmul_multi(
+                pool,
+                &[&l.wq, &l.wk, &l.wv],
+                &xn,
+                b,
+                &mut [&mut q, &mut k, &mut v],
+            );
+            self.rope(&mut q, self.local.q_heads, start);
+            self.rope(&mut k, self.local.kv_heads, start);
+            cache.append(li, &k, &v);
+            let (kc, vc) = &cache.layers[li];
+            self.attention(pool, &q, kc, vc, start, b, &mut att);
+            kernels::matmul(pool, &l.wo, &att, b, &mut o);
+            coll.all_reduce_sum(&mut o)
+                .with_context(|| format!("all-reduce after attention of layer {li}"))?;
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+
+            rms_norm(&x, &l.ffn_norm, c.rms_eps, &mut xn);
+            kernels::matmul_multi(pool, &[&l.w_gate, &l.w_up], &xn, b, &mut [&mut g, &mut u]);
+            g.iter_mut()
+                .zip(&u)
+                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            kernels::matmul(pool, &l.w_down, &g, b, &mut o);
+            coll.all_reduce_sum(&mut o)
+                .with_context(|| format!("all-reduce after the MLP of layer {li}"))?;
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        }
+
+        let rows = match which {
+            Logits::Last => &x[(b - 1) * h..],
+            Logits::All => &x[..],
+        };
+        let n = rows.len() / h;
+        let mut xn = vec![0f32; rows.len()];
+        rms_norm(rows, &self.norm, c.rms_eps, &mut xn);
+        let mut logits = vec![0f32; n * c.vocab];
+        kernels::matmul(pool, &self.lm_head, &xn, n, &mut logits);
+        Ok(logits)
+    }
+
+    /// ggml's normal-mode RoPE on `[tokens, heads * head_dim]`, positions from `start`.
+    fn rope(&self, x: &mut [f32], heads: usize, start: usize) {
+        let hd = self.config.head_dim;
+        for (t, row) in x.chunks_exact_mut(heads * hd).enumerate() {
+            let pos = (start + t) as f32;
+            let cs: Vec<(f32, f32)> = self
+                .inv_freq
+                .iter()
+                .map(|f| {
+                    let (s, c) = (pos * f).sin_cos();
+                    (c, s)
+                })
+                .collect();
+            for head in row.chunks_exact_mut(hd) {
+                for (i, &(c, s)) in cs.iter().enumerate() {
+                    let (a, b) = (head[2 * i], head[2 * i + 1]);
+                    head[2 * i] = a * c - b * s;
+                    head[2 * i + 1] = a * s + b * c;
+                }
+            }
+        }
+    }
+
+    /// Causal grouped-query attention of `b` new queries at positions `start..start + b` over
+    /// the cached keys and values (which already include the new tokens).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        pool: &Pool,
+        q: &[f32],
+        kc: &[f32],
+        vc: &[f32],
+        start: usize,
+        b: usize,
+        out: &mut [f32],
+    ) {
+        let c = &self.config;
+        let hd = c.head_dim;
+        let (qh, kvh) = (self.local.q_heads, self.local.kv_heads);
+        let group = c.n_heads / c.n_kv_heads;
+        let kvd = kvh * hd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let ptr = SendPtr(out.as_mut_ptr());
+        let local = &self.local;
+        pool.for_each(qh * b, |task| {
+            let (t, head) = (task / qh, task % qh);
+            let kv = (local.q_head0 + head) / group - local.kv_head0;
+            let qv = &q[t * qh * hd + head * hd..][..hd];
+            let n = start + t + 1;
+            let mut scores: Vec<f32> = (0..n)
+                .map(|j| dot::dot_f32(qv, &kc[j * kvd + kv * hd..][..hd]) * scale)
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for s in &mut scores {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let mut acc = vec![0f32; hd];
+            for (j, s) in scores.iter().enumerate() {
+                dot::axpy(s / sum, &vc[j * kvd + kv * hd..][..hd], &mut acc);
+            }
+            // SAFETY: task (t, head) owns out[t * qh * hd + head * hd..][..hd]; `out` has
+            // b * qh * hd elements and outlives the tasks.
+            unsafe {
+                let dst = ptr.get().add(t * qh * hd + head * hd);
+                std::ptr::copy_nonoverlapping(acc.as_ptr(), dst, hd);
+            }
+        });
+    }
+}
+
+/// RMSNorm of each `weight.len()`-long row of `x` into `out`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let n = weight.len();
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let s = 1.0 / (ms + eps).sqrt();
+        for ((o, v), w) in or.iter_mut().zip(xr).zip(weight) {
+            *o = v * s * w;
+        }
+    }
+}

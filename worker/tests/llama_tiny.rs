@@ -1,0 +1,510 @@
+//! A tiny random Llama written with `gguf::Writer` (F32, Q8_0 and Q4_1 weights) against an
+//! independent naive f64 forward pass; the same model split over 2 and 4 tensor-parallel ranks
+//! (threads with an in-memory all-reduce) against one rank; malformed files.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Barrier, Mutex};
+
+use tessera_worker::engine::sampling::Rng;
+use tessera_worker::kernels::{Pool, quant};
+use tessera_worker::model::gguf::{GgmlType, Value, Writer};
+use tessera_worker::model::llama::{Llama, Logits};
+use tessera_worker::model::parallel::{Collective, Identity, Shard};
+
+const LAYERS: usize = 2;
+const HIDDEN: usize = 128;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = HIDDEN / HEADS;
+const FFN: usize = 256;
+const VOCAB: usize = 96;
+const EPS: f32 = 1e-5;
+const BASE: f32 = 10_000.0;
+
+/// Weights as f32 after a round trip through their encoding (what the model sees).
+struct Weights {
+    embed: Vec<f32>,
+    layers: Vec<[Vec<f32>; 9]>, // attn_norm, q, k, v, o, ffn_norm, gate, up, down
+    norm: Vec<f32>,
+}
+
+fn randn(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| ((0..4).map(|_| rng.next_f32()).sum::<f32>() - 2.0) * scale)
+        .collect()
+}
+
+fn encode(ty: GgmlType, v: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    let bytes = quant::quantize_row(ty, v);
+    let mut back = vec![0f32; v.len()];
+    quant::dequantize_row(ty, &bytes, &mut back);
+    (bytes, back)
+}
+
+/// Build a tiny model; `skip` leaves a tensor out, `reshape` gives one a wrong shape.
+fn build(ty: GgmlType, seed: u64, skip: Option<&str>, reshape: Option<&str>) -> (Writer, Weights) {
+    let mut rng = Rng::new(seed);
+    let mut w = Writer::default();
+    w.metadata("general.architecture", Value::String("llama".into()))
+        .metadata("llama.block_count", Value::U32(LAYERS as u32))
+        .metadata("llama.embedding_length", Value::U32(HIDDEN as u32))
+        .metadata("llama.attention.head_count", Value::U32(HEADS as u32))
+        .metadata("llama.attention.head_count_kv", Value::U32(KV_HEADS as u32))
+        .metadata("llama.feed_forward_length", Value::U32(FFN as u32))
+        .metadata("llama.context_length", Value::U32(64))
+        .metadata("llama.vocab_size", Value::U32(VOCAB as u32))
+        .metadata("llama.rope.freq_base", Value::F32(BASE))
+        .metadata("llama.attention.layer_norm_rms_epsilon", Value::F32(EPS));
+    let mut add = |w: &mut Writer, name: &str, dims: &[u64], t: GgmlType, scale: f32| {
+        let n = dims.iter().product::<u64>() as usize;
+        let vals = if name.contains("norm") {
+            (0..n).map(|_| 1.0 + (rng.next_f32() - 0.5) * 0.4).collect()
+        } else {
+            randn(&mut rng, n, scale)
+        };
+        let (bytes, back) = encode(t, &vals);
+        if skip != Some(name) {
+            let dims: Vec<u64> = if reshape == Some(name) {
+                vec![dims[0] / 2, dims.get(1).copied().unwrap_or(1) * 2]
+            } else {
+                dims.to_vec()
+            };
+            w.tensor(name, &dims, t, bytes);
+        }
+        back
+    };
+    let h = HIDDEN as u64;
+    let (qd, kvd, f) = (
+        (HEADS * HEAD_DIM) as u64,
+        (KV_HEADS * HEAD_DIM) as u64,
+        FFN as u64,
+    );
+    // Like the real model, quantised files keep a Q8_0 embedding (also the tied LM head).
+    let embed_ty = if ty == GgmlType::F32 {
+        ty
+    } else {
+        GgmlType::Q8_0
+    };
+    let embed = add(
+        &mut w,
+        "token_embd.weight",
+        &[h, VOCAB as u64],
+        embed_ty,
+        1.0,
+    );
+    let mut layers = Vec::new();
+    for i in 0..LAYERS {
+        let n = |s: &str| format!("blk.{i}.{s}.weight");
+        let s = 0.6 / (HIDDEN as f32).sqrt() * 2.0;
+        layers.push([
+            add(&mut w, &n("attn_norm"), &[h], GgmlType::F32, 0.0),
+            add(&mut w, &n("attn_q"), &[h, qd], ty, s),
+            add(&mut w, &n("attn_k"), &[h, kvd], ty, s),
+            add(&mut w, &n("attn_v"), &[h, kvd], ty, s),
+            add(&mut w, &n("attn_output"), &[qd, h], ty, s),
+            add(&mut w, &n("ffn_norm"), &[h], GgmlType::F32, 0.0),
+            add(&mut w, &n("ffn_gate"), &[h, f], ty, s),
+            add(&mut w, &n("ffn_up"), &[h, f], ty, s),
+            add(&mut w, &n("ffn_down"), &[f, h], ty, s),
+        ]);
+    }
+    let norm = add(&mut w, "output_norm.weight", &[h], GgmlType::F32, 0.0);
+    (
+        w,
+        Weights {
+            embed,
+            layers,
+            norm,
+        },
+    )
+}
+
+fn write(w: &Writer, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tessera-llama-tiny-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, w.to_bytes()).unwrap();
+    path
+}
+
+/// An independent, naive forward pass in f64: returns every token's logits.
+fn reference(wt: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> {
+    let h = HIDDEN;
+    let mv = |m: &[f32], x: &[f64], rows: usize| -> Vec<f64> {
+        let cols = x.len();
+        (0..rows)
+            .map(|r| (0..cols).map(|c| f64::from(m[r * cols + c]) * x[c]).sum())
+            .collect()
+    };
+    let rms = |x: &[f64], w: &[f32]| -> Vec<f64> {
+        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+        let s = 1.0 / (ms + f64::from(EPS)).sqrt();
+        x.iter()
+            .zip(w)
+            .map(|(v, w)| v * s * f64::from(*w))
+            .collect()
+    };
+    let rope = |v: &mut [f64], pos: usize| {
+        for head in v.chunks_mut(HEAD_DIM) {
+            for i in 0..HEAD_DIM / 2 {
+                let theta = pos as f64 * f64::from(BASE).powf(-2.0 * i as f64 / HEAD_DIM as f64);
+                let (s, c) = theta.sin_cos();
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * c - b * s;
+                head[2 * i + 1] = a * s + b * c;
+            }
+        }
+    };
+    let mut xs: Vec<Vec<f64>> = tokens
+        .iter()
+        .map(|&t| {
+            wt.embed[t as usize * h..(t as usize + 1) * h]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect()
+        })
+        .collect();
+    for l in &wt.layers {
+        let [an, wq, wk, wv, wo, fnm, wg, wu, wd] = l;
+        let mut ks = Vec::new();
+        let mut vs = Vec::new();
+        let mut qs = Vec::new();
+        for (pos, x) in xs.iter().enumerate() {
+            let xn = rms(x, an);
+            let mut q = mv(wq, &xn, HEADS * HEAD_DIM);
+            let mut k = mv(wk, &xn, KV_HEADS * HEAD_DIM);
+            rope(&mut q, pos);
+            rope(&mut k, pos);
+            qs.push(q);
+            ks.push(k);
+            vs.push(mv(wv, &xn, KV_HEADS * HEAD_DIM));
+        }
+        for (pos, x) in xs.iter_mut().enumerate() {
+            let mut att = vec![0f64; HEADS * HEAD_DIM];
+            for hh in 0..HEADS {
+                let g = hh / (HEADS / KV_HEADS);
+                let q = &qs[pos][hh * HEAD_DIM..(hh + 1) * HEAD_DIM];
+                let scores: Vec<f64> = (0..=pos)
+                    .map(|j| {
+                        let k = &ks[j][g * HEAD_DIM..(g + 1) * HEAD_DIM];
+                        q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() / (HEAD_DIM as f64).sqrt()
+                    })
+                    .collect();
+                let m = scores.iter().copied().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (j, p) in e.iter().enumerate() {
+                    for d in 0..HEAD_DIM {
+                        att[hh * HEAD_DIM + d] += p / z * vs[j][g * HEAD_DIM + d];
+                    }
+                }
+            }
+            let o = mv(wo, &att, h);
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            let xn = rms(x, fnm);
+            let g = mv(wg, &xn, FFN);
+            let u = mv(wu, &xn, FFN);
+            let a: Vec<f64> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            let d = mv(wd, &a, h);
+            x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
+        }
+    }
+    xs.iter()
+        .map(|x| mv(&wt.embed, &rms(x, &wt.norm), VOCAB))
+        .collect()
+}
+
+const TOKENS: [u32; 9] = [3, 17, 42, 5, 95, 0, 61, 17, 8];
+
+/// Largest |a - b| over the largest |b|.
+fn rel_err(a: &[f32], b: &[Vec<f64>]) -> f64 {
+    let b: Vec<f64> = b.iter().flatten().copied().collect();
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((f64::from(*x) - y).abs()))
+        / scale
+}
+
+#[test]
+fn tiny_model_matches_the_naive_reference() {
+    // F32 weights use f32 activations (tight); quantised weights use 8-bit activations.
+    for (ty, tol) in [
+        (GgmlType::F32, 1e-4),
+        (GgmlType::Q8_0, 1.5e-2),
+        (GgmlType::Q4_1, 1.5e-2),
+    ] {
+        let (w, wt) = build(ty, 42, None, None);
+        let path = write(&w, &format!("ref-{ty}.gguf"));
+        let model = Llama::open(&path, Shard::SINGLE).expect("loads");
+        let pool = Pool::new(2).unwrap();
+        let mut cache = model.new_cache(1 << 20).unwrap();
+        let ours = model
+            .forward(&pool, &Identity, &mut cache, &TOKENS, Logits::All)
+            .unwrap();
+        let expect = reference(&wt, &TOKENS);
+        let err = rel_err(&ours, &expect);
+        eprintln!("{ty}: max error {err:.2e} of the largest logit");
+        assert!(err < tol, "{ty}: relative error {err} >= {tol}");
+
+        // Prefill then one-token decode steps give the same logits as one batch.
+        let mut cache = model.new_cache(1 << 20).unwrap();
+        let mut step = model
+            .forward(&pool, &Identity, &mut cache, &TOKENS[..4], Logits::All)
+            .unwrap();
+        for t in &TOKENS[4..] {
+            step.extend(
+                model
+                    .forward(&pool, &Identity, &mut cache, &[*t], Logits::Last)
+                    .unwrap(),
+            );
+        }
+        let err = rel_err(&step, &expect);
+        assert!(err < tol, "{ty} incremental: relative error {err}");
+        assert_eq!(cache.len(), TOKENS.len());
+    }
+}
+
+/// An in-memory all-reduce for ranks running as threads.
+struct Group {
+    acc: Mutex<Vec<f32>>,
+    barrier: Barrier,
+    world: usize,
+}
+
+struct Member {
+    group: Arc<Group>,
+    rank: usize,
+}
+
+impl Collective for Member {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.group.world
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> anyhow::Result<()> {
+        {
+            let mut acc = self.group.acc.lock().unwrap();
+            if acc.is_empty() {
+                acc.resize(buf.len(), 0.0);
+            }
+            acc.iter_mut().zip(buf.iter()).for_each(|(a, b)| *a += b);
+        }
+        self.group.barrier.wait();
+        buf.copy_from_slice(&self.group.acc.lock().unwrap());
+        if self.group.barrier.wait().is_leader() {
+            self.group.acc.lock().unwrap().clear();
+        }
+        self.group.barrier.wait();
+        Ok(())
+    }
+}
+
+fn run_tp(path: &std::path::Path, world: usize) -> Vec<f32> {
+    let group = Arc::new(Group {
+        acc: Mutex::new(Vec::new()),
+        barrier: Barrier::new(world),
+        world,
+    });
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let path = path.to_owned();
+            let member = Member {
+                group: Arc::clone(&group),
+                rank,
+            };
+            std::thread::spawn(move || {
+                let model = Llama::open(&path, Shard::new(rank, world).unwrap()).unwrap();
+                let pool = Pool::new(1).unwrap();
+                let mut cache = model.new_cache(1 << 20).unwrap();
+                let mut out = model
+                    .forward(&pool, &member, &mut cache, &TOKENS[..6], Logits::All)
+                    .unwrap();
+                for t in &TOKENS[6..] {
+                    out.extend(
+                        model
+                            .forward(&pool, &member, &mut cache, &[*t], Logits::Last)
+                            .unwrap(),
+                    );
+                }
+                (model.weight_bytes().0, out)
+            })
+        })
+        .collect();
+    let results: Vec<(usize, Vec<f32>)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (_, r) in &results[1..] {
+        assert_eq!(r, &results[0].1, "every rank ends with the same logits");
+    }
+    results.into_iter().next().unwrap().1
+}
+
+#[test]
+fn tensor_parallel_splits_match_one_rank() {
+    for (ty, tol) in [(GgmlType::F32, 1e-5), (GgmlType::Q4_1, 1e-3)] {
+        let (w, _) = build(ty, 9, None, None);
+        let path = write(&w, &format!("tp-{ty}.gguf"));
+        let one = run_tp(&path, 1);
+        let scale = one.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // 2 ranks split the KV heads; 4 ranks replicate them (4 query heads, 2 KV heads).
+        for world in [2, 4] {
+            let split = run_tp(&path, world);
+            let err = one
+                .iter()
+                .zip(&split)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+                / scale;
+            eprintln!("{ty} TP={world}: max error {err:.2e}");
+            assert!(err < tol, "{ty} TP={world}: relative error {err}");
+        }
+    }
+}
+
+#[test]
+fn a_shard_holds_its_part_of_the_weights() {
+    let (w, _) = build(GgmlType::Q4_1, 1, None, None);
+    let path = write(&w, "shard-size.gguf");
+    let one = Llama::open(&path, Shard::SINGLE).unwrap();
+    let (total, owned) = one.weight_bytes();
+    assert_eq!(owned, 0, "one rank borrows every weight from the map");
+    let half = Llama::open(&path, Shard::new(1, 2).unwrap()).unwrap();
+    let embed = half.embed.bytes().len();
+    assert_eq!(half.weight_bytes().0 - embed, (total - embed) / 2);
+    assert_eq!((half.local.q_heads, half.local.kv_heads), (2, 1));
+    let quarter = Llama::open(&path, Shard::new(3, 4).unwrap()).unwrap();
+    assert_eq!(
+        (
+            quarter.local.q_head0,
+            quarter.local.kv_head0,
+            quarter.local.kv_heads
+        ),
+        (3, 1, 1)
+    );
+    let e = Llama::open(&path, Shard::new(0, 3).unwrap())
+        .err()
+        .expect("3 does not divide 4 heads");
+    assert!(format!("{e:#}").contains("must divide"), "{e:#}");
+}
+
+#[test]
+fn malformed_models_name_the_tensor_or_key() {
+    let (w, _) = build(GgmlType::Q4_1, 2, Some("blk.1.ffn_up.weight"), None);
+    let e = Llama::open(&write(&w, "missing.gguf"), Shard::SINGLE)
+        .err()
+        .expect("missing tensor");
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("missing.gguf")
+            && msg.contains("blk.1.ffn_up.weight")
+            && msg.contains("missing"),
+        "{msg}"
+    );
+
+    let (w, _) = build(GgmlType::Q4_1, 2, None, Some("blk.0.attn_k.weight"));
+    let e = Llama::open(&write(&w, "shape.gguf"), Shard::SINGLE)
+        .err()
+        .expect("wrong shape");
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("blk.0.attn_k.weight") && msg.contains("shape"),
+        "{msg}"
+    );
+
+    let (mut w, _) = build(GgmlType::Q4_1, 2, Some("blk.0.attn_q.weight"), None);
+    let (h, q) = (HIDDEN as u64, (HEADS * HEAD_DIM) as u64);
+    w.tensor(
+        "blk.0.attn_q.weight",
+        &[h, q],
+        GgmlType::Q5_0,
+        vec![0u8; (h * q / 32 * 22) as usize],
+    );
+    let e = Llama::open(&write(&w, "q5.gguf"), Shard::SINGLE)
+        .err()
+        .expect("unsupported type");
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("blk.0.attn_q.weight") && msg.contains("Q5_0"),
+        "{msg}"
+    );
+
+    let mut w = Writer::default();
+    w.metadata("general.architecture", Value::String("llama".into()));
+    let e = Llama::open(&write(&w, "nokeys.gguf"), Shard::SINGLE)
+        .err()
+        .expect("no metadata");
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("llama.block_count") && msg.contains("missing"),
+        "{msg}"
+    );
+
+    let e = Llama::open(
+        std::path::Path::new("/nonexistent/model.gguf"),
+        Shard::SINGLE,
+    )
+    .err()
+    .expect("no file");
+    assert!(format!("{e:#}").contains("/nonexistent/model.gguf"));
+}
+
+#[test]
+fn odd_hyper_parameters_and_tokens_are_errors_not_panics() {
+    let keys = [
+        "llama.block_count",
+        "llama.embedding_length",
+        "llama.attention.head_count",
+        "llama.attention.head_count_kv",
+        "llama.feed_forward_length",
+        "llama.context_length",
+        "llama.vocab_size",
+        "llama.attention.key_length",
+        "llama.rope.dimension_count",
+    ];
+    for key in keys {
+        for v in [0u64, 1, 3, 1 << 40] {
+            let (mut w, _) = build(GgmlType::Q4_1, 4, None, None);
+            // A later entry with the same key replaces the earlier one when parsed.
+            w.metadata(key, Value::U64(v));
+            let path = write(&w, "odd.gguf");
+            match Llama::open(&path, Shard::SINGLE) {
+                Err(e) => assert!(!format!("{e:#}").is_empty()),
+                Ok(model) => {
+                    // Whatever loads must also run or fail cleanly.
+                    let pool = Pool::new(1).unwrap();
+                    if let Ok(mut cache) = model.new_cache(1 << 20) {
+                        let _ = model.forward(&pool, &Identity, &mut cache, &[1, 2], Logits::Last);
+                    }
+                }
+            }
+        }
+    }
+    let (w, _) = build(GgmlType::Q4_1, 4, None, None);
+    let model = Llama::open(&write(&w, "tokens.gguf"), Shard::SINGLE).unwrap();
+    let pool = Pool::new(1).unwrap();
+    let mut cache = model.new_cache(1 << 20).unwrap();
+    let e = model
+        .forward(
+            &pool,
+            &Identity,
+            &mut cache,
+            &[1, VOCAB as u32],
+            Logits::Last,
+        )
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains(&format!("token id {VOCAB}")),
+        "{e:#}"
+    );
+    assert_eq!(cache.len(), 0, "a failed pass leaves the cache as it was");
+}
+
+#[test]
+fn the_engine_can_be_shared_between_threads() {
+    fn check<T: Send + Sync>() {}
+    check::<tessera_worker::engine::Engine>();
+}
