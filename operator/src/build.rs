@@ -464,6 +464,9 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
                 ..SecurityContext::default()
             }),
             volume_mounts: Some(mounts),
+            // The worker writes why it exited here; the controller shows it in status.
+            termination_message_path: Some("/dev/termination-log".into()),
+            termination_message_policy: Some("FallbackToLogsOnError".into()),
             ..Container::default()
         };
 

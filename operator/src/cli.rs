@@ -24,6 +24,9 @@ pub enum Command {
     Crd,
     /// Run the controller against the cluster in the current kubeconfig or service account.
     Run(RunArgs),
+    /// Plan ModelDeployments against a cluster snapshot without touching a cluster: GPU type,
+    /// tensor x pipeline layout and nodes for every replica, with predictions and reasons.
+    Plan(crate::plan_cmd::PlanArgs),
 }
 
 /// Flags of `tessera-operator run`. The Helm chart sets these; keep docs/operator.md in step.

@@ -7,4 +7,7 @@
 pub mod api;
 pub mod build;
 pub mod cli;
+pub mod controller;
 pub mod logging;
+pub mod plan_cmd;
+pub mod planner;

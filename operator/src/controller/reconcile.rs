@@ -1,0 +1,951 @@
+//! The middle of the reconcile pipeline, pure: from what was observed (the ModelDeployment, its
+//! pods, the cluster's nodes and GPU use, the time) to what to do (pods and Services to apply,
+//! pods to delete, the new status, Events, when to look again).
+//!
+//! The controller, the in-memory API tests and the cluster simulation all drive this same
+//! function; only the executor differs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use crate::api::{
+    self, ModelDeployment, ModelDeploymentStatus, Phase, ReplicaPlacement, ReplicaState,
+};
+use crate::build::{self, BuildOptions, ReplicaToBuild, labels};
+use crate::planner::catalog::Catalog;
+use crate::planner::inventory::{DEFAULT_TOPOLOGY_KEYS, Inventory};
+use crate::planner::{self, ExistingPlacement, PlanOptions};
+
+/// Annotation on children: hash of what they were built from.
+pub const TEMPLATE_HASH: &str = "tessera.dev/template-hash";
+/// Longest wait between group recreations.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
+
+/// Operator-wide settings of the reconcile.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub topology_keys: Vec<String>,
+    pub catalog: Catalog,
+    pub plan: PlanOptions,
+    pub build: BuildOptions,
+    /// A node NotReady for longer than this is treated as lost and its replicas re-placed.
+    pub node_lost_grace: Duration,
+    /// How often to look at a replica that is starting.
+    pub starting_requeue: Duration,
+    /// A replica whose member stays unschedulable this long releases its GPUs and is placed
+    /// again (a half-placed gang never holds GPUs forever).
+    pub gang_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            topology_keys: DEFAULT_TOPOLOGY_KEYS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            catalog: Catalog::default(),
+            plan: PlanOptions::default(),
+            build: BuildOptions::default(),
+            node_lost_grace: Duration::from_secs(300),
+            starting_requeue: Duration::from_secs(30),
+            gang_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What the controller saw.
+#[derive(Clone, Copy, Debug)]
+pub struct Observed<'a> {
+    pub md: &'a ModelDeployment,
+    /// Pods labelled with this deployment, in its namespace.
+    pub pods: &'a [Pod],
+    /// Services owned by this deployment.
+    pub services: &'a [Service],
+    pub nodes: &'a [Node],
+    /// Every other pod in the cluster (their GPUs are not free).
+    pub other_pods: &'a [Pod],
+    /// GPUs other deployments hold without pods (replicas waiting out a backoff keep their
+    /// place): (node, GPUs). See [`reserved_by_others`].
+    pub reserved: &'a [(String, u32)],
+    pub now: Timestamp,
+}
+
+/// GPUs that other deployments' replicas hold while they have no pods (waiting out a
+/// backoff before their group is recreated in place), so they are not promised twice.
+pub fn reserved_by_others(
+    deployments: &[ModelDeployment],
+    except_uid: Option<&str>,
+) -> Vec<(String, u32)> {
+    deployments
+        .iter()
+        .filter(|d| d.metadata.uid.as_deref() != except_uid || except_uid.is_none())
+        .filter_map(|d| d.status.as_ref())
+        .flat_map(|st| st.placements.iter())
+        .filter(|p| p.state == ReplicaState::Backoff)
+        .flat_map(|p| p.stages.iter())
+        .map(|s| (s.node.clone(), u32::try_from(s.gpus).unwrap_or(0)))
+        .collect()
+}
+
+/// Severity of an Event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+/// An Event to publish on the ModelDeployment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventNote {
+    pub type_: EventType,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+/// What to do.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Actions {
+    pub apply_services: Vec<Service>,
+    pub apply_pods: Vec<Pod>,
+    /// Pod names to delete (in the deployment's namespace).
+    pub delete_pods: Vec<String>,
+    /// The new status, when it differs from the current one.
+    pub status: Option<ModelDeploymentStatus>,
+    pub events: Vec<EventNote>,
+    /// Look again after this long even without a watch event.
+    pub requeue_after: Option<Duration>,
+}
+
+impl Actions {
+    /// Number of API writes these actions need (status and Events included).
+    pub fn writes(&self) -> usize {
+        self.apply_services.len()
+            + self.apply_pods.len()
+            + self.delete_pods.len()
+            + usize::from(self.status.is_some())
+    }
+}
+
+fn label<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(key))
+        .map(String::as_str)
+}
+
+fn pod_name(pod: &Pod) -> String {
+    pod.metadata.name.clone().unwrap_or_default()
+}
+
+/// Why a member pod counts as failed, if it does.
+fn pod_failure(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    if status.phase.as_deref() == Some("Failed") {
+        let reason = status.reason.clone().unwrap_or_else(|| "Failed".into());
+        return Some(format!("pod {} failed ({reason})", pod_name(pod)));
+    }
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Some(format!("pod {} is being deleted", pod_name(pod)));
+    }
+    for cs in status.container_statuses.iter().flatten() {
+        if cs.restart_count > 0 {
+            return Some(format!(
+                "container {} of pod {} restarted {} times",
+                cs.name,
+                pod_name(pod),
+                cs.restart_count
+            ));
+        }
+        if let Some(t) = cs.state.as_ref().and_then(|s| s.terminated.as_ref()) {
+            // The worker writes why it stopped (an unreachable model, a checksum mismatch, a
+            // lost rank) to its termination message; it ends up in the Degraded condition.
+            let message = t
+                .message
+                .as_deref()
+                .map(|m| format!(": {}", m.lines().next().unwrap_or_default().trim()))
+                .unwrap_or_default();
+            return Some(format!(
+                "container {} of pod {} exited with code {}{}{message}",
+                cs.name,
+                pod_name(pod),
+                t.exit_code,
+                t.reason
+                    .as_ref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    None
+}
+
+/// How long a pod has been unschedulable (zero when it is not).
+fn unschedulable_for(pod: &Pod, now: Timestamp) -> Duration {
+    let cond = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| {
+            cs.iter().find(|c| {
+                c.type_ == "PodScheduled"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("Unschedulable")
+            })
+        });
+    let Some(c) = cond else {
+        return Duration::ZERO;
+    };
+    let since = c
+        .last_transition_time
+        .as_ref()
+        .or(pod.metadata.creation_timestamp.as_ref())
+        .map(|t| t.0)
+        .unwrap_or(now);
+    Duration::from_secs(now.duration_since(since).as_secs().max(0) as u64)
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Why a node can no longer hold a replica, if it cannot.
+fn node_lost(
+    nodes: &BTreeMap<&str, &Node>,
+    name: &str,
+    now: Timestamp,
+    grace: Duration,
+) -> Option<String> {
+    let Some(node) = nodes.get(name) else {
+        return Some(format!("node {name} is gone"));
+    };
+    if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
+        return Some(format!("node {name} is cordoned"));
+    }
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+    if let Some(c) = ready
+        && c.status != "True"
+    {
+        let since = c.last_transition_time.as_ref().map(|t| t.0).unwrap_or(now);
+        let down = now.duration_since(since);
+        if down >= SignedDuration::try_from(grace).unwrap_or(SignedDuration::MAX) {
+            return Some(format!(
+                "node {name} has been NotReady for {}s (grace {}s)",
+                down.as_secs(),
+                grace.as_secs()
+            ));
+        }
+    }
+    None
+}
+
+/// FNV-1a: a stable hash of what the pods are built from (not std's hasher, whose output may
+/// change between Rust releases and would roll every replica after an operator upgrade).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Hash of the parts of the spec that shape a replica's pods (not replicas, priority or
+/// autoscaling, which never restart a group).
+pub fn template_hash(md: &ModelDeployment, default_image: &str) -> String {
+    let s = &md.spec;
+    let relevant = serde_json::json!({
+        "model": s.model,
+        "parallelism": s.parallelism,
+        "gpu": s.gpu,
+        "placement": s.placement,
+        "serving": s.serving,
+        "worker": s.worker,
+        "failurePolicy": s.failure_policy.recreate_group,
+        "defaultImage": default_image,
+    });
+    format!(
+        "{:010x}",
+        fnv1a(relevant.to_string().as_bytes()) & 0xff_ffff_ffff
+    )
+}
+
+fn backoff(spec_backoff: i32, restarts: i32) -> Duration {
+    let base = Duration::from_secs(u64::try_from(spec_backoff.max(1)).unwrap_or(1));
+    let factor = 1u32 << restarts.clamp(1, 16).saturating_sub(1);
+    base.saturating_mul(factor).min(MAX_BACKOFF)
+}
+
+fn time_after(t: &Time, d: Duration) -> Timestamp {
+    t.0.checked_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX)
+}
+
+/// Builds the condition list, keeping each condition's transition time while its status holds.
+struct Conditions<'a> {
+    list: Vec<Condition>,
+    old: &'a [Condition],
+    generation: Option<i64>,
+    now: Timestamp,
+}
+
+impl Conditions<'_> {
+    fn set(&mut self, type_: &str, status: bool, reason: &str, message: String) {
+        let status = if status { "True" } else { "False" }.to_owned();
+        let previous = self.old.iter().find(|c| c.type_ == type_);
+        let last_transition_time = match previous {
+            Some(p) if p.status == status => p.last_transition_time.clone(),
+            _ => Time(self.now),
+        };
+        self.list.push(Condition {
+            type_: type_.to_owned(),
+            status,
+            reason: reason.to_owned(),
+            message,
+            observed_generation: self.generation,
+            last_transition_time,
+        });
+    }
+}
+
+/// The deployment with its pods' GPUs moved out of the way: every other pod's GPUs are used,
+/// and pinned but not yet bound pods count on their planned node (otherwise two deployments
+/// reconciled back to back could both be promised the same free GPUs).
+fn inventory_pods(other: &[Pod], reserved: &[(String, u32)]) -> Vec<Pod> {
+    let reservations = reserved.iter().map(|(node, gpus)| {
+        serde_json::from_value::<Pod>(serde_json::json!({
+            "metadata": {"name": format!("reserved-{node}")},
+            "spec": {"nodeName": node, "containers": [{"name": "r", "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}}}]}
+        }))
+        .expect("a reservation is a valid pod")
+    });
+    other
+        .iter()
+        .map(|p| {
+            let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+            if bound {
+                return p.clone();
+            }
+            let pinned = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.affinity.as_ref())
+                .and_then(|a| a.node_affinity.as_ref())
+                .and_then(|n| {
+                    n.required_during_scheduling_ignored_during_execution
+                        .as_ref()
+                })
+                .and_then(|sel| sel.node_selector_terms.first())
+                .and_then(|t| t.match_expressions.as_ref())
+                .and_then(|e| e.iter().find(|r| r.key == "kubernetes.io/hostname"))
+                .and_then(|r| r.values.as_ref())
+                .and_then(|v| (v.len() == 1).then(|| v[0].clone()));
+            let mut p = p.clone();
+            if let (Some(node), Some(spec)) = (pinned, p.spec.as_mut()) {
+                spec.node_name = Some(node);
+            }
+            p
+        })
+        .chain(reservations)
+        .collect()
+}
+
+/// Decide what to do. `new_incarnation` makes incarnation ids (the controller passes a
+/// time-and-counter based generator; tests pass a deterministic one).
+pub fn reconcile(
+    obs: &Observed<'_>,
+    cfg: &Config,
+    new_incarnation: &mut dyn FnMut(i32) -> String,
+) -> Actions {
+    let md = obs.md;
+    let spec = &md.spec;
+    let name = md.metadata.name.clone().unwrap_or_default();
+    let namespace = md.metadata.namespace.clone().unwrap_or_default();
+    let generation = md.metadata.generation;
+    let old = md.status.clone().unwrap_or_default();
+    let now = obs.now;
+    let mut actions = Actions::default();
+    let mut status = ModelDeploymentStatus {
+        observed_generation: generation,
+        selector: Some(build::leader_selector(&name)),
+        avoid_nodes: old.avoid_nodes.clone(),
+        ..ModelDeploymentStatus::default()
+    };
+
+    // Validate: an invalid spec waits for a change (no requeue), and loses nothing: the pods
+    // that run keep running.
+    if let Err(e) = api::validate(md) {
+        let mut conditions = Conditions {
+            list: Vec::new(),
+            old: &old.conditions,
+            generation,
+            now,
+        };
+        conditions.set("Ready", false, "InvalidSpec", e.to_string());
+        status.phase = Some(Phase::Failed);
+        status.conditions = conditions.list;
+        status.placements = old.placements.clone();
+        status.replicas = old.replicas;
+        status.ready_replicas = old.ready_replicas;
+        if status != old {
+            actions.events.push(EventNote {
+                type_: EventType::Warning,
+                reason: "InvalidSpec",
+                note: e.to_string(),
+            });
+            actions.status = Some(status);
+        }
+        return actions;
+    }
+
+    let hash = template_hash(md, &cfg.build.default_worker_image);
+    let nodes: BTreeMap<&str, &Node> = obs
+        .nodes
+        .iter()
+        .filter_map(|n| n.metadata.name.as_deref().map(|k| (k, n)))
+        .collect();
+    let mut requeue: Option<Duration> = None;
+    let mut requeue_in = |d: Duration| {
+        requeue = Some(requeue.map_or(d, |r: Duration| r.min(d)));
+    };
+
+    // Pods by replica.
+    let mut pods_by_replica: BTreeMap<i32, Vec<&Pod>> = BTreeMap::new();
+    for p in obs.pods {
+        if let Some(r) = label(p, labels::REPLICA).and_then(|r| r.parse().ok()) {
+            pods_by_replica.entry(r).or_default().push(p);
+        } else {
+            actions.delete_pods.push(pod_name(p));
+        }
+    }
+
+    // 1. Existing replicas: health, node loss, failures.
+    let mut kept: Vec<ReplicaPlacement> = Vec::new();
+    let mut replace: Vec<(i32, i32, String)> = Vec::new(); // (replica, restarts, why)
+    let mut avoid: BTreeSet<String> = old.avoid_nodes.iter().cloned().collect();
+    for p in &old.placements {
+        let mut p = p.clone();
+        let inc = p.incarnation.clone().unwrap_or_default();
+        let members: Vec<&Pod> = pods_by_replica
+            .get(&p.replica)
+            .map(|v| {
+                v.iter()
+                    .copied()
+                    .filter(|x| label(x, labels::INCARNATION) == Some(inc.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let lost = p
+            .stages
+            .iter()
+            .find_map(|s| node_lost(&nodes, &s.node, now, cfg.node_lost_grace));
+        if let Some(why) = lost {
+            actions.events.push(EventNote {
+                type_: EventType::Warning,
+                reason: "Replacing",
+                note: format!("replica {}: {why}; placing it again", p.replica),
+            });
+            replace.push((p.replica, p.restarts, why));
+            continue;
+        }
+        match p.state {
+            ReplicaState::Backoff => {
+                let wait = backoff(spec.failure_policy.backoff_seconds, p.restarts);
+                let retry_at = p
+                    .last_failure_time
+                    .as_ref()
+                    .map(|t| time_after(t, wait))
+                    .unwrap_or(now);
+                if now >= retry_at {
+                    let next = new_incarnation(p.replica);
+                    actions.events.push(EventNote {
+                        type_: EventType::Normal,
+                        reason: "Recreating",
+                        note: format!(
+                            "replica {}: recreating the whole group as incarnation {next} (restart {} of {})",
+                            p.replica, p.restarts, spec.failure_policy.max_restarts
+                        ),
+                    });
+                    p.incarnation = Some(next);
+                    p.state = ReplicaState::Creating;
+                    p.ready = false;
+                    p.template_hash = Some(hash.clone());
+                } else {
+                    let left = retry_at.duration_since(now);
+                    requeue_in(Duration::from_secs(left.as_secs().max(1) as u64));
+                }
+                kept.push(p);
+            }
+            ReplicaState::Creating | ReplicaState::Running => {
+                // A gang that cannot be completed (a member stays unschedulable, e.g. another
+                // pod took the GPUs in between) must not hold the GPUs of the members that did
+                // start: after the gang timeout the whole replica is placed again.
+                if let Some(stuck) = members
+                    .iter()
+                    .find(|m| unschedulable_for(m, now) >= cfg.gang_timeout)
+                {
+                    let why = format!(
+                        "pod {} could not be scheduled for {}s (gang timeout)",
+                        pod_name(stuck),
+                        cfg.gang_timeout.as_secs()
+                    );
+                    actions.events.push(EventNote {
+                        type_: EventType::Warning,
+                        reason: "Replacing",
+                        note: format!(
+                            "replica {}: {why}; releasing its GPUs and placing it again",
+                            p.replica
+                        ),
+                    });
+                    replace.push((p.replica, p.restarts, why));
+                    continue;
+                }
+                let failure = members.iter().find_map(|m| pod_failure(m)).or_else(|| {
+                    (p.state == ReplicaState::Running && members.len() < p.stages.len()).then(
+                        || {
+                            format!(
+                                "{} of {} member pods disappeared",
+                                p.stages.len() - members.len(),
+                                p.stages.len()
+                            )
+                        },
+                    )
+                });
+                if let Some(why) = failure.filter(|_| spec.failure_policy.recreate_group) {
+                    p.restarts += 1;
+                    p.last_failure_time = Some(Time(now));
+                    p.last_failure = Some(why.clone());
+                    p.ready = false;
+                    if p.restarts > spec.failure_policy.max_restarts {
+                        // Degraded: this placement keeps failing; avoid its nodes and place the
+                        // replica elsewhere.
+                        let bad: Vec<String> = p.stages.iter().map(|s| s.node.clone()).collect();
+                        avoid.extend(bad.iter().cloned());
+                        actions.events.push(EventNote {
+                            type_: EventType::Warning,
+                            reason: "Degraded",
+                            note: format!(
+                                "replica {}: {why}; {} recreations exceed maxRestarts {}; avoiding {} and placing it elsewhere",
+                                p.replica,
+                                p.restarts,
+                                spec.failure_policy.max_restarts,
+                                bad.join(", ")
+                            ),
+                        });
+                        replace.push((p.replica, 0, why));
+                        continue;
+                    }
+                    let wait = backoff(spec.failure_policy.backoff_seconds, p.restarts);
+                    actions.events.push(EventNote {
+                        type_: EventType::Warning,
+                        reason: "MemberFailed",
+                        note: format!(
+                            "replica {}: {why}; removing the group and recreating it in {}s",
+                            p.replica,
+                            wait.as_secs()
+                        ),
+                    });
+                    p.state = ReplicaState::Backoff;
+                    requeue_in(wait);
+                    kept.push(p);
+                    continue;
+                }
+                if members.len() == p.stages.len() {
+                    p.state = ReplicaState::Running;
+                    p.ready = members.iter().all(|m| pod_ready(m));
+                } else {
+                    requeue_in(cfg.starting_requeue);
+                }
+                if !p.ready {
+                    requeue_in(cfg.starting_requeue);
+                }
+                kept.push(p);
+            }
+        }
+    }
+
+    // 2. Scale down: keep ready replicas first, then the lowest indices.
+    let desired = usize::try_from(spec.replicas.max(0)).unwrap_or(0);
+    if kept.len() > desired {
+        kept.sort_by_key(|p| (!p.ready, p.replica));
+        for p in kept.drain(desired..) {
+            actions.events.push(EventNote {
+                type_: EventType::Normal,
+                reason: "ScaledDown",
+                note: format!(
+                    "replica {} removed (spec.replicas = {})",
+                    p.replica, spec.replicas
+                ),
+            });
+        }
+        kept.sort_by_key(|p| p.replica);
+    }
+    replace.truncate(desired.saturating_sub(kept.len()));
+
+    // 3. Rolling update of pod templates: one replica at a time, only when every other replica
+    //    is ready, recreated in place (no surge, so no extra GPUs are needed).
+    let all_ready = kept.iter().all(|p| p.ready) && kept.len() == desired;
+    if all_ready
+        && let Some(p) = kept
+            .iter_mut()
+            .find(|p| p.template_hash.as_deref() != Some(hash.as_str()))
+    {
+        let next = new_incarnation(p.replica);
+        actions.events.push(EventNote {
+            type_: EventType::Normal,
+            reason: "Rolling",
+            note: format!(
+                "replica {}: the pod template changed; recreating it as incarnation {next}",
+                p.replica
+            ),
+        });
+        p.incarnation = Some(next);
+        p.state = ReplicaState::Creating;
+        p.ready = false;
+        p.template_hash = Some(hash.clone());
+    }
+
+    // 4. Place what is missing: replicas being re-placed keep their index, new ones take the
+    //    lowest free indices.
+    let used: BTreeSet<i32> = kept.iter().map(|p| p.replica).collect();
+    let mut wanted: Vec<(i32, i32, Option<String>)> = replace
+        .iter()
+        .map(|(r, restarts, why)| (*r, *restarts, Some(why.clone())))
+        .collect();
+    let mut next_index = 0;
+    while kept.len() + wanted.len() < desired {
+        while used.contains(&next_index) || wanted.iter().any(|w| w.0 == next_index) {
+            next_index += 1;
+        }
+        wanted.push((next_index, 0, None));
+        next_index += 1;
+    }
+    let mut plan_report = None;
+    if !wanted.is_empty() || old.alternatives.is_empty() {
+        let mut inv = Inventory::from_nodes(
+            obs.nodes,
+            &inventory_pods(obs.other_pods, obs.reserved),
+            &cfg.catalog,
+            &cfg.topology_keys,
+        );
+        for n in inv.nodes.iter_mut().filter(|n| avoid.contains(&n.name)) {
+            n.unschedulable = true;
+        }
+        let existing: Vec<ExistingPlacement> = kept
+            .iter()
+            .map(|p| ExistingPlacement::from_status(&namespace, &name, p))
+            .collect();
+        let max_index = kept
+            .iter()
+            .map(|p| p.replica)
+            .chain(wanted.iter().map(|w| w.0))
+            .max()
+            .map_or(0, |m| m + 1);
+        let mut planned_md = md.clone();
+        planned_md.spec.replicas = max_index;
+        let plan = planner::plan(
+            &inv,
+            std::slice::from_ref(&planned_md),
+            &existing,
+            &cfg.plan,
+        );
+        let dp = plan.deployments.into_iter().next().unwrap_or_default();
+        for (replica, restarts, why) in &wanted {
+            if let Some(pr) = dp.placed.iter().find(|x| x.replica == *replica) {
+                let inc = new_incarnation(*replica);
+                let nodes_list: Vec<String> = pr
+                    .stages
+                    .iter()
+                    .map(|s| format!("{}:{}", s.node, s.gpus))
+                    .collect();
+                actions.events.push(EventNote {
+                    type_: EventType::Normal,
+                    reason: "Placed",
+                    note: format!(
+                        "replica {replica} placed on {} (TP={}, PP={}, {}){}",
+                        pr.gpu_type,
+                        pr.tensor_parallel,
+                        pr.pipeline_parallel,
+                        nodes_list.join(", "),
+                        why.as_ref()
+                            .map(|w| format!(" after: {w}"))
+                            .unwrap_or_default()
+                    ),
+                });
+                kept.push(ReplicaPlacement {
+                    replica: *replica,
+                    incarnation: Some(inc),
+                    gpu_type: pr.gpu_type.clone(),
+                    tensor_parallel: pr.tensor_parallel,
+                    pipeline_parallel: pr.pipeline_parallel,
+                    stages: pr.stages.clone(),
+                    predicted: pr.predicted.clone(),
+                    ready: false,
+                    restarts: *restarts,
+                    state: ReplicaState::Creating,
+                    template_hash: Some(hash.clone()),
+                    last_failure_time: None,
+                    last_failure: why.clone(),
+                });
+            }
+        }
+        kept.sort_by_key(|p| p.replica);
+        plan_report = Some(dp);
+    }
+
+    // 5. Build the pods of every live replica; apply those missing, delete everything else.
+    let live: Vec<&ReplicaPlacement> = kept
+        .iter()
+        .filter(|p| p.state != ReplicaState::Backoff)
+        .collect();
+    let incarnations: Vec<String> = live
+        .iter()
+        .map(|p| p.incarnation.clone().unwrap_or_default())
+        .collect();
+    let to_build: Vec<ReplicaToBuild<'_>> = live
+        .iter()
+        .zip(&incarnations)
+        .map(|(p, inc)| ReplicaToBuild {
+            placement: p,
+            incarnation: inc,
+        })
+        .collect();
+    let children = build::desired_children(md, &to_build, &cfg.build);
+    let existing_pods: BTreeSet<String> = obs.pods.iter().map(pod_name).collect();
+    let desired_pods: BTreeSet<String> = children
+        .pods
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    for mut pod in children.pods {
+        let pname = pod.metadata.name.clone().unwrap_or_default();
+        if !existing_pods.contains(&pname) {
+            pod.metadata
+                .annotations
+                .get_or_insert_with(BTreeMap::new)
+                .insert(TEMPLATE_HASH.into(), hash.clone());
+            actions.apply_pods.push(pod);
+        }
+    }
+    for p in obs.pods {
+        let pname = pod_name(p);
+        if !desired_pods.contains(&pname) && !actions.delete_pods.contains(&pname) {
+            actions.delete_pods.push(pname);
+        }
+    }
+    let service_hash = |s: &Service| {
+        format!(
+            "{:010x}",
+            fnv1a(
+                serde_json::to_string(&s.spec)
+                    .unwrap_or_default()
+                    .as_bytes()
+            ) & 0xff_ffff_ffff
+        )
+    };
+    for mut svc in children.services {
+        let h = service_hash(&svc);
+        let current = obs
+            .services
+            .iter()
+            .find(|s| s.metadata.name == svc.metadata.name);
+        let up_to_date = current
+            .and_then(|s| s.metadata.annotations.as_ref())
+            .and_then(|a| a.get(TEMPLATE_HASH))
+            == Some(&h);
+        if !up_to_date {
+            svc.metadata
+                .annotations
+                .get_or_insert_with(BTreeMap::new)
+                .insert(TEMPLATE_HASH.into(), h);
+            actions.apply_services.push(svc);
+        }
+    }
+
+    // 6. Status.
+    let placed = kept.len();
+    let ready = kept.iter().filter(|p| p.ready).count();
+    status.replicas = i32::try_from(
+        kept.iter()
+            .filter(|p| p.state != ReplicaState::Backoff)
+            .count(),
+    )
+    .unwrap_or(i32::MAX);
+    status.ready_replicas = i32::try_from(ready).unwrap_or(i32::MAX);
+    status.avoid_nodes = avoid.into_iter().collect();
+    if let Some(first) = kept.first() {
+        status.gpu_type = Some(first.gpu_type.clone());
+        status.tensor_parallel = Some(first.tensor_parallel);
+        status.pipeline_parallel = Some(first.pipeline_parallel);
+    }
+    let unplaced: Vec<String> = plan_report
+        .as_ref()
+        .map(|dp| {
+            dp.unplaced
+                .iter()
+                .filter(|u| wanted.iter().any(|w| w.0 == u.replica))
+                .map(|u| format!("replica {}: {}", u.replica, u.reason))
+                .collect()
+        })
+        .unwrap_or_default();
+    status.alternatives = match &plan_report {
+        Some(dp) => dp
+            .choice
+            .chosen
+            .iter()
+            .cloned()
+            .chain(dp.choice.alternatives.iter().cloned())
+            .collect(),
+        None => old.alternatives.clone(),
+    };
+    let mut conditions = Conditions {
+        list: Vec::new(),
+        old: &old.conditions,
+        generation,
+        now,
+    };
+    let all_placed = placed >= desired;
+    let placed_msg = if all_placed {
+        format!(
+            "{placed} of {desired} replicas placed{}",
+            kept.first()
+                .map(|p| format!(
+                    " on {} (TP={}, PP={})",
+                    p.gpu_type, p.tensor_parallel, p.pipeline_parallel
+                ))
+                .unwrap_or_default()
+        )
+    } else {
+        let why = if unplaced.is_empty() {
+            plan_report
+                .as_ref()
+                .map(|dp| dp.choice.reason.clone())
+                .unwrap_or_default()
+        } else {
+            unplaced.join("; ")
+        };
+        format!("{placed} of {desired} replicas placed; {why}")
+    };
+    conditions.set(
+        "Placed",
+        all_placed,
+        if all_placed {
+            "AllReplicasPlaced"
+        } else {
+            "Unschedulable"
+        },
+        placed_msg.clone(),
+    );
+    let all_ready = ready >= desired && desired > 0 || desired == 0;
+    conditions.set(
+        "Ready",
+        all_ready,
+        if all_ready {
+            "AllReplicasReady"
+        } else {
+            "ReplicasNotReady"
+        },
+        format!("{ready} of {desired} replicas ready"),
+    );
+    let progressing = kept
+        .iter()
+        .any(|p| p.state != ReplicaState::Running || !p.ready);
+    conditions.set(
+        "Progressing",
+        progressing,
+        if progressing {
+            "ReplicasStarting"
+        } else {
+            "Stable"
+        },
+        {
+            let starting = kept
+                .iter()
+                .filter(|p| p.state == ReplicaState::Creating)
+                .count();
+            let backing_off = kept
+                .iter()
+                .filter(|p| p.state == ReplicaState::Backoff)
+                .count();
+            format!("{starting} starting, {backing_off} waiting to be recreated")
+        },
+    );
+    let failing: Vec<String> = kept
+        .iter()
+        .filter(|p| p.restarts > 0 && !p.ready)
+        .map(|p| {
+            format!(
+                "replica {} restarted {} times ({})",
+                p.replica,
+                p.restarts,
+                p.last_failure.clone().unwrap_or_default()
+            )
+        })
+        .collect();
+    let degraded = !failing.is_empty() || !status.avoid_nodes.is_empty();
+    conditions.set(
+        "Degraded",
+        degraded,
+        if degraded {
+            "ReplicasFailing"
+        } else {
+            "Healthy"
+        },
+        if degraded {
+            let mut parts = failing;
+            if !status.avoid_nodes.is_empty() {
+                parts.push(format!("avoiding nodes {}", status.avoid_nodes.join(", ")));
+            }
+            parts.join("; ")
+        } else {
+            "no replica is failing".into()
+        },
+    );
+    // ScalingLimited belongs to the autoscaler; carry it over.
+    let mut conditions = conditions.list;
+    conditions.extend(
+        old.conditions
+            .iter()
+            .filter(|c| c.type_ == "ScalingLimited")
+            .cloned(),
+    );
+    status.conditions = conditions;
+    status.phase = Some(if placed == 0 && desired > 0 {
+        Phase::Unschedulable
+    } else if all_ready && all_placed {
+        Phase::Ready
+    } else if ready > 0 && (degraded || !all_placed) {
+        Phase::Degraded
+    } else {
+        Phase::Progressing
+    });
+    status.placements = kept;
+    if !all_placed {
+        actions.events.push(EventNote {
+            type_: EventType::Warning,
+            reason: "Unschedulable",
+            note: placed_msg,
+        });
+        requeue_in(Duration::from_secs(60));
+    }
+    if status != old {
+        actions.status = Some(status);
+    } else {
+        // Nothing changed: repeat no Events either.
+        actions.events.retain(|e| e.reason != "Unschedulable");
+    }
+    actions.requeue_after = requeue;
+    actions
+}

@@ -1,0 +1,418 @@
+//! `tessera-operator plan`: plan ModelDeployments against a cluster snapshot, offline.
+//!
+//! Inputs are what `kubectl get nodes -o yaml` and `kubectl get pods -A -o yaml` print
+//! (Kubernetes `List`s or multi-document YAML; JSON works too) and ModelDeployment files or
+//! directories. Every ModelDeployment is validated as the API server would (typed decode plus
+//! the CRD's CEL rules). Output is a table for people or the JSON of `docs/plan-json.md`.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, ValueEnum};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::api::{ModelDeployment, parse_model_deployment};
+use crate::planner::catalog::Catalog;
+use crate::planner::cost::CostConstants;
+use crate::planner::inventory::Inventory;
+use crate::planner::{Plan, PlanOptions, plan};
+
+/// Output format of `plan`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+/// Flags of `tessera-operator plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Nodes of the cluster (`kubectl get nodes -o yaml`).
+    #[arg(long, value_name = "FILE")]
+    pub nodes: PathBuf,
+    /// Pods of the cluster (`kubectl get pods -A -o yaml`); their GPUs are not free.
+    #[arg(long, value_name = "FILE")]
+    pub pods: Option<PathBuf>,
+    /// ModelDeployment files or directories (every *.yaml, *.yml and *.json in it, sorted).
+    #[arg(short = 'f', long = "filename", value_name = "FILE_OR_DIR", required = true, num_args = 1..)]
+    pub files: Vec<PathBuf>,
+    /// Node label keys that describe the fabric, outermost first (zone, block, rack).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "topology.kubernetes.io/zone,tessera.dev/fabric.block,tessera.dev/fabric.rack"
+    )]
+    pub topology_keys: Vec<String>,
+    /// GPU catalog overrides (YAML or JSON), merged over the built-in catalog.
+    #[arg(long, value_name = "FILE")]
+    pub catalog: Option<PathBuf>,
+    /// Inter-node fabric bandwidth per GPU per direction, GB/s.
+    #[arg(long, default_value_t = 50.0)]
+    pub fabric_gbps: f64,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+/// Run `plan`; prints the plan or the error and returns the exit code.
+pub fn main(args: &PlanArgs) -> ExitCode {
+    match run(args) {
+        Ok(text) => {
+            let mut out = std::io::stdout().lock();
+            if let Err(e) = out.write_all(text.as_bytes()) {
+                eprintln!("error: writing the plan to stdout: {e}");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Plan and render; the error names the file and the problem.
+pub fn run(args: &PlanArgs) -> Result<String, String> {
+    let mut catalog = Catalog::builtin();
+    if let Some(path) = &args.catalog {
+        let text = read(path)?;
+        catalog
+            .merge_str(&text)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if !(args.fabric_gbps.is_finite() && args.fabric_gbps > 0.0) {
+        return Err(format!(
+            "--fabric-gbps must be a positive number, got {}",
+            args.fabric_gbps
+        ));
+    }
+    let nodes: Vec<Node> = load_kind(&args.nodes, "Node")?;
+    let pods: Vec<Pod> = match &args.pods {
+        Some(p) => load_kind(p, "Pod")?,
+        None => Vec::new(),
+    };
+    let deployments = load_deployments(&args.files)?;
+    let keys: Vec<String> = args
+        .topology_keys
+        .iter()
+        .map(|k| k.trim().to_owned())
+        .filter(|k| !k.is_empty())
+        .collect();
+    let inv = Inventory::from_nodes(&nodes, &pods, &catalog, &keys);
+    let opts = PlanOptions {
+        constants: CostConstants {
+            fabric_gbps: args.fabric_gbps,
+            ..CostConstants::default()
+        },
+    };
+    let p = plan(&inv, &deployments, &[], &opts);
+    Ok(match args.output {
+        OutputFormat::Json => {
+            let mut s = serde_json::to_string_pretty(&p).map_err(|e| e.to_string())?;
+            s.push('\n');
+            s
+        }
+        OutputFormat::Table => render_table(&p),
+    })
+}
+
+fn read(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+}
+
+/// Every object in a file: multi-document YAML (or JSON), with `List`s flattened.
+pub fn read_objects(path: &Path) -> Result<Vec<Value>, String> {
+    let text = read(path)?;
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+        let v = Value::deserialize(doc).map_err(|e| {
+            format!(
+                "{}: document {}: not valid YAML or JSON: {e}",
+                path.display(),
+                i + 1
+            )
+        })?;
+        match v {
+            Value::Null => {}
+            Value::Object(ref m)
+                if m.get("kind")
+                    .and_then(Value::as_str)
+                    .is_some_and(|k| k.ends_with("List")) =>
+            {
+                match m.get("items") {
+                    Some(Value::Array(items)) => out.extend(items.iter().cloned()),
+                    Some(Value::Null) | None => {}
+                    Some(_) => {
+                        return Err(format!(
+                            "{}: document {}: items of a List must be an array",
+                            path.display(),
+                            i + 1
+                        ));
+                    }
+                }
+            }
+            Value::Object(_) => out.push(v),
+            other => {
+                return Err(format!(
+                    "{}: document {}: expected a Kubernetes object, got {}",
+                    path.display(),
+                    i + 1,
+                    kind_of_json(&other)
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn kind_of_json(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn object_name(v: &Value) -> String {
+    v.pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("<unnamed>")
+        .to_owned()
+}
+
+fn load_kind<T: serde::de::DeserializeOwned>(path: &Path, kind: &str) -> Result<Vec<T>, String> {
+    let mut out = Vec::new();
+    for v in read_objects(path)? {
+        let got = v.get("kind").and_then(Value::as_str).unwrap_or("");
+        if got != kind {
+            return Err(format!(
+                "{}: {} {:?} is not a {kind}; expected the output of kubectl get {}s -o yaml",
+                path.display(),
+                if got.is_empty() {
+                    "object without kind"
+                } else {
+                    got
+                },
+                object_name(&v),
+                kind.to_ascii_lowercase()
+            ));
+        }
+        let name = object_name(&v);
+        out.push(
+            serde_json::from_value(v)
+                .map_err(|e| format!("{}: {kind} {name:?}: {e}", path.display()))?,
+        );
+    }
+    Ok(out)
+}
+
+fn is_manifest(p: &Path) -> bool {
+    matches!(
+        p.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
+/// ModelDeployments from files and directories, validated like the API server does.
+pub fn load_deployments(paths: &[PathBuf]) -> Result<Vec<ModelDeployment>, String> {
+    let mut files = Vec::new();
+    for p in paths {
+        let meta =
+            std::fs::metadata(p).map_err(|e| format!("{}: cannot read: {e}", p.display()))?;
+        if meta.is_dir() {
+            let mut in_dir: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(|e| format!("{}: cannot read directory: {e}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.is_file() && is_manifest(f))
+                .collect();
+            in_dir.sort();
+            if in_dir.is_empty() {
+                return Err(format!(
+                    "{}: directory has no *.yaml, *.yml or *.json files",
+                    p.display()
+                ));
+            }
+            files.extend(in_dir);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    let mut out = Vec::new();
+    for f in &files {
+        for v in read_objects(f)? {
+            let kind = v.get("kind").and_then(Value::as_str).unwrap_or("");
+            if kind != "ModelDeployment" {
+                return Err(format!(
+                    "{}: {} {:?} is not a ModelDeployment; -f takes ModelDeployment files or directories",
+                    f.display(),
+                    if kind.is_empty() {
+                        "object without kind"
+                    } else {
+                        kind
+                    },
+                    object_name(&v)
+                ));
+            }
+            let md = parse_model_deployment(&v).map_err(|e| format!("{}: {e}", f.display()))?;
+            out.push(md);
+        }
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "no ModelDeployment found in {}",
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Ok(out)
+}
+
+fn short_type(product: &str) -> String {
+    Catalog::builtin()
+        .lookup(product)
+        .map_or_else(|| product.to_owned(), |g| g.name.clone())
+}
+
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0; cols];
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut s = String::new();
+    for r in rows {
+        let mut line = String::from("  ");
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(c);
+            } else {
+                let _ = write!(line, "{c:<w$}  ", w = widths[i]);
+            }
+        }
+        s.push_str(line.trim_end());
+        s.push('\n');
+    }
+    s
+}
+
+/// The plan as a table for people.
+pub fn render_table(p: &Plan) -> String {
+    let mut s = String::new();
+    for d in &p.deployments {
+        let _ = writeln!(
+            s,
+            "{}/{}  priority {}  {}/{} replicas placed",
+            d.namespace,
+            d.name,
+            d.priority,
+            d.placed.len(),
+            d.replicas
+        );
+        match &d.choice.chosen {
+            Some(c) => {
+                let _ = writeln!(
+                    s,
+                    "  choice: {} TP={} PP={}: {}",
+                    short_type(&c.gpu_type),
+                    c.tensor_parallel,
+                    c.pipeline_parallel,
+                    d.choice.reason
+                );
+            }
+            None => {
+                let _ = writeln!(s, "  choice: none: {}", d.choice.reason);
+            }
+        }
+        for a in &d.choice.alternatives {
+            let _ = writeln!(
+                s,
+                "  alternative: {} TP={} PP={}: {}",
+                short_type(&a.gpu_type),
+                a.tensor_parallel,
+                a.pipeline_parallel,
+                a.note.as_deref().unwrap_or("")
+            );
+        }
+        if d.choice.chosen.is_some() {
+            for r in &d.choice.rejected {
+                let _ = writeln!(s, "  rejected: {r}");
+            }
+        }
+        if !d.placed.is_empty() {
+            let mut rows = vec![
+                [
+                    "REPLICA",
+                    "GPU",
+                    "TP",
+                    "PP",
+                    "NODES (node:gpus per stage)",
+                    "DECODE TOK/S",
+                    "PREFILL TOK/S",
+                    "TTFT",
+                    "ALL-REDUCE GB/S",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ];
+            for r in &d.placed {
+                let nodes: Vec<String> = r
+                    .stages
+                    .iter()
+                    .map(|st| format!("s{}={}:{}", st.stage, st.node, st.gpus))
+                    .collect();
+                let mut rep = r.replica.to_string();
+                if r.kept {
+                    rep.push_str(" (kept)");
+                }
+                if r.note.is_some() {
+                    rep.push_str(" (fallback)");
+                }
+                rows.push(vec![
+                    rep,
+                    r.gpu_type.clone(),
+                    r.tensor_parallel.to_string(),
+                    r.pipeline_parallel.to_string(),
+                    nodes.join(" "),
+                    format!("{:.0}", r.predicted.decode_tokens_per_second),
+                    format!("{:.0}", r.predicted.prefill_tokens_per_second),
+                    format!("{:.3} s", r.predicted.time_to_first_token_seconds),
+                    if r.tensor_parallel > 1 {
+                        format!("{:.0}", r.predicted.all_reduce_g_bps)
+                    } else {
+                        "-".into()
+                    },
+                ]);
+            }
+            s.push_str(&table(&rows));
+            for r in &d.placed {
+                if let Some(n) = &r.note {
+                    let _ = writeln!(s, "  replica {}: {n}", r.replica);
+                }
+            }
+        }
+        for u in &d.unplaced {
+            let _ = writeln!(s, "  unplaced replica {}: {}", u.replica, u.reason);
+        }
+        s.push('\n');
+    }
+    if !p.warnings.is_empty() {
+        s.push_str("warnings:\n");
+        for w in &p.warnings {
+            let _ = writeln!(s, "  {w}");
+        }
+    }
+    s
+}

@@ -1,0 +1,358 @@
+//! The cost model: memory fit, decode and prefill speed of one replica for a layout and the links
+//! it gets. Formulas and the sources of the constants are in `docs/cost-model.md`.
+
+use serde::{Deserialize, Serialize};
+
+use super::catalog::GpuModel;
+use crate::api::{ModelArchitecture, Prediction};
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// Tunable constants of the model (defaults documented in docs/cost-model.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CostConstants {
+    /// Fraction of GPU memory the weights, KV cache and overhead may use.
+    pub memory_utilization_cap: f64,
+    /// Fraction of peak HBM bandwidth decode achieves.
+    pub hbm_efficiency: f64,
+    /// Model FLOPs utilisation achieved by prefill and batched decode.
+    pub mfu: f64,
+    /// Runtime overhead per GPU (CUDA context, NCCL buffers, allocator slack), GiB.
+    pub runtime_overhead_gib: f64,
+    /// Tokens per prefill chunk; sizes the activation workspace.
+    pub prefill_chunk_tokens: f64,
+    /// Bytes per KV-cache element (2: BF16 KV cache).
+    pub kv_bytes: f64,
+    /// Bytes per activation element moved by all-reduces and pipeline sends (2: BF16).
+    pub activation_bytes: f64,
+    /// Inter-node fabric bandwidth per GPU per direction, GB/s (8 x 400 Gb/s per 8-GPU node).
+    pub fabric_gbps: f64,
+    /// Per-hop latency of an NVLink ring step, seconds.
+    pub nvlink_latency_s: f64,
+    /// Per-hop latency of a PCIe ring step, seconds.
+    pub pcie_latency_s: f64,
+    /// Per-hop latency of an inter-node ring step, seconds.
+    pub fabric_latency_s: f64,
+}
+
+impl Default for CostConstants {
+    fn default() -> Self {
+        CostConstants {
+            memory_utilization_cap: 0.9,
+            hbm_efficiency: 0.8,
+            mfu: 0.5,
+            runtime_overhead_gib: 1.5,
+            prefill_chunk_tokens: 8192.0,
+            kv_bytes: 2.0,
+            activation_bytes: 2.0,
+            fabric_gbps: 50.0,
+            nvlink_latency_s: 2e-6,
+            pcie_latency_s: 5e-6,
+            fabric_latency_s: 10e-6,
+        }
+    }
+}
+
+/// A link: per-direction bandwidth in GB/s and per-hop latency in seconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Link {
+    pub gbps: f64,
+    pub latency_s: f64,
+}
+
+/// The links one replica gets.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Links {
+    /// The slowest link of the tensor-parallel ring.
+    pub tp: Link,
+    /// The slowest link between consecutive pipeline stages.
+    pub pp: Link,
+}
+
+/// The load a replica must hold.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Workload {
+    /// Concurrent sequences (`serving.maxConcurrency`).
+    pub concurrency: f64,
+    /// Tokens per sequence (`serving.contextLength`, default the model's).
+    pub context: f64,
+}
+
+/// What the model predicts for one layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Estimate {
+    pub weights_gib: f64,
+    pub kv_cache_gib: f64,
+    pub overhead_gib: f64,
+    /// Weights + KV + overhead per GPU.
+    pub memory_per_gpu_gib: f64,
+    /// GPU memory x utilisation cap.
+    pub memory_budget_gib: f64,
+    pub fits: bool,
+    pub decode_tokens_per_second: f64,
+    pub prefill_tokens_per_second: f64,
+    pub time_to_first_token_seconds: f64,
+    /// Per-direction bandwidth of the tensor-parallel ring, GB/s (0 for TP = 1).
+    pub all_reduce_gbps: f64,
+    /// Decode step time spent in tensor-parallel all-reduces, seconds.
+    pub decode_all_reduce_seconds: f64,
+    /// Prefill time spent in tensor-parallel all-reduces, seconds.
+    pub prefill_all_reduce_seconds: f64,
+    /// Prefill compute time, seconds.
+    pub prefill_compute_seconds: f64,
+}
+
+impl Estimate {
+    /// Decode tokens/s per GPU: the choice objective.
+    pub fn per_gpu(&self, gpus: u32) -> f64 {
+        self.decode_tokens_per_second / f64::from(gpus.max(1))
+    }
+
+    /// The API's prediction type.
+    pub fn prediction(&self) -> Prediction {
+        Prediction {
+            decode_tokens_per_second: round(self.decode_tokens_per_second, 1),
+            prefill_tokens_per_second: round(self.prefill_tokens_per_second, 1),
+            time_to_first_token_seconds: round(self.time_to_first_token_seconds, 4),
+            all_reduce_g_bps: round(self.all_reduce_gbps, 1),
+        }
+    }
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (x * p).round() / p
+}
+
+/// Ring all-reduce time of `bytes` over `n` GPUs: 2(n-1)/n x size / per-direction bandwidth +
+/// 2(n-1) x per-hop latency.
+pub fn ring_all_reduce_seconds(bytes: f64, n: u32, link: Link) -> f64 {
+    if n <= 1 {
+        return 0.0;
+    }
+    let n = f64::from(n);
+    2.0 * (n - 1.0) / n * bytes / (link.gbps.max(1e-3) * 1e9) + 2.0 * (n - 1.0) * link.latency_s
+}
+
+/// Point-to-point send time.
+pub fn send_seconds(bytes: f64, link: Link) -> f64 {
+    bytes / (link.gbps.max(1e-3) * 1e9) + link.latency_s
+}
+
+/// Dense TFLOPS the model's weights run at: FP8 units for 1-byte weights, BF16 otherwise
+/// (smaller quantisations are dequantised to BF16).
+pub fn tflops_for(gpu: &GpuModel, bytes_per_parameter: f64) -> f64 {
+    if (0.9..=1.1).contains(&bytes_per_parameter) {
+        gpu.fp8_tflops.max(gpu.bf16_tflops)
+    } else {
+        gpu.bf16_tflops
+    }
+}
+
+/// Predict one layout. `tp` and `pp` are at least 1.
+pub fn estimate(
+    arch: &ModelArchitecture,
+    work: Workload,
+    gpu: &GpuModel,
+    tp: u32,
+    pp: u32,
+    links: Links,
+    c: &CostConstants,
+) -> Estimate {
+    let tp = tp.max(1);
+    let pp = pp.max(1);
+    let tpf = f64::from(tp);
+    let ppf = f64::from(pp);
+    let params = arch.parameters as f64;
+    let layers = f64::from(arch.layers.max(1));
+    let hidden = f64::from(arch.hidden_size.max(1));
+    let heads = arch.attention_heads.max(1);
+    let kv_heads = arch.kv_heads.max(1);
+    let head_dim = hidden / f64::from(heads);
+    let inter = f64::from(arch.intermediate_size.max(1));
+    let layers_per_stage = (f64::from(arch.layers.max(1)) / ppf).ceil();
+    let kv_per_rank = (f64::from(kv_heads) / tpf).max(1.0).ceil();
+
+    // Memory per GPU.
+    let weights = params * arch.bytes_per_parameter / (tpf * ppf);
+    let kv_per_token = 2.0 * layers_per_stage * kv_per_rank * head_dim * c.kv_bytes;
+    let kv = work.concurrency * work.context * kv_per_token;
+    let chunk = c.prefill_chunk_tokens.min(work.context).max(1.0);
+    let activations = chunk * (4.0 * hidden + 2.0 * inter / tpf) * c.activation_bytes;
+    let overhead = c.runtime_overhead_gib * GIB + activations;
+    let total = weights + kv + overhead;
+    let budget = gpu.memory_mib * 1024.0 * 1024.0 * c.memory_utilization_cap;
+
+    let hbm = gpu.memory_bandwidth_gbps * 1e9 * c.hbm_efficiency;
+    let flops = tflops_for(gpu, arch.bytes_per_parameter) * 1e12 * c.mfu;
+    let act = c.activation_bytes;
+
+    // Decode: one step advances every sequence by one token; stages run one after another
+    // (no micro-batching). Per stage: max(memory time, compute time) + 2 all-reduces per layer.
+    let batch = work.concurrency.max(1.0);
+    let kv_read = batch * (work.context / 2.0) * kv_per_token; // sequences half-way on average
+    let stage_mem = (weights + kv_read) / hbm;
+    let stage_compute = 2.0 * params / ppf * batch / (tpf * flops);
+    let decode_ar = 2.0 * layers * ring_all_reduce_seconds(batch * hidden * act, tp, links.tp);
+    let decode_pp = (ppf - 1.0) * send_seconds(batch * hidden * act, links.pp);
+    let step = ppf * stage_mem.max(stage_compute) + decode_ar + decode_pp;
+    let decode_tps = batch / step;
+
+    // Prefill of one prompt of `context` tokens: 2 x params x tokens FLOPs plus causal attention
+    // (2 x layers x tokens^2 x hidden), over TP GPUs; 2 all-reduces per layer of
+    // tokens x hidden x 2 bytes; one send per stage boundary.
+    let tokens = work.context.max(1.0);
+    let prefill_flops = 2.0 * params * tokens + 2.0 * layers * tokens * tokens * hidden;
+    let prefill_compute = prefill_flops / (tpf * flops);
+    let prefill_ar = 2.0 * layers * ring_all_reduce_seconds(tokens * hidden * act, tp, links.tp);
+    let prefill_pp = (ppf - 1.0) * send_seconds(tokens * hidden * act, links.pp);
+    let ttft = prefill_compute + prefill_ar + prefill_pp;
+
+    Estimate {
+        weights_gib: weights / GIB,
+        kv_cache_gib: kv / GIB,
+        overhead_gib: overhead / GIB,
+        memory_per_gpu_gib: total / GIB,
+        memory_budget_gib: budget / GIB,
+        fits: total <= budget,
+        decode_tokens_per_second: decode_tps,
+        prefill_tokens_per_second: tokens / ttft,
+        time_to_first_token_seconds: ttft,
+        all_reduce_gbps: if tp > 1 { links.tp.gbps } else { 0.0 },
+        decode_all_reduce_seconds: decode_ar,
+        prefill_all_reduce_seconds: prefill_ar,
+        prefill_compute_seconds: prefill_compute,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::planner::catalog::Catalog;
+
+    fn llama70b() -> ModelArchitecture {
+        ModelArchitecture {
+            parameters: 70_000_000_000,
+            layers: 80,
+            hidden_size: 8192,
+            attention_heads: 64,
+            kv_heads: 8,
+            intermediate_size: 28672,
+            vocab_size: 128_256,
+            context_length: 131_072,
+            bytes_per_parameter: 2.0,
+        }
+    }
+
+    fn within(x: f64, want: f64, tol: f64) -> bool {
+        (x - want).abs() <= want * tol
+    }
+
+    /// DESIGN.md section 4: 70B, prefill of 4096 tokens, hidden 8192, BF16: each all-reduce
+    /// moves 64 MiB, 160 per forward; at TP=8 about 42 ms of ring traffic on H100 (450 GB/s per
+    /// direction) vs about 117 ms on H800 at 160 GB/s, against about 145 ms of compute at 50%.
+    #[test]
+    fn design_worked_example_70b_h100_vs_h800() {
+        let c = CostConstants::default();
+        let cat = Catalog::builtin();
+        let h100 = cat.lookup("NVIDIA-H100-80GB-HBM3").unwrap();
+        let h800 = cat.lookup("NVIDIA-H800").unwrap();
+        let work = Workload {
+            concurrency: 1.0,
+            context: 4096.0,
+        };
+        let fabric = Link {
+            gbps: 50.0,
+            latency_s: c.fabric_latency_s,
+        };
+        let nv = |gbps| Links {
+            tp: Link {
+                gbps,
+                latency_s: c.nvlink_latency_s,
+            },
+            pp: fabric,
+        };
+        // 64 MiB per all-reduce.
+        assert_eq!(4096.0 * 8192.0 * 2.0, 64.0 * 1024.0 * 1024.0);
+        let a = estimate(
+            &llama70b(),
+            work,
+            h100,
+            8,
+            1,
+            nv(h100.nvlink_per_direction_gbps()),
+            &c,
+        );
+        let b = estimate(&llama70b(), work, h800, 8, 1, nv(160.0), &c);
+        // Ring traffic alone (what DESIGN.md quotes): 160 x 2(n-1)/n x 64 MiB / bandwidth.
+        let bw_only = |gbps| {
+            let l = Link {
+                gbps,
+                latency_s: 0.0,
+            };
+            160.0 * ring_all_reduce_seconds(64.0 * 1024.0 * 1024.0, 8, l)
+        };
+        assert!(within(bw_only(450.0), 0.042, 0.10));
+        assert!(within(bw_only(160.0), 0.117, 0.10));
+        // With the per-hop latency (160 x 14 x 2 us = 4.5 ms) on top.
+        assert!(
+            within(a.prefill_all_reduce_seconds, 0.042 + 0.0045, 0.10),
+            "{a:?}"
+        );
+        assert!(
+            within(b.prefill_all_reduce_seconds, 0.117 + 0.0045, 0.10),
+            "{b:?}"
+        );
+        assert!(within(a.prefill_compute_seconds, 0.145, 0.10), "{a:?}");
+        assert!(within(b.prefill_compute_seconds, 0.145, 0.10), "{b:?}");
+        // On H800, TP=4 x 2 replicas beats TP=8 in prefill tokens/s per GPU; the gap is far
+        // smaller on H100, where the cheap all-reduce keeps TP=8 close.
+        let b4 = estimate(&llama70b(), work, h800, 4, 1, nv(160.0), &c);
+        let a4 = estimate(&llama70b(), work, h100, 4, 1, nv(450.0), &c);
+        let gain_h800 = (b4.prefill_tokens_per_second / 4.0) / (b.prefill_tokens_per_second / 8.0);
+        let gain_h100 = (a4.prefill_tokens_per_second / 4.0) / (a.prefill_tokens_per_second / 8.0);
+        assert!(gain_h800 > 1.25, "{gain_h800}");
+        assert!(gain_h100 < gain_h800, "{gain_h100} {gain_h800}");
+    }
+
+    #[test]
+    fn ring_formula() {
+        let l = Link {
+            gbps: 100.0,
+            latency_s: 1e-6,
+        };
+        assert_eq!(ring_all_reduce_seconds(1e9, 1, l), 0.0);
+        let t = ring_all_reduce_seconds(1e9, 4, l);
+        assert!((t - (1.5 * 0.01 + 6e-6)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn memory_fit_70b() {
+        let c = CostConstants::default();
+        let cat = Catalog::builtin();
+        let h100 = cat.lookup("NVIDIA-H100").unwrap();
+        let work = Workload {
+            concurrency: 32.0,
+            context: 8192.0,
+        };
+        let l = Links {
+            tp: Link {
+                gbps: 450.0,
+                latency_s: 2e-6,
+            },
+            pp: Link {
+                gbps: 50.0,
+                latency_s: 1e-5,
+            },
+        };
+        assert!(!estimate(&llama70b(), work, h100, 2, 1, l, &c).fits);
+        let e = estimate(&llama70b(), work, h100, 4, 1, l, &c);
+        assert!(e.fits, "{e:?}");
+        // KV: 2 x 80 layers x 2 KV heads per rank x 128 x 2 bytes x 32 x 8192 tokens = 20 GiB.
+        assert!(within(e.kv_cache_gib, 20.0, 0.01), "{e:?}");
+        // More pipeline stages never raise decode throughput per GPU.
+        let e2 = estimate(&llama70b(), work, h100, 4, 2, l, &c);
+        assert!(e2.per_gpu(8) < e.per_gpu(4));
+    }
+}

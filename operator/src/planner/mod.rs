@@ -1,0 +1,682 @@
+//! The bandwidth-aware planner: pure functions from cluster inventory and ModelDeployments to a
+//! plan (GPU type, tensor x pipeline layout and nodes for every replica), with reasons.
+//!
+//! - [`catalog`]: GPU numbers and product matching;
+//! - [`inventory`]: nodes, NVLink domains, fabric position, free GPUs, eligibility;
+//! - [`cost`]: the cost model (memory fit, decode, prefill, all-reduce);
+//! - [`choose`]: enumerating and ranking layouts;
+//! - [`place`]: gang placement on an index of free capacity.
+//!
+//! The JSON form of [`Plan`] is a stable contract documented in `docs/plan-json.md`.
+
+pub mod catalog;
+pub mod choose;
+pub mod cost;
+pub mod inventory;
+pub mod place;
+#[doc(hidden)]
+pub mod synthetic;
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::{
+    LayoutPrediction, ModelDeployment, Prediction, ReplicaPlacement, StagePlacement,
+    TensorParallelScope,
+};
+use choose::{Candidate, Choice, TypeStats};
+use cost::{CostConstants, Link, Links};
+use inventory::{Eligibility, Inventory};
+use place::{Alloc, Capacity, Grouping, Mode};
+
+/// Knobs of one planning run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanOptions {
+    /// Cost-model constants (fabric bandwidth, latencies, utilisation cap...).
+    #[serde(default)]
+    pub constants: CostConstants,
+}
+
+/// A replica placed by an earlier plan, kept where it is when it still fits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExistingPlacement {
+    pub namespace: String,
+    pub name: String,
+    pub replica: i32,
+    pub gpu_type: String,
+    pub tensor_parallel: i32,
+    pub pipeline_parallel: i32,
+    pub stages: Vec<StagePlacement>,
+}
+
+impl ExistingPlacement {
+    /// From a ModelDeployment's status entry.
+    pub fn from_status(namespace: &str, name: &str, p: &ReplicaPlacement) -> Self {
+        ExistingPlacement {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            replica: p.replica,
+            gpu_type: p.gpu_type.clone(),
+            tensor_parallel: p.tensor_parallel,
+            pipeline_parallel: p.pipeline_parallel,
+            stages: p.stages.clone(),
+        }
+    }
+}
+
+/// The plan for every deployment.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    /// In placement order: priority (higher first), creation time, namespace/name.
+    pub deployments: Vec<DeploymentPlan>,
+    /// Inventory problems, fallbacks and dropped placements.
+    pub warnings: Vec<String>,
+}
+
+impl Plan {
+    /// Every placed replica as an existing placement, to re-plan stably.
+    pub fn existing(&self) -> Vec<ExistingPlacement> {
+        let mut out = Vec::new();
+        for d in &self.deployments {
+            for p in &d.placed {
+                out.push(ExistingPlacement {
+                    namespace: d.namespace.clone(),
+                    name: d.name.clone(),
+                    replica: p.replica,
+                    gpu_type: p.gpu_type.clone(),
+                    tensor_parallel: p.tensor_parallel,
+                    pipeline_parallel: p.pipeline_parallel,
+                    stages: p.stages.clone(),
+                });
+            }
+        }
+        out
+    }
+}
+
+/// The plan of one deployment.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentPlan {
+    pub namespace: String,
+    pub name: String,
+    pub priority: i32,
+    /// Desired replicas.
+    pub replicas: i32,
+    pub placed: Vec<PlacedReplica>,
+    pub unplaced: Vec<UnplacedReplica>,
+    pub choice: ChoiceReport,
+}
+
+/// One placed replica.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacedReplica {
+    pub replica: i32,
+    /// Node GPU product (`NVIDIA-H100-80GB-HBM3`).
+    pub gpu_type: String,
+    pub tensor_parallel: i32,
+    pub pipeline_parallel: i32,
+    /// One entry per stage and node (a stage spans nodes only with tensorParallelScope Any).
+    pub stages: Vec<StagePlacement>,
+    /// Predictions for the links this placement actually gets.
+    pub predicted: Prediction,
+    /// Kept from the existing placements.
+    #[serde(default)]
+    pub kept: bool,
+    /// Set when the replica fell back from the chosen layout, with why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// A replica that could not be placed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnplacedReplica {
+    pub replica: i32,
+    pub reason: String,
+}
+
+/// Why the layout was chosen.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChoiceReport {
+    /// The chosen layout with its nominal prediction (before placement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen: Option<LayoutPrediction>,
+    /// Why it was chosen, or why nothing is feasible.
+    pub reason: String,
+    /// The best two alternatives.
+    pub alternatives: Vec<LayoutPrediction>,
+    /// Feasible layouts considered.
+    pub feasible: usize,
+    /// GPU types or pinned layouts rejected, with numbers.
+    pub rejected: Vec<String>,
+}
+
+struct Class {
+    elig: Eligibility,
+    stats: Vec<TypeStats>,
+}
+
+/// A held replica: (type, tp, pp, allocations, kept, note).
+type Held = (usize, u32, u32, Vec<Alloc>, bool, Option<String>);
+
+struct Dep<'a> {
+    md: &'a ModelDeployment,
+    namespace: String,
+    name: String,
+    class: usize,
+    grouping: usize,
+    choice: Choice,
+    /// replica -> (type, tp, pp, allocations, kept, note)
+    placed: BTreeMap<i32, Held>,
+    unplaced: Vec<UnplacedReplica>,
+}
+
+fn modes(scope: TensorParallelScope) -> &'static [Mode] {
+    match scope {
+        TensorParallelScope::NvLinkDomain => &[Mode::Domain],
+        TensorParallelScope::Node => &[Mode::Domain, Mode::Node],
+        TensorParallelScope::Any => &[Mode::Domain, Mode::Node, Mode::Spread],
+    }
+}
+
+fn order_key(md: &ModelDeployment) -> impl Ord + use<> {
+    let ts = md
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string());
+    (
+        std::cmp::Reverse(md.spec.priority),
+        ts.is_none(),
+        ts,
+        md.metadata.namespace.clone().unwrap_or_default(),
+        md.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Plan every deployment against the inventory. Existing placements are kept when their nodes
+/// still exist, are schedulable for the deployment and have the GPUs; the inventory's free GPUs
+/// must not already count them (exclude their pods when building it).
+pub fn plan(
+    inv: &Inventory,
+    deployments: &[ModelDeployment],
+    existing: &[ExistingPlacement],
+    opts: &PlanOptions,
+) -> Plan {
+    let c = &opts.constants;
+    let mut warnings = inv.warnings.clone();
+    let mut cap = Capacity::new(inv);
+    let node_index: HashMap<&str, usize> = inv
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.as_str(), i))
+        .collect();
+
+    let mut sorted: Vec<&ModelDeployment> = deployments.iter().collect();
+    sorted.sort_by_cached_key(|md| order_key(md));
+
+    let mut classes: Vec<Class> = Vec::new();
+    let mut class_ids: HashMap<String, usize> = HashMap::new();
+    let mut groupings: Vec<Grouping> = Vec::new();
+    let mut grouping_ids: HashMap<Option<String>, usize> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut deps: Vec<Dep<'_>> = Vec::new();
+    for md in sorted {
+        let namespace = md
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let name = md.metadata.name.clone().unwrap_or_default();
+        if !seen.insert((namespace.clone(), name.clone())) {
+            warnings.push(format!(
+                "{namespace}/{name}: given more than once; the later copy is ignored"
+            ));
+            continue;
+        }
+        let p = &md.spec.placement;
+        let sig = serde_json::to_string(&(&p.node_selector, &p.tolerations)).unwrap_or_default();
+        let class = *class_ids.entry(sig).or_insert_with(|| {
+            let elig = Eligibility::compute(inv, p);
+            let stats = choose::type_stats(inv, &elig);
+            classes.push(Class { elig, stats });
+            classes.len() - 1
+        });
+        let grouping = *grouping_ids
+            .entry(p.pipeline_topology_key.clone())
+            .or_insert_with(|| {
+                groupings.push(Grouping::new(inv, p.pipeline_topology_key.as_deref()));
+                groupings.len() - 1
+            });
+        let choice = choose::choose(
+            &md.spec,
+            inv,
+            &classes[class].stats,
+            &classes[class].elig,
+            c,
+        );
+        deps.push(Dep {
+            md,
+            namespace,
+            name,
+            class,
+            grouping,
+            choice,
+            placed: BTreeMap::new(),
+            unplaced: Vec::new(),
+        });
+    }
+
+    // Phase 1: keep existing placements that still hold.
+    let mut by_dep: HashMap<(&str, &str), Vec<&ExistingPlacement>> = HashMap::new();
+    for e in existing {
+        by_dep
+            .entry((e.namespace.as_str(), e.name.as_str()))
+            .or_default()
+            .push(e);
+    }
+    // Existing placements record nodes and GPU counts, not which NVLink domain of a node they
+    // hold. Re-reserve the ones that must sit inside one domain first, largest TP group first
+    // (best fit decreasing, which packs power-of-two groups exactly), then the ones that may span
+    // domains; otherwise a spanning replica could split a domain that a later one needs.
+    let mut order: Vec<(usize, &ExistingPlacement)> = Vec::new();
+    for (i, dep) in deps.iter().enumerate() {
+        if let Some(list) = by_dep.get(&(dep.namespace.as_str(), dep.name.as_str())) {
+            let mut list = list.clone();
+            list.sort_by_key(|e| e.replica);
+            order.extend(list.into_iter().map(|e| (i, e)));
+        }
+    }
+    order.sort_by_key(|&(i, e)| {
+        let spans =
+            deps[i].md.spec.placement.tensor_parallel_scope != TensorParallelScope::NvLinkDomain;
+        (spans, std::cmp::Reverse(e.tensor_parallel))
+    });
+    for (i, e) in order {
+        let dep = &mut deps[i];
+        if e.replica < 0 || e.replica >= dep.md.spec.replicas || dep.placed.contains_key(&e.replica)
+        {
+            continue;
+        }
+        match keep(inv, &mut cap, &node_index, dep, &classes[dep.class].elig, e) {
+            Ok((t, tp, pp, allocs)) => {
+                dep.placed
+                    .insert(e.replica, (t, tp, pp, allocs, true, None));
+            }
+            Err(why) => warnings.push(format!(
+                "{}/{} replica {}: previous placement dropped and re-planned: {why}",
+                dep.namespace, dep.name, e.replica
+            )),
+        }
+    }
+
+    // Phase 2: place the rest, in priority order.
+    let mut failed: HashMap<(usize, u32, u32, u8, usize, usize), String> = HashMap::new();
+    for dep in &mut deps {
+        let scope = dep.md.spec.placement.tensor_parallel_scope;
+        let ok = &classes[dep.class].elig.ok;
+        let g = &groupings[dep.grouping];
+        for r in 0..dep.md.spec.replicas.max(0) {
+            if dep.placed.contains_key(&r) {
+                continue;
+            }
+            if dep.choice.candidates.is_empty() {
+                let (why, _) = choose::explain(inv, &dep.md.spec, &dep.choice);
+                dep.unplaced.push(UnplacedReplica {
+                    replica: r,
+                    reason: why,
+                });
+                continue;
+            }
+            let mut first_reason: Option<String> = None;
+            let mut done = false;
+            for (ci, cand) in dep.choice.candidates.iter().enumerate() {
+                let key = (
+                    cand.gpu_type,
+                    cand.tp,
+                    cand.pp,
+                    scope as u8,
+                    dep.grouping,
+                    dep.class,
+                );
+                let res = match failed.get(&key) {
+                    Some(why) => Err(why.clone()),
+                    None => try_place(inv, &cap, cand, scope, ok, g),
+                };
+                match res {
+                    Ok(allocs) => {
+                        for a in &allocs {
+                            cap.take(a);
+                        }
+                        let note = first_reason.as_ref().map(|why| {
+                            let first = &dep.choice.candidates[0];
+                            format!(
+                                "fell back from {} to {}: {why}",
+                                choose::label(inv, first.gpu_type, first.tp, first.pp),
+                                choose::label(inv, cand.gpu_type, cand.tp, cand.pp)
+                            )
+                        });
+                        if let Some(n) = &note {
+                            warnings
+                                .push(format!("{}/{} replica {r}: {n}", dep.namespace, dep.name));
+                        }
+                        let _ = ci;
+                        dep.placed
+                            .insert(r, (cand.gpu_type, cand.tp, cand.pp, allocs, false, note));
+                        done = true;
+                        break;
+                    }
+                    Err(why) => {
+                        failed.insert(key, why.clone());
+                        if first_reason.is_none() {
+                            first_reason = Some(why);
+                        }
+                    }
+                }
+            }
+            if !done {
+                let n = dep.choice.candidates.len();
+                let first = &dep.choice.candidates[0];
+                let mut reason = format!(
+                    "{}: {}",
+                    choose::label(inv, first.gpu_type, first.tp, first.pp),
+                    first_reason.unwrap_or_default()
+                );
+                if n > 1 {
+                    reason.push_str(&format!(
+                        "; the {} other feasible layouts have no room either",
+                        n - 1
+                    ));
+                }
+                dep.unplaced.push(UnplacedReplica { replica: r, reason });
+            }
+        }
+    }
+
+    let deployments = deps
+        .into_iter()
+        .map(|dep| {
+            let (reason, alternatives) = choose::explain(inv, &dep.md.spec, &dep.choice);
+            let chosen = dep
+                .choice
+                .candidates
+                .first()
+                .map(|c| choose::layout(inv, c, None));
+            let work = choose::workload(&dep.md.spec);
+            let placed = dep
+                .placed
+                .into_iter()
+                .map(|(r, (t, tp, pp, allocs, kept, note))| {
+                    let links = actual_links(inv, t, &allocs, c);
+                    let e = cost::estimate(
+                        &dep.md.spec.model.architecture,
+                        work,
+                        &inv.types[t].model,
+                        tp,
+                        pp,
+                        links,
+                        c,
+                    );
+                    PlacedReplica {
+                        replica: r,
+                        gpu_type: inv.types[t].product.clone(),
+                        tensor_parallel: tp as i32,
+                        pipeline_parallel: pp as i32,
+                        stages: stages_of(inv, &allocs),
+                        predicted: e.prediction(),
+                        kept,
+                        note,
+                    }
+                })
+                .collect();
+            DeploymentPlan {
+                namespace: dep.namespace,
+                name: dep.name,
+                priority: dep.md.spec.priority,
+                replicas: dep.md.spec.replicas,
+                placed,
+                unplaced: dep.unplaced,
+                choice: ChoiceReport {
+                    chosen,
+                    reason,
+                    alternatives,
+                    feasible: dep.choice.candidates.len(),
+                    rejected: dep.choice.rejected,
+                },
+            }
+        })
+        .collect();
+    Plan {
+        deployments,
+        warnings,
+    }
+}
+
+fn try_place(
+    inv: &Inventory,
+    cap: &Capacity,
+    cand: &Candidate,
+    scope: TensorParallelScope,
+    ok: &[bool],
+    g: &Grouping,
+) -> Result<Vec<Alloc>, String> {
+    let short = inv.types[cand.gpu_type].short();
+    let mut last = String::new();
+    for &mode in modes(scope) {
+        match cap.find(cand.gpu_type, cand.tp, cand.pp, mode, ok, g, short, inv) {
+            Ok(a) => return Ok(a),
+            Err(e) => last = e.0,
+        }
+    }
+    Err(last)
+}
+
+/// Reserve an existing placement again, all or nothing.
+fn keep(
+    inv: &Inventory,
+    cap: &mut Capacity,
+    node_index: &HashMap<&str, usize>,
+    dep: &Dep<'_>,
+    elig: &Eligibility,
+    e: &ExistingPlacement,
+) -> Result<(usize, u32, u32, Vec<Alloc>), String> {
+    let t = inv
+        .types
+        .iter()
+        .position(|t| t.product == e.gpu_type)
+        .ok_or_else(|| format!("no node has {} GPUs any more", e.gpu_type))?;
+    let (tp, pp) = (
+        e.tensor_parallel.max(0) as u32,
+        e.pipeline_parallel.max(0) as u32,
+    );
+    if !dep
+        .choice
+        .candidates
+        .iter()
+        .any(|c| c.gpu_type == t && c.tp == tp && c.pp == pp)
+    {
+        return Err(format!(
+            "{} is no longer a feasible layout for the spec",
+            choose::label(inv, t, tp, pp)
+        ));
+    }
+    let mut per_stage = vec![0u32; pp as usize];
+    for s in &e.stages {
+        if s.stage < 0 || s.stage as u32 >= pp || s.gpus <= 0 {
+            return Err(format!(
+                "stage {} with {} GPUs does not match PP={pp}",
+                s.stage, s.gpus
+            ));
+        }
+        per_stage[s.stage as usize] += s.gpus as u32;
+    }
+    if per_stage.iter().any(|&g| g != tp) {
+        return Err(format!("stages do not hold TP={tp} GPUs each"));
+    }
+    let scope = dep.md.spec.placement.tensor_parallel_scope;
+    let mut taken: Vec<Alloc> = Vec::new();
+    let undo = |cap: &mut Capacity, taken: &[Alloc]| {
+        for a in taken {
+            cap.give(a);
+        }
+    };
+    for s in &e.stages {
+        let Some(&n) = node_index.get(s.node.as_str()) else {
+            undo(cap, &taken);
+            return Err(format!("node {} is gone", s.node));
+        };
+        if !elig.ok[n] {
+            undo(cap, &taken);
+            return Err(format!("node {} is not schedulable for it", s.node));
+        }
+        if inv.nodes[n].gpu_type != t {
+            undo(cap, &taken);
+            return Err(format!("node {} no longer has {} GPUs", s.node, e.gpu_type));
+        }
+        let mut need = s.gpus as u32;
+        let free = &cap.free[n];
+        let mut plan: Vec<(u32, u32)> = Vec::new();
+        if scope == TensorParallelScope::NvLinkDomain {
+            let best = free
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| **f >= need)
+                .min_by_key(|(d, f)| (**f, *d));
+            match best {
+                Some((d, _)) => plan.push((d as u32, need)),
+                None => {
+                    undo(cap, &taken);
+                    return Err(format!(
+                        "node {} has no NVLink domain with {need} free GPUs",
+                        s.node
+                    ));
+                }
+            }
+        } else {
+            let mut doms: Vec<(u32, usize)> = free.iter().copied().zip(0..).collect();
+            doms.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            for (f, d) in doms {
+                if need == 0 {
+                    break;
+                }
+                let k = f.min(need);
+                if k > 0 {
+                    plan.push((d as u32, k));
+                    need -= k;
+                }
+            }
+            if need > 0 {
+                undo(cap, &taken);
+                return Err(format!("node {} lacks {} free GPUs", s.node, s.gpus));
+            }
+        }
+        for (d, k) in plan {
+            let a = Alloc {
+                stage: s.stage as u32,
+                node: n as u32,
+                domain: d,
+                gpus: k,
+            };
+            cap.take(&a);
+            taken.push(a);
+        }
+    }
+    Ok((t, tp, pp, taken))
+}
+
+/// Merge allocations into one entry per (stage, node), in stage order.
+fn stages_of(inv: &Inventory, allocs: &[Alloc]) -> Vec<StagePlacement> {
+    let mut m: BTreeMap<(u32, u32), u32> = BTreeMap::new();
+    let mut order: Vec<(u32, u32)> = Vec::new();
+    for a in allocs {
+        let k = (a.stage, a.node);
+        if !m.contains_key(&k) {
+            order.push(k);
+        }
+        *m.entry(k).or_insert(0) += a.gpus;
+    }
+    order.sort_by_key(|&(s, _)| s);
+    order
+        .into_iter()
+        .map(|(s, n)| StagePlacement {
+            stage: s as i32,
+            node: inv.nodes[n as usize].name.clone(),
+            gpus: m[&(s, n)] as i32,
+        })
+        .collect()
+}
+
+fn slower(a: Link, b: Link) -> Link {
+    if b.gbps < a.gbps || (b.gbps == a.gbps && b.latency_s > a.latency_s) {
+        b
+    } else {
+        a
+    }
+}
+
+/// The links a placement actually gets: NVLink inside one domain, PCIe across domains of one
+/// node, the fabric across nodes; the slowest over stages and stage boundaries.
+pub fn actual_links(inv: &Inventory, t: usize, allocs: &[Alloc], c: &CostConstants) -> Links {
+    let model = &inv.types[t].model;
+    let pcie = Link {
+        gbps: model.pcie_gbps,
+        latency_s: c.pcie_latency_s,
+    };
+    let fabric = Link {
+        gbps: c.fabric_gbps,
+        latency_s: c.fabric_latency_s,
+    };
+    let domain_link = |node: u32| {
+        let n = &inv.nodes[node as usize];
+        if n.nvlink_gbps > 0.0 {
+            Link {
+                gbps: n.nvlink_gbps,
+                latency_s: c.nvlink_latency_s,
+            }
+        } else {
+            pcie
+        }
+    };
+    let mut by_stage: BTreeMap<u32, Vec<&Alloc>> = BTreeMap::new();
+    for a in allocs {
+        by_stage.entry(a.stage).or_default().push(a);
+    }
+    let within = |xs: &[&Alloc]| -> Link {
+        let first = xs[0];
+        if xs.iter().any(|a| a.node != first.node) {
+            fabric
+        } else if xs.iter().any(|a| a.domain != first.domain) {
+            pcie
+        } else if inv.nodes[first.node as usize].domains[first.domain as usize] > 1 {
+            domain_link(first.node)
+        } else {
+            pcie
+        }
+    };
+    let mut tp: Option<Link> = None;
+    for xs in by_stage.values() {
+        let l = within(xs);
+        tp = Some(tp.map_or(l, |p| slower(p, l)));
+    }
+    let stages: Vec<&Vec<&Alloc>> = by_stage.values().collect();
+    let mut pp: Option<Link> = None;
+    for w in stages.windows(2) {
+        let mut both: Vec<&Alloc> = w[0].clone();
+        both.extend(w[1].iter());
+        let l = within(&both);
+        pp = Some(pp.map_or(l, |p| slower(p, l)));
+    }
+    let nominal = domain_link(allocs.first().map_or(0, |a| a.node));
+    Links {
+        tp: tp.unwrap_or(nominal),
+        pp: pp.unwrap_or(fabric),
+    }
+}

@@ -1,0 +1,303 @@
+//! Scripted API scenarios (tower-test): the exact requests the controller makes for the create,
+//! recreate and delete flows, driven through the real reconcile and executor.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use http::{Method, Request, Response};
+use k8s_openapi::api::core::v1::{Node, Pod, PodStatus};
+use k8s_openapi::jiff::Timestamp;
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tessera_operator::api::{ModelDeployment, parse_model_deployment};
+use tessera_operator::controller::metrics::Metrics;
+use tessera_operator::controller::reconcile::{Config, Observed, reconcile};
+use tessera_operator::controller::run::{Context, execute};
+
+fn deployment() -> ModelDeployment {
+    let mut md = parse_model_deployment(&json!({
+        "apiVersion": "tessera.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "llama-8b", "namespace": "inference"},
+        "spec": {
+            "replicas": 1,
+            "model": {"uri": "pvc://models/llama-8b", "architecture": {
+                "parameters": 8030261248i64, "layers": 32, "hiddenSize": 4096,
+                "attentionHeads": 32, "kvHeads": 8, "intermediateSize": 14336,
+                "vocabSize": 128256, "contextLength": 131072, "bytesPerParameter": 2}},
+            "parallelism": {"tensor": 2, "pipeline": 1},
+            "serving": {"maxConcurrency": 16, "contextLength": 8192}
+        }
+    }))
+    .expect("valid");
+    md.metadata.uid = Some("uid-1".into());
+    md.metadata.generation = Some(1);
+    md
+}
+
+fn node() -> Node {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "h100-1", "labels": {
+            "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": "8",
+            "nvidia.com/gpu.memory": "81559"}},
+        "status": {"allocatable": {"nvidia.com/gpu": "8"}, "conditions": [{"type": "Ready", "status": "True"}]}
+    }))
+    .expect("node")
+}
+
+fn context(client: kube::Client) -> Context {
+    let mut registry = Registry::default();
+    Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "tessera-operator".into(),
+                instance: None,
+            },
+        ),
+        client,
+        config: Config::default(),
+        nodes: reflector::store().0,
+        pods: reflector::store().0,
+        services: reflector::store().0,
+        deployments: reflector::store().0,
+        metrics: Metrics::new(&mut registry),
+        failures: Mutex::new(HashMap::new()),
+        service_accounts: Mutex::new(BTreeSet::new()),
+        incarnations: AtomicU64::new(1),
+    }
+}
+
+struct Seen {
+    method: Method,
+    path: String,
+    query: String,
+    content_type: String,
+    body: serde_json::Value,
+}
+
+/// Answer every request with its own body (what an apply returns) and record it.
+async fn serve(
+    mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
+    n: usize,
+) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    for _ in 0..n {
+        let (req, send) = handle.next_request().await.expect("a request");
+        let (parts, body) = req.into_parts();
+        let bytes = body.collect_bytes().await.expect("body").to_vec();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(json!(null));
+        let reply = if parts.method == Method::DELETE {
+            json!({"apiVersion": "v1", "kind": "Status", "status": "Success"})
+        } else if parts.uri.path().ends_with("/status") {
+            // The API server answers a status apply with the whole object.
+            let mut whole = serde_json::to_value(deployment()).expect("json");
+            whole["status"] = body["status"].clone();
+            whole
+        } else {
+            body.clone()
+        };
+        send.send_response(
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(&reply).expect("json")))
+                .expect("response"),
+        );
+        seen.push(Seen {
+            method: parts.method,
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().unwrap_or_default().to_owned(),
+            content_type: parts
+                .headers
+                .get("content-type")
+                .map(|v| v.to_str().expect("ascii").to_owned())
+                .unwrap_or_default(),
+            body,
+        });
+    }
+    seen
+}
+
+fn assert_apply(s: &Seen, path: &str) {
+    assert_eq!(s.method, Method::PATCH, "{path}");
+    assert_eq!(s.path, path);
+    assert!(
+        s.query.contains("fieldManager=tessera-operator"),
+        "{}",
+        s.query
+    );
+    assert!(s.query.contains("force=true"), "{}", s.query);
+    assert_eq!(s.content_type, "application/apply-patch+yaml");
+}
+
+#[tokio::test]
+async fn create_flow_applies_account_services_pod_and_status() {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(kube::Client::new(service, "default"));
+    let md = deployment();
+    let nodes = [node()];
+    let obs = Observed {
+        md: &md,
+        pods: &[],
+        services: &[],
+        nodes: &nodes,
+        other_pods: &[],
+        reserved: &[],
+        now: Timestamp::now(),
+    };
+    let actions = reconcile(&obs, &ctx.config, &mut |_| "aaaaa".into());
+    assert_eq!(actions.apply_pods.len(), 1);
+    assert_eq!(actions.apply_services.len(), 2);
+    let events = actions.events.len();
+    let server = tokio::spawn(serve(handle, 5 + events));
+    execute(&ctx, &md, actions).await.expect("executes");
+    drop(ctx);
+    let seen = server.await.expect("script");
+    assert_apply(
+        &seen[0],
+        "/api/v1/namespaces/inference/serviceaccounts/tessera-worker",
+    );
+    assert_eq!(seen[0].body["automountServiceAccountToken"], false);
+    assert_apply(
+        &seen[1],
+        "/api/v1/namespaces/inference/services/llama-8b-workers",
+    );
+    assert_apply(&seen[2], "/api/v1/namespaces/inference/services/llama-8b");
+    assert_apply(
+        &seen[3],
+        "/api/v1/namespaces/inference/pods/llama-8b-r0-aaaaa-s0",
+    );
+    assert_eq!(
+        seen[3].body["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+        "2"
+    );
+    assert_apply(
+        &seen[4],
+        "/apis/tessera.dev/v1alpha1/namespaces/inference/modeldeployments/llama-8b/status",
+    );
+    assert_eq!(
+        seen[4].body["status"]["placements"][0]["stages"][0]["node"],
+        "h100-1"
+    );
+    assert_eq!(seen[4].body["kind"], "ModelDeployment");
+    // Then the Events (events.k8s.io), one per decision.
+    for s in &seen[5..] {
+        assert_eq!(s.method, Method::POST);
+        assert_eq!(s.path, "/apis/events.k8s.io/v1/namespaces/inference/events");
+    }
+}
+
+#[tokio::test]
+async fn recreate_flow_deletes_the_failed_group_then_applies_the_new_incarnation() {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(kube::Client::new(service, "default"));
+    let mut md = deployment();
+    let nodes = [node()];
+    // First pass: place and build.
+    let first = {
+        let obs = Observed {
+            md: &md,
+            pods: &[],
+            services: &[],
+            nodes: &nodes,
+            other_pods: &[],
+            reserved: &[],
+            now: Timestamp::now(),
+        };
+        reconcile(&obs, &ctx.config, &mut |_| "aaaaa".into())
+    };
+    md.status = first.status.clone();
+    let mut pod: Pod = first.apply_pods[0].clone();
+    pod.status = Some(PodStatus {
+        phase: Some("Failed".into()),
+        reason: Some("Error".into()),
+        ..PodStatus::default()
+    });
+    // Second pass: the member failed -> the group is removed (backoff before recreation).
+    let obs = Observed {
+        md: &md,
+        pods: std::slice::from_ref(&pod),
+        services: &first.apply_services,
+        nodes: &nodes,
+        other_pods: &[],
+        reserved: &[],
+        now: Timestamp::now(),
+    };
+    let actions = reconcile(&obs, &ctx.config, &mut |_| "bbbbb".into());
+    assert!(
+        actions.apply_pods.is_empty(),
+        "recreation waits for the backoff"
+    );
+    assert_eq!(actions.delete_pods, ["llama-8b-r0-aaaaa-s0"]);
+    let events = actions.events.len();
+    let server = tokio::spawn(serve(handle, 2 + events));
+    execute(&ctx, &md, actions).await.expect("executes");
+    drop(ctx);
+    let seen = server.await.expect("script");
+    assert_eq!(seen[0].method, Method::DELETE);
+    assert_eq!(
+        seen[0].path,
+        "/api/v1/namespaces/inference/pods/llama-8b-r0-aaaaa-s0"
+    );
+    assert_apply(
+        &seen[1],
+        "/apis/tessera.dev/v1alpha1/namespaces/inference/modeldeployments/llama-8b/status",
+    );
+    assert_eq!(seen[1].body["status"]["placements"][0]["state"], "Backoff");
+    assert_eq!(seen[1].body["status"]["placements"][0]["restarts"], 1);
+}
+
+#[test]
+fn the_workers_exit_message_reaches_status() {
+    let ctx_cfg = Config::default();
+    let mut md = deployment();
+    let nodes = [node()];
+    let first = {
+        let obs = Observed {
+            md: &md,
+            pods: &[],
+            services: &[],
+            nodes: &nodes,
+            other_pods: &[],
+            reserved: &[],
+            now: Timestamp::now(),
+        };
+        reconcile(&obs, &ctx_cfg, &mut |_| "aaaaa".into())
+    };
+    md.status = first.status.clone();
+    let mut pod: Pod = first.apply_pods[0].clone();
+    pod.status = Some(
+        serde_json::from_value(json!({
+            "phase": "Running",
+            "containerStatuses": [{
+                "name": "worker", "image": "w", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": 3, "reason": "Error",
+                    "message": "model: sha256 of /model-cache/llama.gguf is ab12..., expected cd34...\nmore"}}
+            }]
+        }))
+        .expect("status"),
+    );
+    let obs = Observed {
+        md: &md,
+        pods: std::slice::from_ref(&pod),
+        services: &first.apply_services,
+        nodes: &nodes,
+        other_pods: &[],
+        reserved: &[],
+        now: Timestamp::now(),
+    };
+    let actions = reconcile(&obs, &ctx_cfg, &mut |_| "bbbbb".into());
+    let status = actions.status.expect("status changes");
+    let expected = "container worker of pod llama-8b-r0-aaaaa-s0 exited with code 3 (Error): model: sha256 of /model-cache/llama.gguf is ab12..., expected cd34...";
+    assert_eq!(status.placements[0].last_failure.as_deref(), Some(expected));
+    let degraded = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .expect("Degraded");
+    assert_eq!(degraded.status, "True");
+    assert!(degraded.message.contains(expected), "{}", degraded.message);
+}

@@ -1,0 +1,314 @@
+//! Table tests of the planner on the 28-node example cluster (examples/cluster.yaml).
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::Node;
+use serde_json::{Value, json};
+use tessera_operator::api::{ModelDeployment, parse_model_deployment};
+use tessera_operator::plan_cmd::{load_deployments, read_objects};
+use tessera_operator::planner::catalog::Catalog;
+use tessera_operator::planner::inventory::{DEFAULT_TOPOLOGY_KEYS, Inventory};
+use tessera_operator::planner::{Plan, PlanOptions, plan};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn nodes() -> Vec<Node> {
+    read_objects(&root().join("examples/cluster.yaml"))
+        .unwrap()
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .collect()
+}
+
+fn inventory(nodes: &[Node]) -> Inventory {
+    let keys: Vec<String> = DEFAULT_TOPOLOGY_KEYS
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    Inventory::from_nodes(nodes, &[], &Catalog::builtin(), &keys)
+}
+
+fn example(name: &str) -> Value {
+    let v = read_objects(&root().join(format!("examples/deployments/{name}.yaml"))).unwrap();
+    v.into_iter().next().unwrap()
+}
+
+fn md(v: &Value) -> ModelDeployment {
+    parse_model_deployment(v).unwrap()
+}
+
+fn run(nodes: &[Node], deps: &[ModelDeployment]) -> Plan {
+    plan(&inventory(nodes), deps, &[], &PlanOptions::default())
+}
+
+fn node<'a>(nodes: &'a [Node], name: &str) -> &'a Node {
+    nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(name))
+        .unwrap()
+}
+
+fn label(nodes: &[Node], name: &str, key: &str) -> String {
+    node(nodes, name).metadata.labels.as_ref().unwrap()[key].clone()
+}
+
+#[test]
+fn inventory_of_the_example_cluster() {
+    let inv = inventory(&nodes());
+    assert_eq!(inv.nodes.len(), 28);
+    let products: Vec<&str> = inv.types.iter().map(|t| t.product.as_str()).collect();
+    assert_eq!(
+        products,
+        [
+            "NVIDIA-H100-80GB-HBM3",
+            "NVIDIA-H20",
+            "NVIDIA-H800",
+            "NVIDIA-L40S"
+        ]
+    );
+    let h800 = inv.nodes.iter().find(|n| n.name == "h800-1").unwrap();
+    assert_eq!(h800.domains, vec![8]);
+    assert_eq!(h800.nvlink_gbps, 200.0); // measured by the agent
+    let h100 = inv.nodes.iter().find(|n| n.name == "h100-1").unwrap();
+    assert_eq!(h100.nvlink_gbps, 450.0); // catalog: 900 GB/s bidirectional
+    let l40s = inv.nodes.iter().find(|n| n.name == "l40s-1").unwrap();
+    assert_eq!(l40s.domains, vec![1, 1, 1, 1]);
+    assert!(inv.warnings.is_empty(), "{:?}", inv.warnings);
+}
+
+#[test]
+fn all_examples_place_sensibly() {
+    let n = nodes();
+    let deps = load_deployments(&[root().join("examples/deployments")]).unwrap();
+    let p = run(&n, &deps);
+    let names: Vec<&str> = p.deployments.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names[0], "llama-405b"); // highest priority first
+    for d in &p.deployments {
+        assert!(d.unplaced.is_empty(), "{}: {:?}", d.name, d.unplaced);
+    }
+    // 405B: too big for one node, so PP >= 2 across nodes inside one block.
+    let r = &p.deployments[0].placed[0];
+    assert_eq!(r.tensor_parallel, 8);
+    assert!(r.pipeline_parallel >= 2);
+    let blocks: std::collections::BTreeSet<String> = r
+        .stages
+        .iter()
+        .map(|s| label(&n, &s.node, "tessera.dev/fabric.block"))
+        .collect();
+    assert_eq!(blocks.len(), 1);
+    let hosts: std::collections::BTreeSet<&str> =
+        r.stages.iter().map(|s| s.node.as_str()).collect();
+    assert_eq!(hosts.len(), r.pipeline_parallel as usize);
+    // 70B: TP=4 on H100, packed onto one node (best fit keeps other nodes whole).
+    let d70 = p
+        .deployments
+        .iter()
+        .find(|d| d.name == "llama-70b")
+        .unwrap();
+    assert!(
+        d70.placed
+            .iter()
+            .all(|r| r.tensor_parallel == 4 && r.pipeline_parallel == 1)
+    );
+    assert_eq!(d70.placed[0].stages[0].node, d70.placed[1].stages[0].node);
+    assert_eq!(d70.choice.alternatives.len(), 2);
+}
+
+#[test]
+fn h800_cut_nvlink_shows_in_the_prediction() {
+    let n = nodes();
+    let mut v = example("llama-70b");
+    v["spec"]["parallelism"]["tensor"] = json!(8);
+    v["spec"]["replicas"] = json!(1);
+    v["spec"]["gpu"]["types"] = json!(["H800"]);
+    let on_h800 = run(&n, &[md(&v)]);
+    v["spec"]["gpu"]["types"] = json!(["H100"]);
+    let on_h100 = run(&n, &[md(&v)]);
+    let a = &on_h100.deployments[0].placed[0].predicted;
+    let b = &on_h800.deployments[0].placed[0].predicted;
+    assert_eq!(a.all_reduce_g_bps, 450.0);
+    assert_eq!(b.all_reduce_g_bps, 200.0);
+    assert!(b.time_to_first_token_seconds > a.time_to_first_token_seconds * 1.1);
+}
+
+#[test]
+fn pinned_layouts_are_honoured_or_rejected_with_numbers() {
+    let n = nodes();
+    let mut v = example("llama-70b");
+    v["spec"]["parallelism"]["tensor"] = json!(8);
+    v["spec"]["gpu"]["types"] = json!(["L40S"]);
+    let p = run(&n, &[md(&v)]);
+    let u = &p.deployments[0].unplaced;
+    assert_eq!(u.len(), 2);
+    assert!(
+        u[0].reason
+            .contains("tensor=8 needs 8 GPUs in one NVLink domain of L40S but the largest is 1"),
+        "{}",
+        u[0].reason
+    );
+    // Memory: 70B at TP=1 PP=1 cannot fit an H100.
+    v["spec"]["parallelism"] = json!({"tensor": 1, "pipeline": 1});
+    v["spec"]["gpu"]["types"] = json!(["H100"]);
+    let p = run(&n, &[md(&v)]);
+    let r = &p.deployments[0].unplaced[0].reason;
+    assert!(
+        r.contains("does not fit: needs") && r.contains("GiB per GPU") && r.contains("x 0.9"),
+        "{r}"
+    );
+}
+
+#[test]
+fn falls_back_to_the_next_type_and_says_why() {
+    let n = nodes();
+    let mut v = example("llama-70b");
+    v["spec"]["replicas"] = json!(20); // 16 fit on the H100 nodes at TP=4
+    v["spec"]["parallelism"] = json!({"tensor": 4, "pipeline": 1});
+    let p = run(&n, &[md(&v)]);
+    let d = &p.deployments[0];
+    assert_eq!(d.placed.len(), 20);
+    let fallback: Vec<_> = d.placed.iter().filter(|r| r.note.is_some()).collect();
+    assert_eq!(fallback.len(), 4);
+    assert!(fallback.iter().all(|r| r.gpu_type == "NVIDIA-H800"));
+    let note = fallback[0].note.as_deref().unwrap();
+    assert!(
+        note.contains("fell back from H100 TP=4 PP=1 to H800 TP=4 PP=1"),
+        "{note}"
+    );
+    assert!(
+        note.contains("needs 4 GPUs in one NVLink domain of H100; none is free"),
+        "{note}"
+    );
+    // Past every type: unplaced with numbers.
+    v["spec"]["replicas"] = json!(60);
+    let p = run(&n, &[md(&v)]);
+    let d = &p.deployments[0];
+    assert_eq!(d.placed.len(), 48);
+    assert!(
+        d.unplaced[0]
+            .reason
+            .contains("needs 4 GPUs in one NVLink domain of H100"),
+        "{}",
+        d.unplaced[0].reason
+    );
+}
+
+#[test]
+fn cordoned_tainted_and_selected_nodes() {
+    let mut n = nodes();
+    for name in ["h100-1", "h100-2", "h100-3"] {
+        let node = n
+            .iter_mut()
+            .find(|x| x.metadata.name.as_deref() == Some(name))
+            .unwrap();
+        node.spec.get_or_insert_default().unschedulable = Some(true);
+    }
+    for name in ["h100-4", "h100-5"] {
+        let node = n
+            .iter_mut()
+            .find(|x| x.metadata.name.as_deref() == Some(name))
+            .unwrap();
+        node.spec.get_or_insert_default().taints = Some(vec![
+            serde_json::from_value(json!({"key": "team", "value": "a", "effect": "NoSchedule"}))
+                .unwrap(),
+        ]);
+    }
+    let mut v = example("llama-70b");
+    v["spec"]["replicas"] = json!(8);
+    v["spec"]["gpu"]["types"] = json!(["H100"]);
+    let p = run(&n, &[md(&v)]);
+    let used: std::collections::BTreeSet<&str> = p.deployments[0]
+        .placed
+        .iter()
+        .map(|r| r.stages[0].node.as_str())
+        .collect();
+    assert_eq!(used, ["h100-6", "h100-7", "h100-8"].into_iter().collect());
+    assert_eq!(p.deployments[0].placed.len(), 6);
+    // With a toleration the tainted nodes are usable; with a selector only matching ones.
+    v["spec"]["placement"]["tolerations"] =
+        json!([{"key": "team", "operator": "Equal", "value": "a"}]);
+    v["spec"]["placement"]["nodeSelector"] = json!({"tessera.dev/fabric.rack": "rack-2"});
+    let p = run(&n, &[md(&v)]);
+    assert_eq!(p.deployments[0].placed.len(), 8);
+    assert!(p.deployments[0].placed.iter().all(|r| label(
+        &n,
+        &r.stages[0].node,
+        "tessera.dev/fabric.rack"
+    ) == "rack-2"));
+}
+
+#[test]
+fn replan_keeps_existing_and_moves_off_gone_nodes() {
+    let n = nodes();
+    let deps = load_deployments(&[root().join("examples/deployments")]).unwrap();
+    let first = run(&n, &deps);
+    let again = plan(
+        &inventory(&n),
+        &deps,
+        &first.existing(),
+        &PlanOptions::default(),
+    );
+    for (a, b) in first.deployments.iter().zip(&again.deployments) {
+        for (x, y) in a.placed.iter().zip(&b.placed) {
+            assert_eq!(x.stages, y.stages);
+            assert!(y.kept);
+        }
+    }
+    // h100-3 is gone: the 70B replicas there move; the 405B stays.
+    let fewer: Vec<Node> = n
+        .iter()
+        .filter(|x| x.metadata.name.as_deref() != Some("h100-3"))
+        .cloned()
+        .collect();
+    let moved = plan(
+        &inventory(&fewer),
+        &deps,
+        &first.existing(),
+        &PlanOptions::default(),
+    );
+    let d70 = moved
+        .deployments
+        .iter()
+        .find(|d| d.name == "llama-70b")
+        .unwrap();
+    assert_eq!(d70.placed.len(), 2);
+    assert!(
+        d70.placed
+            .iter()
+            .all(|r| !r.kept && r.stages[0].node != "h100-3")
+    );
+    assert!(moved.deployments[0].placed[0].kept);
+    assert!(
+        moved
+            .warnings
+            .iter()
+            .any(|w| w.contains("node h100-3 is gone"))
+    );
+}
+
+#[test]
+fn unknown_products_get_defaults_and_a_warning() {
+    let mut n = nodes();
+    let node = n
+        .iter_mut()
+        .find(|x| x.metadata.name.as_deref() == Some("l40s-1"))
+        .unwrap();
+    node.metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("nvidia.com/gpu.product".into(), "Tesla-T4".into());
+    let mut v = example("smollm2-135m");
+    v["spec"]["gpu"]["types"] = json!([]);
+    let p = run(&n, &[md(&v)]);
+    assert!(
+        p.warnings
+            .iter()
+            .any(|w| w.contains("Tesla-T4") && w.contains("not in the catalog"))
+    );
+    assert_eq!(p.deployments[0].placed.len(), 2);
+}
