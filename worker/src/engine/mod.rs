@@ -2,6 +2,7 @@
 //! generation (one sequence at a time for now; continuous batching comes with the server).
 
 pub mod generate;
+pub mod runner;
 pub mod sampling;
 
 use std::path::Path;
@@ -27,14 +28,25 @@ pub struct Engine {
 impl Engine {
     /// Load a GGUF model on one rank (`threads` CPU threads, 0 = all).
     pub fn open(path: &Path, threads: usize) -> anyhow::Result<Self> {
+        Self::open_shard(path, threads, Box::new(Identity))
+    }
+
+    /// Load this rank's tensor-parallel shard of a GGUF model; the shard (rank and world size)
+    /// comes from the collective that joins the group.
+    pub fn open_shard(
+        path: &Path,
+        threads: usize,
+        collective: Box<dyn Collective>,
+    ) -> anyhow::Result<Self> {
         let file = Arc::new(MappedGguf::open(path)?);
         let tokenizer = Tokenizer::from_gguf(&file.gguf)?;
-        let model = Llama::load(file, Shard::SINGLE)?;
+        let shard = Shard::new(collective.rank(), collective.world())?;
+        let model = Llama::load(file, shard)?;
         Ok(Self {
             model,
             tokenizer,
             pool: Pool::new(threads)?,
-            collective: Box::new(Identity),
+            collective,
         })
     }
 }
