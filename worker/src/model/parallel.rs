@@ -54,3 +54,43 @@ impl Collective for Identity {
         Ok(())
     }
 }
+
+/// Process-wide all-reduce counters, updated by every [`Collective`] that moves data and read by
+/// the worker's `/metrics` (`tessera_allreduce_*`).
+pub static ALLREDUCE_STATS: AllReduceStats = AllReduceStats::new();
+
+/// Calls, payload bytes and wall time of all-reduces.
+#[derive(Debug)]
+pub struct AllReduceStats {
+    pub calls: std::sync::atomic::AtomicU64,
+    pub bytes: std::sync::atomic::AtomicU64,
+    pub nanos: std::sync::atomic::AtomicU64,
+}
+
+impl AllReduceStats {
+    pub const fn new() -> Self {
+        use std::sync::atomic::AtomicU64;
+        Self {
+            calls: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// Record one all-reduce of `bytes` payload bytes that took `elapsed`.
+    pub fn record(&self, bytes: usize, elapsed: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.calls.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(bytes as u64, Relaxed);
+        self.nanos.fetch_add(
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
+    }
+}
+
+impl Default for AllReduceStats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
