@@ -23,4 +23,8 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   echo "$want" > "$stamp"
 fi
 
-HELM="$PWD/.tools/bin/helm" exec "$VENV/bin/python" tests/chart/check_chart.py
+# The worker objects `tessera-operator plan -o yaml` prints are validated like the chart's.
+cargo build --quiet --locked -p tessera-operator >&2
+target_dir=$(cargo metadata --format-version 1 --no-deps | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+
+TESSERA_OPERATOR="$target_dir/debug/tessera-operator" HELM="$PWD/.tools/bin/helm" exec "$VENV/bin/python" tests/chart/check_chart.py

@@ -24,8 +24,13 @@ use crate::planner::{Plan, PlanOptions, plan};
 /// Output format of `plan`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
+    /// A table for people.
     Table,
+    /// The plan as JSON (docs/plan-json.md).
     Json,
+    /// The child objects the controller would apply (ServiceAccounts, Services, Pods) as
+    /// multi-document YAML, like `helm template`.
+    Yaml,
 }
 
 /// Flags of `tessera-operator plan`.
@@ -53,9 +58,13 @@ pub struct PlanArgs {
     /// Inter-node fabric bandwidth per GPU per direction, GB/s.
     #[arg(long, default_value_t = 50.0)]
     pub fabric_gbps: f64,
-    /// Output format.
+    /// Output format: `table`, `json` (the plan) or `yaml` (the objects the controller would
+    /// apply for these inputs, built by the controller's own reconcile code).
     #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
+    /// Worker image for ModelDeployments that set no `spec.worker.image` (`-o yaml`).
+    #[arg(long, default_value = concat!("tessera-worker:", env!("CARGO_PKG_VERSION")))]
+    pub worker_image: String,
 }
 
 /// Run `plan`; prints the plan or the error and returns the exit code.
@@ -103,13 +112,25 @@ pub fn run(args: &PlanArgs) -> Result<String, String> {
         .map(|k| k.trim().to_owned())
         .filter(|k| !k.is_empty())
         .collect();
-    let inv = Inventory::from_nodes(&nodes, &pods, &catalog, &keys);
     let opts = PlanOptions {
         constants: CostConstants {
             fabric_gbps: args.fabric_gbps,
             ..CostConstants::default()
         },
     };
+    if args.output == OutputFormat::Yaml {
+        let cfg = crate::controller::reconcile::Config {
+            topology_keys: keys,
+            catalog,
+            plan: opts,
+            build: crate::build::BuildOptions {
+                default_worker_image: args.worker_image.clone(),
+            },
+            ..crate::controller::reconcile::Config::default()
+        };
+        return render_children(&nodes, &pods, &deployments, &cfg);
+    }
+    let inv = Inventory::from_nodes(&nodes, &pods, &catalog, &keys);
     let p = plan(&inv, &deployments, &[], &opts);
     Ok(match args.output {
         OutputFormat::Json => {
@@ -117,8 +138,101 @@ pub fn run(args: &PlanArgs) -> Result<String, String> {
             s.push('\n');
             s
         }
-        OutputFormat::Table => render_table(&p),
+        OutputFormat::Table | OutputFormat::Yaml => render_table(&p),
     })
+}
+
+/// The objects the controller would apply for these inputs: every deployment reconciled from
+/// scratch by the controller's own pure reconcile, highest priority first, each seeing the pods
+/// of those before it (as the cluster would once they are applied). Incarnation ids are derived
+/// from the deployment and replica, so the output is reproducible. Files carry no uid, so the
+/// objects carry no owner references; the controller adds them in the cluster.
+fn render_children(
+    nodes: &[Node],
+    pods: &[Pod],
+    deployments: &[ModelDeployment],
+    cfg: &crate::controller::reconcile::Config,
+) -> Result<String, String> {
+    use crate::controller::reconcile::{Observed, reconcile};
+    use k8s_openapi::jiff::Timestamp;
+
+    let mut ordered: Vec<ModelDeployment> = deployments.to_vec();
+    for md in &mut ordered {
+        if md.metadata.namespace.is_none() {
+            md.metadata.namespace = Some("default".into());
+        }
+    }
+    ordered.sort_by_key(|md| {
+        (
+            std::cmp::Reverse(md.spec.priority),
+            md.metadata.namespace.clone(),
+            md.metadata.name.clone(),
+        )
+    });
+    let mut cluster_pods: Vec<Pod> = pods.to_vec();
+    let mut objects: Vec<Value> = Vec::new();
+    let mut accounts = std::collections::BTreeSet::new();
+    let mut header = String::from(
+        "# Objects tessera-operator would apply for these inputs (tessera-operator plan -o yaml).\n",
+    );
+    let now = Timestamp::now();
+    for md in &ordered {
+        let ns = md.metadata.namespace.clone().unwrap_or_default();
+        let name = md.metadata.name.clone().unwrap_or_default();
+        let obs = Observed {
+            md,
+            pods: &[],
+            services: &[],
+            nodes,
+            other_pods: &cluster_pods,
+            reserved: &[],
+            now,
+        };
+        let mut incarnation = |replica: i32| {
+            let seed = format!("{ns}/{name}/{replica}")
+                .bytes()
+                .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+                });
+            crate::build::incarnation_id(seed)
+        };
+        let actions = reconcile(&obs, cfg, &mut incarnation);
+        let status = actions.status.unwrap_or_default();
+        let _ = writeln!(
+            header,
+            "# {ns}/{name}: {} of {} replicas placed, {} pods",
+            status.placements.len(),
+            md.spec.replicas,
+            actions.apply_pods.len()
+        );
+        for c in status
+            .conditions
+            .iter()
+            .filter(|c| c.type_ == "Placed" && c.status != "True")
+        {
+            let _ = writeln!(header, "#   {}: {}", c.reason, c.message.replace('\n', " "));
+        }
+        if !actions.apply_pods.is_empty() && accounts.insert(ns.clone()) {
+            objects.push(to_value(&crate::build::worker_service_account(md))?);
+        }
+        for svc in &actions.apply_services {
+            objects.push(to_value(svc)?);
+        }
+        for pod in &actions.apply_pods {
+            objects.push(to_value(pod)?);
+        }
+        cluster_pods.extend(actions.apply_pods);
+    }
+    let mut out = header;
+    for o in &objects {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(o).map_err(|e| e.to_string())?);
+    }
+    Ok(out)
+}
+
+fn to_value<T: serde::Serialize>(o: &T) -> Result<Value, String> {
+    serde_json::to_value(o).map_err(|e| format!("serialising an object: {e}"))
 }
 
 fn read(path: &Path) -> Result<String, String> {

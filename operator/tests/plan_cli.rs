@@ -239,3 +239,99 @@ fn pods_file_consumes_gpus() {
         assert_ne!(r["stages"][0]["node"], "l40s-1");
     }
 }
+
+/// `-o yaml` prints the objects the controller would apply: one Pod per planned (replica, stage)
+/// on the planned node with its GPUs, the Services and the worker ServiceAccount; the same on
+/// every run.
+#[test]
+fn yaml_output_is_the_child_objects_of_the_plan() {
+    use k8s_openapi::api::core::v1::Pod;
+    let args = [
+        "--nodes",
+        "examples/cluster.yaml",
+        "-f",
+        "examples/deployments",
+    ];
+    let json = plan(&[&args[..], &["-o", "json"]].concat());
+    assert!(json.status.success());
+    let plan: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let out = plan_yaml(&args);
+    assert_eq!(out, plan_yaml(&args), "output must be reproducible");
+
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    let mut pods: Vec<Pod> = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&out) {
+        let v = <serde_json::Value as serde::Deserialize>::deserialize(doc).unwrap();
+        if v.is_null() {
+            continue;
+        }
+        let kind = v["kind"].as_str().unwrap().to_owned();
+        assert_eq!(v["apiVersion"], "v1", "{v}");
+        if kind == "Pod" {
+            pods.push(serde_json::from_value(v).unwrap());
+        }
+        *kinds.entry(kind).or_default() += 1;
+    }
+    // Planned (deployment, node, gpus) per stage, against the pods printed.
+    let mut want: Vec<(String, String, String)> = Vec::new();
+    for d in plan["deployments"].as_array().unwrap() {
+        for r in d["placed"].as_array().unwrap() {
+            for s in r["stages"].as_array().unwrap() {
+                want.push((
+                    d["name"].as_str().unwrap().to_owned(),
+                    s["node"].as_str().unwrap().to_owned(),
+                    s["gpus"].to_string(),
+                ));
+            }
+        }
+    }
+    let mut got: Vec<(String, String, String)> = pods
+        .iter()
+        .map(|p| {
+            let spec = p.spec.as_ref().unwrap();
+            let node = &spec
+                .affinity
+                .as_ref()
+                .unwrap()
+                .node_affinity
+                .as_ref()
+                .unwrap()
+                .required_during_scheduling_ignored_during_execution
+                .as_ref()
+                .unwrap()
+                .node_selector_terms[0]
+                .match_expressions
+                .as_ref()
+                .unwrap()[0];
+            assert_eq!(node.key, "kubernetes.io/hostname");
+            let gpus = &spec.containers[0]
+                .resources
+                .as_ref()
+                .unwrap()
+                .limits
+                .as_ref()
+                .unwrap()["nvidia.com/gpu"];
+            (
+                p.metadata.labels.as_ref().unwrap()["tessera.dev/deployment"].clone(),
+                node.values.as_ref().unwrap()[0].clone(),
+                gpus.0.clone(),
+            )
+        })
+        .collect();
+    want.sort();
+    got.sort();
+    assert!(!want.is_empty());
+    assert_eq!(got, want);
+    assert_eq!(kinds["ServiceAccount"], 2, "{kinds:?}"); // namespaces demo and inference
+    assert_eq!(kinds["Service"], 2 * 4, "{kinds:?}"); // headless + traffic per deployment
+}
+
+fn plan_yaml(args: &[&str]) -> String {
+    let out = plan(&[args, &["-o", "yaml"]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

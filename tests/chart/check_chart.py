@@ -27,7 +27,8 @@ HELM = os.environ.get("HELM", str(ROOT / ".tools" / "bin" / "helm"))
 RELEASE, NAMESPACE = "tessera", "tessera-system"
 # Minimum supported Kubernetes (Chart.yaml kubeVersion), the one Helm's kubectl is built for, and
 # the newest kubernetes-validate knows.
-K8S_VERSIONS = ["1.33.0", "1.35.0", kubernetes_validate.utils.latest_version() + ".0"]
+_LATEST = kubernetes_validate.utils.latest_version()
+K8S_VERSIONS = ["1.33.0", "1.35.0", _LATEST if _LATEST.count(".") == 2 else _LATEST + ".0"]
 # Kinds whose schemas are not part of Kubernetes: their shape is asserted instead.
 CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 VERSION_TAG = re.compile(r"^[0-9]+(\.[0-9]+)+([.-][0-9A-Za-z.-]+)?$")
@@ -163,6 +164,39 @@ def check_k8s_schemas(r: Rendered, version: str) -> None:
             errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {e.message}")
     assert not errors, "\n  ".join(["schema errors:", *errors])
     assert validated >= 5, f"only {validated} objects validated"
+
+
+def plan_children() -> list[dict]:
+    """The objects `tessera-operator plan -o yaml` prints for the example cluster."""
+    binary = os.environ.get("TESSERA_OPERATOR", str(ROOT / "target" / "debug" / "tessera-operator"))
+    out = subprocess.run([binary, "plan", "--nodes", "examples/cluster.yaml", "-f",
+                          "examples/deployments", "-o", "yaml"], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    return [o for o in yaml.safe_load_all(out.stdout) if o]
+
+
+def check_plan_children(objects: list[dict], version: str) -> None:
+    kinds = [o["kind"] for o in objects]
+    assert kinds.count("Pod") >= 4 and "Service" in kinds and "ServiceAccount" in kinds, kinds
+    errors = []
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {e.message} "
+                          f"at {'.'.join(str(p) for p in e.path)}")
+    assert not errors, "\n  ".join(["schema errors:", *errors])
+    for pod in (o for o in objects if o["kind"] == "Pod"):
+        spec = pod["spec"]
+        ctr = spec["containers"][0]
+        assert int(ctr["resources"]["limits"]["nvidia.com/gpu"]) >= 1, pod["metadata"]["name"]
+        terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert terms["nodeSelectorTerms"][0]["matchExpressions"][0]["key"] == "kubernetes.io/hostname"
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert ctr["securityContext"]["allowPrivilegeEscalation"] is False
+        assert ctr["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert spec["automountServiceAccountToken"] is False
 
 
 def check_labels(r: Rendered) -> None:
@@ -713,6 +747,15 @@ def main() -> int:
             AssertionError("no examples")))
         for ex in examples:
             run(f"example {ex.name} validates against the CRD schema", check_example, ex, validator)
+
+    try:
+        children = plan_children()
+    except Exception as e:  # noqa: BLE001
+        run("tessera-operator plan -o yaml runs", lambda: (_ for _ in ()).throw(e))
+    else:
+        for version in K8S_VERSIONS:
+            run(f"plan -o yaml objects validate for Kubernetes {version}", check_plan_children,
+                children, version)
 
     print(f"{runner.passed} passed, {runner.failed} failed")
     return 1 if runner.failed else 0
