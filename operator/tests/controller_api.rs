@@ -1,5 +1,6 @@
 //! Scripted API scenarios (tower-test): the exact requests the controller makes for the create,
-//! recreate and delete flows, driven through the real reconcile and executor.
+//! scale up, scale down, recreate and delete flows, driven through the real reconcile and
+//! executor.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -300,4 +301,224 @@ fn the_workers_exit_message_reaches_status() {
         .expect("Degraded");
     assert_eq!(degraded.status, "True");
     assert!(degraded.message.contains(expected), "{}", degraded.message);
+}
+
+/// A pod of the first pass as the kubelet reports it once its worker is up.
+fn running(mut pod: Pod) -> Pod {
+    pod.status = Some(
+        serde_json::from_value(json!({
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{
+                "name": "worker", "image": "w", "imageID": "", "ready": true, "restartCount": 0,
+                "state": {"running": {}}
+            }]
+        }))
+        .expect("status"),
+    );
+    pod.spec.as_mut().expect("spec").node_name = Some("h100-1".into());
+    pod
+}
+
+/// Reconcile `md` at `replicas` from scratch until it runs: its status and running pods.
+fn converged(
+    replicas: i32,
+    cfg: &Config,
+) -> (
+    ModelDeployment,
+    Vec<Pod>,
+    Vec<k8s_openapi::api::core::v1::Service>,
+) {
+    let mut md = deployment();
+    md.spec.replicas = replicas;
+    let nodes = [node()];
+    let obs = Observed {
+        md: &md,
+        pods: &[],
+        services: &[],
+        nodes: &nodes,
+        other_pods: &[],
+        reserved: &[],
+        now: Timestamp::now(),
+    };
+    let mut n = 0;
+    let first = reconcile(&obs, cfg, &mut |r| {
+        n += 1;
+        format!("inc{r}{n}")
+    });
+    md.status = first.status.clone();
+    let pods = first.apply_pods.into_iter().map(running).collect();
+    (md, pods, first.apply_services)
+}
+
+#[tokio::test]
+async fn scale_up_flow_applies_only_the_new_replica_and_status() {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(kube::Client::new(service, "default"));
+    // This operator process applied the namespace's worker ServiceAccount already.
+    ctx.service_accounts
+        .lock()
+        .unwrap()
+        .insert("inference".into());
+    let (mut md, pods, services) = converged(1, &ctx.config);
+    md.spec.replicas = 2;
+    md.metadata.generation = Some(2);
+    let nodes = [node()];
+    let obs = Observed {
+        md: &md,
+        pods: &pods,
+        services: &services,
+        nodes: &nodes,
+        other_pods: &[],
+        reserved: &[],
+        now: Timestamp::now(),
+    };
+    let actions = reconcile(&obs, &ctx.config, &mut |_| "ccccc".into());
+    assert_eq!(actions.apply_pods.len(), 1, "{:?}", actions.apply_pods);
+    assert!(actions.delete_pods.is_empty());
+    assert!(actions.apply_services.is_empty(), "services are unchanged");
+    let events = actions.events.len();
+    let server = tokio::spawn(serve(handle, 2 + events));
+    execute(&ctx, &md, actions).await.expect("executes");
+    drop(ctx);
+    let seen = server.await.expect("script");
+    assert_apply(
+        &seen[0],
+        "/api/v1/namespaces/inference/pods/llama-8b-r1-ccccc-s0",
+    );
+    assert_eq!(
+        seen[0].body["metadata"]["labels"]["tessera.dev/replica"],
+        "1"
+    );
+    assert_apply(
+        &seen[1],
+        "/apis/tessera.dev/v1alpha1/namespaces/inference/modeldeployments/llama-8b/status",
+    );
+    let placements = seen[1].body["status"]["placements"].as_array().unwrap();
+    assert_eq!(placements.len(), 2);
+    assert_eq!(seen[1].body["status"]["observedGeneration"], 2);
+}
+
+#[tokio::test]
+async fn scale_down_flow_deletes_the_highest_replica_first() {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(kube::Client::new(service, "default"));
+    let (mut md, pods, services) = converged(3, &ctx.config);
+    assert_eq!(pods.len(), 3);
+    md.spec.replicas = 2;
+    md.metadata.generation = Some(2);
+    let nodes = [node()];
+    let obs = Observed {
+        md: &md,
+        pods: &pods,
+        services: &services,
+        nodes: &nodes,
+        other_pods: &[],
+        reserved: &[],
+        now: Timestamp::now(),
+    };
+    let actions = reconcile(&obs, &ctx.config, &mut |_| "ddddd".into());
+    assert!(actions.apply_pods.is_empty());
+    let replica2 = pods
+        .iter()
+        .find(|p| p.metadata.labels.as_ref().unwrap()["tessera.dev/replica"] == "2")
+        .unwrap();
+    assert_eq!(
+        actions.delete_pods,
+        [replica2.metadata.name.clone().unwrap()]
+    );
+    let events = actions.events.len();
+    let server = tokio::spawn(serve(handle, 2 + events));
+    execute(&ctx, &md, actions).await.expect("executes");
+    drop(ctx);
+    let seen = server.await.expect("script");
+    assert_eq!(seen[0].method, Method::DELETE);
+    assert_eq!(
+        seen[0].path,
+        format!(
+            "/api/v1/namespaces/inference/pods/{}",
+            replica2.metadata.name.as_deref().unwrap()
+        )
+    );
+    let placements = seen[1].body["status"]["placements"].as_array().unwrap();
+    assert_eq!(placements.len(), 2);
+    assert!(placements.iter().all(|p| p["replica"] != 2));
+}
+
+#[tokio::test]
+async fn scale_down_removes_an_unready_replica_before_a_higher_ready_one() {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(kube::Client::new(service, "default"));
+    let (mut md, mut pods, services) = converged(3, &ctx.config);
+    // Replica 0 is not ready (still loading its model).
+    let r0 = pods
+        .iter_mut()
+        .find(|p| p.metadata.labels.as_ref().unwrap()["tessera.dev/replica"] == "0")
+        .unwrap();
+    r0.status = Some(
+        serde_json::from_value(json!({"phase": "Running",
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [{"name": "worker", "image": "w", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"running": {}}}]}))
+        .unwrap(),
+    );
+    let r0_name = r0.metadata.name.clone().unwrap();
+    md.spec.replicas = 2;
+    let nodes = [node()];
+    let obs = Observed {
+        md: &md,
+        pods: &pods,
+        services: &services,
+        nodes: &nodes,
+        other_pods: &[],
+        reserved: &[],
+        now: Timestamp::now(),
+    };
+    let actions = reconcile(&obs, &ctx.config, &mut |_| "eeeee".into());
+    assert_eq!(actions.delete_pods, [r0_name.clone()]);
+    let events = actions.events.len();
+    let server = tokio::spawn(serve(handle, 2 + events));
+    execute(&ctx, &md, actions).await.expect("executes");
+    drop(ctx);
+    let seen = server.await.expect("script");
+    assert_eq!(seen[0].method, Method::DELETE);
+    assert!(seen[0].path.ends_with(&r0_name));
+}
+
+/// Deleting a ModelDeployment needs no request from the controller: every child carries a
+/// controller owner reference, so the garbage collector removes them.
+#[test]
+fn delete_flow_relies_on_owner_references_on_every_child() {
+    let cfg = Config::default();
+    let md = deployment();
+    let nodes = [node()];
+    let obs = Observed {
+        md: &md,
+        pods: &[],
+        services: &[],
+        nodes: &nodes,
+        other_pods: &[],
+        reserved: &[],
+        now: Timestamp::now(),
+    };
+    let actions = reconcile(&obs, &cfg, &mut |_| "aaaaa".into());
+    let metas = actions
+        .apply_pods
+        .iter()
+        .map(|p| &p.metadata)
+        .chain(actions.apply_services.iter().map(|s| &s.metadata));
+    let mut n = 0;
+    for m in metas {
+        let owners = m.owner_references.as_ref().expect("owner references");
+        assert_eq!(owners.len(), 1, "{:?}", m.name);
+        assert_eq!(owners[0].kind, "ModelDeployment");
+        assert_eq!(owners[0].uid, "uid-1");
+        assert_eq!(owners[0].controller, Some(true));
+        n += 1;
+    }
+    assert_eq!(n, 3);
+    assert!(
+        md.metadata.finalizers.is_none(),
+        "no finalizer: nothing outside the cluster to clean"
+    );
 }

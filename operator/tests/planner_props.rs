@@ -247,6 +247,16 @@ fn check_invariants(
     for d in &p.deployments {
         let md = by_name[&d.name];
         let scope = md.spec.placement.tensor_parallel_scope;
+        let elig = Eligibility::compute(inv, &md.spec.placement);
+        let stats = choose::type_stats(inv, &elig);
+        let ranks = choose::type_ranks(inv, &md.spec);
+        let c = CostConstants::default();
+        let index: BTreeMap<&str, usize> = inv
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.as_str(), i))
+            .collect();
         // Gangs whole or absent: every replica exactly once, placed or unplaced.
         let mut seen = BTreeSet::new();
         for r in &d.placed {
@@ -273,7 +283,29 @@ fn check_invariants(
                 *used.entry(s.node.clone()).or_insert(0) += s.gpus as u32;
                 let node = inv.nodes.iter().find(|n| n.name == s.node).unwrap();
                 prop_assert_eq!(&inv.types[node.gpu_type].product, &r.gpu_type);
+                // Only on nodes the deployment may use (cordons, taints, selector)...
+                prop_assert!(elig.ok[index[s.node.as_str()]], "{} not eligible", s.node);
+                // ...of a GPU type its spec allows.
+                prop_assert!(ranks[node.gpu_type].is_some(), "{} not allowed", r.gpu_type);
             }
+            // The layout fits in memory by the cost model.
+            let t = inv
+                .types
+                .iter()
+                .position(|t| t.product == r.gpu_type)
+                .unwrap();
+            let st = &stats[t];
+            let links = choose::nominal_links(inv, t, st, tp, pp, &c);
+            let e = estimate(
+                &md.spec.model.architecture,
+                choose::workload(&md.spec),
+                &inv.types[t].model,
+                tp,
+                pp,
+                links,
+                &c,
+            );
+            prop_assert!(e.fits, "{:?} does not fit: {:?}", r, e);
             // Each replica's GPUs add up to TP x PP, TP per stage.
             prop_assert!(per_stage.iter().all(|&g| g == tp), "{:?}", r);
             for (st, ns) in nodes_per_stage.iter().enumerate() {
