@@ -19,7 +19,7 @@ echo
 echo "== plan CLI on 10,000 nodes and 1,000 deployments"
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-cargo build --quiet --locked --release -p tessera-operator --bin tessera-operator --example synthetic_cluster
+cargo build --quiet --locked --release -p tessera-operator --bin tessera-operator --example synthetic_cluster --example placement_quality
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 "$target_dir/release/examples/synthetic_cluster" "$dir"
 ls -l "$dir"

@@ -117,6 +117,7 @@ pub fn run(args: &PlanArgs) -> Result<String, String> {
             fabric_gbps: args.fabric_gbps,
             ..CostConstants::default()
         },
+        ..PlanOptions::default()
     };
     if args.output == OutputFormat::Yaml {
         let cfg = crate::controller::reconcile::Config {

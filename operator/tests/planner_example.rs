@@ -183,6 +183,16 @@ fn falls_back_to_the_next_type_and_says_why() {
         note.contains("needs 4 GPUs in one NVLink domain of H100; none is free"),
         "{note}"
     );
+    // With fallbacks off (the benchmark's comparison mode) the 4 extra replicas stay unplaced.
+    let inv = inventory(&n);
+    let opts = PlanOptions {
+        first_choice_only: true,
+        ..PlanOptions::default()
+    };
+    let only = plan(&inv, &[md(&v)], &[], &opts);
+    assert_eq!(only.deployments[0].placed.len(), 16);
+    assert_eq!(only.deployments[0].unplaced.len(), 4);
+    assert!(only.deployments[0].placed.iter().all(|r| r.note.is_none()));
     // Past every type: unplaced with numbers.
     v["spec"]["replicas"] = json!(60);
     let p = run(&n, &[md(&v)]);

@@ -28,7 +28,7 @@ use crate::api::{
 use choose::{Candidate, Choice, TypeStats};
 use cost::{CostConstants, Link, Links};
 use inventory::{Eligibility, Inventory};
-use place::{Alloc, Capacity, Grouping, Mode};
+use place::{Alloc, Capacity, LazyGrouping, Mode};
 
 /// Knobs of one planning run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -37,6 +37,11 @@ pub struct PlanOptions {
     /// Cost-model constants (fabric bandwidth, latencies, utilisation cap...).
     #[serde(default)]
     pub constants: CostConstants,
+    /// Place each replica only with its deployment's chosen layout, never a fallback (another
+    /// layout or a later `gpu.types` entry). Off by default; the placement-quality benchmark
+    /// uses it to compare placement alone against a scheduler that has no fallbacks.
+    #[serde(default)]
+    pub first_choice_only: bool,
 }
 
 /// A replica placed by an earlier plan, kept where it is when it still fits.
@@ -225,7 +230,7 @@ pub fn plan(
 
     let mut classes: Vec<Class> = Vec::new();
     let mut class_ids: HashMap<String, usize> = HashMap::new();
-    let mut groupings: Vec<Grouping> = Vec::new();
+    let mut groupings: Vec<LazyGrouping> = Vec::new();
     let mut grouping_ids: HashMap<Option<String>, usize> = HashMap::new();
     let mut seen = std::collections::HashSet::new();
     let mut deps: Vec<Dep<'_>> = Vec::new();
@@ -253,7 +258,7 @@ pub fn plan(
         let grouping = *grouping_ids
             .entry(p.pipeline_topology_key.clone())
             .or_insert_with(|| {
-                groupings.push(Grouping::new(inv, p.pipeline_topology_key.as_deref()));
+                groupings.push(LazyGrouping::new(p.pipeline_topology_key.as_deref()));
                 groupings.len() - 1
             });
         let choice = choose::choose(
@@ -318,87 +323,113 @@ pub fn plan(
         }
     }
 
-    // Phase 2: place the rest, in priority order.
+    // Phase 2: place the rest, in priority order. Within one priority, every deployment's
+    // chosen layout is tried first (pass 0) and fallbacks only after (pass 1): a fallback is
+    // usually a bigger or slower layout, and letting it take GPUs that another deployment of the
+    // same priority would use for its first choice costs both of them.
     let mut failed: HashMap<(usize, u32, u32, u8, usize, usize), String> = HashMap::new();
-    for dep in &mut deps {
-        let scope = dep.md.spec.placement.tensor_parallel_scope;
-        let ok = &classes[dep.class].elig.ok;
-        let g = &groupings[dep.grouping];
-        for r in 0..dep.md.spec.replicas.max(0) {
-            if dep.placed.contains_key(&r) {
-                continue;
-            }
-            if dep.choice.candidates.is_empty() {
-                let (why, _) = choose::explain(inv, &dep.md.spec, &dep.choice);
-                dep.unplaced.push(UnplacedReplica {
-                    replica: r,
-                    reason: why,
-                });
-                continue;
-            }
-            let mut first_reason: Option<String> = None;
-            let mut done = false;
-            for (ci, cand) in dep.choice.candidates.iter().enumerate() {
-                let key = (
-                    cand.gpu_type,
-                    cand.tp,
-                    cand.pp,
-                    scope as u8,
-                    dep.grouping,
-                    dep.class,
-                );
-                let res = match failed.get(&key) {
-                    Some(why) => Err(why.clone()),
-                    None => try_place(inv, &cap, cand, scope, ok, g),
-                };
-                match res {
-                    Ok(allocs) => {
-                        for a in &allocs {
-                            cap.take(a);
-                        }
-                        let note = first_reason.as_ref().map(|why| {
-                            let first = &dep.choice.candidates[0];
-                            format!(
-                                "fell back from {} to {}: {why}",
-                                choose::label(inv, first.gpu_type, first.tp, first.pp),
-                                choose::label(inv, cand.gpu_type, cand.tp, cand.pp)
-                            )
+    let mut level_start = 0;
+    while level_start < deps.len() {
+        let priority = deps[level_start].md.spec.priority;
+        let level_end = deps[level_start..]
+            .iter()
+            .position(|d| d.md.spec.priority != priority)
+            .map_or(deps.len(), |k| level_start + k);
+        for pass in 0..2 {
+            for dep in &mut deps[level_start..level_end] {
+                let scope = dep.md.spec.placement.tensor_parallel_scope;
+                let ok = &classes[dep.class].elig.ok;
+                let g = &groupings[dep.grouping];
+                for r in 0..dep.md.spec.replicas.max(0) {
+                    if dep.placed.contains_key(&r) {
+                        continue;
+                    }
+                    if pass == 0 && dep.choice.candidates.is_empty() {
+                        continue;
+                    }
+                    if dep.choice.candidates.is_empty() {
+                        let (why, _) = choose::explain(inv, &dep.md.spec, &dep.choice);
+                        dep.unplaced.push(UnplacedReplica {
+                            replica: r,
+                            reason: why,
                         });
-                        if let Some(n) = &note {
-                            warnings
-                                .push(format!("{}/{} replica {r}: {n}", dep.namespace, dep.name));
-                        }
-                        let _ = ci;
-                        dep.placed
-                            .insert(r, (cand.gpu_type, cand.tp, cand.pp, allocs, false, note));
-                        done = true;
-                        break;
+                        continue;
                     }
-                    Err(why) => {
-                        failed.insert(key, why.clone());
-                        if first_reason.is_none() {
-                            first_reason = Some(why);
+                    let mut first_reason: Option<String> = None;
+                    let mut done = false;
+                    let tries = if pass == 0 || opts.first_choice_only {
+                        1
+                    } else {
+                        dep.choice.candidates.len()
+                    };
+                    for (ci, cand) in dep.choice.candidates.iter().take(tries).enumerate() {
+                        let key = (
+                            cand.gpu_type,
+                            cand.tp,
+                            cand.pp,
+                            scope as u8,
+                            dep.grouping,
+                            dep.class,
+                        );
+                        let res = match failed.get(&key) {
+                            Some(why) => Err(why.clone()),
+                            None => try_place(inv, &cap, cand, scope, ok, g),
+                        };
+                        match res {
+                            Ok(allocs) => {
+                                for a in &allocs {
+                                    cap.take(a);
+                                }
+                                let note = first_reason.as_ref().map(|why| {
+                                    let first = &dep.choice.candidates[0];
+                                    format!(
+                                        "fell back from {} to {}: {why}",
+                                        choose::label(inv, first.gpu_type, first.tp, first.pp),
+                                        choose::label(inv, cand.gpu_type, cand.tp, cand.pp)
+                                    )
+                                });
+                                if let Some(n) = &note {
+                                    warnings.push(format!(
+                                        "{}/{} replica {r}: {n}",
+                                        dep.namespace, dep.name
+                                    ));
+                                }
+                                let _ = ci;
+                                dep.placed.insert(
+                                    r,
+                                    (cand.gpu_type, cand.tp, cand.pp, allocs, false, note),
+                                );
+                                done = true;
+                                break;
+                            }
+                            Err(why) => {
+                                failed.insert(key, why.clone());
+                                if first_reason.is_none() {
+                                    first_reason = Some(why);
+                                }
+                            }
                         }
+                    }
+                    if !done && pass == 1 {
+                        let n = dep.choice.candidates.len();
+                        let first = &dep.choice.candidates[0];
+                        let mut reason = format!(
+                            "{}: {}",
+                            choose::label(inv, first.gpu_type, first.tp, first.pp),
+                            first_reason.unwrap_or_default()
+                        );
+                        if n > 1 {
+                            reason.push_str(&format!(
+                                "; the {} other feasible layouts have no room either",
+                                n - 1
+                            ));
+                        }
+                        dep.unplaced.push(UnplacedReplica { replica: r, reason });
                     }
                 }
-            }
-            if !done {
-                let n = dep.choice.candidates.len();
-                let first = &dep.choice.candidates[0];
-                let mut reason = format!(
-                    "{}: {}",
-                    choose::label(inv, first.gpu_type, first.tp, first.pp),
-                    first_reason.unwrap_or_default()
-                );
-                if n > 1 {
-                    reason.push_str(&format!(
-                        "; the {} other feasible layouts have no room either",
-                        n - 1
-                    ));
-                }
-                dep.unplaced.push(UnplacedReplica { replica: r, reason });
             }
         }
+        level_start = level_end;
     }
 
     let deployments = deps
@@ -466,7 +497,7 @@ fn try_place(
     cand: &Candidate,
     scope: TensorParallelScope,
     ok: &[bool],
-    g: &Grouping,
+    g: &LazyGrouping,
 ) -> Result<Vec<Alloc>, String> {
     let short = inv.types[cand.gpu_type].short();
     let mut last = String::new();

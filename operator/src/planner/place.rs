@@ -59,11 +59,34 @@ pub struct Grouping {
     /// Per level, per node: group id, or `u32::MAX` when the node is excluded.
     pub ids: Vec<Vec<u32>>,
     pub counts: Vec<usize>,
-    /// Per level, per group: display name.
-    pub names: Vec<Vec<String>>,
+    /// Display names of the outermost level's groups (the hard key's values, or `cluster`).
+    pub root_names: Vec<String>,
 }
 
 pub const EXCLUDED: u32 = u32::MAX;
+
+/// A [`Grouping`] built on first use: only multi-stage gangs need one, and building it walks
+/// every node's labels (milliseconds on 10,000 nodes), so single-stage plans never pay for it.
+#[derive(Debug)]
+pub struct LazyGrouping {
+    hard_key: Option<String>,
+    cell: std::cell::OnceCell<Grouping>,
+}
+
+impl LazyGrouping {
+    pub fn new(hard_key: Option<&str>) -> Self {
+        Self {
+            hard_key: hard_key.map(str::to_owned),
+            cell: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The grouping, built on the first call.
+    pub fn get(&self, inv: &Inventory) -> &Grouping {
+        self.cell
+            .get_or_init(|| Grouping::new(inv, self.hard_key.as_deref()))
+    }
+}
 
 impl Grouping {
     pub fn new(inv: &Inventory, hard_key: Option<&str>) -> Grouping {
@@ -84,9 +107,21 @@ impl Grouping {
         level_names.push(hard_key.map_or("cluster".to_owned(), str::to_owned));
         let levels = level_names.len();
         let mut ids = vec![vec![EXCLUDED; n]; levels];
-        let mut names: Vec<Vec<String>> = vec![Vec::new(); levels];
         let mut counts = vec![0usize; levels];
-        let mut interned: Vec<HashMap<Vec<Option<&str>>, u32>> = vec![HashMap::new(); levels];
+        // Groups are interned hierarchically, outermost first: a group at prefix length p is
+        // (its parent group at p - 1, the value of key p); the root is the hard key's value.
+        // That equals interning the whole prefix tuple, without allocating a key per node.
+        let nkeys = keys.len();
+        let mut roots: HashMap<Option<&str>, u32> = HashMap::new();
+        let mut root_names: Vec<String> = Vec::new();
+        let mut interned: Vec<HashMap<(u32, &str), u32>> = vec![HashMap::new(); nkeys + 1];
+        let mut next_id = vec![0u32; nkeys + 1];
+        // Level index of each prefix length (0: not a level).
+        let mut level_of = vec![0usize; nkeys + 1];
+        for (li, &p) in prefixes.iter().enumerate() {
+            level_of[p] = li + 1;
+        }
+        let last = levels - 1;
         for (i, node) in inv.nodes.iter().enumerate() {
             let hv = match hard_key {
                 Some(k) => match node.labels.get(k) {
@@ -95,45 +130,53 @@ impl Grouping {
                 },
                 None => None,
             };
-            // Node level.
             ids[0][i] = counts[0] as u32;
-            names[0].push(node.name.clone());
             counts[0] += 1;
-            for (li, &p) in prefixes.iter().enumerate() {
-                let lvl = li + 1;
-                let vals: Vec<Option<&str>> =
-                    node.topology[..p].iter().map(|v| v.as_deref()).collect();
-                if vals.iter().any(Option::is_none) {
-                    // Unknown position: the node is a group of its own on this level.
-                    ids[lvl][i] = counts[lvl] as u32;
-                    names[lvl].push(format!("node {}", node.name));
-                    counts[lvl] += 1;
+            let next = roots.len() as u32;
+            let root = *roots.entry(hv).or_insert_with(|| {
+                root_names.push(hv.unwrap_or("cluster").to_owned());
+                next
+            });
+            ids[last][i] = root;
+            let mut parent = Some(root);
+            for p in 1..=nkeys {
+                parent = match (parent, node.topology[p - 1].as_deref()) {
+                    (Some(par), Some(v)) => {
+                        let fresh = next_id[p];
+                        let id = *interned[p].entry((par, v)).or_insert(fresh);
+                        if id == fresh {
+                            next_id[p] += 1;
+                        }
+                        Some(id)
+                    }
+                    // Unknown position: the node is a group of its own on this level and below.
+                    _ => None,
+                };
+                let lvl = level_of[p];
+                if lvl == 0 {
                     continue;
                 }
-                let mut key = vals;
-                key.push(hv);
-                let next = counts[lvl] as u32;
-                let id = *interned[lvl].entry(key).or_insert(next);
-                if id == next {
-                    names[lvl].push(node.topology[p - 1].clone().unwrap_or_default());
-                    counts[lvl] += 1;
-                }
-                ids[lvl][i] = id;
+                ids[lvl][i] = match parent {
+                    Some(id) => id,
+                    None => {
+                        let id = next_id[p];
+                        next_id[p] += 1;
+                        id
+                    }
+                };
             }
-            let last = levels - 1;
-            let next = counts[last] as u32;
-            let id = *interned[last].entry(vec![hv]).or_insert(next);
-            if id == next {
-                names[last].push(hv.unwrap_or("cluster").to_owned());
-                counts[last] += 1;
-            }
-            ids[last][i] = id;
         }
+        for p in 1..=nkeys {
+            if level_of[p] > 0 {
+                counts[level_of[p]] = next_id[p] as usize;
+            }
+        }
+        counts[last] = roots.len();
         Grouping {
             level_names,
             ids,
             counts,
-            names,
+            root_names,
         }
     }
 }
@@ -144,25 +187,38 @@ pub struct NoRoom(pub String);
 
 impl Capacity {
     pub fn new(inv: &Inventory) -> Capacity {
-        let mut by_type = vec![TypeIndex::default(); inv.types.len()];
+        // Collect, sort and bulk-build the ordered sets (much faster than inserting one by one).
+        let mut domains: Vec<Vec<(u32, u32, u32)>> = vec![Vec::new(); inv.types.len()];
+        let mut nodes: Vec<Vec<(u32, u32)>> = vec![Vec::new(); inv.types.len()];
         let mut free = Vec::with_capacity(inv.nodes.len());
         let mut node_free = Vec::with_capacity(inv.nodes.len());
         let mut node_type = Vec::with_capacity(inv.nodes.len());
         for (i, n) in inv.nodes.iter().enumerate() {
-            let idx = &mut by_type[n.gpu_type];
             for (d, &f) in n.free.iter().enumerate() {
                 if f > 0 {
-                    idx.domains.insert((f, i as u32, d as u32));
+                    domains[n.gpu_type].push((f, i as u32, d as u32));
                 }
             }
             let total = n.free_total();
             if total > 0 {
-                idx.nodes.insert((total, i as u32));
+                nodes[n.gpu_type].push((total, i as u32));
             }
             free.push(n.free.clone());
             node_free.push(total);
             node_type.push(n.gpu_type);
         }
+        let by_type = domains
+            .into_iter()
+            .zip(nodes)
+            .map(|(mut d, mut n)| {
+                d.sort_unstable();
+                n.sort_unstable();
+                TypeIndex {
+                    domains: d.into_iter().collect(),
+                    nodes: n.into_iter().collect(),
+                }
+            })
+            .collect();
         Capacity {
             free,
             node_free,
@@ -284,7 +340,7 @@ impl Capacity {
         pp: u32,
         mode: Mode,
         ok: &[bool],
-        g: &Grouping,
+        g: &LazyGrouping,
         short: &str,
         inv: &Inventory,
     ) -> Result<Vec<Alloc>, NoRoom> {
@@ -332,7 +388,7 @@ impl Capacity {
                 Mode::Spread => {}
             }
         }
-        self.find_grouped(t, tp, pp, mode, ok, g, short)
+        self.find_grouped(t, tp, pp, mode, ok, g.get(inv), short)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -415,12 +471,12 @@ impl Capacity {
                 (Mode::Spread, Some((a, std::cmp::Reverse(gid)))) => format!(
                     "needs {} GPUs of {short} {within}; the most free is {a} ({})",
                     tp * pp,
-                    g.names[last][gid as usize]
+                    g.root_names[gid as usize]
                 ),
                 (_, Some((a, std::cmp::Reverse(gid)))) => format!(
                     "needs {pp} stages of {tp} GPUs ({unit}) of {short} {within}; the most free is {a} stage{} ({})",
                     if a == 1 { "" } else { "s" },
-                    g.names[last][gid as usize]
+                    g.root_names[gid as usize]
                 ),
                 (_, None) => format!(
                     "needs {pp} stage{} of {tp} GPUs ({unit}) of {short} {within}; none is free",
