@@ -27,6 +27,9 @@ pub enum Command {
     /// Plan ModelDeployments against a cluster snapshot without touching a cluster: GPU type,
     /// tensor x pipeline layout and nodes for every replica, with predictions and reasons.
     Plan(crate::plan_cmd::PlanArgs),
+    /// Replay a load trace (CSV `t,demand`) through the autoscaler's decision code and print the
+    /// replicas it would choose, row by row (docs/autoscaling.md).
+    SimulateAutoscaling(crate::simulate_cmd::SimulateArgs),
 }
 
 /// Flags of `tessera-operator run`. The Helm chart sets these; keep docs/operator.md in step.
@@ -76,4 +79,10 @@ pub struct RunArgs {
         env = "TESSERA_MONITORING_NAMESPACE"
     )]
     pub monitoring_namespace: String,
+    /// Seconds between autoscaling passes (scrape every ready replica leader, decide, scale).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600), env = "TESSERA_AUTOSCALE_INTERVAL_SECONDS")]
+    pub autoscale_interval_seconds: u64,
+    /// Timeout of one /metrics scrape, seconds.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60), env = "TESSERA_AUTOSCALE_SCRAPE_TIMEOUT_SECONDS")]
+    pub autoscale_scrape_timeout_seconds: u64,
 }

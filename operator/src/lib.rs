@@ -5,9 +5,11 @@
 //! takes plain data and returns plain data; only the controller talks to Kubernetes.
 
 pub mod api;
+pub mod autoscale;
 pub mod build;
 pub mod cli;
 pub mod controller;
 pub mod logging;
 pub mod plan_cmd;
 pub mod planner;
+pub mod simulate_cmd;

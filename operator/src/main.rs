@@ -18,6 +18,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Plan(args) => tessera_operator::plan_cmd::main(&args),
+        Command::SimulateAutoscaling(args) => tessera_operator::simulate_cmd::main(&args),
         Command::Run(args) => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,

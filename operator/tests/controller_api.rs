@@ -475,7 +475,7 @@ async fn scale_down_removes_an_unready_replica_before_a_higher_ready_one() {
         now: Timestamp::now(),
     };
     let actions = reconcile(&obs, &ctx.config, &mut |_| "eeeee".into());
-    assert_eq!(actions.delete_pods, [r0_name.clone()]);
+    assert_eq!(actions.delete_pods, std::slice::from_ref(&r0_name));
     let events = actions.events.len();
     let server = tokio::spawn(serve(handle, 2 + events));
     execute(&ctx, &md, actions).await.expect("executes");

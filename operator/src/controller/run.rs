@@ -444,6 +444,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         service_accounts: Mutex::new(BTreeSet::new()),
         incarnations: AtomicU64::new(seed),
     });
+    // The built-in autoscaler: only here, after the Lease is held (a lost Lease ends the process).
+    tokio::spawn(
+        crate::autoscale::runner::Runner::new(
+            client.clone(),
+            crate::autoscale::runner::RunnerConfig {
+                interval: Duration::from_secs(args.autoscale_interval_seconds),
+                scrape_timeout: Duration::from_secs(args.autoscale_scrape_timeout_seconds),
+                ..Default::default()
+            },
+            ctx.config.clone(),
+            crate::autoscale::runner::Stores {
+                nodes: ctx.nodes.clone(),
+                pods: ctx.pods.clone(),
+                deployments: ctx.deployments.clone(),
+            },
+        )
+        .run(),
+    );
     ready.store(true, Ordering::Relaxed);
     tracing::info!(
         namespace = args.watch_namespace.as_deref().unwrap_or("<all>"),

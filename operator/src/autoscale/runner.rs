@@ -1,0 +1,441 @@
+//! The autoscaler inside `tessera-operator run`: a task on an interval that scrapes every ready
+//! replica leader of every ModelDeployment with `autoscaling.enabled`, decides with
+//! [`decide_pass`], writes replicas through the scale subresource (server-side apply, field
+//! manager `tessera-autoscaler`) and sets or clears the `ScalingLimited` condition.
+//!
+//! - It runs only in the leader: `run` starts it after the Lease is held, and the process exits
+//!   when leadership is lost.
+//! - No pile-up: a pass is awaited before the next tick and missed ticks are skipped.
+//! - Scrapes run with bounded concurrency (`buffer_unordered`) and a timeout each. A failed
+//!   scrape reuses the pod's last good sample with its age, so it turns stale (and holds the
+//!   replicas, never scales down) after `Params::stale_after_s`.
+//! - The condition is written with a JSON merge patch on `/status` that carries
+//!   `metadata.resourceVersion`: if the controller wrote status in between, the API answers 409
+//!   and the condition waits for the next tick.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::Store;
+use kube::{Client, ResourceExt};
+
+use super::decide::{History, Params, ReplicaSample};
+use super::pass::{self, Target, decide_pass, pods_for_inventory, scaling_condition};
+use super::scrape::{self, LeaderMetrics};
+use crate::api::ModelDeployment;
+use crate::build::labels;
+use crate::controller::reconcile::{Config, reserved_by_others};
+use crate::planner::inventory::Inventory;
+
+/// Field manager of the autoscaler's writes.
+pub const FIELD_MANAGER: &str = "tessera-autoscaler";
+
+/// Settings of the runner.
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    /// Time between passes.
+    pub interval: Duration,
+    /// Timeout of one scrape.
+    pub scrape_timeout: Duration,
+    /// Scrapes in flight at once.
+    pub concurrency: usize,
+    pub params: Params,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        RunnerConfig {
+            interval: Duration::from_secs(15),
+            scrape_timeout: Duration::from_secs(3),
+            concurrency: 32,
+            params: Params::default(),
+        }
+    }
+}
+
+/// Watch-fed state the runner reads.
+pub struct Stores {
+    pub nodes: Store<Node>,
+    pub pods: Store<Pod>,
+    pub deployments: Store<ModelDeployment>,
+}
+
+struct LastScrape {
+    at: Instant,
+    sample: ReplicaSample,
+    tokens_total: Option<f64>,
+}
+
+/// The autoscaler task.
+pub struct Runner {
+    client: Client,
+    cfg: RunnerConfig,
+    plan_cfg: Config,
+    stores: Stores,
+    histories: HashMap<String, History>,
+    last: HashMap<String, LastScrape>,
+    epoch: Instant,
+}
+
+/// A replica leader to scrape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaderTarget {
+    /// `namespace/name` of the deployment.
+    pub deployment: String,
+    /// Pod uid (or name), the key of its last sample.
+    pub pod: String,
+    pub addr: SocketAddr,
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    let st = p.status.as_ref();
+    st.and_then(|s| s.phase.as_deref()) == Some("Running")
+        && st
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        && p.metadata.deletion_timestamp.is_none()
+}
+
+/// Ready replica leaders of `md` among `pods`, with the address of their `/metrics`
+/// (`serving.port` on the pod IP). Pure.
+pub fn leaders(md: &ModelDeployment, pods: &[Pod]) -> Vec<LeaderTarget> {
+    let ns = md.namespace().unwrap_or_default();
+    let name = md.name_any();
+    let port = u16::try_from(md.spec.serving.port).unwrap_or(8000);
+    pods.iter()
+        .filter(|p| {
+            let l = p.labels();
+            p.metadata.namespace.as_deref() == Some(ns.as_str())
+                && l.get(labels::DEPLOYMENT) == Some(&name)
+                && l.get(labels::ROLE).map(String::as_str) == Some(labels::ROLE_LEADER)
+                && l.get(labels::MANAGED_BY).map(String::as_str) == Some(labels::MANAGER)
+                && pod_ready(p)
+        })
+        .filter_map(|p| {
+            let ip: IpAddr = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+            Some(LeaderTarget {
+                deployment: pass::key(md),
+                pod: p.metadata.uid.clone().unwrap_or_else(|| p.name_any()),
+                addr: SocketAddr::new(ip, port),
+            })
+        })
+        .collect()
+}
+
+impl Runner {
+    pub fn new(client: Client, cfg: RunnerConfig, plan_cfg: Config, stores: Stores) -> Self {
+        Runner {
+            client,
+            cfg,
+            plan_cfg,
+            stores,
+            histories: HashMap::new(),
+            last: HashMap::new(),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Run passes until the process ends.
+    pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.cfg.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        tracing::info!(
+            interval_s = self.cfg.interval.as_secs_f64(),
+            "autoscaler started"
+        );
+        loop {
+            tick.tick().await;
+            let started = Instant::now();
+            self.pass().await;
+            let took = started.elapsed();
+            if took > self.cfg.interval {
+                tracing::warn!(
+                    took_s = took.as_secs_f64(),
+                    "autoscaling pass took longer than the interval; skipping missed ticks"
+                );
+            }
+        }
+    }
+
+    async fn pass(&mut self) {
+        let deployments: Vec<ModelDeployment> = self
+            .stores
+            .deployments
+            .state()
+            .iter()
+            .filter(|d| d.metadata.deletion_timestamp.is_none())
+            .filter(|d| d.spec.autoscaling.as_ref().is_some_and(|a| a.enabled))
+            .map(|d| (**d).clone())
+            .collect();
+        let known: std::collections::HashSet<String> = deployments.iter().map(pass::key).collect();
+        self.histories.retain(|k, _| known.contains(k));
+        if deployments.is_empty() {
+            return;
+        }
+        let all_pods: Vec<Pod> = self
+            .stores
+            .pods
+            .state()
+            .iter()
+            .map(|p| (**p).clone())
+            .collect();
+        let targets: Vec<LeaderTarget> = deployments
+            .iter()
+            .flat_map(|md| leaders(md, &all_pods))
+            .collect();
+        let timeout = self.cfg.scrape_timeout;
+        let results: Vec<(LeaderTarget, Result<String, scrape::ScrapeError>)> =
+            futures::stream::iter(targets.into_iter().map(|t| async move {
+                let r = scrape::fetch(t.addr, timeout).await;
+                (t, r)
+            }))
+            .buffer_unordered(self.cfg.concurrency.max(1))
+            .collect()
+            .await;
+        let now = Instant::now();
+        let mut samples: HashMap<String, Vec<ReplicaSample>> = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        for (t, r) in results {
+            seen.insert(t.pod.clone());
+            let sample = match r {
+                Ok(text) => {
+                    let m = LeaderMetrics::from_text(&text);
+                    let prev = self.last.get(&t.pod).and_then(|l| {
+                        l.tokens_total
+                            .map(|v| (v, now.duration_since(l.at).as_secs_f64()))
+                    });
+                    let s = m.sample(prev);
+                    self.last.insert(
+                        t.pod.clone(),
+                        LastScrape {
+                            at: now,
+                            sample: s.clone(),
+                            tokens_total: m.generated_tokens_total,
+                        },
+                    );
+                    Some(s)
+                }
+                Err(e) => {
+                    tracing::debug!(deployment = %t.deployment, addr = %t.addr, error = %e, "scrape failed");
+                    self.last.get(&t.pod).map(|l| {
+                        let mut s = l.sample.clone();
+                        s.age_s = now.duration_since(l.at).as_secs_f64();
+                        s
+                    })
+                }
+            };
+            if let Some(s) = sample {
+                samples.entry(t.deployment).or_default().push(s);
+            }
+        }
+        self.last.retain(|k, _| seen.contains(k));
+
+        let nodes: Vec<Node> = self
+            .stores
+            .nodes
+            .state()
+            .iter()
+            .map(|n| (**n).clone())
+            .collect();
+        let all_mds: Vec<ModelDeployment> = self
+            .stores
+            .deployments
+            .state()
+            .iter()
+            .map(|d| (**d).clone())
+            .collect();
+        let mut inv_pods = pods_for_inventory(&all_pods);
+        inv_pods.extend(reserved_pods(&reserved_by_others(&all_mds, None)));
+        let inv = Inventory::from_nodes(
+            &nodes,
+            &inv_pods,
+            &self.plan_cfg.catalog,
+            &self.plan_cfg.topology_keys,
+        );
+        let pass_targets: Vec<Target<'_>> = deployments
+            .iter()
+            .map(|md| Target {
+                md,
+                samples: samples.remove(&pass::key(md)).unwrap_or_default(),
+            })
+            .collect();
+        let now_s = now.duration_since(self.epoch).as_secs_f64();
+        let decisions = decide_pass(
+            &pass_targets,
+            &self.histories,
+            Some(&inv),
+            &self.cfg.params,
+            &self.plan_cfg.plan,
+            now_s,
+        );
+        for (md, (key, d)) in deployments.iter().zip(decisions) {
+            let spec = md.spec.autoscaling.as_ref().expect("enabled");
+            let applied = if d.replicas != d.current {
+                match self.apply_replicas(md, d.replicas).await {
+                    Ok(()) => {
+                        tracing::info!(deployment = %key, from = d.current, to = d.replicas, reason = d.reason.as_str(), "{}", d.message);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(deployment = %key, error = %e, "writing replicas through the scale subresource failed; retrying next tick");
+                        false
+                    }
+                }
+            } else {
+                tracing::debug!(deployment = %key, reason = d.reason.as_str(), "{}", d.message);
+                true
+            };
+            if applied {
+                self.histories.entry(key.clone()).or_default().commit(
+                    spec,
+                    &self.cfg.params,
+                    &d,
+                    now_s,
+                );
+            }
+            let old = md
+                .status
+                .as_ref()
+                .map(|s| s.conditions.as_slice())
+                .unwrap_or(&[]);
+            if let Some(conditions) =
+                scaling_condition(old, &d, md.metadata.generation, Timestamp::now())
+            {
+                match self.write_conditions(md, &conditions).await {
+                    Ok(()) => {}
+                    Err(kube::Error::Api(e)) if e.code == 409 => {
+                        tracing::debug!(deployment = %key, "status changed meanwhile; ScalingLimited waits for the next tick");
+                    }
+                    Err(e) => {
+                        tracing::warn!(deployment = %key, error = %e, "writing the ScalingLimited condition failed")
+                    }
+                }
+            }
+        }
+    }
+
+    async fn apply_replicas(&self, md: &ModelDeployment, replicas: u32) -> Result<(), kube::Error> {
+        let api: Api<ModelDeployment> =
+            Api::namespaced(self.client.clone(), &md.namespace().unwrap_or_default());
+        let body = scale_body(replicas);
+        api.patch_scale(
+            &md.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn write_conditions(
+        &self,
+        md: &ModelDeployment,
+        conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    ) -> Result<(), kube::Error> {
+        let api: Api<ModelDeployment> =
+            Api::namespaced(self.client.clone(), &md.namespace().unwrap_or_default());
+        let body = condition_patch(md.resource_version(), conditions);
+        api.patch_status(
+            &md.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&body),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// The server-side apply body of the scale subresource.
+pub fn scale_body(replicas: u32) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "autoscaling/v1",
+        "kind": "Scale",
+        "spec": {"replicas": replicas},
+    })
+}
+
+/// The merge patch of the conditions, guarded by the resourceVersion that was read.
+pub fn condition_patch(
+    resource_version: Option<String>,
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"resourceVersion": resource_version},
+        "status": {"conditions": conditions},
+    })
+}
+
+fn reserved_pods(reserved: &[(String, u32)]) -> Vec<Pod> {
+    reserved
+        .iter()
+        .filter_map(|(node, gpus)| {
+            serde_json::from_value::<Pod>(serde_json::json!({
+                "metadata": {"name": format!("reserved-{node}")},
+                "spec": {"nodeName": node, "containers": [{"name": "r", "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}}}]}
+            }))
+            .ok()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, role: &str, ready: bool, ip: Option<&str>) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}"), "labels": {
+                labels::DEPLOYMENT: "m", labels::ROLE: role, labels::MANAGED_BY: labels::MANAGER}},
+            "spec": {"containers": []},
+            "status": {"phase": "Running", "podIP": ip,
+                "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn scrapes_only_ready_leaders_on_the_serving_port() {
+        let md: ModelDeployment = crate::api::parse_model_deployment(&serde_json::json!({
+            "apiVersion": "tessera.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "m", "namespace": "ns"},
+            "spec": {"model": {"uri": "pvc://m/x", "architecture": {
+                "parameters": 1000000, "layers": 2, "hiddenSize": 64, "attentionHeads": 4,
+                "kvHeads": 4, "intermediateSize": 128, "vocabSize": 100, "contextLength": 128,
+                "bytesPerParameter": 2}},
+                "serving": {"port": 9000}}
+        }))
+        .expect("valid");
+        let pods = [
+            pod("a", labels::ROLE_LEADER, true, Some("10.0.0.1")),
+            pod("b", labels::ROLE_LEADER, false, Some("10.0.0.2")),
+            pod("c", labels::ROLE_WORKER, true, Some("10.0.0.3")),
+            pod("d", labels::ROLE_LEADER, true, None),
+            pod("e", labels::ROLE_LEADER, true, Some("fd00::5")),
+        ];
+        let got = leaders(&md, &pods);
+        let addrs: Vec<String> = got.iter().map(|t| t.addr.to_string()).collect();
+        assert_eq!(addrs, ["10.0.0.1:9000", "[fd00::5]:9000"]);
+        assert_eq!(got[0].deployment, "ns/m");
+        assert_eq!(got[0].pod, "uid-a");
+    }
+
+    #[test]
+    fn writes_are_scale_apply_and_guarded_merge_patches() {
+        assert_eq!(
+            scale_body(4),
+            serde_json::json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "spec": {"replicas": 4}})
+        );
+        let p = condition_patch(Some("42".into()), &[]);
+        assert_eq!(p["metadata"]["resourceVersion"], "42");
+        assert!(
+            p["status"]["conditions"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+        );
+    }
+}

@@ -1,0 +1,402 @@
+//! Reading a worker's `/metrics`: a small, tolerant parser of the Prometheus text format (and
+//! the OpenMetrics text the worker's prometheus-client writes), the few series the autoscaler
+//! needs, and a bounded HTTP/1.1 GET.
+//!
+//! Series read from a replica leader:
+//!
+//! | series | meaning |
+//! |---|---|
+//! | `tessera_requests_waiting` | gauge, summed over series |
+//! | `tessera_requests_running` | gauge, summed over series |
+//! | `tessera_kv_cache_utilization` | gauge 0..1, mean over series |
+//! | `tessera_generated_tokens_total` | counter, summed; tokens/s is its rate between scrapes |
+//! | `DCGM_FI_DEV_GPU_UTIL` | gauge in percent, one series per GPU; mean, as a fraction |
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::decide::ReplicaSample;
+
+/// One sample line: name, labels, value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Series {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// Parse Prometheus/OpenMetrics text. Comments, blank lines and lines that do not parse are
+/// skipped (a scrape should not fail because of one odd series).
+pub fn parse(text: &str) -> Vec<Series> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<Series> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let name_end = line
+        .find(|c: char| c == '{' || c.is_whitespace())
+        .unwrap_or(line.len());
+    let name = &line[..name_end];
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    {
+        return None;
+    }
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(r) = rest.strip_prefix('{') {
+        let (ls, after) = parse_labels(r)?;
+        labels = ls;
+        rest = after;
+    }
+    let value = rest.split_whitespace().next()?;
+    let value = match value {
+        "+Inf" | "Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().ok()?,
+    };
+    Some(Series {
+        name: name.to_owned(),
+        labels,
+        value,
+    })
+}
+
+/// Labels after the `{`; returns them and the text after the closing `}`.
+fn parse_labels(s: &str) -> Option<(Vec<(String, String)>, &str)> {
+    let mut out = Vec::new();
+    let mut chars = s.char_indices().peekable();
+    loop {
+        // Skip spaces and commas.
+        while let Some(&(_, c)) = chars.peek() {
+            if c == ',' || c.is_whitespace() {
+                chars.next();
+            } else {
+                break;
+            }
+        }
+        let &(start, c) = chars.peek()?;
+        if c == '}' {
+            return Some((out, &s[start + 1..]));
+        }
+        let mut key = String::new();
+        while let Some(&(_, c)) = chars.peek() {
+            if c == '=' || c.is_whitespace() {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        while chars.peek().is_some_and(|&(_, c)| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.next()?.1 != '=' {
+            return None;
+        }
+        while chars.peek().is_some_and(|&(_, c)| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.next()?.1 != '"' {
+            return None;
+        }
+        let mut value = String::new();
+        loop {
+            let (_, c) = chars.next()?;
+            match c {
+                '"' => break,
+                '\\' => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                c => value.push(c),
+            }
+        }
+        out.push((key, value));
+    }
+}
+
+/// The raw values the autoscaler needs from one leader's `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LeaderMetrics {
+    pub waiting: Option<f64>,
+    pub running: Option<f64>,
+    pub kv_cache_utilization: Option<f64>,
+    pub generated_tokens_total: Option<f64>,
+    /// Mean GPU utilisation as a fraction 0..1.
+    pub gpu_utilization: Option<f64>,
+}
+
+fn sum_of(series: &[Series], name: &str) -> Option<f64> {
+    let mut it = series
+        .iter()
+        .filter(|s| s.name == name && s.value.is_finite())
+        .peekable();
+    it.peek()?;
+    Some(it.map(|s| s.value).sum())
+}
+
+fn mean_of(series: &[Series], name: &str) -> Option<f64> {
+    let vals: Vec<f64> = series
+        .iter()
+        .filter(|s| s.name == name && s.value.is_finite())
+        .map(|s| s.value)
+        .collect();
+    (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64)
+}
+
+impl LeaderMetrics {
+    /// Pick the series out of a parsed exposition.
+    pub fn from_text(text: &str) -> Self {
+        let series = parse(text);
+        LeaderMetrics {
+            waiting: sum_of(&series, "tessera_requests_waiting"),
+            running: sum_of(&series, "tessera_requests_running"),
+            kv_cache_utilization: mean_of(&series, "tessera_kv_cache_utilization"),
+            generated_tokens_total: sum_of(&series, "tessera_generated_tokens_total"),
+            gpu_utilization: mean_of(&series, "DCGM_FI_DEV_GPU_UTIL").map(|p| p / 100.0),
+        }
+    }
+
+    /// The decision's sample; `previous` is the last scrape of the same pod (tokens counter and
+    /// seconds since), for the tokens/s rate. A counter that went down (a restart) gives no
+    /// rate.
+    pub fn sample(&self, previous: Option<(f64, f64)>) -> ReplicaSample {
+        let tokens_per_second = match (self.generated_tokens_total, previous) {
+            (Some(now), Some((before, secs))) if secs > 0.0 && now >= before => {
+                Some((now - before) / secs)
+            }
+            _ => None,
+        };
+        ReplicaSample {
+            waiting: self.waiting,
+            running: self.running,
+            kv_cache_utilization: self.kv_cache_utilization,
+            tokens_per_second,
+            gpu_utilization: self.gpu_utilization,
+            age_s: 0.0,
+        }
+    }
+}
+
+/// Why a scrape failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrapeError {
+    #[error("connecting or reading: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("HTTP status {0}")]
+    Status(u16),
+    #[error("malformed HTTP response: {0}")]
+    Malformed(&'static str),
+    #[error("response larger than {0} bytes")]
+    TooLarge(usize),
+}
+
+/// Largest `/metrics` body read.
+pub const MAX_BODY: usize = 4 << 20;
+
+/// GET `http://addr/metrics` (HTTP/1.1, `Connection: close`) with one overall timeout.
+pub async fn fetch(addr: SocketAddr, timeout: Duration) -> Result<String, ScrapeError> {
+    match tokio::time::timeout(timeout, fetch_inner(addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(ScrapeError::Timeout(timeout)),
+    }
+}
+
+async fn fetch_inner(addr: SocketAddr) -> Result<String, ScrapeError> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!(
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\nConnection: close\r\nUser-Agent: tessera-autoscaler\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_BODY + 64 * 1024 {
+            return Err(ScrapeError::TooLarge(MAX_BODY));
+        }
+    }
+    parse_response(&buf)
+}
+
+/// The body of a raw HTTP/1.1 response (identity, `Content-Length` or chunked).
+pub fn parse_response(raw: &[u8]) -> Result<String, ScrapeError> {
+    let head_end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or(ScrapeError::Malformed("no end of headers"))?;
+    let head = std::str::from_utf8(&raw[..head_end])
+        .map_err(|_| ScrapeError::Malformed("headers are not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let code: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or(ScrapeError::Malformed("no status code"))?;
+    if code != 200 {
+        return Err(ScrapeError::Status(code));
+    }
+    let mut chunked = false;
+    let mut length: Option<usize> = None;
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            let k = k.trim();
+            let v = v.trim();
+            if k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked") {
+                chunked = true;
+            } else if k.eq_ignore_ascii_case("content-length") {
+                length = v.parse().ok();
+            }
+        }
+    }
+    let body = &raw[head_end + 4..];
+    let bytes: Vec<u8> = if chunked {
+        dechunk(body)?
+    } else if let Some(n) = length {
+        body.get(..n)
+            .ok_or(ScrapeError::Malformed("body shorter than Content-Length"))?
+            .to_vec()
+    } else {
+        body.to_vec()
+    };
+    String::from_utf8(bytes).map_err(|_| ScrapeError::Malformed("body is not UTF-8"))
+}
+
+fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, ScrapeError> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = body
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or(ScrapeError::Malformed("chunk size without CRLF"))?;
+        let size_text = std::str::from_utf8(&body[..line_end])
+            .map_err(|_| ScrapeError::Malformed("chunk size"))?;
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| ScrapeError::Malformed("chunk size"))?;
+        body = &body[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        let data = body
+            .get(..size)
+            .ok_or(ScrapeError::Malformed("truncated chunk"))?;
+        out.extend_from_slice(data);
+        body = body.get(size + 2..).unwrap_or(&[]);
+        if out.len() > MAX_BODY {
+            return Err(ScrapeError::TooLarge(MAX_BODY));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WORKER: &str = r#"# HELP tessera_requests_waiting Requests waiting for a slot.
+# TYPE tessera_requests_waiting gauge
+tessera_requests_waiting 3
+# TYPE tessera_requests_running gauge
+tessera_requests_running{model="llama"} 12
+# TYPE tessera_kv_cache_utilization gauge
+tessera_kv_cache_utilization 0.625
+# TYPE tessera_generated_tokens counter
+tessera_generated_tokens_total 15000 1700000000000
+tessera_generated_tokens_created 1.7e9
+DCGM_FI_DEV_GPU_UTIL{gpu="0",UUID="GPU-a",modelName="NVIDIA H100 80GB HBM3"} 80
+DCGM_FI_DEV_GPU_UTIL{gpu="1",UUID="GPU-b",modelName="a \"quoted\" {name}, with spaces"} 60
+tessera_odd{broken 1
+# EOF
+"#;
+
+    #[test]
+    fn parses_the_worker_series() {
+        let m = LeaderMetrics::from_text(WORKER);
+        assert_eq!(m.waiting, Some(3.0));
+        assert_eq!(m.running, Some(12.0));
+        assert_eq!(m.kv_cache_utilization, Some(0.625));
+        assert_eq!(m.generated_tokens_total, Some(15000.0));
+        assert_eq!(m.gpu_utilization, Some(0.7));
+    }
+
+    #[test]
+    fn labels_with_quotes_braces_and_escapes() {
+        let s = parse(WORKER);
+        let gpu1 = s
+            .iter()
+            .find(|s| s.labels.iter().any(|(k, v)| k == "gpu" && v == "1"))
+            .expect("gpu 1");
+        assert_eq!(gpu1.value, 60.0);
+        assert!(
+            gpu1.labels
+                .iter()
+                .any(|(k, v)| k == "modelName" && v == "a \"quoted\" {name}, with spaces")
+        );
+        // The broken line is skipped, not fatal.
+        assert!(s.iter().all(|s| s.name != "tessera_odd"));
+    }
+
+    #[test]
+    fn absent_series_are_none_and_rates_need_two_scrapes() {
+        let m = LeaderMetrics::from_text("tessera_requests_waiting 1\n");
+        assert_eq!(m.running, None);
+        let s = m.sample(None);
+        assert_eq!(s.value(crate::api::ScalingMetric::QueueDepth), None);
+        let m = LeaderMetrics::from_text("tessera_generated_tokens_total 300\n");
+        assert_eq!(m.sample(None).tokens_per_second, None);
+        assert_eq!(m.sample(Some((150.0, 15.0))).tokens_per_second, Some(10.0));
+        // A counter reset gives no rate.
+        assert_eq!(m.sample(Some((900.0, 15.0))).tokens_per_second, None);
+    }
+
+    #[test]
+    fn http_bodies_plain_length_and_chunked() {
+        let r = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloEXTRA";
+        assert_eq!(parse_response(r).expect("ok"), "hello");
+        let r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+        assert_eq!(parse_response(r).expect("ok"), "hello world");
+        let r = b"HTTP/1.1 503 Service Unavailable\r\n\r\n";
+        assert!(matches!(parse_response(r), Err(ScrapeError::Status(503))));
+        assert!(matches!(
+            parse_response(b"garbage"),
+            Err(ScrapeError::Malformed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn fetches_over_tcp() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let body = "tessera_requests_waiting 7\ntessera_requests_running 1\n";
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(resp.as_bytes()).await.expect("write");
+        });
+        let text = fetch(addr, Duration::from_secs(5)).await.expect("fetch");
+        let m = LeaderMetrics::from_text(&text);
+        assert_eq!((m.waiting, m.running), (Some(7.0), Some(1.0)));
+    }
+}
