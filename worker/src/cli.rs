@@ -29,6 +29,9 @@ pub enum Command {
         /// Port for the OpenAI-compatible API.
         #[arg(long, default_value_t = 8000)]
         port: u16,
+        /// CPU threads per rank (default: the cores divided among the ranks).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Generate text from a prompt on this machine's CPU (one rank), printing the text and, on
     /// stderr, prompt and decode speed.

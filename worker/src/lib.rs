@@ -7,12 +7,20 @@
 //! - [`cli`]: the command-line surface.
 //! - [`kernels`], [`model`], [`tokenizer`], [`engine`]: the CPU inference core (quantised
 //!   kernels, the Llama decoder, the GGUF tokenizer, sampling and generation).
+//! - [`server`]: the OpenAI-compatible HTTP API, health, readiness and serving metrics over the
+//!   continuous-batching [`engine::scheduler`].
+//! - [`dist`]: the tensor-parallel rank group over TCP (rendezvous, all-reduce, steps, watchdog);
+//!   `serve` and `local`: one rank from the operator's environment, every rank on one machine.
 
 pub mod agent;
 pub mod cli;
+pub mod dist;
 pub mod engine;
 pub mod kernels;
+pub mod local;
 pub mod logging;
 pub mod model;
+pub mod serve;
+pub mod server;
 pub mod telemetry;
 pub mod tokenizer;

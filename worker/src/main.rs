@@ -34,12 +34,36 @@ fn main() -> ExitCode {
                 }
             }
         }
-        other => {
-            eprintln!(
-                "tessera-worker {}: not implemented yet (the inference core has its own issue)",
-                other.name()
-            );
-            ExitCode::from(2)
+        Command::Serve => report(tessera_worker::serve::run()),
+        Command::Local {
+            model,
+            tp,
+            pp,
+            port,
+            threads,
+        } => report(tessera_worker::local::run(
+            &tessera_worker::local::LocalArgs {
+                model,
+                tp: tp as usize,
+                pp: pp as usize,
+                port,
+                threads,
+            },
+        )),
+    }
+}
+
+/// Log a failure (the message names what went wrong) and map it to the exit status.
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            if tessera_worker::dist::is_group_error(&e) {
+                ExitCode::from(tessera_worker::dist::EXIT_GROUP_LOST as u8)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -1,9 +1,11 @@
 //! The engine: a loaded model with its tokenizer, CPU pool and collective, sampling and
-//! generation (one sequence at a time for now; continuous batching comes with the server).
+//! generation of one sequence ([`Engine::generate`]), and continuous batching of many
+//! ([`scheduler`]).
 
 pub mod generate;
 pub mod runner;
 pub mod sampling;
+pub mod scheduler;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,0 +1,499 @@
+//! The rank group of one tensor-parallel replica over TCP (CPU ranks).
+//!
+//! - **Rendezvous** ([`join`]): rank 0 (the leader) listens on `leader_host:port`; every other
+//!   rank opens three connections to it (all-reduce data, steps, heartbeats), retrying with
+//!   backoff until `connect_deadline`. Each connection starts with a hello (protocol, group id,
+//!   world size, rank, channel) that the leader checks: a different group id (a rank of a
+//!   previous incarnation), another world size, a rank outside the world or one that already
+//!   joined is refused with a message saying so, and the refused rank's `join` fails with it.
+//!   The leader waits for every rank up to the same deadline, then sends "ready" to all; later
+//!   arrivals are refused ("the group is already formed").
+//! - **Collective** ([`collective::TcpCollective`]): a leader-star all-reduce (2 hops per call
+//!   whatever the group size; see the module for why not a ring), TCP_NODELAY, every call
+//!   recorded in `ALLREDUCE_STATS`.
+//! - **Steps** ([`steps`]): the leader's [`StepBroadcast`] sends every step to every follower
+//!   in order; a follower's [`StepSource`] yields them; [`follow`] executes them.
+//! - **Watchdog** ([`health`]): heartbeats on their own connection and threads; a dead rank
+//!   (connection closed), a silent one (no heartbeat for `stall_timeout`) or a stalled
+//!   all-reduce makes [`GroupHealth`] unhealthy at once, the reason reaches every rank, and
+//!   every rank exits non-zero after a short grace, naming the lost rank.
+
+pub mod collective;
+pub mod health;
+pub mod steps;
+pub mod wire;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::engine::runner::{Runner, Step, StepBroadcast};
+use crate::model::parallel::{Collective, Identity};
+pub use health::{EXIT_GRACE, EXIT_GROUP_LOST, ExitHook, GroupHealth, exit_process};
+use health::{Shared, start_watchdog};
+use wire::{Channel, Hello, MAGIC, Welcome, kind};
+
+/// Where and how this rank joins its group.
+#[derive(Clone, Debug)]
+pub struct GroupConfig {
+    /// This rank (0 is the leader).
+    pub rank: usize,
+    /// Ranks in the group.
+    pub world: usize,
+    /// The leader's host name or address.
+    pub leader_host: String,
+    /// The leader's rendezvous port.
+    pub port: u16,
+    /// Identifies this incarnation of the group; ranks with another id are refused.
+    pub group_id: String,
+    /// How long followers keep trying to reach the leader, and the leader waits for them.
+    pub connect_deadline: Duration,
+    /// How long a silent peer or a blocked all-reduce is tolerated before the group is lost.
+    pub stall_timeout: Duration,
+}
+
+/// A follower's supply of steps from the leader.
+pub trait StepSource: Send {
+    /// The next step; `Ok(None)` when the leader closed the group cleanly.
+    fn next(&mut self) -> anyhow::Result<Option<Step>>;
+}
+
+/// What this rank does in the group.
+pub enum Role {
+    /// Rank 0: decides the steps and broadcasts them.
+    Leader(Box<dyn StepBroadcast>),
+    /// Every other rank: executes the leader's steps.
+    Follower(Box<dyn StepSource>),
+}
+
+/// A joined group: the collective for the engine, this rank's role and the group's health.
+pub struct Group {
+    pub collective: Box<dyn Collective>,
+    pub role: Role,
+    pub health: GroupHealth,
+}
+
+/// The group is lost (a rank died, went silent or fell out of step); the message names the rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupError(pub String);
+
+impl std::fmt::Display for GroupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "tensor-parallel group lost: {}", self.0)
+    }
+}
+
+impl std::error::Error for GroupError {}
+
+/// Whether `e` (or anything in its chain) is a [`GroupError`].
+pub fn is_group_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<GroupError>())
+}
+
+/// Join the group; when it is lost later, log the reason and exit the process
+/// ([`EXIT_GROUP_LOST`]).
+pub fn join(cfg: &GroupConfig) -> anyhow::Result<Group> {
+    join_with_exit(cfg, Box::new(exit_process))
+}
+
+/// [`join`] with another exit hook (tests observe the exit instead of dying).
+pub fn join_with_exit(cfg: &GroupConfig, exit: ExitHook) -> anyhow::Result<Group> {
+    anyhow::ensure!(cfg.world >= 1, "the group's world size must be at least 1");
+    anyhow::ensure!(
+        cfg.rank < cfg.world,
+        "rank {} is outside a group of {} ranks (ranks are 0..{})",
+        cfg.rank,
+        cfg.world,
+        cfg.world - 1
+    );
+    anyhow::ensure!(
+        !cfg.stall_timeout.is_zero(),
+        "the stall timeout must be positive"
+    );
+    let shared = Shared::new(cfg.rank, exit, EXIT_GRACE);
+    if cfg.world == 1 {
+        return Ok(Group {
+            collective: Box::new(Identity),
+            role: Role::Leader(Box::new(NoFollowers)),
+            health: GroupHealth(shared),
+        });
+    }
+    if cfg.rank == 0 {
+        join_leader(cfg, shared)
+    } else {
+        join_follower(cfg, shared)
+    }
+}
+
+/// Execute the leader's steps on this rank until the leader closes the group. A step that fails
+/// here for a reason every rank shares (a full KV cache, a bad token) fails on the leader too and
+/// is skipped; a lost group ends with an error naming the lost rank.
+pub fn follow(runner: &mut Runner, source: &mut dyn StepSource) -> anyhow::Result<()> {
+    while let Some(step) = source.next()? {
+        if let Err(e) = runner.execute(&step) {
+            if is_group_error(&e) {
+                return Err(e);
+            }
+            let seq = match &step {
+                Step::Forward { seq, .. } | Step::Release { seq } => *seq,
+            };
+            tracing::warn!(
+                seq,
+                "a step failed on this rank (the leader's fails alike): {e:#}"
+            );
+        }
+    }
+    Ok(())
+}
+
+struct NoFollowers;
+
+impl StepBroadcast for NoFollowers {
+    fn broadcast(&mut self, _step: &Step) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// The address the leader listens on: the loopback address when the leader's host is local
+/// loopback (laptops, tests), every interface otherwise (a pod's name resolves to its own IP,
+/// possibly only once the pod is ready).
+fn bind_addrs(host: &str, port: u16) -> Vec<SocketAddr> {
+    let loopback: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map(|a| a.filter(|a| a.ip().is_loopback()).collect())
+        .unwrap_or_default();
+    if !loopback.is_empty() {
+        return loopback;
+    }
+    vec![
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+    ]
+}
+
+fn join_leader(cfg: &GroupConfig, shared: Arc<Shared>) -> anyhow::Result<Group> {
+    let addrs = bind_addrs(&cfg.leader_host, cfg.port);
+    let listener = TcpListener::bind(&addrs[..]).with_context(|| {
+        format!(
+            "rank 0 cannot listen for the group on port {} ({})",
+            cfg.port,
+            addrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    listener.set_nonblocking(true)?;
+    tracing::info!(
+        world = cfg.world,
+        group = %cfg.group_id,
+        "rank 0 waiting for {} ranks on {}",
+        cfg.world - 1,
+        listener.local_addr()?
+    );
+    let deadline = Instant::now() + cfg.connect_deadline;
+    let want = 3 * (cfg.world - 1);
+    let mut slots: BTreeMap<(usize, Channel), TcpStream> = BTreeMap::new();
+    let mut refused: Vec<String> = Vec::new();
+    while slots.len() < want {
+        if Instant::now() >= deadline {
+            let joined: Vec<usize> = (1..cfg.world)
+                .filter(|r| Channel::ALL.iter().all(|c| slots.contains_key(&(*r, *c))))
+                .collect();
+            let missing: Vec<usize> = (1..cfg.world).filter(|r| !joined.contains(r)).collect();
+            bail!(
+                "the group did not form within {:.0} s: ranks {missing:?} of {} never joined (joined: {joined:?}){}",
+                cfg.connect_deadline.as_secs_f64(),
+                cfg.world,
+                if refused.is_empty() {
+                    String::new()
+                } else {
+                    format!("; refused: {}", refused.join("; "))
+                }
+            );
+        }
+        let (mut s, peer) = match listener.accept() {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("accepting a rank's connection: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        s.set_nonblocking(false)?;
+        let _ = s.set_nodelay(true);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let hello: Hello = match wire::read_json(&mut s, kind::HELLO) {
+            Ok(h) => h,
+            Err(e) => {
+                refused.push(format!("{peer}: no valid hello ({e})"));
+                continue;
+            }
+        };
+        let verdict = check_hello(cfg, &hello, |r, c| slots.contains_key(&(r, c)));
+        let welcome = Welcome {
+            ok: verdict.is_ok(),
+            error: verdict.as_ref().err().cloned(),
+        };
+        let sent = wire::write_json(&mut s, kind::WELCOME, &welcome);
+        match verdict {
+            Ok(()) => {
+                sent.with_context(|| format!("answering rank {} at {peer}", hello.rank))?;
+                tracing::debug!(rank = hello.rank, channel = ?hello.channel, "rank connected from {peer}");
+                slots.insert((hello.rank, hello.channel), s);
+            }
+            Err(msg) => {
+                tracing::warn!("refused a connection from {peer}: {msg}");
+                refused.push(format!("{peer}: {msg}"));
+            }
+        }
+    }
+    let mut data = Vec::new();
+    let mut steps = Vec::new();
+    let mut beats = Vec::new();
+    for ((rank, channel), s) in slots {
+        let _ = s.set_read_timeout(None);
+        shared.track(&s);
+        match channel {
+            Channel::Data => data.push(s),
+            Channel::Steps => steps.push(s),
+            Channel::Heartbeat => beats.push((rank, s)),
+        }
+    }
+    for (i, s) in steps.iter_mut().enumerate() {
+        wire::write_frame(s, kind::READY, &[])
+            .with_context(|| format!("telling rank {} the group is ready", i + 1))?;
+    }
+    tracing::info!(world = cfg.world, group = %cfg.group_id, "tensor-parallel group formed");
+    start_watchdog(&shared, beats, cfg.stall_timeout);
+    spawn_late_refuser(listener, cfg.clone(), Arc::clone(&shared));
+    Ok(Group {
+        collective: Box::new(collective::TcpCollective::leader(
+            cfg.world,
+            data,
+            cfg.stall_timeout,
+            cfg.connect_deadline,
+            Arc::clone(&shared),
+        )),
+        role: Role::Leader(Box::new(steps::TcpBroadcast::new(
+            steps,
+            cfg.stall_timeout,
+            Arc::clone(&shared),
+        ))),
+        health: GroupHealth(shared),
+    })
+}
+
+fn check_hello(
+    cfg: &GroupConfig,
+    h: &Hello,
+    joined: impl Fn(usize, Channel) -> bool,
+) -> Result<(), String> {
+    if h.magic != MAGIC {
+        return Err(format!(
+            "protocol {:?} is not this leader's {MAGIC:?} (another program, or another Tessera version)",
+            h.magic
+        ));
+    }
+    if h.group_id != cfg.group_id {
+        return Err(format!(
+            "group id mismatch: rank {} belongs to group {:?}, this leader's group is {:?} (a rank of a previous incarnation is refused)",
+            h.rank, h.group_id, cfg.group_id
+        ));
+    }
+    if h.world != cfg.world {
+        return Err(format!(
+            "world size mismatch: rank {} expects {} ranks, the leader {}",
+            h.rank, h.world, cfg.world
+        ));
+    }
+    if h.rank == 0 || h.rank >= cfg.world {
+        return Err(format!(
+            "rank {} is not a follower rank of a group of {} (followers are 1..{})",
+            h.rank,
+            cfg.world,
+            cfg.world - 1
+        ));
+    }
+    if joined(h.rank, h.channel) {
+        return Err(format!(
+            "rank {} already joined this group (two processes claim the same rank)",
+            h.rank
+        ));
+    }
+    Ok(())
+}
+
+/// After the group formed, answer every newcomer with a refusal that says why, until the group
+/// ends.
+fn spawn_late_refuser(listener: TcpListener, cfg: GroupConfig, shared: Arc<Shared>) {
+    let _ = std::thread::Builder::new()
+        .name("group-refuser".into())
+        .spawn(move || {
+            while shared.lost().is_none() && !shared.is_closing() {
+                match listener.accept() {
+                    Ok((mut s, peer)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                        let Ok(h) = wire::read_json::<Hello>(&mut s, kind::HELLO) else {
+                            continue;
+                        };
+                        let msg = match check_hello(&cfg, &h, |_, _| false) {
+                            Err(m) => m,
+                            Ok(()) => format!(
+                                "the group is already formed: rank {} joined it before",
+                                h.rank
+                            ),
+                        };
+                        tracing::warn!("refused a late connection from {peer}: {msg}");
+                        let _ = wire::write_json(
+                            &mut s,
+                            kind::WELCOME,
+                            &Welcome {
+                                ok: false,
+                                error: Some(msg),
+                            },
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+}
+
+fn join_follower(cfg: &GroupConfig, shared: Arc<Shared>) -> anyhow::Result<Group> {
+    let deadline = Instant::now() + cfg.connect_deadline;
+    let mut conns = BTreeMap::new();
+    for channel in Channel::ALL {
+        conns.insert(channel, connect(cfg, channel, deadline)?);
+    }
+    let mut steps = conns.remove(&Channel::Steps).expect("connected");
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(100));
+    steps.set_read_timeout(Some(left))?;
+    match wire::read_frame(&mut steps) {
+        Ok((kind::READY, _)) => {}
+        Ok((k, _)) => bail!(
+            "rank {}: the leader sent frame kind {k} instead of ready",
+            cfg.rank
+        ),
+        Err(e) if wire::is_timeout(&e) => bail!(
+            "rank {}: the group did not form within {:.0} s: this rank reached the leader at {}:{}, but other ranks are missing",
+            cfg.rank,
+            cfg.connect_deadline.as_secs_f64(),
+            cfg.leader_host,
+            cfg.port
+        ),
+        Err(e) => bail!(
+            "rank {}: the leader at {}:{} dropped the connection before the group formed ({e}; it may have given up waiting for other ranks)",
+            cfg.rank,
+            cfg.leader_host,
+            cfg.port
+        ),
+    }
+    let data = conns.remove(&Channel::Data).expect("connected");
+    let beat = conns.remove(&Channel::Heartbeat).expect("connected");
+    for s in [&data, &steps, &beat] {
+        shared.track(s);
+        s.set_read_timeout(None)?;
+    }
+    tracing::info!(rank = cfg.rank, world = cfg.world, group = %cfg.group_id, "joined the tensor-parallel group");
+    start_watchdog(&shared, vec![(0, beat)], cfg.stall_timeout);
+    Ok(Group {
+        collective: Box::new(collective::TcpCollective::follower(
+            cfg.rank,
+            cfg.world,
+            data,
+            cfg.stall_timeout,
+            cfg.connect_deadline,
+            Arc::clone(&shared),
+        )),
+        role: Role::Follower(Box::new(steps::TcpStepSource::new(
+            steps,
+            Arc::clone(&shared),
+        ))),
+        health: GroupHealth(shared),
+    })
+}
+
+/// Open one channel to the leader, retrying with backoff until `deadline`; a refusal by the
+/// leader is final.
+fn connect(cfg: &GroupConfig, channel: Channel, deadline: Instant) -> anyhow::Result<TcpStream> {
+    let mut backoff = Duration::from_millis(50);
+    let mut attempts = 0u32;
+    let mut last: String;
+    loop {
+        attempts += 1;
+        match try_connect(cfg, channel, deadline) {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(refusal)) => bail!(
+                "rank {} was refused by the leader at {}:{}: {refusal}",
+                cfg.rank,
+                cfg.leader_host,
+                cfg.port
+            ),
+            Err(e) => last = format!("{e:#}"),
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            bail!(
+                "rank {} could not join the leader at {}:{} within {:.0} s ({attempts} attempts; last error: {last}); check the leader's address and port, and that rank 0 is running",
+                cfg.rank,
+                cfg.leader_host,
+                cfg.port,
+                cfg.connect_deadline.as_secs_f64()
+            );
+        }
+        std::thread::sleep(backoff.min(deadline - now));
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// One attempt: `Err` to retry, `Ok(Err(reason))` for a refusal.
+fn try_connect(
+    cfg: &GroupConfig,
+    channel: Channel,
+    deadline: Instant,
+) -> anyhow::Result<Result<TcpStream, String>> {
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(100));
+    let addrs: Vec<SocketAddr> = (cfg.leader_host.as_str(), cfg.port)
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {}", cfg.leader_host))?
+        .collect();
+    let mut err = None;
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(2))) {
+            Ok(mut s) => {
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(left.min(Duration::from_secs(10))))?;
+                let hello = Hello {
+                    magic: MAGIC.into(),
+                    group_id: cfg.group_id.clone(),
+                    world: cfg.world,
+                    rank: cfg.rank,
+                    channel,
+                };
+                wire::write_json(&mut s, kind::HELLO, &hello)?;
+                let w: Welcome = wire::read_json(&mut s, kind::WELCOME)?;
+                return Ok(if w.ok {
+                    Ok(s)
+                } else {
+                    Err(w.error.unwrap_or_else(|| "no reason given".into()))
+                });
+            }
+            Err(e) => err = Some(anyhow::Error::from(e).context(format!("connecting to {addr}"))),
+        }
+    }
+    Err(err.unwrap_or_else(|| anyhow::anyhow!("{} resolves to no address", cfg.leader_host)))
+}

@@ -1,0 +1,749 @@
+//! Continuous (iteration-level) batching of concurrent requests over one [`Runner`].
+//!
+//! The scheduler owns the runner on a dedicated OS thread. Requests arrive through a
+//! [`SchedulerHandle`] into a bounded waiting queue (full: [`SubmitError::Overloaded`]). Every
+//! iteration of the thread:
+//!
+//! 1. drops waiting and running requests whose receiver is gone (the client left), releasing
+//!    their KV caches;
+//! 2. admits waiting requests in arrival order while fewer than `max_running` run and the
+//!    KV-cache budget holds the new sequence's reservation (prompt plus `max_tokens`, at most
+//!    the per-sequence capacity);
+//! 3. prefills new sequences, at most `prefill_chunk` prompt tokens in all per iteration (a long
+//!    prompt takes several iterations, so running sequences keep decoding in between);
+//! 4. runs one decode step for every running sequence that has a sampled token to feed.
+//!
+//! Every forward pass goes through [`Runner::run`] (`Step::Forward`), so the followers of a
+//! tensor-parallel group execute the same passes in the same order; a finished or cancelled
+//! sequence is released with `Step::Release`. Sampling, stop tokens, stop sequences,
+//! `max_tokens` and streaming follow [`Engine::generate`](super::Engine::generate) exactly, so
+//! a greedy request gives the same tokens through either.
+//!
+//! A step that fails because the tensor-parallel group is lost is fatal: every request gets an
+//! error, later submissions get [`SubmitError::Unavailable`] and the thread ends (dropping the
+//! runner). Any other failed step fails only its sequence.
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use anyhow::Context;
+use tokio::sync::{Notify, mpsc};
+
+use super::generate::{FinishReason, Usage};
+use super::runner::{Runner, SeqId, Step};
+use super::sampling::{Sampler, SamplingParams};
+use crate::server::metrics::ServerMetrics;
+use crate::tokenizer::Tokenizer;
+
+/// Limits of the scheduler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Sequences generated concurrently (at least 1).
+    pub max_running: usize,
+    /// Requests that may wait for admission; one more is refused as overload.
+    pub max_waiting: usize,
+    /// KV-cache bytes of all sequences together.
+    pub kv_budget_bytes: usize,
+    /// Prompt tokens prefilled per iteration, over all new sequences (at least 1).
+    pub prefill_chunk: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_running: 8,
+            max_waiting: 64,
+            kv_budget_bytes: 1 << 30,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+/// One generation request (a prompt already tokenised).
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    /// At least 1; generation also ends when the sequence reaches its KV capacity.
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation ends before the first occurrence of any of these (not included in the text).
+    pub stop: Vec<String>,
+    /// Keep generating past the tokenizer's stop tokens (benchmarks).
+    pub ignore_eos: bool,
+}
+
+/// The outcome of a finished request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The whole generated text (the `Text` events joined).
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+}
+
+/// What a request's receiver gets: text pieces as they become final, then `Done` or `Error`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Text(String),
+    Done(Completion),
+    Error(String),
+}
+
+/// Why a request was not accepted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the server is overloaded: {waiting} requests are already waiting; retry later")]
+    Overloaded { waiting: usize },
+    #[error("the server is shutting down and admits no new requests")]
+    Draining,
+    #[error("the prompt has {prompt_tokens} tokens but a sequence holds at most {capacity} tokens")]
+    PromptTooLong {
+        prompt_tokens: usize,
+        capacity: usize,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the model is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Starts schedulers.
+pub struct Scheduler;
+
+impl Scheduler {
+    /// Move `runner` onto a new scheduler thread and return the handle that feeds it.
+    pub fn spawn(
+        runner: Runner,
+        cfg: SchedulerConfig,
+        metrics: Arc<ServerMetrics>,
+    ) -> anyhow::Result<SchedulerHandle> {
+        anyhow::ensure!(cfg.max_running >= 1, "max_running must be at least 1");
+        anyhow::ensure!(cfg.prefill_chunk >= 1, "prefill_chunk must be at least 1");
+        let model = &runner.engine.model;
+        let bytes_per_token = (model.config.n_layers * model.kv_dim() * 2 * 4).max(1);
+        let capacity = (runner.kv_budget_bytes / bytes_per_token)
+            .min(cfg.kv_budget_bytes / bytes_per_token)
+            .min(model.config.context_length);
+        anyhow::ensure!(
+            capacity >= 1,
+            "a KV-cache budget of {} bytes (per sequence {}) holds no token ({bytes_per_token} bytes each)",
+            cfg.kv_budget_bytes,
+            runner.kv_budget_bytes
+        );
+        let file = model
+            .file()
+            .context("the model has no GGUF file to read the tokenizer from")?;
+        let tokenizer = Arc::new(Tokenizer::from_gguf(&file.gguf)?);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            idle: Notify::new(),
+            in_flight: AtomicUsize::new(0),
+            vocab: model.config.vocab,
+            capacity,
+            bytes_per_token,
+            tokenizer,
+            metrics,
+            cfg,
+        });
+        let worker = Worker {
+            runner,
+            shared: Arc::clone(&shared),
+            running: Vec::new(),
+            reserved_tokens: 0,
+        };
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("tessera-scheduler".into())
+            .spawn(move || {
+                let result = std::panic::catch_unwind(AssertUnwindSafe(move || worker.run()));
+                if result.is_err() {
+                    thread_shared.fail("the scheduler thread panicked".into());
+                    thread_shared.in_flight.store(0, Ordering::SeqCst);
+                    thread_shared.idle.notify_waiters();
+                }
+            })
+            .context("starting the scheduler thread")?;
+        shared.lock().thread = Some(thread);
+        Ok(SchedulerHandle {
+            _life: Arc::new(Life(Arc::clone(&shared))),
+            shared,
+        })
+    }
+}
+
+/// Submits requests to a scheduler. Cheap to clone; when the last clone is dropped the
+/// scheduler finishes the requests it has and its thread ends.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    shared: Arc<Shared>,
+    _life: Arc<Life>,
+}
+
+impl std::fmt::Debug for SchedulerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchedulerHandle")
+            .field("config", &self.shared.cfg)
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+impl SchedulerHandle {
+    /// Queue a request. The receiver gets its events; dropping it cancels the request.
+    pub fn submit(&self, req: Request) -> Result<mpsc::Receiver<Event>, SubmitError> {
+        let s = &self.shared;
+        if req.prompt.is_empty() {
+            return Err(SubmitError::Invalid("the prompt has no tokens".into()));
+        }
+        if req.max_tokens == 0 {
+            return Err(SubmitError::Invalid("max_tokens must be at least 1".into()));
+        }
+        if let Some(t) = req.prompt.iter().find(|&&t| t as usize >= s.vocab) {
+            return Err(SubmitError::Invalid(format!(
+                "token id {t} is outside the vocabulary of {}",
+                s.vocab
+            )));
+        }
+        req.sampling.validate().map_err(SubmitError::Invalid)?;
+        if req.prompt.len() > s.capacity {
+            return Err(SubmitError::PromptTooLong {
+                prompt_tokens: req.prompt.len(),
+                capacity: s.capacity,
+            });
+        }
+        // One slot per generated token, the final text piece and the end: never full.
+        let (tx, rx) = mpsc::channel(req.max_tokens.min(s.capacity) + 4);
+        let mut st = s.lock();
+        if let Some(e) = &st.failed {
+            return Err(SubmitError::Unavailable(e.clone()));
+        }
+        if st.draining || st.stopping {
+            return Err(SubmitError::Draining);
+        }
+        if st.waiting.len() >= s.cfg.max_waiting {
+            return Err(SubmitError::Overloaded {
+                waiting: st.waiting.len(),
+            });
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.waiting.push_back(Pending {
+            seq,
+            req,
+            tx,
+            submitted: Instant::now(),
+        });
+        s.in_flight.fetch_add(1, Ordering::SeqCst);
+        s.metrics.requests_waiting.set(st.waiting.len() as i64);
+        drop(st);
+        s.wake.notify_all();
+        Ok(rx)
+    }
+
+    /// Stop admitting: later submissions get [`SubmitError::Draining`]; queued and running
+    /// requests finish.
+    pub fn begin_drain(&self) {
+        self.shared.lock().draining = true;
+        self.shared.wake.notify_all();
+    }
+
+    /// Whether [`SchedulerHandle::begin_drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.shared.lock().draining
+    }
+
+    /// Requests accepted and not yet finished (waiting or running).
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when no request is in flight.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.shared.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Why the scheduler stopped serving (the group was lost), if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.lock().failed.clone()
+    }
+
+    /// The model's tokenizer (for building prompts).
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.shared.tokenizer
+    }
+
+    /// Most tokens (prompt plus generated) one sequence may hold.
+    pub fn max_sequence_tokens(&self) -> usize {
+        self.shared.capacity
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.shared.cfg
+    }
+
+    /// Stop once the requests in flight are done, and wait for the scheduler thread to end
+    /// (which drops the runner: a group leader's followers then see the group closed).
+    pub fn shutdown(&self) {
+        let thread = {
+            let mut st = self.shared.lock();
+            st.stopping = true;
+            st.thread.take()
+        };
+        self.shared.wake.notify_all();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Tells the scheduler thread to end when the last handle is gone.
+struct Life(Arc<Shared>);
+
+impl Drop for Life {
+    fn drop(&mut self) {
+        self.0.lock().stopping = true;
+        self.0.wake.notify_all();
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    /// Notified whenever `in_flight` drops to zero.
+    idle: Notify,
+    in_flight: AtomicUsize,
+    vocab: usize,
+    /// Tokens one sequence may hold.
+    capacity: usize,
+    bytes_per_token: usize,
+    tokenizer: Arc<Tokenizer>,
+    metrics: Arc<ServerMetrics>,
+    cfg: SchedulerConfig,
+}
+
+#[derive(Default)]
+struct State {
+    waiting: VecDeque<Pending>,
+    draining: bool,
+    stopping: bool,
+    failed: Option<String>,
+    next_seq: SeqId,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Pending {
+    seq: SeqId,
+    req: Request,
+    tx: mpsc::Sender<Event>,
+    submitted: Instant,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fail(&self, msg: String) {
+        let mut st = self.lock();
+        st.failed.get_or_insert(msg.clone());
+        let waiting: Vec<Pending> = st.waiting.drain(..).collect();
+        self.metrics.requests_waiting.set(0);
+        drop(st);
+        for p in waiting {
+            let _ = p.tx.try_send(Event::Error(msg.clone()));
+            self.metrics.finished("error");
+            self.done_one();
+        }
+    }
+
+    fn done_one(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+}
+
+/// Incremental detokenisation with stop sequences (as in `generate.rs`): text is emitted only
+/// once final, never half a UTF-8 character or the start of a stop sequence that may complete.
+struct TextStream {
+    stop: Vec<String>,
+    bytes: Vec<u8>,
+    emitted: usize,
+}
+
+impl TextStream {
+    fn text(&self) -> std::borrow::Cow<'_, str> {
+        match std::str::from_utf8(&self.bytes) {
+            Ok(s) => s.into(),
+            Err(e) if e.error_len().is_none() => {
+                String::from_utf8_lossy(&self.bytes[..e.valid_up_to()])
+            }
+            Err(_) => String::from_utf8_lossy(&self.bytes),
+        }
+    }
+
+    /// Add bytes; returns the final text if a stop sequence completed.
+    fn push(&mut self, b: &[u8], emit: &mut impl FnMut(&str)) -> Option<String> {
+        self.bytes.extend_from_slice(b);
+        let text = self.text().into_owned();
+        if let Some(at) = self
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            if at > self.emitted {
+                emit(&text[self.emitted..at]);
+            }
+            self.emitted = self.emitted.max(at);
+            return Some(text[..at].to_owned());
+        }
+        let mut safe = text.len();
+        for s in self.stop.iter().filter(|s| !s.is_empty()) {
+            for (i, _) in s.char_indices().skip(1) {
+                if text.ends_with(&s[..i]) {
+                    safe = safe.min(text.len() - i);
+                }
+            }
+        }
+        if safe > self.emitted {
+            emit(&text[self.emitted..safe]);
+            self.emitted = safe;
+        }
+        None
+    }
+
+    fn finish(&mut self, emit: &mut impl FnMut(&str)) -> String {
+        let text = String::from_utf8_lossy(&self.bytes).into_owned();
+        if text.len() > self.emitted {
+            emit(&text[self.emitted..]);
+        }
+        text
+    }
+}
+
+/// How a running sequence ended.
+enum End {
+    /// The reason, and the final text when a stop sequence completed.
+    Finished(FinishReason, Option<String>),
+    Cancelled,
+    Failed(String),
+}
+
+struct Seq {
+    id: SeqId,
+    tx: mpsc::Sender<Event>,
+    prompt: Vec<u32>,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    max_tokens: usize,
+    ignore_eos: bool,
+    sampler: Sampler,
+    stream: TextStream,
+    generated: usize,
+    /// The last sampled token, to feed in the next decode step.
+    pending: Option<u32>,
+    /// Tokens in the KV cache.
+    len: usize,
+    reserved_tokens: usize,
+    submitted: Instant,
+    last_token: Option<Instant>,
+    end: Option<End>,
+}
+
+impl Seq {
+    fn send(&mut self, ev: Event) {
+        if self.tx.try_send(ev).is_err() && self.end.is_none() {
+            self.end = Some(End::Cancelled);
+        }
+    }
+}
+
+struct Worker {
+    runner: Runner,
+    shared: Arc<Shared>,
+    running: Vec<Seq>,
+    reserved_tokens: usize,
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            if !self.admit() {
+                break;
+            }
+            let result = self.iterate();
+            if let Err(e) = result {
+                let msg = format!("{e:#}");
+                tracing::error!("scheduler stopped: {msg}");
+                self.fail_all(&msg);
+                break;
+            }
+            self.update_gauges();
+        }
+        self.update_gauges();
+    }
+
+    /// Drop cancelled waiting requests and admit what fits; blocks while there is nothing to
+    /// do. Returns false when the thread should end.
+    fn admit(&mut self) -> bool {
+        let shared = Arc::clone(&self.shared);
+        let mut st = shared.lock();
+        loop {
+            if st.failed.is_some() {
+                return false;
+            }
+            let before = st.waiting.len();
+            st.waiting.retain(|p| !p.tx.is_closed());
+            for _ in st.waiting.len()..before {
+                shared.metrics.finished("cancelled");
+                shared.done_one();
+            }
+            while self.running.len() < shared.cfg.max_running {
+                let Some(front) = st.waiting.front() else {
+                    break;
+                };
+                let need = (front.req.prompt.len() + front.req.max_tokens).min(shared.capacity);
+                let budget = shared.cfg.kv_budget_bytes / shared.bytes_per_token;
+                if self.reserved_tokens + need > budget && !self.running.is_empty() {
+                    break;
+                }
+                let p = st.waiting.pop_front().expect("front exists");
+                self.reserved_tokens += need;
+                self.running.push(Seq {
+                    id: p.seq,
+                    tx: p.tx,
+                    prompt: p.req.prompt,
+                    prefilled: 0,
+                    max_tokens: p.req.max_tokens,
+                    ignore_eos: p.req.ignore_eos,
+                    sampler: Sampler::new(p.req.sampling),
+                    stream: TextStream {
+                        stop: p.req.stop,
+                        bytes: Vec::new(),
+                        emitted: 0,
+                    },
+                    generated: 0,
+                    pending: None,
+                    len: 0,
+                    reserved_tokens: need,
+                    submitted: p.submitted,
+                    last_token: None,
+                    end: None,
+                });
+            }
+            shared.metrics.requests_waiting.set(st.waiting.len() as i64);
+            shared
+                .metrics
+                .requests_running
+                .set(self.running.len() as i64);
+            if !self.running.is_empty() {
+                return true;
+            }
+            if st.stopping && st.waiting.is_empty() {
+                return false;
+            }
+            st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// One iteration: cancellations, prefill chunks, one decode step per sequence, releases.
+    fn iterate(&mut self) -> anyhow::Result<()> {
+        for s in &mut self.running {
+            if s.tx.is_closed() {
+                s.end = Some(End::Cancelled);
+            }
+        }
+        self.reap()?;
+        // Prefill, at most `prefill_chunk` prompt tokens in all.
+        let mut budget = self.shared.cfg.prefill_chunk;
+        for i in 0..self.running.len() {
+            if budget == 0 {
+                break;
+            }
+            let s = &self.running[i];
+            if s.end.is_some() || s.prefilled == s.prompt.len() {
+                continue;
+            }
+            let n = (s.prompt.len() - s.prefilled).min(budget);
+            let tokens = s.prompt[s.prefilled..s.prefilled + n].to_vec();
+            budget -= n;
+            let Some(logits) = self.forward(i, tokens)? else {
+                continue;
+            };
+            let s = &mut self.running[i];
+            s.prefilled += n;
+            if s.prefilled == s.prompt.len() {
+                self.shared
+                    .metrics
+                    .prompt_tokens
+                    .inc_by(s.prompt.len() as u64);
+                self.sample(i, &logits);
+            }
+        }
+        // One decode step for every sequence with a token to feed.
+        for i in 0..self.running.len() {
+            let s = &self.running[i];
+            if s.end.is_some() {
+                continue;
+            }
+            let Some(token) = s.pending else { continue };
+            if let Some(logits) = self.forward(i, vec![token])? {
+                self.sample(i, &logits);
+            }
+        }
+        self.reap()
+    }
+
+    /// Run a forward step for sequence `i`. A lost group is an error (fatal); any other
+    /// failure ends the sequence and gives `None`.
+    fn forward(&mut self, i: usize, tokens: Vec<u32>) -> anyhow::Result<Option<Vec<f32>>> {
+        let n = tokens.len();
+        let seq = self.running[i].id;
+        match self.runner.run(&Step::Forward { seq, tokens }) {
+            Ok(Some(logits)) => {
+                let s = &mut self.running[i];
+                s.len += n;
+                s.pending = None;
+                Ok(Some(logits))
+            }
+            Ok(None) => {
+                self.running[i].end = Some(End::Failed("the forward step gave no logits".into()));
+                Ok(None)
+            }
+            Err(e) if crate::dist::is_group_error(&e) => Err(e),
+            Err(e) => {
+                tracing::warn!(seq, "a forward step failed: {e:#}");
+                self.running[i].end = Some(End::Failed(format!("{e:#}")));
+                Ok(None)
+            }
+        }
+    }
+
+    /// Choose the next token of sequence `i` from its logits (as `Engine::generate` does).
+    fn sample(&mut self, i: usize, logits: &[f32]) {
+        let tokenizer = &self.runner.engine.tokenizer;
+        let metrics = &self.shared.metrics;
+        let capacity = self.shared.capacity;
+        let s = &mut self.running[i];
+        let next = s.sampler.sample(logits);
+        if !s.ignore_eos && tokenizer.is_stop(next) {
+            s.end = Some(End::Finished(FinishReason::Stop, None));
+            return;
+        }
+        let now = Instant::now();
+        match s.last_token {
+            None => metrics
+                .time_to_first_token
+                .observe((now - s.submitted).as_secs_f64()),
+            Some(t) => metrics.inter_token_latency.observe((now - t).as_secs_f64()),
+        }
+        s.last_token = Some(now);
+        s.generated += 1;
+        metrics.generated_tokens.inc();
+        let piece = tokenizer.decode_bytes(&[next], true);
+        let mut out = Vec::new();
+        let stopped = s.stream.push(&piece, &mut |t: &str| out.push(t.to_owned()));
+        for t in out {
+            s.send(Event::Text(t));
+        }
+        if let Some(text) = stopped {
+            s.end
+                .get_or_insert(End::Finished(FinishReason::Stop, Some(text)));
+            return;
+        }
+        if s.generated >= s.max_tokens || s.len + 1 > capacity {
+            s.end
+                .get_or_insert(End::Finished(FinishReason::Length, None));
+            return;
+        }
+        s.pending = Some(next);
+    }
+
+    /// Release ended sequences and tell their receivers.
+    fn reap(&mut self) -> anyhow::Result<()> {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].end.is_none() {
+                i += 1;
+                continue;
+            }
+            let mut s = self.running.remove(i);
+            self.reserved_tokens -= s.reserved_tokens;
+            let released = self.runner.run(&Step::Release { seq: s.id });
+            // The last event goes out only after the bookkeeping, so that a client that has
+            // its answer sees the metrics and `in_flight` without it.
+            let (outcome, last) = match s.end.take().expect("ended") {
+                End::Finished(reason, stopped_text) => {
+                    // A completed stop sequence fixes the text; otherwise flush what the stream
+                    // held back.
+                    let text = match stopped_text {
+                        Some(t) => t,
+                        None => {
+                            let mut out = Vec::new();
+                            let t = s.stream.finish(&mut |p: &str| out.push(p.to_owned()));
+                            for p in out {
+                                s.send(Event::Text(p));
+                            }
+                            t
+                        }
+                    };
+                    let done = Event::Done(Completion {
+                        text,
+                        finish_reason: reason,
+                        usage: Usage {
+                            prompt_tokens: s.prompt.len(),
+                            completion_tokens: s.generated,
+                        },
+                    });
+                    (reason.as_str(), Some(done))
+                }
+                End::Cancelled => ("cancelled", None),
+                End::Failed(msg) => ("error", Some(Event::Error(msg))),
+            };
+            self.update_gauges();
+            self.shared.metrics.finished(outcome);
+            self.shared.done_one();
+            if let Some(ev) = last {
+                let _ = s.tx.try_send(ev);
+            }
+            if let Err(e) = released
+                && crate::dist::is_group_error(&e)
+            {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn fail_all(&mut self, msg: &str) {
+        for s in self.running.drain(..) {
+            let _ = s.tx.try_send(Event::Error(msg.to_owned()));
+            self.shared.metrics.finished("error");
+            self.shared.done_one();
+        }
+        self.reserved_tokens = 0;
+        self.shared.fail(msg.to_owned());
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.shared.metrics;
+        m.requests_running.set(self.running.len() as i64);
+        let budget = self.shared.cfg.kv_budget_bytes.max(1) as f64;
+        m.kv_cache_utilization
+            .set((self.runner.kv_bytes_used() as f64 / budget).min(1.0));
+    }
+}

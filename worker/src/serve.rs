@@ -1,0 +1,804 @@
+//! `tessera-worker serve`: one rank of a replica, configured from the `TESSERA_*` environment the
+//! operator sets (docs/contract.md).
+//!
+//! World 1 runs alone. Otherwise the rank joins its group ([`crate::dist::join`]), loads its
+//! shard, and then rank 0 (the leader) serves the OpenAI API while every other rank executes the
+//! leader's steps ([`crate::dist::follow`]). A pod with several local ranks starts one child
+//! process per rank (the same supervisor as `tessera-worker local`). An http(s) model is
+//! downloaded once into `TESSERA_MODEL_PATH` (resumable, checked against
+//! `TESSERA_MODEL_SHA256`).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use sha2::Digest;
+
+use crate::dist::{self, GroupConfig, GroupHealth, Role};
+use crate::engine::Engine;
+use crate::engine::runner::{Runner, Step};
+use crate::engine::scheduler::{Scheduler, SchedulerConfig};
+use crate::server::{self, Readiness, ServerConfig, ServerMetrics};
+
+/// The environment variables `serve` reads. The names of the operator's contract equal
+/// `tessera_operator::build::env`; the worker-only knobs below them are optional.
+pub mod env {
+    pub const INCARNATION: &str = "TESSERA_INCARNATION";
+    pub const TP: &str = "TESSERA_TP";
+    pub const PP: &str = "TESSERA_PP";
+    pub const WORLD_SIZE: &str = "TESSERA_WORLD_SIZE";
+    pub const RANK_OFFSET: &str = "TESSERA_RANK_OFFSET";
+    pub const LOCAL_RANKS: &str = "TESSERA_LOCAL_RANKS";
+    pub const LEADER_ADDRESS: &str = "TESSERA_LEADER_ADDRESS";
+    pub const RENDEZVOUS_PORT: &str = "TESSERA_RENDEZVOUS_PORT";
+    pub const PORT: &str = "TESSERA_PORT";
+    pub const MODEL_URI: &str = "TESSERA_MODEL_URI";
+    pub const MODEL_PATH: &str = "TESSERA_MODEL_PATH";
+    pub const MODEL_SHA256: &str = "TESSERA_MODEL_SHA256";
+    pub const SERVED_MODEL_NAME: &str = "TESSERA_SERVED_MODEL_NAME";
+    pub const MAX_CONCURRENCY: &str = "TESSERA_MAX_CONCURRENCY";
+    pub const CONTEXT_LENGTH: &str = "TESSERA_CONTEXT_LENGTH";
+
+    /// Worker-only: CPU threads of this rank (0 or unset: every core).
+    pub const THREADS: &str = "TESSERA_THREADS";
+    /// Worker-only: the address the API listens on (default 0.0.0.0).
+    pub const HOST: &str = "TESSERA_HOST";
+    /// Worker-only: seconds without a heartbeat (or all-reduce data) before a rank is lost.
+    pub const STALL_TIMEOUT_SECS: &str = "TESSERA_STALL_TIMEOUT_SECS";
+    /// Worker-only: seconds the ranks wait for each other at rendezvous.
+    pub const RENDEZVOUS_TIMEOUT_SECS: &str = "TESSERA_RENDEZVOUS_TIMEOUT_SECS";
+
+    /// The variables `serve` requires: the rest have defaults.
+    pub const REQUIRED: &[&str] = &[TP, PORT, MODEL_PATH];
+    /// Required as well when the world has more than one rank.
+    pub const REQUIRED_IN_A_GROUP: &[&str] = &[INCARNATION, LEADER_ADDRESS, RANK_OFFSET];
+}
+
+/// Defaults of the optional settings.
+pub const DEFAULT_RENDEZVOUS_PORT: u16 = 29500;
+pub const DEFAULT_PORT: u16 = 8000;
+pub const DEFAULT_MAX_CONCURRENCY: usize = 8;
+pub const DEFAULT_CONTEXT_LENGTH: usize = 4096;
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(600);
+/// Largest request body the API accepts.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// Everything `serve` needs, read and checked from the environment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServeConfig {
+    pub tp: usize,
+    pub pp: usize,
+    pub world: usize,
+    pub rank_offset: usize,
+    pub local_ranks: usize,
+    /// The leader's host (from `TESSERA_LEADER_ADDRESS`); empty for a world of 1.
+    pub leader_host: String,
+    pub rendezvous_port: u16,
+    pub port: u16,
+    pub host: String,
+    pub model_path: PathBuf,
+    pub model_uri: Option<String>,
+    pub model_sha256: Option<String>,
+    pub served_model_name: String,
+    pub max_concurrency: usize,
+    pub context_length: usize,
+    pub incarnation: String,
+    pub threads: usize,
+    pub stall_timeout: Duration,
+    pub rendezvous_timeout: Duration,
+}
+
+fn invalid(var: &str, value: &str, rule: &str, fix: &str) -> anyhow::Error {
+    anyhow::anyhow!("{var}={value:?} is invalid: {rule}; {fix}")
+}
+
+fn missing(var: &str, rule: &str, fix: &str) -> anyhow::Error {
+    anyhow::anyhow!("{var} is not set: {rule}; {fix}")
+}
+
+struct Env<F: Fn(&str) -> Option<String>>(F);
+
+impl<F: Fn(&str) -> Option<String>> Env<F> {
+    fn get(&self, var: &str) -> Option<String> {
+        (self.0)(var)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// An integer in `min..=max`; `default` when unset (None: required).
+    fn int(
+        &self,
+        var: &str,
+        default: Option<usize>,
+        min: usize,
+        max: usize,
+        what: &str,
+    ) -> anyhow::Result<usize> {
+        let rule = format!("it must be an integer from {min} to {max} ({what})");
+        match self.get(var) {
+            None => default.ok_or_else(|| {
+                missing(
+                    var,
+                    &rule,
+                    "set it (the operator sets it on every worker pod)",
+                )
+            }),
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (min..=max).contains(&n) => Ok(n),
+                _ => Err(invalid(
+                    var,
+                    &v,
+                    &rule,
+                    &format!("set it to a value in range, e.g. {var}={min}"),
+                )),
+            },
+        }
+    }
+
+    fn secs(&self, var: &str, default: Duration) -> anyhow::Result<Duration> {
+        match self.get(var) {
+            None => Ok(default),
+            Some(v) => match v.parse::<f64>() {
+                Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+                _ => Err(invalid(
+                    var,
+                    &v,
+                    "it must be a number of seconds above 0 and at most 86400",
+                    &format!("unset it for the default of {} s", default.as_secs()),
+                )),
+            },
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Read the process environment.
+    pub fn from_env() -> anyhow::Result<Self> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Read from `get` (a variable's value, `None` when unset). Errors name the variable, the
+    /// value, the rule and the fix.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let e = Env(get);
+        let tp = e.int(env::TP, None, 1, 512, "the tensor-parallel degree")?;
+        let pp = e.int(env::PP, Some(1), 1, 512, "the pipeline-parallel degree")?;
+        if pp > 1 {
+            bail!(invalid(
+                env::PP,
+                &pp.to_string(),
+                "pipeline parallelism is not supported by this worker yet (only 1)",
+                "deploy with pipeline parallelism 1 (TP only), so that TESSERA_PP=1"
+            ));
+        }
+        let world = e.int(
+            env::WORLD_SIZE,
+            Some(tp * pp),
+            1,
+            512 * 512,
+            "the number of ranks, TESSERA_TP x TESSERA_PP",
+        )?;
+        if world != tp * pp {
+            bail!(invalid(
+                env::WORLD_SIZE,
+                &world.to_string(),
+                &format!("it must equal TESSERA_TP x TESSERA_PP = {tp} x {pp}"),
+                &format!("set it to {} or unset it", tp * pp)
+            ));
+        }
+        let in_group = world > 1;
+        let rank_offset = e.int(
+            env::RANK_OFFSET,
+            (!in_group).then_some(0),
+            0,
+            world - 1,
+            "the global rank of this pod's first rank, below TESSERA_WORLD_SIZE",
+        )?;
+        let local_ranks = e.int(
+            env::LOCAL_RANKS,
+            Some(1),
+            1,
+            world - rank_offset,
+            "the ranks in this pod; TESSERA_RANK_OFFSET + TESSERA_LOCAL_RANKS <= TESSERA_WORLD_SIZE",
+        )?;
+        let rendezvous_from_env = match e.get(env::RENDEZVOUS_PORT) {
+            None => None,
+            Some(v) => Some(v.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                invalid(
+                    env::RENDEZVOUS_PORT,
+                    &v,
+                    "it must be a TCP port from 1 to 65535",
+                    "set it to the leader's rendezvous port (29500)",
+                )
+            })?),
+        };
+        let (leader_host, rendezvous_port) = match e.get(env::LEADER_ADDRESS) {
+            None if in_group => bail!(missing(
+                env::LEADER_ADDRESS,
+                "a group of more than one rank needs the leader's HOST:PORT",
+                "set it to rank 0's rendezvous address, e.g. NAME-r0-INC-s0.NAME-workers.NAMESPACE.svc:29500"
+            )),
+            None => (
+                String::new(),
+                rendezvous_from_env.unwrap_or(DEFAULT_RENDEZVOUS_PORT),
+            ),
+            Some(v) => {
+                let (host, port) = split_host_port(&v).ok_or_else(|| {
+                    invalid(
+                        env::LEADER_ADDRESS,
+                        &v,
+                        "it must be HOST or HOST:PORT with a port from 1 to 65535",
+                        "set it to rank 0's rendezvous address",
+                    )
+                })?;
+                let port = match (port, rendezvous_from_env) {
+                    (Some(a), Some(b)) if a != b => bail!(invalid(
+                        env::RENDEZVOUS_PORT,
+                        &b.to_string(),
+                        &format!("it must equal the port of TESSERA_LEADER_ADDRESS={v:?}"),
+                        "make both name the same port"
+                    )),
+                    (Some(a), _) => a,
+                    (None, Some(b)) => b,
+                    (None, None) => DEFAULT_RENDEZVOUS_PORT,
+                };
+                (host, port)
+            }
+        };
+        let port = match e.get(env::PORT) {
+            None => bail!(missing(
+                env::PORT,
+                "the OpenAI API port (1 to 65535)",
+                "set it to the serving port, e.g. TESSERA_PORT=8000"
+            )),
+            Some(v) => v.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                invalid(
+                    env::PORT,
+                    &v,
+                    "it must be a TCP port from 1 to 65535",
+                    "set it to the serving port, e.g. TESSERA_PORT=8000",
+                )
+            })?,
+        };
+        let model_uri = e.get(env::MODEL_URI);
+        let is_http = model_uri
+            .as_deref()
+            .is_some_and(|u| u.starts_with("http://") || u.starts_with("https://"));
+        if let Some(u) = &model_uri
+            && !is_http
+            && !u.starts_with("file://")
+            && !u.starts_with("pvc://")
+            && !u.starts_with('/')
+        {
+            bail!(invalid(
+                env::MODEL_URI,
+                u,
+                "it must be an http(s)://, file://, pvc:// URI or an absolute path",
+                "fix spec.model.uri"
+            ));
+        }
+        let model_path = match e.get(env::MODEL_PATH) {
+            Some(p) => PathBuf::from(p),
+            None => match model_uri.as_deref() {
+                Some(u) if u.starts_with("file://") => PathBuf::from(&u["file://".len()..]),
+                Some(u) if u.starts_with('/') => PathBuf::from(u),
+                _ => bail!(missing(
+                    env::MODEL_PATH,
+                    "the path of the model file (the download destination for an http(s) model)",
+                    "set it to the GGUF file's path inside the pod"
+                )),
+            },
+        };
+        let model_sha256 = match e.get(env::MODEL_SHA256) {
+            None => None,
+            Some(v) => {
+                let h = v.strip_prefix("sha256:").unwrap_or(&v).to_ascii_lowercase();
+                if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    bail!(invalid(
+                        env::MODEL_SHA256,
+                        &v,
+                        "it must be 64 hexadecimal digits (a SHA-256 digest)",
+                        "set it to the output of `sha256sum MODEL` or unset it"
+                    ));
+                }
+                Some(h)
+            }
+        };
+        let served_model_name = e.get(env::SERVED_MODEL_NAME).unwrap_or_else(|| {
+            model_path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        });
+        let max_concurrency = e.int(
+            env::MAX_CONCURRENCY,
+            Some(DEFAULT_MAX_CONCURRENCY),
+            1,
+            4096,
+            "concurrent sequences in the KV cache",
+        )?;
+        let context_length = e.int(
+            env::CONTEXT_LENGTH,
+            Some(DEFAULT_CONTEXT_LENGTH),
+            16,
+            1 << 20,
+            "tokens per sequence (prompt and completion)",
+        )?;
+        let incarnation = match e.get(env::INCARNATION) {
+            Some(v) => v,
+            None if in_group => bail!(missing(
+                env::INCARNATION,
+                "a group of more than one rank needs the replica's incarnation id (ranks of other incarnations are refused)",
+                "set it to the pod's tessera.dev/incarnation label"
+            )),
+            None => "single".into(),
+        };
+        let threads = e.int(
+            env::THREADS,
+            Some(0),
+            0,
+            4096,
+            "CPU threads of this rank, 0 for every core",
+        )?;
+        let host = e.get(env::HOST).unwrap_or_else(|| "0.0.0.0".into());
+        Ok(Self {
+            tp,
+            pp,
+            world,
+            rank_offset,
+            local_ranks,
+            leader_host,
+            rendezvous_port,
+            port,
+            host,
+            model_path,
+            model_uri,
+            model_sha256,
+            served_model_name,
+            max_concurrency,
+            context_length,
+            incarnation,
+            threads,
+            stall_timeout: e.secs(env::STALL_TIMEOUT_SECS, DEFAULT_STALL_TIMEOUT)?,
+            rendezvous_timeout: e.secs(env::RENDEZVOUS_TIMEOUT_SECS, DEFAULT_RENDEZVOUS_TIMEOUT)?,
+        })
+    }
+
+    /// The group settings of this rank (a pod with one local rank).
+    pub fn group_config(&self) -> GroupConfig {
+        GroupConfig {
+            rank: self.rank_offset,
+            world: self.world,
+            leader_host: self.leader_host.clone(),
+            port: self.rendezvous_port,
+            group_id: self.incarnation.clone(),
+            connect_deadline: self.rendezvous_timeout,
+            stall_timeout: self.stall_timeout,
+        }
+    }
+
+    /// The model URI when it is an http(s) URL.
+    pub fn http_uri(&self) -> Option<&str> {
+        self.model_uri
+            .as_deref()
+            .filter(|u| u.starts_with("http://") || u.starts_with("https://"))
+    }
+}
+
+/// `HOST`, `HOST:PORT` or `[V6]:PORT`.
+fn split_host_port(v: &str) -> Option<(String, Option<u16>)> {
+    let parse_port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0);
+    if let Some(rest) = v.strip_prefix('[') {
+        let (host, tail) = rest.split_once(']')?;
+        return match tail.strip_prefix(':') {
+            Some(p) => Some((host.to_owned(), Some(parse_port(p)?))),
+            None if tail.is_empty() => Some((host.to_owned(), None)),
+            None => None,
+        };
+    }
+    match v.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !h.contains(':') => {
+            Some((h.to_owned(), Some(parse_port(p)?)))
+        }
+        Some(_) => None,
+        None => Some((v.to_owned(), None)),
+    }
+}
+
+/// The model file, downloading it first when the URI is http(s) and it is not there yet.
+pub fn ensure_model(cfg: &ServeConfig) -> anyhow::Result<PathBuf> {
+    if let Some(url) = cfg.http_uri() {
+        if cfg.model_path.exists() {
+            tracing::info!(path = %cfg.model_path.display(), "using the model downloaded before");
+        } else {
+            download(url, &cfg.model_path, cfg.model_sha256.as_deref())?;
+        }
+    }
+    if !cfg.model_path.is_file() {
+        bail!(invalid(
+            env::MODEL_PATH,
+            &cfg.model_path.display().to_string(),
+            "no model file there",
+            "point it at the GGUF file (mounted volume) or give an http(s) TESSERA_MODEL_URI to download"
+        ));
+    }
+    Ok(cfg.model_path.clone())
+}
+
+/// The URL without its query (which may hold a signature) for the log.
+fn display_url(url: &str) -> &str {
+    url.split(['?', '#']).next().unwrap_or(url)
+}
+
+/// SHA-256 of a file, lowercase hex.
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>())
+}
+
+/// An error that retrying will not fix.
+#[derive(Debug)]
+struct Fatal(String);
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
+/// Download `url` to `dest` once: into `DEST.partial`, resuming it with a Range request after an
+/// interruption (and across restarts), logging progress, checking the SHA-256 when given, and
+/// renaming it to `dest` only when complete and verified.
+pub fn download(url: &str, dest: &Path, sha256: Option<&str>) -> anyhow::Result<()> {
+    let name = dest
+        .file_name()
+        .with_context(|| format!("{} has no file name", dest.display()))?;
+    if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut partial_name = name.to_owned();
+    partial_name.push(".partial");
+    let partial = dest.with_file_name(partial_name);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(Duration::from_secs(30)))
+        .timeout_recv_response(Some(Duration::from_secs(60)))
+        .timeout_recv_body(Some(Duration::from_secs(60)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let started = Instant::now();
+    let mut failures = 0u32;
+    loop {
+        match fetch(&agent, url, &partial) {
+            Ok(()) => break,
+            Err(e) if e.is::<Fatal>() || failures >= 8 => {
+                return Err(e.context(format!(
+                    "downloading the model from {} (TESSERA_MODEL_URI)",
+                    display_url(url)
+                )));
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = Duration::from_millis(500 << failures.min(5));
+                tracing::warn!(
+                    "download of {} interrupted ({e:#}); resuming in {:.1} s (attempt {})",
+                    display_url(url),
+                    wait.as_secs_f64(),
+                    failures + 1
+                );
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    let size = std::fs::metadata(&partial)?.len();
+    if let Some(want) = sha256 {
+        let got = sha256_file(&partial)?;
+        if !got.eq_ignore_ascii_case(want) {
+            let _ = std::fs::remove_file(&partial);
+            bail!(
+                "the model downloaded from {} has sha256 {got}, but TESSERA_MODEL_SHA256 is {want}: the file is corrupt or the checksum is wrong; the download was deleted, fix the checksum (or the URI) and restart",
+                display_url(url)
+            );
+        }
+        tracing::info!("sha256 {got} verified");
+    }
+    std::fs::rename(&partial, dest)
+        .with_context(|| format!("moving the download to {}", dest.display()))?;
+    tracing::info!(
+        "downloaded {} ({:.1} MiB) to {} in {:.1} s",
+        display_url(url),
+        size as f64 / 1048576.0,
+        dest.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// One GET, appending to `partial` from where it ends.
+fn fetch(agent: &ureq::Agent, url: &str, partial: &Path) -> anyhow::Result<()> {
+    let have = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
+    let mut req = agent.get(url);
+    if have > 0 {
+        req = req.header("Range", format!("bytes={have}-"));
+    }
+    let mut resp = req.call()?;
+    let status = resp.status().as_u16();
+    let length = resp.body().content_length();
+    let (mut file, start) = match status {
+        206 => {
+            let range = resp
+                .headers()
+                .get("content-range")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if !range.starts_with(&format!("bytes {have}-")) {
+                // Not the range asked for: start over.
+                let _ = std::fs::remove_file(partial);
+                bail!("the server answered a resume at {have} with Content-Range {range:?}");
+            }
+            (OpenOptions::new().append(true).open(partial)?, have)
+        }
+        200 => (File::create(partial)?, 0),
+        416 if have > 0 => return Ok(()),
+        408 | 429 | 500..=599 => bail!("HTTP {status}"),
+        _ => bail!(Fatal(format!("HTTP {status} for {}", display_url(url)))),
+    };
+    let total = length.map(|l| l + start);
+    if start > 0 {
+        tracing::info!(
+            "resuming the download of {} at {:.1} MiB",
+            display_url(url),
+            start as f64 / 1048576.0
+        );
+    } else {
+        tracing::info!(
+            "downloading {} ({}) to {}",
+            display_url(url),
+            total.map_or("size unknown".into(), |t| format!(
+                "{:.1} MiB",
+                t as f64 / 1048576.0
+            )),
+            partial.display()
+        );
+    }
+    let mut reader = resp.body_mut().as_reader();
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut done, t0) = (start, Instant::now());
+    let mut last_log = Instant::now();
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        file.write_all(&buf[..n])?;
+        done += n as u64;
+        if last_log.elapsed() >= Duration::from_secs(5) {
+            last_log = Instant::now();
+            let rate = (done - start) as f64 / 1048576.0 / t0.elapsed().as_secs_f64().max(1e-3);
+            match total {
+                Some(t) => tracing::info!(
+                    "downloading the model: {:.1} of {:.1} MiB ({:.0} %), {rate:.1} MiB/s",
+                    done as f64 / 1048576.0,
+                    t as f64 / 1048576.0,
+                    100.0 * done as f64 / t.max(1) as f64
+                ),
+                None => tracing::info!(
+                    "downloading the model: {:.1} MiB, {rate:.1} MiB/s",
+                    done as f64 / 1048576.0
+                ),
+            }
+        }
+    }
+    file.sync_all()?;
+    if let Some(t) = total
+        && done != t
+    {
+        bail!("the connection ended at {done} of {t} bytes");
+    }
+    Ok(())
+}
+
+/// KV-cache bytes one sequence of `context_length` tokens needs on this rank's shard.
+pub fn kv_budget_per_sequence(engine: &Engine, context_length: usize) -> usize {
+    let per_token = engine.model.config.n_layers * engine.model.kv_dim() * 2 * 4;
+    per_token
+        * context_length
+            .min(engine.model.config.context_length)
+            .max(1)
+}
+
+/// `tessera-worker serve`.
+pub fn run() -> anyhow::Result<()> {
+    let cfg = ServeConfig::from_env()?;
+    let path = ensure_model(&cfg)?;
+    if cfg.local_ranks > 1 {
+        return crate::local::supervise_pod(&cfg);
+    }
+    let rank = cfg.rank_offset;
+    tracing::info!(
+        rank,
+        world = cfg.world,
+        tp = cfg.tp,
+        model = %path.display(),
+        "starting rank {rank} of {}",
+        cfg.world
+    );
+    if cfg.world == 1 {
+        let engine = Engine::open(&path, cfg.threads)?;
+        let budget = kv_budget_per_sequence(&engine, cfg.context_length);
+        let runner = Runner::new(engine, budget, None);
+        return lead(&cfg, runner, GroupHealth::single());
+    }
+    let group = dist::join(&cfg.group_config())
+        .with_context(|| format!("rank {rank} joining its group (TESSERA_LEADER_ADDRESS, TESSERA_RENDEZVOUS_PORT, TESSERA_INCARNATION)"))?;
+    let health = group.health.clone();
+    let engine = Engine::open_shard(&path, cfg.threads, group.collective)?;
+    let budget = kv_budget_per_sequence(&engine, cfg.context_length);
+    match group.role {
+        Role::Leader(broadcast) => lead(&cfg, Runner::new(engine, budget, Some(broadcast)), health),
+        Role::Follower(mut source) => {
+            let mut runner = Runner::new(engine, budget, None);
+            keep_following_on_signals(rank)?;
+            tracing::info!(rank, "following the leader's steps");
+            dist::follow(&mut runner, source.as_mut())?;
+            tracing::info!(rank, "the leader closed the group; exiting");
+            Ok(())
+        }
+    }
+}
+
+/// A follower does not stop on SIGTERM or SIGINT: the leader drains its requests in flight, which
+/// needs every rank, and then closes the group, which ends the follower (exit 0). A leader that
+/// never does is caught by the watchdog; Kubernetes kills the pod after its grace period.
+fn keep_following_on_signals(rank: usize) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the signal handler")?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    let _ = ready_tx.send(false);
+                    return;
+                };
+                let _ = ready_tx.send(true);
+                loop {
+                    let name = tokio::select! {
+                        _ = term.recv() => "SIGTERM",
+                        _ = int.recv() => "SIGINT",
+                    };
+                    tracing::info!(
+                        rank,
+                        "{name}: waiting for the leader to drain and close the group"
+                    );
+                }
+            });
+        })?;
+    anyhow::ensure!(
+        ready_rx.recv().unwrap_or(false),
+        "installing the SIGTERM/SIGINT handlers"
+    );
+    Ok(())
+}
+
+/// A probe step through every rank: one token forward, then release.
+pub fn probe(runner: &mut Runner) -> anyhow::Result<()> {
+    const PROBE_SEQ: u64 = u64::MAX;
+    let token = runner.engine.tokenizer.bos.unwrap_or(0);
+    let t = Instant::now();
+    runner
+        .run(&Step::Forward {
+            seq: PROBE_SEQ,
+            tokens: vec![token],
+        })
+        .context("the probe step failed")?;
+    runner.run(&Step::Release { seq: PROBE_SEQ })?;
+    tracing::info!(
+        "probe step passed in {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// The leader (or a single rank): probe, then serve the API until SIGTERM/SIGINT, draining.
+fn lead(cfg: &ServeConfig, mut runner: Runner, health: GroupHealth) -> anyhow::Result<()> {
+    probe(&mut runner)?;
+    serve_api(cfg, runner, health)
+}
+
+/// The scheduler's limits from the environment: `TESSERA_MAX_CONCURRENCY` sequences at once,
+/// each up to `TESSERA_CONTEXT_LENGTH` tokens of KV cache.
+pub fn scheduler_config(cfg: &ServeConfig, per_sequence_bytes: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_running: cfg.max_concurrency,
+        max_waiting: cfg.max_concurrency * 8,
+        kv_budget_bytes: per_sequence_bytes.saturating_mul(cfg.max_concurrency),
+        ..SchedulerConfig::default()
+    }
+}
+
+fn serve_api(cfg: &ServeConfig, runner: Runner, health: GroupHealth) -> anyhow::Result<()> {
+    let metrics = Arc::new(ServerMetrics::new());
+    // GPU gauges (dcgm-exporter names) in the same /metrics; without NVML one warning and
+    // `tessera_nvml_up 0`, and the worker keeps serving.
+    let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+    metrics.set_gpu_telemetry(Arc::from(crate::telemetry::nvml::detect()), hostname);
+    let sched = scheduler_config(cfg, runner.kv_budget_bytes);
+    let handle = Scheduler::spawn(runner, sched, Arc::clone(&metrics))?;
+    let readiness: Readiness = {
+        let (health, handle) = (health, handle.clone());
+        Arc::new(move || {
+            health.check()?;
+            match handle.failure() {
+                Some(why) => Err(why),
+                None => Ok(()),
+            }
+        })
+    };
+    let app = server::router(
+        ServerConfig {
+            served_model_name: cfg.served_model_name.clone(),
+            max_body_bytes: MAX_BODY_BYTES,
+            readiness,
+        },
+        handle.clone(),
+        metrics,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let served = handle.clone();
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "listening on {addr} (TESSERA_PORT={}, TESSERA_HOST={})",
+                    cfg.port, cfg.host
+                )
+            })?;
+        tracing::info!(
+            model = %cfg.served_model_name,
+            tp = cfg.tp,
+            "serving the OpenAI API on http://{}",
+            listener.local_addr()?
+        );
+        server::serve(listener, app, served.clone(), server::shutdown_signal()).await?;
+        // Drained: stop the scheduler, which drops the runner and closes the group cleanly.
+        served.shutdown();
+        anyhow::Ok(())
+    })?;
+    if let Some(why) = handle.failure() {
+        bail!(dist::GroupError(why));
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! The HTTP server of a replica leader (axum): the OpenAI-compatible API over the
+//! [scheduler](crate::engine::scheduler), health, readiness and metrics.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /v1/models`, `GET /v1/models/{id}` | the served model |
+//! | `POST /v1/completions` | text completion (one prompt: a string, or token ids) |
+//! | `POST /v1/chat/completions` | chat (ChatML through the tokenizer's template, no default system prompt) |
+//! | `GET /healthz` | 200 while the process serves HTTP |
+//! | `GET /readyz` | 200 when the readiness callback says ready and the server is not draining, else 503 |
+//! | `GET /metrics` | Prometheus text ([`metrics`]) |
+//!
+//! Errors are OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`); overload is
+//! 429 and shutdown 503, both with `Retry-After`.
+
+pub mod error;
+pub mod metrics;
+mod openai;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::engine::Engine;
+use crate::engine::runner::Runner;
+use crate::engine::scheduler::{Scheduler, SchedulerConfig, SchedulerHandle};
+use error::ApiError;
+pub use metrics::ServerMetrics;
+
+/// Says whether the replica can serve (`Err` carries the reason, shown on `/readyz`).
+pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Settings of the HTTP layer.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// The `model` name clients must use.
+    pub served_model_name: String,
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: usize,
+    pub readiness: Readiness,
+}
+
+impl ServerConfig {
+    /// Default body limit: 4 MiB.
+    pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
+
+    /// A configuration that is always ready, with the default body limit.
+    pub fn new(served_model_name: impl Into<String>) -> Self {
+        Self {
+            served_model_name: served_model_name.into(),
+            max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
+            readiness: Arc::new(|| Ok(())),
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("served_model_name", &self.served_model_name)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// State shared by the handlers.
+#[derive(Clone)]
+struct App {
+    cfg: Arc<ServerConfig>,
+    handle: SchedulerHandle,
+    metrics: Arc<ServerMetrics>,
+    /// Unix time the router was built (`created` of the model).
+    started: u64,
+}
+
+/// A JSON response.
+pub(crate) fn json_response(status: StatusCode, v: &serde_json::Value) -> Response {
+    let body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from(body),
+    )
+        .into_response()
+}
+
+/// The API's routes over a running scheduler.
+pub fn router(cfg: ServerConfig, handle: SchedulerHandle, metrics: Arc<ServerMetrics>) -> Router {
+    let limit = cfg.max_body_bytes;
+    let app = App {
+        cfg: Arc::new(cfg),
+        handle,
+        metrics,
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    Router::new()
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/models/{id}", get(openai::get_model))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_handler))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(app)
+}
+
+async fn readyz(State(app): State<App>) -> Response {
+    let reason = if app.handle.is_draining() {
+        Some("draining: the server is shutting down".to_owned())
+    } else if let Some(e) = app.handle.failure() {
+        Some(e)
+    } else {
+        (app.cfg.readiness)().err()
+    };
+    match reason {
+        None => (StatusCode::OK, "ok\n").into_response(),
+        Some(r) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {r}\n")).into_response(),
+    }
+}
+
+async fn metrics_handler(State(app): State<App>) -> Response {
+    // GPU telemetry (when set) calls NVML, which blocks.
+    let metrics = Arc::clone(&app.metrics);
+    match tokio::task::spawn_blocking(move || metrics.render()).await {
+        Ok(text) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => ApiError::internal(format!("rendering the metrics failed: {e}")).into_response(),
+    }
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    ApiError::invalid(format!("no route for {}", uri.path()))
+        .with_status(StatusCode::NOT_FOUND)
+        .with_code("not_found")
+        .into_response()
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    ApiError::invalid(format!("{method} is not allowed on {}", uri.path()))
+        .with_status(StatusCode::METHOD_NOT_ALLOWED)
+        .with_code("method_not_allowed")
+        .into_response()
+}
+
+/// Serve `router` until `shutdown` resolves; then stop admission (new requests get 503, and
+/// `/readyz` fails), wait for the requests in flight to finish and their responses to be
+/// written, and return.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    handle: SchedulerHandle,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let drained = async move {
+        shutdown.await;
+        tracing::info!(
+            in_flight = handle.in_flight(),
+            "shutting down: admission stopped, draining requests in flight"
+        );
+        handle.begin_drain();
+        handle.wait_idle().await;
+        tracing::info!("drained");
+    };
+    axum::serve(listener, router)
+        .with_graceful_shutdown(drained)
+        .await?;
+    Ok(())
+}
+
+/// Serve one model on one rank at `addr` until SIGINT/SIGTERM (for trying the API by hand and
+/// for tests): `threads` CPU threads (0: all cores), the model's file name as served name unless
+/// given.
+pub fn serve_single(
+    model: &Path,
+    addr: SocketAddr,
+    threads: usize,
+    served_model_name: Option<&str>,
+    sched: SchedulerConfig,
+) -> anyhow::Result<()> {
+    let engine = Engine::open(model, threads)?;
+    let per_seq = sched.kv_budget_bytes;
+    let runner = Runner::new(engine, per_seq, None);
+    let metrics = Arc::new(ServerMetrics::new());
+    let handle = Scheduler::spawn(runner, sched, Arc::clone(&metrics))?;
+    let name = served_model_name.map_or_else(
+        || {
+            model
+                .file_stem()
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+        },
+        str::to_owned,
+    );
+    let app = router(ServerConfig::new(name.clone()), handle.clone(), metrics);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!("serving {name} on http://{}", listener.local_addr()?);
+        serve(listener, app, handle.clone(), shutdown_signal()).await?;
+        handle.shutdown();
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,682 @@
+//! The OpenAI-compatible endpoints: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+//!
+//! Requests are parsed by hand from the body bytes (so that every failure gets an OpenAI-style
+//! error body), validated, tokenised off the async workers, and submitted to the scheduler.
+//! Streaming answers are server-sent events in OpenAI's chunk format ending with
+//! `data: [DONE]`.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::App;
+use super::error::ApiError;
+use crate::engine::sampling::SamplingParams;
+use crate::engine::scheduler::{Completion, Event, Request};
+use crate::tokenizer::Message;
+
+/// Most stop sequences per request.
+const MAX_STOP: usize = 16;
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A response id (`chatcmpl-...`, `cmpl-...`), unique within the process.
+fn new_id(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!("{prefix}-{t:016x}{n:08x}")
+}
+
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::invalid(format!("the request body is not valid UTF-8: {e}"))
+            .with_code("invalid_utf8")
+    })?;
+    if text.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "the request body is empty; expected a JSON object",
+        ));
+    }
+    serde_json::from_str(text).map_err(|e| {
+        ApiError::invalid(format!(
+            "the request body is not valid JSON for this endpoint: {e}"
+        ))
+        .with_code("invalid_json")
+    })
+}
+
+/// `stop`: one string or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+/// The parameters chat and text completions share.
+#[derive(Deserialize)]
+struct Common {
+    model: Option<String>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    /// Extension (vLLM, llama.cpp): keep the `top_k` most likely tokens; 0 or -1: all.
+    top_k: Option<i64>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    n: Option<i64>,
+    logprobs: Option<Value>,
+    /// Extension (vLLM): do not stop at the model's end-of-sequence tokens.
+    ignore_eos: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Option<Vec<ChatMessage>>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: Option<String>,
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    prompt: Option<PromptInput>,
+    echo: Option<bool>,
+    best_of: Option<i64>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptInput {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// Which endpoint a request came through (for the response format).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// Validated options of one request.
+struct Options {
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+    ignore_eos: bool,
+    /// `max_completion_tokens` or `max_tokens` as given, and which one.
+    max_tokens: Option<(i64, &'static str)>,
+}
+
+impl Common {
+    fn validate(&self, app: &App) -> Result<Options, ApiError> {
+        match self.model.as_deref() {
+            None => {
+                return Err(ApiError::param(
+                    "model",
+                    "you must provide a model parameter",
+                ));
+            }
+            Some(m) if m != app.cfg.served_model_name => {
+                return Err(ApiError::param(
+                    "model",
+                    format!(
+                        "the model `{m}` does not exist; this server serves `{}`",
+                        app.cfg.served_model_name
+                    ),
+                )
+                .with_status(StatusCode::NOT_FOUND)
+                .with_code("model_not_found"));
+            }
+            Some(_) => {}
+        }
+        if let Some(n) = self.n
+            && n != 1
+        {
+            return Err(ApiError::param(
+                "n",
+                format!("only n = 1 is supported, got {n}"),
+            ));
+        }
+        match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+            Some(Value::Number(n)) if n.as_u64() == Some(0) => {}
+            Some(_) => return Err(ApiError::param("logprobs", "logprobs are not supported")),
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
+            return Err(ApiError::param(
+                "temperature",
+                format!("temperature must be between 0 and 2, got {temperature}"),
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p.is_finite() && (0.0..=1.0).contains(&top_p)) {
+            return Err(ApiError::param(
+                "top_p",
+                format!("top_p must be between 0 and 1, got {top_p}"),
+            ));
+        }
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => k as usize,
+            Some(k) => {
+                return Err(ApiError::param(
+                    "top_k",
+                    format!("top_k must be -1, 0 (all tokens) or positive, got {k}"),
+                ));
+            }
+        };
+        let sampling = SamplingParams {
+            temperature: temperature as f32,
+            // top_p = 0 keeps only the most likely token.
+            top_k: if top_p == 0.0 { 1 } else { top_k },
+            top_p: if top_p == 0.0 { 1.0 } else { top_p as f32 },
+            // Any 64-bit pattern is a seed.
+            seed: self.seed.map(|s| s as u64),
+        };
+        let stop: Vec<String> = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop.len() > MAX_STOP {
+            return Err(ApiError::param(
+                "stop",
+                format!(
+                    "at most {MAX_STOP} stop sequences are allowed, got {}",
+                    stop.len()
+                ),
+            ));
+        }
+        let stop = stop.into_iter().filter(|s| !s.is_empty()).collect();
+        let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(n), _) => Some((n, "max_completion_tokens")),
+            (None, Some(n)) => Some((n, "max_tokens")),
+            (None, None) => None,
+        };
+        if let Some((n, param)) = max_tokens
+            && n < 1
+        {
+            return Err(ApiError::param(
+                param,
+                format!("{param} must be at least 1, got {n}"),
+            ));
+        }
+        let stream = self.stream.unwrap_or(false);
+        Ok(Options {
+            sampling,
+            stop,
+            stream,
+            include_usage: stream
+                && self
+                    .stream_options
+                    .as_ref()
+                    .and_then(|o| o.include_usage)
+                    .unwrap_or(false),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            max_tokens,
+        })
+    }
+}
+
+/// `max_tokens` for a prompt of `prompt_len` tokens: as asked if it fits the sequence, else
+/// `context_length_exceeded`; by default what is left (chat) or 16 (completions, as OpenAI).
+fn resolve_max_tokens(
+    app: &App,
+    opts: &Options,
+    prompt_len: usize,
+    kind: Kind,
+) -> Result<usize, ApiError> {
+    let cap = app.handle.max_sequence_tokens();
+    let where_ = match kind {
+        Kind::Chat => ("messages", "in the messages"),
+        Kind::Completion => ("prompt", "in the prompt"),
+    };
+    let too_long = |asked: usize| {
+        ApiError::param(
+            where_.0,
+            format!(
+                "this model's maximum context length is {cap} tokens; however, you requested {} tokens ({prompt_len} {}, {asked} in the completion)",
+                prompt_len + asked,
+                where_.1
+            ),
+        )
+        .with_code("context_length_exceeded")
+    };
+    let left = cap.saturating_sub(prompt_len);
+    match opts.max_tokens {
+        Some((n, _)) => {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            if n > left {
+                return Err(too_long(n));
+            }
+            Ok(n)
+        }
+        None => {
+            let n = match kind {
+                Kind::Chat => left,
+                Kind::Completion => left.min(16),
+            };
+            if n == 0 {
+                return Err(too_long(1));
+            }
+            Ok(n)
+        }
+    }
+}
+
+/// Tokenise off the async workers (long prompts take a while).
+async fn tokenize(
+    app: &App,
+    f: impl FnOnce(&crate::tokenizer::Tokenizer) -> anyhow::Result<Vec<u32>> + Send + 'static,
+) -> Result<Vec<u32>, ApiError> {
+    let tok = app.handle.tokenizer().clone();
+    tokio::task::spawn_blocking(move || f(&tok))
+        .await
+        .map_err(|e| ApiError::internal(format!("the tokenizer task failed: {e}")))?
+        .map_err(|e| ApiError::invalid(format!("{e:#}")))
+}
+
+pub(super) async fn chat(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> Response {
+    chat_inner(app, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat_inner(app: App, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body.map_err(ApiError::from_body)?;
+    let req: ChatRequest = parse_json(&body)?;
+    let opts = req.common.validate(&app)?;
+    let messages = req
+        .messages
+        .ok_or_else(|| ApiError::param("messages", "you must provide messages"))?;
+    if messages.is_empty() {
+        return Err(ApiError::param(
+            "messages",
+            "messages must contain at least one message",
+        ));
+    }
+    let mut conv = Vec::with_capacity(messages.len());
+    for (i, m) in messages.into_iter().enumerate() {
+        let role = match m.role.as_deref() {
+            Some(r @ ("system" | "user" | "assistant" | "tool")) => r,
+            Some("developer") => "system",
+            Some(r) => {
+                return Err(ApiError::param(
+                    &format!("messages[{i}].role"),
+                    format!("unsupported role {r:?} (system, developer, user, assistant or tool)"),
+                ));
+            }
+            None => {
+                return Err(ApiError::param(
+                    &format!("messages[{i}].role"),
+                    "every message needs a role",
+                ));
+            }
+        };
+        let content = match m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut s = String::new();
+                for (j, p) in parts.into_iter().enumerate() {
+                    match (p.kind.as_deref(), p.text) {
+                        (Some("text"), Some(t)) => s.push_str(&t),
+                        (kind, _) => {
+                            return Err(ApiError::param(
+                                &format!("messages[{i}].content[{j}]"),
+                                format!(
+                                    "only text content parts are supported, got type {}",
+                                    kind.unwrap_or("(none)")
+                                ),
+                            ));
+                        }
+                    }
+                }
+                s
+            }
+        };
+        conv.push(Message {
+            role: role.to_owned(),
+            content,
+        });
+    }
+    let prompt = tokenize(&app, move |t| {
+        let text = t.apply_chat_template(&conv, true)?;
+        Ok(t.encode(&text, true))
+    })
+    .await?;
+    respond(app, Kind::Chat, opts, prompt).await
+}
+
+pub(super) async fn completions(
+    State(app): State<App>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    completions_inner(app, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions_inner(
+    app: App,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(ApiError::from_body)?;
+    let req: CompletionRequest = parse_json(&body)?;
+    let opts = req.common.validate(&app)?;
+    if req.echo == Some(true) {
+        return Err(ApiError::param("echo", "echo is not supported"));
+    }
+    if let Some(b) = req.best_of
+        && b != 1
+    {
+        return Err(ApiError::param(
+            "best_of",
+            format!("only best_of = 1 is supported, got {b}"),
+        ));
+    }
+    let one = "one prompt per request is supported";
+    let prompt = match req.prompt {
+        None => return Err(ApiError::param("prompt", "you must provide a prompt")),
+        Some(PromptInput::Text(t)) => PromptInput::Text(t),
+        Some(PromptInput::Texts(mut v)) if v.len() == 1 => PromptInput::Text(v.remove(0)),
+        Some(PromptInput::Tokens(v)) => PromptInput::Tokens(v),
+        Some(PromptInput::TokenLists(mut v)) if v.len() == 1 => PromptInput::Tokens(v.remove(0)),
+        Some(PromptInput::Texts(v)) if v.is_empty() => {
+            return Err(ApiError::param("prompt", "the prompt is empty"));
+        }
+        Some(_) => return Err(ApiError::param("prompt", one)),
+    };
+    let prompt = match prompt {
+        PromptInput::Text(t) => tokenize(&app, move |tok| Ok(tok.encode(&t, true))).await?,
+        PromptInput::Tokens(v) => v,
+        _ => unreachable!("normalised above"),
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::param("prompt", "the prompt is empty"));
+    }
+    respond(app, Kind::Completion, opts, prompt).await
+}
+
+/// Submit and answer, streamed or whole.
+async fn respond(
+    app: App,
+    kind: Kind,
+    opts: Options,
+    prompt: Vec<u32>,
+) -> Result<Response, ApiError> {
+    let max_tokens = resolve_max_tokens(&app, &opts, prompt.len(), kind)?;
+    let rx = app.handle.submit(Request {
+        prompt,
+        max_tokens,
+        sampling: opts.sampling.clone(),
+        stop: opts.stop.clone(),
+        ignore_eos: opts.ignore_eos,
+    })?;
+    let meta = Meta {
+        id: new_id(match kind {
+            Kind::Chat => "chatcmpl",
+            Kind::Completion => "cmpl",
+        }),
+        created: now_unix(),
+        model: app.cfg.served_model_name.clone(),
+        kind,
+        include_usage: opts.include_usage,
+    };
+    if opts.stream {
+        Ok(stream_response(rx, meta))
+    } else {
+        whole_response(rx, meta).await
+    }
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+    include_usage: bool,
+}
+
+fn usage_json(c: &Completion) -> Value {
+    json!({
+        "prompt_tokens": c.usage.prompt_tokens,
+        "completion_tokens": c.usage.completion_tokens,
+        "total_tokens": c.usage.total_tokens(),
+    })
+}
+
+async fn whole_response(mut rx: mpsc::Receiver<Event>, meta: Meta) -> Result<Response, ApiError> {
+    let done = loop {
+        match rx.recv().await {
+            Some(Event::Text(_)) => {}
+            Some(Event::Done(c)) => break c,
+            Some(Event::Error(e)) => return Err(ApiError::internal(e)),
+            None => return Err(ApiError::internal("generation ended without a result")),
+        }
+    };
+    let choice = match meta.kind {
+        Kind::Chat => json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": done.text},
+            "logprobs": null,
+            "finish_reason": done.finish_reason.as_str(),
+        }),
+        Kind::Completion => json!({
+            "index": 0,
+            "text": done.text,
+            "logprobs": null,
+            "finish_reason": done.finish_reason.as_str(),
+        }),
+    };
+    let body = json!({
+        "id": meta.id,
+        "object": match meta.kind { Kind::Chat => "chat.completion", Kind::Completion => "text_completion" },
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [choice],
+        "usage": usage_json(&done),
+    });
+    Ok(super::json_response(StatusCode::OK, &body))
+}
+
+impl Meta {
+    /// A streamed chunk with one choice.
+    fn chunk(&self, delta_or_text: Value, finish_reason: Option<&str>) -> Value {
+        let choice = match self.kind {
+            Kind::Chat => json!({
+                "index": 0,
+                "delta": delta_or_text,
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+            Kind::Completion => json!({
+                "index": 0,
+                "text": delta_or_text,
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+        };
+        let mut v = json!({
+            "id": self.id,
+            "object": match self.kind { Kind::Chat => "chat.completion.chunk", Kind::Completion => "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        });
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+
+    fn text_chunk(&self, text: &str) -> Value {
+        match self.kind {
+            Kind::Chat => self.chunk(json!({"content": text}), None),
+            Kind::Completion => self.chunk(json!(text), None),
+        }
+    }
+
+    fn final_chunk(&self, finish_reason: &str) -> Value {
+        match self.kind {
+            Kind::Chat => self.chunk(json!({}), Some(finish_reason)),
+            Kind::Completion => self.chunk(json!(""), Some(finish_reason)),
+        }
+    }
+
+    fn usage_chunk(&self, c: &Completion) -> Value {
+        json!({
+            "id": self.id,
+            "object": match self.kind { Kind::Chat => "chat.completion.chunk", Kind::Completion => "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage_json(c),
+        })
+    }
+}
+
+fn sse(v: &Value) -> Result<Bytes, Infallible> {
+    Ok(Bytes::from(format!("data: {v}\n\n")))
+}
+
+/// Server-sent events. A task forwards the scheduler's events; when the client goes away the
+/// body (and this channel) is dropped, the task ends and drops the scheduler's receiver, which
+/// cancels the sequence.
+fn stream_response(mut rx: mpsc::Receiver<Event>, meta: Meta) -> Response {
+    let (tx, body_rx) = mpsc::channel::<Result<Bytes, Infallible>>(32);
+    tokio::spawn(async move {
+        if meta.kind == Kind::Chat {
+            let first = meta.chunk(json!({"role": "assistant", "content": ""}), None);
+            if tx.send(sse(&first)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                () = tx.closed() => return,
+            };
+            let out: Vec<Value> = match ev {
+                Some(Event::Text(t)) => vec![meta.text_chunk(&t)],
+                Some(Event::Done(c)) => {
+                    let mut v = vec![meta.final_chunk(c.finish_reason.as_str())];
+                    if meta.include_usage {
+                        v.push(meta.usage_chunk(&c));
+                    }
+                    for chunk in &v {
+                        if tx.send(sse(chunk)).await.is_err() {
+                            return;
+                        }
+                    }
+                    break;
+                }
+                Some(Event::Error(e)) => {
+                    let _ = tx.send(sse(&ApiError::internal(e).body())).await;
+                    break;
+                }
+                None => {
+                    let e = ApiError::internal("generation ended without a result");
+                    let _ = tx.send(sse(&e.body())).await;
+                    break;
+                }
+            };
+            for chunk in &out {
+                if tx.send(sse(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body_rx));
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+pub(super) async fn list_models(State(app): State<App>) -> Response {
+    super::json_response(
+        StatusCode::OK,
+        &json!({"object": "list", "data": [model_json(&app)]}),
+    )
+}
+
+pub(super) async fn get_model(State(app): State<App>, Path(id): Path<String>) -> Response {
+    if id != app.cfg.served_model_name {
+        return ApiError::param("model", format!("the model `{id}` does not exist"))
+            .with_status(StatusCode::NOT_FOUND)
+            .with_code("model_not_found")
+            .into_response();
+    }
+    super::json_response(StatusCode::OK, &model_json(&app))
+}
+
+fn model_json(app: &App) -> Value {
+    json!({
+        "id": app.cfg.served_model_name,
+        "object": "model",
+        "created": app.started,
+        "owned_by": "tessera",
+        "max_model_len": app.handle.max_sequence_tokens(),
+    })
+}

@@ -1,0 +1,428 @@
+//! Ranks as real processes of the built binary: `serve` followers from the env contract, a killed
+//! rank ending the group, and the `local` launcher's checks.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tessera_worker::dist::{self, GroupConfig};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera-worker");
+
+fn model_path() -> PathBuf {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-model.sh",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the child when dropped (a failing test leaves no process behind).
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start `serve` as rank `rank` of `world`, its stderr lines sent to `lines`.
+fn serve_rank(
+    rank: usize,
+    world: usize,
+    port: u16,
+    group: &str,
+    lines: mpsc::Sender<(usize, String)>,
+) -> Proc {
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .env_clear()
+        .env("RUST_LOG", "info")
+        .env("TESSERA_TP", world.to_string())
+        .env("TESSERA_PP", "1")
+        .env("TESSERA_WORLD_SIZE", world.to_string())
+        .env("TESSERA_RANK_OFFSET", rank.to_string())
+        .env("TESSERA_LOCAL_RANKS", "1")
+        .env("TESSERA_LEADER_ADDRESS", format!("127.0.0.1:{port}"))
+        .env("TESSERA_RENDEZVOUS_PORT", port.to_string())
+        .env("TESSERA_PORT", free_port().to_string())
+        .env("TESSERA_HOST", "127.0.0.1")
+        .env("TESSERA_MODEL_PATH", model_path())
+        .env("TESSERA_INCARNATION", group)
+        .env("TESSERA_THREADS", "1")
+        .env("TESSERA_STALL_TIMEOUT_SECS", "3")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send((rank, line));
+        }
+    });
+    Proc(child)
+}
+
+fn wait_exit(p: &mut Proc, within: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = p.0.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            t.elapsed() < within,
+            "the rank did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn killing_a_rank_process_ends_the_group_naming_it() {
+    // Rank 0 is a thread of this test (its exit hook reports instead of exiting); ranks 1 and 2
+    // are `tessera-worker serve` processes configured from the env contract.
+    let port = free_port();
+    let (tx, rx) = mpsc::channel();
+    let mut r1 = serve_rank(1, 3, port, "e2e-kill", tx.clone());
+    let mut r2 = serve_rank(2, 3, port, "e2e-kill", tx);
+    let (exit_tx, exit_rx) = mpsc::channel::<String>();
+    let group = dist::join_with_exit(
+        &GroupConfig {
+            rank: 0,
+            world: 3,
+            leader_host: "127.0.0.1".into(),
+            port,
+            group_id: "e2e-kill".into(),
+            connect_deadline: Duration::from_secs(120),
+            stall_timeout: Duration::from_secs(3),
+        },
+        Box::new(move |why: &str| {
+            let _ = exit_tx.send(why.to_owned());
+        }),
+    )
+    .unwrap();
+    // Both followers load their shard and wait for steps.
+    let mut following = 0;
+    let mut log = Vec::new();
+    let t = Instant::now();
+    while following < 2 {
+        let (rank, line) = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("followers never started following: {log:#?}"));
+        if line.contains("following the leader's steps") {
+            following += 1;
+        }
+        log.push(format!("{rank}: {line}"));
+        assert!(t.elapsed() < Duration::from_secs(120));
+    }
+    assert_eq!(group.health.check(), Ok(()));
+
+    r2.0.kill().unwrap();
+    let t = Instant::now();
+    let reason = loop {
+        if let Err(e) = group.health.check() {
+            break e;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "still healthy");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(reason.contains("rank 2 lost"), "{reason}");
+    let why = exit_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(why.contains("rank 2"), "{why}");
+
+    // Rank 1 exits non-zero (the group-lost status) and says which rank was lost.
+    let st = wait_exit(&mut r1, Duration::from_secs(30));
+    assert_eq!(st.code(), Some(dist::EXIT_GROUP_LOST), "{st}");
+    let rank1: Vec<String> = rx
+        .try_iter()
+        .filter(|(r, _)| *r == 1)
+        .map(|(_, l)| l)
+        .collect();
+    assert!(
+        rank1.iter().any(|l| l.contains("rank 2 lost")),
+        "rank 1's log names rank 2: {rank1:#?}"
+    );
+}
+
+#[test]
+fn serve_refuses_a_bad_environment_naming_the_variable() {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .env_clear()
+        .env("TESSERA_TP", "3")
+        .env("TESSERA_PP", "2")
+        .env("TESSERA_PORT", "8000")
+        .env("TESSERA_MODEL_PATH", model_path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TESSERA_PP=\"2\""), "{err}");
+    assert!(err.contains("not supported"), "{err}");
+}
+
+#[test]
+fn local_checks_the_layout_before_starting_ranks() {
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("local")
+            .arg("--model")
+            .arg(model_path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = run(&["--tp", "2", "--port", "1"]);
+    assert!(e.contains("--tp 2"), "{e}");
+    assert!(e.contains("9 attention heads"), "{e}");
+    let e = run(&["--tp", "3", "--pp", "2", "--port", "1"]);
+    assert!(e.contains("--pp 2"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// `tessera-worker local` end to end: the OpenAI API from rank 0, TP=3 against TP=1, a killed rank.
+
+/// One HTTP/1.1 request to 127.0.0.1:`port`; (status, body). `None` when nothing listens.
+fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(300))).ok()?;
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_owned())?;
+    Some((status, body))
+}
+
+/// Start `local` and wait until its API is ready.
+fn start_local(tp: usize, lines: mpsc::Sender<String>) -> (Proc, u16) {
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .arg("local")
+        .arg("--model")
+        .arg(model_path())
+        .args([
+            "--tp",
+            &tp.to_string(),
+            "--port",
+            &port.to_string(),
+            "--threads",
+            "1",
+        ])
+        .env("RUST_LOG", "info")
+        .env("TESSERA_STALL_TIMEOUT_SECS", "3")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut p = Proc(child);
+    let t = Instant::now();
+    loop {
+        if let Some((200, _)) = http(port, "GET", "/readyz", None) {
+            break;
+        }
+        assert!(
+            p.0.try_wait().unwrap().is_none(),
+            "local --tp {tp} exited before it was ready"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "local --tp {tp} not ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (p, port)
+}
+
+fn ask_france(port: u16) -> String {
+    let body = serde_json::json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 24,
+        "temperature": 0
+    })
+    .to_string();
+    let (status, body) = http(port, "POST", "/v1/chat/completions", Some(&body)).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Pids of `pid`'s children with their `TESSERA_RANK_OFFSET`.
+fn ranks_of(pid: u32) -> Vec<(usize, u32)> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    children
+        .split_whitespace()
+        .filter_map(|c| {
+            let c: u32 = c.parse().ok()?;
+            let env = std::fs::read(format!("/proc/{c}/environ")).ok()?;
+            let rank = env
+                .split(|b| *b == 0)
+                .filter_map(|kv| std::str::from_utf8(kv).ok())
+                .find_map(|kv| kv.strip_prefix("TESSERA_RANK_OFFSET="))?
+                .parse()
+                .ok()?;
+            Some((rank, c))
+        })
+        .collect()
+}
+
+#[test]
+fn local_tp3_answers_like_tp1_and_a_killed_rank_ends_the_group() {
+    let (tx1, _rx1) = mpsc::channel();
+    let (p1, port1) = start_local(1, tx1);
+    let want = ask_france(port1);
+    assert!(want.contains("Paris"), "{want:?}");
+    drop(p1);
+
+    let (tx, rx) = mpsc::channel();
+    let (mut p3, port) = start_local(3, tx);
+    let got = ask_france(port);
+    assert_eq!(got, want, "TP=3 gives TP=1's greedy text");
+    // The leader's /metrics: serving counters, all-reduce counters of the group, and the GPU
+    // gauges' health (no NVML here: tessera_nvml_up 0, and the worker keeps serving).
+    let (code, metrics) = http(port, "GET", "/metrics", None).expect("metrics");
+    assert_eq!(code, 200);
+    for needle in [
+        "tessera_requests_running",
+        "tessera_generated_tokens_total",
+        "tessera_allreduce_calls_total",
+        "tessera_nvml_up 0",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "{needle} missing from:\n{metrics}"
+        );
+    }
+
+    let ranks = ranks_of(p3.0.id());
+    assert_eq!(ranks.len(), 3, "{ranks:?}");
+    let victim = ranks.iter().find(|(r, _)| *r == 2).unwrap().1;
+    let killed = Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    // The leader's /readyz fails (503) before the group goes away.
+    let t = Instant::now();
+    let first_failure = loop {
+        match http(port, "GET", "/readyz", None) {
+            Some((200, _)) => {}
+            other => break other,
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "still ready");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (status, body) = first_failure.expect("a 503 before the leader exits");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("rank 2"), "{body}");
+
+    let st = wait_exit(&mut p3, Duration::from_secs(30));
+    assert!(!st.success());
+    let log: Vec<String> = rx.try_iter().collect();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("rank 2 exited") && l.contains("the group was stopped")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("rank 0 |") && l.contains("rank 2 lost")),
+        "{log:#?}"
+    );
+}
+
+#[test]
+fn sigterm_drains_the_request_in_flight_and_every_rank_exits_cleanly() {
+    use std::io::{Read, Write};
+    let (tx, rx) = mpsc::channel();
+    let (mut p, port) = start_local(3, tx);
+    let body = serde_json::json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "messages": [{"role": "user", "content": "Write a poem about Paris."}],
+        "max_tokens": 40,
+        "temperature": 0,
+        "stream": true
+    })
+    .to_string();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Once the first chunk arrived the request is in flight: stop the launcher.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("data: ") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &p.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    s.read_to_end(&mut got).unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("\"finish_reason\":\"length\""),
+        "drained to the end: {text}"
+    );
+    assert!(text.contains("data: [DONE]"), "{text}");
+
+    let st = wait_exit(&mut p, Duration::from_secs(60));
+    assert!(st.success(), "{st}");
+    let log: Vec<String> = rx.try_iter().collect();
+    for r in [1, 2] {
+        assert!(
+            log.iter().any(|l| l.starts_with(&format!("rank {r} |"))
+                && l.contains("the leader closed the group")),
+            "{log:#?}"
+        );
+    }
+    assert!(
+        log.iter().any(|l| l.contains("every rank stopped")),
+        "{log:#?}"
+    );
+}
