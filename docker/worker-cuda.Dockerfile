@@ -28,6 +28,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM nvidia/cuda:12.8.1-runtime-ubuntu22.04 AS runtime
 COPY --from=build /out/tessera-worker /usr/local/bin/tessera-worker
+# cudarc loads NCCL as libnccl.so; the runtime image ships only the versioned libnccl.so.2.
+RUN ln -s libnccl.so.2 /usr/lib/x86_64-linux-gnu/libnccl.so
 # The CUDA base image runs as root by default; run as the unprivileged 65532 instead.
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/tessera-worker"]

@@ -8,8 +8,52 @@
 #
 # Usage: scripts/bench-tp.sh [DECODE_TOKENS] [TP1_THREADS] [TP3_THREADS_PER_RANK] [CALLS]
 #   defaults: 64 tokens, 2 threads at TP=1, 1 thread per rank at TP=3, 2000 all-reduces.
+#
+# Pipeline parallelism instead: scripts/bench-tp.sh --pp P [DECODE_TOKENS] [TP1_THREADS]
+#   [THREADS_PER_RANK]: prefill and decode tokens/s of TP=1 against TP=1 x PP=P (P processes,
+#   one stage each) and peak RSS per rank; defaults: 64 tokens, 2 threads, 1 thread per rank.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--pp" ]; then
+  PP=${2:?--pp needs the number of stages}
+  TOKENS=${3:-64}
+  T1=${4:-2}
+  TR=${5:-1}
+  MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
+  BIN=$CARGO_TARGET_DIR/release/examples/bench_tp
+  scripts/fetch-model.sh >/dev/null
+  cargo build --release -p tessera-worker --example bench_tp --quiet
+  out=$(mktemp -d)
+  trap 'rm -rf "$out"' EXIT
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  "$BIN" rank --rank 0 --world 1 --port 0 --model "$MODEL" --threads "$T1" --tokens "$TOKENS" \
+    --calls 0 >"$out/tp1.json"
+  pids=()
+  for ((r = 0; r < PP; r++)); do
+    "$BIN" rank --rank $r --world "$PP" --pp "$PP" --port "$port" --model "$MODEL" \
+      --threads "$TR" --tokens "$TOKENS" --calls 0 >"$out/pp-$r.json" &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+  python3 - "$out" "$PP" <<'EOF'
+import json, sys, os
+d, pp = sys.argv[1], int(sys.argv[2])
+load = lambda f: json.load(open(os.path.join(d, f)))
+tp1 = load("tp1.json")
+ranks = [load(f"pp-{r}.json") for r in range(pp)]
+lead = ranks[0]
+print(f"| | TP=1 | TP=1 x PP={pp} ({pp} processes) |")
+print("|---|---|---|")
+print(f"| threads per rank | {tp1['threads']} | {lead['threads']} |")
+print(f"| prefill tokens/s ({tp1['prompt_tokens']} tokens) | {tp1['prefill_tokens_per_s']:.1f} | {lead['prefill_tokens_per_s']:.1f} |")
+print(f"| decode tokens/s ({tp1['decode_tokens']} tokens) | {tp1['decode_tokens_per_s']:.1f} | {lead['decode_tokens_per_s']:.1f} |")
+rss = ", ".join(f"{r['vm_hwm_kib'] / 1024:.0f}" for r in ranks)
+print(f"| peak RSS per rank (VmHWM, MiB) | {tp1['vm_hwm_kib'] / 1024:.0f} | {rss} |")
+EOF
+  exit 0
+fi
 
 TOKENS=${1:-64}
 T1=${2:-2}

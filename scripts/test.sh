@@ -13,6 +13,9 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo clippy -p tessera-worker --features cuda (the CUDA path; builds without a CUDA toolkit)"
+cargo clippy -p tessera-worker --features cuda --all-targets --locked -- -D warnings
+
 step "test model (scripts/fetch-model.sh)"
 scripts/fetch-model.sh
 

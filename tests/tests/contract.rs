@@ -1,6 +1,7 @@
 //! The operator-worker contract, across the crates: every worker pod the controller builds for
 //! the example deployments carries the environment the worker's `serve` requires, and the
-//! worker reads it back to the same layout (tensor-parallel degree, world size, rank, leader).
+//! worker reads it back to the same layout (tensor- and pipeline-parallel degree, world size,
+//! rank, stage, leader).
 
 use std::path::Path;
 
@@ -54,23 +55,31 @@ fn every_worker_pod_carries_what_serve_requires_and_serve_reads_it_back() {
     let pods = example_pods();
     assert!(pods.len() >= 6, "{}", pods.len());
     let mut read_back = 0;
+    let mut pipelined = 0;
     for pod in &pods {
         let name = pod.metadata.name.clone().unwrap();
         let vars = env_of(pod);
         for k in env::REQUIRED.iter().chain(env::REQUIRED_IN_A_GROUP) {
             assert!(vars.contains_key(*k), "{name}: {k} missing");
         }
-        let pp: usize = vars[env::PP].parse().unwrap();
-        let got = ServeConfig::from_lookup(|k| vars.get(k).cloned());
-        if pp > 1 {
-            // Pipeline parallelism is not in the worker yet: it refuses clearly, naming the
-            // variable, instead of serving a wrong model.
-            let err = format!("{:#}", got.unwrap_err());
-            assert!(err.contains(env::PP), "{name}: {err}");
-            continue;
-        }
-        let cfg = got.unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let cfg = ServeConfig::from_lookup(|k| vars.get(k).cloned())
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
         assert_eq!(cfg.tp.to_string(), vars[env::TP], "{name}");
+        assert_eq!(cfg.pp.to_string(), vars[env::PP], "{name}");
+        if cfg.pp > 1 {
+            pipelined += 1;
+        }
+        // The worker's stage of this pod's ranks (global rank / TP) is the operator's.
+        assert_eq!(
+            (cfg.rank_offset / cfg.tp).to_string(),
+            vars[env::STAGE],
+            "{name}"
+        );
+        let g = cfg.group_config();
+        assert_eq!(
+            (g.rank, g.world, g.pp),
+            (cfg.rank_offset, cfg.world, cfg.pp)
+        );
         assert_eq!(cfg.world.to_string(), vars["TESSERA_WORLD_SIZE"], "{name}");
         assert_eq!(
             cfg.rank_offset.to_string(),
@@ -87,5 +96,9 @@ fn every_worker_pod_carries_what_serve_requires_and_serve_reads_it_back() {
         }
         read_back += 1;
     }
-    assert!(read_back >= 4, "{read_back}");
+    assert!(read_back >= 6, "{read_back}");
+    assert!(
+        pipelined >= 1,
+        "the examples include a pipeline-parallel deployment"
+    );
 }

@@ -3,7 +3,7 @@
 //! - `bench_tp net`: loopback TCP latency (half the round trip of 8-byte ping-pongs, TCP_NODELAY)
 //!   (median and best of five batches) and bandwidth (one stream of 1 MiB writes), as one JSON
 //!   line.
-//! - `bench_tp rank --rank R --world W --port P --model M --threads T --tokens N --calls K`: one
+//! - `bench_tp rank --rank R --world W [--pp S] --port P --model M --threads T --tokens N --calls K`: one
 //!   rank (a process of its own) joins the group, times K all-reduces of the model's hidden size
 //!   and K/10 of a 64-token prefill message, then greedy-decodes N tokens after a fixed prompt
 //!   (rank 0 drives; the others follow), and prints one JSON line with its timings, all-reduce
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tessera_worker::dist::{self, GroupConfig, Role};
 use tessera_worker::engine::Engine;
 use tessera_worker::engine::runner::{Runner, Step};
-use tessera_worker::model::parallel::{ALLREDUCE_STATS, Collective, Identity};
+use tessera_worker::model::parallel::{ALLREDUCE_STATS, Collective, Identity, Stage};
 
 const PROMPT: &str = "The history of the city of Paris begins about 250 BC, when a tribe of Celtic Senones known as the Parisii settled on the banks of the Seine. Write a short story about a young merchant who arrives in the city during that time:";
 
@@ -45,6 +45,7 @@ fn main() -> anyhow::Result<()> {
                 get("threads")?.parse()?,
                 get("tokens")?.parse()?,
                 get("calls")?.parse()?,
+                kv.get("pp").map_or(Ok(1), |v| v.parse())?,
             )
         }
         _ => anyhow::bail!(
@@ -163,24 +164,26 @@ fn rank(
     threads: usize,
     tokens: usize,
     calls: usize,
+    pp: usize,
 ) -> anyhow::Result<()> {
-    let (collective, role): (Box<dyn Collective>, Option<Role>) = if world == 1 {
-        (Box::new(Identity), None)
+    let (collective, role, stage, pipe): (Box<dyn Collective>, Option<Role>, _, _) = if world == 1 {
+        (Box::new(Identity), None, Stage::WHOLE, None)
     } else {
         let g = dist::join(&GroupConfig {
             rank,
             world,
+            pp,
             leader_host: "127.0.0.1".into(),
             port,
             group_id: "bench".into(),
             connect_deadline: Duration::from_secs(120),
             stall_timeout: Duration::from_secs(60),
         })?;
-        (g.collective, Some(g.role))
+        (g.collective, Some(g.role), g.stage, g.pipe)
     };
-    let engine = Engine::open_shard(&model, threads, collective)?;
+    let engine = Engine::open_stage(&model, threads, collective, stage)?;
     let hidden = engine.model.config.hidden;
-    let (small, large) = if world > 1 {
+    let (small, large) = if engine.collective.world() > 1 {
         (
             time_calls(engine.collective.as_ref(), hidden, calls)?,
             time_calls(
@@ -194,12 +197,12 @@ fn rank(
     };
     let prompt = engine.tokenizer.encode(PROMPT, false);
     let mut out = serde_json::json!({
-        "rank": rank, "world": world, "threads": engine.pool.threads(),
+        "rank": rank, "world": world, "pp": pp, "threads": engine.pool.threads(),
         "hidden": hidden, "allreduce_hidden_s": small, "allreduce_64_tokens_s": large,
     });
     match role {
         Some(Role::Follower(mut source)) => {
-            let mut runner = Runner::new(engine, 256 << 20, None);
+            let mut runner = Runner::new(engine, 256 << 20, None).with_pipe(pipe);
             dist::follow(&mut runner, source.as_mut())?;
         }
         other => {
@@ -207,7 +210,7 @@ fn rank(
                 Some(Role::Leader(b)) => Some(b),
                 _ => None,
             };
-            let mut runner = Runner::new(engine, 256 << 20, broadcast);
+            let mut runner = Runner::new(engine, 256 << 20, broadcast).with_pipe(pipe);
             let t = Instant::now();
             let logits = runner
                 .run(&Step::Forward {

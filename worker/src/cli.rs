@@ -103,4 +103,8 @@ pub struct GenerateArgs {
     /// KV-cache budget for the sequence, in MiB.
     #[arg(long, default_value_t = 512)]
     pub kv_cache_mib: usize,
+    /// Where to run the model (built with `--features cuda` only).
+    #[cfg(feature = "cuda")]
+    #[arg(long, env = "TESSERA_DEVICE", value_enum, default_value_t = crate::cuda::Device::Cpu)]
+    pub device: crate::cuda::Device,
 }

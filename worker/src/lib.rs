@@ -11,9 +11,12 @@
 //!   continuous-batching [`engine::scheduler`].
 //! - [`dist`]: the tensor-parallel rank group over TCP (rendezvous, all-reduce, steps, watchdog);
 //!   `serve` and `local`: one rank from the operator's environment, every rank on one machine.
+//! - `cuda` (only with `--features cuda`): the GPU path (cuBLAS, NVRTC kernels, NCCL).
 
 pub mod agent;
 pub mod cli;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dist;
 pub mod engine;
 pub mod kernels;

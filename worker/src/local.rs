@@ -41,11 +41,8 @@ struct RankSpec {
 
 /// `tessera-worker local`.
 pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
-    if args.pp != 1 {
-        bail!(
-            "--pp {}: pipeline parallelism is not supported by this worker yet; use --pp 1",
-            args.pp
-        );
+    if args.pp == 0 {
+        bail!("--pp 0: the pipeline-parallel degree must be at least 1");
     }
     if args.tp == 0 {
         bail!("--tp 0: the tensor-parallel degree must be at least 1");
@@ -57,6 +54,9 @@ pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
     config
         .check_shard(crate::model::parallel::Shard::new(0, args.tp)?)
         .with_context(|| format!("--tp {}", args.tp))?;
+    config
+        .check_stage(crate::model::parallel::Stage::new(0, args.pp)?)
+        .with_context(|| format!("--pp {}", args.pp))?;
     drop(file);
     let world = args.tp * args.pp;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -84,6 +84,7 @@ pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
             env: vec![
                 (env::TP.into(), args.tp.to_string()),
                 (env::PP.into(), args.pp.to_string()),
+                (env::STAGE.into(), (rank / args.tp).to_string()),
                 (env::WORLD_SIZE.into(), world.to_string()),
                 (env::RANK_OFFSET.into(), rank.to_string()),
                 (env::LOCAL_RANKS.into(), "1".into()),
@@ -108,6 +109,7 @@ pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
         .collect();
     tracing::info!(
         tp = args.tp,
+        pp = args.pp,
         threads_per_rank = threads,
         "starting {world} ranks; the API will be on http://127.0.0.1:{}",
         args.port

@@ -98,6 +98,10 @@ fn generate(args: &tessera_worker::cli::GenerateArgs) -> anyhow::Result<()> {
     use tessera_worker::engine::{Engine, GenerateParams, SamplingParams};
     use tessera_worker::tokenizer::Message;
 
+    #[cfg(feature = "cuda")]
+    if args.device == tessera_worker::cuda::Device::Cuda {
+        return tessera_worker::cuda::llama::generate_cli(args);
+    }
     let t0 = std::time::Instant::now();
     let engine = Engine::open(&args.model, args.threads)?;
     let load = t0.elapsed();

@@ -2,7 +2,8 @@
 //! operator sets (docs/contract.md).
 //!
 //! World 1 runs alone. Otherwise the rank joins its group ([`crate::dist::join`]), loads its
-//! shard, and then rank 0 (the leader) serves the OpenAI API while every other rank executes the
+//! shard of its pipeline stage's layers (global rank `g` is TP rank `g % TP` of stage `g / TP`),
+//! and then rank 0 (the leader) serves the OpenAI API while every other rank executes the
 //! leader's steps ([`crate::dist::follow`]). A pod with several local ranks starts one child
 //! process per rank (the same supervisor as `tessera-worker local`). An http(s) model is
 //! downloaded once into `TESSERA_MODEL_PATH` (resumable, checked against
@@ -27,6 +28,7 @@ use crate::server::{self, Readiness, ServerConfig, ServerMetrics};
 /// `tessera_operator::build::env`; the worker-only knobs below them are optional.
 pub mod env {
     pub const INCARNATION: &str = "TESSERA_INCARNATION";
+    pub const STAGE: &str = "TESSERA_STAGE";
     pub const TP: &str = "TESSERA_TP";
     pub const PP: &str = "TESSERA_PP";
     pub const WORLD_SIZE: &str = "TESSERA_WORLD_SIZE";
@@ -167,14 +169,6 @@ impl ServeConfig {
         let e = Env(get);
         let tp = e.int(env::TP, None, 1, 512, "the tensor-parallel degree")?;
         let pp = e.int(env::PP, Some(1), 1, 512, "the pipeline-parallel degree")?;
-        if pp > 1 {
-            bail!(invalid(
-                env::PP,
-                &pp.to_string(),
-                "pipeline parallelism is not supported by this worker yet (only 1)",
-                "deploy with pipeline parallelism 1 (TP only), so that TESSERA_PP=1"
-            ));
-        }
         let world = e.int(
             env::WORLD_SIZE,
             Some(tp * pp),
@@ -205,6 +199,33 @@ impl ServeConfig {
             world - rank_offset,
             "the ranks in this pod; TESSERA_RANK_OFFSET + TESSERA_LOCAL_RANKS <= TESSERA_WORLD_SIZE",
         )?;
+        // Every rank of a pod belongs to one stage: global rank g is TP rank g % TP of stage
+        // g / TP.
+        let stage = rank_offset / tp;
+        if (rank_offset + local_ranks - 1) / tp != stage {
+            bail!(invalid(
+                env::LOCAL_RANKS,
+                &local_ranks.to_string(),
+                &format!(
+                    "ranks {rank_offset}..{} would span pipeline stages {stage} and {} (TESSERA_TP={tp} ranks per stage)",
+                    rank_offset + local_ranks,
+                    (rank_offset + local_ranks - 1) / tp
+                ),
+                "give a pod ranks of one stage only"
+            ));
+        }
+        if let Some(v) = e.get(env::STAGE)
+            && v.parse::<usize>().ok() != Some(stage)
+        {
+            bail!(invalid(
+                env::STAGE,
+                &v,
+                &format!(
+                    "TESSERA_RANK_OFFSET={rank_offset} with TESSERA_TP={tp} is in stage {stage} (rank / TP)"
+                ),
+                &format!("set it to {stage} or unset it")
+            ));
+        }
         let rendezvous_from_env = match e.get(env::RENDEZVOUS_PORT) {
             None => None,
             Some(v) => Some(v.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
@@ -373,6 +394,7 @@ impl ServeConfig {
         GroupConfig {
             rank: self.rank_offset,
             world: self.world,
+            pp: self.pp,
             leader_host: self.leader_host.clone(),
             port: self.rendezvous_port,
             group_id: self.incarnation.clone(),
@@ -618,7 +640,7 @@ fn fetch(agent: &ureq::Agent, url: &str, partial: &Path) -> anyhow::Result<()> {
 
 /// KV-cache bytes one sequence of `context_length` tokens needs on this rank's shard.
 pub fn kv_budget_per_sequence(engine: &Engine, context_length: usize) -> usize {
-    let per_token = engine.model.config.n_layers * engine.model.kv_dim() * 2 * 4;
+    let per_token = engine.model.kv_bytes_per_token();
     per_token
         * context_length
             .min(engine.model.config.context_length)
@@ -637,6 +659,7 @@ pub fn run() -> anyhow::Result<()> {
         rank,
         world = cfg.world,
         tp = cfg.tp,
+        pp = cfg.pp,
         model = %path.display(),
         "starting rank {rank} of {}",
         cfg.world
@@ -647,15 +670,34 @@ pub fn run() -> anyhow::Result<()> {
         let runner = Runner::new(engine, budget, None);
         return lead(&cfg, runner, GroupHealth::single());
     }
+    check_layout(&cfg, &path)?;
     let group = dist::join(&cfg.group_config())
         .with_context(|| format!("rank {rank} joining its group (TESSERA_LEADER_ADDRESS, TESSERA_RENDEZVOUS_PORT, TESSERA_INCARNATION)"))?;
     let health = group.health.clone();
-    let engine = Engine::open_shard(&path, cfg.threads, group.collective)?;
+    let (stage, pipe) = (group.stage, group.pipe);
+    let engine =
+        Engine::open_stage(&path, cfg.threads, group.collective, stage).with_context(|| {
+            format!(
+                "rank {rank} loading its shard of stage {} (TESSERA_TP={}, TESSERA_PP={})",
+                stage.index, cfg.tp, cfg.pp
+            )
+        })?;
+    tracing::info!(
+        rank,
+        stage = stage.index,
+        "holding layers {:?} of {}",
+        stage.layers(engine.model.config.n_layers),
+        engine.model.config.n_layers
+    );
     let budget = kv_budget_per_sequence(&engine, cfg.context_length);
     match group.role {
-        Role::Leader(broadcast) => lead(&cfg, Runner::new(engine, budget, Some(broadcast)), health),
+        Role::Leader(broadcast) => lead(
+            &cfg,
+            Runner::new(engine, budget, Some(broadcast)).with_pipe(pipe),
+            health,
+        ),
         Role::Follower(mut source) => {
-            let mut runner = Runner::new(engine, budget, None);
+            let mut runner = Runner::new(engine, budget, None).with_pipe(pipe);
             keep_following_on_signals(rank)?;
             tracing::info!(rank, "following the leader's steps");
             dist::follow(&mut runner, source.as_mut())?;
@@ -663,6 +705,20 @@ pub fn run() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Whether the model splits into `TESSERA_TP` x `TESSERA_PP` (checked before joining, so every
+/// rank says so at once instead of the group forming and then failing).
+pub fn check_layout(cfg: &ServeConfig, path: &Path) -> anyhow::Result<()> {
+    let file = crate::model::MappedGguf::open(path)?;
+    let config = crate::model::llama::LlamaConfig::from_gguf(&file.gguf)?;
+    config
+        .check_shard(crate::model::parallel::Shard::new(0, cfg.tp)?)
+        .with_context(|| format!("{}={}", env::TP, cfg.tp))?;
+    config
+        .check_stage(crate::model::parallel::Stage::new(0, cfg.pp)?)
+        .with_context(|| format!("{}={}", env::PP, cfg.pp))?;
+    Ok(())
 }
 
 /// A follower does not stop on SIGTERM or SIGINT: the leader drains its requests in flight, which

@@ -25,6 +25,7 @@ fn config(rank: usize, world: usize, port: u16, group: &str) -> GroupConfig {
     GroupConfig {
         rank,
         world,
+        pp: 1,
         leader_host: "127.0.0.1".into(),
         port,
         group_id: group.into(),
@@ -541,6 +542,76 @@ fn tp3_over_tcp_matches_one_rank_on_the_real_model() {
     assert!(rx.try_recv().is_err(), "nobody was lost");
 }
 
+/// TP x PP ranks as threads over TCP on the real model: rank 0 decodes greedily, the others
+/// follow. Returns rank 0's logits and tokens.
+fn run_layout(
+    path: &std::path::Path,
+    prompt: &[u32],
+    tp: usize,
+    pp: usize,
+) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let port = free_port();
+    let (make, rx) = hooks();
+    let world = tp * pp;
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let mut cfg = config(rank, world, port, &format!("real-{tp}x{pp}"));
+            cfg.pp = pp;
+            let hook = make(rank);
+            let (path, prompt) = (path.to_owned(), prompt.to_vec());
+            std::thread::spawn(move || {
+                let g = dist::join_with_exit(&cfg, hook).unwrap();
+                let engine = Engine::open_stage(&path, 1, g.collective, g.stage).unwrap();
+                match g.role {
+                    Role::Leader(b) => {
+                        let mut r = Runner::new(engine, 64 << 20, Some(b)).with_pipe(g.pipe);
+                        Some(greedy(&mut r, &prompt, 12))
+                    }
+                    Role::Follower(mut s) => {
+                        let mut r = Runner::new(engine, 64 << 20, None).with_pipe(g.pipe);
+                        dist::follow(&mut r, s.as_mut()).unwrap();
+                        assert_eq!(r.live(), 0, "the leader released the sequence");
+                        None
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(rx.try_recv().is_err(), "nobody was lost");
+    results.remove(0).unwrap()
+}
+
+#[test]
+fn pipeline_layouts_over_tcp_give_one_ranks_greedy_text_on_the_real_model() {
+    let path = model_path();
+    let one = Engine::open(&path, 1).unwrap();
+    let prompt = one
+        .chat_prompt(&[Message::new("user", "What is the capital of France?")])
+        .unwrap();
+    let mut single = Runner::new(one, 64 << 20, None);
+    let (want_logits, want_tokens) = greedy(&mut single, &prompt, 12);
+    let text = single.engine.tokenizer.decode(&want_tokens, true);
+    assert!(text.contains("Paris"), "{text:?}");
+    drop(single);
+
+    // PP=2 (layers 0..15 and 15..30): the same arithmetic, so the same logits bit for bit.
+    let (logits, tokens) = run_layout(&path, &prompt, 1, 2);
+    assert_eq!(tokens, want_tokens, "PP=2: identical greedy tokens");
+    assert_eq!(logits, want_logits, "PP=2: identical logits");
+
+    // TP=3 x PP=2: six ranks; the tensor-parallel tolerance applies (see TP_MAX_ABS_TOL).
+    let (logits, tokens) = run_layout(&path, &prompt, 3, 2);
+    assert_eq!(tokens, want_tokens, "TP=3 x PP=2: identical greedy tokens");
+    let worst = logits
+        .iter()
+        .flatten()
+        .zip(want_logits.iter().flatten())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    eprintln!("TP=3 x PP=2 vs TP=1: largest logit difference {worst}");
+    assert!(worst < TP_MAX_ABS_TOL, "largest logit difference {worst}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // `serve`: the environment contract and the model download.
 
@@ -611,6 +682,18 @@ fn serve_reads_the_operator_environment() {
     .unwrap();
     assert_eq!((c.world, c.rank_offset), (1, 0));
     assert_eq!(c.served_model_name, "x");
+
+    // TP=3 x PP=2: global rank 4 is TP rank 1 of stage 1.
+    let c = ServeConfig::from_lookup(env_of(&with(&[
+        ("TESSERA_PP", "2"),
+        ("TESSERA_WORLD_SIZE", "6"),
+        ("TESSERA_RANK_OFFSET", "4"),
+        ("TESSERA_STAGE", "1"),
+    ])))
+    .unwrap();
+    assert_eq!((c.tp, c.pp, c.world, c.rank_offset), (3, 2, 6, 4));
+    let g = c.group_config();
+    assert_eq!((g.rank, g.world, g.pp), (4, 6, 2));
 }
 
 #[test]
@@ -626,11 +709,26 @@ fn bad_or_missing_serve_settings_name_the_variable_value_rule_and_fix() {
             &["TESSERA_TP=\"three\" is invalid", "integer from 1"],
         ),
         (
-            &[("TESSERA_PP", "2"), ("TESSERA_WORLD_SIZE", "6")],
             &[
-                "TESSERA_PP=\"2\"",
-                "pipeline parallelism is not supported",
-                "TESSERA_PP=1",
+                ("TESSERA_PP", "2"),
+                ("TESSERA_WORLD_SIZE", "6"),
+                ("TESSERA_STAGE", "1"),
+            ],
+            &[
+                "TESSERA_STAGE=\"1\" is invalid",
+                "is in stage 0",
+                "set it to 0",
+            ],
+        ),
+        (
+            &[
+                ("TESSERA_PP", "2"),
+                ("TESSERA_WORLD_SIZE", "6"),
+                ("TESSERA_LOCAL_RANKS", "2"),
+            ],
+            &[
+                "TESSERA_LOCAL_RANKS=\"2\" is invalid",
+                "span pipeline stages 0 and 1",
             ],
         ),
         (

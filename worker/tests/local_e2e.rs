@@ -106,6 +106,7 @@ fn killing_a_rank_process_ends_the_group_naming_it() {
         &GroupConfig {
             rank: 0,
             world: 3,
+            pp: 1,
             leader_host: "127.0.0.1".into(),
             port,
             group_id: "e2e-kill".into(),
@@ -173,8 +174,25 @@ fn serve_refuses_a_bad_environment_naming_the_variable() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("TESSERA_PP=\"2\""), "{err}");
-    assert!(err.contains("not supported"), "{err}");
+    assert!(err.contains("TESSERA_RANK_OFFSET is not set"), "{err}");
+
+    // A layout the model cannot take fails before joining, naming the variable.
+    let out = Command::new(BIN)
+        .arg("serve")
+        .env_clear()
+        .env("TESSERA_TP", "1")
+        .env("TESSERA_PP", "31")
+        .env("TESSERA_RANK_OFFSET", "0")
+        .env("TESSERA_LEADER_ADDRESS", "127.0.0.1:1")
+        .env("TESSERA_INCARNATION", "x")
+        .env("TESSERA_PORT", "8000")
+        .env("TESSERA_MODEL_PATH", model_path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TESSERA_PP=31"), "{err}");
+    assert!(err.contains("exceeds the model's 30 layers"), "{err}");
 }
 
 #[test]
@@ -193,8 +211,9 @@ fn local_checks_the_layout_before_starting_ranks() {
     let e = run(&["--tp", "2", "--port", "1"]);
     assert!(e.contains("--tp 2"), "{e}");
     assert!(e.contains("9 attention heads"), "{e}");
-    let e = run(&["--tp", "3", "--pp", "2", "--port", "1"]);
-    assert!(e.contains("--pp 2"), "{e}");
+    let e = run(&["--tp", "3", "--pp", "31", "--port", "1"]);
+    assert!(e.contains("--pp 31"), "{e}");
+    assert!(e.contains("exceeds the model's 30 layers"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -221,6 +240,11 @@ fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> Option<(u16,
 
 /// Start `local` and wait until its API is ready.
 fn start_local(tp: usize, lines: mpsc::Sender<String>) -> (Proc, u16) {
+    start_layout(tp, 1, lines)
+}
+
+/// Start `local --tp TP --pp PP` and wait until its API is ready.
+fn start_layout(tp: usize, pp: usize, lines: mpsc::Sender<String>) -> (Proc, u16) {
     let port = free_port();
     let mut child = Command::new(BIN)
         .arg("local")
@@ -229,6 +253,8 @@ fn start_local(tp: usize, lines: mpsc::Sender<String>) -> (Proc, u16) {
         .args([
             "--tp",
             &tp.to_string(),
+            "--pp",
+            &pp.to_string(),
             "--port",
             &port.to_string(),
             "--threads",
@@ -364,6 +390,62 @@ fn local_tp3_answers_like_tp1_and_a_killed_rank_ends_the_group() {
     assert!(
         log.iter()
             .any(|l| l.starts_with("rank 0 |") && l.contains("rank 2 lost")),
+        "{log:#?}"
+    );
+}
+
+#[test]
+fn local_pp2_answers_like_tp1_and_a_killed_stage1_rank_ends_the_group() {
+    let (tx1, _rx1) = mpsc::channel();
+    let (p1, port1) = start_local(1, tx1);
+    let want = ask_france(port1);
+    assert!(want.contains("Paris"), "{want:?}");
+    drop(p1);
+
+    let (tx, rx) = mpsc::channel();
+    let (mut p, port) = start_layout(1, 2, tx);
+    let got = ask_france(port);
+    assert_eq!(got, want, "PP=2 gives TP=1's greedy text");
+
+    // Rank 1 is stage 1 (layers 15..30, the LM head).
+    let ranks = ranks_of(p.0.id());
+    assert_eq!(ranks.len(), 2, "{ranks:?}");
+    let victim = ranks.iter().find(|(r, _)| *r == 1).unwrap().1;
+    assert!(
+        Command::new("kill")
+            .args(["-9", &victim.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let t = Instant::now();
+    let first_failure = loop {
+        match http(port, "GET", "/readyz", None) {
+            Some((200, _)) => {}
+            other => break other,
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "still ready");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (status, body) = first_failure.expect("a 503 before the leader exits");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("rank 1"), "{body}");
+    let st = wait_exit(&mut p, Duration::from_secs(30));
+    assert!(!st.success());
+    let log: Vec<String> = rx.try_iter().collect();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("rank 1 exited") && l.contains("the group was stopped")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("rank 0 |") && l.contains("rank 1 lost")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("rank 1 |") && l.contains("holding layers 15..30")),
         "{log:#?}"
     );
 }

@@ -44,6 +44,8 @@ struct State {
 
 /// [`Collective`] over TCP between the ranks of one group (see the module docs).
 pub struct TcpCollective {
+    /// Global rank of this group's rank 0 (a pipeline stage's first rank), for messages.
+    base: usize,
     rank: usize,
     world: usize,
     stall: Duration,
@@ -61,6 +63,13 @@ impl TcpCollective {
         shared: Arc<Shared>,
     ) -> Self {
         Self::new(0, world, Links::Leader(followers), stall, first, shared)
+    }
+
+    /// This collective joins a pipeline stage's ranks, the first of which has global rank
+    /// `base` (messages name global ranks).
+    pub(crate) fn with_base(mut self, base: usize) -> Self {
+        self.base = base;
+        self
     }
 
     pub(crate) fn follower(
@@ -83,6 +92,7 @@ impl TcpCollective {
         shared: Arc<Shared>,
     ) -> Self {
         let c = Self {
+            base: 0,
             rank,
             world,
             stall,
@@ -119,11 +129,11 @@ impl TcpCollective {
         let own = if wire::is_timeout(e) {
             format!(
                 "{} lost: all-reduce stalled, no data for {:.1} s",
-                name_of(peer),
+                name_of(self.base + peer),
                 wait.as_secs_f64()
             )
         } else {
-            format!("{} lost: {}", name_of(peer), wire::describe(e))
+            format!("{} lost: {}", name_of(self.base + peer), wire::describe(e))
         };
         // A relayed verdict from the watchdog names the rank that was really lost.
         let reason = self.shared.verdict_or_fail(Duration::from_millis(300), own);
@@ -139,6 +149,7 @@ fn header(seq: u64, n: usize) -> [u8; HEADER] {
 }
 
 fn check_header(h: &[u8], seq: u64, n: usize, peer: usize) -> Result<(), String> {
+    // `peer` is a global rank.
     let their_seq = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
     let their_n = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes")) as usize;
     if their_seq != seq || their_n != n {
@@ -186,7 +197,7 @@ impl Collective for TcpCollective {
                     if let Err(e) = s.read_exact(&mut st.bytes) {
                         return Err(self.lost(peer, &e, wait));
                     }
-                    if let Err(m) = check_header(&st.bytes[..HEADER], seq, n, peer) {
+                    if let Err(m) = check_header(&st.bytes[..HEADER], seq, n, self.base + peer) {
                         return Err(GroupError(self.shared.fail(m)).into());
                     }
                     for (x, c) in buf.iter_mut().zip(st.bytes[HEADER..].chunks_exact(4)) {
@@ -208,7 +219,7 @@ impl Collective for TcpCollective {
                 if let Err(e) = s.read_exact(&mut st.bytes) {
                     return Err(self.lost(0, &e, wait * 2));
                 }
-                if let Err(m) = check_header(&st.bytes[..HEADER], seq, n, 0) {
+                if let Err(m) = check_header(&st.bytes[..HEADER], seq, n, self.base) {
                     return Err(GroupError(self.shared.fail(m)).into());
                 }
                 for (x, c) in buf.iter_mut().zip(st.bytes[HEADER..].chunks_exact(4)) {

@@ -13,6 +13,10 @@
 //!   recorded in `ALLREDUCE_STATS`.
 //! - **Steps** ([`steps`]): the leader's [`StepBroadcast`] sends every step to every follower
 //!   in order; a follower's [`StepSource`] yields them; [`follow`] executes them.
+//! - **Pipeline parallelism** ([`pipeline`]): with `pp` > 1 stages, the ranks of each stage form
+//!   their own tensor-parallel group (all-reduces stay inside a stage), activations flow from
+//!   stage to stage and the last stage's logits return to rank 0; steps and heartbeats still go
+//!   through rank 0, so the watchdog sees every rank.
 //! - **Watchdog** ([`health`]): heartbeats on their own connection and threads; a dead rank
 //!   (connection closed), a silent one (no heartbeat for `stall_timeout`) or a stalled
 //!   all-reduce makes [`GroupHealth`] unhealthy at once, the reason reaches every rank, and
@@ -20,6 +24,7 @@
 
 pub mod collective;
 pub mod health;
+pub mod pipeline;
 pub mod steps;
 pub mod wire;
 
@@ -30,19 +35,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::engine::runner::{Runner, Step, StepBroadcast};
-use crate::model::parallel::{Collective, Identity};
+use crate::engine::runner::{Pipe, Runner, Step, StepBroadcast};
+use crate::model::parallel::{Collective, Identity, Stage};
 pub use health::{EXIT_GRACE, EXIT_GROUP_LOST, ExitHook, GroupHealth, exit_process};
 use health::{Shared, start_watchdog};
-use wire::{Channel, Hello, MAGIC, Welcome, kind};
+use pipeline::{Layout, TcpPipe};
+use wire::{Channel, Directory, Hello, MAGIC, Welcome, kind};
 
 /// Where and how this rank joins its group.
 #[derive(Clone, Debug)]
 pub struct GroupConfig {
     /// This rank (0 is the leader).
     pub rank: usize,
-    /// Ranks in the group.
+    /// Ranks in the group: TP x PP.
     pub world: usize,
+    /// Pipeline stages (1: tensor parallelism only); `world / pp` ranks per stage, global rank
+    /// `g` being TP rank `g % (world / pp)` of stage `g / (world / pp)`.
+    pub pp: usize,
     /// The leader's host name or address.
     pub leader_host: String,
     /// The leader's rendezvous port.
@@ -69,11 +78,15 @@ pub enum Role {
     Follower(Box<dyn StepSource>),
 }
 
-/// A joined group: the collective for the engine, this rank's role and the group's health.
+/// A joined group: the collective for the engine (this rank's stage's tensor-parallel group),
+/// this rank's role, its pipeline stage and transport, and the group's health.
 pub struct Group {
     pub collective: Box<dyn Collective>,
     pub role: Role,
     pub health: GroupHealth,
+    pub stage: Stage,
+    /// The activation transport when there is more than one stage.
+    pub pipe: Option<Box<dyn Pipe>>,
 }
 
 /// The group is lost (a rank died, went silent or fell out of step); the message names the rank.
@@ -113,12 +126,20 @@ pub fn join_with_exit(cfg: &GroupConfig, exit: ExitHook) -> anyhow::Result<Group
         !cfg.stall_timeout.is_zero(),
         "the stall timeout must be positive"
     );
+    anyhow::ensure!(
+        cfg.pp >= 1 && cfg.world.is_multiple_of(cfg.pp),
+        "{} pipeline stages do not divide a group of {} ranks",
+        cfg.pp,
+        cfg.world
+    );
     let shared = Shared::new(cfg.rank, exit, EXIT_GRACE);
     if cfg.world == 1 {
         return Ok(Group {
             collective: Box::new(Identity),
             role: Role::Leader(Box::new(NoFollowers)),
             health: GroupHealth(shared),
+            stage: Stage::WHOLE,
+            pipe: None,
         });
     }
     if cfg.rank == 0 {
@@ -160,7 +181,7 @@ impl StepBroadcast for NoFollowers {
 /// The address the leader listens on: the loopback address when the leader's host is local
 /// loopback (laptops, tests), every interface otherwise (a pod's name resolves to its own IP,
 /// possibly only once the pod is ready).
-fn bind_addrs(host: &str, port: u16) -> Vec<SocketAddr> {
+pub(crate) fn bind_addrs(host: &str, port: u16) -> Vec<SocketAddr> {
     let loopback: Vec<SocketAddr> = (host, port)
         .to_socket_addrs()
         .map(|a| a.filter(|a| a.ip().is_loopback()).collect())
@@ -198,6 +219,7 @@ fn join_leader(cfg: &GroupConfig, shared: Arc<Shared>) -> anyhow::Result<Group> 
     let deadline = Instant::now() + cfg.connect_deadline;
     let want = 3 * (cfg.world - 1);
     let mut slots: BTreeMap<(usize, Channel), TcpStream> = BTreeMap::new();
+    let mut listen: Vec<Option<String>> = vec![None; cfg.world];
     let mut refused: Vec<String> = Vec::new();
     while slots.len() < want {
         if Instant::now() >= deadline {
@@ -248,6 +270,9 @@ fn join_leader(cfg: &GroupConfig, shared: Arc<Shared>) -> anyhow::Result<Group> 
             Ok(()) => {
                 sent.with_context(|| format!("answering rank {} at {peer}", hello.rank))?;
                 tracing::debug!(rank = hello.rank, channel = ?hello.channel, "rank connected from {peer}");
+                if let Some(p) = hello.listen {
+                    listen[hello.rank] = Some(SocketAddr::new(peer.ip(), p).to_string());
+                }
                 slots.insert((hello.rank, hello.channel), s);
             }
             Err(msg) => {
@@ -266,15 +291,74 @@ fn join_leader(cfg: &GroupConfig, shared: Arc<Shared>) -> anyhow::Result<Group> 
             Channel::Data => data.push(s),
             Channel::Steps => steps.push(s),
             Channel::Heartbeat => beats.push((rank, s)),
+            Channel::Stage | Channel::Pipe => unreachable!("refused by check_hello"),
         }
     }
+    let layout = Layout {
+        tp: cfg.world / cfg.pp,
+        pp: cfg.pp,
+    };
+    let ready = if cfg.pp > 1 {
+        if let Some(r) = (layout.tp..cfg.world).find(|r| listen[*r].is_none()) {
+            bail!(
+                "rank {r} of pipeline stage {} announced no pipeline port",
+                r / layout.tp
+            );
+        }
+        serde_json::to_vec(&Directory {
+            listen: listen.clone(),
+        })?
+    } else {
+        Vec::new()
+    };
     for (i, s) in steps.iter_mut().enumerate() {
-        wire::write_frame(s, kind::READY, &[])
+        wire::write_frame(s, kind::READY, &ready)
             .with_context(|| format!("telling rank {} the group is ready", i + 1))?;
     }
-    tracing::info!(world = cfg.world, group = %cfg.group_id, "tensor-parallel group formed");
+    tracing::info!(world = cfg.world, pp = cfg.pp, group = %cfg.group_id, "group formed");
     start_watchdog(&shared, beats, cfg.stall_timeout);
     spawn_late_refuser(listener, cfg.clone(), Arc::clone(&shared));
+    if cfg.pp > 1 {
+        // Stage 0's all-reduce joins ranks 1..tp; the last stage's TP rank 0 returns logits.
+        let mut data: Vec<Option<TcpStream>> = data.into_iter().map(Some).collect();
+        let last = layout.rank(cfg.pp - 1, 0);
+        let logits_in = data[last - 1]
+            .take()
+            .context("the last stage's data connection")?;
+        let stage0: Vec<TcpStream> = data[..layout.tp - 1]
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        let mesh = pipeline::form_mesh(cfg, layout, &listen, None, &shared)?;
+        let collective: Box<dyn Collective> = if layout.tp == 1 {
+            Box::new(Identity)
+        } else {
+            Box::new(collective::TcpCollective::leader(
+                layout.tp,
+                stage0,
+                cfg.stall_timeout,
+                cfg.connect_deadline,
+                Arc::clone(&shared),
+            ))
+        };
+        return Ok(Group {
+            collective,
+            role: Role::Leader(Box::new(steps::TcpBroadcast::new(
+                steps,
+                cfg.stall_timeout,
+                Arc::clone(&shared),
+            ))),
+            health: GroupHealth(Arc::clone(&shared)),
+            stage: Stage::new(0, cfg.pp)?,
+            pipe: Some(Box::new(TcpPipe {
+                prev: None,
+                next: mesh.next.map(|s| (layout.rank(1, 0), s)),
+                logits_out: None,
+                logits_in: Some((last, logits_in)),
+                shared,
+            })),
+        });
+    }
     Ok(Group {
         collective: Box::new(collective::TcpCollective::leader(
             cfg.world,
@@ -289,6 +373,8 @@ fn join_leader(cfg: &GroupConfig, shared: Arc<Shared>) -> anyhow::Result<Group> 
             Arc::clone(&shared),
         ))),
         health: GroupHealth(shared),
+        stage: Stage::WHOLE,
+        pipe: None,
     })
 }
 
@@ -313,6 +399,18 @@ fn check_hello(
         return Err(format!(
             "world size mismatch: rank {} expects {} ranks, the leader {}",
             h.rank, h.world, cfg.world
+        ));
+    }
+    if !Channel::ALL.contains(&h.channel) {
+        return Err(format!(
+            "rank {} opened a {:?} connection to the leader's rendezvous port (those go between stages)",
+            h.rank, h.channel
+        ));
+    }
+    if h.pp != cfg.pp {
+        return Err(format!(
+            "pipeline degree mismatch: rank {} expects {} stages, the leader {}",
+            h.rank, h.pp, cfg.pp
         ));
     }
     if h.rank == 0 || h.rank >= cfg.world {
@@ -371,17 +469,33 @@ fn spawn_late_refuser(listener: TcpListener, cfg: GroupConfig, shared: Arc<Share
 
 fn join_follower(cfg: &GroupConfig, shared: Arc<Shared>) -> anyhow::Result<Group> {
     let deadline = Instant::now() + cfg.connect_deadline;
+    let layout = Layout {
+        tp: cfg.world / cfg.pp,
+        pp: cfg.pp,
+    };
+    let stage = layout.stage_of(cfg.rank);
+    let listener = if stage >= 1 {
+        Some(pipeline::bind_listener(&cfg.leader_host)?)
+    } else {
+        None
+    };
+    let listen = match &listener {
+        Some(l) => Some(l.local_addr()?.port()),
+        None => None,
+    };
     let mut conns = BTreeMap::new();
     for channel in Channel::ALL {
-        conns.insert(channel, connect(cfg, channel, deadline)?);
+        conns.insert(channel, connect(cfg, channel, listen, deadline)?);
     }
     let mut steps = conns.remove(&Channel::Steps).expect("connected");
     let left = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(100));
     steps.set_read_timeout(Some(left))?;
-    match wire::read_frame(&mut steps) {
-        Ok((kind::READY, _)) => {}
+    let directory = match wire::read_frame(&mut steps) {
+        Ok((kind::READY, payload)) if payload.is_empty() => Directory::default(),
+        Ok((kind::READY, payload)) => serde_json::from_slice::<Directory>(&payload)
+            .with_context(|| format!("rank {}: the leader's directory", cfg.rank))?,
         Ok((k, _)) => bail!(
             "rank {}: the leader sent frame kind {k} instead of ready",
             cfg.rank
@@ -399,15 +513,80 @@ fn join_follower(cfg: &GroupConfig, shared: Arc<Shared>) -> anyhow::Result<Group
             cfg.leader_host,
             cfg.port
         ),
-    }
+    };
     let data = conns.remove(&Channel::Data).expect("connected");
     let beat = conns.remove(&Channel::Heartbeat).expect("connected");
     for s in [&data, &steps, &beat] {
         shared.track(s);
         s.set_read_timeout(None)?;
     }
-    tracing::info!(rank = cfg.rank, world = cfg.world, group = %cfg.group_id, "joined the tensor-parallel group");
+    tracing::info!(rank = cfg.rank, world = cfg.world, pp = cfg.pp, group = %cfg.group_id, "joined the group");
     start_watchdog(&shared, vec![(0, beat)], cfg.stall_timeout);
+    if cfg.pp > 1 {
+        let mesh = pipeline::form_mesh(cfg, layout, &directory.listen, listener, &shared)?;
+        let t = layout.tp_rank_of(cfg.rank);
+        let base = layout.rank(stage, 0);
+        let stall = cfg.stall_timeout;
+        let first = cfg.connect_deadline;
+        let mut data = Some(data);
+        let collective: Box<dyn Collective> = if layout.tp == 1 {
+            Box::new(Identity)
+        } else if stage == 0 {
+            let d = data.take().expect("unused");
+            Box::new(collective::TcpCollective::follower(
+                t,
+                layout.tp,
+                d,
+                stall,
+                first,
+                Arc::clone(&shared),
+            ))
+        } else if t == 0 {
+            Box::new(
+                collective::TcpCollective::leader(
+                    layout.tp,
+                    mesh.stage_peers,
+                    stall,
+                    first,
+                    Arc::clone(&shared),
+                )
+                .with_base(base),
+            )
+        } else {
+            let hub = mesh.stage_hub.context("the stage's hub connection")?;
+            Box::new(
+                collective::TcpCollective::follower(
+                    t,
+                    layout.tp,
+                    hub,
+                    stall,
+                    first,
+                    Arc::clone(&shared),
+                )
+                .with_base(base),
+            )
+        };
+        let last = stage + 1 == cfg.pp;
+        let pipe = TcpPipe {
+            prev: mesh
+                .prev
+                .map(|s| (layout.rank(stage.saturating_sub(1), t), s)),
+            next: mesh.next.map(|s| (layout.rank(stage + 1, t), s)),
+            logits_out: if last && t == 0 { data.take() } else { None },
+            logits_in: None,
+            shared: Arc::clone(&shared),
+        };
+        return Ok(Group {
+            collective,
+            role: Role::Follower(Box::new(steps::TcpStepSource::new(
+                steps,
+                Arc::clone(&shared),
+            ))),
+            health: GroupHealth(shared),
+            stage: Stage::new(stage, cfg.pp)?,
+            pipe: Some(Box::new(pipe)),
+        });
+    }
     Ok(Group {
         collective: Box::new(collective::TcpCollective::follower(
             cfg.rank,
@@ -422,18 +601,25 @@ fn join_follower(cfg: &GroupConfig, shared: Arc<Shared>) -> anyhow::Result<Group
             Arc::clone(&shared),
         ))),
         health: GroupHealth(shared),
+        stage: Stage::WHOLE,
+        pipe: None,
     })
 }
 
 /// Open one channel to the leader, retrying with backoff until `deadline`; a refusal by the
 /// leader is final.
-fn connect(cfg: &GroupConfig, channel: Channel, deadline: Instant) -> anyhow::Result<TcpStream> {
+fn connect(
+    cfg: &GroupConfig,
+    channel: Channel,
+    listen: Option<u16>,
+    deadline: Instant,
+) -> anyhow::Result<TcpStream> {
     let mut backoff = Duration::from_millis(50);
     let mut attempts = 0u32;
     let mut last: String;
     loop {
         attempts += 1;
-        match try_connect(cfg, channel, deadline) {
+        match try_connect(cfg, channel, listen, deadline) {
             Ok(Ok(s)) => return Ok(s),
             Ok(Err(refusal)) => bail!(
                 "rank {} was refused by the leader at {}:{}: {refusal}",
@@ -462,6 +648,7 @@ fn connect(cfg: &GroupConfig, channel: Channel, deadline: Instant) -> anyhow::Re
 fn try_connect(
     cfg: &GroupConfig,
     channel: Channel,
+    listen: Option<u16>,
     deadline: Instant,
 ) -> anyhow::Result<Result<TcpStream, String>> {
     let left = deadline
@@ -483,6 +670,8 @@ fn try_connect(
                     world: cfg.world,
                     rank: cfg.rank,
                     channel,
+                    pp: cfg.pp,
+                    listen,
                 };
                 wire::write_json(&mut s, kind::HELLO, &hello)?;
                 let w: Welcome = wire::read_json(&mut s, kind::WELCOME)?;

@@ -32,6 +32,10 @@ pub mod kind {
     pub const BYE: u8 = 7;
     /// Heartbeat channel, leader to followers: the group is lost (UTF-8 reason).
     pub const LOST: u8 = 8;
+    /// Pipeline connection: a stage's hidden state for the next stage (f32 little-endian).
+    pub const HIDDEN: u8 = 9;
+    /// The last stage's logits for the global leader (f32 little-endian).
+    pub const LOGITS: u8 = 10;
 }
 
 /// The three connections every follower opens to the leader.
@@ -44,6 +48,11 @@ pub enum Channel {
     Steps,
     /// Heartbeats in both directions, from threads of their own.
     Heartbeat,
+    /// Pipeline parallelism, between followers: a rank of stage s >= 1 to its stage's TP rank 0
+    /// (the stage's all-reduce).
+    Stage,
+    /// Pipeline parallelism: TP rank t of stage s to TP rank t of stage s + 1 (activations).
+    Pipe,
 }
 
 impl Channel {
@@ -58,6 +67,23 @@ pub struct Hello {
     pub world: usize,
     pub rank: usize,
     pub channel: Channel,
+    /// Pipeline-parallel degree (stages); 1 when absent.
+    #[serde(default = "one")]
+    pub pp: usize,
+    /// The port this rank accepts its pipeline connections on (ranks of stages >= 1).
+    #[serde(default)]
+    pub listen: Option<u16>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The leader's "ready" payload when the group has more than one stage: where every rank
+/// accepts pipeline connections (`HOST:PORT`; `None` for ranks of stage 0).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Directory {
+    pub listen: Vec<Option<String>>,
 }
 
 /// The leader's answer to a hello.

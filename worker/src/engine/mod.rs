@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::kernels::Pool;
 use crate::model::MappedGguf;
 use crate::model::llama::Llama;
-use crate::model::parallel::{Collective, Identity, Shard};
+use crate::model::parallel::{Collective, Identity, Shard, Stage};
 use crate::tokenizer::Tokenizer;
 
 pub use generate::{FinishReason, GenerateParams, Generation, Usage};
@@ -40,10 +40,21 @@ impl Engine {
         threads: usize,
         collective: Box<dyn Collective>,
     ) -> anyhow::Result<Self> {
+        Self::open_stage(path, threads, collective, Stage::WHOLE)
+    }
+
+    /// Load this rank's tensor-parallel shard of one pipeline stage's layers; the collective
+    /// joins the stage's tensor-parallel group (rank and world size within the stage).
+    pub fn open_stage(
+        path: &Path,
+        threads: usize,
+        collective: Box<dyn Collective>,
+        stage: Stage,
+    ) -> anyhow::Result<Self> {
         let file = Arc::new(MappedGguf::open(path)?);
         let tokenizer = Tokenizer::from_gguf(&file.gguf)?;
         let shard = Shard::new(collective.rank(), collective.world())?;
-        let model = Llama::load(file, shard)?;
+        let model = Llama::load_stage(file, shard, stage)?;
         Ok(Self {
             model,
             tokenizer,

@@ -6,6 +6,13 @@
 //! the group's transport) and then executes it itself; followers execute the steps they receive
 //! in order with [`Runner::execute`]. Each rank holds its own KV caches, keyed by [`SeqId`], for
 //! its shard of the KV heads.
+//!
+//! With pipeline parallelism every rank still receives every step; a rank runs its stage's
+//! layers and moves activations through its [`Pipe`]: stage 0 embeds the tokens, each stage
+//! sends its hidden state to the next, the last stage's tensor-parallel rank 0 sends the last
+//! token's logits back to the global leader, which samples. Whatever would make a step fail
+//! for every rank alike (no tokens, a token outside the vocabulary, a full KV cache) is checked
+//! on every rank before any activation moves, so no stage waits for a stage that gave up.
 
 use std::collections::HashMap;
 
@@ -13,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Engine;
 use crate::model::kv_cache::KvCache;
-use crate::model::llama::Logits;
+use crate::model::llama::{Input, Logits, Output};
 
 /// Identifies one sequence (request) across the ranks of a group.
 pub type SeqId = u64;
@@ -33,6 +40,19 @@ pub trait StepBroadcast: Send {
     fn broadcast(&mut self, step: &Step) -> anyhow::Result<()>;
 }
 
+/// How a pipeline stage's ranks move activations (see the module docs). The caller knows every
+/// length from the step, so the transport checks it.
+pub trait Pipe: Send {
+    /// Receive the previous stage's hidden state (`n` floats).
+    fn recv_hidden(&mut self, n: usize) -> anyhow::Result<Vec<f32>>;
+    /// Send this stage's hidden state to the next stage.
+    fn send_hidden(&mut self, x: &[f32]) -> anyhow::Result<()>;
+    /// Last stage, tensor-parallel rank 0: send the last token's logits to the global leader.
+    fn send_logits(&mut self, logits: &[f32]) -> anyhow::Result<()>;
+    /// Global leader: receive the last stage's logits (`n` floats).
+    fn recv_logits(&mut self, n: usize) -> anyhow::Result<Vec<f32>>;
+}
+
 /// Executes steps on this rank's shard.
 pub struct Runner {
     pub engine: Engine,
@@ -40,6 +60,7 @@ pub struct Runner {
     pub kv_budget_bytes: usize,
     caches: HashMap<SeqId, KvCache>,
     broadcast: Option<Box<dyn StepBroadcast>>,
+    pipe: Option<Box<dyn Pipe>>,
 }
 
 impl Runner {
@@ -55,7 +76,14 @@ impl Runner {
             kv_budget_bytes,
             caches: HashMap::new(),
             broadcast,
+            pipe: None,
         }
+    }
+
+    /// A rank of a pipeline with more than one stage moves activations through `pipe`.
+    pub fn with_pipe(mut self, pipe: Option<Box<dyn Pipe>>) -> Self {
+        self.pipe = pipe;
+        self
     }
 
     /// Leader (or single rank): broadcast the step, then execute it here.
@@ -67,24 +95,59 @@ impl Runner {
     }
 
     /// Execute a step on this rank only (followers call this with each step received).
-    /// Returns the last token's logits for a forward step.
+    /// Returns the last token's logits for a forward step on the ranks that have them: every
+    /// rank of a single stage, the global leader of a pipeline.
     pub fn execute(&mut self, step: &Step) -> anyhow::Result<Option<Vec<f32>>> {
         match step {
             Step::Forward { seq, tokens } => {
+                let model = &self.engine.model;
                 let cache = match self.caches.entry(*seq) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(self.engine.model.new_cache(self.kv_budget_bytes)?)
+                        v.insert(model.new_cache(self.kv_budget_bytes)?)
                     }
                 };
-                let logits = self.engine.model.forward(
-                    &self.engine.pool,
-                    self.engine.collective.as_ref(),
-                    cache,
-                    tokens,
-                    Logits::Last,
-                )?;
-                Ok(Some(logits))
+                let Some(pipe) = self.pipe.as_mut().filter(|_| model.stage.count > 1) else {
+                    let logits = model.forward(
+                        &self.engine.pool,
+                        self.engine.collective.as_ref(),
+                        cache,
+                        tokens,
+                        Logits::Last,
+                    )?;
+                    return Ok(Some(logits));
+                };
+                // Fail alike on every rank before anything moves.
+                let c = &model.config;
+                anyhow::ensure!(!tokens.is_empty(), "forward pass over no tokens");
+                if let Some(t) = tokens.iter().find(|t| **t as usize >= c.vocab) {
+                    anyhow::bail!("token id {t} is outside the vocabulary of {}", c.vocab);
+                }
+                cache.check_room(tokens.len())?;
+                let (stage, tp_rank) = (model.stage, self.engine.collective.rank());
+                let received;
+                let input = if stage.is_first() {
+                    Input::Tokens(tokens)
+                } else {
+                    received = pipe.recv_hidden(tokens.len() * c.hidden)?;
+                    Input::Hidden(&received)
+                };
+                let (pool, coll) = (&self.engine.pool, self.engine.collective.as_ref());
+                if !stage.is_last() {
+                    let x = model.forward_from(pool, coll, cache, input, Output::Hidden)?;
+                    pipe.send_hidden(&x)?;
+                } else if tp_rank == 0 {
+                    let out = Output::Logits(Logits::Last);
+                    let logits = model.forward_from(pool, coll, cache, input, out)?;
+                    pipe.send_logits(&logits)?;
+                } else {
+                    // The other ranks of the last stage take part in its all-reduces only.
+                    model.forward_from(pool, coll, cache, input, Output::Hidden)?;
+                }
+                if stage.is_first() && tp_rank == 0 {
+                    return Ok(Some(pipe.recv_logits(c.vocab)?));
+                }
+                Ok(None)
             }
             Step::Release { seq } => {
                 self.caches.remove(seq);

@@ -123,7 +123,7 @@ impl Scheduler {
         anyhow::ensure!(cfg.max_running >= 1, "max_running must be at least 1");
         anyhow::ensure!(cfg.prefill_chunk >= 1, "prefill_chunk must be at least 1");
         let model = &runner.engine.model;
-        let bytes_per_token = (model.config.n_layers * model.kv_dim() * 2 * 4).max(1);
+        let bytes_per_token = model.kv_bytes_per_token().max(1);
         let capacity = (runner.kv_budget_bytes / bytes_per_token)
             .min(cfg.kv_budget_bytes / bytes_per_token)
             .min(model.config.context_length);

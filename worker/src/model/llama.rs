@@ -8,6 +8,10 @@
 //! row-parallel attention-output and down projections), and the forward pass calls the
 //! [`Collective`] once after each row-parallel product.
 //!
+//! A [`Stage`] selects the contiguous block of layers a pipeline-parallel rank holds (stage 0 also
+//! the token embedding, the last stage the final norm and the LM head); [`Llama::forward_from`]
+//! starts from the previous stage's hidden state and can stop after the stage's last layer.
+//!
 //! RoPE: llama.cpp's converter permutes the Q and K rows of Hugging Face checkpoints so that
 //! ggml's normal RoPE (rotating elements `2i` and `2i + 1`) applies; this module uses the same
 //! convention, so GGUF weights are used as stored.
@@ -20,7 +24,7 @@ use anyhow::{Context, bail};
 use super::MappedGguf;
 use super::gguf::{Gguf, TensorInfo, Value};
 use super::kv_cache::KvCache;
-use super::parallel::{Collective, Shard};
+use super::parallel::{Collective, Shard, Stage};
 use crate::kernels::{self, Bytes, Pool, QMatrix, SendPtr, dot};
 
 /// Hyper-parameters from the GGUF metadata (`llama.*`).
@@ -132,6 +136,18 @@ impl LlamaConfig {
         })
     }
 
+    /// Whether the model splits into `stage.count` pipeline stages (at least a layer each).
+    pub fn check_stage(&self, stage: Stage) -> anyhow::Result<()> {
+        if stage.count > self.n_layers {
+            bail!(
+                "pipeline-parallel degree {} exceeds the model's {} layers (every stage needs at least one)",
+                stage.count,
+                self.n_layers
+            );
+        }
+        Ok(())
+    }
+
     /// Whether `world` ranks can split this model (heads evenly; KV heads split or replicated).
     pub fn check_shard(&self, shard: Shard) -> anyhow::Result<()> {
         let w = shard.world;
@@ -200,15 +216,22 @@ pub struct Layer {
     pub w_down: QMatrix,
 }
 
-/// A loaded Llama model (one rank's shard).
+/// A loaded Llama model (one rank's shard of one pipeline stage).
 pub struct Llama {
     pub config: LlamaConfig,
     pub shard: Shard,
     pub local: LocalDims,
-    pub embed: QMatrix,
+    pub stage: Stage,
+    /// Global index of `layers[0]`.
+    pub first_layer: usize,
+    /// The token embedding (stage 0 only).
+    pub embed: Option<QMatrix>,
+    /// This stage's layers.
     pub layers: Vec<Layer>,
+    /// The final norm (last stage only; empty elsewhere).
     pub norm: Vec<f32>,
-    pub lm_head: QMatrix,
+    /// The LM head (last stage only; the embedding matrix when tied).
+    pub lm_head: Option<QMatrix>,
     inv_freq: Vec<f32>,
     file: Option<Arc<MappedGguf>>,
 }
@@ -220,6 +243,24 @@ pub enum Logits {
     Last,
     /// Every token's (`[tokens, vocab]`): tests and scoring.
     All,
+}
+
+/// Where a forward pass starts.
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    /// Token ids (stage 0).
+    Tokens(&'a [u32]),
+    /// The previous stage's hidden state, `[tokens, hidden]` (every later stage).
+    Hidden(&'a [f32]),
+}
+
+/// Where a forward pass stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// After the final norm and the LM head (last stage).
+    Logits(Logits),
+    /// After this stage's last layer: every token's hidden state, `[tokens, hidden]`.
+    Hidden,
 }
 
 struct Loader<'a> {
@@ -282,10 +323,20 @@ impl Llama {
 
     /// Load this rank's shard from a mapped GGUF file. Errors name the file and the tensor.
     pub fn load(file: Arc<MappedGguf>, shard: Shard) -> anyhow::Result<Self> {
+        Self::load_stage(file, shard, Stage::WHOLE)
+    }
+
+    /// Load this rank's shard of one pipeline stage's layers (see [`Stage`]); nothing of the
+    /// other stages' layers is touched.
+    pub fn load_stage(file: Arc<MappedGguf>, shard: Shard, stage: Stage) -> anyhow::Result<Self> {
         let config = LlamaConfig::from_gguf(&file.gguf)?;
         config
             .check_shard(shard)
             .with_context(|| format!("{}", file.gguf.path.display()))?;
+        config
+            .check_stage(stage)
+            .with_context(|| format!("{}", file.gguf.path.display()))?;
+        let stage_layers = stage.layers(config.n_layers);
         let local = LocalDims::new(&config, shard);
         let c = &config;
         let hd = c.head_dim;
@@ -296,7 +347,7 @@ impl Llama {
         // No `with_capacity(n_layers)`: the count comes from the file and is only trusted once
         // every layer's tensors have been found.
         let mut layers = Vec::new();
-        for i in 0..c.n_layers {
+        for i in stage_layers.clone() {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             let cols = |m: QMatrix, r: std::ops::Range<usize>, name: &str| {
                 m.slice_cols(r)
@@ -332,13 +383,22 @@ impl Llama {
                 )?,
             });
         }
-        let embed = ld.matrix("token_embd.weight", c.vocab, c.hidden)?;
-        let lm_head = if file.gguf.tensor("output.weight").is_some() {
-            ld.matrix("output.weight", c.vocab, c.hidden)?
+        let tied = file.gguf.tensor("output.weight").is_none();
+        let embed_matrix = if stage.is_first() || (stage.is_last() && tied) {
+            Some(ld.matrix("token_embd.weight", c.vocab, c.hidden)?)
         } else {
-            embed.clone()
+            None
         };
-        let norm = ld.vector("output_norm.weight", c.hidden)?;
+        let (lm_head, norm) = if stage.is_last() {
+            let head = match &embed_matrix {
+                Some(e) if tied => e.clone(),
+                _ => ld.matrix("output.weight", c.vocab, c.hidden)?,
+            };
+            (Some(head), ld.vector("output_norm.weight", c.hidden)?)
+        } else {
+            (None, Vec::new())
+        };
+        let embed = if stage.is_first() { embed_matrix } else { None };
         let inv_freq = (0..c.rope_dim / 2)
             .map(|i| (f64::from(c.rope_base)).powf(-2.0 * i as f64 / c.rope_dim as f64) as f32)
             .collect();
@@ -346,6 +406,8 @@ impl Llama {
             config,
             shard,
             local,
+            stage,
+            first_layer: stage_layers.start,
             embed,
             layers,
             norm,
@@ -375,7 +437,10 @@ impl Llama {
                 add(m);
             }
         }
-        add(&self.embed);
+        match (&self.embed, &self.lm_head) {
+            (Some(m), _) | (None, Some(m)) => add(m),
+            (None, None) => {}
+        }
         (total, owned)
     }
 
@@ -387,14 +452,19 @@ impl Llama {
     /// A KV cache for one sequence: as many tokens as `budget_bytes` allows, at most the
     /// model's context length.
     pub fn new_cache(&self, budget_bytes: usize) -> anyhow::Result<KvCache> {
-        let per_token = (self.config.n_layers * self.kv_dim() * 2 * 4).max(1);
+        let per_token = self.kv_bytes_per_token().max(1);
         let tokens = (budget_bytes / per_token).min(self.config.context_length);
         if tokens == 0 {
             bail!(
                 "a KV-cache budget of {budget_bytes} bytes holds no token ({per_token} bytes each)"
             );
         }
-        Ok(KvCache::new(self.config.n_layers, self.kv_dim(), tokens))
+        Ok(KvCache::new(self.layers.len(), self.kv_dim(), tokens))
+    }
+
+    /// KV-cache bytes one token takes on this rank (its stage's layers, its KV heads).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.layers.len() * self.kv_dim() * 2 * 4
     }
 
     /// Run `tokens` (positions following what `cache` holds) through the model, appending to
@@ -407,16 +477,59 @@ impl Llama {
         tokens: &[u32],
         which: Logits,
     ) -> anyhow::Result<Vec<f32>> {
-        if tokens.is_empty() {
+        self.forward_from(
+            pool,
+            coll,
+            cache,
+            Input::Tokens(tokens),
+            Output::Logits(which),
+        )
+    }
+
+    /// The forward pass of this rank's stage: from tokens (stage 0) or the previous stage's
+    /// hidden state, to logits (last stage) or this stage's hidden state of every token.
+    pub fn forward_from(
+        &self,
+        pool: &Pool,
+        coll: &dyn Collective,
+        cache: &mut KvCache,
+        input: Input<'_>,
+        output: Output,
+    ) -> anyhow::Result<Vec<f32>> {
+        let h = self.config.hidden;
+        let n = match input {
+            Input::Tokens(t) if self.embed.is_none() => bail!(
+                "stage {} of {} has no token embedding: it starts from the previous stage's hidden state ({} tokens given)",
+                self.stage.index,
+                self.stage.count,
+                t.len()
+            ),
+            Input::Tokens(t) => t.len(),
+            Input::Hidden(x) if !x.len().is_multiple_of(h) => {
+                bail!(
+                    "a hidden state of {} floats is not a multiple of {h}",
+                    x.len()
+                )
+            }
+            Input::Hidden(x) => x.len() / h,
+        };
+        if matches!(output, Output::Logits(_)) && self.lm_head.is_none() {
+            bail!(
+                "stage {} of {} has no LM head: it stops at its hidden state",
+                self.stage.index,
+                self.stage.count
+            );
+        }
+        if n == 0 {
             bail!("forward pass over no tokens");
         }
-        cache.check_room(tokens.len())?;
-        if cache.kv_dim() != self.kv_dim() || cache.layers.len() != self.config.n_layers {
+        cache.check_room(n)?;
+        if cache.kv_dim() != self.kv_dim() || cache.layers.len() != self.layers.len() {
             bail!("the KV cache was made for another model");
         }
-        match self.forward_inner(pool, coll, cache, tokens, which) {
+        match self.forward_inner(pool, coll, cache, input, n, output) {
             Ok(l) => {
-                cache.commit(tokens.len());
+                cache.commit(n);
                 Ok(l)
             }
             Err(e) => {
@@ -431,24 +544,31 @@ impl Llama {
         pool: &Pool,
         coll: &dyn Collective,
         cache: &mut KvCache,
-        tokens: &[u32],
-        which: Logits,
+        input: Input<'_>,
+        b: usize,
+        output: Output,
     ) -> anyhow::Result<Vec<f32>> {
         let c = &self.config;
-        let b = tokens.len();
         let h = c.hidden;
         let hd = c.head_dim;
         let start = cache.len();
         let (qd, kvd) = (self.local.q_heads * hd, self.kv_dim());
         let fd = self.local.ffn.len();
 
-        let mut x = vec![0f32; b * h];
-        for (t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
-            if *t as usize >= c.vocab {
-                bail!("token id {t} is outside the vocabulary of {}", c.vocab);
+        let mut x = match input {
+            Input::Hidden(x) => x.to_vec(),
+            Input::Tokens(tokens) => {
+                let embed = self.embed.as_ref().context("no token embedding")?;
+                let mut x = vec![0f32; b * h];
+                for (t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
+                    if *t as usize >= c.vocab {
+                        bail!("token id {t} is outside the vocabulary of {}", c.vocab);
+                    }
+                    embed.dequantize_row(*t as usize, row);
+                }
+                x
             }
-            self.embed.dequantize_row(*t as usize, row);
-        }
+        };
         let mut xn = vec![0f32; b * h];
         let mut q = vec![0f32; b * qd];
         let mut k = vec![0f32; b * kvd];
@@ -458,7 +578,8 @@ impl Llama {
         let mut g = vec![0f32; b * fd];
         let mut u = vec![0f32; b * fd];
 
-        for (li, l) in self.layers.iter().enumerate() {
+        for (i, l) in self.layers.iter().enumerate() {
+            let li = self.first_layer + i;
             rms_norm(&x, &l.attn_norm, c.rms_eps, &mut xn);
             kernels::matmul_multi(
                 pool,
@@ -469,8 +590,8 @@ impl Llama {
             );
             self.rope(&mut q, self.local.q_heads, start);
             self.rope(&mut k, self.local.kv_heads, start);
-            cache.append(li, &k, &v);
-            let (kc, vc) = &cache.layers[li];
+            cache.append(i, &k, &v);
+            let (kc, vc) = &cache.layers[i];
             self.attention(pool, &q, kc, vc, start, b, &mut att);
             kernels::matmul(pool, &l.wo, &att, b, &mut o);
             coll.all_reduce_sum(&mut o)
@@ -488,6 +609,11 @@ impl Llama {
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
 
+        let which = match output {
+            Output::Hidden => return Ok(x),
+            Output::Logits(which) => which,
+        };
+        let lm_head = self.lm_head.as_ref().context("no LM head")?;
         let rows = match which {
             Logits::Last => &x[(b - 1) * h..],
             Logits::All => &x[..],
@@ -496,7 +622,7 @@ impl Llama {
         let mut xn = vec![0f32; rows.len()];
         rms_norm(rows, &self.norm, c.rms_eps, &mut xn);
         let mut logits = vec![0f32; n * c.vocab];
-        kernels::matmul(pool, &self.lm_head, &xn, n, &mut logits);
+        kernels::matmul(pool, lm_head, &xn, n, &mut logits);
         Ok(logits)
     }
 

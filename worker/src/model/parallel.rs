@@ -31,6 +31,47 @@ impl Shard {
     }
 }
 
+/// This rank's pipeline stage: which contiguous block of decoder layers it holds.
+///
+/// `count` stages split `n_layers` layers as evenly as possible; the first `n_layers % count`
+/// stages take one layer more (30 layers in 2 stages: 15 + 15; in 4: 8 + 8 + 7 + 7). Stage 0
+/// also holds the token embedding, the last stage the final norm and the LM head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stage {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Stage {
+    /// The whole model in one stage.
+    pub const WHOLE: Stage = Stage { index: 0, count: 1 };
+
+    pub fn new(index: usize, count: usize) -> anyhow::Result<Self> {
+        anyhow::ensure!(count >= 1, "pipeline-parallel degree must be at least 1");
+        anyhow::ensure!(
+            index < count,
+            "stage {index} is outside a pipeline of {count} stages"
+        );
+        Ok(Self { index, count })
+    }
+
+    pub fn is_first(&self) -> bool {
+        self.index == 0
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.index + 1 == self.count
+    }
+
+    /// The layers of `0..n_layers` this stage holds (see the type's docs).
+    pub fn layers(&self, n_layers: usize) -> std::ops::Range<usize> {
+        let (base, extra) = (n_layers / self.count, n_layers % self.count);
+        let start = self.index * base + self.index.min(extra);
+        let len = base + usize::from(self.index < extra);
+        start..start + len
+    }
+}
+
 /// Collective operations across the ranks of a tensor-parallel group.
 pub trait Collective: Send + Sync {
     fn rank(&self) -> usize;
