@@ -12,8 +12,12 @@ use k8s_openapi::api::core::v1::{
     ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort,
     ServiceSpec, Volume, VolumeMount,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
@@ -92,13 +96,44 @@ pub const RUN_AS_USER: i64 = 65532;
 pub struct BuildOptions {
     /// Image used when `spec.worker.image` is unset.
     pub default_worker_image: String,
+    /// Build one NetworkPolicy per replica (`--worker-network-policies`).
+    pub network_policies: Option<NetworkPolicyOptions>,
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
         Self {
             default_worker_image: concat!("tessera-worker:", env!("CARGO_PKG_VERSION")).into(),
+            network_policies: None,
         }
+    }
+}
+
+/// Who may reach worker pods besides the members of their own replica group.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NetworkPolicyOptions {
+    /// Namespaces (by label) whose pods may call the OpenAI API; empty: only the
+    /// ModelDeployment's own namespace.
+    pub api_namespace_selector: BTreeMap<String, String>,
+    /// Namespace of the Prometheus that scrapes worker `/metrics`.
+    pub monitoring_namespace: String,
+    /// Labels of the operator's pods (they scrape the replica leaders for the autoscaler).
+    pub operator_pod_labels: BTreeMap<String, String>,
+}
+
+impl NetworkPolicyOptions {
+    /// Parse `--api-namespace-selector` (`k=v,k2=v2`); the error names the bad part.
+    pub fn parse_selector(text: &str) -> Result<BTreeMap<String, String>, String> {
+        let mut out = BTreeMap::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let Some((k, v)) = part.split_once('=') else {
+                return Err(format!(
+                    "--api-namespace-selector: {part:?} is not key=value; use for example team=ml,env=prod"
+                ));
+            };
+            out.insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+        Ok(out)
     }
 }
 
@@ -573,6 +608,127 @@ pub fn services(md: &ModelDeployment) -> Vec<Service> {
             status: None,
         },
     ]
+}
+
+/// Name of the NetworkPolicy of one replica group.
+pub fn network_policy_name(deployment: &str, replica: i32) -> String {
+    format!("{deployment}-r{replica}")
+}
+
+/// The NetworkPolicy of one replica group: its pods accept any port (collectives, rendezvous,
+/// pipeline stage links) only from members of the same group, and the HTTP port from the API
+/// namespaces, the monitoring namespace and the operator (autoscaler scrapes). Egress is not
+/// restricted.
+pub fn replica_network_policy(
+    md: &ModelDeployment,
+    replica: i32,
+    opts: &NetworkPolicyOptions,
+) -> NetworkPolicy {
+    let name = md.metadata.name.clone().unwrap_or_default();
+    let group = BTreeMap::from([
+        (labels::DEPLOYMENT.to_owned(), name.clone()),
+        (labels::REPLICA.to_owned(), replica.to_string()),
+    ]);
+    let selector = |m: &BTreeMap<String, String>| LabelSelector {
+        match_labels: Some(m.clone()),
+        ..LabelSelector::default()
+    };
+    let http = NetworkPolicyPort {
+        port: Some(IntOrString::Int(md.spec.serving.port)),
+        protocol: Some("TCP".into()),
+        ..NetworkPolicyPort::default()
+    };
+    let api_peer = if opts.api_namespace_selector.is_empty() {
+        // Any pod of the ModelDeployment's own namespace.
+        NetworkPolicyPeer {
+            pod_selector: Some(LabelSelector::default()),
+            ..NetworkPolicyPeer::default()
+        }
+    } else {
+        NetworkPolicyPeer {
+            namespace_selector: Some(selector(&opts.api_namespace_selector)),
+            ..NetworkPolicyPeer::default()
+        }
+    };
+    let monitoring = NetworkPolicyPeer {
+        namespace_selector: Some(selector(&BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_owned(),
+            opts.monitoring_namespace.clone(),
+        )]))),
+        ..NetworkPolicyPeer::default()
+    };
+    let mut http_from = vec![api_peer, monitoring];
+    if !opts.operator_pod_labels.is_empty() {
+        http_from.push(NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector::default()),
+            pod_selector: Some(selector(&opts.operator_pod_labels)),
+            ..NetworkPolicyPeer::default()
+        });
+    }
+    let mut meta_labels = common_labels(md);
+    meta_labels.insert(labels::REPLICA.into(), replica.to_string());
+    NetworkPolicy {
+        metadata: meta(md, network_policy_name(&name, replica), meta_labels),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(selector(&group)),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    from: Some(vec![NetworkPolicyPeer {
+                        pod_selector: Some(selector(&group)),
+                        ..NetworkPolicyPeer::default()
+                    }]),
+                    ports: None,
+                },
+                NetworkPolicyIngressRule {
+                    from: Some(http_from),
+                    ports: Some(vec![http]),
+                },
+            ]),
+            egress: None,
+        }),
+    }
+}
+
+/// Annotation with a hash of a policy's spec: a policy whose hash matches is not applied again.
+pub const POLICY_HASH: &str = "tessera.dev/policy-hash";
+
+/// What to write so that the observed NetworkPolicies of a deployment become `desired`:
+/// (policies to apply, with their hash annotation; names to delete).
+pub fn network_policy_changes(
+    desired: &[NetworkPolicy],
+    observed: &[NetworkPolicy],
+) -> (Vec<NetworkPolicy>, Vec<String>) {
+    let hash = |p: &NetworkPolicy| {
+        let text = serde_json::to_string(&p.spec).unwrap_or_default();
+        let h = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        format!("{:010x}", h & 0xff_ffff_ffff)
+    };
+    let mut apply = Vec::new();
+    for d in desired {
+        let h = hash(d);
+        let current = observed.iter().find(|o| o.metadata.name == d.metadata.name);
+        let same = current
+            .and_then(|o| o.metadata.annotations.as_ref())
+            .and_then(|a| a.get(POLICY_HASH))
+            == Some(&h);
+        if !same {
+            let mut p = d.clone();
+            p.metadata
+                .annotations
+                .get_or_insert_with(BTreeMap::new)
+                .insert(POLICY_HASH.into(), h);
+            apply.push(p);
+        }
+    }
+    let delete = observed
+        .iter()
+        .filter_map(|o| o.metadata.name.clone())
+        .filter(|n| !desired.iter().any(|d| d.metadata.name.as_ref() == Some(n)))
+        .collect();
+    (apply, delete)
 }
 
 /// The worker ServiceAccount of the namespace (no API token is mounted into workers).

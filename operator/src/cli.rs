@@ -79,6 +79,14 @@ pub struct RunArgs {
         env = "TESSERA_MONITORING_NAMESPACE"
     )]
     pub monitoring_namespace: String,
+    /// Labels of the operator's own pods (`k=v,...`), admitted to the workers' HTTP port by the
+    /// worker NetworkPolicies so the autoscaler can scrape replica leaders.
+    #[arg(
+        long,
+        default_value = "app.kubernetes.io/name=tessera,app.kubernetes.io/component=operator",
+        env = "TESSERA_OPERATOR_POD_SELECTOR"
+    )]
+    pub operator_pod_selector: String,
     /// Seconds between autoscaling passes (scrape every ready replica leader, decide, scale).
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600), env = "TESSERA_AUTOSCALE_INTERVAL_SECONDS")]
     pub autoscale_interval_seconds: u64,

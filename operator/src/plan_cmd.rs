@@ -126,6 +126,7 @@ pub fn run(args: &PlanArgs) -> Result<String, String> {
             plan: opts,
             build: crate::build::BuildOptions {
                 default_worker_image: args.worker_image.clone(),
+                network_policies: None,
             },
             ..crate::controller::reconcile::Config::default()
         };

@@ -283,3 +283,105 @@ fn incarnation_ids_are_short_dns_safe_and_vary() {
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
     }));
 }
+
+fn policy_options() -> build::NetworkPolicyOptions {
+    build::NetworkPolicyOptions {
+        api_namespace_selector: build::NetworkPolicyOptions::parse_selector("team=ml").unwrap(),
+        monitoring_namespace: "monitoring".into(),
+        operator_pod_labels: build::NetworkPolicyOptions::parse_selector(
+            "app.kubernetes.io/name=tessera,app.kubernetes.io/component=operator",
+        )
+        .unwrap(),
+    }
+}
+
+/// A replica group's pods accept any port only from their own group, and the HTTP port from
+/// the API namespaces, monitoring and the operator; nothing else.
+#[test]
+fn replica_network_policy_admits_only_its_group_and_the_http_clients() {
+    let md = deployment("pvc://models/llama-405b");
+    let p = build::replica_network_policy(&md, 3, &policy_options());
+    assert_eq!(p.metadata.name.as_deref(), Some("llama-405b-r3"));
+    assert_eq!(p.metadata.namespace.as_deref(), Some("inference"));
+    assert_eq!(
+        p.metadata.owner_references.as_ref().unwrap()[0].controller,
+        Some(true)
+    );
+    let v = serde_json::to_value(&p).unwrap();
+    let group = json!({"tessera.dev/deployment": "llama-405b", "tessera.dev/replica": "3"});
+    assert_eq!(v["spec"]["podSelector"]["matchLabels"], group);
+    assert_eq!(v["spec"]["policyTypes"], json!(["Ingress"]));
+    let rules = v["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(rules.len(), 2);
+    // Rule 1: every port, only from the same group (collectives, rendezvous, stage links).
+    assert!(rules[0].get("ports").is_none());
+    assert_eq!(
+        rules[0]["from"],
+        json!([{"podSelector": {"matchLabels": group}}])
+    );
+    // Rule 2: the HTTP port from the API namespaces, monitoring and the operator's pods.
+    assert_eq!(
+        rules[1]["ports"],
+        json!([{"port": 8000, "protocol": "TCP"}])
+    );
+    let from = rules[1]["from"].as_array().unwrap();
+    assert_eq!(
+        from[0],
+        json!({"namespaceSelector": {"matchLabels": {"team": "ml"}}})
+    );
+    assert_eq!(
+        from[1],
+        json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}})
+    );
+    assert_eq!(
+        from[2]["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        "operator"
+    );
+    assert_eq!(from[2]["namespaceSelector"], json!({}));
+    // Without an API namespace selector: only the deployment's own namespace.
+    let mut own = policy_options();
+    own.api_namespace_selector.clear();
+    let v = serde_json::to_value(build::replica_network_policy(&md, 0, &own)).unwrap();
+    assert_eq!(
+        v["spec"]["ingress"][1]["from"][0],
+        json!({"podSelector": {}})
+    );
+    // A bad selector names the flag and the part.
+    let err = build::NetworkPolicyOptions::parse_selector("team").unwrap_err();
+    assert!(
+        err.contains("--api-namespace-selector") && err.contains("\"team\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn network_policy_changes_apply_what_differs_and_delete_the_rest() {
+    let md = deployment("pvc://models/llama-405b");
+    let o = policy_options();
+    let want: Vec<_> = (0..2)
+        .map(|r| build::replica_network_policy(&md, r, &o))
+        .collect();
+    // Nothing observed: both applied, with the hash annotation.
+    let (apply, delete) = build::network_policy_changes(&want, &[]);
+    assert_eq!(apply.len(), 2);
+    assert!(delete.is_empty());
+    assert!(
+        apply[0]
+            .metadata
+            .annotations
+            .as_ref()
+            .unwrap()
+            .contains_key(build::POLICY_HASH)
+    );
+    // Observed as applied: nothing to do.
+    let (apply2, delete2) = build::network_policy_changes(&want, &apply);
+    assert!(apply2.is_empty() && delete2.is_empty());
+    // Scaled down to one replica: r1 deleted; a changed port re-applies r0.
+    let mut md2 = md;
+    md2.spec.serving.port = 9000;
+    let want2 = vec![build::replica_network_policy(&md2, 0, &o)];
+    let (apply3, delete3) = build::network_policy_changes(&want2, &apply);
+    assert_eq!(apply3.len(), 1);
+    assert_eq!(apply3[0].metadata.name.as_deref(), Some("llama-405b-r0"));
+    assert_eq!(delete3, ["llama-405b-r1"]);
+}

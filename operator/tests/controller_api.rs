@@ -65,6 +65,7 @@ fn context(client: kube::Client) -> Context {
         nodes: reflector::store().0,
         pods: reflector::store().0,
         services: reflector::store().0,
+        network_policies: None,
         deployments: reflector::store().0,
         metrics: Metrics::new(&mut registry),
         failures: Mutex::new(HashMap::new()),
@@ -520,5 +521,82 @@ fn delete_flow_relies_on_owner_references_on_every_child() {
     assert!(
         md.metadata.finalizers.is_none(),
         "no finalizer: nothing outside the cluster to clean"
+    );
+}
+
+/// With worker NetworkPolicies on, scaling 3 → 2 deletes the removed replica's policy and
+/// leaves the others alone (their spec hash is unchanged); a new deployment gets one per
+/// replica.
+#[tokio::test]
+async fn network_policies_follow_the_replica_groups() {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use kube::runtime::watcher;
+    use tessera_operator::build::{self, NetworkPolicyOptions};
+
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let mut ctx = context(kube::Client::new(service, "default"));
+    ctx.config.build.network_policies = Some(NetworkPolicyOptions {
+        monitoring_namespace: "monitoring".into(),
+        ..NetworkPolicyOptions::default()
+    });
+    ctx.service_accounts
+        .lock()
+        .unwrap()
+        .insert("inference".into());
+    let (mut md, pods, services) = converged(3, &ctx.config);
+    // Creating them: one policy per replica group.
+    let first = {
+        let nodes = [node()];
+        let obs = Observed {
+            md: &md,
+            pods: &[],
+            services: &[],
+            nodes: &nodes,
+            other_pods: &[],
+            reserved: &[],
+            now: Timestamp::now(),
+        };
+        reconcile(&obs, &ctx.config, &mut |_| "zzzzz".into())
+    };
+    assert_eq!(first.network_policies.len(), 3);
+    let (applied, none) = build::network_policy_changes(&first.network_policies, &[]);
+    assert!(none.is_empty());
+    // The cluster holds those three; the controller's store sees them.
+    let (store, mut writer) = reflector::store::<NetworkPolicy>();
+    for p in &applied {
+        writer.apply_watcher_event(&watcher::Event::Apply(p.clone()));
+    }
+    ctx.network_policies = Some(store);
+
+    md.spec.replicas = 2;
+    let nodes = [node()];
+    let obs = Observed {
+        md: &md,
+        pods: &pods,
+        services: &services,
+        nodes: &nodes,
+        other_pods: &[],
+        reserved: &[],
+        now: Timestamp::now(),
+    };
+    let actions = reconcile(&obs, &ctx.config, &mut |_| "fffff".into());
+    assert_eq!(actions.network_policies.len(), 2);
+    let deletes = actions.delete_pods.len();
+    let events = actions.events.len();
+    let server = tokio::spawn(serve(handle, 1 + deletes + 1 + events));
+    execute(&ctx, &md, actions).await.expect("executes");
+    drop(ctx);
+    let seen = server.await.expect("script");
+    // First the stale policy (after the Services, of which there are none to write)...
+    assert_eq!(seen[0].method, Method::DELETE);
+    assert_eq!(
+        seen[0].path,
+        "/apis/networking.k8s.io/v1/namespaces/inference/networkpolicies/llama-8b-r2"
+    );
+    // ...and no apply of the two unchanged policies anywhere.
+    assert!(
+        seen.iter()
+            .all(|s| !(s.method == Method::PATCH && s.path.contains("networkpolicies"))),
+        "unchanged policies were written again"
     );
 }

@@ -427,8 +427,20 @@ def check_network_policy(r: Rendered) -> None:
     peer = dns[0]["to"][0]
     assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
     assert peer["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    # The autoscaler's scrapes: the replica leaders' named `http` port, in the watched
+    # namespace (any namespace when none is set).
+    scrape = scrape_egress(np)
+    assert len(scrape) == 1, "no egress rule to the workers' http port"
+    assert scrape[0]["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert len(scrape[0]["to"]) == 1
+    peer = scrape[0]["to"][0]
+    assert peer["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/managed-by": "tessera-operator", "tessera.dev/role": "leader"}
+    watch = r.values["operator"]["watchNamespace"]
+    assert peer["namespaceSelector"] == (
+        {"matchLabels": {"kubernetes.io/metadata.name": watch}} if watch else {})
     # API server egress on 443 and 6443; nothing else leaves the pod.
-    api = [e for e in np["egress"] if e is not dns[0]]
+    api = [e for e in np["egress"] if e is not dns[0] and e is not scrape[0]]
     assert len(api) == 1 and {p["port"] for p in api[0]["ports"]} == {443, 6443}
     cidrs = r.values["networkPolicy"]["apiServerCIDRs"]
     if cidrs:
@@ -440,6 +452,27 @@ def check_network_policy(r: Rendered) -> None:
         "kubernetes.io/metadata.name": r.values["monitoring"]["namespace"]}}}]
     ports = sorted(p["port"] for i in np["ingress"] for p in i["ports"])
     assert ports == sorted([r.values["operator"]["metricsPort"], r.values["operator"]["healthPort"]])
+
+
+def scrape_egress(np: dict) -> list[dict]:
+    """Egress rules of the operator's policy on the named port `http`."""
+    return [e for e in np["egress"] if any(p["port"] == "http" for p in e.get("ports", []))]
+
+
+def check_scrape_reaches_leaders(r: Rendered, objects: list[dict]) -> None:
+    """The operator's egress rule matches every replica leader the operator builds, and each
+    leader names its serving port `http`; workers that are not leaders are not matched."""
+    np = r.kind("NetworkPolicy")[0]["spec"]
+    want = scrape_egress(np)[0]["to"][0]["podSelector"]["matchLabels"]
+    pods = [o for o in objects if o["kind"] == "Pod"]
+    leaders = [p for p in pods if want.items() <= p["metadata"]["labels"].items()]
+    assert leaders, "the policy matches no replica leader"
+    assert all(p["metadata"]["labels"]["tessera.dev/role"] == "leader" for p in leaders)
+    assert len(leaders) == sum(p["metadata"]["labels"].get("tessera.dev/role") == "leader"
+                               for p in pods), "a replica leader is not matched"
+    for p in leaders:
+        names = {port.get("name") for c in p["spec"]["containers"] for port in c.get("ports", [])}
+        assert "http" in names, f"{p['metadata']['name']}: no container port named http"
 
 
 def check_service_monitor(r: Rendered) -> None:
@@ -692,6 +725,7 @@ def main() -> int:
 
     combos: list[tuple[str, Path | None]] = [("default", None)]
     combos += [(p.stem, p) for p in sorted(VALUES_DIR.glob("*.yaml"))]
+    default: Rendered | None = None
     for name, values_file in combos:
         run(f"[{name}] helm lint --strict", check_lint, values_file)
         try:
@@ -700,6 +734,8 @@ def main() -> int:
             run(f"[{name}] helm template renders", lambda: (_ for _ in ()).throw(e))
             continue
         run(f"[{name}] helm template renders without duplicate keys", lambda: None)
+        if name == "default":
+            default = r
         for version in K8S_VERSIONS:
             run(f"[{name}] objects validate against Kubernetes {version} schemas (strict)",
                 check_k8s_schemas, r, version)
@@ -756,6 +792,9 @@ def main() -> int:
         for version in K8S_VERSIONS:
             run(f"plan -o yaml objects validate for Kubernetes {version}", check_plan_children,
                 children, version)
+        if default is not None:
+            run("operator NetworkPolicy lets the autoscaler reach every leader's http port",
+                check_scrape_reaches_leaders, default, children)
 
     print(f"{runner.passed} passed, {runner.failed} failed")
     return 1 if runner.failed else 0

@@ -159,6 +159,7 @@ fn context(client: kube::Client, seed: u64) -> Context {
         nodes: reflector::store().0,
         pods: reflector::store().0,
         services: reflector::store().0,
+        network_policies: None,
         deployments: reflector::store().0,
         metrics: Metrics::new(&mut registry),
         failures: Mutex::new(HashMap::new()),

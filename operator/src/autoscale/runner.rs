@@ -12,23 +12,33 @@
 //! - The condition is written with a JSON merge patch on `/status` that carries
 //!   `metadata.resourceVersion`: if the controller wrote status in between, the API answers 409
 //!   and the condition waits for the next tick.
+//! - One pass is [`Runner::pass`] over a [`Snapshot`] of the watch stores; the scrapes go
+//!   through a [`Scraper`] and time through a [`Clock`], both replaceable (tests script the API,
+//!   the scrapes and the clock; production uses [`HttpScraper`] and [`SystemClock`]).
+//! - Metrics: [`AutoscalerMetrics`] (passes, pass duration, scrapes by result, decisions by
+//!   direction, desired replicas per deployment).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 
-use super::decide::{History, Params, ReplicaSample};
+use super::decide::{Decision, History, Params, ReplicaSample};
 use super::pass::{self, Target, decide_pass, pods_for_inventory, scaling_condition};
-use super::scrape::{self, LeaderMetrics};
+use super::scrape::{self, LeaderMetrics, ScrapeError};
 use crate::api::ModelDeployment;
 use crate::build::labels;
+use crate::controller::metrics::{
+    AutoscalerMetrics, DeploymentLabels, DirectionLabel, ResultLabel,
+};
 use crate::controller::reconcile::{Config, reserved_by_others};
 use crate::planner::inventory::Inventory;
 
@@ -65,6 +75,91 @@ pub struct Stores {
     pub deployments: Store<ModelDeployment>,
 }
 
+impl Stores {
+    /// What the stores hold now.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            nodes: self.nodes.state().iter().map(|n| (**n).clone()).collect(),
+            pods: self.pods.state().iter().map(|p| (**p).clone()).collect(),
+            deployments: self
+                .deployments
+                .state()
+                .iter()
+                .map(|d| (**d).clone())
+                .collect(),
+        }
+    }
+}
+
+/// The cluster state one pass looks at: every Node, every Pod (GPU use is cluster-wide) and
+/// every ModelDeployment (autoscaled or not).
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    pub deployments: Vec<ModelDeployment>,
+}
+
+/// Reads a replica leader's `/metrics`. The runner bounds each call with its scrape timeout
+/// (a call that does not finish in time counts as `timeout`).
+pub trait Scraper: Send + Sync {
+    fn scrape(&self, addr: SocketAddr) -> BoxFuture<'static, Result<String, ScrapeError>>;
+}
+
+/// `GET http://addr/metrics` over HTTP/1.1 ([`scrape::get`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HttpScraper;
+
+impl Scraper for HttpScraper {
+    fn scrape(&self, addr: SocketAddr) -> BoxFuture<'static, Result<String, ScrapeError>> {
+        Box::pin(scrape::get(addr))
+    }
+}
+
+/// The runner's time: a monotonic clock for sample ages, windows and pass durations, and the
+/// wall clock for condition transition times.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Instant;
+    fn wall(&self) -> Timestamp;
+}
+
+/// The system clocks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    fn wall(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+/// How one write of a pass went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteResult {
+    /// Nothing to write.
+    Skipped,
+    Written,
+    /// 409: the object changed since it was read; the next pass tries again.
+    Conflict,
+    /// Any other error (logged); the next pass tries again.
+    Failed(String),
+}
+
+/// What one pass did for one autoscaled deployment.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// `namespace/name`.
+    pub deployment: String,
+    pub decision: Decision,
+    /// The scale subresource write.
+    pub scale: WriteResult,
+    /// The `ScalingLimited` status write.
+    pub condition: WriteResult,
+}
+
 struct LastScrape {
     at: Instant,
     sample: ReplicaSample,
@@ -76,9 +171,13 @@ pub struct Runner {
     client: Client,
     cfg: RunnerConfig,
     plan_cfg: Config,
-    stores: Stores,
+    metrics: AutoscalerMetrics,
+    scraper: Arc<dyn Scraper>,
+    clock: Arc<dyn Clock>,
     histories: HashMap<String, History>,
     last: HashMap<String, LastScrape>,
+    /// Deployments with a `desired_replicas` series, to remove it when they go.
+    gauges: HashSet<DeploymentLabels>,
     epoch: Instant,
 }
 
@@ -127,21 +226,69 @@ pub fn leaders(md: &ModelDeployment, pods: &[Pod]) -> Vec<LeaderTarget> {
         .collect()
 }
 
+fn direction(d: &Decision) -> &'static str {
+    match d.replicas.cmp(&d.current) {
+        std::cmp::Ordering::Greater => "up",
+        std::cmp::Ordering::Less => "down",
+        std::cmp::Ordering::Equal => "hold",
+    }
+}
+
+fn scrape_result(r: &Result<String, ScrapeError>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(ScrapeError::Timeout(_)) => "timeout",
+        Err(_) => "error",
+    }
+}
+
+fn write_result(r: Result<(), kube::Error>) -> WriteResult {
+    match r {
+        Ok(()) => WriteResult::Written,
+        Err(kube::Error::Api(e)) if e.code == 409 => WriteResult::Conflict,
+        Err(e) => WriteResult::Failed(e.to_string()),
+    }
+}
+
 impl Runner {
-    pub fn new(client: Client, cfg: RunnerConfig, plan_cfg: Config, stores: Stores) -> Self {
+    /// A runner that scrapes over HTTP and reads the system clocks.
+    pub fn new(
+        client: Client,
+        cfg: RunnerConfig,
+        plan_cfg: Config,
+        metrics: AutoscalerMetrics,
+    ) -> Self {
         Runner {
             client,
             cfg,
             plan_cfg,
-            stores,
+            metrics,
+            scraper: Arc::new(HttpScraper),
+            clock: Arc::new(SystemClock),
             histories: HashMap::new(),
             last: HashMap::new(),
+            gauges: HashSet::new(),
             epoch: Instant::now(),
         }
     }
 
-    /// Run passes until the process ends.
-    pub async fn run(mut self) {
+    /// Scrape through `scraper` instead of HTTP.
+    #[must_use]
+    pub fn with_scraper(mut self, scraper: Arc<dyn Scraper>) -> Self {
+        self.scraper = scraper;
+        self
+    }
+
+    /// Read time from `clock` instead of the system clocks.
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.epoch = clock.now();
+        self.clock = clock;
+        self
+    }
+
+    /// Run passes over the stores until the process ends.
+    pub async fn run(mut self, stores: Stores) {
         let mut tick = tokio::time::interval(self.cfg.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         tracing::info!(
@@ -151,7 +298,7 @@ impl Runner {
         loop {
             tick.tick().await;
             let started = Instant::now();
-            self.pass().await;
+            self.pass(&stores.snapshot()).await;
             let took = started.elapsed();
             if took > self.cfg.interval {
                 tracing::warn!(
@@ -162,52 +309,82 @@ impl Runner {
         }
     }
 
-    async fn pass(&mut self) {
-        let deployments: Vec<ModelDeployment> = self
-            .stores
+    /// One pass: scrape the ready leaders of every autoscaled deployment in `snap`, decide,
+    /// and write what changed. Errors are logged and retried by the next pass.
+    pub async fn pass(&mut self, snap: &Snapshot) -> Vec<Outcome> {
+        let started = self.clock.now();
+        let out = self.pass_inner(snap).await;
+        self.metrics.passes.inc();
+        self.metrics.pass_duration.observe(
+            self.clock
+                .now()
+                .saturating_duration_since(started)
+                .as_secs_f64(),
+        );
+        out
+    }
+
+    async fn pass_inner(&mut self, snap: &Snapshot) -> Vec<Outcome> {
+        let deployments: Vec<&ModelDeployment> = snap
             .deployments
-            .state()
             .iter()
             .filter(|d| d.metadata.deletion_timestamp.is_none())
             .filter(|d| d.spec.autoscaling.as_ref().is_some_and(|a| a.enabled))
-            .map(|d| (**d).clone())
             .collect();
-        let known: std::collections::HashSet<String> = deployments.iter().map(pass::key).collect();
+        let known: HashSet<String> = deployments.iter().map(|d| pass::key(d)).collect();
         self.histories.retain(|k, _| known.contains(k));
-        if deployments.is_empty() {
-            return;
-        }
-        let all_pods: Vec<Pod> = self
-            .stores
-            .pods
-            .state()
+        let gauges: HashSet<DeploymentLabels> = deployments
             .iter()
-            .map(|p| (**p).clone())
+            .map(|d| DeploymentLabels {
+                namespace: d.namespace().unwrap_or_default(),
+                deployment: d.name_any(),
+            })
             .collect();
+        for gone in self.gauges.difference(&gauges) {
+            self.metrics.desired_replicas.remove(gone);
+        }
+        self.gauges = gauges;
+        if deployments.is_empty() {
+            self.last.clear();
+            return Vec::new();
+        }
         let targets: Vec<LeaderTarget> = deployments
             .iter()
-            .flat_map(|md| leaders(md, &all_pods))
+            .flat_map(|md| leaders(md, &snap.pods))
             .collect();
         let timeout = self.cfg.scrape_timeout;
-        let results: Vec<(LeaderTarget, Result<String, scrape::ScrapeError>)> =
-            futures::stream::iter(targets.into_iter().map(|t| async move {
-                let r = scrape::fetch(t.addr, timeout).await;
-                (t, r)
+        let scraper = self.scraper.clone();
+        let results: Vec<(LeaderTarget, Result<String, ScrapeError>)> =
+            futures::stream::iter(targets.into_iter().map(|t| {
+                let fut = scraper.scrape(t.addr);
+                async move {
+                    let r = match tokio::time::timeout(timeout, fut).await {
+                        Ok(r) => r,
+                        Err(_) => Err(ScrapeError::Timeout(timeout)),
+                    };
+                    (t, r)
+                }
             }))
             .buffer_unordered(self.cfg.concurrency.max(1))
             .collect()
             .await;
-        let now = Instant::now();
+        let now = self.clock.now();
         let mut samples: HashMap<String, Vec<ReplicaSample>> = HashMap::new();
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         for (t, r) in results {
             seen.insert(t.pod.clone());
+            self.metrics
+                .scrapes
+                .get_or_create(&ResultLabel {
+                    result: scrape_result(&r),
+                })
+                .inc();
             let sample = match r {
                 Ok(text) => {
                     let m = LeaderMetrics::from_text(&text);
                     let prev = self.last.get(&t.pod).and_then(|l| {
                         l.tokens_total
-                            .map(|v| (v, now.duration_since(l.at).as_secs_f64()))
+                            .map(|v| (v, now.saturating_duration_since(l.at).as_secs_f64()))
                     });
                     let s = m.sample(prev);
                     self.last.insert(
@@ -224,7 +401,7 @@ impl Runner {
                     tracing::debug!(deployment = %t.deployment, addr = %t.addr, error = %e, "scrape failed");
                     self.last.get(&t.pod).map(|l| {
                         let mut s = l.sample.clone();
-                        s.age_s = now.duration_since(l.at).as_secs_f64();
+                        s.age_s = now.saturating_duration_since(l.at).as_secs_f64();
                         s
                     })
                 }
@@ -235,24 +412,10 @@ impl Runner {
         }
         self.last.retain(|k, _| seen.contains(k));
 
-        let nodes: Vec<Node> = self
-            .stores
-            .nodes
-            .state()
-            .iter()
-            .map(|n| (**n).clone())
-            .collect();
-        let all_mds: Vec<ModelDeployment> = self
-            .stores
-            .deployments
-            .state()
-            .iter()
-            .map(|d| (**d).clone())
-            .collect();
-        let mut inv_pods = pods_for_inventory(&all_pods);
-        inv_pods.extend(reserved_pods(&reserved_by_others(&all_mds, None)));
+        let mut inv_pods = pods_for_inventory(&snap.pods);
+        inv_pods.extend(reserved_pods(&reserved_by_others(&snap.deployments, None)));
         let inv = Inventory::from_nodes(
-            &nodes,
+            &snap.nodes,
             &inv_pods,
             &self.plan_cfg.catalog,
             &self.plan_cfg.topology_keys,
@@ -264,7 +427,7 @@ impl Runner {
                 samples: samples.remove(&pass::key(md)).unwrap_or_default(),
             })
             .collect();
-        let now_s = now.duration_since(self.epoch).as_secs_f64();
+        let now_s = now.saturating_duration_since(self.epoch).as_secs_f64();
         let decisions = decide_pass(
             &pass_targets,
             &self.histories,
@@ -273,23 +436,38 @@ impl Runner {
             &self.plan_cfg.plan,
             now_s,
         );
+        let mut outcomes = Vec::with_capacity(decisions.len());
         for (md, (key, d)) in deployments.iter().zip(decisions) {
             let spec = md.spec.autoscaling.as_ref().expect("enabled");
-            let applied = if d.replicas != d.current {
-                match self.apply_replicas(md, d.replicas).await {
-                    Ok(()) => {
+            self.metrics
+                .decisions
+                .get_or_create(&DirectionLabel {
+                    direction: direction(&d),
+                })
+                .inc();
+            self.metrics
+                .desired_replicas
+                .get_or_create(&DeploymentLabels {
+                    namespace: md.namespace().unwrap_or_default(),
+                    deployment: md.name_any(),
+                })
+                .set(i64::from(d.replicas));
+            let scale = if d.replicas != d.current {
+                let r = write_result(self.apply_replicas(md, d.replicas).await);
+                match &r {
+                    WriteResult::Written => {
                         tracing::info!(deployment = %key, from = d.current, to = d.replicas, reason = d.reason.as_str(), "{}", d.message);
-                        true
                     }
-                    Err(e) => {
-                        tracing::warn!(deployment = %key, error = %e, "writing replicas through the scale subresource failed; retrying next tick");
-                        false
+                    other => {
+                        tracing::warn!(deployment = %key, result = ?other, "writing replicas through the scale subresource failed; retrying next tick");
                     }
                 }
+                r
             } else {
                 tracing::debug!(deployment = %key, reason = d.reason.as_str(), "{}", d.message);
-                true
+                WriteResult::Skipped
             };
+            let applied = matches!(scale, WriteResult::Written | WriteResult::Skipped);
             if applied {
                 self.histories.entry(key.clone()).or_default().commit(
                     spec,
@@ -303,20 +481,37 @@ impl Runner {
                 .as_ref()
                 .map(|s| s.conditions.as_slice())
                 .unwrap_or(&[]);
-            if let Some(conditions) =
-                scaling_condition(old, &d, md.metadata.generation, Timestamp::now())
-            {
-                match self.write_conditions(md, &conditions).await {
-                    Ok(()) => {}
-                    Err(kube::Error::Api(e)) if e.code == 409 => {
-                        tracing::debug!(deployment = %key, "status changed meanwhile; ScalingLimited waits for the next tick");
+            // The condition describes the replicas written: when that write failed, it waits
+            // for the next pass with it.
+            let conditions = if applied {
+                scaling_condition(old, &d, md.metadata.generation, self.clock.wall())
+            } else {
+                None
+            };
+            let condition = match conditions {
+                None => WriteResult::Skipped,
+                Some(conditions) => {
+                    let r = write_result(self.write_conditions(md, &conditions).await);
+                    match &r {
+                        WriteResult::Conflict => {
+                            tracing::debug!(deployment = %key, "status changed meanwhile; ScalingLimited waits for the next tick")
+                        }
+                        WriteResult::Failed(e) => {
+                            tracing::warn!(deployment = %key, error = %e, "writing the ScalingLimited condition failed; retrying next tick")
+                        }
+                        _ => {}
                     }
-                    Err(e) => {
-                        tracing::warn!(deployment = %key, error = %e, "writing the ScalingLimited condition failed")
-                    }
+                    r
                 }
-            }
+            };
+            outcomes.push(Outcome {
+                deployment: key,
+                decision: d,
+                scale,
+                condition,
+            });
         }
+        outcomes
     }
 
     async fn apply_replicas(&self, md: &ModelDeployment, replicas: u32) -> Result<(), kube::Error> {

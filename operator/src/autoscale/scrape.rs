@@ -206,13 +206,14 @@ pub const MAX_BODY: usize = 4 << 20;
 
 /// GET `http://addr/metrics` (HTTP/1.1, `Connection: close`) with one overall timeout.
 pub async fn fetch(addr: SocketAddr, timeout: Duration) -> Result<String, ScrapeError> {
-    match tokio::time::timeout(timeout, fetch_inner(addr)).await {
+    match tokio::time::timeout(timeout, get(addr)).await {
         Ok(r) => r,
         Err(_) => Err(ScrapeError::Timeout(timeout)),
     }
 }
 
-async fn fetch_inner(addr: SocketAddr) -> Result<String, ScrapeError> {
+/// GET `http://addr/metrics` without a timeout of its own (the caller bounds it).
+pub async fn get(addr: SocketAddr) -> Result<String, ScrapeError> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let req = format!(
         "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\nConnection: close\r\nUser-Agent: tessera-autoscaler\r\n\r\n"

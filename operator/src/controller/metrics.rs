@@ -72,3 +72,68 @@ impl Metrics {
         m
     }
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeploymentLabels {
+    pub namespace: String,
+    pub deployment: String,
+}
+
+/// Every metric the autoscaler exports (registered in the controller's registry).
+#[derive(Clone)]
+pub struct AutoscalerMetrics {
+    /// Passes run (`tessera_autoscaler_passes_total`).
+    pub passes: Counter,
+    /// Time of one pass, scrapes and API writes included.
+    pub pass_duration: Histogram,
+    /// Scrapes of replica leaders by result: `ok`, `timeout`, `error`.
+    pub scrapes: Family<ResultLabel, Counter>,
+    /// Decisions by direction: `up`, `down`, `hold`.
+    pub decisions: Family<DirectionLabel, Counter>,
+    /// The replicas the last decision asked for, per autoscaled deployment.
+    pub desired_replicas: Family<DeploymentLabels, Gauge>,
+}
+
+impl AutoscalerMetrics {
+    /// Create the metrics and register them.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = AutoscalerMetrics {
+            passes: Counter::default(),
+            pass_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            scrapes: Family::default(),
+            decisions: Family::default(),
+            desired_replicas: Family::default(),
+        };
+        registry.register(
+            "tessera_autoscaler_passes",
+            "Autoscaling passes run",
+            m.passes.clone(),
+        );
+        registry.register(
+            "tessera_autoscaler_pass_duration_seconds",
+            "Time of one autoscaling pass, scrapes and API writes included",
+            m.pass_duration.clone(),
+        );
+        registry.register(
+            "tessera_autoscaler_scrapes",
+            "Scrapes of replica leaders' /metrics, by result (ok, timeout, error)",
+            m.scrapes.clone(),
+        );
+        registry.register(
+            "tessera_autoscaler_decisions",
+            "Autoscaling decisions, by direction (up, down, hold)",
+            m.decisions.clone(),
+        );
+        registry.register(
+            "tessera_autoscaler_desired_replicas",
+            "Replicas the last autoscaling decision asked for, per deployment",
+            m.desired_replicas.clone(),
+        );
+        m
+    }
+}

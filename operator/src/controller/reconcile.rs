@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
@@ -111,6 +112,9 @@ pub struct EventNote {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Actions {
     pub apply_services: Vec<Service>,
+    /// Every NetworkPolicy this deployment should have (one per replica group, with
+    /// `--worker-network-policies`); the executor applies those that differ and deletes the rest.
+    pub network_policies: Vec<NetworkPolicy>,
     pub apply_pods: Vec<Pod>,
     /// Pod names to delete (in the deployment's namespace).
     pub delete_pods: Vec<String>,
@@ -723,6 +727,14 @@ pub fn reconcile(
         })
         .collect();
     let children = build::desired_children(md, &to_build, &cfg.build);
+    if let Some(np) = &cfg.build.network_policies {
+        // Every replica group that exists, waiting out a backoff included (its pods come back).
+        let replicas: BTreeSet<i32> = kept.iter().map(|p| p.replica).collect();
+        actions.network_policies = replicas
+            .into_iter()
+            .map(|r| build::replica_network_policy(md, r, np))
+            .collect();
+    }
     let existing_pods: BTreeSet<String> = obs.pods.iter().map(pod_name).collect();
     let desired_pods: BTreeSet<String> = children
         .pods

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -64,6 +65,8 @@ pub struct Context {
     pub nodes: Store<Node>,
     pub pods: Store<Pod>,
     pub services: Store<Service>,
+    /// The operator's NetworkPolicies, when `--worker-network-policies` is on.
+    pub network_policies: Option<Store<NetworkPolicy>>,
     pub deployments: Store<ModelDeployment>,
     pub recorder: Recorder,
     pub metrics: Metrics,
@@ -202,6 +205,33 @@ pub async fn execute(ctx: &Context, md: &ModelDeployment, actions: Actions) -> R
         let name = s.metadata.name.clone().unwrap_or_default();
         services.patch(&name, &params, &Patch::Apply(s)).await?;
     }
+    if let Some(store) = &ctx.network_policies {
+        let uid = md.uid();
+        let observed: Vec<NetworkPolicy> = store
+            .state()
+            .iter()
+            .filter(|p| {
+                p.metadata.namespace.as_deref() == Some(ns.as_str())
+                    && p.owner_references()
+                        .iter()
+                        .any(|o| Some(&o.uid) == uid.as_ref())
+            })
+            .map(|p| (**p).clone())
+            .collect();
+        let (apply, delete) = build::network_policy_changes(&actions.network_policies, &observed);
+        let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+        for p in &apply {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            policies.patch(&name, &params, &Patch::Apply(p)).await?;
+        }
+        for name in &delete {
+            match policies.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     // Deletions first: stale members (old incarnations, removed replicas) are gone before a new
     // incarnation is created, so no replica ever has members of two incarnations, and their
     // GPUs are released before new pods ask for them. A failed delete stops the pass.
@@ -289,6 +319,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?;
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
+    let autoscaler_metrics = crate::controller::metrics::AutoscalerMetrics::new(&mut registry);
     let registry = Arc::new(registry);
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -414,6 +445,49 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     pod_store.wait_until_ready().await.ok();
     svc_store.wait_until_ready().await.ok();
 
+    // Per-replica worker NetworkPolicies, only when asked for (the RBAC for them is optional).
+    let network_policy_options = if args.worker_network_policies {
+        Some(build::NetworkPolicyOptions {
+            api_namespace_selector: build::NetworkPolicyOptions::parse_selector(
+                &args.api_namespace_selector,
+            )
+            .map_err(|e| anyhow::anyhow!(e))?,
+            monitoring_namespace: args.monitoring_namespace.clone(),
+            operator_pod_labels: build::NetworkPolicyOptions::parse_selector(
+                &args.operator_pod_selector,
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(e.replace("--api-namespace-selector", "--operator-pod-selector"))
+            })?,
+        })
+    } else {
+        None
+    };
+    let policies_api: Option<Api<NetworkPolicy>> =
+        network_policy_options
+            .as_ref()
+            .map(|_| match &args.watch_namespace {
+                Some(ns) => Api::namespaced(client.clone(), ns),
+                None => Api::all(client.clone()),
+            });
+    let policy_store = match &policies_api {
+        Some(api) => {
+            let (store, writer) = reflector::store();
+            tokio::spawn(
+                reflector::reflector(
+                    writer,
+                    watcher(api.clone(), watcher::Config::default().labels(&managed)),
+                )
+                .default_backoff()
+                .inspect_err(log_errors("networkpolicies"))
+                .for_each(|_| futures::future::ready(())),
+            );
+            store.wait_until_ready().await.ok();
+            Some(store)
+        }
+        None => None,
+    };
+
     let controller = Controller::new(mds, watcher::Config::default());
     let md_store = controller.store();
     let md_store_for_nodes = md_store.clone();
@@ -431,12 +505,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             topology_keys: args.topology_keys.clone(),
             build: build::BuildOptions {
                 default_worker_image: args.worker_image.clone(),
+                network_policies: network_policy_options,
             },
             ..Config::default()
         },
         nodes: node_store,
         pods: pod_store,
         services: svc_store,
+        network_policies: policy_store,
         deployments: md_store,
         recorder,
         metrics,
@@ -454,19 +530,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 ..Default::default()
             },
             ctx.config.clone(),
-            crate::autoscale::runner::Stores {
-                nodes: ctx.nodes.clone(),
-                pods: ctx.pods.clone(),
-                deployments: ctx.deployments.clone(),
-            },
+            autoscaler_metrics,
         )
-        .run(),
+        .run(crate::autoscale::runner::Stores {
+            nodes: ctx.nodes.clone(),
+            pods: ctx.pods.clone(),
+            deployments: ctx.deployments.clone(),
+        }),
     );
     ready.store(true, Ordering::Relaxed);
     tracing::info!(
         namespace = args.watch_namespace.as_deref().unwrap_or("<all>"),
         "controller started"
     );
+    let controller = match policies_api {
+        Some(api) => controller.owns(api, watcher::Config::default().labels(&managed)),
+        None => controller,
+    };
     controller
         .owns(pods_api, watcher::Config::default().labels(&managed))
         .owns(services_api, watcher::Config::default().labels(&managed))
