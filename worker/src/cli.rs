@@ -67,7 +67,7 @@ impl Command {
 /// Arguments of `tessera-worker generate`.
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
-    /// Path to a GGUF model.
+    /// Path to a GGUF or safetensors model.
     #[arg(long)]
     pub model: std::path::PathBuf,
     /// The prompt (a user message with --chat).

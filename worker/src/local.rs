@@ -49,8 +49,8 @@ pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
     }
     let model = std::path::absolute(&args.model)
         .with_context(|| format!("--model {}", args.model.display()))?;
-    let file = crate::model::MappedGguf::open(&model)?;
-    let config = crate::model::llama::LlamaConfig::from_gguf(&file.gguf)?;
+    let file = crate::model::source::open(&model)?;
+    let config = crate::model::llama::LlamaConfig::from_gguf(&file.metadata().gguf)?;
     config
         .check_shard(crate::model::parallel::Shard::new(0, args.tp)?)
         .with_context(|| format!("--tp {}", args.tp))?;

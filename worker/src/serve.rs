@@ -440,12 +440,12 @@ pub fn ensure_model(cfg: &ServeConfig) -> anyhow::Result<PathBuf> {
             download(url, &cfg.model_path, cfg.model_sha256.as_deref())?;
         }
     }
-    if !cfg.model_path.is_file() {
+    if !cfg.model_path.is_file() && !cfg.model_path.is_dir() {
         bail!(invalid(
             env::MODEL_PATH,
             &cfg.model_path.display().to_string(),
-            "no model file there",
-            "point it at the GGUF file (mounted volume) or give an http(s) TESSERA_MODEL_URI to download"
+            "no model file or directory there",
+            "point it at the GGUF file or safetensors model directory (mounted volume) or give an http(s) TESSERA_MODEL_URI to download"
         ));
     }
     Ok(cfg.model_path.clone())
@@ -710,8 +710,9 @@ pub fn run() -> anyhow::Result<()> {
 /// Whether the model splits into `TESSERA_TP` x `TESSERA_PP` (checked before joining, so every
 /// rank says so at once instead of the group forming and then failing).
 pub fn check_layout(cfg: &ServeConfig, path: &Path) -> anyhow::Result<()> {
-    let file = crate::model::MappedGguf::open(path)?;
-    let config = crate::model::llama::LlamaConfig::from_gguf(&file.gguf)?;
+    let file = crate::model::source::open(path)?;
+    let config = crate::model::llama::LlamaConfig::from_gguf(&file.metadata().gguf)?;
+    drop(file);
     config
         .check_shard(crate::model::parallel::Shard::new(0, cfg.tp)?)
         .with_context(|| format!("{}={}", env::TP, cfg.tp))?;

@@ -350,3 +350,49 @@ fn quantisers_match_gguf_py_byte_for_byte() {
         assert_eq!(quant::quantize_row(ty, &x), expect, "{ty}");
     }
 }
+
+/// The two-row kernels (batched products) give each row's dot product bit for bit as the
+/// one-row kernel does.
+#[test]
+fn pair_kernels_equal_the_one_row_kernel_bit_for_bit() {
+    let mut rng = Rng::new(11);
+    for ty in [
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::F32,
+    ] {
+        let Some(pair) = dot::pair_kernel(ty, Simd::Avx2) else {
+            assert!(
+                dot::detect() != Simd::Avx2 || !matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0),
+                "{ty} has a two-row kernel on AVX2"
+            );
+            continue;
+        };
+        let Kernel::Q8(single) = dot::kernel(ty, Simd::Avx2) else {
+            panic!("{ty}: a two-row kernel needs 8-bit activations");
+        };
+        for cols in [32, 64, 96, 576, 1536] {
+            let w = quant::quantize_row(ty, &randn(&mut rng, cols, 0.5));
+            let x = quantize_activations(&randn(&mut rng, cols, 1.0), cols);
+            let z = quantize_activations(&randn(&mut rng, cols, 2.0), cols);
+            let (a, b) = pair(&w, &x, &z);
+            assert_eq!(a.to_bits(), single(&w, &x).to_bits(), "{ty} x {cols}");
+            assert_eq!(b.to_bits(), single(&w, &z).to_bits(), "{ty} z {cols}");
+        }
+    }
+    // A matrix product over 5 rows (two pairs and one alone) equals the products row by row.
+    let pool = Pool::with_simd(2, Simd::Avx2).unwrap();
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        let (rows, cols) = (40, 96);
+        let m = QMatrix::from_f32(ty, rows, cols, &randn(&mut rng, rows * cols, 0.5));
+        let x = randn(&mut rng, 5 * cols, 1.0);
+        let mut all = vec![0f32; 5 * rows];
+        matmul(&pool, &m, &x, 5, &mut all);
+        for (t, want) in all.chunks_exact(rows).enumerate() {
+            let mut one = vec![0f32; rows];
+            matmul(&pool, &m, &x[t * cols..(t + 1) * cols], 1, &mut one);
+            assert_eq!(one, want, "{ty} row {t}");
+        }
+    }
+}

@@ -155,3 +155,65 @@ fn weights_are_borrowed_from_the_map() {
     assert_eq!(owned, 0);
     assert!(total > 90 << 20, "{total}");
 }
+
+/// Batched decode on the real model: three prompts of different lengths prefilled in one
+/// batched pass, then batched greedy decode steps, give every sequence's logits bit for bit
+/// (tolerance zero: each row is computed as in a pass of its sequence alone).
+#[test]
+fn a_batched_forward_gives_each_sequences_logits_on_the_real_model() {
+    use tessera_worker::model::llama::{Input, Output};
+    let e = engine();
+    let (model, pool, coll) = (&e.model, &e.pool, e.collective.as_ref());
+    let argmax = |v: &[f32]| (0..v.len()).max_by(|a, b| v[*a].total_cmp(&v[*b])).unwrap() as u32;
+    let prompts = [
+        france(),
+        e.chat_prompt(&[Message::new("user", "Name three colours.")])
+            .unwrap(),
+        vec![504, 3575, 282],
+    ];
+    const STEPS: usize = 6;
+    let mut want = Vec::new();
+    for p in &prompts {
+        let mut cache = model.new_cache(64 << 20).unwrap();
+        let mut logits = vec![
+            model
+                .forward(pool, coll, &mut cache, p, Logits::Last)
+                .unwrap(),
+        ];
+        for _ in 0..STEPS {
+            let next = argmax(logits.last().unwrap());
+            logits.push(
+                model
+                    .forward(pool, coll, &mut cache, &[next], Logits::Last)
+                    .unwrap(),
+            );
+        }
+        want.push(logits);
+    }
+    let vocab = model.config.vocab;
+    let mut caches: Vec<_> = (0..3).map(|_| model.new_cache(64 << 20).unwrap()).collect();
+    let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 3];
+    let mut rows: Vec<Vec<u32>> = prompts.to_vec();
+    for _ in 0..=STEPS {
+        let lens: Vec<usize> = rows.iter().map(Vec::len).collect();
+        let tokens: Vec<u32> = rows.concat();
+        let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+        let out = model
+            .forward_batch(
+                pool,
+                coll,
+                &mut refs,
+                &lens,
+                Input::Tokens(&tokens),
+                Output::Logits(Logits::Last),
+            )
+            .unwrap();
+        for (s, l) in out.chunks_exact(vocab).enumerate() {
+            got[s].push(l.to_vec());
+            rows[s] = vec![argmax(l)];
+        }
+    }
+    for (s, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(g == w, "sequence {s}: batched logits differ from its own");
+    }
+}

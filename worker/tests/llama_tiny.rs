@@ -1,7 +1,9 @@
 //! A tiny random Llama written with `gguf::Writer` (F32, Q8_0 and Q4_1 weights) against an
 //! independent naive f64 forward pass; the same model split over 2 and 4 tensor-parallel ranks
 //! (threads with an in-memory all-reduce) against one rank; pipeline stages (PP=2 and TP=2 x
-//! PP=2 over the TCP rank group, ranks as threads) against one rank; malformed files.
+//! PP=2 over the TCP rank group, ranks as threads) against one rank; malformed files; batched
+//! forward passes over several sequences against each sequence alone, on one rank and over
+//! TP=2, PP=2 and TP=2 x PP=2.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Barrier, Mutex};
@@ -672,6 +674,19 @@ fn greedy(runner: &mut Runner) -> (Vec<Vec<f32>>, Vec<u32>) {
 
 /// TP x PP ranks as threads joined over TCP on 127.0.0.1; rank 0 drives.
 fn run_layout(path: &std::path::Path, tp: usize, pp: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
+    run_layout_with(path, tp, pp, greedy)
+}
+
+/// The leader's logits per step and the tokens it chose.
+type Logged = (Vec<Vec<f32>>, Vec<u32>);
+
+/// As [`run_layout`], with rank 0 driving `drive` (which must release its sequences).
+fn run_layout_with(
+    path: &std::path::Path,
+    tp: usize,
+    pp: usize,
+    drive: fn(&mut Runner) -> Logged,
+) -> Logged {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -700,7 +715,7 @@ fn run_layout(path: &std::path::Path, tp: usize, pp: usize) -> (Vec<Vec<f32>>, V
                 match g.role {
                     Role::Leader(b) => {
                         let mut r = Runner::new(engine, 1 << 20, Some(b)).with_pipe(g.pipe);
-                        Some(greedy(&mut r))
+                        Some(drive(&mut r))
                     }
                     Role::Follower(mut s) => {
                         let mut r = Runner::new(engine, 1 << 20, None).with_pipe(g.pipe);
@@ -749,5 +764,284 @@ fn pipeline_layouts_over_tcp_match_one_rank() {
             / scale;
         eprintln!("{ty} TP=2 x PP=2: max error {err:.2e} of the largest logit");
         assert!(err < tol, "{ty} TP=2 x PP=2: relative error {err}");
+    }
+}
+
+/// Counts all-reduces (one rank).
+#[derive(Default)]
+struct Counting(std::sync::atomic::AtomicUsize);
+
+impl Collective for Counting {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _buf: &mut [f32]) -> anyhow::Result<()> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Prompts of different lengths for the batched tests.
+const PROMPTS: [&[u32]; 3] = [&[3, 17], &[42, 5, 95, 0, 61], &[17, 8, 9, 64]];
+
+fn argmax(v: &[f32]) -> u32 {
+    (0..v.len()).max_by(|a, b| v[*a].total_cmp(&v[*b])).unwrap() as u32
+}
+
+/// A batched pass computes every row exactly as a pass of its sequence alone (the linear layers
+/// multiply each row by the same weights with the same kernel, attention is per sequence), so
+/// the tolerance is zero: bit-identical logits.
+#[test]
+fn a_batched_forward_gives_each_sequences_logits_bit_for_bit() {
+    for ty in [GgmlType::F32, GgmlType::Q4_1] {
+        let (w, _) = build(ty, 13, None, None);
+        let path = write(&w, &format!("batch-{ty}.gguf"));
+        let model = Llama::open(&path, Shard::SINGLE).unwrap();
+        let pool = Pool::new(2).unwrap();
+
+        // Each sequence alone: prefill its prompt, then 4 greedy decode steps.
+        let mut want = Vec::new();
+        for p in PROMPTS {
+            let mut cache = model.new_cache(1 << 20).unwrap();
+            let mut steps = vec![
+                model
+                    .forward(&pool, &Identity, &mut cache, p, Logits::Last)
+                    .unwrap(),
+            ];
+            for _ in 0..4 {
+                let next = argmax(steps.last().unwrap());
+                steps.push(
+                    model
+                        .forward(&pool, &Identity, &mut cache, &[next], Logits::Last)
+                        .unwrap(),
+                );
+            }
+            want.push(steps);
+        }
+
+        // Batched, with sequences at different positions in every step: sequence 0 prefills
+        // in step 0, sequence 1 in two chunks (steps 0 and 1), sequence 2 joins in step 2.
+        let mut caches: Vec<_> = (0..3).map(|_| model.new_cache(1 << 20).unwrap()).collect();
+        let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 3];
+        let mut fed = [0usize; 3]; // prompt tokens fed
+        let coll = Counting::default();
+        for step in 0..7 {
+            let mut rows: Vec<(usize, Vec<u32>)> = Vec::new();
+            for s in 0..3 {
+                let p = PROMPTS[s];
+                if s == 2 && step < 2 || got[s].len() == 5 {
+                    continue;
+                }
+                if fed[s] < p.len() {
+                    let n = if s == 1 && fed[s] == 0 {
+                        3
+                    } else {
+                        p.len() - fed[s]
+                    };
+                    rows.push((s, p[fed[s]..fed[s] + n].to_vec()));
+                    fed[s] += n;
+                } else {
+                    rows.push((s, vec![argmax(got[s].last().unwrap())]));
+                }
+            }
+            if rows.is_empty() {
+                break;
+            }
+            let lens: Vec<usize> = rows.iter().map(|(_, t)| t.len()).collect();
+            let tokens: Vec<u32> = rows.iter().flat_map(|(_, t)| t.clone()).collect();
+            let mut refs: Vec<&mut _> = caches
+                .iter_mut()
+                .enumerate()
+                .filter(|(s, _)| rows.iter().any(|(r, _)| r == s))
+                .map(|(_, c)| c)
+                .collect();
+            let before = coll.0.load(std::sync::atomic::Ordering::SeqCst);
+            let out = model
+                .forward_batch(
+                    &pool,
+                    &coll,
+                    &mut refs,
+                    &lens,
+                    Input::Tokens(&tokens),
+                    Output::Logits(Logits::Last),
+                )
+                .unwrap();
+            assert_eq!(
+                coll.0.load(std::sync::atomic::Ordering::SeqCst) - before,
+                2 * LAYERS,
+                "one all-reduce per layer half for the whole batch"
+            );
+            assert_eq!(out.len(), rows.len() * VOCAB);
+            for ((s, _), l) in rows.iter().zip(out.chunks_exact(VOCAB)) {
+                // A chunk that does not finish the prompt gives logits nobody samples.
+                if fed[*s] == PROMPTS[*s].len() {
+                    got[*s].push(l.to_vec());
+                }
+            }
+        }
+        assert_eq!(
+            got, want,
+            "{ty}: batched logits equal each sequence's alone"
+        );
+
+        // Every token's logits and hidden states come back in row order too.
+        let mut alone = model.new_cache(1 << 20).unwrap();
+        let all0 = model
+            .forward(&pool, &Identity, &mut alone, PROMPTS[1], Logits::All)
+            .unwrap();
+        let (mut c0, mut c1) = (
+            model.new_cache(1 << 20).unwrap(),
+            model.new_cache(1 << 20).unwrap(),
+        );
+        let tokens: Vec<u32> = PROMPTS[1].iter().chain(PROMPTS[0]).copied().collect();
+        let all = model
+            .forward_batch(
+                &pool,
+                &Identity,
+                &mut [&mut c0, &mut c1],
+                &[PROMPTS[1].len(), PROMPTS[0].len()],
+                Input::Tokens(&tokens),
+                Output::Logits(Logits::All),
+            )
+            .unwrap();
+        assert_eq!(all.len(), tokens.len() * VOCAB);
+        assert_eq!(&all[..all0.len()], &all0[..]);
+    }
+}
+
+#[test]
+fn a_failed_batched_forward_changes_no_cache() {
+    let (w, _) = build(GgmlType::F32, 13, None, None);
+    let path = write(&w, "batch-fail.gguf");
+    let model = Llama::open(&path, Shard::SINGLE).unwrap();
+    let pool = Pool::new(1).unwrap();
+    let per_token = model.kv_bytes_per_token();
+    let mut roomy = model.new_cache(1 << 20).unwrap();
+    let mut small = model.new_cache(3 * per_token).unwrap();
+    model
+        .forward(&pool, &Identity, &mut small, &[1, 2], Logits::Last)
+        .unwrap();
+    let run = |caches: &mut [&mut tessera_worker::model::kv_cache::KvCache],
+               lens: &[usize],
+               tokens: &[u32]| {
+        model
+            .forward_batch(
+                &pool,
+                &Identity,
+                caches,
+                lens,
+                Input::Tokens(tokens),
+                Output::Logits(Logits::Last),
+            )
+            .unwrap_err()
+    };
+    // The second sequence's cache has room for one more token, not two.
+    let e = run(&mut [&mut roomy, &mut small], &[1, 2], &[4, 5, 6]);
+    assert!(format!("{e:#}").contains("KV cache full"), "{e:#}");
+    // A token outside the vocabulary fails in the middle of the pass: everything rolls back.
+    let e = run(
+        &mut [&mut roomy, &mut small],
+        &[2, 1],
+        &[4, 5, VOCAB as u32],
+    );
+    assert!(format!("{e:#}").contains("outside the vocabulary"), "{e:#}");
+    let e = run(&mut [&mut roomy, &mut small], &[2, 2], &[4, 5, 6]);
+    assert!(format!("{e:#}").contains("does not split"), "{e:#}");
+    let e = run(&mut [&mut roomy, &mut small], &[3, 0], &[4, 5, 6]);
+    assert!(format!("{e:#}").contains("no tokens"), "{e:#}");
+    assert_eq!((roomy.len(), small.len()), (0, 2));
+    // The runner refuses a sequence twice in one step.
+    let mut runner = Runner::new(
+        tiny_engine(&path, Box::new(Identity), Stage::WHOLE),
+        1 << 20,
+        None,
+    );
+    let e = runner
+        .run(&Step::ForwardBatch {
+            seqs: vec![(1, vec![1]), (1, vec![2])],
+        })
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("appears twice"), "{e:#}");
+}
+
+/// Three sequences through `Step::ForwardBatch` (prompts of different lengths in one step, then
+/// 5 batched greedy decode steps); the leader's logits per step and the tokens.
+fn batched_greedy(runner: &mut Runner) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let (mut all, mut out) = (Vec::new(), Vec::new());
+    let mut seqs: Vec<(u64, Vec<u32>)> = PROMPTS
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (10 + i as u64, p.to_vec()))
+        .collect();
+    for _ in 0..6 {
+        let logits = runner
+            .run(&Step::ForwardBatch { seqs: seqs.clone() })
+            .unwrap()
+            .expect("the leader gets logits");
+        assert_eq!(logits.len(), 3 * VOCAB);
+        for ((_, tokens), l) in seqs.iter_mut().zip(logits.chunks_exact(VOCAB)) {
+            let next = argmax(l);
+            out.push(next);
+            *tokens = vec![next];
+        }
+        all.push(logits);
+    }
+    for (seq, _) in seqs {
+        runner.run(&Step::Release { seq }).unwrap();
+    }
+    (all, out)
+}
+
+#[test]
+fn batched_steps_over_tp_and_pp_match_one_rank() {
+    for (ty, tol) in PP_TOL {
+        let (w, _) = build(ty, 17, None, None);
+        let path = write(&w, &format!("batch-pp-{ty}.gguf"));
+        let mut single = Runner::new(
+            tiny_engine(&path, Box::new(Identity), Stage::WHOLE),
+            1 << 20,
+            None,
+        );
+        let (want, want_tokens) = batched_greedy(&mut single);
+        assert_eq!(single.live(), 0);
+        // One rank, batched, against each sequence's own `Step::Forward`s: bit for bit.
+        for (s, p) in PROMPTS.iter().enumerate() {
+            let mut step = p.to_vec();
+            for (i, l) in want.iter().enumerate() {
+                let logits = single
+                    .run(&Step::Forward {
+                        seq: 1,
+                        tokens: step,
+                    })
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(
+                    logits,
+                    l[s * VOCAB..(s + 1) * VOCAB],
+                    "{ty}: seq {s} step {i}"
+                );
+                step = vec![want_tokens[i * 3 + s]];
+            }
+            single.run(&Step::Release { seq: 1 }).unwrap();
+        }
+        let (pp2, pp2_tokens) = run_layout_with(&path, 1, 2, batched_greedy);
+        assert_eq!(pp2, want, "{ty} PP=2: bit-identical batched logits");
+        assert_eq!(pp2_tokens, want_tokens);
+        let scale = want.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        for (tp, pp) in [(2, 1), (2, 2)] {
+            let (got, tokens) = run_layout_with(&path, tp, pp, batched_greedy);
+            assert_eq!(tokens, want_tokens, "{ty} TP={tp} x PP={pp}: greedy tokens");
+            let err = want
+                .iter()
+                .flatten()
+                .zip(got.iter().flatten())
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+                / scale;
+            eprintln!("{ty} TP={tp} x PP={pp} batched: max error {err:.2e} of the largest logit");
+            assert!(err < tol, "{ty} TP={tp} x PP={pp}: relative error {err}");
+        }
     }
 }

@@ -158,11 +158,12 @@ pub fn follow(runner: &mut Runner, source: &mut dyn StepSource) -> anyhow::Resul
             if is_group_error(&e) {
                 return Err(e);
             }
-            let seq = match &step {
-                Step::Forward { seq, .. } | Step::Release { seq } => *seq,
+            let seqs: Vec<u64> = match &step {
+                Step::Forward { seq, .. } | Step::Release { seq } => vec![*seq],
+                Step::ForwardBatch { seqs } => seqs.iter().map(|(s, _)| *s).collect(),
             };
             tracing::warn!(
-                seq,
+                ?seqs,
                 "a step failed on this rank (the leader's fails alike): {e:#}"
             );
         }

@@ -10,7 +10,9 @@ use std::net::TcpStream;
 use serde::{Deserialize, Serialize};
 
 /// Protocol name and version carried in every hello; a peer speaking anything else is refused.
-pub const MAGIC: &str = "tessera-group/1";
+/// Version 2 added the batched forward step (`Step::ForwardBatch`), which a version-1 rank
+/// cannot decode; every other frame is unchanged.
+pub const MAGIC: &str = "tessera-group/2";
 
 /// Largest frame accepted (a step carries at most a prompt's tokens).
 pub const MAX_FRAME: usize = 64 << 20;

@@ -8,12 +8,11 @@ pub mod sampling;
 pub mod scheduler;
 
 use std::path::Path;
-use std::sync::Arc;
 
 use crate::kernels::Pool;
-use crate::model::MappedGguf;
 use crate::model::llama::Llama;
 use crate::model::parallel::{Collective, Identity, Shard, Stage};
+use crate::model::source;
 use crate::tokenizer::Tokenizer;
 
 pub use generate::{FinishReason, GenerateParams, Generation, Usage};
@@ -28,12 +27,12 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Load a GGUF model on one rank (`threads` CPU threads, 0 = all).
+    /// Load a model (a GGUF file or a safetensors model directory or file) on one rank (`threads` CPU threads, 0 = all).
     pub fn open(path: &Path, threads: usize) -> anyhow::Result<Self> {
         Self::open_shard(path, threads, Box::new(Identity))
     }
 
-    /// Load this rank's tensor-parallel shard of a GGUF model; the shard (rank and world size)
+    /// Load this rank's tensor-parallel shard of a model (GGUF or safetensors); the shard (rank and world size)
     /// comes from the collective that joins the group.
     pub fn open_shard(
         path: &Path,
@@ -51,10 +50,10 @@ impl Engine {
         collective: Box<dyn Collective>,
         stage: Stage,
     ) -> anyhow::Result<Self> {
-        let file = Arc::new(MappedGguf::open(path)?);
-        let tokenizer = Tokenizer::from_gguf(&file.gguf)?;
+        let src = source::open(path)?;
+        let tokenizer = Tokenizer::from_gguf(&src.metadata().gguf)?;
         let shard = Shard::new(collective.rank(), collective.world())?;
-        let model = Llama::load_stage(file, shard, stage)?;
+        let model = Llama::load_from(src.as_ref(), shard, stage)?;
         Ok(Self {
             model,
             tokenizer,

@@ -31,6 +31,13 @@ pub enum Step {
     /// Append `tokens` to sequence `seq` (a new sequence starts with its prompt) and compute the
     /// last token's logits.
     Forward { seq: SeqId, tokens: Vec<u32> },
+    /// Append `tokens` to each sequence `seq` in one forward pass (batched decode: one token for
+    /// every running sequence, plus prefill chunks) and compute every sequence's last token's
+    /// logits, `[seqs.len(), vocab]` in this order. The linear layers multiply the rows of all
+    /// sequences at once (one all-reduce per layer half for the batch, one hidden-state
+    /// transfer per pipeline stage); attention runs per sequence. A sequence appears at most
+    /// once. Added in group protocol version 2 (`tessera-group/2`).
+    ForwardBatch { seqs: Vec<(SeqId, Vec<u32>)> },
     /// Forget sequence `seq` and free its KV cache.
     Release { seq: SeqId },
 }
@@ -96,64 +103,104 @@ impl Runner {
 
     /// Execute a step on this rank only (followers call this with each step received).
     /// Returns the last token's logits for a forward step on the ranks that have them: every
-    /// rank of a single stage, the global leader of a pipeline.
+    /// rank of a single stage, the global leader of a pipeline (`[vocab]` for
+    /// [`Step::Forward`], `[sequences, vocab]` for [`Step::ForwardBatch`]).
     pub fn execute(&mut self, step: &Step) -> anyhow::Result<Option<Vec<f32>>> {
         match step {
-            Step::Forward { seq, tokens } => {
-                let model = &self.engine.model;
-                let cache = match self.caches.entry(*seq) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(model.new_cache(self.kv_budget_bytes)?)
-                    }
-                };
-                let Some(pipe) = self.pipe.as_mut().filter(|_| model.stage.count > 1) else {
-                    let logits = model.forward(
-                        &self.engine.pool,
-                        self.engine.collective.as_ref(),
-                        cache,
-                        tokens,
-                        Logits::Last,
-                    )?;
-                    return Ok(Some(logits));
-                };
-                // Fail alike on every rank before anything moves.
-                let c = &model.config;
-                anyhow::ensure!(!tokens.is_empty(), "forward pass over no tokens");
-                if let Some(t) = tokens.iter().find(|t| **t as usize >= c.vocab) {
-                    anyhow::bail!("token id {t} is outside the vocabulary of {}", c.vocab);
-                }
-                cache.check_room(tokens.len())?;
-                let (stage, tp_rank) = (model.stage, self.engine.collective.rank());
-                let received;
-                let input = if stage.is_first() {
-                    Input::Tokens(tokens)
-                } else {
-                    received = pipe.recv_hidden(tokens.len() * c.hidden)?;
-                    Input::Hidden(&received)
-                };
-                let (pool, coll) = (&self.engine.pool, self.engine.collective.as_ref());
-                if !stage.is_last() {
-                    let x = model.forward_from(pool, coll, cache, input, Output::Hidden)?;
-                    pipe.send_hidden(&x)?;
-                } else if tp_rank == 0 {
-                    let out = Output::Logits(Logits::Last);
-                    let logits = model.forward_from(pool, coll, cache, input, out)?;
-                    pipe.send_logits(&logits)?;
-                } else {
-                    // The other ranks of the last stage take part in its all-reduces only.
-                    model.forward_from(pool, coll, cache, input, Output::Hidden)?;
-                }
-                if stage.is_first() && tp_rank == 0 {
-                    return Ok(Some(pipe.recv_logits(c.vocab)?));
-                }
-                Ok(None)
+            Step::Forward { seq, tokens } => self.forward(&[(*seq, tokens)]),
+            Step::ForwardBatch { seqs } => {
+                let seqs: Vec<(SeqId, &[u32])> =
+                    seqs.iter().map(|(s, t)| (*s, t.as_slice())).collect();
+                self.forward(&seqs)
             }
             Step::Release { seq } => {
                 self.caches.remove(seq);
                 Ok(None)
             }
         }
+    }
+
+    /// One forward pass over `seqs` (one or more sequences); the caches are taken out of the
+    /// map for the pass and put back whatever happens (a new sequence keeps its empty cache
+    /// until released, as with a failed first step).
+    fn forward(&mut self, seqs: &[(SeqId, &[u32])]) -> anyhow::Result<Option<Vec<f32>>> {
+        anyhow::ensure!(!seqs.is_empty(), "a forward step over no sequence");
+        for (i, (seq, _)) in seqs.iter().enumerate() {
+            anyhow::ensure!(
+                !seqs[..i].iter().any(|(s, _)| s == seq),
+                "sequence {seq} appears twice in one batched step"
+            );
+        }
+        let mut caches = Vec::with_capacity(seqs.len());
+        for (seq, _) in seqs {
+            let cache = match self.caches.remove(seq) {
+                Some(c) => Ok(c),
+                None => self.engine.model.new_cache(self.kv_budget_bytes),
+            };
+            match cache {
+                Ok(c) => caches.push((*seq, c)),
+                Err(e) => {
+                    self.caches.extend(caches);
+                    return Err(e);
+                }
+            }
+        }
+        let result = self.forward_caches(&mut caches, seqs);
+        self.caches.extend(caches);
+        result
+    }
+
+    fn forward_caches(
+        &mut self,
+        caches: &mut [(SeqId, KvCache)],
+        seqs: &[(SeqId, &[u32])],
+    ) -> anyhow::Result<Option<Vec<f32>>> {
+        let model = &self.engine.model;
+        let (pool, coll) = (&self.engine.pool, self.engine.collective.as_ref());
+        let lens: Vec<usize> = seqs.iter().map(|(_, t)| t.len()).collect();
+        let tokens: Vec<u32> = match seqs {
+            [(_, t)] => t.to_vec(),
+            _ => seqs.iter().flat_map(|(_, t)| t.iter().copied()).collect(),
+        };
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().map(|(_, c)| c).collect();
+        let Some(pipe) = self.pipe.as_mut().filter(|_| model.stage.count > 1) else {
+            let out = Output::Logits(Logits::Last);
+            let logits =
+                model.forward_batch(pool, coll, &mut refs, &lens, Input::Tokens(&tokens), out)?;
+            return Ok(Some(logits));
+        };
+        // Fail alike on every rank before anything moves.
+        let c = &model.config;
+        anyhow::ensure!(!lens.contains(&0), "forward pass over no tokens");
+        if let Some(t) = tokens.iter().find(|t| **t as usize >= c.vocab) {
+            anyhow::bail!("token id {t} is outside the vocabulary of {}", c.vocab);
+        }
+        for (cache, &len) in refs.iter().zip(&lens) {
+            cache.check_room(len)?;
+        }
+        let (stage, tp_rank) = (model.stage, coll.rank());
+        let received;
+        let input = if stage.is_first() {
+            Input::Tokens(&tokens)
+        } else {
+            received = pipe.recv_hidden(tokens.len() * c.hidden)?;
+            Input::Hidden(&received)
+        };
+        if !stage.is_last() {
+            let x = model.forward_batch(pool, coll, &mut refs, &lens, input, Output::Hidden)?;
+            pipe.send_hidden(&x)?;
+        } else if tp_rank == 0 {
+            let out = Output::Logits(Logits::Last);
+            let logits = model.forward_batch(pool, coll, &mut refs, &lens, input, out)?;
+            pipe.send_logits(&logits)?;
+        } else {
+            // The other ranks of the last stage take part in its all-reduces only.
+            model.forward_batch(pool, coll, &mut refs, &lens, input, Output::Hidden)?;
+        }
+        if stage.is_first() && tp_rank == 0 {
+            return Ok(Some(pipe.recv_logits(seqs.len() * c.vocab)?));
+        }
+        Ok(None)
     }
 
     /// Tokens held by sequence `seq`'s cache (0 when unknown).

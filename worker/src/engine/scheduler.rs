@@ -9,13 +9,17 @@
 //! 2. admits waiting requests in arrival order while fewer than `max_running` run and the
 //!    KV-cache budget holds the new sequence's reservation (prompt plus `max_tokens`, at most
 //!    the per-sequence capacity);
-//! 3. prefills new sequences, at most `prefill_chunk` prompt tokens in all per iteration (a long
-//!    prompt takes several iterations, so running sequences keep decoding in between);
-//! 4. runs one decode step for every running sequence that has a sampled token to feed.
+//! 3. runs one batched forward step (`Step::ForwardBatch`) that carries the next prefill chunks
+//!    of new sequences, at most `prefill_chunk` prompt tokens in all (a long prompt takes
+//!    several iterations, so running sequences keep decoding in between), and one decode token
+//!    for every running sequence that has a sampled token to feed. Its linear layers read the
+//!    weights once for all of them, which is where aggregate throughput under concurrency
+//!    comes from (decode is memory-bound); attention runs per sequence. A step of a single
+//!    sequence is a plain `Step::Forward`.
 //!
-//! Every forward pass goes through [`Runner::run`] (`Step::Forward`), so the followers of a
-//! tensor-parallel group execute the same passes in the same order; a finished or cancelled
-//! sequence is released with `Step::Release`. Sampling, stop tokens, stop sequences,
+//! Every forward pass goes through [`Runner::run`], so the followers of a tensor-parallel group
+//! execute the same passes in the same order; a finished or cancelled sequence is released with
+//! `Step::Release`. Sampling, stop tokens, stop sequences,
 //! `max_tokens` and streaming follow [`Engine::generate`](super::Engine::generate) exactly, so
 //! a greedy request gives the same tokens through either.
 //!
@@ -568,49 +572,94 @@ impl Worker {
             }
         }
         self.reap()?;
-        // Prefill, at most `prefill_chunk` prompt tokens in all.
+        // One batched step: the prefill chunks (at most `prefill_chunk` prompt tokens in all)
+        // and one decode token for every sequence that has a sampled token to feed.
         let mut budget = self.shared.cfg.prefill_chunk;
-        for i in 0..self.running.len() {
-            if budget == 0 {
-                break;
-            }
-            let s = &self.running[i];
-            if s.end.is_some() || s.prefilled == s.prompt.len() {
+        let mut batch: Vec<(usize, Vec<u32>)> = Vec::new();
+        for (i, s) in self.running.iter().enumerate() {
+            if s.end.is_some() {
                 continue;
             }
-            let n = (s.prompt.len() - s.prefilled).min(budget);
-            let tokens = s.prompt[s.prefilled..s.prefilled + n].to_vec();
-            budget -= n;
-            let Some(logits) = self.forward(i, tokens)? else {
-                continue;
-            };
-            let s = &mut self.running[i];
-            s.prefilled += n;
-            if s.prefilled == s.prompt.len() {
+            if s.prefilled < s.prompt.len() {
+                if budget == 0 {
+                    continue;
+                }
+                let n = (s.prompt.len() - s.prefilled).min(budget);
+                budget -= n;
+                batch.push((i, s.prompt[s.prefilled..s.prefilled + n].to_vec()));
+            } else if let Some(token) = s.pending {
+                batch.push((i, vec![token]));
+            }
+        }
+        let results = self.forward(&batch)?;
+        for ((i, tokens), logits) in batch.iter().zip(results) {
+            let Some(logits) = logits else { continue };
+            let s = &mut self.running[*i];
+            if s.prefilled < s.prompt.len() {
+                s.prefilled += tokens.len();
+                if s.prefilled < s.prompt.len() {
+                    continue;
+                }
                 self.shared
                     .metrics
                     .prompt_tokens
                     .inc_by(s.prompt.len() as u64);
-                self.sample(i, &logits);
             }
-        }
-        // One decode step for every sequence with a token to feed.
-        for i in 0..self.running.len() {
-            let s = &self.running[i];
-            if s.end.is_some() {
-                continue;
-            }
-            let Some(token) = s.pending else { continue };
-            if let Some(logits) = self.forward(i, vec![token])? {
-                self.sample(i, &logits);
-            }
+            self.sample(*i, &logits);
         }
         self.reap()
     }
 
+    /// Run the forward steps of `batch` (running index, tokens): one `Step::ForwardBatch` for
+    /// several sequences, a `Step::Forward` for one. Gives each sequence's logits, or `None`
+    /// where its step failed (the sequence ends). A lost group is an error (fatal). When a
+    /// batched step fails for another reason (no cache changed on any rank), each sequence is
+    /// run alone, so that only the sequence at fault fails.
+    fn forward(&mut self, batch: &[(usize, Vec<u32>)]) -> anyhow::Result<Vec<Option<Vec<f32>>>> {
+        if let [(i, tokens)] = batch {
+            return Ok(vec![self.forward_one(*i, tokens.clone())?]);
+        }
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let seqs = batch
+            .iter()
+            .map(|(i, t)| (self.running[*i].id, t.clone()))
+            .collect();
+        let vocab = self.shared.vocab;
+        let e = match self.runner.run(&Step::ForwardBatch { seqs }) {
+            Ok(Some(logits)) if logits.len() == batch.len() * vocab => {
+                let mut out = Vec::with_capacity(batch.len());
+                for ((i, tokens), l) in batch.iter().zip(logits.chunks_exact(vocab)) {
+                    let s = &mut self.running[*i];
+                    s.len += tokens.len();
+                    s.pending = None;
+                    out.push(Some(l.to_vec()));
+                }
+                return Ok(out);
+            }
+            Ok(Some(logits)) => anyhow::anyhow!(
+                "the batched step gave {} logits for {} sequences of {vocab}",
+                logits.len(),
+                batch.len()
+            ),
+            Ok(None) => anyhow::anyhow!("the forward step gave no logits"),
+            Err(e) if crate::dist::is_group_error(&e) => return Err(e),
+            Err(e) => e,
+        };
+        tracing::warn!(
+            "a batched step of {} sequences failed ({e:#}); running them one by one",
+            batch.len()
+        );
+        batch
+            .iter()
+            .map(|(i, tokens)| self.forward_one(*i, tokens.clone()))
+            .collect()
+    }
+
     /// Run a forward step for sequence `i`. A lost group is an error (fatal); any other
     /// failure ends the sequence and gives `None`.
-    fn forward(&mut self, i: usize, tokens: Vec<u32>) -> anyhow::Result<Option<Vec<f32>>> {
+    fn forward_one(&mut self, i: usize, tokens: Vec<u32>) -> anyhow::Result<Option<Vec<f32>>> {
         let n = tokens.len();
         let seq = self.running[i].id;
         match self.runner.run(&Step::Forward { seq, tokens }) {

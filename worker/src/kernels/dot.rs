@@ -102,6 +102,25 @@ pub fn kernel(ty: GgmlType, simd: Simd) -> Kernel {
     }
 }
 
+/// A dot product of one weight row with two rows of 8-bit activations at once.
+pub type PairKernel = fn(&[u8], &[BlockQ8], &[BlockQ8]) -> (f32, f32);
+
+/// The two-row kernel for weights of type `ty` on `simd`, where there is one: it decodes each
+/// weight block once for both activation rows (batched matrix products), and gives each result
+/// bit for bit as [`kernel`] does for that row alone. `None`: use [`kernel`] per row.
+pub fn pair_kernel(ty: GgmlType, simd: Simd) -> Option<PairKernel> {
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx2 && detect() == Simd::Avx2 {
+        return match ty {
+            GgmlType::Q4_1 => Some(avx2::q4_1_pair),
+            GgmlType::Q8_0 => Some(avx2::q8_0_pair),
+            _ => None,
+        };
+    }
+    let _ = (ty, simd);
+    None
+}
+
 fn kquant_dot<const BYTES: usize>(
     ty: GgmlType,
     w: &[u8],
@@ -226,6 +245,16 @@ mod avx2 {
         // SAFETY: features detected by the caller (`kernel`); lengths checked above.
         unsafe { q4_1_impl(w, x) }
     }
+    pub fn q4_1_pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
+        assert!(w.len() >= x.len() * 20 && z.len() == x.len());
+        // SAFETY: as above.
+        unsafe { q4_1_pair_impl(w, x, z) }
+    }
+    pub fn q8_0_pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
+        assert!(w.len() >= x.len() * 34 && z.len() == x.len());
+        // SAFETY: as above.
+        unsafe { q8_0_pair_impl(w, x, z) }
+    }
     pub fn q4_0(w: &[u8], x: &[BlockQ8]) -> f32 {
         assert!(w.len() >= x.len() * 18);
         // SAFETY: as above.
@@ -339,6 +368,100 @@ mod avx2 {
         let m_term = _mm_cvtss_f32(_mm_shuffle_ps(summs, summs, 1));
         // SAFETY: features enabled on this function.
         unsafe { hsum(_mm256_add_ps(acc0, acc1)) + m_term }
+    }
+
+    /// [`q4_1_impl`] for two activation rows, each block's weights decoded once; every
+    /// operation on a row's accumulators is the single-row kernel's, in the same order.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1_pair_impl(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut b0, mut b1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut sa, mut sb) = (_mm_setzero_ps(), _mm_setzero_ps());
+        let ones = _mm256_set1_epi16(1);
+        let p = w.as_ptr();
+        let n = x.len();
+        type Acc = (__m256, __m128, __m256, __m128);
+        let one = |i: usize, (acc_a, sa, acc_b, sb): Acc| -> Acc {
+            // SAFETY: block `i < n` lies within `w`, `x` and `z` (checked by the wrapper).
+            unsafe {
+                let b = p.add(i * 20);
+                let dm = two_f16(b);
+                let bx = nibbles(b.add(4));
+                let row = |y: &BlockQ8, acc: __m256, summs: __m128| -> (__m256, __m128) {
+                    let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
+                    let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(bx, by), ones);
+                    let ys = _mm_setr_ps(y.d, y.s, 0.0, 0.0);
+                    let f = _mm_mul_ps(dm, ys);
+                    let acc = _mm256_fmadd_ps(
+                        _mm256_set1_ps(_mm_cvtss_f32(f)),
+                        _mm256_cvtepi32_ps(prod),
+                        acc,
+                    );
+                    (acc, _mm_add_ps(summs, f))
+                };
+                let (acc_a, sa) = row(x.get_unchecked(i), acc_a, sa);
+                let (acc_b, sb) = row(z.get_unchecked(i), acc_b, sb);
+                (acc_a, sa, acc_b, sb)
+            }
+        };
+        let mut i = 0;
+        while i + 1 < n {
+            (a0, sa, b0, sb) = one(i, (a0, sa, b0, sb));
+            (a1, sa, b1, sb) = one(i + 1, (a1, sa, b1, sb));
+            i += 2;
+        }
+        if i < n {
+            (a0, sa, b0, sb) = one(i, (a0, sa, b0, sb));
+        }
+        let ma = _mm_cvtss_f32(_mm_shuffle_ps(sa, sa, 1));
+        let mb = _mm_cvtss_f32(_mm_shuffle_ps(sb, sb, 1));
+        // SAFETY: features enabled on this function.
+        unsafe {
+            (
+                hsum(_mm256_add_ps(a0, a1)) + ma,
+                hsum(_mm256_add_ps(b0, b1)) + mb,
+            )
+        }
+    }
+
+    /// [`q8_0_impl`] for two activation rows (as [`q4_1_pair_impl`]).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_pair_impl(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut b0, mut b1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let p = w.as_ptr();
+        let one = |i: usize, acc_a: __m256, acc_b: __m256| -> (__m256, __m256) {
+            // SAFETY: block `i` lies within `w`, `x` and `z` (checked by the wrapper).
+            unsafe {
+                let b = p.add(i * 34);
+                let d = _mm_cvtss_f32(two_f16(b));
+                let bx = _mm256_loadu_si256(b.add(2).cast());
+                let row = |y: &BlockQ8, acc: __m256| -> __m256 {
+                    let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
+                    _mm256_fmadd_ps(
+                        _mm256_set1_ps(d * y.d),
+                        _mm256_cvtepi32_ps(dot_i8(bx, by)),
+                        acc,
+                    )
+                };
+                (
+                    row(x.get_unchecked(i), acc_a),
+                    row(z.get_unchecked(i), acc_b),
+                )
+            }
+        };
+        let n = x.len();
+        let mut i = 0;
+        while i + 1 < n {
+            (a0, b0) = one(i, a0, b0);
+            (a1, b1) = one(i + 1, a1, b1);
+            i += 2;
+        }
+        if i < n {
+            (a0, b0) = one(i, a0, b0);
+        }
+        // SAFETY: features enabled on this function.
+        unsafe { (hsum(_mm256_add_ps(a0, a1)), hsum(_mm256_add_ps(b0, b1))) }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

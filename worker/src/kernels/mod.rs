@@ -263,6 +263,11 @@ pub fn matmul_multi(pool: &Pool, ws: &[&QMatrix], x: &[f32], b: usize, outs: &mu
     };
     let nb = cols / QK;
     let kernels: Vec<dot::Kernel> = ws.iter().map(|w| dot::kernel(w.ty, pool.simd)).collect();
+    // Two activation rows per weight row at once where a kernel for it exists (bit-identical).
+    let pairs: Vec<Option<dot::PairKernel>> = ws
+        .iter()
+        .map(|w| dot::pair_kernel(w.ty, pool.simd))
+        .collect();
     let ptrs: Vec<SendPtr> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
 
     // Split the rows of all matrices into tasks of similar size.
@@ -286,7 +291,20 @@ pub fn matmul_multi(pool: &Pool, ws: &[&QMatrix], x: &[f32], b: usize, outs: &mu
         let out = ptrs[m].get();
         for r in r0..r1 {
             let row = w.row(r);
-            for t in 0..b {
+            let mut t0 = 0;
+            if let Some(f) = pairs[m] {
+                while t0 + 1 < b {
+                    let q = &q8[t0 * nb..(t0 + 2) * nb];
+                    let (v0, v1) = f(row, &q[..nb], &q[nb..]);
+                    // SAFETY: as below.
+                    unsafe {
+                        *out.add(t0 * w.rows + r) = v0;
+                        *out.add((t0 + 1) * w.rows + r) = v1;
+                    }
+                    t0 += 2;
+                }
+            }
+            for t in t0..b {
                 let v = match kernels[m] {
                     dot::Kernel::Q8(f) => f(row, &q8[t * nb..(t + 1) * nb]),
                     dot::Kernel::F32(f) => f(row, &x[t * cols..(t + 1) * cols]),

@@ -14,7 +14,8 @@
 //!
 //! RoPE: llama.cpp's converter permutes the Q and K rows of Hugging Face checkpoints so that
 //! ggml's normal RoPE (rotating elements `2i` and `2i + 1`) applies; this module uses the same
-//! convention, so GGUF weights are used as stored.
+//! convention, so GGUF weights are used as stored. Hugging Face safetensors weights are loaded
+//! through the same code (a [`TensorSource`]); their Q and K rows are reordered at load.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -22,10 +23,11 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 
 use super::MappedGguf;
-use super::gguf::{Gguf, TensorInfo, Value};
+use super::gguf::{Gguf, Value};
 use super::kv_cache::KvCache;
 use super::parallel::{Collective, Shard, Stage};
-use crate::kernels::{self, Bytes, Pool, QMatrix, SendPtr, dot};
+use super::source::{self, GgufSource, QkLayout, TensorSource, interleave_qk};
+use crate::kernels::{self, Pool, QMatrix, SendPtr, dot};
 
 /// Hyper-parameters from the GGUF metadata (`llama.*`).
 #[derive(Clone, Debug, PartialEq)]
@@ -264,61 +266,80 @@ pub enum Output {
 }
 
 struct Loader<'a> {
-    file: &'a Arc<MappedGguf>,
+    src: &'a dyn TensorSource,
 }
 
 impl Loader<'_> {
-    fn info(&self, name: &str) -> anyhow::Result<&TensorInfo> {
-        let g = &self.file.gguf;
-        g.tensor(name)
-            .with_context(|| format!("{}: tensor {name} is missing", g.path.display()))
-    }
-
     /// A matrix `[rows, cols]` (GGUF dims `[cols, rows]`).
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> anyhow::Result<QMatrix> {
-        let t = self.info(name)?;
-        let path = self.file.gguf.path.display();
-        if t.dims != [cols as u64, rows as u64] {
+        let t = self.src.tensor(name)?;
+        let path = t.file.display();
+        let want = [cols as u64, rows as u64];
+        if t.dims != want {
             bail!(
-                "{path}: tensor {name} has shape {:?}, expected [{cols}, {rows}]",
-                t.dims
+                "{path}: tensor {} has shape {}, expected {}",
+                t.name,
+                t.shape_text(&t.dims),
+                t.shape_text(&want)
             );
         }
-        let data = Bytes::Mapped {
-            file: Arc::clone(self.file),
-            start: t.offset as usize,
-            len: t.size as usize,
-        };
-        QMatrix::new(t.ggml_type, rows, cols, data)
-            .map_err(|e| anyhow::anyhow!("{path}: tensor {name}: {e}"))
+        QMatrix::new(t.ty, rows, cols, t.data)
+            .map_err(|e| anyhow::anyhow!("{path}: tensor {}: {e}", t.name))
+    }
+
+    /// A Q or K projection's rows `rows` (whole heads), in the order RoPE expects.
+    fn qk(
+        &self,
+        name: &str,
+        shape: (usize, usize),
+        rows: std::ops::Range<usize>,
+        head_dim: usize,
+    ) -> anyhow::Result<QMatrix> {
+        let m = self.matrix(name, shape.0, shape.1)?.slice_rows(rows);
+        match self.src.qk_layout() {
+            QkLayout::Interleaved => Ok(m),
+            QkLayout::HalfSplit => interleave_qk(&m, head_dim).map_err(|e| {
+                let t = self.src.tensor(name).map(|t| (t.file, t.name));
+                let (file, tensor) = t.unwrap_or_default();
+                anyhow::anyhow!("{}: tensor {tensor}: {e}", file.display())
+            }),
+        }
     }
 
     fn vector(&self, name: &str, n: usize) -> anyhow::Result<Vec<f32>> {
-        let t = self.info(name)?;
-        let path = self.file.gguf.path.display();
+        let t = self.src.tensor(name)?;
+        let path = t.file.display();
         if t.dims != [n as u64] {
             bail!(
-                "{path}: tensor {name} has shape {:?}, expected [{n}]",
-                t.dims
+                "{path}: tensor {} has shape {}, expected [{n}]",
+                t.name,
+                t.shape_text(&t.dims)
             );
         }
-        if !kernels::quant::supported(t.ggml_type) {
-            bail!(
-                "{path}: tensor {name}: type {} is not supported",
-                t.ggml_type
-            );
+        if !kernels::quant::supported(t.ty) {
+            bail!("{path}: tensor {}: type {} is not supported", t.name, t.ty);
+        }
+        let bytes = t.data.as_slice();
+        match t.ty.row_bytes(n as u64) {
+            Some(len) if len as usize == bytes.len() => {}
+            _ => bail!(
+                "{path}: tensor {}: {} bytes for {n} values of {}",
+                t.name,
+                bytes.len(),
+                t.ty
+            ),
         }
         let mut out = vec![0f32; n];
-        kernels::quant::dequantize_row(t.ggml_type, self.file.tensor_bytes(t), &mut out);
+        kernels::quant::dequantize_row(t.ty, bytes, &mut out);
         Ok(out)
     }
 }
 
 impl Llama {
-    /// Open a GGUF file and load this rank's shard.
+    /// Open a model (a GGUF file or a safetensors model, see [`source::open`]) and load this
+    /// rank's shard.
     pub fn open(path: &Path, shard: Shard) -> anyhow::Result<Self> {
-        let file = Arc::new(MappedGguf::open(path)?);
-        Self::load(file, shard)
+        Self::load_from(source::open(path)?.as_ref(), shard, Stage::WHOLE)
     }
 
     /// Load this rank's shard from a mapped GGUF file. Errors name the file and the tensor.
@@ -329,6 +350,13 @@ impl Llama {
     /// Load this rank's shard of one pipeline stage's layers (see [`Stage`]); nothing of the
     /// other stages' layers is touched.
     pub fn load_stage(file: Arc<MappedGguf>, shard: Shard, stage: Stage) -> anyhow::Result<Self> {
+        Self::load_from(&GgufSource(file), shard, stage)
+    }
+
+    /// Load this rank's shard of one pipeline stage from any [`TensorSource`] (GGUF or
+    /// safetensors). Errors name the file and the tensor.
+    pub fn load_from(src: &dyn TensorSource, shard: Shard, stage: Stage) -> anyhow::Result<Self> {
+        let file = Arc::clone(src.metadata());
         let config = LlamaConfig::from_gguf(&file.gguf)?;
         config
             .check_shard(shard)
@@ -340,7 +368,7 @@ impl Llama {
         let local = LocalDims::new(&config, shard);
         let c = &config;
         let hd = c.head_dim;
-        let ld = Loader { file: &file };
+        let ld = Loader { src };
         let path = file.gguf.path.display().to_string();
         let q_rows = local.q_head0 * hd..(local.q_head0 + local.q_heads) * hd;
         let kv_rows = local.kv_head0 * hd..(local.kv_head0 + local.kv_heads) * hd;
@@ -355,12 +383,13 @@ impl Llama {
             };
             layers.push(Layer {
                 attn_norm: ld.vector(&n("attn_norm"), c.hidden)?,
-                wq: ld
-                    .matrix(&n("attn_q"), c.n_heads * hd, c.hidden)?
-                    .slice_rows(q_rows.clone()),
-                wk: ld
-                    .matrix(&n("attn_k"), c.n_kv_heads * hd, c.hidden)?
-                    .slice_rows(kv_rows.clone()),
+                wq: ld.qk(&n("attn_q"), (c.n_heads * hd, c.hidden), q_rows.clone(), hd)?,
+                wk: ld.qk(
+                    &n("attn_k"),
+                    (c.n_kv_heads * hd, c.hidden),
+                    kv_rows.clone(),
+                    hd,
+                )?,
                 wv: ld
                     .matrix(&n("attn_v"), c.n_kv_heads * hd, c.hidden)?
                     .slice_rows(kv_rows.clone()),
@@ -383,7 +412,7 @@ impl Llama {
                 )?,
             });
         }
-        let tied = file.gguf.tensor("output.weight").is_none();
+        let tied = !src.has("output.weight");
         let embed_matrix = if stage.is_first() || (stage.is_last() && tied) {
             Some(ld.matrix("token_embd.weight", c.vocab, c.hidden)?)
         } else {
@@ -496,6 +525,33 @@ impl Llama {
         input: Input<'_>,
         output: Output,
     ) -> anyhow::Result<Vec<f32>> {
+        let n = match input {
+            Input::Tokens(t) => t.len(),
+            Input::Hidden(x) => x.len() / self.config.hidden.max(1),
+        };
+        self.forward_batch(pool, coll, &mut [cache], &[n], input, output)
+    }
+
+    /// One forward pass over several sequences at once (batched decode): sequence `s` owns
+    /// `lens[s]` consecutive rows of `input` (tokens or hidden states, in sequence order) and
+    /// appends them to `caches[s]`. The linear layers (Q/K/V, attention output, gate/up, down,
+    /// LM head) multiply all rows of all sequences as one matrix, so the weights are read once
+    /// per step rather than once per sequence; RoPE and attention run per sequence against its
+    /// own cache; with tensor parallelism there is one all-reduce per layer half for the whole
+    /// batch. Every row is computed exactly as in a pass of its sequence alone.
+    ///
+    /// Returns `[sequences, vocab]` for [`Logits::Last`] (each sequence's last token),
+    /// `[rows, vocab]` for [`Logits::All`] and `[rows, hidden]` for [`Output::Hidden`]. On error
+    /// no cache changes.
+    pub fn forward_batch(
+        &self,
+        pool: &Pool,
+        coll: &dyn Collective,
+        caches: &mut [&mut KvCache],
+        lens: &[usize],
+        input: Input<'_>,
+        output: Output,
+    ) -> anyhow::Result<Vec<f32>> {
         let h = self.config.hidden;
         let n = match input {
             Input::Tokens(t) if self.embed.is_none() => bail!(
@@ -520,30 +576,45 @@ impl Llama {
                 self.stage.count
             );
         }
-        if n == 0 {
+        if n == 0 || lens.contains(&0) {
             bail!("forward pass over no tokens");
         }
-        cache.check_room(n)?;
-        if cache.kv_dim() != self.kv_dim() || cache.layers.len() != self.layers.len() {
-            bail!("the KV cache was made for another model");
+        if caches.len() != lens.len() || lens.iter().sum::<usize>() != n {
+            bail!(
+                "a batch of {} rows does not split into {} sequences of {lens:?} rows",
+                n,
+                caches.len()
+            );
         }
-        match self.forward_inner(pool, coll, cache, input, n, output) {
+        for (cache, &len) in caches.iter().zip(lens) {
+            cache.check_room(len)?;
+            if cache.kv_dim() != self.kv_dim() || cache.layers.len() != self.layers.len() {
+                bail!("the KV cache was made for another model");
+            }
+        }
+        match self.forward_inner(pool, coll, caches, lens, input, n, output) {
             Ok(l) => {
-                cache.commit(n);
+                for (cache, &len) in caches.iter_mut().zip(lens) {
+                    cache.commit(len);
+                }
                 Ok(l)
             }
             Err(e) => {
-                cache.rollback();
+                for cache in caches.iter_mut() {
+                    cache.rollback();
+                }
                 Err(e)
             }
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn forward_inner(
         &self,
         pool: &Pool,
         coll: &dyn Collective,
-        cache: &mut KvCache,
+        caches: &mut [&mut KvCache],
+        lens: &[usize],
         input: Input<'_>,
         b: usize,
         output: Output,
@@ -551,9 +622,19 @@ impl Llama {
         let c = &self.config;
         let h = c.hidden;
         let hd = c.head_dim;
-        let start = cache.len();
         let (qd, kvd) = (self.local.q_heads * hd, self.kv_dim());
         let fd = self.local.ffn.len();
+        // Sequence `s` owns rows `offs[s]..offs[s + 1]`, at positions from `starts[s]`.
+        let starts: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let mut offs = Vec::with_capacity(lens.len() + 1);
+        offs.push(0);
+        for &len in lens {
+            offs.push(offs[offs.len() - 1] + len);
+        }
+        let seqs = Seqs {
+            starts: &starts,
+            offs: &offs,
+        };
 
         let mut x = match input {
             Input::Hidden(x) => x.to_vec(),
@@ -588,11 +669,17 @@ impl Llama {
                 b,
                 &mut [&mut q, &mut k, &mut v],
             );
-            self.rope(&mut q, self.local.q_heads, start);
-            self.rope(&mut k, self.local.kv_heads, start);
-            cache.append(i, &k, &v);
-            let (kc, vc) = &cache.layers[i];
-            self.attention(pool, &q, kc, vc, start, b, &mut att);
+            for (s, cache) in caches.iter_mut().enumerate() {
+                let (r0, r1) = (offs[s], offs[s + 1]);
+                self.rope(&mut q[r0 * qd..r1 * qd], self.local.q_heads, starts[s]);
+                self.rope(&mut k[r0 * kvd..r1 * kvd], self.local.kv_heads, starts[s]);
+                cache.append(i, &k[r0 * kvd..r1 * kvd], &v[r0 * kvd..r1 * kvd]);
+            }
+            let kv: Vec<(&[f32], &[f32])> = caches
+                .iter()
+                .map(|c| (&c.layers[i].0[..], &c.layers[i].1[..]))
+                .collect();
+            self.attention(pool, &q, &kv, &seqs, &mut att);
             kernels::matmul(pool, &l.wo, &att, b, &mut o);
             coll.all_reduce_sum(&mut o)
                 .with_context(|| format!("all-reduce after attention of layer {li}"))?;
@@ -614,8 +701,17 @@ impl Llama {
             Output::Logits(which) => which,
         };
         let lm_head = self.lm_head.as_ref().context("no LM head")?;
+        let last;
         let rows = match which {
-            Logits::Last => &x[(b - 1) * h..],
+            Logits::Last if lens.len() == 1 => &x[(b - 1) * h..],
+            Logits::Last => {
+                last = offs[1..]
+                    .iter()
+                    .flat_map(|&end| &x[(end - 1) * h..end * h])
+                    .copied()
+                    .collect::<Vec<f32>>();
+                &last[..]
+            }
             Logits::All => &x[..],
         };
         let n = rows.len() / h;
@@ -649,17 +745,15 @@ impl Llama {
         }
     }
 
-    /// Causal grouped-query attention of `b` new queries at positions `start..start + b` over
-    /// the cached keys and values (which already include the new tokens).
-    #[allow(clippy::too_many_arguments)]
+    /// Causal grouped-query attention of every sequence's new queries (rows `offs[s]..offs[s +
+    /// 1]` of `q`, at positions from `starts[s]`) over its cached keys and values `kv[s]` (which
+    /// already include the new tokens). One parallel section for the whole batch.
     fn attention(
         &self,
         pool: &Pool,
         q: &[f32],
-        kc: &[f32],
-        vc: &[f32],
-        start: usize,
-        b: usize,
+        kv: &[(&[f32], &[f32])],
+        seqs: &Seqs<'_>,
         out: &mut [f32],
     ) {
         let c = &self.config;
@@ -668,15 +762,23 @@ impl Llama {
         let group = c.n_heads / c.n_kv_heads;
         let kvd = kvh * hd;
         let scale = 1.0 / (hd as f32).sqrt();
+        let b = seqs.offs[seqs.offs.len() - 1];
+        // The sequence of each row.
+        let seq_of: Vec<usize> = (0..kv.len())
+            .flat_map(|s| std::iter::repeat_n(s, seqs.offs[s + 1] - seqs.offs[s]))
+            .collect();
         let ptr = SendPtr(out.as_mut_ptr());
         let local = &self.local;
         pool.for_each(qh * b, |task| {
-            let (t, head) = (task / qh, task % qh);
-            let kv = (local.q_head0 + head) / group - local.kv_head0;
-            let qv = &q[t * qh * hd + head * hd..][..hd];
-            let n = start + t + 1;
+            let (r, head) = (task / qh, task % qh);
+            let s = seq_of[r];
+            let (kc, vc) = kv[s];
+            let t = r - seqs.offs[s];
+            let kvi = (local.q_head0 + head) / group - local.kv_head0;
+            let qv = &q[r * qh * hd + head * hd..][..hd];
+            let n = seqs.starts[s] + t + 1;
             let mut scores: Vec<f32> = (0..n)
-                .map(|j| dot::dot_f32(qv, &kc[j * kvd + kv * hd..][..hd]) * scale)
+                .map(|j| dot::dot_f32(qv, &kc[j * kvd + kvi * hd..][..hd]) * scale)
                 .collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
@@ -686,16 +788,23 @@ impl Llama {
             }
             let mut acc = vec![0f32; hd];
             for (j, s) in scores.iter().enumerate() {
-                dot::axpy(s / sum, &vc[j * kvd + kv * hd..][..hd], &mut acc);
+                dot::axpy(s / sum, &vc[j * kvd + kvi * hd..][..hd], &mut acc);
             }
-            // SAFETY: task (t, head) owns out[t * qh * hd + head * hd..][..hd]; `out` has
+            // SAFETY: task (r, head) owns out[r * qh * hd + head * hd..][..hd]; `out` has
             // b * qh * hd elements and outlives the tasks.
             unsafe {
-                let dst = ptr.get().add(t * qh * hd + head * hd);
+                let dst = ptr.get().add(r * qh * hd + head * hd);
                 std::ptr::copy_nonoverlapping(acc.as_ptr(), dst, hd);
             }
         });
     }
+}
+
+/// The sequences of a batched forward pass: sequence `s` owns rows `offs[s]..offs[s + 1]`, the
+/// first at position `starts[s]`.
+struct Seqs<'a> {
+    starts: &'a [usize],
+    offs: &'a [usize],
 }
 
 /// RMSNorm of each `weight.len()`-long row of `x` into `out`.

@@ -1,17 +1,24 @@
-//! Model files: the GGUF container, the Llama decoder, its KV cache and the tensor-parallel
-//! seams (shards and collectives).
+//! Model files: the GGUF container, Hugging Face safetensors models, the Llama decoder, its KV
+//! cache and the tensor-parallel seams (shards and collectives).
 
 pub mod gguf;
 pub mod kv_cache;
 pub mod llama;
 pub mod parallel;
+pub mod safetensors;
+pub mod source;
 
 use std::path::Path;
 
 /// A memory-mapped GGUF file: the parsed directory plus the bytes it points into.
+///
+/// A safetensors model uses the same type twice over (see [`safetensors`]): once for each mapped
+/// `.safetensors` file (an empty directory; the bytes the weights borrow), and once, without a
+/// map, for the model's metadata translated from `config.json` and `tokenizer.json` into GGUF
+/// keys (what [`llama::LlamaConfig::from_gguf`] and the tokenizer read).
 pub struct MappedGguf {
     pub gguf: gguf::Gguf,
-    map: memmap2::Mmap,
+    map: Option<memmap2::Mmap>,
 }
 
 impl MappedGguf {
@@ -25,16 +32,25 @@ impl MappedGguf {
         let map = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|e| anyhow::anyhow!("{}: cannot map model file: {e}", path.display()))?;
         let gguf = gguf::Gguf::parse(path, &map)?;
-        Ok(Self { gguf, map })
+        Ok(Self {
+            gguf,
+            map: Some(map),
+        })
     }
 
-    /// The whole mapped file.
+    /// A directory with the bytes of another mapped file (a safetensors file), or with none
+    /// (metadata only).
+    pub(crate) fn from_parts(gguf: gguf::Gguf, map: Option<memmap2::Mmap>) -> Self {
+        Self { gguf, map }
+    }
+
+    /// The whole mapped file (empty for metadata only).
     pub fn bytes(&self) -> &[u8] {
-        &self.map
+        self.map.as_deref().unwrap_or(&[])
     }
 
     /// The raw bytes of a tensor.
     pub fn tensor_bytes(&self, t: &gguf::TensorInfo) -> &[u8] {
-        &self.map[t.offset as usize..(t.offset + t.size) as usize]
+        &self.bytes()[t.offset as usize..(t.offset + t.size) as usize]
     }
 }
