@@ -54,6 +54,12 @@ impl Engine {
         let tokenizer = Tokenizer::from_gguf(&src.metadata().gguf)?;
         let shard = Shard::new(collective.rank(), collective.world())?;
         let model = Llama::load_from(src.as_ref(), shard, stage)?;
+        if shard.world > 1 || stage != Stage::WHOLE {
+            // A rank reads only its share of the file; let go of the pages loading touched.
+            if let Some(f) = model.file() {
+                f.release_pages();
+            }
+        }
         Ok(Self {
             model,
             tokenizer,

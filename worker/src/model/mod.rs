@@ -49,6 +49,20 @@ impl MappedGguf {
         self.map.as_deref().unwrap_or(&[])
     }
 
+    /// Drop the mapped pages from this process's resident memory (they stay in the page cache
+    /// and come back on the next access). Called after loading a shard: the rows a rank copied
+    /// out of shared matrices, and tensors other ranks or stages hold, no longer count against
+    /// this rank; pages it still reads in place are faulted back in lazily. Best effort.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Some(map) = &self.map {
+            // SAFETY: the mapping is a read-only, file-backed private map; MADV_DONTNEED only
+            // drops its resident pages, which are re-read from the unchanged file on the next
+            // access, so no reference into it becomes invalid.
+            let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
     /// The raw bytes of a tensor.
     pub fn tensor_bytes(&self, t: &gguf::TensorInfo) -> &[u8] {
         &self.bytes()[t.offset as usize..(t.offset + t.size) as usize]
