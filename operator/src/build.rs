@@ -693,33 +693,58 @@ pub fn replica_network_policy(
 /// Annotation with a hash of a policy's spec: a policy whose hash matches is not applied again.
 pub const POLICY_HASH: &str = "tessera.dev/policy-hash";
 
+/// FNV-1a: a stable hash of what objects are built from (not std's hasher, whose output may
+/// change between Rust releases and would roll every replica after an operator upgrade).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A short stable hash (10 hex digits) of some bytes, for hash annotations.
+pub fn short_hash(bytes: &[u8]) -> String {
+    format!("{:010x}", fnv1a(bytes) & 0xff_ffff_ffff)
+}
+
+/// Server-side apply only what changed: stamp `desired` with the hash of `spec` under the
+/// annotation `key` and say whether it must be applied (the `current` object carries another
+/// hash, or none, or does not exist).
+pub fn stamp_if_changed<S: serde::Serialize>(
+    spec: &S,
+    desired: &mut ObjectMeta,
+    current: Option<&ObjectMeta>,
+    key: &str,
+) -> bool {
+    let h = short_hash(serde_json::to_string(spec).unwrap_or_default().as_bytes());
+    let same = current
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(key))
+        == Some(&h);
+    if !same {
+        desired
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(key.into(), h);
+    }
+    !same
+}
+
 /// What to write so that the observed NetworkPolicies of a deployment become `desired`:
 /// (policies to apply, with their hash annotation; names to delete).
 pub fn network_policy_changes(
     desired: &[NetworkPolicy],
     observed: &[NetworkPolicy],
 ) -> (Vec<NetworkPolicy>, Vec<String>) {
-    let hash = |p: &NetworkPolicy| {
-        let text = serde_json::to_string(&p.spec).unwrap_or_default();
-        let h = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
-        format!("{:010x}", h & 0xff_ffff_ffff)
-    };
     let mut apply = Vec::new();
     for d in desired {
-        let h = hash(d);
         let current = observed.iter().find(|o| o.metadata.name == d.metadata.name);
-        let same = current
-            .and_then(|o| o.metadata.annotations.as_ref())
-            .and_then(|a| a.get(POLICY_HASH))
-            == Some(&h);
-        if !same {
-            let mut p = d.clone();
-            p.metadata
-                .annotations
-                .get_or_insert_with(BTreeMap::new)
-                .insert(POLICY_HASH.into(), h);
+        let mut p = d.clone();
+        if stamp_if_changed(
+            &d.spec,
+            &mut p.metadata,
+            current.map(|o| &o.metadata),
+            POLICY_HASH,
+        ) {
             apply.push(p);
         }
     }

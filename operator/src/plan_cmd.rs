@@ -191,12 +191,9 @@ fn render_children(
             now,
         };
         let mut incarnation = |replica: i32| {
-            let seed = format!("{ns}/{name}/{replica}")
-                .bytes()
-                .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-                    (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-                });
-            crate::build::incarnation_id(seed)
+            crate::build::incarnation_id(crate::build::fnv1a(
+                format!("{ns}/{name}/{replica}").as_bytes(),
+            ))
         };
         let actions = reconcile(&obs, cfg, &mut incarnation);
         let status = actions.status.unwrap_or_default();

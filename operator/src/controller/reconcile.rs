@@ -255,17 +255,6 @@ fn node_lost(
     None
 }
 
-/// FNV-1a: a stable hash of what the pods are built from (not std's hasher, whose output may
-/// change between Rust releases and would roll every replica after an operator upgrade).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 /// Hash of the parts of the spec that shape a replica's pods (not replicas, priority or
 /// autoscaling, which never restart a group).
 pub fn template_hash(md: &ModelDeployment, default_image: &str) -> String {
@@ -280,10 +269,7 @@ pub fn template_hash(md: &ModelDeployment, default_image: &str) -> String {
         "failurePolicy": s.failure_policy.recreate_group,
         "defaultImage": default_image,
     });
-    format!(
-        "{:010x}",
-        fnv1a(relevant.to_string().as_bytes()) & 0xff_ffff_ffff
-    )
+    build::short_hash(relevant.to_string().as_bytes())
 }
 
 fn backoff(spec_backoff: i32, restarts: i32) -> Duration {
@@ -757,31 +743,17 @@ pub fn reconcile(
             actions.delete_pods.push(pname);
         }
     }
-    let service_hash = |s: &Service| {
-        format!(
-            "{:010x}",
-            fnv1a(
-                serde_json::to_string(&s.spec)
-                    .unwrap_or_default()
-                    .as_bytes()
-            ) & 0xff_ffff_ffff
-        )
-    };
     for mut svc in children.services {
-        let h = service_hash(&svc);
         let current = obs
             .services
             .iter()
             .find(|s| s.metadata.name == svc.metadata.name);
-        let up_to_date = current
-            .and_then(|s| s.metadata.annotations.as_ref())
-            .and_then(|a| a.get(TEMPLATE_HASH))
-            == Some(&h);
-        if !up_to_date {
-            svc.metadata
-                .annotations
-                .get_or_insert_with(BTreeMap::new)
-                .insert(TEMPLATE_HASH.into(), h);
+        if build::stamp_if_changed(
+            &svc.spec,
+            &mut svc.metadata,
+            current.map(|s| &s.metadata),
+            TEMPLATE_HASH,
+        ) {
             actions.apply_services.push(svc);
         }
     }
