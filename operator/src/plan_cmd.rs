@@ -119,29 +119,36 @@ pub fn run(args: &PlanArgs) -> Result<String, String> {
         },
         ..PlanOptions::default()
     };
-    if args.output == OutputFormat::Yaml {
-        let cfg = crate::controller::reconcile::Config {
-            topology_keys: keys,
-            catalog,
-            plan: opts,
-            build: crate::build::BuildOptions {
-                default_worker_image: args.worker_image.clone(),
-                network_policies: None,
-            },
-            ..crate::controller::reconcile::Config::default()
-        };
-        return render_children(&nodes, &pods, &deployments, &cfg);
-    }
-    let inv = Inventory::from_nodes(&nodes, &pods, &catalog, &keys);
-    let p = plan(&inv, &deployments, &[], &opts);
-    Ok(match args.output {
+    let plan_of = |catalog: &Catalog, keys: &[String]| {
+        plan(
+            &Inventory::from_nodes(&nodes, &pods, catalog, keys),
+            &deployments,
+            &[],
+            &opts,
+        )
+    };
+    match args.output {
+        OutputFormat::Table => Ok(render_table(&plan_of(&catalog, &keys))),
         OutputFormat::Json => {
-            let mut s = serde_json::to_string_pretty(&p).map_err(|e| e.to_string())?;
+            let mut s = serde_json::to_string_pretty(&plan_of(&catalog, &keys))
+                .map_err(|e| e.to_string())?;
             s.push('\n');
-            s
+            Ok(s)
         }
-        OutputFormat::Table | OutputFormat::Yaml => render_table(&p),
-    })
+        OutputFormat::Yaml => {
+            let cfg = crate::controller::reconcile::Config {
+                topology_keys: keys,
+                catalog,
+                plan: opts,
+                build: crate::build::BuildOptions {
+                    default_worker_image: args.worker_image.clone(),
+                    network_policies: None,
+                },
+                ..crate::controller::reconcile::Config::default()
+            };
+            render_children(&nodes, &pods, &deployments, &cfg)
+        }
+    }
 }
 
 /// The objects the controller would apply for these inputs: every deployment reconciled from

@@ -362,7 +362,7 @@ pub fn plan(
                     } else {
                         dep.choice.candidates.len()
                     };
-                    for (ci, cand) in dep.choice.candidates.iter().take(tries).enumerate() {
+                    for cand in dep.choice.candidates.iter().take(tries) {
                         let key = (
                             cand.gpu_type,
                             cand.tp,
@@ -394,7 +394,6 @@ pub fn plan(
                                         dep.namespace, dep.name
                                     ));
                                 }
-                                let _ = ci;
                                 dep.placed.insert(
                                     r,
                                     (cand.gpu_type, cand.tp, cand.pp, allocs, false, note),
