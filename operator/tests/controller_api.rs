@@ -39,6 +39,24 @@ fn deployment() -> ModelDeployment {
     md
 }
 
+/// What the controller sees of `md` on `nodes`, with nothing else in the cluster, now.
+fn observe<'a>(
+    md: &'a ModelDeployment,
+    pods: &'a [Pod],
+    services: &'a [k8s_openapi::api::core::v1::Service],
+    nodes: &'a [Node],
+) -> Observed<'a> {
+    Observed {
+        md,
+        pods,
+        services,
+        nodes,
+        other_pods: &[],
+        reserved: &[],
+        now: Timestamp::now(),
+    }
+}
+
 fn node() -> Node {
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node",
@@ -141,15 +159,7 @@ async fn create_flow_applies_account_services_pod_and_status() {
     let ctx = context(kube::Client::new(service, "default"));
     let md = deployment();
     let nodes = [node()];
-    let obs = Observed {
-        md: &md,
-        pods: &[],
-        services: &[],
-        nodes: &nodes,
-        other_pods: &[],
-        reserved: &[],
-        now: Timestamp::now(),
-    };
+    let obs = observe(&md, &[], &[], &nodes);
     let actions = reconcile(&obs, &ctx.config, &mut |_| "aaaaa".into());
     assert_eq!(actions.apply_pods.len(), 1);
     assert_eq!(actions.apply_services.len(), 2);
@@ -200,15 +210,7 @@ async fn recreate_flow_deletes_the_failed_group_then_applies_the_new_incarnation
     let nodes = [node()];
     // First pass: place and build.
     let first = {
-        let obs = Observed {
-            md: &md,
-            pods: &[],
-            services: &[],
-            nodes: &nodes,
-            other_pods: &[],
-            reserved: &[],
-            now: Timestamp::now(),
-        };
+        let obs = observe(&md, &[], &[], &nodes);
         reconcile(&obs, &ctx.config, &mut |_| "aaaaa".into())
     };
     md.status = first.status.clone();
@@ -219,15 +221,12 @@ async fn recreate_flow_deletes_the_failed_group_then_applies_the_new_incarnation
         ..PodStatus::default()
     });
     // Second pass: the member failed -> the group is removed (backoff before recreation).
-    let obs = Observed {
-        md: &md,
-        pods: std::slice::from_ref(&pod),
-        services: &first.apply_services,
-        nodes: &nodes,
-        other_pods: &[],
-        reserved: &[],
-        now: Timestamp::now(),
-    };
+    let obs = observe(
+        &md,
+        std::slice::from_ref(&pod),
+        &first.apply_services,
+        &nodes,
+    );
     let actions = reconcile(&obs, &ctx.config, &mut |_| "bbbbb".into());
     assert!(
         actions.apply_pods.is_empty(),
@@ -258,15 +257,7 @@ fn the_workers_exit_message_reaches_status() {
     let mut md = deployment();
     let nodes = [node()];
     let first = {
-        let obs = Observed {
-            md: &md,
-            pods: &[],
-            services: &[],
-            nodes: &nodes,
-            other_pods: &[],
-            reserved: &[],
-            now: Timestamp::now(),
-        };
+        let obs = observe(&md, &[], &[], &nodes);
         reconcile(&obs, &ctx_cfg, &mut |_| "aaaaa".into())
     };
     md.status = first.status.clone();
@@ -282,15 +273,12 @@ fn the_workers_exit_message_reaches_status() {
         }))
         .expect("status"),
     );
-    let obs = Observed {
-        md: &md,
-        pods: std::slice::from_ref(&pod),
-        services: &first.apply_services,
-        nodes: &nodes,
-        other_pods: &[],
-        reserved: &[],
-        now: Timestamp::now(),
-    };
+    let obs = observe(
+        &md,
+        std::slice::from_ref(&pod),
+        &first.apply_services,
+        &nodes,
+    );
     let actions = reconcile(&obs, &ctx_cfg, &mut |_| "bbbbb".into());
     let status = actions.status.expect("status changes");
     let expected = "container worker of pod llama-8b-r0-aaaaa-s0 exited with code 3 (Error): model: sha256 of /model-cache/llama.gguf is ab12..., expected cd34...";
@@ -333,15 +321,7 @@ fn converged(
     let mut md = deployment();
     md.spec.replicas = replicas;
     let nodes = [node()];
-    let obs = Observed {
-        md: &md,
-        pods: &[],
-        services: &[],
-        nodes: &nodes,
-        other_pods: &[],
-        reserved: &[],
-        now: Timestamp::now(),
-    };
+    let obs = observe(&md, &[], &[], &nodes);
     let mut n = 0;
     let first = reconcile(&obs, cfg, &mut |r| {
         n += 1;
@@ -365,15 +345,7 @@ async fn scale_up_flow_applies_only_the_new_replica_and_status() {
     md.spec.replicas = 2;
     md.metadata.generation = Some(2);
     let nodes = [node()];
-    let obs = Observed {
-        md: &md,
-        pods: &pods,
-        services: &services,
-        nodes: &nodes,
-        other_pods: &[],
-        reserved: &[],
-        now: Timestamp::now(),
-    };
+    let obs = observe(&md, &pods, &services, &nodes);
     let actions = reconcile(&obs, &ctx.config, &mut |_| "ccccc".into());
     assert_eq!(actions.apply_pods.len(), 1, "{:?}", actions.apply_pods);
     assert!(actions.delete_pods.is_empty());
@@ -409,15 +381,7 @@ async fn scale_down_flow_deletes_the_highest_replica_first() {
     md.spec.replicas = 2;
     md.metadata.generation = Some(2);
     let nodes = [node()];
-    let obs = Observed {
-        md: &md,
-        pods: &pods,
-        services: &services,
-        nodes: &nodes,
-        other_pods: &[],
-        reserved: &[],
-        now: Timestamp::now(),
-    };
+    let obs = observe(&md, &pods, &services, &nodes);
     let actions = reconcile(&obs, &ctx.config, &mut |_| "ddddd".into());
     assert!(actions.apply_pods.is_empty());
     let replica2 = pods
@@ -466,15 +430,7 @@ async fn scale_down_removes_an_unready_replica_before_a_higher_ready_one() {
     let r0_name = r0.metadata.name.clone().unwrap();
     md.spec.replicas = 2;
     let nodes = [node()];
-    let obs = Observed {
-        md: &md,
-        pods: &pods,
-        services: &services,
-        nodes: &nodes,
-        other_pods: &[],
-        reserved: &[],
-        now: Timestamp::now(),
-    };
+    let obs = observe(&md, &pods, &services, &nodes);
     let actions = reconcile(&obs, &ctx.config, &mut |_| "eeeee".into());
     assert_eq!(actions.delete_pods, std::slice::from_ref(&r0_name));
     let events = actions.events.len();
@@ -493,15 +449,7 @@ fn delete_flow_relies_on_owner_references_on_every_child() {
     let cfg = Config::default();
     let md = deployment();
     let nodes = [node()];
-    let obs = Observed {
-        md: &md,
-        pods: &[],
-        services: &[],
-        nodes: &nodes,
-        other_pods: &[],
-        reserved: &[],
-        now: Timestamp::now(),
-    };
+    let obs = observe(&md, &[], &[], &nodes);
     let actions = reconcile(&obs, &cfg, &mut |_| "aaaaa".into());
     let metas = actions
         .apply_pods
@@ -547,15 +495,7 @@ async fn network_policies_follow_the_replica_groups() {
     // Creating them: one policy per replica group.
     let first = {
         let nodes = [node()];
-        let obs = Observed {
-            md: &md,
-            pods: &[],
-            services: &[],
-            nodes: &nodes,
-            other_pods: &[],
-            reserved: &[],
-            now: Timestamp::now(),
-        };
+        let obs = observe(&md, &[], &[], &nodes);
         reconcile(&obs, &ctx.config, &mut |_| "zzzzz".into())
     };
     assert_eq!(first.network_policies.len(), 3);
@@ -570,15 +510,7 @@ async fn network_policies_follow_the_replica_groups() {
 
     md.spec.replicas = 2;
     let nodes = [node()];
-    let obs = Observed {
-        md: &md,
-        pods: &pods,
-        services: &services,
-        nodes: &nodes,
-        other_pods: &[],
-        reserved: &[],
-        now: Timestamp::now(),
-    };
+    let obs = observe(&md, &pods, &services, &nodes);
     let actions = reconcile(&obs, &ctx.config, &mut |_| "fffff".into());
     assert_eq!(actions.network_policies.len(), 2);
     let deletes = actions.delete_pods.len();
