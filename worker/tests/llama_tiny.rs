@@ -632,18 +632,20 @@ fn tiny_engine(path: &std::path::Path, collective: Box<dyn Collective>, stage: S
     let tokens = (0..VOCAB).map(|i| format!("t{i}")).collect();
     Engine {
         model: Llama::load_stage(file, shard, stage).unwrap(),
-        tokenizer: Tokenizer::new(
-            tokens,
-            vec![1; VOCAB],
-            &[],
-            false,
-            None,
-            None,
-            None,
-            false,
-            None,
-        )
-        .unwrap(),
+        tokenizer: Arc::new(
+            Tokenizer::new(
+                tokens,
+                vec![1; VOCAB],
+                &[],
+                false,
+                None,
+                None,
+                None,
+                false,
+                None,
+            )
+            .unwrap(),
+        ),
         pool: Pool::new(1).unwrap(),
         collective,
     }

@@ -13,6 +13,8 @@ use crate::kernels::Pool;
 use crate::model::llama::Llama;
 use crate::model::parallel::{Collective, Identity, Shard, Stage};
 use crate::model::source;
+use std::sync::Arc;
+
 use crate::tokenizer::Tokenizer;
 
 pub use generate::{FinishReason, GenerateParams, Generation, Usage};
@@ -21,7 +23,8 @@ pub use sampling::{Sampler, SamplingParams};
 /// A model ready to generate.
 pub struct Engine {
     pub model: Llama,
-    pub tokenizer: Tokenizer,
+    /// Shared with the scheduler, which detokenises for every request.
+    pub tokenizer: Arc<Tokenizer>,
     pub pool: Pool,
     pub collective: Box<dyn Collective>,
 }
@@ -51,7 +54,7 @@ impl Engine {
         stage: Stage,
     ) -> anyhow::Result<Self> {
         let src = source::open(path)?;
-        let tokenizer = Tokenizer::from_gguf(&src.metadata().gguf)?;
+        let tokenizer = Arc::new(Tokenizer::from_gguf(&src.metadata().gguf)?);
         let shard = Shard::new(collective.rank(), collective.world())?;
         let model = Llama::load_from(src.as_ref(), shard, stage)?;
         if shard.world > 1 || stage != Stage::WHOLE {

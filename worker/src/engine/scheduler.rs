@@ -137,10 +137,7 @@ impl Scheduler {
             cfg.kv_budget_bytes,
             runner.kv_budget_bytes
         );
-        let file = model
-            .file()
-            .context("the model has no GGUF file to read the tokenizer from")?;
-        let tokenizer = Arc::new(Tokenizer::from_gguf(&file.gguf)?);
+        let tokenizer = Arc::clone(&runner.engine.tokenizer);
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
