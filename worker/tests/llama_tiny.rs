@@ -5,8 +5,10 @@
 //! forward passes over several sequences against each sequence alone, on one rank and over
 //! TP=2, PP=2 and TP=2 x PP=2.
 
+mod common;
+
 use std::path::PathBuf;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::Arc;
 
 use tessera_worker::engine::sampling::Rng;
 use tessera_worker::kernels::{Pool, quant};
@@ -272,56 +274,12 @@ fn tiny_model_matches_the_naive_reference() {
     }
 }
 
-/// An in-memory all-reduce for ranks running as threads.
-struct Group {
-    acc: Mutex<Vec<f32>>,
-    barrier: Barrier,
-    world: usize,
-}
-
-struct Member {
-    group: Arc<Group>,
-    rank: usize,
-}
-
-impl Collective for Member {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world(&self) -> usize {
-        self.group.world
-    }
-    fn all_reduce_sum(&self, buf: &mut [f32]) -> anyhow::Result<()> {
-        {
-            let mut acc = self.group.acc.lock().unwrap();
-            if acc.is_empty() {
-                acc.resize(buf.len(), 0.0);
-            }
-            acc.iter_mut().zip(buf.iter()).for_each(|(a, b)| *a += b);
-        }
-        self.group.barrier.wait();
-        buf.copy_from_slice(&self.group.acc.lock().unwrap());
-        if self.group.barrier.wait().is_leader() {
-            self.group.acc.lock().unwrap().clear();
-        }
-        self.group.barrier.wait();
-        Ok(())
-    }
-}
-
 fn run_tp(path: &std::path::Path, world: usize) -> Vec<f32> {
-    let group = Arc::new(Group {
-        acc: Mutex::new(Vec::new()),
-        barrier: Barrier::new(world),
-        world,
-    });
-    let handles: Vec<_> = (0..world)
-        .map(|rank| {
+    let handles: Vec<_> = common::thread_collectives(world)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, member)| {
             let path = path.to_owned();
-            let member = Member {
-                group: Arc::clone(&group),
-                rank,
-            };
             std::thread::spawn(move || {
                 let model = Llama::open(&path, Shard::new(rank, world).unwrap()).unwrap();
                 let pool = Pool::new(1).unwrap();

@@ -8,8 +8,9 @@
 //! tokenizer translated from a `tokenizer.json` of the real test model's vocabulary gives the
 //! GGUF tokenizer's ids. Every broken input is an error naming the file and what is wrong.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Barrier, Mutex};
 
 use half::{bf16, f16};
 use serde_json::json;
@@ -19,7 +20,7 @@ use tessera_worker::kernels::Pool;
 use tessera_worker::model::MappedGguf;
 use tessera_worker::model::gguf::{GgmlType, Value, Writer};
 use tessera_worker::model::llama::{Input, Llama, Logits, Output};
-use tessera_worker::model::parallel::{Collective, Identity, Shard, Stage};
+use tessera_worker::model::parallel::{Identity, Shard, Stage};
 use tessera_worker::model::safetensors::hf_metadata;
 use tessera_worker::model::source;
 use tessera_worker::tokenizer::{Message, Tokenizer};
@@ -370,58 +371,14 @@ fn write_hf(w: &Weights, ty: GgmlType, shards: usize, name: &str) -> PathBuf {
     d
 }
 
-/// An in-memory all-reduce for ranks running as threads.
-struct Group {
-    acc: Mutex<Vec<f32>>,
-    barrier: Barrier,
-    world: usize,
-}
-
-struct Member {
-    group: Arc<Group>,
-    rank: usize,
-}
-
-impl Collective for Member {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world(&self) -> usize {
-        self.group.world
-    }
-    fn all_reduce_sum(&self, buf: &mut [f32]) -> anyhow::Result<()> {
-        {
-            let mut acc = self.group.acc.lock().unwrap();
-            if acc.is_empty() {
-                acc.resize(buf.len(), 0.0);
-            }
-            acc.iter_mut().zip(buf.iter()).for_each(|(a, b)| *a += b);
-        }
-        self.group.barrier.wait();
-        buf.copy_from_slice(&self.group.acc.lock().unwrap());
-        if self.group.barrier.wait().is_leader() {
-            self.group.acc.lock().unwrap().clear();
-        }
-        self.group.barrier.wait();
-        Ok(())
-    }
-}
-
 /// Logits of a prefill of `TOKENS[..6]` (every token) and four single-token decode steps, with
 /// `world` tensor-parallel ranks as threads.
 fn run_tp(path: &Path, world: usize) -> Vec<f32> {
-    let group = Arc::new(Group {
-        acc: Mutex::new(Vec::new()),
-        barrier: Barrier::new(world),
-        world,
-    });
-    let handles: Vec<_> = (0..world)
-        .map(|rank| {
+    let handles: Vec<_> = common::thread_collectives(world)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, member)| {
             let path = path.to_owned();
-            let member = Member {
-                group: Arc::clone(&group),
-                rank,
-            };
             std::thread::spawn(move || {
                 let model = Llama::open(&path, Shard::new(rank, world).unwrap()).unwrap();
                 let pool = Pool::new(1).unwrap();
