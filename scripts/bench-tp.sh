@@ -109,6 +109,10 @@ calls = lead["decode_allreduce_calls"]
 print(f"| decode time in all-reduce (rank 0) | - | {100 * share:.1f} % ({calls} calls, {us(lead['decode_allreduce_s'] / max(calls, 1))} each) |")
 rss = ", ".join(f"{r['vm_hwm_kib'] / 1024:.0f}" for r in tp3)
 print(f"| peak RSS per rank (VmHWM, MiB) | {tp1['vm_hwm_kib'] / 1024:.0f} | {rss} |")
+res = lambda r: (r["mapped_rss_kib"] * 1024 + r["copied_weight_bytes"]) / 2**20
+one = res(tp1)
+print(f"| weights resident per rank after decode (mapped pages + copies, MiB) | {one:.1f} | "
+      + ", ".join(f"{res(r):.1f} ({res(r) / one:.2f}x)" for r in tp3) + " |")
 print()
 h = lead["hidden"]
 print("| all-reduce, 3 ranks | bytes | measured per call | cost model: ring | leader star |")

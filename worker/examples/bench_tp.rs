@@ -133,6 +133,33 @@ fn vm_hwm_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Resident KiB of the mappings of `path` (the model file's weights read in place), from
+/// /proc/self/smaps.
+fn mapped_rss_kib(path: &std::path::Path) -> u64 {
+    let Ok(path) = std::fs::canonicalize(path) else {
+        return 0;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return 0;
+    };
+    let mut inside = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            inside = line.ends_with(path.as_str());
+        } else if inside && first == "Rss:" {
+            kib += line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    kib
+}
+
 fn stats() -> (u64, u64, u64) {
     (
         ALLREDUCE_STATS.calls.load(Relaxed),
@@ -196,14 +223,17 @@ fn rank(
         (0.0, 0.0)
     };
     let prompt = engine.tokenizer.encode(PROMPT, false);
+    let (weights, copied) = engine.model.weight_bytes();
     let mut out = serde_json::json!({
         "rank": rank, "world": world, "pp": pp, "threads": engine.pool.threads(),
         "hidden": hidden, "allreduce_hidden_s": small, "allreduce_64_tokens_s": large,
+        "weight_bytes": weights, "copied_weight_bytes": copied,
     });
     match role {
         Some(Role::Follower(mut source)) => {
             let mut runner = Runner::new(engine, 256 << 20, None).with_pipe(pipe);
             dist::follow(&mut runner, source.as_mut())?;
+            out["mapped_rss_kib"] = mapped_rss_kib(&model).into();
         }
         other => {
             let broadcast = match other {
@@ -234,6 +264,7 @@ fn rank(
             let decode = t.elapsed().as_secs_f64();
             let after = stats();
             runner.run(&Step::Release { seq: 1 })?;
+            out["mapped_rss_kib"] = mapped_rss_kib(&model).into();
             drop(runner);
             out["prompt_tokens"] = prompt.len().into();
             out["prefill_tokens_per_s"] = (prompt.len() as f64 / prefill).into();

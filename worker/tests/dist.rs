@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tessera_worker::dist::{self, GroupConfig, GroupHealth, Role};
 use tessera_worker::engine::Engine;
-use tessera_worker::engine::runner::{Runner, Step};
+use tessera_worker::engine::runner::{Runner, Step, StepBroadcast};
 use tessera_worker::model::parallel::{ALLREDUCE_STATS, Collective};
 use tessera_worker::tokenizer::Message;
 
@@ -442,6 +442,27 @@ impl Collective for RankOrderSum {
     }
 }
 
+/// The leader's steps to in-process followers.
+struct ChannelBroadcast(Vec<mpsc::Sender<Step>>);
+
+impl StepBroadcast for ChannelBroadcast {
+    fn broadcast(&mut self, step: &Step) -> anyhow::Result<()> {
+        for s in &self.0 {
+            s.send(step.clone())?;
+        }
+        Ok(())
+    }
+}
+
+/// A follower's steps from an in-process leader; the group closes when the leader is dropped.
+struct ChannelSource(mpsc::Receiver<Step>);
+
+impl dist::StepSource for ChannelSource {
+    fn next(&mut self) -> anyhow::Result<Option<Step>> {
+        Ok(self.0.recv().ok())
+    }
+}
+
 /// TP=3 greedy decoding with one runner per rank, each in its own thread.
 fn run_tp3(
     path: &std::path::Path,
@@ -504,28 +525,27 @@ fn tp3_over_tcp_matches_one_rank_on_the_real_model() {
         groups.into_iter().map(|g| (g.collective, g.role)).unzip();
     let (logits, tokens) = run_tp3(&path, &prompt, collectives, roles);
 
-    // The same TP=3 arithmetic in memory (each rank runs the steps itself).
+    // The same TP=3 arithmetic in memory: an in-process rank-order sum and step channels.
     let slots = Arc::new(Mutex::new(vec![Vec::new(); 3]));
     let barrier = Arc::new(std::sync::Barrier::new(3));
-    let mem: Vec<Vec<Vec<f32>>> = (0..3)
+    let collectives: Vec<Box<dyn Collective>> = (0..3)
         .map(|rank| {
-            let c = RankOrderSum {
+            Box::new(RankOrderSum {
                 slots: Arc::clone(&slots),
                 barrier: Arc::clone(&barrier),
                 rank,
-            };
-            let (path, prompt) = (path.clone(), prompt.clone());
-            std::thread::spawn(move || {
-                let engine = Engine::open_shard(&path, 1, Box::new(c)).unwrap();
-                let mut runner = Runner::new(engine, 64 << 20, None);
-                greedy(&mut runner, &prompt, 12).0
-            })
+            }) as Box<dyn Collective>
         })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .map(|h| h.join().unwrap())
         .collect();
-    assert_eq!(logits, mem[0], "TCP equals the in-memory rank-order sum");
+    let (senders, receivers): (Vec<_>, Vec<_>) = (1..3).map(|_| mpsc::channel()).unzip();
+    let mut roles = vec![Role::Leader(Box::new(ChannelBroadcast(senders)))];
+    roles.extend(
+        receivers
+            .into_iter()
+            .map(|r| Role::Follower(Box::new(ChannelSource(r)))),
+    );
+    let (mem, _) = run_tp3(&path, &prompt, collectives, roles);
+    assert_eq!(logits, mem, "TCP equals the in-memory rank-order sum");
 
     assert_eq!(tokens, want_tokens, "identical greedy tokens");
     assert_eq!(logits.len(), want_logits.len());

@@ -274,47 +274,16 @@ fn tiny_model_matches_the_naive_reference() {
     }
 }
 
-fn run_tp(path: &std::path::Path, world: usize) -> Vec<f32> {
-    let handles: Vec<_> = common::thread_collectives(world)
-        .into_iter()
-        .enumerate()
-        .map(|(rank, member)| {
-            let path = path.to_owned();
-            std::thread::spawn(move || {
-                let model = Llama::open(&path, Shard::new(rank, world).unwrap()).unwrap();
-                let pool = Pool::new(1).unwrap();
-                let mut cache = model.new_cache(1 << 20).unwrap();
-                let mut out = model
-                    .forward(&pool, &member, &mut cache, &TOKENS[..6], Logits::All)
-                    .unwrap();
-                for t in &TOKENS[6..] {
-                    out.extend(
-                        model
-                            .forward(&pool, &member, &mut cache, &[*t], Logits::Last)
-                            .unwrap(),
-                    );
-                }
-                (model.weight_bytes().0, out)
-            })
-        })
-        .collect();
-    let results: Vec<(usize, Vec<f32>)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    for (_, r) in &results[1..] {
-        assert_eq!(r, &results[0].1, "every rank ends with the same logits");
-    }
-    results.into_iter().next().unwrap().1
-}
-
 #[test]
 fn tensor_parallel_splits_match_one_rank() {
     for (ty, tol) in [(GgmlType::F32, 1e-5), (GgmlType::Q4_1, 1e-3)] {
         let (w, _) = build(ty, 9, None, None);
         let path = write(&w, &format!("tp-{ty}.gguf"));
-        let one = run_tp(&path, 1);
+        let one = common::tp_logits(&path, 1, &TOKENS[..6], &TOKENS[6..]);
         let scale = one.iter().fold(0f32, |m, v| m.max(v.abs()));
         // 2 ranks split the KV heads; 4 ranks replicate them (4 query heads, 2 KV heads).
         for world in [2, 4] {
-            let split = run_tp(&path, world);
+            let split = common::tp_logits(&path, world, &TOKENS[..6], &TOKENS[6..]);
             let err = one
                 .iter()
                 .zip(&split)
@@ -334,8 +303,23 @@ fn a_shard_holds_its_part_of_the_weights() {
     let (total, owned) = one.weight_bytes();
     assert_eq!(owned, 0, "one rank borrows every weight from the map");
     let half = Llama::open(&path, Shard::new(1, 2).unwrap()).unwrap();
-    let embed = half.embed.as_ref().unwrap().bytes().len();
-    assert_eq!(half.weight_bytes().0 - embed, (total - embed) / 2);
+    // Every matrix splits in half, the embedding too (vocabulary-parallel, rows 48..96, one
+    // matrix with the tied head), and a tensor-parallel rank copies its part out of
+    // the map: all of its weights are its own.
+    assert_eq!(half.weight_bytes(), (total / 2, total / 2));
+    let (embed, head) = (half.embed.as_ref().unwrap(), half.lm_head.as_ref().unwrap());
+    assert_eq!((embed.rows, head.rows), (VOCAB / 2, VOCAB / 2));
+    assert!(!embed.is_mapped() && !head.is_mapped());
+    assert_eq!(
+        embed.bytes().as_ptr(),
+        head.bytes().as_ptr(),
+        "the tied head is the embedding's rows, not a second copy"
+    );
+    assert_eq!(
+        embed.row(0),
+        one.embed.as_ref().unwrap().row(VOCAB / 2),
+        "rank 1 holds the second half of the vocabulary"
+    );
     assert_eq!((half.local.q_heads, half.local.kv_heads), (2, 1));
     let quarter = Llama::open(&path, Shard::new(3, 4).unwrap()).unwrap();
     assert_eq!(

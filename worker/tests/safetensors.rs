@@ -371,39 +371,6 @@ fn write_hf(w: &Weights, ty: GgmlType, shards: usize, name: &str) -> PathBuf {
     d
 }
 
-/// Logits of a prefill of `TOKENS[..6]` (every token) and four single-token decode steps, with
-/// `world` tensor-parallel ranks as threads.
-fn run_tp(path: &Path, world: usize) -> Vec<f32> {
-    let handles: Vec<_> = common::thread_collectives(world)
-        .into_iter()
-        .enumerate()
-        .map(|(rank, member)| {
-            let path = path.to_owned();
-            std::thread::spawn(move || {
-                let model = Llama::open(&path, Shard::new(rank, world).unwrap()).unwrap();
-                let pool = Pool::new(1).unwrap();
-                let mut cache = model.new_cache(1 << 20).unwrap();
-                let mut out = model
-                    .forward(&pool, &member, &mut cache, &TOKENS[..6], Logits::All)
-                    .unwrap();
-                for t in &TOKENS[6..] {
-                    out.extend(
-                        model
-                            .forward(&pool, &member, &mut cache, &[*t], Logits::Last)
-                            .unwrap(),
-                    );
-                }
-                out
-            })
-        })
-        .collect();
-    let results: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    for r in &results[1..] {
-        assert_eq!(r, &results[0], "every rank ends with the same logits");
-    }
-    results.into_iter().next().unwrap()
-}
-
 /// Two pipeline stages chained in one thread: every token's logits.
 fn run_pp2(path: &Path) -> Vec<f32> {
     let src = source::open(path).unwrap();
@@ -544,12 +511,19 @@ fn sharded_models_open_from_the_directory_a_shard_or_the_index() {
     let e = rel_err(&run_tp(&single.join("model.safetensors"), 1), &want);
     assert!(e <= 1e-4, "a path to model.safetensors: {e}");
 
-    // Each rank maps the files and holds only its shard: Q and K are the copies.
+    // One rank borrows every weight from the files' maps; a rank of two copies its half out
+    // (and lets the mapped pages go): all of its weights are its own, half of the model's.
     let src = source::open(&hf).unwrap();
+    let whole = Llama::load_from(src.as_ref(), Shard::SINGLE, Stage::WHOLE).unwrap();
+    let (total, copied) = whole.weight_bytes();
+    let qk: usize = (whole.layers.iter())
+        .map(|l| l.wq.bytes().len() + l.wk.bytes().len())
+        .sum();
+    assert_eq!(copied, qk, "only Q and K, reordered for RoPE, are copies");
+    assert!(whole.layers[0].wv.is_mapped() && whole.layers[0].w_gate.is_mapped());
     let m = Llama::load_from(src.as_ref(), Shard::new(1, 2).unwrap(), Stage::WHOLE).unwrap();
     assert_eq!(m.layers[0].wq.rows, HEADS / 2 * HEAD_DIM);
-    assert!(m.layers[0].wv.is_mapped() && m.layers[0].w_gate.is_mapped());
-    assert!(!m.layers[0].wq.is_mapped() && !m.layers[0].wk.is_mapped());
+    assert_eq!(m.weight_bytes(), (total / 2, total / 2));
 }
 
 #[test]
@@ -1002,4 +976,10 @@ fn broken_json_names_the_file_and_the_field() {
         Err(e) => format!("{e:#}"),
     };
     assert_has(&err, &["tensor-parallel degree 3"]);
+}
+
+/// Logits of a prefill of `TOKENS[..6]` (every token) and four single-token decode steps, with
+/// `world` tensor-parallel ranks as threads.
+fn run_tp(path: &Path, world: usize) -> Vec<f32> {
+    common::tp_logits(path, world, &TOKENS[..6], &TOKENS[6..])
 }

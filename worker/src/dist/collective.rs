@@ -154,7 +154,7 @@ fn check_header(h: &[u8], seq: u64, n: usize, peer: usize) -> Result<(), String>
     let their_n = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes")) as usize;
     if their_seq != seq || their_n != n {
         return Err(format!(
-            "{} is out of step: all-reduce #{their_seq} of {their_n} floats against #{seq} of {n} here",
+            "{} is out of step: collective call #{their_seq} of {their_n} floats against #{seq} of {n} here",
             name_of(peer)
         ));
     }
@@ -233,5 +233,52 @@ impl Collective for TcpCollective {
         drop(guard);
         ALLREDUCE_STATS.record(4 * n, start.elapsed());
         Ok(())
+    }
+
+    /// One hop: followers send their part to the leader and go on; the leader reads them in
+    /// rank order. Same sequence numbers and checks as the all-reduce.
+    fn gather(&self, part: &[f32]) -> anyhow::Result<Option<Vec<f32>>> {
+        if let Some(reason) = self.shared.lost() {
+            return Err(GroupError(reason).into());
+        }
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = &mut *guard;
+        st.seq += 1;
+        let seq = st.seq;
+        let n = part.len();
+        let wait = if seq == 1 { self.first } else { self.stall };
+        let out = match &mut st.links {
+            Links::Leader(peers) => {
+                let mut all = Vec::with_capacity(self.world * n);
+                all.extend_from_slice(part);
+                st.bytes.resize(HEADER + 4 * n, 0);
+                for (i, s) in peers.iter_mut().enumerate() {
+                    let peer = i + 1;
+                    if let Err(e) = s.read_exact(&mut st.bytes) {
+                        return Err(self.lost(peer, &e, wait));
+                    }
+                    if let Err(m) = check_header(&st.bytes[..HEADER], seq, n, self.base + peer) {
+                        return Err(GroupError(self.shared.fail(m)).into());
+                    }
+                    all.extend(
+                        st.bytes[HEADER..]
+                            .chunks_exact(4)
+                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                    );
+                }
+                Some(all)
+            }
+            Links::Follower(s) => {
+                encode(&mut st.bytes, seq, part);
+                if let Err(e) = s.write_all(&st.bytes) {
+                    return Err(self.lost(0, &e, self.stall));
+                }
+                None
+            }
+        };
+        if seq == 1 {
+            self.set_timeouts(&st.links, self.stall);
+        }
+        Ok(out)
     }
 }

@@ -102,8 +102,8 @@ impl Runner {
     }
 
     /// Execute a step on this rank only (followers call this with each step received).
-    /// Returns the last token's logits for a forward step on the ranks that have them: every
-    /// rank of a single stage, the global leader of a pipeline (`[vocab]` for
+    /// Returns the last token's logits for a forward step on the rank that has them: rank 0 of a
+    /// single stage, the global leader of a pipeline (`[vocab]` for
     /// [`Step::Forward`], `[sequences, vocab]` for [`Step::ForwardBatch`]).
     pub fn execute(&mut self, step: &Step) -> anyhow::Result<Option<Vec<f32>>> {
         match step {
@@ -167,7 +167,7 @@ impl Runner {
             let out = Output::Logits(Logits::Last);
             let logits =
                 model.forward_batch(pool, coll, &mut refs, &lens, Input::Tokens(&tokens), out)?;
-            return Ok(Some(logits));
+            return Ok((coll.rank() == 0).then_some(logits));
         };
         // Fail alike on every rank before anything moves.
         let c = &model.config;
@@ -189,13 +189,14 @@ impl Runner {
         if !stage.is_last() {
             let x = model.forward_batch(pool, coll, &mut refs, &lens, input, Output::Hidden)?;
             pipe.send_hidden(&x)?;
-        } else if tp_rank == 0 {
+        } else {
+            // Every rank of the last stage multiplies by its rows of the LM head; its rank 0
+            // gathers the logits and passes them on.
             let out = Output::Logits(Logits::Last);
             let logits = model.forward_batch(pool, coll, &mut refs, &lens, input, out)?;
-            pipe.send_logits(&logits)?;
-        } else {
-            // The other ranks of the last stage take part in its all-reduces only.
-            model.forward_batch(pool, coll, &mut refs, &lens, input, Output::Hidden)?;
+            if tp_rank == 0 {
+                pipe.send_logits(&logits)?;
+            }
         }
         if stage.is_first() && tp_rank == 0 {
             return Ok(Some(pipe.recv_logits(seqs.len() * c.vocab)?));

@@ -22,7 +22,8 @@ use crate::model::gguf::GgmlType;
 /// gathered, such as the column shard of a row-parallel matrix, or a test matrix).
 #[derive(Clone)]
 pub enum Bytes {
-    Owned(Vec<u8>),
+    /// Shared, so a tied LM head and the embedding it is tied to are one copy.
+    Owned(Arc<[u8]>),
     Mapped {
         file: Arc<MappedGguf>,
         start: usize,
@@ -93,7 +94,7 @@ impl QMatrix {
         for r in values.chunks_exact(cols) {
             bytes.extend(quant::quantize_row(ty, r));
         }
-        Self::new(ty, rows, cols, Bytes::Owned(bytes)).expect("encodable type")
+        Self::new(ty, rows, cols, Bytes::Owned(bytes.into())).expect("encodable type")
     }
 
     /// Encoded bytes of row `r`.
@@ -116,6 +117,25 @@ impl QMatrix {
         matches!(self.data, Bytes::Mapped { .. })
     }
 
+    /// The same matrix in memory of its own (a copy when it is mapped).
+    pub fn into_owned(self) -> Self {
+        match self.data {
+            Bytes::Owned(_) => self,
+            Bytes::Mapped { .. } => Self {
+                data: Bytes::Owned(self.data.as_slice().into()),
+                ..self
+            },
+        }
+    }
+
+    /// Drop the pages of the mapped range this matrix reads from this process's resident memory
+    /// (see [`MappedGguf::release_range`]); nothing for an owned matrix.
+    pub fn release_pages(&self) {
+        if let Bytes::Mapped { file, start, len } = &self.data {
+            file.release_range(*start, *len);
+        }
+    }
+
     /// Dequantise row `r` into `out` (`cols` long).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         quant::dequantize_row(self.ty, self.row(r), &mut out[..self.cols]);
@@ -135,7 +155,7 @@ impl QMatrix {
         assert!(range.end <= self.rows && range.start <= range.end);
         let (a, b) = (range.start * self.row_bytes, range.end * self.row_bytes);
         let data = match &self.data {
-            Bytes::Owned(v) => Bytes::Owned(v[a..b].to_vec()),
+            Bytes::Owned(v) => Bytes::Owned(v[a..b].into()),
             Bytes::Mapped { file, start, .. } => Bytes::Mapped {
                 file: Arc::clone(file),
                 start: start + a,
@@ -168,7 +188,7 @@ impl QMatrix {
         for r in 0..self.rows {
             out.extend_from_slice(&self.row(r)[a..b]);
         }
-        Self::new(self.ty, self.rows, range.len(), Bytes::Owned(out))
+        Self::new(self.ty, self.rows, range.len(), Bytes::Owned(out.into()))
     }
 }
 

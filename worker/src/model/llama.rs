@@ -2,11 +2,15 @@
 //! attention with a KV cache, SwiGLU MLP, LM head tied to the embedding when the file has no
 //! `output.weight`.
 //!
-//! Weights stay in their GGUF encoding, borrowed from the memory map. A [`Shard`] selects the
-//! part of every matrix a tensor-parallel rank holds (whole attention heads and an FFN slice for
-//! the column-parallel Q/K/V and gate/up projections; the matching input columns of the
-//! row-parallel attention-output and down projections), and the forward pass calls the
-//! [`Collective`] once after each row-parallel product.
+//! Weights stay in their GGUF encoding (borrowed from the memory map when one rank holds the
+//! whole model). A [`Shard`] selects the part of every matrix a tensor-parallel rank holds
+//! (whole attention heads and an FFN slice for the column-parallel Q/K/V and gate/up
+//! projections; the matching input columns of the row-parallel attention-output and down
+//! projections), and the forward pass calls the [`Collective`] once after each row-parallel product. The token embedding and the LM head are
+//! vocabulary-parallel (one matrix when tied): each rank holds a block of their rows; a token's
+//! embedding comes from the rank that holds it through one all-reduce, and rank 0 gathers the
+//! logits of every rank's rows. A tensor-parallel rank copies its part out of the map and drops
+//! the mapped pages, so its resident weights are its part: 1/TP of the model.
 //!
 //! A [`Stage`] selects the contiguous block of layers a pipeline-parallel rank holds (stage 0 also
 //! the token embedding, the last stage the final norm and the LM head); [`Llama::forward_from`]
@@ -25,7 +29,7 @@ use anyhow::{Context, bail};
 use super::MappedGguf;
 use super::gguf::{Gguf, Value};
 use super::kv_cache::KvCache;
-use super::parallel::{Collective, Shard, Stage};
+use super::parallel::{self, Collective, Shard, Stage};
 use super::source::{self, GgufSource, QkLayout, TensorSource, interleave_qk};
 use crate::kernels::{self, Pool, QMatrix, SendPtr, dot};
 
@@ -226,13 +230,15 @@ pub struct Llama {
     pub stage: Stage,
     /// Global index of `layers[0]`.
     pub first_layer: usize,
-    /// The token embedding (stage 0 only).
+    /// This rank's rows of the token embedding (stage 0 only): the vocabulary-parallel split of
+    /// [`Shard::vocab_split`], all of it on a single rank.
     pub embed: Option<QMatrix>,
     /// This stage's layers.
     pub layers: Vec<Layer>,
     /// The final norm (last stage only; empty elsewhere).
     pub norm: Vec<f32>,
-    /// The LM head (last stage only; the embedding matrix when tied).
+    /// This rank's rows of the LM head (last stage only; of the embedding matrix when tied):
+    /// the vocabulary-parallel split of [`Shard::vocab_split`], all of it on a single rank.
     pub lm_head: Option<QMatrix>,
     inv_freq: Vec<f32>,
     file: Option<Arc<MappedGguf>>,
@@ -267,6 +273,12 @@ pub enum Output {
 
 struct Loader<'a> {
     src: &'a dyn TensorSource,
+    /// This rank holds part of every tensor (tensor-parallel): it copies its parts out of the
+    /// map and drops each tensor's mapped pages once copied, so what stays resident is its part
+    /// exactly, not its part plus the neighbouring pages the kernel maps around each fault
+    /// (64 KiB windows: measured 59 instead of 31 MiB per rank at TP=3 on the test model). A
+    /// rank holding whole tensors (one rank, or one pipeline stage) borrows them from the map.
+    own: bool,
 }
 
 impl Loader<'_> {
@@ -287,6 +299,49 @@ impl Loader<'_> {
             .map_err(|e| anyhow::anyhow!("{path}: tensor {}: {e}", t.name))
     }
 
+    /// This rank's `part` of matrix `name` (`[rows, cols]`): borrowed from the map, or a copy
+    /// of its own with the tensor's pages released (see `own`). Errors name the file and the
+    /// tensor.
+    fn part(
+        &self,
+        name: &str,
+        (rows, cols): (usize, usize),
+        part: impl FnOnce(&QMatrix) -> Result<QMatrix, String>,
+    ) -> anyhow::Result<QMatrix> {
+        let full = self.matrix(name, rows, cols)?;
+        let mine = part(&full).map_err(|e| {
+            let file = self.src.tensor(name).map(|t| (t.file, t.name));
+            let (file, tensor) = file.unwrap_or_default();
+            anyhow::anyhow!("{}: tensor {tensor}: {e}", file.display())
+        })?;
+        if !self.own {
+            return Ok(mine);
+        }
+        let mine = mine.into_owned();
+        full.release_pages();
+        Ok(mine)
+    }
+
+    /// Rows `rows` of matrix `name`.
+    fn rows(
+        &self,
+        name: &str,
+        shape: (usize, usize),
+        rows: std::ops::Range<usize>,
+    ) -> anyhow::Result<QMatrix> {
+        self.part(name, shape, |m| Ok(m.slice_rows(rows)))
+    }
+
+    /// Columns `cols` of matrix `name` (the input shard of a row-parallel product).
+    fn cols(
+        &self,
+        name: &str,
+        shape: (usize, usize),
+        cols: std::ops::Range<usize>,
+    ) -> anyhow::Result<QMatrix> {
+        self.part(name, shape, |m| m.slice_cols(cols))
+    }
+
     /// A Q or K projection's rows `rows` (whole heads), in the order RoPE expects.
     fn qk(
         &self,
@@ -295,15 +350,14 @@ impl Loader<'_> {
         rows: std::ops::Range<usize>,
         head_dim: usize,
     ) -> anyhow::Result<QMatrix> {
-        let m = self.matrix(name, shape.0, shape.1)?.slice_rows(rows);
-        match self.src.qk_layout() {
-            QkLayout::Interleaved => Ok(m),
-            QkLayout::HalfSplit => interleave_qk(&m, head_dim).map_err(|e| {
-                let t = self.src.tensor(name).map(|t| (t.file, t.name));
-                let (file, tensor) = t.unwrap_or_default();
-                anyhow::anyhow!("{}: tensor {tensor}: {e}", file.display())
-            }),
-        }
+        let layout = self.src.qk_layout();
+        self.part(name, shape, |m| {
+            let m = m.slice_rows(rows);
+            match layout {
+                QkLayout::Interleaved => Ok(m),
+                QkLayout::HalfSplit => interleave_qk(&m, head_dim),
+            }
+        })
     }
 
     fn vector(&self, name: &str, n: usize) -> anyhow::Result<Vec<f32>> {
@@ -331,6 +385,9 @@ impl Loader<'_> {
         }
         let mut out = vec![0f32; n];
         kernels::quant::dequantize_row(t.ty, bytes, &mut out);
+        if let (true, kernels::Bytes::Mapped { file, start, len }) = (self.own, &t.data) {
+            file.release_range(*start, *len);
+        }
         Ok(out)
     }
 }
@@ -368,66 +425,50 @@ impl Llama {
         let local = LocalDims::new(&config, shard);
         let c = &config;
         let hd = c.head_dim;
-        let ld = Loader { src };
-        let path = file.gguf.path.display().to_string();
+        let ld = Loader {
+            src,
+            own: shard.world > 1,
+        };
         let q_rows = local.q_head0 * hd..(local.q_head0 + local.q_heads) * hd;
         let kv_rows = local.kv_head0 * hd..(local.kv_head0 + local.kv_heads) * hd;
+        let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
         // No `with_capacity(n_layers)`: the count comes from the file and is only trusted once
         // every layer's tensors have been found.
         let mut layers = Vec::new();
         for i in stage_layers.clone() {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
-            let cols = |m: QMatrix, r: std::ops::Range<usize>, name: &str| {
-                m.slice_cols(r)
-                    .map_err(|e| anyhow::anyhow!("{path}: tensor {name}: {e}"))
-            };
             layers.push(Layer {
                 attn_norm: ld.vector(&n("attn_norm"), c.hidden)?,
-                wq: ld.qk(&n("attn_q"), (c.n_heads * hd, c.hidden), q_rows.clone(), hd)?,
-                wk: ld.qk(
-                    &n("attn_k"),
-                    (c.n_kv_heads * hd, c.hidden),
-                    kv_rows.clone(),
-                    hd,
-                )?,
-                wv: ld
-                    .matrix(&n("attn_v"), c.n_kv_heads * hd, c.hidden)?
-                    .slice_rows(kv_rows.clone()),
-                wo: cols(
-                    ld.matrix(&n("attn_output"), c.hidden, c.n_heads * hd)?,
-                    q_rows.clone(),
-                    &n("attn_output"),
-                )?,
+                wq: ld.qk(&n("attn_q"), (q_dim, c.hidden), q_rows.clone(), hd)?,
+                wk: ld.qk(&n("attn_k"), (kv_dim, c.hidden), kv_rows.clone(), hd)?,
+                wv: ld.rows(&n("attn_v"), (kv_dim, c.hidden), kv_rows.clone())?,
+                wo: ld.cols(&n("attn_output"), (c.hidden, q_dim), q_rows.clone())?,
                 ffn_norm: ld.vector(&n("ffn_norm"), c.hidden)?,
-                w_gate: ld
-                    .matrix(&n("ffn_gate"), c.ffn, c.hidden)?
-                    .slice_rows(local.ffn.clone()),
-                w_up: ld
-                    .matrix(&n("ffn_up"), c.ffn, c.hidden)?
-                    .slice_rows(local.ffn.clone()),
-                w_down: cols(
-                    ld.matrix(&n("ffn_down"), c.hidden, c.ffn)?,
-                    local.ffn.clone(),
-                    &n("ffn_down"),
-                )?,
+                w_gate: ld.rows(&n("ffn_gate"), (c.ffn, c.hidden), local.ffn.clone())?,
+                w_up: ld.rows(&n("ffn_up"), (c.ffn, c.hidden), local.ffn.clone())?,
+                w_down: ld.cols(&n("ffn_down"), (c.hidden, c.ffn), local.ffn.clone())?,
             });
         }
+        // Vocabulary-parallel embedding and LM head: this rank's rows of each (one matrix when
+        // tied: the head is the embedding's rows, shared).
         let tied = !src.has("output.weight");
-        let embed_matrix = if stage.is_first() || (stage.is_last() && tied) {
-            Some(ld.matrix("token_embd.weight", c.vocab, c.hidden)?)
+        let vocab_rows = shard.vocab_split(c.vocab).1;
+        let vocab_shape = (c.vocab, c.hidden);
+        let embed = if stage.is_first() {
+            Some(ld.rows("token_embd.weight", vocab_shape, vocab_rows.clone())?)
         } else {
             None
         };
         let (lm_head, norm) = if stage.is_last() {
-            let head = match &embed_matrix {
+            let head = match &embed {
                 Some(e) if tied => e.clone(),
-                _ => ld.matrix("output.weight", c.vocab, c.hidden)?,
+                _ if tied => ld.rows("token_embd.weight", vocab_shape, vocab_rows)?,
+                _ => ld.rows("output.weight", vocab_shape, vocab_rows)?,
             };
             (Some(head), ld.vector("output_norm.weight", c.hidden)?)
         } else {
             (None, Vec::new())
         };
-        let embed = if stage.is_first() { embed_matrix } else { None };
         let inv_freq = (0..c.rope_dim / 2)
             .map(|i| (f64::from(c.rope_base)).powf(-2.0 * i as f64 / c.rope_dim as f64) as f32)
             .collect();
@@ -466,9 +507,14 @@ impl Llama {
                 add(m);
             }
         }
-        match (&self.embed, &self.lm_head) {
-            (Some(m), _) | (None, Some(m)) => add(m),
-            (None, None) => {}
+        // A tied head on a single rank is the embedding itself; counted once.
+        let tied_whole = matches!((&self.embed, &self.lm_head), (Some(e), Some(h))
+            if e.rows == h.rows && std::ptr::eq(e.bytes().as_ptr(), h.bytes().as_ptr()));
+        if let Some(m) = &self.embed {
+            add(m);
+        }
+        if let Some(m) = self.lm_head.as_ref().filter(|_| !tied_whole) {
+            add(m);
         }
         (total, owned)
     }
@@ -497,7 +543,8 @@ impl Llama {
     }
 
     /// Run `tokens` (positions following what `cache` holds) through the model, appending to
-    /// the cache. Returns the last token's logits or every token's.
+    /// the cache. Returns the last token's logits or every token's (on tensor-parallel rank 0;
+    /// empty on the others, see [`Llama::forward_batch`]).
     pub fn forward(
         &self,
         pool: &Pool,
@@ -541,8 +588,10 @@ impl Llama {
     /// batch. Every row is computed exactly as in a pass of its sequence alone.
     ///
     /// Returns `[sequences, vocab]` for [`Logits::Last`] (each sequence's last token),
-    /// `[rows, vocab]` for [`Logits::All`] and `[rows, hidden]` for [`Output::Hidden`]. On error
-    /// no cache changes.
+    /// `[rows, vocab]` for [`Logits::All`] and `[rows, hidden]` for [`Output::Hidden`]. Logits
+    /// come back on tensor-parallel rank 0 only: each rank multiplies by its rows of the
+    /// vocabulary-parallel LM head and rank 0 gathers them; the other ranks return an empty
+    /// vector. On error no cache changes.
     pub fn forward_batch(
         &self,
         pool: &Pool,
@@ -639,13 +688,23 @@ impl Llama {
         let mut x = match input {
             Input::Hidden(x) => x.to_vec(),
             Input::Tokens(tokens) => {
+                // Vocabulary-parallel: each rank fills the rows of the tokens it holds, the
+                // all-reduce adds the zeros of the others (exact).
                 let embed = self.embed.as_ref().context("no token embedding")?;
+                let mine = self.shard.vocab_split(c.vocab).1;
                 let mut x = vec![0f32; b * h];
                 for (t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
-                    if *t as usize >= c.vocab {
+                    let t = *t as usize;
+                    if t >= c.vocab {
                         bail!("token id {t} is outside the vocabulary of {}", c.vocab);
                     }
-                    embed.dequantize_row(*t as usize, row);
+                    if mine.contains(&t) {
+                        embed.dequantize_row(t - mine.start, row);
+                    }
+                }
+                if self.shard.world > 1 {
+                    coll.all_reduce_sum(&mut x)
+                        .context("all-reduce of the token embedding")?;
                 }
                 x
             }
@@ -717,9 +776,33 @@ impl Llama {
         let n = rows.len() / h;
         let mut xn = vec![0f32; rows.len()];
         rms_norm(rows, &self.norm, c.rms_eps, &mut xn);
-        let mut logits = vec![0f32; n * c.vocab];
-        kernels::matmul(pool, lm_head, &xn, n, &mut logits);
-        Ok(logits)
+        if self.shard.world == 1 {
+            let mut logits = vec![0f32; n * c.vocab];
+            kernels::matmul(pool, lm_head, &xn, n, &mut logits);
+            return Ok(logits);
+        }
+        // Vocabulary-parallel: this rank's columns of the logits, padded to the common part
+        // length, gathered on rank 0.
+        let (per, cols) = self.shard.vocab_split(c.vocab);
+        let mut part = vec![0f32; n * per];
+        if cols.len() == per {
+            kernels::matmul(pool, lm_head, &xn, n, &mut part);
+        } else if !cols.is_empty() {
+            let mut mine = vec![0f32; n * cols.len()];
+            kernels::matmul(pool, lm_head, &xn, n, &mut mine);
+            for (src, dst) in mine
+                .chunks_exact(cols.len())
+                .zip(part.chunks_exact_mut(per))
+            {
+                dst[..cols.len()].copy_from_slice(src);
+            }
+        }
+        let gathered = coll
+            .gather(&part)
+            .context("gather of the LM head's logits")?;
+        Ok(gathered.map_or_else(Vec::new, |all| {
+            parallel::assemble_vocab(&all, self.shard.world, n, c.vocab)
+        }))
     }
 
     /// ggml's normal-mode RoPE on `[tokens, heads * head_dim]`, positions from `start`.

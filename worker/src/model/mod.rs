@@ -63,6 +63,24 @@ impl MappedGguf {
         }
     }
 
+    /// Like [`MappedGguf::release_pages`] for `len` bytes from `start` only (widened to whole
+    /// pages; pages shared with a neighbouring tensor go too and come back on the next access).
+    pub fn release_range(&self, start: usize, len: usize) {
+        #[cfg(unix)]
+        if let Some(map) = &self.map
+            && len > 0
+            && start.saturating_add(len) <= map.len()
+        {
+            // SAFETY: as in `release_pages`: a read-only, file-backed private map whose dropped
+            // pages are re-read from the unchanged file on the next access.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = (start, len);
+    }
+
     /// The raw bytes of a tensor.
     pub fn tensor_bytes(&self, t: &gguf::TensorInfo) -> &[u8] {
         &self.bytes()[t.offset as usize..(t.offset + t.size) as usize]

@@ -29,6 +29,33 @@ impl Shard {
         let per = n / self.world;
         self.rank * per..(self.rank + 1) * per
     }
+
+    /// The vocabulary-parallel split of `vocab` LM-head rows: every rank's part is `per =
+    /// ceil(vocab / world)` rows long on the wire, and this rank holds rows `range` of them
+    /// (`range.len() <= per`; the last ranks hold fewer, possibly none, when `world` does not
+    /// divide `vocab`).
+    pub fn vocab_split(&self, vocab: usize) -> (usize, std::ops::Range<usize>) {
+        let per = vocab.div_ceil(self.world);
+        let start = (self.rank * per).min(vocab);
+        (per, start..(start + per).min(vocab))
+    }
+}
+
+/// Rank 0's view of a vocabulary-parallel LM head: `parts` is every rank's `[rows, per]` block of
+/// logits (see [`Shard::vocab_split`]) concatenated in rank order; the result is the
+/// `[rows, vocab]` logits, the padding of short parts dropped.
+pub fn assemble_vocab(parts: &[f32], world: usize, rows: usize, vocab: usize) -> Vec<f32> {
+    let per = vocab.div_ceil(world);
+    debug_assert_eq!(parts.len(), world * rows * per);
+    let mut out = vec![0f32; rows * vocab];
+    for rank in 0..world {
+        let (_, cols) = Shard { rank, world }.vocab_split(vocab);
+        let block = &parts[rank * rows * per..(rank + 1) * rows * per];
+        for (src, dst) in block.chunks_exact(per).zip(out.chunks_exact_mut(vocab)) {
+            dst[cols.clone()].copy_from_slice(&src[..cols.len()]);
+        }
+    }
+    out
 }
 
 /// This rank's pipeline stage: which contiguous block of decoder layers it holds.
@@ -78,6 +105,21 @@ pub trait Collective: Send + Sync {
     fn world(&self) -> usize;
     /// Element-wise sum of `buf` across all ranks, result in every rank's `buf`.
     fn all_reduce_sum(&self, buf: &mut [f32]) -> anyhow::Result<()>;
+
+    /// Gather on rank 0: every rank passes a `part` of the same length; rank 0 gets all parts
+    /// concatenated in rank order, the other ranks `None`. The vocabulary-parallel LM head uses
+    /// it: only the leader samples, so the logits need not travel back.
+    ///
+    /// The default moves the parts through [`Collective::all_reduce_sum`] (each rank's part at
+    /// its offset in a zeroed buffer of `world` parts; adding zeros is exact); transports that
+    /// can send to one rank override it.
+    fn gather(&self, part: &[f32]) -> anyhow::Result<Option<Vec<f32>>> {
+        let (rank, n) = (self.rank(), part.len());
+        let mut all = vec![0f32; self.world() * n];
+        all[rank * n..(rank + 1) * n].copy_from_slice(part);
+        self.all_reduce_sum(&mut all)?;
+        Ok((rank == 0).then_some(all))
+    }
 }
 
 /// The collective of a single rank: every reduction is the identity.
@@ -93,6 +135,9 @@ impl Collective for Identity {
     }
     fn all_reduce_sum(&self, _buf: &mut [f32]) -> anyhow::Result<()> {
         Ok(())
+    }
+    fn gather(&self, part: &[f32]) -> anyhow::Result<Option<Vec<f32>>> {
+        Ok(Some(part.to_vec()))
     }
 }
 
@@ -133,5 +178,55 @@ impl AllReduceStats {
 impl Default for AllReduceStats {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vocabulary_split_covers_every_row_once() {
+        for vocab in [1, 5, 96, 97, 49152, 128_256] {
+            for world in 1..=9 {
+                let mut next = 0;
+                for rank in 0..world {
+                    let (per, r) = Shard { rank, world }.vocab_split(vocab);
+                    assert_eq!(per, vocab.div_ceil(world));
+                    assert!(r.len() <= per, "{vocab}/{world} rank {rank}: {r:?}");
+                    assert_eq!(r.start, next, "{vocab}/{world} rank {rank}: {r:?}");
+                    next = r.end;
+                }
+                assert_eq!(next, vocab, "{vocab}/{world}");
+            }
+        }
+    }
+
+    /// Every rank's padded block of a `[rows, vocab]` matrix, as a gather delivers them, comes
+    /// back as the matrix, including splits where the last ranks hold fewer rows or none.
+    #[test]
+    fn assembled_parts_give_back_the_whole_matrix() {
+        for (vocab, world, rows) in [(10, 1, 2), (10, 3, 2), (5, 4, 3), (96, 4, 1), (7, 7, 2)] {
+            let whole: Vec<f32> = (0..rows * vocab).map(|i| i as f32 + 0.5).collect();
+            let mut parts = Vec::new();
+            for rank in 0..world {
+                let (per, cols) = Shard { rank, world }.vocab_split(vocab);
+                for row in whole.chunks_exact(vocab) {
+                    let mut block = row[cols.clone()].to_vec();
+                    block.resize(per, f32::NAN); // padding is never read
+                    parts.extend(block);
+                }
+            }
+            assert_eq!(
+                assemble_vocab(&parts, world, rows, vocab),
+                whole,
+                "{vocab}/{world}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_rank_gathers_its_own_part() {
+        assert_eq!(Identity.gather(&[1.0, 2.0]).unwrap(), Some(vec![1.0, 2.0]));
     }
 }

@@ -160,5 +160,5 @@ pub fn interleave_qk(m: &QMatrix, head_dim: usize) -> Result<QMatrix, String> {
             }
         }
     }
-    QMatrix::new(m.ty, m.rows, m.cols, Bytes::Owned(out))
+    QMatrix::new(m.ty, m.rows, m.cols, Bytes::Owned(out.into()))
 }

@@ -2,7 +2,9 @@
 
 use std::sync::{Arc, Barrier, Mutex};
 
-use tessera_worker::model::parallel::Collective;
+use tessera_worker::kernels::Pool;
+use tessera_worker::model::llama::{Llama, Logits};
+use tessera_worker::model::parallel::{Collective, Shard};
 
 /// An in-memory all-reduce for tensor-parallel ranks running as threads of one test.
 struct Group {
@@ -55,4 +57,44 @@ impl Collective for Member {
         self.group.barrier.wait();
         Ok(())
     }
+}
+
+/// Logits of a prefill of `prefill` (every token) followed by one single-token decode step per
+/// token of `decode`, with `world` tensor-parallel ranks as threads. Rank 0 gathers the
+/// vocabulary-parallel LM head's logits; the other ranks get none.
+pub fn tp_logits(
+    path: &std::path::Path,
+    world: usize,
+    prefill: &'static [u32],
+    decode: &'static [u32],
+) -> Vec<f32> {
+    let handles: Vec<_> = thread_collectives(world)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, member)| {
+            let path = path.to_owned();
+            std::thread::spawn(move || {
+                let model = Llama::open(&path, Shard::new(rank, world).unwrap()).unwrap();
+                let pool = Pool::new(1).unwrap();
+                let mut cache = model.new_cache(1 << 20).unwrap();
+                let mut out = model
+                    .forward(&pool, &member, &mut cache, prefill, Logits::All)
+                    .unwrap();
+                for t in decode {
+                    out.extend(
+                        model
+                            .forward(&pool, &member, &mut cache, &[*t], Logits::Last)
+                            .unwrap(),
+                    );
+                }
+                out
+            })
+        })
+        .collect();
+    let mut results = handles.into_iter().map(|h| h.join().unwrap());
+    let leader = results.next().unwrap();
+    for (rank, r) in results.enumerate() {
+        assert!(r.is_empty(), "rank {} got {} logits", rank + 1, r.len());
+    }
+    leader
 }
