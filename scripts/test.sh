@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it. Installs what it needs (the test model into models/, Helm
-# and Python packages into .tools/) and runs: rustfmt, clippy, every Rust test, the chart checks.
+# The whole test suite, as CI runs it. Installs what it needs (the test model and llama.cpp's
+# tokenizer test vocabularies into models/, Helm and Python packages into .tools/) and runs:
+# rustfmt, clippy, every Rust test, the chart checks.
 # Usage: scripts/test.sh            (from anywhere inside the repository)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,9 @@ cargo clippy -p tessera-worker --features cuda --all-targets --locked -- -D warn
 
 step "test model (scripts/fetch-model.sh)"
 scripts/fetch-model.sh
+
+step "tokenizer test vocabularies (scripts/fetch-vocab.sh)"
+scripts/fetch-vocab.sh
 
 step "cargo test --workspace"
 cargo test --workspace --locked

@@ -1,13 +1,28 @@
-//! The tokenizer rebuilt from GGUF metadata: GPT-2-style byte-level BPE (`tokenizer.ggml.model =
-//! gpt2`) with the model's pre-tokenizer, special tokens, and the ChatML chat template.
+//! The tokenizer rebuilt from GGUF metadata, as llama.cpp builds it: GPT-2-style byte-level BPE
+//! (`tokenizer.ggml.model = gpt2`) with the model's pre-tokenizer, or SentencePiece-style
+//! (`llama`: Llama 2, Mistral, TinyLlama); special tokens; the ChatML chat template.
 //!
-//! Pre-tokenizers (`tokenizer.ggml.pre`), as llama.cpp applies them:
+//! Byte-level BPE pre-tokenizers (`tokenizer.ggml.pre`), as llama.cpp applies them:
 //! - `smollm`: every number character (`\p{N}`) on its own, then the GPT-2 regex on the rest;
-//! - `gpt2` / `default`: the GPT-2 regex alone.
+//! - `gpt2` / `gpt-2` / `default`: the GPT-2 regex alone;
+//! - `llama-bpe` / `llama3` / `llama-v3` (Llama 3):
+//!   `'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD]|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+//!   ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`, and a piece that is a whole token is
+//!   kept whole without merging (llama.cpp's `ignore_merges`).
 //!
 //! The GPT-2 regex is `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`;
 //! the `regex` crate has no look-ahead, so a whitespace run followed by a non-space gives back
-//! its last character (which then starts the next piece), exactly what `\s+(?!\S)` does.
+//! its last character (which then starts the next piece), exactly what `\s+(?!\S)` does. In the
+//! Llama 3 regex a run holding a line break was matched by `\s*[\r\n]+` before and keeps it.
+//!
+//! SentencePiece (llama.cpp's `llm_tokenizer_spm`): a space is put before text at the start or
+//! after a special token (`tokenizer.ggml.add_space_prefix`, default on), spaces become `▁`, the
+//! text splits into characters and the adjacent pair whose concatenation is the vocabulary's
+//! highest-scoring token (`tokenizer.ggml.scores`; the leftmost on a tie) merges until none is a
+//! token; a character that is no token becomes its UTF-8 bytes' `<0xXX>` tokens.
+//!
+//! `tests/tokenizer_vocab.rs` checks all three kinds against llama.cpp's own test vocabularies
+//! (Llama 2 SentencePiece, Llama 3 BPE, GPT-2) and the ids their original tokenizers give.
 
 use std::collections::HashMap;
 
@@ -36,25 +51,49 @@ impl Message {
     }
 }
 
+/// A byte-level BPE pre-tokenizer (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Pre {
+pub enum Pre {
     Gpt2,
     SmolLm,
+    Llama3,
 }
 
-/// A byte-level BPE tokenizer.
+/// How plain text becomes tokens.
+enum Algo {
+    /// Byte-level BPE.
+    Bpe {
+        /// (left, right) → (rank, merged id).
+        merges: HashMap<(u32, u32), (u32, u32)>,
+        byte_ids: [Option<u32>; 256],
+        byte_encoder: Box<[char; 256]>,
+        byte_decoder: HashMap<char, u8>,
+        pre: Pre,
+        regex: Regex,
+    },
+    /// SentencePiece-style: merges by token score, byte fallback.
+    Spm {
+        scores: Vec<f32>,
+        /// The `<0xXX>` token of each byte.
+        byte_ids: [Option<u32>; 256],
+        unk: Option<u32>,
+        add_space_prefix: bool,
+    },
+}
+
+/// ggml token types beyond control and user-defined.
+const TYPE_UNKNOWN: i64 = 2;
+const TYPE_UNUSED: i64 = 5;
+const TYPE_BYTE: i64 = 6;
+
+/// A tokenizer: byte-level BPE or SentencePiece-style (see the module docs).
 pub struct Tokenizer {
     tokens: Vec<String>,
     types: Vec<i64>,
     ids: HashMap<String, u32>,
-    /// (left, right) → (rank, merged id).
-    merges: HashMap<(u32, u32), (u32, u32)>,
     /// Special tokens matched in text, longest first.
     special: Vec<(String, u32)>,
-    byte_ids: [Option<u32>; 256],
-    byte_decoder: HashMap<char, u8>,
-    pre: Pre,
-    regex: Regex,
+    algo: Algo,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     pub add_bos: bool,
@@ -62,6 +101,82 @@ pub struct Tokenizer {
     /// vocabulary has them).
     pub stop_ids: Vec<u32>,
     chat_template: Option<String>,
+}
+
+/// Token ids by text.
+fn index(tokens: &[String]) -> HashMap<String, u32> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect()
+}
+
+/// The byte of a SentencePiece byte token, `<0xXX>`.
+fn byte_token(t: &str) -> Option<u8> {
+    let hex = t.strip_prefix("<0x")?.strip_suffix('>')?;
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok())?
+}
+
+/// A candidate SentencePiece merge: the symbol `left` with its successor, `len` bytes together,
+/// whose concatenation is a token of `score`. The heap yields the highest score first, then the
+/// leftmost (llama.cpp's order).
+struct Bigram {
+    score: f32,
+    left: usize,
+    len: usize,
+}
+
+impl Ord for Bigram {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.score
+            .total_cmp(&other.score)
+            .then_with(|| other.left.cmp(&self.left))
+    }
+}
+
+impl PartialOrd for Bigram {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Bigram {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Bigram {}
+
+/// Split `text` into the regex's matches, emulating a trailing `\s+(?!\S)` (see the module
+/// docs): a run of two or more whitespace characters that stops before a non-space gives its
+/// last character to the next piece, unless it holds a line break and `line_breaks_first` (the
+/// regex matched such a run with `\s*[\r\n]+` before reaching `\s+(?!\S)`).
+fn regex_split<'a>(regex: &Regex, line_breaks_first: bool, text: &'a str, out: &mut Vec<&'a str>) {
+    let mut pos = 0;
+    while pos < text.len() {
+        let Some(m) = regex.find_at(text, pos) else {
+            out.push(&text[pos..]);
+            break;
+        };
+        if m.start() > pos {
+            // Unmatched text (cannot happen with these regexes, kept for safety).
+            out.push(&text[pos..m.start()]);
+        }
+        let mut end = m.end();
+        let s = m.as_str();
+        if end < text.len()
+            && s.chars().all(char::is_whitespace)
+            && !(line_breaks_first && s.contains(['\r', '\n']))
+            && s.chars().count() > 1
+        {
+            let last = s.chars().next_back().expect("non-empty").len_utf8();
+            end -= last;
+        }
+        out.push(&text[m.start()..end]);
+        pos = end;
+    }
 }
 
 /// GPT-2's map from bytes to printable characters.
@@ -89,16 +204,20 @@ impl Tokenizer {
                 .with_context(|| format!("{path}: metadata key {k} is missing"))
         };
         let model = key("tokenizer.ggml.model")?.as_str().unwrap_or_default();
-        if model != "gpt2" {
-            bail!(
-                "{path}: tokenizer.ggml.model {model:?} is not supported (gpt2, byte-level BPE, is)"
-            );
-        }
+        let spm = match model {
+            "gpt2" => false,
+            "llama" => true,
+            other => bail!(
+                "{path}: tokenizer.ggml.model {other:?} is not supported (gpt2, byte-level BPE, and llama, SentencePiece-style, are)"
+            ),
+        };
         let pre = match g.get("tokenizer.ggml.pre").and_then(Value::as_str) {
+            _ if spm => Pre::Gpt2,
             Some("smollm") => Pre::SmolLm,
-            None | Some("gpt2" | "default") => Pre::Gpt2,
+            Some("llama-bpe" | "llama3" | "llama-v3") => Pre::Llama3,
+            None | Some("gpt2" | "gpt-2" | "default") => Pre::Gpt2,
             Some(other) => bail!(
-                "{path}: tokenizer.ggml.pre {other:?} is not supported (smollm, gpt2 and default are)"
+                "{path}: tokenizer.ggml.pre {other:?} is not supported (smollm, llama-bpe, gpt2 and default are)"
             ),
         };
         let strings = |k: &str| -> anyhow::Result<Vec<String>> {
@@ -114,7 +233,11 @@ impl Tokenizer {
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
+        let merges = if spm {
+            Vec::new()
+        } else {
+            strings("tokenizer.ggml.merges")?
+        };
         let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
             Some(v) => v
                 .as_array()
@@ -140,22 +263,61 @@ impl Tokenizer {
             .get("tokenizer.chat_template")
             .and_then(Value::as_str)
             .map(str::to_owned);
-        Self::new(
-            tokens,
-            types,
-            &merges,
-            pre == Pre::SmolLm,
+        let flag = |k: &str, default: bool| match g.get(k) {
+            Some(Value::Bool(b)) => *b,
+            _ => default,
+        };
+        // llama.cpp's defaults: SentencePiece vocabularies add BOS, byte-level BPE ones do not.
+        let add_bos = flag("tokenizer.ggml.add_bos_token", spm);
+        let (bos, eos, eot) = (
             id_key("tokenizer.ggml.bos_token_id"),
             id_key("tokenizer.ggml.eos_token_id"),
             id_key("tokenizer.ggml.eot_token_id"),
-            g.get("tokenizer.ggml.add_bos_token")
-                .is_some_and(|v| *v == Value::Bool(true)),
-            template,
-        )
-        .with_context(|| format!("{path}: building the tokenizer"))
+        );
+        let built = if spm {
+            let scores: Vec<f32> = key("tokenizer.ggml.scores")?
+                .as_array()
+                .with_context(|| format!("{path}: tokenizer.ggml.scores is not an array"))?
+                .iter()
+                .map(|v| match *v {
+                    Value::F32(x) => Ok(x),
+                    Value::F64(x) => Ok(x as f32),
+                    _ => bail!("{path}: tokenizer.ggml.scores holds a non-number"),
+                })
+                .collect::<anyhow::Result<_>>()?;
+            if scores.len() != tokens.len() {
+                bail!(
+                    "{path}: tokenizer.ggml.scores has {} entries for {} tokens",
+                    scores.len(),
+                    tokens.len()
+                );
+            }
+            Self::new_spm(
+                tokens,
+                types,
+                scores,
+                flag("tokenizer.ggml.add_space_prefix", true),
+                id_key("tokenizer.ggml.unknown_token_id"),
+                [bos, eos, eot],
+                add_bos,
+                template,
+            )
+        } else {
+            Self::with_pre(
+                tokens,
+                types,
+                &merges,
+                pre,
+                [bos, eos, eot],
+                add_bos,
+                template,
+            )
+        };
+        built.with_context(|| format!("{path}: building the tokenizer"))
     }
 
-    /// Build from parts (tests build tiny vocabularies this way).
+    /// Build a byte-level BPE tokenizer from parts (tests build tiny vocabularies this way);
+    /// `split_digits` selects the `smollm` pre-tokenizer, otherwise GPT-2's.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         tokens: Vec<String>,
@@ -168,11 +330,29 @@ impl Tokenizer {
         add_bos: bool,
         chat_template: Option<String>,
     ) -> anyhow::Result<Self> {
-        let ids: HashMap<String, u32> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+        let pre = if split_digits { Pre::SmolLm } else { Pre::Gpt2 };
+        Self::with_pre(
+            tokens,
+            types,
+            merges,
+            pre,
+            [bos, eos, eot],
+            add_bos,
+            chat_template,
+        )
+    }
+
+    /// A byte-level BPE tokenizer with pre-tokenizer `pre`; `[bos, eos, eot]` ids.
+    pub fn with_pre(
+        tokens: Vec<String>,
+        types: Vec<i64>,
+        merges: &[String],
+        pre: Pre,
+        [bos, eos, eot]: [Option<u32>; 3],
+        add_bos: bool,
+        chat_template: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let ids = index(&tokens);
         let mut merge_map = HashMap::with_capacity(merges.len());
         for (rank, m) in merges.iter().enumerate() {
             let Some((a, b)) = m.split_once(' ') else {
@@ -190,6 +370,80 @@ impl Tokenizer {
             byte_ids[b] = ids.get(&c.to_string()).copied();
         }
         let byte_decoder = enc.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        let regex = match pre {
+            Pre::Gpt2 | Pre::SmolLm => {
+                r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+"
+            }
+            Pre::Llama3 => concat!(
+                r"'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD]|[^\r\n\p{L}\p{N}]?\p{L}+|",
+                r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+"
+            ),
+        };
+        let algo = Algo::Bpe {
+            merges: merge_map,
+            byte_ids,
+            byte_encoder: Box::new(enc),
+            byte_decoder,
+            pre,
+            regex: Regex::new(regex).expect("valid regex"),
+        };
+        Ok(Self::assemble(
+            tokens,
+            types,
+            ids,
+            algo,
+            [bos, eos, eot],
+            add_bos,
+            chat_template,
+        ))
+    }
+
+    /// A SentencePiece-style tokenizer: `scores` per token, `<0xXX>` byte tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_spm(
+        tokens: Vec<String>,
+        types: Vec<i64>,
+        scores: Vec<f32>,
+        add_space_prefix: bool,
+        unk: Option<u32>,
+        [bos, eos, eot]: [Option<u32>; 3],
+        add_bos: bool,
+        chat_template: Option<String>,
+    ) -> anyhow::Result<Self> {
+        if scores.len() != tokens.len() {
+            bail!("{} scores for {} tokens", scores.len(), tokens.len());
+        }
+        let ids = index(&tokens);
+        let mut byte_ids = [None; 256];
+        for (b, id) in byte_ids.iter_mut().enumerate() {
+            *id = ids.get(&format!("<0x{b:02X}>")).copied();
+        }
+        let algo = Algo::Spm {
+            scores,
+            byte_ids,
+            unk,
+            add_space_prefix,
+        };
+        Ok(Self::assemble(
+            tokens,
+            types,
+            ids,
+            algo,
+            [bos, eos, eot],
+            add_bos,
+            chat_template,
+        ))
+    }
+
+    fn assemble(
+        tokens: Vec<String>,
+        types: Vec<i64>,
+        ids: HashMap<String, u32>,
+        algo: Algo,
+        [bos, eos, eot]: [Option<u32>; 3],
+        add_bos: bool,
+        chat_template: Option<String>,
+    ) -> Self {
         let mut special: Vec<(String, u32)> = tokens
             .iter()
             .zip(&types)
@@ -208,24 +462,18 @@ impl Tokenizer {
                 stop_ids.push(id);
             }
         }
-        let regex = Regex::new(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+")
-            .expect("valid regex");
-        Ok(Self {
+        Self {
             tokens,
             types,
             ids,
-            merges: merge_map,
             special,
-            byte_ids,
-            byte_decoder,
-            pre: if split_digits { Pre::SmolLm } else { Pre::Gpt2 },
-            regex,
+            algo,
             bos,
             eos,
             add_bos,
             stop_ids,
             chat_template,
-        })
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -252,6 +500,8 @@ impl Tokenizer {
         {
             out.push(b);
         }
+        // Text at the start or right after a special token gets SentencePiece's space prefix.
+        let mut after_special = true;
         let mut rest = text;
         while !rest.is_empty() {
             let found = if parse_special {
@@ -262,86 +512,182 @@ impl Tokenizer {
             } else {
                 None
             };
-            match found {
-                Some((at, len, id)) => {
-                    self.encode_plain(&rest[..at], &mut out);
-                    out.push(id);
-                    rest = &rest[at + len..];
-                }
-                None => {
-                    self.encode_plain(rest, &mut out);
-                    break;
-                }
+            let (plain, token, next) = match found {
+                Some((at, len, id)) => (&rest[..at], Some(id), &rest[at + len..]),
+                None => (rest, None, ""),
+            };
+            if !plain.is_empty() {
+                self.encode_plain(plain, after_special, &mut out);
+                after_special = false;
             }
+            if let Some(id) = token {
+                out.push(id);
+                after_special = true;
+            }
+            rest = next;
         }
         out
     }
 
-    /// The pre-tokenizer's pieces of plain text (exposed for tests).
+    /// The pre-tokenizer's pieces of plain text (exposed for tests); SentencePiece-style
+    /// tokenizers have no pre-tokenizer: the whole text is one piece.
     pub fn pre_tokenize<'a>(&self, text: &'a str) -> Vec<&'a str> {
         let mut pieces = Vec::new();
-        match self.pre {
-            Pre::Gpt2 => self.gpt2_split(text, &mut pieces),
+        let Algo::Bpe { pre, regex, .. } = &self.algo else {
+            return vec![text];
+        };
+        match pre {
+            Pre::Gpt2 => regex_split(regex, false, text, &mut pieces),
+            Pre::Llama3 => regex_split(regex, true, text, &mut pieces),
             Pre::SmolLm => {
                 let mut seg_start = 0;
                 for (i, c) in text.char_indices() {
                     if c.is_numeric() {
-                        self.gpt2_split(&text[seg_start..i], &mut pieces);
+                        regex_split(regex, false, &text[seg_start..i], &mut pieces);
                         pieces.push(&text[i..i + c.len_utf8()]);
                         seg_start = i + c.len_utf8();
                     }
                 }
-                self.gpt2_split(&text[seg_start..], &mut pieces);
+                regex_split(regex, false, &text[seg_start..], &mut pieces);
             }
         }
         pieces
     }
 
-    fn gpt2_split<'a>(&self, text: &'a str, out: &mut Vec<&'a str>) {
-        let mut pos = 0;
-        while pos < text.len() {
-            let Some(m) = self.regex.find_at(text, pos) else {
-                out.push(&text[pos..]);
-                break;
-            };
-            if m.start() > pos {
-                // Unmatched text (cannot happen with this regex, kept for safety).
-                out.push(&text[pos..m.start()]);
+    fn encode_plain(&self, text: &str, after_special: bool, out: &mut Vec<u32>) {
+        match &self.algo {
+            Algo::Bpe { .. } => {
+                for piece in self.pre_tokenize(text) {
+                    self.bpe(piece, out);
+                }
             }
-            let mut end = m.end();
-            let s = m.as_str();
-            if end < text.len() && s.chars().all(char::is_whitespace) && s.chars().count() > 1 {
-                // `\s+(?!\S)`: leave the last whitespace character to the next piece.
-                let last = s.chars().next_back().expect("non-empty").len_utf8();
-                end -= last;
+            Algo::Spm {
+                add_space_prefix, ..
+            } => {
+                let prefix = if *add_space_prefix && after_special {
+                    " "
+                } else {
+                    ""
+                };
+                let escaped = format!("{prefix}{text}").replace(' ', "\u{2581}");
+                self.spm(&escaped, out);
             }
-            out.push(&text[m.start()..end]);
-            pos = end;
-        }
-    }
-
-    fn encode_plain(&self, text: &str, out: &mut Vec<u32>) {
-        for piece in self.pre_tokenize(text) {
-            self.bpe(piece, out);
         }
     }
 
     fn bpe(&self, piece: &str, out: &mut Vec<u32>) {
-        let mut syms: Vec<u32> = piece
-            .bytes()
-            .filter_map(|b| self.byte_ids[b as usize])
-            .collect();
+        let Algo::Bpe {
+            merges,
+            byte_ids,
+            byte_encoder,
+            pre,
+            ..
+        } = &self.algo
+        else {
+            return;
+        };
+        if *pre == Pre::Llama3 {
+            // `ignore_merges`: a piece that is a token stays whole.
+            let encoded: String = piece.bytes().map(|b| byte_encoder[b as usize]).collect();
+            if let Some(&id) = self.ids.get(&encoded) {
+                out.push(id);
+                return;
+            }
+        }
+        let mut syms: Vec<u32> = piece.bytes().filter_map(|b| byte_ids[b as usize]).collect();
         while syms.len() > 1 {
             let best = syms
                 .windows(2)
                 .enumerate()
-                .filter_map(|(i, w)| self.merges.get(&(w[0], w[1])).map(|&(r, m)| (r, i, m)))
+                .filter_map(|(i, w)| merges.get(&(w[0], w[1])).map(|&(r, m)| (r, i, m)))
                 .min();
             let Some((_, i, merged)) = best else { break };
             syms[i] = merged;
             syms.remove(i + 1);
         }
         out.extend(syms);
+    }
+
+    /// SentencePiece-style merging of `text` (spaces already `▁`), as llama.cpp's
+    /// `llm_tokenizer_spm`: symbols start as characters; the adjacent pair whose concatenation
+    /// is the highest-scoring token merges (the leftmost on a tie), again and again; a final
+    /// symbol that is no token (a character outside the vocabulary: merged symbols always are
+    /// tokens) becomes its bytes' `<0xXX>` tokens.
+    fn spm(&self, text: &str, out: &mut Vec<u32>) {
+        let Algo::Spm {
+            scores,
+            byte_ids,
+            unk,
+            ..
+        } = &self.algo
+        else {
+            return;
+        };
+        // Symbol i: bytes start..start + len of `text`; a merged-away symbol has len 0.
+        struct Sym {
+            start: usize,
+            len: usize,
+            prev: Option<usize>,
+            next: Option<usize>,
+        }
+        let mut syms: Vec<Sym> = text
+            .char_indices()
+            .enumerate()
+            .map(|(i, (start, c))| Sym {
+                start,
+                len: c.len_utf8(),
+                prev: i.checked_sub(1),
+                next: Some(i + 1),
+            })
+            .collect();
+        if let Some(last) = syms.last_mut() {
+            last.next = None;
+        }
+        let mut queue = std::collections::BinaryHeap::new();
+        let push = |queue: &mut std::collections::BinaryHeap<Bigram>, syms: &[Sym], l: usize| {
+            let Some(r) = syms[l].next else { return };
+            let len = syms[l].len + syms[r].len;
+            let piece = &text[syms[l].start..syms[l].start + len];
+            if let Some(&id) = self.ids.get(piece) {
+                queue.push(Bigram {
+                    score: scores[id as usize],
+                    left: l,
+                    len,
+                });
+            }
+        };
+        for l in 0..syms.len() {
+            push(&mut queue, &syms, l);
+        }
+        while let Some(b) = queue.pop() {
+            let Some(r) = syms[b.left].next else { continue };
+            // Stale: one side was merged since.
+            if syms[b.left].len == 0 || syms[r].len == 0 || syms[b.left].len + syms[r].len != b.len
+            {
+                continue;
+            }
+            syms[b.left].len = b.len;
+            syms[r].len = 0;
+            let after = syms[r].next;
+            syms[b.left].next = after;
+            if let Some(a) = after {
+                syms[a].prev = Some(b.left);
+            }
+            if let Some(p) = syms[b.left].prev {
+                push(&mut queue, &syms, p);
+            }
+            push(&mut queue, &syms, b.left);
+        }
+        let mut i = (!syms.is_empty()).then_some(0);
+        while let Some(at) = i {
+            let sym = &syms[at];
+            let piece = &text[sym.start..sym.start + sym.len];
+            match self.ids.get(piece) {
+                Some(&id) => out.push(id),
+                None => out.extend(piece.bytes().filter_map(|b| byte_ids[b as usize].or(*unk))),
+            }
+            i = sym.next;
+        }
     }
 
     /// The bytes `ids` stand for. Control tokens (such as `<|im_end|>`) are left out when
@@ -352,17 +698,25 @@ impl Tokenizer {
             let Some(t) = self.tokens.get(id as usize) else {
                 continue;
             };
-            match self.types[id as usize] {
-                TYPE_CONTROL if skip_special => {}
-                TYPE_CONTROL | TYPE_USER_DEFINED => out.extend(t.as_bytes()),
-                _ => {
+            match (self.types[id as usize], &self.algo) {
+                (TYPE_CONTROL, _) if skip_special => {}
+                (TYPE_UNUSED, _) => {}
+                (TYPE_CONTROL | TYPE_USER_DEFINED, _) => out.extend(t.as_bytes()),
+                (_, Algo::Bpe { byte_decoder, .. }) => {
                     for c in t.chars() {
-                        match self.byte_decoder.get(&c) {
+                        match byte_decoder.get(&c) {
                             Some(&b) => out.push(b),
                             None => out.extend(c.to_string().as_bytes()),
                         }
                     }
                 }
+                (TYPE_BYTE, Algo::Spm { .. }) => match byte_token(t) {
+                    Some(b) => out.push(b),
+                    None => out.extend(t.as_bytes()),
+                },
+                // llama.cpp shows an unknown token as " ⁇ ".
+                (TYPE_UNKNOWN, Algo::Spm { .. }) => out.extend(" \u{2047} ".as_bytes()),
+                (_, Algo::Spm { .. }) => out.extend(t.replace('\u{2581}', " ").as_bytes()),
             }
         }
         out
