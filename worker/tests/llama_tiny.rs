@@ -134,6 +134,12 @@ fn write(w: &Writer, name: &str) -> PathBuf {
 
 /// An independent, naive forward pass in f64: returns every token's logits.
 fn reference(wt: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> {
+    reference_rope(wt, tokens, &[1.0; HEAD_DIM / 2])
+}
+
+/// [`reference`] with RoPE pair i's angle multiplied by `rope[i]` (ggml: the linear scale over
+/// the pair's frequency factor).
+fn reference_rope(wt: &Weights, tokens: &[u32], rope: &[f64]) -> Vec<Vec<f64>> {
     let h = HIDDEN;
     let mv = |m: &[f32], x: &[f64], rows: usize| -> Vec<f64> {
         let cols = x.len();
@@ -152,7 +158,8 @@ fn reference(wt: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> {
     let rope = |v: &mut [f64], pos: usize| {
         for head in v.chunks_mut(HEAD_DIM) {
             for i in 0..HEAD_DIM / 2 {
-                let theta = pos as f64 * f64::from(BASE).powf(-2.0 * i as f64 / HEAD_DIM as f64);
+                let theta =
+                    pos as f64 * f64::from(BASE).powf(-2.0 * i as f64 / HEAD_DIM as f64) * rope[i];
                 let (s, c) = theta.sin_cos();
                 let (a, b) = (head[2 * i], head[2 * i + 1]);
                 head[2 * i] = a * c - b * s;
@@ -293,6 +300,71 @@ fn tensor_parallel_splits_match_one_rank() {
             assert!(err < tol, "{ty} TP={world}: relative error {err}");
         }
     }
+}
+
+/// Llama 3.1's `rope_freqs.weight` (each pair's angle divided by its factor) and linear RoPE
+/// scaling (`llama.rope.scaling.factor`: positions divided by it) against the naive reference
+/// applying ggml's formula; and the model without them is measurably different, so the test
+/// would notice them ignored.
+#[test]
+fn rope_frequency_factors_and_linear_scaling_follow_ggml() {
+    let pairs = HEAD_DIM / 2;
+    let ramp: Vec<f32> = (0..pairs)
+        .map(|i| 1.0 + 7.0 * i as f32 / (pairs - 1) as f32)
+        .collect();
+    let pool = Pool::new(1).unwrap();
+    let logits = |w: &Writer, name: &str| -> anyhow::Result<Vec<f32>> {
+        let model = Llama::open(&write(w, name), Shard::SINGLE)?;
+        let mut cache = model.new_cache(1 << 20)?;
+        model.forward(&pool, &Identity, &mut cache, &TOKENS, Logits::All)
+    };
+    for (case, factors, linear) in [
+        ("rope_freqs", Some(&ramp), None),
+        ("linear x4", None, Some(4.0f32)),
+        ("both", Some(&ramp), Some(2.0)),
+    ] {
+        let (mut w, wt) = build(GgmlType::F32, 42, None, None);
+        if let Some(f) = factors {
+            let bytes = f.iter().flat_map(|v| v.to_le_bytes()).collect();
+            w.tensor("rope_freqs.weight", &[pairs as u64], GgmlType::F32, bytes);
+        }
+        if let Some(x) = linear {
+            w.metadata("llama.rope.scaling.type", Value::String("linear".into()))
+                .metadata("llama.rope.scaling.factor", Value::F32(x));
+        }
+        let mult: Vec<f64> = (0..pairs)
+            .map(|i| {
+                let ff = factors.map_or(1.0, |f| f64::from(f[i]));
+                1.0 / f64::from(linear.unwrap_or(1.0)) / ff
+            })
+            .collect();
+        let ours = logits(&w, &format!("rope-{}.gguf", case.replace(' ', "-"))).unwrap();
+        let err = rel_err(&ours, &reference_rope(&wt, &TOKENS, &mult));
+        let plain = rel_err(&ours, &reference(&wt, &TOKENS));
+        eprintln!(
+            "{case}: error {err:.2e} against the scaled reference, {plain:.2e} against plain RoPE"
+        );
+        assert!(err < 1e-4, "{case}: relative error {err}");
+        assert!(plain > 1e-2, "{case}: scaling changed nothing ({plain})");
+    }
+
+    let (mut w, _) = build(GgmlType::F32, 42, None, None);
+    w.metadata("llama.rope.scaling.type", Value::String("yarn".into()));
+    let e = logits(&w, "rope-yarn.gguf").expect_err("YaRN is refused");
+    assert!(
+        format!("{e:#}").contains("llama.rope.scaling.type \"yarn\" is not supported"),
+        "{e:#}"
+    );
+    let (mut w, _) = build(GgmlType::F32, 42, None, None);
+    let mut bad = ramp.clone();
+    bad[3] = 0.0;
+    let bytes = bad.iter().flat_map(|v| v.to_le_bytes()).collect();
+    w.tensor("rope_freqs.weight", &[pairs as u64], GgmlType::F32, bytes);
+    let e = logits(&w, "rope-zero.gguf").expect_err("a zero factor is refused");
+    assert!(
+        format!("{e:#}").contains("rope_freqs.weight: factor 3 is 0"),
+        "{e:#}"
+    );
 }
 
 #[test]

@@ -180,6 +180,11 @@ fn encode(ty: GgmlType, v: &[f32]) -> Vec<u8> {
 
 /// A GGUF file of the weights (every tensor as `ty`), with the tiny tokenizer.
 fn write_gguf(w: &Weights, ty: GgmlType, path: &Path) {
+    write_gguf_with(w, ty, path, |_| {});
+}
+
+/// [`write_gguf`] with `extra` adding keys or tensors.
+fn write_gguf_with(w: &Weights, ty: GgmlType, path: &Path, extra: impl FnOnce(&mut Writer)) {
     let mut g = Writer::default();
     g.metadata("general.architecture", Value::String("llama".into()))
         .metadata("llama.block_count", Value::U32(LAYERS as u32))
@@ -228,6 +233,7 @@ fn write_gguf(w: &Weights, ty: GgmlType, path: &Path) {
     if let Some(head) = &w.lm_head {
         g.tensor("output.weight", &[h, v], ty, encode(ty, head));
     }
+    extra(&mut g);
     std::fs::write(path, g.to_bytes()).unwrap();
 }
 
@@ -892,7 +898,11 @@ fn broken_json_names_the_file_and_the_field() {
             "rope_scaling",
             json!({"rope_type": "llama3", "factor": 8.0}),
         ),
-        &["config.json", "rope_scaling", "not supported"],
+        &["config.json", "rope_scaling.low_freq_factor is missing"],
+    );
+    assert_has(
+        &set("rope_scaling", json!({"rope_type": "yarn", "factor": 4.0})),
+        &["config.json", "rope_scaling", "yarn", "not supported"],
     );
     assert_has(
         &set("attention_bias", json!(true)),
@@ -982,4 +992,77 @@ fn broken_json_names_the_file_and_the_field() {
 /// `world` tensor-parallel ranks as threads.
 fn run_tp(path: &Path, world: usize) -> Vec<f32> {
     common::tp_logits(path, world, &TOKENS[..6], &TOKENS[6..])
+}
+
+/// Llama 3.1's `rope_scaling` (`rope_type: llama3`) in config.json gives the logits of the same
+/// weights as a GGUF file carrying the converter's `rope_freqs.weight`, at TP=1 and TP=2; and
+/// the scaling matters (plain RoPE gives other logits).
+#[test]
+fn llama3_rope_scaling_equals_the_converted_rope_freqs() {
+    use tessera_worker::model::safetensors::llama3_rope_factors;
+    let w = random_weights(21, true);
+    let hf = write_hf(&w, GgmlType::F32, 1, "llama3-rope");
+    let mut cfg = config_json(&w);
+    // Original context 256: pairs with wavelengths under 64 keep their frequency, over 256 are
+    // slowed 8x, the band between blends (the tiny model's wavelengths run from 6 to ~16000).
+    cfg["rope_scaling"] = json!({
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 256,
+    });
+    write_json(&hf.join("config.json"), &cfg);
+    let factors = llama3_rope_factors(f64::from(BASE), HEAD_DIM, 8.0, 1.0, 4.0, 256.0);
+    assert!(factors.contains(&1.0) && factors.contains(&8.0));
+    assert!(factors.iter().any(|f| *f > 1.0 && *f < 8.0), "{factors:?}");
+    let gguf = dir("llama3-rope-gguf").join("scaled.gguf");
+    write_gguf_with(&w, GgmlType::F32, &gguf, |g| {
+        let bytes = factors.iter().flat_map(|v| v.to_le_bytes()).collect();
+        g.tensor(
+            "rope_freqs.weight",
+            &[factors.len() as u64],
+            GgmlType::F32,
+            bytes,
+        );
+    });
+    let plain = dir("llama3-rope-plain").join("plain.gguf");
+    write_gguf(&w, GgmlType::F32, &plain);
+    for tp in [1, 2] {
+        let e = rel_err(&run_tp(&hf, tp), &run_tp(&gguf, tp));
+        assert!(e <= 1e-4, "TP={tp}: {e}");
+    }
+    let d = rel_err(&run_tp(&hf, 1), &run_tp(&plain, 1));
+    assert!(d > 1e-3, "the scaling changed nothing: {d}");
+}
+
+/// A tokenizer.json with Llama 3's pre-tokenizer (its split regex, then ByteLevel without a
+/// regex) becomes `tokenizer.ggml.pre = llama-bpe`, and the tokenizer splits as Llama 3's.
+#[test]
+fn llama3_pre_tokenizer_is_recognised() {
+    let w = random_weights(22, true);
+    let d = write_hf(&w, GgmlType::F32, 1, "llama3-pre");
+    let mut tok = tokenizer_json();
+    tok["pre_tokenizer"] = json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+         "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+    ]});
+    write_json(&d.join("tokenizer.json"), &tok);
+    let (meta, _) = hf_metadata(&d).unwrap();
+    assert_eq!(
+        meta.gguf.get("tokenizer.ggml.pre").and_then(Value::as_str),
+        Some("llama-bpe")
+    );
+    let t = Tokenizer::from_gguf(&meta.gguf).unwrap();
+    assert_eq!(
+        t.pre_tokenize("year 12345!"),
+        ["year", " ", "123", "45", "!"]
+    );
+
+    // Another split regex is refused, naming the field.
+    tok["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = json!("\\s+");
+    write_json(&d.join("tokenizer.json"), &tok);
+    let e = format!("{:#}", hf_metadata(&d).err().expect("unknown split"));
+    assert!(
+        e.contains("tokenizer.json") && e.contains("pre_tokenizer"),
+        "{e}"
+    );
 }

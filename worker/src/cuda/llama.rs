@@ -60,8 +60,11 @@ pub struct CudaLlama {
     pub config: LlamaConfig,
     pub local: LocalDims,
     dev: CudaDevice,
-    /// Token embedding, on the host (rows dequantised per step).
+    /// This rank's rows of the token embedding (vocabulary-parallel as on the CPU: rows
+    /// `vocab_rows`), on the host (rows dequantised per step).
     embed: QMatrix,
+    shard: crate::model::parallel::Shard,
+    vocab_rows: std::ops::Range<usize>,
     layers: Vec<DeviceLayer>,
     norm: CudaSlice<f32>,
     lm_head: DeviceMatrix,
@@ -123,9 +126,7 @@ impl CudaLlama {
                 });
             }
             let lm_head = up(lm_head, "output.weight (or the tied embedding)".into())?;
-            let inv_freq: Vec<f32> = (0..c.rope_dim / 2)
-                .map(|i| (f64::from(c.rope_base)).powf(-2.0 * i as f64 / c.rope_dim as f64) as f32)
-                .collect();
+            let inv_freq = model.rope_frequencies().to_vec();
             let norm = cu("uploading the output norm", s.clone_htod(&model.norm))?;
             let inv_freq = cu("uploading RoPE frequencies", s.clone_htod(&inv_freq))?;
             dev.sync()?;
@@ -133,6 +134,8 @@ impl CudaLlama {
                 config: c.clone(),
                 local: model.local.clone(),
                 embed: embed.clone(),
+                shard: model.shard,
+                vocab_rows: model.shard.vocab_split(c.vocab).1,
                 layers,
                 norm,
                 lm_head,
@@ -238,17 +241,25 @@ impl CudaLlama {
             i32::try_from(v).map_err(|_| anyhow::anyhow!("size {v} exceeds a kernel's int"))
         };
 
-        // Embedding rows on the host, then to the device.
+        // Embedding rows on the host (this rank's vocabulary rows; the all-reduce below adds
+        // the other ranks'), then to the device.
         let mut x_host = vec![0f32; b * h];
         for (t, row) in tokens.iter().zip(x_host.chunks_exact_mut(h)) {
-            if *t as usize >= c.vocab {
+            let t = *t as usize;
+            if t >= c.vocab {
                 bail!("token id {t} is outside the vocabulary of {}", c.vocab);
             }
-            self.embed.dequantize_row(*t as usize, row);
+            if self.vocab_rows.contains(&t) {
+                self.embed.dequantize_row(t - self.vocab_rows.start, row);
+            }
         }
         let alloc32 = |n: usize| cu("allocating activations", s.alloc_zeros::<f32>(n));
         let alloc16 = |n: usize| cu("allocating activations", s.alloc_zeros::<f16>(n));
         let mut x = cu("uploading the embeddings", s.clone_htod(&x_host))?;
+        if let Some(nccl) = &self.nccl {
+            nccl.all_reduce_device(&mut x.as_view_mut())
+                .context("all-reduce of the token embedding")?;
+        }
         let mut xn = alloc16(b * h)?;
         let mut q = alloc32(b * qd)?;
         let mut kk = alloc32(b * kvd)?;
@@ -370,11 +381,30 @@ impl CudaLlama {
             .arg(&eps);
         // SAFETY: as above; xn has room for b >= n rows.
         launch("rms_norm", unsafe { a.launch(blocks(n as u32)) })?;
-        let mut logits = alloc32(n * c.vocab)?;
-        linear(blas, s, &self.lm_head, &xn, n, &mut logits)?;
-        let out = cu("copying the logits back", s.clone_dtoh(&logits))?;
+        let cols = self.vocab_rows.len();
+        let mut logits = alloc32(n * cols.max(1))?;
+        if cols > 0 {
+            linear(blas, s, &self.lm_head, &xn, n, &mut logits)?;
+        }
+        let mine = cu("copying the logits back", s.clone_dtoh(&logits))?;
         self.dev.sync()?;
-        Ok(out)
+        let Some(nccl) = self.nccl.as_ref().filter(|_| self.shard.world > 1) else {
+            return Ok(mine);
+        };
+        // Vocabulary-parallel head: every rank's padded block to rank 0 (on the host, through
+        // the collective's gather), as the CPU path does.
+        let (per, _) = self.shard.vocab_split(c.vocab);
+        let mut part = vec![0f32; n * per];
+        if cols > 0 {
+            for (src, dst) in mine.chunks_exact(cols).zip(part.chunks_exact_mut(per)) {
+                dst[..cols].copy_from_slice(src);
+            }
+        }
+        let gathered = crate::model::parallel::Collective::gather(nccl, &part)
+            .context("gather of the LM head's logits")?;
+        Ok(gathered.map_or_else(Vec::new, |all| {
+            crate::model::parallel::assemble_vocab(&all, self.shard.world, n, c.vocab)
+        }))
     }
 
     fn reduce(&self, o: &mut CudaSlice<f32>, layer: usize, after: &str) -> anyhow::Result<()> {

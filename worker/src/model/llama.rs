@@ -45,6 +45,9 @@ pub struct LlamaConfig {
     pub vocab: usize,
     pub rope_base: f32,
     pub rope_dim: usize,
+    /// Linear RoPE scaling: positions are multiplied by this (1 / `llama.rope.scaling.factor`;
+    /// 1 without scaling).
+    pub rope_freq_scale: f32,
     pub rms_eps: f32,
     pub context_length: usize,
 }
@@ -92,6 +95,25 @@ impl LlamaConfig {
             .get("llama.rope.freq_base")
             .and_then(Value::as_f64)
             .unwrap_or(10_000.0) as f32;
+        // As llama.cpp: the factor (or the older `rope.scale_linear`) scales positions unless
+        // 0; YaRN and LongRoPE need more than a scale and are refused.
+        match g.get("llama.rope.scaling.type").and_then(Value::as_str) {
+            None | Some("none" | "linear") => {}
+            Some(other) => bail!(
+                "{path}: llama.rope.scaling.type {other:?} is not supported (none and linear are; Llama 3.1's frequency factors, the rope_freqs.weight tensor, are too)"
+            ),
+        }
+        let rope_factor = ["llama.rope.scaling.factor", "llama.rope.scale_linear"]
+            .iter()
+            .find_map(|k| g.get(k).map(|v| (k, v)));
+        let rope_freq_scale = match rope_factor {
+            None => 1.0,
+            Some((k, v)) => match v.as_f64() {
+                Some(0.0) => 1.0,
+                Some(f) if f.is_finite() && f > 0.0 => (1.0 / f) as f32,
+                _ => bail!("{path}: metadata key {k} is {v:?}, not a positive number"),
+            },
+        };
         let vocab = match g.get("llama.vocab_size") {
             Some(_) => get("llama.vocab_size")?,
             None => g
@@ -137,6 +159,7 @@ impl LlamaConfig {
             vocab,
             rope_base,
             rope_dim,
+            rope_freq_scale,
             rms_eps,
             context_length,
         })
@@ -469,8 +492,31 @@ impl Llama {
         } else {
             (None, Vec::new())
         };
-        let inv_freq = (0..c.rope_dim / 2)
-            .map(|i| (f64::from(c.rope_base)).powf(-2.0 * i as f64 / c.rope_dim as f64) as f32)
+        // RoPE frequency of pair i: base^(-2i/d) x the linear scale, divided by the pair's
+        // frequency factor when the model has them (Llama 3.1+: `rope_freqs.weight`, as ggml).
+        let factors = if src.has("rope_freqs.weight") {
+            let f = ld.vector("rope_freqs.weight", c.rope_dim / 2)?;
+            if let Some((i, v)) = f
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !(v.is_finite() && **v > 0.0))
+            {
+                bail!(
+                    "{}: tensor rope_freqs.weight: factor {i} is {v}, not a positive number",
+                    file.gguf.path.display()
+                );
+            }
+            f
+        } else {
+            vec![1.0; c.rope_dim / 2]
+        };
+        let inv_freq = factors
+            .iter()
+            .enumerate()
+            .map(|(i, ff)| {
+                let theta = f64::from(c.rope_base).powf(-2.0 * i as f64 / c.rope_dim as f64);
+                (theta * f64::from(c.rope_freq_scale) / f64::from(*ff)) as f32
+            })
             .collect();
         Ok(Self {
             config,
@@ -485,6 +531,11 @@ impl Llama {
             inv_freq,
             file: Some(file),
         })
+    }
+
+    /// RoPE's angular frequency of each rotated pair (scaling and frequency factors applied).
+    pub fn rope_frequencies(&self) -> &[f32] {
+        &self.inv_freq
     }
 
     /// The file the weights come from.

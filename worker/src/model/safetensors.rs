@@ -40,6 +40,10 @@ const TOKEN_NORMAL: i32 = 1;
 const TOKEN_CONTROL: i32 = 3;
 const TOKEN_USER_DEFINED: i32 = 4;
 const TOKEN_UNUSED: i32 = 5;
+/// Llama 3's pre-tokenizer regex as its tokenizer.json writes it.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The GGUF name of Llama 3.1's RoPE frequency factors.
+const ROPE_FREQS: &str = "rope_freqs.weight";
 
 struct Entry {
     file: usize,
@@ -58,6 +62,9 @@ pub struct SafetensorsModel {
     /// The index file and where it places each tensor (sharded models).
     index: Option<(PathBuf, HashMap<String, usize>)>,
     tied: bool,
+    /// `rope_freqs.weight`, from config.json's `rope_scaling` (see [`llama3_rope_factors`]).
+    rope_freqs: Option<Vec<f32>>,
+    config: PathBuf,
 }
 
 /// The Hugging Face name of a tensor the loader asks for by its GGUF name.
@@ -244,7 +251,8 @@ impl SafetensorsModel {
     /// shard, or the index).
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         let (dir, weights) = locate(path)?;
-        let (metadata, tied) = hf_metadata(&dir)?;
+        let (metadata, cfg) = hf_parts(&dir)?;
+        let (tied, rope_freqs) = (cfg.tied, cfg.rope_freqs);
         let (names, index) = match &weights {
             Weights::Single(p) => (vec![p.clone()], None),
             Weights::Index(p) => {
@@ -292,6 +300,8 @@ impl SafetensorsModel {
             tensors,
             index,
             tied,
+            rope_freqs,
+            config: dir.join(CONFIG),
         })
     }
 
@@ -332,6 +342,17 @@ impl TensorSource for SafetensorsModel {
     }
 
     fn tensor(&self, name: &str) -> anyhow::Result<SourceTensor> {
+        if let (ROPE_FREQS, Some(f)) = (name, &self.rope_freqs) {
+            let bytes: Vec<u8> = f.iter().flat_map(|v| v.to_le_bytes()).collect();
+            return Ok(SourceTensor {
+                file: self.config.clone(),
+                name: "rope_scaling".into(),
+                dims: vec![f.len() as u64],
+                ty: GgmlType::F32,
+                data: Bytes::Owned(bytes.into()),
+                outermost_first: true,
+            });
+        }
         let hf = hf_name(name).with_context(|| {
             format!(
                 "{}: tensor {name} has no Hugging Face name",
@@ -368,6 +389,9 @@ impl TensorSource for SafetensorsModel {
             // Tied: the embedding is the head, whatever else the files hold. Untied: it must be
             // there (loading it names the file when it is not).
             return !self.tied;
+        }
+        if name == ROPE_FREQS {
+            return self.rope_freqs.is_some();
         }
         hf_name(name).is_some_and(|hf| self.tensors.contains_key(&hf))
     }
@@ -462,6 +486,9 @@ struct Config {
     vocab: usize,
     bos: Option<u32>,
     eos: Option<u32>,
+    /// Llama 3.1's RoPE frequency factors (`rope_scaling` of type `llama3`), served as the
+    /// `rope_freqs.weight` tensor the converter would write.
+    rope_freqs: Option<Vec<f32>>,
 }
 
 fn read_config(path: &Path) -> anyhow::Result<Config> {
@@ -477,9 +504,6 @@ fn read_config(path: &Path) -> anyhow::Result<Config> {
         && act != "silu"
     {
         bail!("{p}: field hidden_act {act:?} is not supported (silu is)");
-    }
-    if let Some(s) = f.get("rope_scaling") {
-        bail!("{p}: field rope_scaling {s} is not supported (only plain RoPE is)");
     }
     for bias in ["attention_bias", "mlp_bias"] {
         if f.boolean(bias)? == Some(true) {
@@ -509,6 +533,8 @@ fn read_config(path: &Path) -> anyhow::Result<Config> {
         bail!("{p}: head size {head_dim} is not a positive even number");
     }
     let vocab = f.positive("vocab_size")?;
+    let rope_theta = f.float("rope_theta")?.unwrap_or(10_000.0);
+    let (rope_keys, rope_freqs) = rope_scaling(&f, rope_theta, head_dim)?;
     let mut keys = vec![
         (
             "general.architecture".to_owned(),
@@ -541,11 +567,9 @@ fn read_config(path: &Path) -> anyhow::Result<Config> {
             "llama.attention.layer_norm_rms_epsilon".into(),
             Value::F64(f.float("rms_norm_eps")?.unwrap_or(1e-6)),
         ),
-        (
-            "llama.rope.freq_base".into(),
-            Value::F64(f.float("rope_theta")?.unwrap_or(10_000.0)),
-        ),
+        ("llama.rope.freq_base".into(), Value::F64(rope_theta)),
     ];
+    keys.extend(rope_keys);
     if let Some(name) = f.string("_name_or_path")? {
         keys.push(("general.name".into(), Value::String(name.to_owned())));
     }
@@ -555,7 +579,107 @@ fn read_config(path: &Path) -> anyhow::Result<Config> {
         vocab: usize::try_from(vocab).context("vocab_size")?,
         bos: f.token_id("bos_token_id")?,
         eos: f.token_id("eos_token_id")?,
+        rope_freqs,
     })
+}
+
+/// GGUF metadata keys and values.
+type Keys = Vec<(String, Value)>;
+
+/// `rope_scaling` as llama.cpp's converter writes it: `linear` becomes the
+/// `llama.rope.scaling.{type,factor}` keys; `llama3` (Llama 3.1 and later) becomes the
+/// `rope_freqs.weight` factors, one per rotated pair (see [`llama3_rope_factors`]); `default` or
+/// no field, plain RoPE. Anything else (YaRN, dynamic NTK, LongRoPE) is refused.
+fn rope_scaling(
+    f: &Fields<'_>,
+    theta: f64,
+    head_dim: u64,
+) -> anyhow::Result<(Keys, Option<Vec<f32>>)> {
+    let Some(s) = f.get("rope_scaling") else {
+        return Ok((Vec::new(), None));
+    };
+    let p = f.path.display();
+    let kind = ["rope_type", "type"]
+        .iter()
+        .find_map(|k| s.get(*k).and_then(Json::as_str));
+    let num = |k: &str| -> anyhow::Result<f64> {
+        match s.get(k).and_then(Json::as_f64) {
+            Some(v) if v.is_finite() && v > 0.0 => Ok(v),
+            Some(_) => bail!("{p}: field rope_scaling.{k} is not a positive number: {s}"),
+            None => bail!("{p}: field rope_scaling.{k} is missing: {s}"),
+        }
+    };
+    match kind {
+        Some("default") => Ok((Vec::new(), None)),
+        Some("linear") => Ok((
+            vec![
+                (
+                    "llama.rope.scaling.type".into(),
+                    Value::String("linear".into()),
+                ),
+                (
+                    "llama.rope.scaling.factor".into(),
+                    Value::F64(num("factor")?),
+                ),
+            ],
+            None,
+        )),
+        Some("llama3") => {
+            let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+            if high <= low {
+                bail!(
+                    "{p}: field rope_scaling.high_freq_factor {high} is not above low_freq_factor {low}"
+                );
+            }
+            let factors = llama3_rope_factors(
+                theta,
+                head_dim as usize,
+                num("factor")?,
+                low,
+                high,
+                num("original_max_position_embeddings")?,
+            );
+            Ok((Vec::new(), Some(factors)))
+        }
+        _ => bail!(
+            "{p}: field rope_scaling {s} is not supported (rope_type llama3, linear and default are)"
+        ),
+    }
+}
+
+/// Llama 3.1's RoPE frequency factors, as llama.cpp's converter computes `rope_freqs.weight`
+/// (and Hugging Face's `_compute_llama3_parameters`, which divides the frequencies by them):
+/// pairs whose wavelength is below `original_context / high_freq_factor` keep their frequency
+/// (factor 1), those above `original_context / low_freq_factor` are slowed by `factor`, and the
+/// band between blends the two smoothly.
+pub fn llama3_rope_factors(
+    theta: f64,
+    dim: usize,
+    factor: f64,
+    low_freq_factor: f64,
+    high_freq_factor: f64,
+    original_context: f64,
+) -> Vec<f32> {
+    let (low_wavelen, high_wavelen) = (
+        original_context / low_freq_factor,
+        original_context / high_freq_factor,
+    );
+    (0..dim / 2)
+        .map(|i| {
+            let freq = 1.0 / theta.powf(2.0 * i as f64 / dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let f = if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (original_context / wavelen - low_freq_factor)
+                    / (high_freq_factor - low_freq_factor);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            f as f32
+        })
+        .collect()
 }
 
 /// The `tokenizer.ggml.pre` a tokenizer.json's pre-tokenizer corresponds to.
@@ -568,6 +692,16 @@ fn pre_tokenizer(path: &Path, v: Option<&Json>) -> anyhow::Result<&'static str> 
         kind(v).as_deref() == Some("Digits")
             && v.get("individual_digits") == Some(&Json::Bool(true))
     };
+    // Llama 3's: its split regex, isolated, then ByteLevel without GPT-2's regex.
+    let llama3_split = |v: &Json| {
+        kind(v).as_deref() == Some("Split")
+            && v.pointer("/pattern/Regex").and_then(Json::as_str) == Some(LLAMA3_SPLIT)
+            && v.get("behavior").and_then(Json::as_str) == Some("Isolated")
+            && v.get("invert") != Some(&Json::Bool(true))
+    };
+    let bytes_only = |v: &Json| {
+        kind(v).as_deref() == Some("ByteLevel") && v.get("use_regex") == Some(&Json::Bool(false))
+    };
     let pre = match v {
         Some(v) if byte_level(v) => Some("gpt2"),
         Some(v) if kind(v).as_deref() == Some("Sequence") => {
@@ -577,6 +711,7 @@ fn pre_tokenizer(path: &Path, v: Option<&Json>) -> anyhow::Result<&'static str> 
                 .map(Vec::as_slice)
             {
                 Some([a, b]) if digits(a) && byte_level(b) => Some("smollm"),
+                Some([a, b]) if llama3_split(a) && bytes_only(b) => Some("llama-bpe"),
                 Some([a]) if byte_level(a) => Some("gpt2"),
                 _ => None,
             }
@@ -587,7 +722,7 @@ fn pre_tokenizer(path: &Path, v: Option<&Json>) -> anyhow::Result<&'static str> 
         let shown = v.map_or("null".to_owned(), Json::to_string);
         let shown: String = shown.chars().take(200).collect();
         format!(
-            "{}: field pre_tokenizer {shown} is not supported (ByteLevel, optionally after Digits with individual_digits, is)",
+            "{}: field pre_tokenizer {shown} is not supported (ByteLevel, optionally after Digits with individual_digits, and Llama 3's Split then ByteLevel are)",
             path.display()
         )
     })
@@ -793,6 +928,11 @@ fn read_tokenizer(dir: &Path, cfg: &Config) -> anyhow::Result<Vec<(String, Value
 /// metadata (the keys llama.cpp's converter writes; no tensors), and whether the LM head is tied
 /// to the embedding. The directory is the metadata's path.
 pub fn hf_metadata(dir: &Path) -> anyhow::Result<(MappedGguf, bool)> {
+    let (metadata, cfg) = hf_parts(dir)?;
+    Ok((metadata, cfg.tied))
+}
+
+fn hf_parts(dir: &Path) -> anyhow::Result<(MappedGguf, Config)> {
     let cfg = read_config(&dir.join(CONFIG))?;
     let tok = read_tokenizer(dir, &cfg)?;
     let metadata = cfg.keys.iter().cloned().chain(tok).collect();
@@ -803,12 +943,27 @@ pub fn hf_metadata(dir: &Path) -> anyhow::Result<(MappedGguf, bool)> {
         tensors: Vec::new(),
         data_offset: 0,
     };
-    Ok((MappedGguf::from_parts(gguf, None), cfg.tied))
+    Ok((MappedGguf::from_parts(gguf, None), cfg))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Llama 3.1 8B's rope_scaling (theta 500000, head size 128, factor 8, low 1, high 4,
+    /// original context 8192): the factors llama.cpp's converter writes, computed with its
+    /// formula in Python: 29 pairs at 1, 29 at 8, and the blend between.
+    #[test]
+    fn llama3_rope_factors_of_llama_3_1() {
+        let f = llama3_rope_factors(500_000.0, 128, 8.0, 1.0, 4.0, 8192.0);
+        assert_eq!(f.len(), 64);
+        assert!(f[..29].iter().all(|&v| v == 1.0), "{:?}", &f[..29]);
+        assert!(f[35..].iter().all(|&v| v == 8.0), "{:?}", &f[35..]);
+        let blend = [1.207484, 1.553415, 2.026313, 2.69453, 3.684253, 5.257327];
+        for (i, want) in (29..35).zip(blend) {
+            assert!((f[i] - want).abs() < 1e-5, "pair {i}: {} vs {want}", f[i]);
+        }
+    }
 
     #[test]
     fn names_map_onto_hugging_face() {
