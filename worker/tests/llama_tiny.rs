@@ -356,7 +356,7 @@ fn rope_frequency_factors_and_linear_scaling_follow_ggml() {
         "{e:#}"
     );
     let (mut w, _) = build(GgmlType::F32, 42, None, None);
-    let mut bad = ramp.clone();
+    let mut bad = ramp;
     bad[3] = 0.0;
     let bytes = bad.iter().flat_map(|v| v.to_le_bytes()).collect();
     w.tensor("rope_freqs.weight", &[pairs as u64], GgmlType::F32, bytes);
