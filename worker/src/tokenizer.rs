@@ -1,6 +1,6 @@
 //! The tokenizer rebuilt from GGUF metadata, as llama.cpp builds it: GPT-2-style byte-level BPE
 //! (`tokenizer.ggml.model = gpt2`) with the model's pre-tokenizer, or SentencePiece-style
-//! (`llama`: Llama 2, Mistral, TinyLlama); special tokens; the ChatML chat template.
+//! (`llama`: Llama 2, Mistral, TinyLlama); special tokens; the ChatML and Llama 3 chat formats.
 //!
 //! Byte-level BPE pre-tokenizers (`tokenizer.ggml.pre`), as llama.cpp applies them:
 //! - `smollm`: every number character (`\p{N}`) on its own, then the GPT-2 regex on the rest;
@@ -49,6 +49,13 @@ impl Message {
             content: content.to_owned(),
         }
     }
+}
+
+/// The chat formats built in (see [`Tokenizer::apply_chat_template`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChatFormat {
+    ChatMl,
+    Llama3,
 }
 
 /// A byte-level BPE pre-tokenizer (see the module docs).
@@ -267,8 +274,9 @@ impl Tokenizer {
             Some(Value::Bool(b)) => *b,
             _ => default,
         };
-        // llama.cpp's defaults: SentencePiece vocabularies add BOS, byte-level BPE ones do not.
-        let add_bos = flag("tokenizer.ggml.add_bos_token", spm);
+        // llama.cpp's defaults: SentencePiece vocabularies and Llama 3's add BOS, other
+        // byte-level BPE ones do not; the key, when present, decides.
+        let add_bos = flag("tokenizer.ggml.add_bos_token", spm || pre == Pre::Llama3);
         let (bos, eos, eot) = (
             id_key("tokenizer.ggml.bos_token_id"),
             id_key("tokenizer.ggml.eos_token_id"),
@@ -747,30 +755,68 @@ impl Tokenizer {
         (!s.contains("{{") && !s.contains('\'')).then(|| s.to_owned())
     }
 
-    /// The ChatML prompt for `messages`: `<|im_start|>ROLE\nCONTENT<|im_end|>\n` per message,
-    /// then `<|im_start|>assistant\n` when `add_generation_prompt`. Like llama.cpp's built-in
-    /// ChatML formatter, no system message is added when the conversation has none (SmolLM2's
-    /// Jinja template would add [`Tokenizer::default_system_prompt`]; with it the 135M model
-    /// answers the France question worse, in llama.cpp too).
+    /// The chat format of the model: from its template (`tokenizer.chat_template`) when it has
+    /// one, else from the tokens its vocabulary has.
+    fn chat_format(&self) -> Option<ChatFormat> {
+        let has = |t: &str| self.token_id(t).is_some();
+        let llama3 = has("<|start_header_id|>") && has("<|end_header_id|>") && has("<|eot_id|>");
+        let chatml = has("<|im_start|>") && has("<|im_end|>");
+        match self.chat_template.as_deref() {
+            Some(t) if t.contains("<|start_header_id|>") && llama3 => Some(ChatFormat::Llama3),
+            Some(t) if t.contains("<|im_start|>") && chatml => Some(ChatFormat::ChatMl),
+            Some(_) => None,
+            None if chatml => Some(ChatFormat::ChatMl),
+            None if llama3 => Some(ChatFormat::Llama3),
+            None => None,
+        }
+    }
+
+    /// The prompt for `messages` in the model's chat format, as llama.cpp's built-in formatters
+    /// write them (the BOS token, when the model wants one, comes from [`Tokenizer::encode`]):
+    /// - ChatML: `<|im_start|>ROLE\nCONTENT<|im_end|>\n` per message, then
+    ///   `<|im_start|>assistant\n` when `add_generation_prompt`. Like llama.cpp, no system
+    ///   message is added when the conversation has none (SmolLM2's Jinja template would add
+    ///   [`Tokenizer::default_system_prompt`]; with it the 135M model answers the France question
+    ///   worse, in llama.cpp too).
+    /// - Llama 3: `<|start_header_id|>ROLE<|end_header_id|>\n\nCONTENT<|eot_id|>` per message
+    ///   (content trimmed), then `<|start_header_id|>assistant<|end_header_id|>\n\n`.
+    ///
+    /// Other templates (Llama 2's `[INST]`, Mistral's, Jinja in general) are refused.
     pub fn apply_chat_template(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> anyhow::Result<String> {
-        if self.token_id("<|im_start|>").is_none() || self.token_id("<|im_end|>").is_none() {
+        let Some(format) = self.chat_format() else {
             bail!(
-                "the model has no ChatML tokens (<|im_start|>, <|im_end|>); only ChatML chat templates are supported"
+                "the model's chat template is not supported (ChatML, with <|im_start|> and <|im_end|> tokens, and Llama 3's, with <|start_header_id|>, are); use /v1/completions with a prompt formatted for the model"
             );
-        }
+        };
         let mut s = String::new();
-        for m in messages {
-            s.push_str(&format!(
-                "<|im_start|>{}\n{}<|im_end|>\n",
-                m.role, m.content
-            ));
-        }
-        if add_generation_prompt {
-            s.push_str("<|im_start|>assistant\n");
+        match format {
+            ChatFormat::ChatMl => {
+                for m in messages {
+                    s.push_str(&format!(
+                        "<|im_start|>{}\n{}<|im_end|>\n",
+                        m.role, m.content
+                    ));
+                }
+                if add_generation_prompt {
+                    s.push_str("<|im_start|>assistant\n");
+                }
+            }
+            ChatFormat::Llama3 => {
+                for m in messages {
+                    s.push_str(&format!(
+                        "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>",
+                        m.role,
+                        m.content.trim()
+                    ));
+                }
+                if add_generation_prompt {
+                    s.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
+                }
+            }
         }
         Ok(s)
     }

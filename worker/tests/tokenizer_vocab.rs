@@ -167,3 +167,37 @@ fn bad_tokenizer_metadata_is_named() {
         "a consistent SentencePiece vocabulary builds"
     );
 }
+
+/// Llama 3's vocabulary: BOS by default (as llama.cpp for the `llama-bpe` pre-tokenizer) and its
+/// chat format, with the ids Llama 3's own template gives.
+#[test]
+fn llama3_bos_and_chat_format() {
+    use tessera_worker::tokenizer::Message;
+    let (t, _) = vocab("llama-bpe");
+    assert_eq!((t.bos, t.add_bos), (Some(128_000), true));
+    assert!(t.is_stop(128_009), "<|eot_id|> ends a turn");
+    let text = t
+        .apply_chat_template(&[Message::new("user", " Hello ")], true)
+        .unwrap();
+    assert_eq!(
+        text,
+        "<|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    );
+    assert_eq!(
+        t.encode(&text, true),
+        [
+            128_000, 128_006, 882, 128_007, 271, 9906, 128_009, 128_006, 78_191, 128_007, 271
+        ]
+    );
+    // Vocabularies without a supported chat format say so instead of guessing.
+    for name in ["llama-spm", "gpt-2"] {
+        let (t, _) = vocab(name);
+        let e = t
+            .apply_chat_template(&[Message::new("user", "Hi")], true)
+            .expect_err("no chat format");
+        assert!(
+            format!("{e:#}").contains("chat template is not supported"),
+            "{name}: {e:#}"
+        );
+    }
+}
