@@ -196,11 +196,16 @@ impl GroupHealth {
     /// use it to lose a rank inside one process).
     #[doc(hidden)]
     pub fn simulate_crash(&self) {
+        // `closing` keeps this rank's own threads from failing the group; the heartbeat
+        // sender reads it as a clean close and says goodbye (BYE) to the peers, which would
+        // make them close quietly instead of exiting. Holding the heartbeat writers' lock until
+        // they are shut down means that goodbye can only meet closed sockets.
+        let out = lock(&self.0.hb_out);
         self.0.closing.store(true, Ordering::SeqCst);
-        for c in lock(&self.0.conns).iter() {
+        for (_, c) in out.iter() {
             let _ = c.shutdown(Shutdown::Both);
         }
-        for (_, c) in lock(&self.0.hb_out).iter() {
+        for c in lock(&self.0.conns).iter() {
             let _ = c.shutdown(Shutdown::Both);
         }
     }
