@@ -722,8 +722,9 @@ impl Tokenizer {
                     Some(b) => out.push(b),
                     None => out.extend(t.as_bytes()),
                 },
-                // llama.cpp shows an unknown token as " ⁇ ".
-                (TYPE_UNKNOWN, Algo::Spm { .. }) => out.extend(" \u{2047} ".as_bytes()),
+                // The unknown token (`<unk>`) is special: shown as its text unless skipped.
+                (TYPE_UNKNOWN, Algo::Spm { .. }) if skip_special => {}
+                (TYPE_UNKNOWN, Algo::Spm { .. }) => out.extend(t.as_bytes()),
                 (_, Algo::Spm { .. }) => out.extend(t.replace('\u{2581}', " ").as_bytes()),
             }
         }

@@ -348,6 +348,16 @@ fn rope_frequency_factors_and_linear_scaling_follow_ggml() {
         assert!(plain > 1e-2, "{case}: scaling changed nothing ({plain})");
     }
 
+    // Type none: no scaling, whatever factor the file also carries (as llama.cpp).
+    let (mut w, wt) = build(GgmlType::F32, 42, None, None);
+    w.metadata("llama.rope.scaling.type", Value::String("none".into()))
+        .metadata("llama.rope.scaling.factor", Value::F32(4.0));
+    let err = rel_err(
+        &logits(&w, "rope-none.gguf").unwrap(),
+        &reference(&wt, &TOKENS),
+    );
+    assert!(err < 1e-4, "type none: relative error {err}");
+
     let (mut w, _) = build(GgmlType::F32, 42, None, None);
     w.metadata("llama.rope.scaling.type", Value::String("yarn".into()));
     let e = logits(&w, "rope-yarn.gguf").expect_err("YaRN is refused");

@@ -896,9 +896,22 @@ fn broken_json_names_the_file_and_the_field() {
     assert_has(
         &set(
             "rope_scaling",
-            json!({"rope_type": "llama3", "factor": 8.0}),
+            json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": -1.0}),
         ),
-        &["config.json", "rope_scaling.low_freq_factor is missing"],
+        &[
+            "config.json",
+            "rope_scaling.low_freq_factor is not a positive number",
+        ],
+    );
+    assert_has(
+        &set(
+            "rope_scaling",
+            json!({"rope_type": "llama3", "low_freq_factor": 4.0, "high_freq_factor": 1.0}),
+        ),
+        &[
+            "config.json",
+            "high_freq_factor 1 is not above low_freq_factor 4",
+        ],
     );
     assert_has(
         &set("rope_scaling", json!({"rope_type": "yarn", "factor": 4.0})),
@@ -1029,6 +1042,14 @@ fn llama3_rope_scaling_equals_the_converted_rope_freqs() {
         let e = rel_err(&run_tp(&hf, tp), &run_tp(&gguf, tp));
         assert!(e <= 1e-4, "TP={tp}: {e}");
     }
+    // The converter's defaults (factor 8, low 1, high 4) and the original context at the top
+    // level, where the converter reads it: the same model.
+    cfg["rope_scaling"] = json!({"rope_type": "llama3"});
+    cfg["original_max_position_embeddings"] = json!(256);
+    let hf2 = write_hf(&w, GgmlType::F32, 1, "llama3-rope-defaults");
+    write_json(&hf2.join("config.json"), &cfg);
+    let e = rel_err(&run_tp(&hf2, 1), &run_tp(&gguf, 1));
+    assert!(e <= 1e-4, "defaults: {e}");
     let d = rel_err(&run_tp(&hf, 1), &run_tp(&plain, 1));
     assert!(d > 1e-3, "the scaling changed nothing: {d}");
 }

@@ -94,6 +94,14 @@ impl CudaLlama {
                 "pipeline-parallel stages are not implemented on CUDA (this shard lacks the embedding or the LM head); run the whole model per rank"
             );
         };
+        if lm_head.rows == 0 {
+            bail!(
+                "a vocabulary of {} split over {} tensor-parallel ranks leaves rank {} no rows of the LM head; CUDA needs at least one (use fewer ranks)",
+                model.config.vocab,
+                model.shard.world,
+                model.shard.rank
+            );
+        }
         if model.layers.len() != model.config.n_layers {
             bail!(
                 "pipeline-parallel stages are not implemented on CUDA ({} of {} layers on this rank)",

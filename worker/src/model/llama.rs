@@ -95,17 +95,20 @@ impl LlamaConfig {
             .get("llama.rope.freq_base")
             .and_then(Value::as_f64)
             .unwrap_or(10_000.0) as f32;
-        // As llama.cpp: the factor (or the older `rope.scale_linear`) scales positions unless
-        // 0; YaRN and LongRoPE need more than a scale and are refused.
-        match g.get("llama.rope.scaling.type").and_then(Value::as_str) {
-            None | Some("none" | "linear") => {}
+        // As llama.cpp: with type linear (or no type) the factor (or the older
+        // `rope.scale_linear`) scales positions unless 0; type none means no scaling whatever
+        // the factor; YaRN and LongRoPE need more than a scale and are refused.
+        let scaled = match g.get("llama.rope.scaling.type").and_then(Value::as_str) {
+            None | Some("linear") => true,
+            Some("none") => false,
             Some(other) => bail!(
                 "{path}: llama.rope.scaling.type {other:?} is not supported (none and linear are; Llama 3.1's frequency factors, the rope_freqs.weight tensor, are too)"
             ),
-        }
+        };
         let rope_factor = ["llama.rope.scaling.factor", "llama.rope.scale_linear"]
             .iter()
-            .find_map(|k| g.get(k).map(|v| (k, v)));
+            .find_map(|k| g.get(k).map(|v| (k, v)))
+            .filter(|_| scaled);
         let rope_freq_scale = match rope_factor {
             None => 1.0,
             Some((k, v)) => match v.as_f64() {

@@ -588,8 +588,9 @@ type Keys = Vec<(String, Value)>;
 
 /// `rope_scaling` as llama.cpp's converter writes it: `linear` becomes the
 /// `llama.rope.scaling.{type,factor}` keys; `llama3` (Llama 3.1 and later) becomes the
-/// `rope_freqs.weight` factors, one per rotated pair (see [`llama3_rope_factors`]); `default` or
-/// no field, plain RoPE. Anything else (YaRN, dynamic NTK, LongRoPE) is refused.
+/// `rope_freqs.weight` factors, one per rotated pair (see [`llama3_rope_factors`]; missing
+/// fields take the converter's defaults: factor 8, low 1, high 4, original context 8192);
+/// `default` or no field, plain RoPE. Anything else (YaRN, dynamic NTK, LongRoPE) is refused.
 fn rope_scaling(
     f: &Fields<'_>,
     theta: f64,
@@ -602,11 +603,16 @@ fn rope_scaling(
     let kind = ["rope_type", "type"]
         .iter()
         .find_map(|k| s.get(*k).and_then(Json::as_str));
-    let num = |k: &str| -> anyhow::Result<f64> {
-        match s.get(k).and_then(Json::as_f64) {
-            Some(v) if v.is_finite() && v > 0.0 => Ok(v),
-            Some(_) => bail!("{p}: field rope_scaling.{k} is not a positive number: {s}"),
-            None => bail!("{p}: field rope_scaling.{k} is missing: {s}"),
+    // A positive number at `k` of `rope_scaling`, or `default` when it is not there (the
+    // converter's defaults for `llama3`).
+    let num = |k: &str, default: Option<f64>| -> anyhow::Result<f64> {
+        match (s.get(k).filter(|v| !v.is_null()), default) {
+            (Some(v), _) => match v.as_f64() {
+                Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+                _ => bail!("{p}: field rope_scaling.{k} is not a positive number: {s}"),
+            },
+            (None, Some(d)) => Ok(d),
+            (None, None) => bail!("{p}: field rope_scaling.{k} is missing: {s}"),
         }
     };
     match kind {
@@ -619,13 +625,28 @@ fn rope_scaling(
                 ),
                 (
                     "llama.rope.scaling.factor".into(),
-                    Value::F64(num("factor")?),
+                    Value::F64(num("factor", None)?),
                 ),
             ],
             None,
         )),
         Some("llama3") => {
-            let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+            // Hugging Face keeps the original context inside rope_scaling; the converter reads
+            // it from the top level; either, else the converter's 8192.
+            let key = "original_max_position_embeddings";
+            let original = if s.get(key).is_some_and(|v| !v.is_null()) {
+                num(key, None)?
+            } else {
+                match f.float(key)? {
+                    Some(x) if x.is_finite() && x > 0.0 => x,
+                    Some(_) => return Err(f.err(key, "a positive number")),
+                    None => 8192.0,
+                }
+            };
+            let (low, high) = (
+                num("low_freq_factor", Some(1.0))?,
+                num("high_freq_factor", Some(4.0))?,
+            );
             if high <= low {
                 bail!(
                     "{p}: field rope_scaling.high_freq_factor {high} is not above low_freq_factor {low}"
@@ -634,10 +655,10 @@ fn rope_scaling(
             let factors = llama3_rope_factors(
                 theta,
                 head_dim as usize,
-                num("factor")?,
+                num("factor", Some(8.0))?,
                 low,
                 high,
-                num("original_max_position_embeddings")?,
+                original,
             );
             Ok((Vec::new(), Some(factors)))
         }
