@@ -125,6 +125,69 @@ impl TcpCollective {
         }
     }
 
+    /// One collective call over `n` floats: fails at once when the group is lost, numbers the
+    /// call, runs `body` with the state, the call's sequence number and how long its reads may
+    /// wait; after the first call tightens the read timeouts; records the call.
+    fn call<T>(
+        &self,
+        n: usize,
+        body: impl FnOnce(&mut State, u64, Duration) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        if let Some(reason) = self.shared.lost() {
+            return Err(GroupError(reason).into());
+        }
+        let start = Instant::now();
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = &mut *guard;
+        st.seq += 1;
+        let seq = st.seq;
+        let wait = if seq == 1 { self.first } else { self.stall };
+        let out = body(st, seq, wait)?;
+        if seq == 1 {
+            self.set_timeouts(&st.links, self.stall);
+        }
+        drop(guard);
+        ALLREDUCE_STATS.record(4 * n, start.elapsed());
+        Ok(out)
+    }
+
+    /// Leader: read every follower's message of call `seq` (`n` floats) in rank order, checking
+    /// its header, and hand its payload to `each`.
+    fn read_followers(
+        &self,
+        peers: &mut [TcpStream],
+        bytes: &mut Vec<u8>,
+        seq: u64,
+        n: usize,
+        wait: Duration,
+        mut each: impl FnMut(&[u8]),
+    ) -> anyhow::Result<()> {
+        bytes.resize(HEADER + 4 * n, 0);
+        for (i, s) in peers.iter_mut().enumerate() {
+            let peer = i + 1;
+            if let Err(e) = s.read_exact(bytes) {
+                return Err(self.lost(peer, &e, wait));
+            }
+            if let Err(m) = check_header(&bytes[..HEADER], seq, n, self.base + peer) {
+                return Err(GroupError(self.shared.fail(m)).into());
+            }
+            each(&bytes[HEADER..]);
+        }
+        Ok(())
+    }
+
+    /// Follower: send `buf` as call `seq` to the leader.
+    fn send_to_leader(
+        &self,
+        s: &mut TcpStream,
+        bytes: &mut Vec<u8>,
+        seq: u64,
+        buf: &[f32],
+    ) -> anyhow::Result<()> {
+        encode(bytes, seq, buf);
+        s.write_all(bytes).map_err(|e| self.lost(0, &e, self.stall))
+    }
+
     fn lost(&self, peer: usize, e: &std::io::Error, wait: Duration) -> anyhow::Error {
         let own = if wire::is_timeout(e) {
             format!(
@@ -161,6 +224,12 @@ fn check_header(h: &[u8], seq: u64, n: usize, peer: usize) -> Result<(), String>
     Ok(())
 }
 
+/// The little-endian f32 values of a payload.
+fn floats(b: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+}
+
 fn encode(out: &mut Vec<u8>, seq: u64, buf: &[f32]) {
     out.clear();
     out.extend_from_slice(&header(seq, buf.len()));
@@ -179,110 +248,53 @@ impl Collective for TcpCollective {
     }
 
     fn all_reduce_sum(&self, buf: &mut [f32]) -> anyhow::Result<()> {
-        if let Some(reason) = self.shared.lost() {
-            return Err(GroupError(reason).into());
-        }
-        let start = Instant::now();
-        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let st = &mut *guard;
-        st.seq += 1;
-        let seq = st.seq;
-        let n = buf.len();
-        let wait = if seq == 1 { self.first } else { self.stall };
-        match &mut st.links {
+        self.call(buf.len(), |st, seq, wait| match &mut st.links {
             Links::Leader(peers) => {
-                st.bytes.resize(HEADER + 4 * n, 0);
-                for (i, s) in peers.iter_mut().enumerate() {
-                    let peer = i + 1;
-                    if let Err(e) = s.read_exact(&mut st.bytes) {
-                        return Err(self.lost(peer, &e, wait));
-                    }
-                    if let Err(m) = check_header(&st.bytes[..HEADER], seq, n, self.base + peer) {
-                        return Err(GroupError(self.shared.fail(m)).into());
-                    }
-                    for (x, c) in buf.iter_mut().zip(st.bytes[HEADER..].chunks_exact(4)) {
-                        *x += f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                    }
-                }
+                self.read_followers(peers, &mut st.bytes, seq, buf.len(), wait, |values| {
+                    buf.iter_mut()
+                        .zip(floats(values))
+                        .for_each(|(x, v)| *x += v);
+                })?;
                 encode(&mut st.bytes, seq, buf);
                 for (i, s) in peers.iter_mut().enumerate() {
                     if let Err(e) = s.write_all(&st.bytes) {
                         return Err(self.lost(i + 1, &e, self.stall));
                     }
                 }
+                Ok(())
             }
             Links::Follower(s) => {
-                encode(&mut st.bytes, seq, buf);
-                if let Err(e) = s.write_all(&st.bytes) {
-                    return Err(self.lost(0, &e, self.stall));
-                }
+                self.send_to_leader(s, &mut st.bytes, seq, buf)?;
                 if let Err(e) = s.read_exact(&mut st.bytes) {
                     return Err(self.lost(0, &e, wait * 2));
                 }
-                if let Err(m) = check_header(&st.bytes[..HEADER], seq, n, self.base) {
+                if let Err(m) = check_header(&st.bytes[..HEADER], seq, buf.len(), self.base) {
                     return Err(GroupError(self.shared.fail(m)).into());
                 }
-                for (x, c) in buf.iter_mut().zip(st.bytes[HEADER..].chunks_exact(4)) {
-                    *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
+                buf.iter_mut()
+                    .zip(floats(&st.bytes[HEADER..]))
+                    .for_each(|(x, v)| *x = v);
+                Ok(())
             }
-        }
-        if seq == 1 {
-            self.set_timeouts(&st.links, self.stall);
-        }
-        drop(guard);
-        ALLREDUCE_STATS.record(4 * n, start.elapsed());
-        Ok(())
+        })
     }
 
     /// One hop: followers send their part to the leader and go on; the leader reads them in
-    /// rank order. Same sequence numbers and checks as the all-reduce.
+    /// rank order. Same sequence numbers and checks as the all-reduce; counted with it.
     fn gather(&self, part: &[f32]) -> anyhow::Result<Option<Vec<f32>>> {
-        if let Some(reason) = self.shared.lost() {
-            return Err(GroupError(reason).into());
-        }
-        let start = Instant::now();
-        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let st = &mut *guard;
-        st.seq += 1;
-        let seq = st.seq;
-        let n = part.len();
-        let wait = if seq == 1 { self.first } else { self.stall };
-        let out = match &mut st.links {
+        self.call(part.len(), |st, seq, wait| match &mut st.links {
             Links::Leader(peers) => {
-                let mut all = Vec::with_capacity(self.world * n);
+                let mut all = Vec::with_capacity(self.world * part.len());
                 all.extend_from_slice(part);
-                st.bytes.resize(HEADER + 4 * n, 0);
-                for (i, s) in peers.iter_mut().enumerate() {
-                    let peer = i + 1;
-                    if let Err(e) = s.read_exact(&mut st.bytes) {
-                        return Err(self.lost(peer, &e, wait));
-                    }
-                    if let Err(m) = check_header(&st.bytes[..HEADER], seq, n, self.base + peer) {
-                        return Err(GroupError(self.shared.fail(m)).into());
-                    }
-                    all.extend(
-                        st.bytes[HEADER..]
-                            .chunks_exact(4)
-                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                    );
-                }
-                Some(all)
+                self.read_followers(peers, &mut st.bytes, seq, part.len(), wait, |values| {
+                    all.extend(floats(values));
+                })?;
+                Ok(Some(all))
             }
             Links::Follower(s) => {
-                encode(&mut st.bytes, seq, part);
-                if let Err(e) = s.write_all(&st.bytes) {
-                    return Err(self.lost(0, &e, self.stall));
-                }
-                None
+                self.send_to_leader(s, &mut st.bytes, seq, part)?;
+                Ok(None)
             }
-        };
-        if seq == 1 {
-            self.set_timeouts(&st.links, self.stall);
-        }
-        drop(guard);
-        // Counted with the all-reduces, as the trait's default gather (an all-reduce) is.
-        ALLREDUCE_STATS.record(4 * n, start.elapsed());
-        Ok(out)
+        })
     }
 }
