@@ -2,7 +2,8 @@
 //! parallelism over TCP on the real test model. Ranks run as threads of this process on
 //! 127.0.0.1.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -359,16 +360,7 @@ fn closing_the_leader_ends_followers_cleanly() {
     assert!(rx.try_recv().is_err());
 }
 
-fn model_path() -> PathBuf {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-model.sh",
-        path.display()
-    );
-    path
-}
+use common::model_path;
 
 fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;

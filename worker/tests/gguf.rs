@@ -1,24 +1,18 @@
 //! The GGUF parser on the real test model, and fuzzing of its header parsing with proptest over
 //! mutated and truncated bytes: every input gives Ok or an error, never a panic.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use proptest::prelude::*;
 use tessera_worker::model::MappedGguf;
 use tessera_worker::model::gguf::{GgmlType, Gguf, Value, Writer};
 
-fn model_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
+use common::model_path;
 
 fn real_model() -> MappedGguf {
-    let path = model_path();
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-model.sh (scripts/test.sh does)",
-        path.display()
-    );
-    MappedGguf::open(&path).expect("the test model parses")
+    MappedGguf::open(&model_path()).expect("the test model parses")
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The Llama decoder on the real test model (SmolLM2-135M-Instruct, Q4_1): the France question,
 //! logits against llama.cpp's, determinism, the KV-cache budget.
 
-use std::path::PathBuf;
+mod common;
 
 use tessera_worker::engine::{Engine, FinishReason, GenerateParams, SamplingParams};
 use tessera_worker::model::llama::Logits;
@@ -9,16 +9,7 @@ use tessera_worker::tokenizer::Message;
 
 fn engine() -> &'static Engine {
     static E: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
-    E.get_or_init(|| {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        assert!(
-            path.exists(),
-            "{} is missing: run scripts/fetch-model.sh",
-            path.display()
-        );
-        Engine::open(&path, 2).expect("the test model loads")
-    })
+    E.get_or_init(|| Engine::open(&common::model_path(), 2).expect("the test model loads"))
 }
 
 fn france() -> Vec<u32> {

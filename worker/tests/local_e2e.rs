@@ -1,8 +1,9 @@
 //! Ranks as real processes of the built binary: `serve` followers from the env contract, a killed
 //! rank ending the group, and the `local` launcher's checks.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -11,16 +12,7 @@ use tessera_worker::dist::{self, GroupConfig};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera-worker");
 
-fn model_path() -> PathBuf {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-model.sh",
-        path.display()
-    );
-    path
-}
+use common::model_path;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

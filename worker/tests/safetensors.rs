@@ -566,14 +566,7 @@ fn the_engine_opens_either_format_and_generates_the_same_tokens() {
 }
 
 fn real_model() -> MappedGguf {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-model.sh",
-        path.display()
-    );
-    MappedGguf::open(&path).unwrap()
+    MappedGguf::open(&common::model_path()).unwrap()
 }
 
 #[test]

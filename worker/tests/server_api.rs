@@ -4,6 +4,8 @@
 //! The tests take one lock so that only one model computes at a time (the build machine is
 //! small); the HTTP client is a minimal HTTP/1.1 client over a TCP stream.
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,16 +31,7 @@ const PER_SEQ_KV: usize = 256 << 20;
 const BODY_LIMIT: usize = 64 << 10;
 const FRANCE: &str = "What is the capital of France?";
 
-fn model_path() -> PathBuf {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-model.sh",
-        path.display()
-    );
-    path
-}
+use common::model_path;
 
 /// One model at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

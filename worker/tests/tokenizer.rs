@@ -5,7 +5,7 @@
 //! add_bos=False, special=...)`) on models/SmolLM2-135M-Instruct.Q4_1.gguf; docs/worker.md
 //! has the script.
 
-use std::path::PathBuf;
+mod common;
 
 use proptest::prelude::*;
 use tessera_worker::model::MappedGguf;
@@ -14,14 +14,7 @@ use tessera_worker::tokenizer::{Message, Tokenizer};
 fn tokenizer() -> &'static Tokenizer {
     static T: std::sync::OnceLock<Tokenizer> = std::sync::OnceLock::new();
     T.get_or_init(|| {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        assert!(
-            path.exists(),
-            "{} is missing: run scripts/fetch-model.sh",
-            path.display()
-        );
-        let m = MappedGguf::open(&path).expect("model parses");
+        let m = MappedGguf::open(&common::model_path()).expect("model parses");
         Tokenizer::from_gguf(&m.gguf).expect("tokenizer builds")
     })
 }

@@ -1,10 +1,24 @@
-//! Helpers shared by the worker's test crates.
+//! Helpers shared by the worker's test crates (each uses some of them).
+#![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::sync::{Arc, Barrier, Mutex};
 
 use tessera_worker::kernels::Pool;
 use tessera_worker::model::llama::{Llama, Logits};
 use tessera_worker::model::parallel::{Collective, Shard};
+
+/// The real test model, SmolLM2-135M-Instruct (Q4_1 GGUF); fails with the fix when missing.
+pub fn model_path() -> PathBuf {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-model.sh (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
 
 /// An in-memory all-reduce for tensor-parallel ranks running as threads of one test.
 struct Group {
