@@ -590,25 +590,8 @@ fn a_stage_holds_its_layers_and_chains_to_the_whole_model() {
         s0.new_cache(1 << 20).unwrap(),
         s1.new_cache(1 << 20).unwrap(),
     );
-    let x = s0
-        .forward_from(
-            &pool,
-            &Identity,
-            &mut c0,
-            Input::Tokens(&TOKENS),
-            Output::Hidden,
-        )
-        .unwrap();
+    let (x, got) = common::chain_stages(&pool, (&s0, &mut c0), (&s1, &mut c1), &TOKENS);
     assert_eq!(x.len(), TOKENS.len() * HIDDEN);
-    let got = s1
-        .forward_from(
-            &pool,
-            &Identity,
-            &mut c1,
-            Input::Hidden(&x),
-            Output::Logits(Logits::All),
-        )
-        .unwrap();
     assert_eq!(
         got, want,
         "the same arithmetic in two stages: bit-identical"

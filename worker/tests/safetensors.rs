@@ -19,7 +19,7 @@ use tessera_worker::engine::{Engine, GenerateParams};
 use tessera_worker::kernels::Pool;
 use tessera_worker::model::MappedGguf;
 use tessera_worker::model::gguf::{GgmlType, Value, Writer};
-use tessera_worker::model::llama::{Input, Llama, Logits, Output};
+use tessera_worker::model::llama::{Llama, Logits};
 use tessera_worker::model::parallel::{Identity, Shard, Stage};
 use tessera_worker::model::safetensors::hf_metadata;
 use tessera_worker::model::source;
@@ -387,23 +387,7 @@ fn run_pp2(path: &Path) -> Vec<f32> {
         s0.new_cache(1 << 20).unwrap(),
         s1.new_cache(1 << 20).unwrap(),
     );
-    let x = s0
-        .forward_from(
-            &pool,
-            &Identity,
-            &mut c0,
-            Input::Tokens(&TOKENS),
-            Output::Hidden,
-        )
-        .unwrap();
-    s1.forward_from(
-        &pool,
-        &Identity,
-        &mut c1,
-        Input::Hidden(&x),
-        Output::Logits(Logits::All),
-    )
-    .unwrap()
+    common::chain_stages(&pool, (&s0, &mut c0), (&s1, &mut c1), &TOKENS).1
 }
 
 /// Greedy tokens after `TOKENS[..4]`, one rank.

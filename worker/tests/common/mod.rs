@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Barrier, Mutex};
 
 use tessera_worker::kernels::Pool;
-use tessera_worker::model::llama::{Llama, Logits};
+use tessera_worker::model::kv_cache::KvCache;
+use tessera_worker::model::llama::{Input, Llama, Logits, Output};
+use tessera_worker::model::parallel::Identity;
 use tessera_worker::model::parallel::{Collective, Shard};
 
 /// The real test model, SmolLM2-135M-Instruct (Q4_1 GGUF); fails with the fix when missing.
@@ -18,6 +20,29 @@ pub fn model_path() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// `tokens` through two pipeline stages chained by hand in one thread (stage 0's hidden state
+/// handed to stage 1, each with its cache): that hidden state and every token's logits.
+pub fn chain_stages(
+    pool: &Pool,
+    (s0, c0): (&Llama, &mut KvCache),
+    (s1, c1): (&Llama, &mut KvCache),
+    tokens: &[u32],
+) -> (Vec<f32>, Vec<f32>) {
+    let x = s0
+        .forward_from(pool, &Identity, c0, Input::Tokens(tokens), Output::Hidden)
+        .unwrap();
+    let logits = s1
+        .forward_from(
+            pool,
+            &Identity,
+            c1,
+            Input::Hidden(&x),
+            Output::Logits(Logits::All),
+        )
+        .unwrap();
+    (x, logits)
 }
 
 /// An in-memory all-reduce for tensor-parallel ranks running as threads of one test.
