@@ -3,6 +3,10 @@
 //! 5xx answers, which pods it scrapes (fake scrapes, and real HTTP on a local listener), and the
 //! metrics it exports. Time comes from a manual clock; no test sleeps.
 
+mod common;
+
+use common::h100_node as node;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -10,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::client::Body;
@@ -57,18 +61,6 @@ fn deployment(replicas: i32, enabled: bool) -> ModelDeployment {
     md.metadata.generation = Some(3);
     md.metadata.resource_version = Some("41".into());
     md
-}
-
-/// One node with 8 H100s.
-fn node() -> Node {
-    serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": "h100-1", "labels": {
-            "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": "8",
-            "nvidia.com/gpu.memory": "81559"}},
-        "status": {"allocatable": {"nvidia.com/gpu": "8"}, "conditions": [{"type": "Ready", "status": "True"}]}
-    }))
-    .expect("node")
 }
 
 /// `replicas` placed and running (each leader Ready on 10.0.0.<replica + 1>), as the
@@ -221,6 +213,18 @@ type Script = Box<dyn FnMut(&Seen) -> StatusCode + Send>;
 
 fn always_ok() -> Script {
     Box::new(|_| StatusCode::OK)
+}
+
+/// The first request to `path` gets `code`, every other request 200.
+fn fail_first(path: &'static str, code: StatusCode) -> Script {
+    let mut first = true;
+    Box::new(move |s| {
+        if s.path == path && std::mem::take(&mut first) {
+            code
+        } else {
+            StatusCode::OK
+        }
+    })
 }
 
 /// Answer every request per `script` until the client is dropped, recording each in `seen`
@@ -597,15 +601,10 @@ async fn capacity_limits_show_as_a_guarded_condition_that_clears() {
 #[tokio::test]
 async fn a_conflict_on_status_waits_for_the_next_pass() {
     // The first status write meets a controller write in between (409); the next one lands.
-    let mut first = true;
-    let script: Script = Box::new(move |s| {
-        if s.path == STATUS && std::mem::take(&mut first) {
-            StatusCode::CONFLICT
-        } else {
-            StatusCode::OK
-        }
-    });
-    let mut h = harness(script, Duration::from_secs(3));
+    let mut h = harness(
+        fail_first(STATUS, StatusCode::CONFLICT),
+        Duration::from_secs(3),
+    );
     // Four replicas on all 8 GPUs at 40 requests each: held at 4 by capacity.
     let (md, pods) = converged(4, true);
     for ip in 1..=4 {
@@ -630,15 +629,10 @@ async fn a_conflict_on_status_waits_for_the_next_pass() {
 #[tokio::test]
 async fn a_server_error_on_scale_is_retried_next_pass_before_the_condition() {
     // The first scale write gets a 503; the next pass writes it again.
-    let mut first = true;
-    let script: Script = Box::new(move |s| {
-        if s.path == SCALE && std::mem::take(&mut first) {
-            StatusCode::SERVICE_UNAVAILABLE
-        } else {
-            StatusCode::OK
-        }
-    });
-    let mut h = harness(script, Duration::from_secs(3));
+    let mut h = harness(
+        fail_first(SCALE, StatusCode::SERVICE_UNAVAILABLE),
+        Duration::from_secs(3),
+    );
     let (md, pods) = converged(2, true);
     h.scraper.set("10.0.0.1", load(30, 10));
     h.scraper.set("10.0.0.2", load(30, 10));

@@ -2,6 +2,10 @@
 //! scale up, scale down, recreate and delete flows, driven through the real reconcile and
 //! executor.
 
+mod common;
+
+use common::h100_node as node;
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
@@ -55,17 +59,6 @@ fn observe<'a>(
         reserved: &[],
         now: Timestamp::now(),
     }
-}
-
-fn node() -> Node {
-    serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": "h100-1", "labels": {
-            "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": "8",
-            "nvidia.com/gpu.memory": "81559"}},
-        "status": {"allocatable": {"nvidia.com/gpu": "8"}, "conditions": [{"type": "Ready", "status": "True"}]}
-    }))
-    .expect("node")
 }
 
 fn context(client: kube::Client) -> Context {
