@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# One full build per run: incremental caches would add about 1 GB to target/ for nothing (CI builds
+# from scratch). Set CARGO_INCREMENTAL=1 to keep them when iterating locally.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -265,9 +265,8 @@ fn the_cli_replays_the_same_decisions() {
 
 #[test]
 fn the_cli_explains_a_bad_trace() {
-    let dir = std::env::temp_dir().join(format!("tessera-trace-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let bad = dir.join("bad.csv");
+    let dir = tempfile::tempdir().expect("dir");
+    let bad = dir.path().join("bad.csv");
     std::fs::write(&bad, "t,demand\n0,10\n15,lots\n").expect("write");
     let dep = deployment();
     let out = cli(&[
@@ -277,7 +276,7 @@ fn the_cli_explains_a_bad_trace() {
         "--trace",
         bad.to_str().expect("utf-8"),
     ]);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

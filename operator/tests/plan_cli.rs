@@ -20,12 +20,24 @@ fn plan(args: &[&str]) -> Output {
         .expect("runs")
 }
 
-fn tmp(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tessera-plan-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
+/// A file named `name` in its own temporary directory; both are deleted when it is dropped.
+struct TmpFile {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl std::ops::Deref for TmpFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn tmp(name: &str, text: &str) -> TmpFile {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    TmpFile { _dir: dir, path }
 }
 
 fn fails_with(out: &Output, needles: &[&str]) {

@@ -884,8 +884,8 @@ fn flaky_server() -> (String, Arc<Mutex<Vec<String>>>) {
 
 #[test]
 fn model_downloads_resume_after_a_break_and_check_sha256() {
-    let dir = std::env::temp_dir().join(format!("tessera-dl-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let (data, sha) = blob();
 
     let (url, ranges) = flaky_server();
@@ -919,5 +919,4 @@ fn model_downloads_resume_after_a_break_and_check_sha256() {
     let dest = dir.join("c/m.gguf");
     serve::download(&url, &dest, None).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use tessera_worker::engine::sampling::Rng;
@@ -124,12 +123,14 @@ fn build(ty: GgmlType, seed: u64, skip: Option<&str>, reshape: Option<&str>) -> 
     )
 }
 
-fn write(w: &Writer, name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tessera-llama-tiny-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, w.to_bytes()).unwrap();
-    path
+/// Writes the model to a temporary file that is deleted when the returned path is dropped.
+fn write(w: &Writer, name: &str) -> tempfile::TempPath {
+    let mut file = tempfile::Builder::new()
+        .prefix(&format!("tessera-llama-tiny-{name}-"))
+        .tempfile()
+        .unwrap();
+    std::io::Write::write_all(&mut file, &w.to_bytes()).unwrap();
+    file.into_temp_path()
 }
 
 /// An independent, naive forward pass in f64: returns every token's logits.

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use serde_json::json;
+use tempfile::TempDir;
 use tessera_worker::engine::sampling::Rng;
 use tessera_worker::engine::{Engine, GenerateParams};
 use tessera_worker::kernels::Pool;
@@ -154,11 +155,9 @@ fn tiny_vocab() -> Vec<String> {
     v
 }
 
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir()
-        .join(format!("tessera-safetensors-{}", std::process::id()))
-        .join(name);
-    let _ = std::fs::remove_dir_all(&d);
+/// A fresh directory `name` under the test's own temporary directory (deleted with it).
+fn dir(tmp: &TempDir, name: &str) -> PathBuf {
+    let d = tmp.path().join(name);
     std::fs::create_dir_all(&d).unwrap();
     d
 }
@@ -343,8 +342,8 @@ fn serialize_as(
 
 /// A Hugging Face model directory; `shards` > 1 splits the tensors over that many files with
 /// an index.
-fn write_hf(w: &Weights, ty: GgmlType, shards: usize, name: &str) -> PathBuf {
-    let d = dir(name);
+fn write_hf(tmp: &TempDir, w: &Weights, ty: GgmlType, shards: usize, name: &str) -> PathBuf {
+    let d = dir(tmp, name);
     write_json(&d.join("config.json"), &config_json(w));
     write_json(&d.join("tokenizer.json"), &tokenizer_json());
     write_json(
@@ -423,10 +422,11 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn f32_safetensors_match_the_gguf_at_every_layout() {
+    let tmp = tempfile::tempdir().unwrap();
     let w = random_weights(11, true);
-    let gguf = dir("f32-gguf").join("tiny.gguf");
+    let gguf = dir(&tmp, "f32-gguf").join("tiny.gguf");
     write_gguf(&w, GgmlType::F32, &gguf);
-    let hf = write_hf(&w, GgmlType::F32, 1, "f32-hf");
+    let hf = write_hf(&tmp, &w, GgmlType::F32, 1, "f32-hf");
     let mut worst = 0f64;
     for tp in [1, 2] {
         let (a, b) = (run_tp(&hf, tp), run_tp(&gguf, tp));
@@ -449,13 +449,14 @@ fn f32_safetensors_match_the_gguf_at_every_layout() {
 
 #[test]
 fn bf16_and_f16_safetensors_match_the_gguf() {
+    let tmp = tempfile::tempdir().unwrap();
     let w = random_weights(12, true);
     // BF16 checkpoint against an F32 GGUF of the same (rounded) values: only the layout
     // differs, so the F32 tolerance holds.
     let rounded = w.rounded_bf16();
-    let gguf = dir("bf16-gguf").join("rounded.gguf");
+    let gguf = dir(&tmp, "bf16-gguf").join("rounded.gguf");
     write_gguf(&rounded, GgmlType::F32, &gguf);
-    let hf = write_hf(&w, GgmlType::BF16, 1, "bf16-hf");
+    let hf = write_hf(&tmp, &w, GgmlType::BF16, 1, "bf16-hf");
     for tp in [1, 2] {
         let e = rel_err(&run_tp(&hf, tp), &run_tp(&gguf, tp));
         eprintln!("BF16 safetensors vs F32 GGUF of the rounded weights, TP={tp}: {e:.2e}");
@@ -464,16 +465,16 @@ fn bf16_and_f16_safetensors_match_the_gguf() {
     assert_eq!(greedy(&hf), greedy(&gguf), "greedy tokens are identical");
     // Against the unrounded F32 weights: bf16 keeps 8 bits of mantissa (relative rounding
     // 2^-9 per weight); measured 2.7e-3 of the largest logit, allowed 1e-2.
-    let exact = dir("bf16-exact").join("exact.gguf");
+    let exact = dir(&tmp, "bf16-exact").join("exact.gguf");
     write_gguf(&w, GgmlType::F32, &exact);
     let e = rel_err(&run_tp(&hf, 1), &run_tp(&exact, 1));
     eprintln!("BF16 safetensors vs F32 GGUF of the unrounded weights: {e:.2e}");
     assert!(e <= 1e-2, "{e}");
 
     // F16 in both formats: the same bits, so the same logits.
-    let gguf16 = dir("f16-gguf").join("tiny-f16.gguf");
+    let gguf16 = dir(&tmp, "f16-gguf").join("tiny-f16.gguf");
     write_gguf(&w, GgmlType::F16, &gguf16);
-    let hf16 = write_hf(&w, GgmlType::F16, 1, "f16-hf");
+    let hf16 = write_hf(&tmp, &w, GgmlType::F16, 1, "f16-hf");
     let e = rel_err(&run_tp(&hf16, 2), &run_tp(&gguf16, 2));
     eprintln!("F16 safetensors vs F16 GGUF, TP=2: {e:.2e}");
     assert!(e <= 1e-4, "{e}");
@@ -481,12 +482,13 @@ fn bf16_and_f16_safetensors_match_the_gguf() {
 
 #[test]
 fn sharded_models_open_from_the_directory_a_shard_or_the_index() {
+    let tmp = tempfile::tempdir().unwrap();
     // Untied LM head this time (lm_head.weight stored, output.weight in the GGUF).
     let w = random_weights(13, false);
-    let gguf = dir("sharded-gguf").join("untied.gguf");
+    let gguf = dir(&tmp, "sharded-gguf").join("untied.gguf");
     write_gguf(&w, GgmlType::F32, &gguf);
     let want = run_tp(&gguf, 1);
-    let hf = write_hf(&w, GgmlType::F32, 3, "sharded-hf");
+    let hf = write_hf(&tmp, &w, GgmlType::F32, 3, "sharded-hf");
     for path in [
         hf.clone(),
         hf.join("model-00002-of-00003.safetensors"),
@@ -497,7 +499,7 @@ fn sharded_models_open_from_the_directory_a_shard_or_the_index() {
     }
     let e = rel_err(&run_tp(&hf, 2), &run_tp(&gguf, 2));
     assert!(e <= 1e-4, "TP=2: {e}");
-    let single = write_hf(&w, GgmlType::F32, 1, "single-file");
+    let single = write_hf(&tmp, &w, GgmlType::F32, 1, "single-file");
     let e = rel_err(&run_tp(&single.join("model.safetensors"), 1), &want);
     assert!(e <= 1e-4, "a path to model.safetensors: {e}");
 
@@ -518,10 +520,11 @@ fn sharded_models_open_from_the_directory_a_shard_or_the_index() {
 
 #[test]
 fn the_engine_opens_either_format_and_generates_the_same_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
     let w = random_weights(14, true);
-    let gguf = dir("engine-gguf").join("engine.gguf");
+    let gguf = dir(&tmp, "engine-gguf").join("engine.gguf");
     write_gguf(&w, GgmlType::F32, &gguf);
-    let hf = write_hf(&w, GgmlType::F32, 1, "engine-hf");
+    let hf = write_hf(&tmp, &w, GgmlType::F32, 1, "engine-hf");
     let (a, b) = (
         Engine::open(&gguf, 1).unwrap(),
         Engine::open(&hf, 1).unwrap(),
@@ -555,6 +558,7 @@ fn real_model() -> MappedGguf {
 
 #[test]
 fn a_tokenizer_json_of_the_test_models_vocabulary_gives_the_gguf_ids() {
+    let tmp = tempfile::tempdir().unwrap();
     let m = real_model();
     let g = &m.gguf;
     let strings = |k: &str| -> Vec<String> {
@@ -604,7 +608,7 @@ fn a_tokenizer_json_of_the_test_models_vocabulary_gives_the_gguf_ids() {
             }
         })
         .collect();
-    let d = dir("real-tokenizer");
+    let d = dir(&tmp, "real-tokenizer");
     write_json(
         &d.join("tokenizer.json"),
         &json!({
@@ -680,12 +684,13 @@ fn assert_has(e: &str, parts: &[&str]) {
 
 #[test]
 fn broken_tensors_name_the_file_the_tensor_and_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
     let w = random_weights(15, true);
     let base = hf_tensors(&w, GgmlType::F32);
     let write = |name: &str,
                  tensors: &[(String, Vec<usize>, Vec<u8>)],
                  dt: &dyn Fn(&str) -> safetensors::Dtype| {
-        let d = write_hf(&w, GgmlType::F32, 1, name);
+        let d = write_hf(&tmp, &w, GgmlType::F32, 1, name);
         std::fs::write(d.join("model.safetensors"), serialize_as(tensors, dt)).unwrap();
         d
     };
@@ -738,7 +743,7 @@ fn broken_tensors_name_the_file_the_tensor_and_the_problem() {
     }
 
     // Truncated file.
-    let d = write_hf(&w, GgmlType::F32, 1, "truncated");
+    let d = write_hf(&tmp, &w, GgmlType::F32, 1, "truncated");
     let f = d.join("model.safetensors");
     let len = std::fs::metadata(&f).unwrap().len();
     std::fs::OpenOptions::new()
@@ -753,7 +758,7 @@ fn broken_tensors_name_the_file_the_tensor_and_the_problem() {
     assert_has(&open_err(&f), &["model.safetensors", "truncated"]);
 
     // A shard the index names is not there; an index pointing outside the directory.
-    let d = write_hf(&w, GgmlType::F32, 2, "lost-shard");
+    let d = write_hf(&tmp, &w, GgmlType::F32, 2, "lost-shard");
     std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap();
     assert_has(
         &open_err(&d),
@@ -772,7 +777,7 @@ fn broken_tensors_name_the_file_the_tensor_and_the_problem() {
         ],
     );
     // The index lists a tensor in a shard that does not hold it.
-    let d = write_hf(&w, GgmlType::F32, 2, "misplaced");
+    let d = write_hf(&tmp, &w, GgmlType::F32, 2, "misplaced");
     let idx = d.join("model.safetensors.index.json");
     let shard2 = d.join("model-00002-of-00002.safetensors");
     let held: Vec<_> = base
@@ -808,7 +813,7 @@ fn broken_tensors_name_the_file_the_tensor_and_the_problem() {
     );
 
     // An untied model without lm_head.weight.
-    let d = write_hf(&w, GgmlType::F32, 1, "untied-no-head");
+    let d = write_hf(&tmp, &w, GgmlType::F32, 1, "untied-no-head");
     let mut c = config_json(&w);
     c["tie_word_embeddings"] = json!(false);
     write_json(&d.join("config.json"), &c);
@@ -823,7 +828,7 @@ fn broken_tensors_name_the_file_the_tensor_and_the_problem() {
     );
 
     // A directory without weights; a path that does not exist.
-    let d = dir("no-weights");
+    let d = dir(&tmp, "no-weights");
     assert_has(&open_err(&d), &["no-weights", "model.safetensors"]);
     assert_has(
         &open_err(&d.join("nothing-here")),
@@ -833,8 +838,9 @@ fn broken_tensors_name_the_file_the_tensor_and_the_problem() {
 
 #[test]
 fn broken_json_names_the_file_and_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
     let w = random_weights(16, true);
-    let d = write_hf(&w, GgmlType::F32, 1, "json");
+    let d = write_hf(&tmp, &w, GgmlType::F32, 1, "json");
     let config = d.join("config.json");
     let set = |field: &str, value: serde_json::Value| {
         let mut c = config_json(&w);
@@ -989,9 +995,10 @@ fn run_tp(path: &Path, world: usize) -> Vec<f32> {
 /// the scaling matters (plain RoPE gives other logits).
 #[test]
 fn llama3_rope_scaling_equals_the_converted_rope_freqs() {
+    let tmp = tempfile::tempdir().unwrap();
     use tessera_worker::model::safetensors::llama3_rope_factors;
     let w = random_weights(21, true);
-    let hf = write_hf(&w, GgmlType::F32, 1, "llama3-rope");
+    let hf = write_hf(&tmp, &w, GgmlType::F32, 1, "llama3-rope");
     let mut cfg = config_json(&w);
     // Original context 256: pairs with wavelengths under 64 keep their frequency, over 256 are
     // slowed 8x, the band between blends (the tiny model's wavelengths run from 6 to ~16000).
@@ -1003,7 +1010,7 @@ fn llama3_rope_scaling_equals_the_converted_rope_freqs() {
     let factors = llama3_rope_factors(f64::from(BASE), HEAD_DIM, 8.0, 1.0, 4.0, 256.0);
     assert!(factors.contains(&1.0) && factors.contains(&8.0));
     assert!(factors.iter().any(|f| *f > 1.0 && *f < 8.0), "{factors:?}");
-    let gguf = dir("llama3-rope-gguf").join("scaled.gguf");
+    let gguf = dir(&tmp, "llama3-rope-gguf").join("scaled.gguf");
     write_gguf_with(&w, GgmlType::F32, &gguf, |g| {
         let bytes = factors.iter().flat_map(|v| v.to_le_bytes()).collect();
         g.tensor(
@@ -1013,7 +1020,7 @@ fn llama3_rope_scaling_equals_the_converted_rope_freqs() {
             bytes,
         );
     });
-    let plain = dir("llama3-rope-plain").join("plain.gguf");
+    let plain = dir(&tmp, "llama3-rope-plain").join("plain.gguf");
     write_gguf(&w, GgmlType::F32, &plain);
     for tp in [1, 2] {
         let e = rel_err(&run_tp(&hf, tp), &run_tp(&gguf, tp));
@@ -1023,7 +1030,7 @@ fn llama3_rope_scaling_equals_the_converted_rope_freqs() {
     // level, where the converter reads it: the same model.
     cfg["rope_scaling"] = json!({"rope_type": "llama3"});
     cfg["original_max_position_embeddings"] = json!(256);
-    let hf2 = write_hf(&w, GgmlType::F32, 1, "llama3-rope-defaults");
+    let hf2 = write_hf(&tmp, &w, GgmlType::F32, 1, "llama3-rope-defaults");
     write_json(&hf2.join("config.json"), &cfg);
     let e = rel_err(&run_tp(&hf2, 1), &run_tp(&gguf, 1));
     assert!(e <= 1e-4, "defaults: {e}");
@@ -1035,8 +1042,9 @@ fn llama3_rope_scaling_equals_the_converted_rope_freqs() {
 /// regex) becomes `tokenizer.ggml.pre = llama-bpe`, and the tokenizer splits as Llama 3's.
 #[test]
 fn llama3_pre_tokenizer_is_recognised() {
+    let tmp = tempfile::tempdir().unwrap();
     let w = random_weights(22, true);
-    let d = write_hf(&w, GgmlType::F32, 1, "llama3-pre");
+    let d = write_hf(&tmp, &w, GgmlType::F32, 1, "llama3-pre");
     let mut tok = tokenizer_json();
     tok["pre_tokenizer"] = json!({"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},

@@ -229,9 +229,8 @@ fn telemetry_cli_reads_fixtures_and_names_bad_ones() {
     let v: BTreeMap<String, String> = serde_json::from_slice(&out.stdout).expect("JSON labels");
     assert_eq!(v["tessera.dev/gpu.product"], "NVIDIA-L40S");
 
-    let dir = std::env::temp_dir().join(format!("tessera-bad-fixture-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    let bad = dir.join("bad.json");
+    let dir = tempfile::tempdir().expect("tmp dir");
+    let bad = dir.path().join("bad.json");
     std::fs::write(&bad, "{\"gpus\": 3}").expect("write");
     let out = std::process::Command::new(bin)
         .args(["telemetry", "--fake"])
