@@ -4,6 +4,7 @@
 # same prompt tokens, greedy, alternating runs; plus peak RSS of each.
 #
 # Usage: scripts/bench-worker.sh [THREADS] [DECODE_TOKENS] [RUNS]
+#   MODEL=path.gguf                    another GGUF (default: the test model)
 #   LLAMA_CPP_PYTHON=/path/to/python   a Python with llama_cpp importable (default: python3);
 #                                      build it with the CMAKE_ARGS in docs/worker.md.
 # Prints one line per run and the medians; results go to docs/worker.md by hand.
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 THREADS=${1:-2}
 TOKENS=${2:-128}
 RUNS=${3:-3}
-MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 PY=${LLAMA_CPP_PYTHON:-python3}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
 BIN=$CARGO_TARGET_DIR/release/tessera-worker

@@ -5,16 +5,18 @@
 use tessera_worker::engine::sampling::Rng;
 use tessera_worker::kernels::dot::{self, Kernel, Simd};
 use tessera_worker::kernels::quant::{self, BlockQ8};
-use tessera_worker::kernels::{Pool, QMatrix, matmul, matmul_multi, quantize_activations};
+use tessera_worker::kernels::{Bytes, Pool, QMatrix, matmul, matmul_multi, quantize_activations};
 use tessera_worker::model::gguf::GgmlType;
 
-const ENCODABLE: [GgmlType; 6] = [
+const ENCODABLE: [GgmlType; 8] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
     GgmlType::Q8_0,
     GgmlType::Q4_0,
     GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
 ];
 
 fn randn(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
@@ -80,7 +82,10 @@ fn quantise_dequantise_round_trip_within_half_a_step() {
                 GgmlType::BF16 => amax * 8e-3,
                 GgmlType::Q8_0 => amax / 127.0 * 0.5 + amax * 2e-3,
                 GgmlType::Q4_0 => amax / 8.0 * 0.5 + amax * 2e-3,
-                _ => range / 15.0 * 0.5 + amax * 2e-3,
+                GgmlType::Q5_0 => amax / 16.0 * 0.5 + amax * 2e-3,
+                GgmlType::Q5_1 => range / 31.0 * 0.5 + amax * 2e-3,
+                GgmlType::Q4_1 => range / 15.0 * 0.5 + amax * 2e-3,
+                other => panic!("no tolerance for {other}"),
             };
             for (a, b2) in xb.iter().zip(yb) {
                 assert!(
@@ -181,8 +186,16 @@ fn threaded_matmul_matches_a_naive_product() {
         Pool::with_simd(1, Simd::Scalar).unwrap(),
         Pool::with_simd(3, Simd::Avx2).unwrap(),
     ];
-    for ty in ENCODABLE {
-        let w = QMatrix::from_f32(ty, rows, cols, &randn(&mut rng, rows * cols, 0.3));
+    let mut matrices: Vec<QMatrix> = ENCODABLE
+        .iter()
+        .map(|&ty| QMatrix::from_f32(ty, rows, cols, &randn(&mut rng, rows * cols, 0.3)))
+        .collect();
+    for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+        let bytes = random_kquant(&mut rng, ty, rows * cols / 256);
+        matrices.push(QMatrix::new(ty, rows, cols, Bytes::Owned(bytes.into())).unwrap());
+    }
+    for w in &matrices {
+        let ty = w.ty;
         let wf = w.to_f32();
         for b in [1, 5] {
             let x = randn(&mut rng, b * cols, 1.0);
@@ -201,7 +214,7 @@ fn threaded_matmul_matches_a_naive_product() {
             } * scale;
             for pool in &pools {
                 let mut out = vec![0f32; b * rows];
-                matmul(pool, &w, &x, b, &mut out);
+                matmul(pool, w, &x, b, &mut out);
                 for (i, (o, e)) in out.iter().zip(&expect).enumerate() {
                     assert!((o - e).abs() <= tol, "{ty} b={b} [{i}]: {o} vs {e}");
                 }
@@ -333,6 +346,12 @@ mod quantiser_reference {
     pub const Q8_0_REF: [u8; 272] = [238, 37, 129, 223, 61, 154, 248, 86, 180, 18, 112, 205, 43, 137, 231, 69, 162, 0, 94, 187, 25, 119, 213, 51, 144, 238, 76, 170, 8, 102, 195, 33, 127, 220, 25, 37, 68, 135, 244, 97, 164, 18, 127, 194, 0, 255, 0, 1, 255, 0, 1, 255, 0, 1, 255, 1, 255, 0, 1, 255, 0, 1, 255, 0, 1, 0, 1, 255, 177, 37, 0, 1, 255, 0, 1, 255, 0, 255, 224, 66, 153, 251, 93, 179, 21, 119, 206, 48, 134, 232, 74, 161, 3, 101, 187, 29, 127, 214, 56, 142, 240, 82, 238, 37, 172, 10, 104, 198, 36, 129, 223, 61, 154, 248, 86, 180, 18, 112, 205, 43, 137, 231, 69, 162, 0, 94, 187, 25, 119, 213, 51, 144, 238, 76, 170, 8, 238, 37, 102, 195, 33, 127, 220, 58, 152, 246, 84, 177, 15, 109, 203, 41, 134, 228, 66, 159, 253, 91, 185, 23, 117, 210, 48, 142, 236, 74, 167, 5, 99, 192, 207, 37, 31, 127, 217, 57, 147, 243, 83, 173, 13, 109, 199, 39, 129, 225, 65, 155, 251, 91, 181, 21, 117, 207, 47, 137, 233, 73, 163, 3, 98, 189, 29, 124, 238, 37, 215, 53, 147, 241, 79, 172, 10, 104, 198, 36, 129, 223, 61, 154, 248, 86, 180, 18, 112, 205, 43, 137, 231, 69, 162, 0, 94, 187, 25, 119, 213, 51, 238, 37, 144, 238, 76, 170, 8, 102, 195, 33, 127, 220, 58, 152, 246, 84, 177, 15, 109, 203, 41, 134, 228, 66, 159, 253, 91, 185, 23, 117, 210, 48, 142, 236];
     pub const Q4_0_REF: [u8; 144] = [226, 53, 224, 70, 172, 242, 88, 189, 19, 121, 223, 53, 139, 224, 70, 172, 242, 104, 15, 181, 132, 143, 137, 130, 142, 135, 128, 140, 136, 136, 136, 136, 136, 136, 136, 136, 166, 181, 184, 88, 248, 168, 56, 232, 136, 40, 202, 100, 15, 184, 82, 253, 151, 49, 226, 53, 3, 105, 207, 36, 138, 224, 70, 172, 242, 88, 189, 19, 121, 223, 53, 139, 226, 181, 66, 236, 134, 32, 202, 116, 31, 185, 83, 253, 151, 49, 235, 133, 47, 202, 196, 181, 134, 32, 218, 116, 31, 185, 83, 253, 151, 49, 236, 134, 47, 202, 100, 14, 226, 53, 53, 155, 241, 87, 189, 3, 105, 207, 36, 138, 224, 70, 172, 242, 88, 189, 226, 181, 31, 185, 83, 253, 168, 66, 236, 134, 32, 202, 116, 31, 185, 83, 253, 151];
     pub const Q4_1_REF: [u8; 160] = [70, 54, 226, 193, 208, 54, 155, 241, 87, 189, 19, 105, 206, 36, 138, 224, 70, 156, 242, 87, 69, 53, 211, 192, 123, 112, 119, 125, 114, 120, 127, 116, 119, 119, 119, 119, 119, 119, 119, 119, 230, 53, 105, 193, 71, 167, 7, 103, 199, 39, 135, 215, 53, 155, 241, 87, 189, 3, 105, 207, 22, 54, 226, 193, 3, 104, 206, 36, 138, 208, 70, 155, 242, 87, 189, 19, 121, 207, 37, 138, 38, 54, 166, 193, 189, 36, 121, 223, 53, 155, 225, 87, 172, 3, 104, 206, 36, 138, 208, 70, 38, 54, 196, 193, 121, 223, 53, 155, 225, 87, 172, 3, 104, 206, 36, 138, 208, 70, 155, 242, 22, 54, 226, 193, 53, 155, 241, 87, 173, 3, 104, 206, 36, 138, 208, 70, 155, 242, 87, 189, 38, 54, 166, 193, 225, 70, 172, 2, 104, 189, 36, 121, 223, 53, 155, 225, 87, 172, 3, 104];
+    pub const Q5_0_REF: [u8; 176] = [226, 49, 164, 165, 45, 109, 192, 124, 56, 243, 191, 107, 38, 226, 174, 90, 21, 209, 141, 73, 244, 192, 15, 177, 150, 255, 255, 255, 7, 15, 1, 4, 12, 14, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 166, 177, 255, 45, 109, 105, 96, 160, 240, 48, 112, 192, 0, 48, 148, 200, 13, 81, 148, 234, 45, 97, 226, 49, 150, 180, 180, 165, 21, 209, 157, 73, 4, 192, 124, 56, 243, 191, 107, 38, 226, 174, 90, 21, 226, 177, 210, 210, 150, 150, 131, 200, 12, 64, 148, 217, 29, 97, 165, 234, 62, 114, 183, 251, 79, 132, 196, 177, 180, 180, 165, 45, 28, 80, 149, 217, 30, 98, 166, 250, 62, 114, 199, 11, 79, 132, 200, 13, 226, 49, 210, 146, 150, 182, 107, 39, 226, 174, 90, 21, 209, 157, 73, 4, 192, 124, 56, 243, 191, 107, 226, 177, 75, 90, 218, 210, 46, 114, 182, 251, 79, 131, 200, 12, 64, 148, 217, 29, 97, 165, 234, 62];
+    pub const Q5_0_DEQ_SUM: f64 = -1.3121337890625;
+    pub const Q5_0_DEQ_WEIGHTED: f64 = -63.6624755859375;
+    pub const Q5_1_REF: [u8; 192] = [18, 50, 226, 193, 164, 165, 45, 109, 176, 123, 55, 227, 175, 106, 38, 210, 157, 89, 5, 193, 140, 72, 244, 176, 26, 49, 211, 192, 105, 0, 0, 0, 248, 240, 254, 251, 244, 241, 255, 247, 255, 255, 255, 255, 255, 255, 255, 255, 181, 49, 105, 193, 0, 210, 210, 150, 159, 95, 15, 207, 143, 63, 15, 207, 123, 55, 242, 175, 107, 22, 210, 158, 228, 49, 226, 193, 150, 180, 180, 165, 21, 209, 157, 73, 4, 192, 124, 56, 243, 191, 107, 38, 226, 174, 90, 21, 243, 49, 166, 193, 45, 45, 105, 105, 124, 56, 243, 191, 107, 38, 226, 158, 90, 21, 209, 141, 73, 4, 192, 124, 243, 49, 196, 193, 75, 75, 90, 218, 243, 191, 107, 38, 226, 158, 90, 21, 209, 141, 73, 4, 192, 124, 55, 243, 228, 49, 226, 193, 210, 146, 150, 182, 107, 39, 226, 174, 90, 21, 209, 157, 73, 4, 192, 124, 56, 243, 191, 107, 243, 49, 166, 193, 180, 165, 37, 45, 209, 157, 73, 4, 192, 124, 56, 243, 191, 107, 38, 226, 158, 90, 21, 209];
+    pub const Q5_1_DEQ_SUM: f64 = -2.5653076171875;
+    pub const Q5_1_DEQ_WEIGHTED: f64 = -236.4010009765625;
 }
 
 #[test]
@@ -346,25 +365,62 @@ fn quantisers_match_gguf_py_byte_for_byte() {
         (GgmlType::Q8_0, &Q8_0_REF[..]),
         (GgmlType::Q4_0, &Q4_0_REF[..]),
         (GgmlType::Q4_1, &Q4_1_REF[..]),
+        (GgmlType::Q5_0, &Q5_0_REF[..]),
+        (GgmlType::Q5_1, &Q5_1_REF[..]),
     ] {
         assert_eq!(quant::quantize_row(ty, &x), expect, "{ty}");
     }
+    // gguf-py's dequantisation of the same bytes: sums, plain and weighted by position.
+    for (ty, bytes, sum, weighted) in [
+        (
+            GgmlType::Q5_0,
+            &Q5_0_REF[..],
+            Q5_0_DEQ_SUM,
+            Q5_0_DEQ_WEIGHTED,
+        ),
+        (
+            GgmlType::Q5_1,
+            &Q5_1_REF[..],
+            Q5_1_DEQ_SUM,
+            Q5_1_DEQ_WEIGHTED,
+        ),
+    ] {
+        let mut out = vec![0f32; 256];
+        quant::dequantize_row(ty, bytes, &mut out);
+        let s: f64 = out.iter().map(|&v| f64::from(v)).sum();
+        let w: f64 = out
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| i as f64 * f64::from(v))
+            .sum();
+        assert!(
+            (s - sum).abs() <= 1e-6 * sum.abs().max(1.0),
+            "{ty}: {s} vs {sum}"
+        );
+        assert!(
+            (w - weighted).abs() <= 1e-6 * weighted.abs().max(1.0),
+            "{ty}: {w} vs {weighted}"
+        );
+    }
 }
 
-/// The two-row kernels (batched products) give each row's dot product bit for bit as the
-/// one-row kernel does.
+/// The two- and four-row kernels (batched products) give each row's dot product bit for bit as
+/// the one-row kernel does.
 #[test]
 fn pair_kernels_equal_the_one_row_kernel_bit_for_bit() {
     let mut rng = Rng::new(11);
-    for ty in [
+    let paired = [
         GgmlType::Q4_1,
         GgmlType::Q8_0,
-        GgmlType::Q4_0,
-        GgmlType::F32,
-    ] {
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ];
+    for ty in paired.into_iter().chain([GgmlType::Q4_0, GgmlType::F32]) {
         let Some(pair) = dot::pair_kernel(ty, Simd::Avx2) else {
             assert!(
-                dot::detect() != Simd::Avx2 || !matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0),
+                dot::detect() != Simd::Avx2 || !paired.contains(&ty),
                 "{ty} has a two-row kernel on AVX2"
             );
             continue;
@@ -372,18 +428,42 @@ fn pair_kernels_equal_the_one_row_kernel_bit_for_bit() {
         let Kernel::Q8(single) = dot::kernel(ty, Simd::Avx2) else {
             panic!("{ty}: a two-row kernel needs 8-bit activations");
         };
-        for cols in [32, 64, 96, 576, 1536] {
-            let w = quant::quantize_row(ty, &randn(&mut rng, cols, 0.5));
+        let kquant = matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K);
+        let widths: &[usize] = if kquant {
+            &[256, 512, 1536]
+        } else {
+            &[32, 64, 96, 576, 1536]
+        };
+        for &cols in widths {
+            let w = if kquant {
+                random_kquant(&mut rng, ty, cols / 256)
+            } else {
+                quant::quantize_row(ty, &randn(&mut rng, cols, 0.5))
+            };
             let x = quantize_activations(&randn(&mut rng, cols, 1.0), cols);
             let z = quantize_activations(&randn(&mut rng, cols, 2.0), cols);
             let (a, b) = pair(&w, &x, &z);
             assert_eq!(a.to_bits(), single(&w, &x).to_bits(), "{ty} x {cols}");
             assert_eq!(b.to_bits(), single(&w, &z).to_bits(), "{ty} z {cols}");
+            if let Some(quad) = dot::quad_kernel(ty, Simd::Avx2) {
+                let u = quantize_activations(&randn(&mut rng, cols, 0.3), cols);
+                let v = quantize_activations(&randn(&mut rng, cols, 4.0), cols);
+                let got = quad(&w, [&x, &z, &u, &v]);
+                for (k, row) in [&x, &z, &u, &v].into_iter().enumerate() {
+                    let want = single(&w, row);
+                    assert_eq!(got[k].to_bits(), want.to_bits(), "{ty} quad row {k} {cols}");
+                }
+            }
         }
     }
     // A matrix product over 5 rows (two pairs and one alone) equals the products row by row.
     let pool = Pool::with_simd(2, Simd::Avx2).unwrap();
-    for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+    for ty in [
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+    ] {
         let (rows, cols) = (40, 96);
         let m = QMatrix::from_f32(ty, rows, cols, &randn(&mut rng, rows * cols, 0.5));
         let x = randn(&mut rng, 5 * cols, 1.0);

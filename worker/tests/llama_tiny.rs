@@ -1,4 +1,4 @@
-//! A tiny random Llama written with `gguf::Writer` (F32, Q8_0 and Q4_1 weights) against an
+//! A tiny random Llama written with `gguf::Writer` (F32, Q8_0, Q4_1, Q5_0 and Q5_1 weights) against an
 //! independent naive f64 forward pass; the same model split over 2 and 4 tensor-parallel ranks
 //! (threads with an in-memory all-reduce) against one rank; pipeline stages (PP=2 and TP=2 x
 //! PP=2 over the TCP rank group, ranks as threads) against one rank; malformed files; batched
@@ -250,6 +250,8 @@ fn tiny_model_matches_the_naive_reference() {
         (GgmlType::F32, 1e-4),
         (GgmlType::Q8_0, 1.5e-2),
         (GgmlType::Q4_1, 1.5e-2),
+        (GgmlType::Q5_0, 1.5e-2),
+        (GgmlType::Q5_1, 1.5e-2),
     ] {
         let (w, wt) = build(ty, 42, None, None);
         let path = write(&w, &format!("ref-{ty}.gguf"));
@@ -448,15 +450,15 @@ fn malformed_models_name_the_tensor_or_key() {
     w.tensor(
         "blk.0.attn_q.weight",
         &[h, q],
-        GgmlType::Q5_0,
-        vec![0u8; (h * q / 32 * 22) as usize],
+        GgmlType::Q8_1,
+        vec![0u8; (h * q / 32 * 36) as usize],
     );
-    let e = Llama::open(&write(&w, "q5.gguf"), Shard::SINGLE)
+    let e = Llama::open(&write(&w, "q8_1.gguf"), Shard::SINGLE)
         .err()
         .expect("unsupported type");
     let msg = format!("{e:#}");
     assert!(
-        msg.contains("blk.0.attn_q.weight") && msg.contains("Q5_0"),
+        msg.contains("blk.0.attn_q.weight") && msg.contains("Q8_1"),
         "{msg}"
     );
 

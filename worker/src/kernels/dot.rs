@@ -1,10 +1,13 @@
 //! Dot products of one weight row (in its GGUF encoding) with one activation row.
 //!
 //! Two families, as in ggml:
-//! - 8-bit quantised activations ([`BlockQ8`]) against `Q8_0`, `Q4_0` and `Q4_1` weights: integer
-//!   products per 32-element block, scaled once per block (`vec_dot_q4_1_q8_1` and friends);
-//! - f32 activations against `F32`, `F16`, `BF16` weights (converted in registers), and against
-//!   K-quants (dequantised one super-block at a time on the stack).
+//! - 8-bit quantised activations ([`BlockQ8`], 32 elements) against every quantised type: integer
+//!   products per 32-element block, scaled once per block (`vec_dot_q4_1_q8_1` and friends). The
+//!   K-quants are taken 32 elements at a time too: a `Q4_K` sub-block is 32 elements with one
+//!   scale and min, a `Q6_K` 32-element chunk is two 16-element sub-blocks whose scales multiply
+//!   the two halves' integer sums. (ggml quantises activations per 256 for K-quants; one scale
+//!   per 32 is at least as accurate.)
+//! - f32 activations against `F32`, `F16`, `BF16` weights (converted in registers).
 //!
 //! Every kernel has a scalar version; the AVX2+FMA+F16C versions are chosen at run time by
 //! [`kernel`] and tested against the scalar ones.
@@ -72,15 +75,13 @@ pub fn kernel(ty: GgmlType, simd: Simd) -> Kernel {
             GgmlType::Q4_1 => Kernel::Q8(avx2::q4_1),
             GgmlType::Q4_0 => Kernel::Q8(avx2::q4_0),
             GgmlType::Q8_0 => Kernel::Q8(avx2::q8_0),
+            GgmlType::Q5_0 => Kernel::Q8(avx2::q5_0),
+            GgmlType::Q5_1 => Kernel::Q8(avx2::q5_1),
+            GgmlType::Q4_K => Kernel::Q8(avx2::q4_k),
+            GgmlType::Q6_K => Kernel::Q8(avx2::q6_k),
             GgmlType::F32 => Kernel::F32(avx2::f32),
             GgmlType::F16 => Kernel::F32(avx2::f16),
             GgmlType::BF16 => Kernel::F32(avx2::bf16),
-            GgmlType::Q4_K => {
-                Kernel::F32(|w, x| kquant_dot::<144>(GgmlType::Q4_K, w, x, avx2::f32_slices))
-            }
-            GgmlType::Q6_K => {
-                Kernel::F32(|w, x| kquant_dot::<210>(GgmlType::Q6_K, w, x, avx2::f32_slices))
-            }
             other => panic!("no kernel for {other}"),
         };
     }
@@ -89,15 +90,13 @@ pub fn kernel(ty: GgmlType, simd: Simd) -> Kernel {
         GgmlType::Q4_1 => Kernel::Q8(scalar::q4_1),
         GgmlType::Q4_0 => Kernel::Q8(scalar::q4_0),
         GgmlType::Q8_0 => Kernel::Q8(scalar::q8_0),
+        GgmlType::Q5_0 => Kernel::Q8(scalar::q5_0),
+        GgmlType::Q5_1 => Kernel::Q8(scalar::q5_1),
+        GgmlType::Q4_K => Kernel::Q8(scalar::q4_k),
+        GgmlType::Q6_K => Kernel::Q8(scalar::q6_k),
         GgmlType::F32 => Kernel::F32(scalar::f32),
         GgmlType::F16 => Kernel::F32(scalar::f16),
         GgmlType::BF16 => Kernel::F32(scalar::bf16),
-        GgmlType::Q4_K => {
-            Kernel::F32(|w, x| kquant_dot::<144>(GgmlType::Q4_K, w, x, dot_f32_scalar))
-        }
-        GgmlType::Q6_K => {
-            Kernel::F32(|w, x| kquant_dot::<210>(GgmlType::Q6_K, w, x, dot_f32_scalar))
-        }
         other => panic!("no kernel for {other}"),
     }
 }
@@ -114,6 +113,10 @@ pub fn pair_kernel(ty: GgmlType, simd: Simd) -> Option<PairKernel> {
         return match ty {
             GgmlType::Q4_1 => Some(avx2::q4_1_pair),
             GgmlType::Q8_0 => Some(avx2::q8_0_pair),
+            GgmlType::Q5_0 => Some(avx2::q5_0_pair),
+            GgmlType::Q5_1 => Some(avx2::q5_1_pair),
+            GgmlType::Q4_K => Some(avx2::q4_k_pair),
+            GgmlType::Q6_K => Some(avx2::q6_k_pair),
             _ => None,
         };
     }
@@ -121,19 +124,46 @@ pub fn pair_kernel(ty: GgmlType, simd: Simd) -> Option<PairKernel> {
     None
 }
 
-fn kquant_dot<const BYTES: usize>(
-    ty: GgmlType,
-    w: &[u8],
-    x: &[f32],
-    dot: fn(&[f32], &[f32]) -> f32,
-) -> f32 {
-    let mut buf = [0f32; QK_K];
-    let mut acc = 0f32;
-    for (blk, xs) in w.chunks_exact(BYTES).zip(x.chunks_exact(QK_K)) {
-        quant::dequantize_row(ty, blk, &mut buf);
-        acc += dot(&buf, xs);
+/// A dot product of one weight row with four rows of 8-bit activations at once.
+pub type QuadKernel = fn(&[u8], [&[BlockQ8]; 4]) -> [f32; 4];
+
+/// The four-row kernel for `ty` on `simd`, where there is one (`Q5_0`, `Q5_1`, `Q4_K`, `Q6_K` on
+/// AVX2): each weight block is decoded once for four activation rows, and each result is bit for
+/// bit what [`kernel`] gives for that row alone (one generic body serves 1, 2 and 4 rows).
+pub fn quad_kernel(ty: GgmlType, simd: Simd) -> Option<QuadKernel> {
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx2 && detect() == Simd::Avx2 {
+        return match ty {
+            GgmlType::Q5_0 => Some(avx2::q5_0_quad),
+            GgmlType::Q5_1 => Some(avx2::q5_1_quad),
+            GgmlType::Q4_K => Some(avx2::q4_k_quad),
+            GgmlType::Q6_K => Some(avx2::q6_k_quad),
+            _ => None,
+        };
     }
-    acc
+    let _ = (ty, simd);
+    None
+}
+
+/// The 32 six-bit values (0..64) of chunk `c` (0..8) of a `Q6_K` block, and the chunk's two
+/// sub-block scales (elements 0..16 and 16..32).
+#[inline]
+fn q6_k_chunk(blk: &[u8], c: usize) -> ([u8; QK], [i8; 2]) {
+    let (n, which) = (c / 4, c % 4);
+    let ql = &blk[64 * n..64 * n + 64];
+    let qh = &blk[128 + 32 * n..128 + 32 * n + 32];
+    let sc = &blk[192 + 8 * n..192 + 8 * n + 8];
+    let mut q = [0u8; QK];
+    for (l, v) in q.iter_mut().enumerate() {
+        let low = match which {
+            0 => ql[l] & 0x0F,
+            1 => ql[l + 32] & 0x0F,
+            2 => ql[l] >> 4,
+            _ => ql[l + 32] >> 4,
+        };
+        *v = low | (((qh[l] >> (2 * which)) & 3) << 4);
+    }
+    (q, [sc[2 * which] as i8, sc[2 * which + 1] as i8])
 }
 
 /// Plain f32 dot product (scalar).
@@ -211,6 +241,74 @@ pub mod scalar {
         acc
     }
 
+    pub fn q5_0(w: &[u8], x: &[BlockQ8]) -> f32 {
+        let mut acc = 0f32;
+        for (blk, y) in w.chunks_exact(22).zip(x) {
+            let d = f16_at(blk, 0);
+            let q = quant::q5_values(quant::u32_at(blk, 2), &blk[6..22]);
+            let s: i32 = q
+                .iter()
+                .zip(&y.qs)
+                .map(|(&a, &b)| (i32::from(a) - 16) * i32::from(b))
+                .sum();
+            acc += d * y.d * s as f32;
+        }
+        acc
+    }
+
+    pub fn q5_1(w: &[u8], x: &[BlockQ8]) -> f32 {
+        let mut acc = 0f32;
+        for (blk, y) in w.chunks_exact(24).zip(x) {
+            let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+            let q = quant::q5_values(quant::u32_at(blk, 4), &blk[8..24]);
+            let s: i32 = q
+                .iter()
+                .zip(&y.qs)
+                .map(|(&a, &b)| i32::from(a) * i32::from(b))
+                .sum();
+            acc += d * y.d * s as f32 + m * y.s;
+        }
+        acc
+    }
+
+    /// `Q4_K`: 8 sub-blocks of 32 per super-block, each against one activation block.
+    pub fn q4_k(w: &[u8], x: &[BlockQ8]) -> f32 {
+        let mut acc = 0f32;
+        for (blk, ys) in w.chunks_exact(144).zip(x.chunks_exact(QK_K / QK)) {
+            let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+            for (c, y) in ys.iter().enumerate() {
+                let (sc, mn) = quant::scale_min_k4(c, &blk[4..16]);
+                let qs = &blk[16 + 32 * (c / 2)..16 + 32 * (c / 2) + 32];
+                let shift = 4 * (c % 2);
+                let s: i32 = qs
+                    .iter()
+                    .zip(&y.qs)
+                    .map(|(&a, &b)| i32::from((a >> shift) & 0x0F) * i32::from(b))
+                    .sum();
+                acc += d * f32::from(sc) * y.d * s as f32 - dmin * f32::from(mn) * y.s;
+            }
+        }
+        acc
+    }
+
+    /// `Q6_K`: 8 chunks of 32 per super-block, each two 16-element sub-blocks with their own
+    /// scale, against one activation block.
+    pub fn q6_k(w: &[u8], x: &[BlockQ8]) -> f32 {
+        let mut acc = 0f32;
+        for (blk, ys) in w.chunks_exact(210).zip(x.chunks_exact(QK_K / QK)) {
+            let d = f16_at(blk, 208);
+            for (c, y) in ys.iter().enumerate() {
+                let (q, sc) = q6_k_chunk(blk, c);
+                let half = |r: std::ops::Range<usize>| -> i32 {
+                    r.map(|l| (i32::from(q[l]) - 32) * i32::from(y.qs[l])).sum()
+                };
+                let s = i32::from(sc[0]) * half(0..16) + i32::from(sc[1]) * half(16..32);
+                acc += d * y.d * s as f32;
+            }
+        }
+        acc
+    }
+
     pub fn f32(w: &[u8], x: &[f32]) -> f32 {
         w.chunks_exact(4)
             .zip(x)
@@ -237,7 +335,7 @@ pub mod scalar {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BlockQ8, QK};
+    use super::{BlockQ8, QK, QK_K, quant};
 
     // Safe wrappers: `kernel` hands these out only after detecting AVX2, FMA and F16C.
     pub fn q4_1(w: &[u8], x: &[BlockQ8]) -> f32 {
@@ -264,6 +362,74 @@ mod avx2 {
         assert!(w.len() >= x.len() * 34);
         // SAFETY: as above.
         unsafe { q8_0_impl(w, x) }
+    }
+    pub fn q5_0(w: &[u8], x: &[BlockQ8]) -> f32 {
+        assert!(w.len() >= x.len() * 22);
+        // SAFETY: as above.
+        unsafe { q5_rows::<false, 1>(w, [x])[0] }
+    }
+    pub fn q5_0_pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
+        assert!(w.len() >= x.len() * 22 && z.len() == x.len());
+        // SAFETY: as above.
+        let [a, b] = unsafe { q5_rows::<false, 2>(w, [x, z]) };
+        (a, b)
+    }
+    pub fn q5_1(w: &[u8], x: &[BlockQ8]) -> f32 {
+        assert!(w.len() >= x.len() * 24);
+        // SAFETY: as above.
+        unsafe { q5_rows::<true, 1>(w, [x])[0] }
+    }
+    pub fn q5_1_pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
+        assert!(w.len() >= x.len() * 24 && z.len() == x.len());
+        // SAFETY: as above.
+        let [a, b] = unsafe { q5_rows::<true, 2>(w, [x, z]) };
+        (a, b)
+    }
+    pub fn q5_0_quad(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
+        assert!(w.len() >= xs[0].len() * 22 && xs.iter().all(|x| x.len() == xs[0].len()));
+        // SAFETY: as above.
+        unsafe { q5_rows::<false, 4>(w, xs) }
+    }
+    pub fn q5_1_quad(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
+        assert!(w.len() >= xs[0].len() * 24 && xs.iter().all(|x| x.len() == xs[0].len()));
+        // SAFETY: as above.
+        unsafe { q5_rows::<true, 4>(w, xs) }
+    }
+    pub fn q4_k_quad(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
+        assert!(kquant_ok(w, xs[0], 144) && xs.iter().all(|x| x.len() == xs[0].len()));
+        // SAFETY: as above.
+        unsafe { q4_k_rows::<4>(w, xs) }
+    }
+    pub fn q6_k_quad(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
+        assert!(kquant_ok(w, xs[0], 210) && xs.iter().all(|x| x.len() == xs[0].len()));
+        // SAFETY: as above.
+        unsafe { q6_k_rows::<4>(w, xs) }
+    }
+    /// Whole super-blocks: `x` is a multiple of 8 blocks and `w` holds as many super-blocks.
+    fn kquant_ok(w: &[u8], x: &[BlockQ8], bytes: usize) -> bool {
+        x.len().is_multiple_of(QK_K / QK) && w.len() >= x.len() / (QK_K / QK) * bytes
+    }
+    pub fn q4_k(w: &[u8], x: &[BlockQ8]) -> f32 {
+        assert!(kquant_ok(w, x, 144));
+        // SAFETY: as above.
+        unsafe { q4_k_rows::<1>(w, [x])[0] }
+    }
+    pub fn q4_k_pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
+        assert!(kquant_ok(w, x, 144) && z.len() == x.len());
+        // SAFETY: as above.
+        let [a, b] = unsafe { q4_k_rows::<2>(w, [x, z]) };
+        (a, b)
+    }
+    pub fn q6_k(w: &[u8], x: &[BlockQ8]) -> f32 {
+        assert!(kquant_ok(w, x, 210));
+        // SAFETY: as above.
+        unsafe { q6_k_rows::<1>(w, [x])[0] }
+    }
+    pub fn q6_k_pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
+        assert!(kquant_ok(w, x, 210) && z.len() == x.len());
+        // SAFETY: as above.
+        let [a, b] = unsafe { q6_k_rows::<2>(w, [x, z]) };
+        (a, b)
     }
     pub fn f32(w: &[u8], x: &[f32]) -> f32 {
         assert!(w.len() >= x.len() * 4);
@@ -462,6 +628,179 @@ mod avx2 {
         }
         // SAFETY: features enabled on this function.
         unsafe { (hsum(_mm256_add_ps(a0, a1)), hsum(_mm256_add_ps(b0, b1))) }
+    }
+
+    /// 32 bytes, byte `k` all ones where bit `k` of `bits` is set and zero elsewhere.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn bytes_from_bits(bits: u32) -> __m256i {
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits as i32),
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
+        );
+        // Every bit but bit k of byte k (mod 8) set: the OR is all ones iff bit k was set.
+        let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+        _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
+    }
+
+    /// `Q5_0` (`OFFSET = false`: signed values `q - 16`) and `Q5_1` (`true`: `q` and `m * s`)
+    /// against `R` activation rows at once: each weight block is decoded once, and each row's
+    /// result is the same whatever `R` (the per-row operations and their order do not change).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_rows<const OFFSET: bool, const R: usize>(
+        w: &[u8],
+        xs: [&[BlockQ8]; R],
+    ) -> [f32; R] {
+        let bytes = if OFFSET { 24 } else { 22 };
+        let at = if OFFSET { 4 } else { 2 };
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut summ = [0f32; R];
+        let ones = _mm256_set1_epi16(1);
+        let p = w.as_ptr();
+        for i in 0..xs[0].len() {
+            // SAFETY: block `i` lies within `w` and every row (checked by the wrappers).
+            unsafe {
+                let b = p.add(i * bytes);
+                let dm = two_f16(b);
+                let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
+                let qh = u32::from_le(b.add(at).cast::<u32>().read_unaligned());
+                let high = bytes_from_bits(qh);
+                let lo = nibbles(b.add(at + 4));
+                let q = if OFFSET {
+                    _mm256_or_si256(lo, _mm256_and_si256(high, _mm256_set1_epi8(0x10)))
+                } else {
+                    // q - 16: the nibble where the fifth bit is set, nibble | 0xF0 where not.
+                    _mm256_or_si256(
+                        lo,
+                        _mm256_andnot_si256(high, _mm256_set1_epi8(0xF0_u8 as i8)),
+                    )
+                };
+                for r in 0..R {
+                    let y = xs[r].get_unchecked(i);
+                    let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
+                    let prod = if OFFSET {
+                        summ[r] += m * y.s;
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(q, by), ones)
+                    } else {
+                        dot_i8(q, by)
+                    };
+                    acc[r][i & 1] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(d * y.d),
+                        _mm256_cvtepi32_ps(prod),
+                        acc[r][i & 1],
+                    );
+                }
+            }
+        }
+        // SAFETY: features enabled on this function.
+        std::array::from_fn(|r| unsafe { hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + summ[r] })
+    }
+
+    /// `Q4_K` against `R` activation rows (as [`q5_rows`]): 8 sub-blocks of 32 per super-block,
+    /// each with its scale and min, against one activation block each.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_k_rows<const R: usize>(w: &[u8], xs: [&[BlockQ8]; R]) -> [f32; R] {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut summ = [0f32; R];
+        let ones = _mm256_set1_epi16(1);
+        let m4 = _mm256_set1_epi8(0x0F);
+        const PER: usize = QK_K / QK;
+        for (s, blk) in w.chunks_exact(144).take(xs[0].len() / PER).enumerate() {
+            // SAFETY: `blk` has 144 bytes; every row has 8 blocks per super-block (wrappers).
+            unsafe {
+                let dm = two_f16(blk.as_ptr());
+                let (d, dmin) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
+                for k in 0..4 {
+                    let q = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * k).cast());
+                    let halves = [
+                        _mm256_and_si256(q, m4),
+                        _mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
+                    ];
+                    for (h, q) in halves.into_iter().enumerate() {
+                        let c = 2 * k + h;
+                        let (sc, mn) = quant::scale_min_k4(c, &blk[4..16]);
+                        let (dsc, mmn) = (d * f32::from(sc), dmin * f32::from(mn));
+                        for r in 0..R {
+                            let y = xs[r].get_unchecked(s * PER + c);
+                            let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
+                            let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(q, by), ones);
+                            acc[r][h] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(dsc * y.d),
+                                _mm256_cvtepi32_ps(prod),
+                                acc[r][h],
+                            );
+                            summ[r] += mmn * y.s;
+                        }
+                    }
+                }
+            }
+        }
+        // SAFETY: features enabled on this function.
+        std::array::from_fn(|r| unsafe { hsum(_mm256_add_ps(acc[r][0], acc[r][1])) - summ[r] })
+    }
+
+    /// `Q6_K` against `R` activation rows (as [`q5_rows`]): 8 chunks of 32 per super-block, each
+    /// two 16-element sub-blocks whose scales multiply the halves' integer sums.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6_k_rows<const R: usize>(w: &[u8], xs: [&[BlockQ8]; R]) -> [f32; R] {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(3);
+        let off = _mm256_set1_epi8(32);
+        const PER: usize = QK_K / QK;
+        for (s, blk) in w.chunks_exact(210).take(xs[0].len() / PER).enumerate() {
+            // SAFETY: `blk` has 210 bytes; every row has 8 blocks per super-block (wrappers).
+            unsafe {
+                let p = blk.as_ptr();
+                let d = _mm_cvtss_f32(two_f16(p.add(208)));
+                for n in 0..2 {
+                    let ql0 = _mm256_loadu_si256(p.add(64 * n).cast());
+                    let ql1 = _mm256_loadu_si256(p.add(64 * n + 32).cast());
+                    let qh = _mm256_loadu_si256(p.add(128 + 32 * n).cast());
+                    let high = |h: __m256i| _mm256_slli_epi16(_mm256_and_si256(h, m2), 4);
+                    let chunks = [
+                        _mm256_or_si256(_mm256_and_si256(ql0, m4), high(qh)),
+                        _mm256_or_si256(_mm256_and_si256(ql1, m4), high(_mm256_srli_epi16(qh, 2))),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                            high(_mm256_srli_epi16(qh, 4)),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                            high(_mm256_srli_epi16(qh, 6)),
+                        ),
+                    ];
+                    let sc = &blk[192 + 8 * n..200 + 8 * n];
+                    for (which, q) in chunks.into_iter().enumerate() {
+                        let q = _mm256_sub_epi8(q, off);
+                        let aq = _mm256_sign_epi8(q, q);
+                        // i16 lanes 0..8 hold elements 0..16, lanes 8..16 elements 16..32.
+                        let scales = _mm256_set_m128i(
+                            _mm_set1_epi16(i16::from(sc[2 * which + 1] as i8)),
+                            _mm_set1_epi16(i16::from(sc[2 * which] as i8)),
+                        );
+                        for r in 0..R {
+                            let y = xs[r].get_unchecked(s * PER + 4 * n + which);
+                            let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
+                            let pairs = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(by, q));
+                            let prod = _mm256_madd_epi16(pairs, scales);
+                            acc[r][which & 1] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(d * y.d),
+                                _mm256_cvtepi32_ps(prod),
+                                acc[r][which & 1],
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // SAFETY: features enabled on this function.
+        std::array::from_fn(|r| unsafe { hsum(_mm256_add_ps(acc[r][0], acc[r][1])) })
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

@@ -64,7 +64,7 @@ impl QMatrix {
     pub fn new(ty: GgmlType, rows: usize, cols: usize, data: Bytes) -> Result<Self, String> {
         if !quant::supported(ty) {
             return Err(format!(
-                "type {ty} is not supported by the CPU kernels (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)"
+                "type {ty} is not supported by the CPU kernels (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K)"
             ));
         }
         let row_bytes = ty
@@ -283,10 +283,15 @@ pub fn matmul_multi(pool: &Pool, ws: &[&QMatrix], x: &[f32], b: usize, outs: &mu
     };
     let nb = cols / QK;
     let kernels: Vec<dot::Kernel> = ws.iter().map(|w| dot::kernel(w.ty, pool.simd)).collect();
-    // Two activation rows per weight row at once where a kernel for it exists (bit-identical).
+    // Four, then two activation rows per weight row at once where kernels for them exist
+    // (bit-identical to one row at a time): each weight block is decoded once per group.
     let pairs: Vec<Option<dot::PairKernel>> = ws
         .iter()
         .map(|w| dot::pair_kernel(w.ty, pool.simd))
+        .collect();
+    let quads: Vec<Option<dot::QuadKernel>> = ws
+        .iter()
+        .map(|w| dot::quad_kernel(w.ty, pool.simd))
         .collect();
     let ptrs: Vec<SendPtr> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
 
@@ -312,6 +317,17 @@ pub fn matmul_multi(pool: &Pool, ws: &[&QMatrix], x: &[f32], b: usize, outs: &mu
         for r in r0..r1 {
             let row = w.row(r);
             let mut t0 = 0;
+            if let Some(f) = quads[m] {
+                while t0 + 3 < b {
+                    let q = |k: usize| &q8[(t0 + k) * nb..(t0 + k + 1) * nb];
+                    let v = f(row, [q(0), q(1), q(2), q(3)]);
+                    for (k, v) in v.into_iter().enumerate() {
+                        // SAFETY: as below.
+                        unsafe { *out.add((t0 + k) * w.rows + r) = v };
+                    }
+                    t0 += 4;
+                }
+            }
             if let Some(f) = pairs[m] {
                 while t0 + 1 < b {
                     let q = &q8[t0 * nb..(t0 + 2) * nb];

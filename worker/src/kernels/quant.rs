@@ -5,6 +5,9 @@
 //! - `Q4_0`: f16 `d`, 16 bytes of nibbles; element `j` (0..16) is the low nibble of byte `j`,
 //!   element `j + 16` its high nibble; value `d * (q - 8)`.
 //! - `Q4_1`: f16 `d`, f16 `m`, 16 bytes of nibbles as `Q4_0`; value `d * q + m`.
+//! - `Q5_0`: f16 `d`, a little-endian `u32` `qh` of fifth bits, 16 bytes of nibbles as `Q4_0`;
+//!   element `j`'s fifth bit is bit `j` of `qh`; value `d * (q - 16)`.
+//! - `Q5_1`: f16 `d`, f16 `m`, `qh`, 16 bytes of nibbles as `Q5_0`; value `d * q + m`.
 //! - `Q8_0`: f16 `d`, 32 `i8`; value `d * q`.
 //! - `Q4_K`: f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit scales and mins, 128 bytes of nibbles
 //!   (256 elements).
@@ -39,14 +42,42 @@ pub fn supported(ty: GgmlType) -> bool {
             | GgmlType::Q8_0
             | GgmlType::Q4_0
             | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
             | GgmlType::Q4_K
             | GgmlType::Q6_K
     )
 }
 
-/// Types whose dot products use 8-bit quantised activations.
+/// Types whose dot products use 8-bit quantised activations (every quantised type; the float
+/// types multiply f32 activations).
 pub fn uses_q8_activations(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1)
+    matches!(
+        ty,
+        GgmlType::Q8_0
+            | GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q4_K
+            | GgmlType::Q6_K
+    )
+}
+
+/// The 5-bit values of a `Q5_0`/`Q5_1` block: nibbles at `qs` (16 bytes), fifth bits in `qh`.
+#[inline]
+pub(crate) fn q5_values(qh: u32, qs: &[u8]) -> [u8; QK] {
+    let mut q = [0u8; QK];
+    for j in 0..16 {
+        q[j] = (qs[j] & 0x0F) | ((((qh >> j) & 1) as u8) << 4);
+        q[j + 16] = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+    }
+    q
+}
+
+#[inline]
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 #[inline]
@@ -123,6 +154,24 @@ pub fn dequantize_row(ty: GgmlType, b: &[u8], out: &mut [f32]) {
                 }
             }
         }
+        GgmlType::Q5_0 => {
+            for (o, blk) in out.chunks_exact_mut(QK).zip(b.chunks_exact(22)) {
+                let d = f16_at(blk, 0);
+                let q = q5_values(u32_at(blk, 2), &blk[6..22]);
+                for (v, &q) in o.iter_mut().zip(&q) {
+                    *v = d * (f32::from(q) - 16.0);
+                }
+            }
+        }
+        GgmlType::Q5_1 => {
+            for (o, blk) in out.chunks_exact_mut(QK).zip(b.chunks_exact(24)) {
+                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+                let q = q5_values(u32_at(blk, 4), &blk[8..24]);
+                for (v, &q) in o.iter_mut().zip(&q) {
+                    *v = d * f32::from(q) + m;
+                }
+            }
+        }
         GgmlType::Q4_K => {
             for (o, blk) in out.chunks_exact_mut(QK_K).zip(b.chunks_exact(144)) {
                 dequantize_q4_k(blk, o);
@@ -137,7 +186,8 @@ pub fn dequantize_row(ty: GgmlType, b: &[u8], out: &mut [f32]) {
     }
 }
 
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+/// Sub-block `j`'s (scale, min) of a `Q4_K` block's 12 packed bytes.
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -247,7 +297,50 @@ pub fn quantize_row(ty: GgmlType, x: &[f32]) -> Vec<u8> {
                 }
             }
         }
+        GgmlType::Q5_0 => {
+            assert!(x.len().is_multiple_of(QK));
+            for b in x.chunks_exact(QK) {
+                let (mut amax, mut max) = (0f32, 0f32);
+                for &v in b {
+                    if v.abs() > amax {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                let d = max / -16.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let q: Vec<u8> = b
+                    .iter()
+                    .map(|v| ((v * id + 16.5) as i8).min(31) as u8)
+                    .collect();
+                out.extend(f16::from_f32(d).to_bits().to_le_bytes());
+                push_q5(&mut out, &q);
+            }
+        }
+        GgmlType::Q5_1 => {
+            assert!(x.len().is_multiple_of(QK));
+            for b in x.chunks_exact(QK) {
+                let min = b.iter().copied().fold(f32::INFINITY, f32::min);
+                let max = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let d = (max - min) / 31.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let q: Vec<u8> = b.iter().map(|v| ((v - min) * id + 0.5) as u8).collect();
+                out.extend(f16::from_f32(d).to_bits().to_le_bytes());
+                out.extend(f16::from_f32(min).to_bits().to_le_bytes());
+                push_q5(&mut out, &q);
+            }
+        }
         other => panic!("quantize_row: cannot encode {other}"),
     }
     out
+}
+
+/// `qh` and the nibbles of 32 five-bit values (`Q5_0`, `Q5_1`).
+fn push_q5(out: &mut Vec<u8>, q: &[u8]) {
+    let mut qh = 0u32;
+    for (j, &v) in q.iter().enumerate() {
+        qh |= u32::from((v >> 4) & 1) << j;
+    }
+    out.extend(qh.to_le_bytes());
+    out.extend((0..16).map(|j| (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4)));
 }
