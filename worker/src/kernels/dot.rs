@@ -111,6 +111,7 @@ pub fn pair_kernel(ty: GgmlType, simd: Simd) -> Option<PairKernel> {
     #[cfg(target_arch = "x86_64")]
     if simd == Simd::Avx2 && detect() == Simd::Avx2 {
         return match ty {
+            GgmlType::Q4_0 => Some(avx2::q4_0_pair),
             GgmlType::Q4_1 => Some(avx2::q4_1_pair),
             GgmlType::Q8_0 => Some(avx2::q8_0_pair),
             GgmlType::Q5_0 => Some(avx2::q5_0_pair),
@@ -127,13 +128,16 @@ pub fn pair_kernel(ty: GgmlType, simd: Simd) -> Option<PairKernel> {
 /// A dot product of one weight row with four rows of 8-bit activations at once.
 pub type QuadKernel = fn(&[u8], [&[BlockQ8]; 4]) -> [f32; 4];
 
-/// The four-row kernel for `ty` on `simd`, where there is one (`Q5_0`, `Q5_1`, `Q4_K`, `Q6_K` on
-/// AVX2): each weight block is decoded once for four activation rows, and each result is bit for
+/// The four-row kernel for `ty` on `simd`, where there is one (every quantised type on AVX2):
+/// each weight block is decoded once for four activation rows, and each result is bit for
 /// bit what [`kernel`] gives for that row alone (one generic body serves 1, 2 and 4 rows).
 pub fn quad_kernel(ty: GgmlType, simd: Simd) -> Option<QuadKernel> {
     #[cfg(target_arch = "x86_64")]
     if simd == Simd::Avx2 && detect() == Simd::Avx2 {
         return match ty {
+            GgmlType::Q4_0 => Some(avx2::q4_0_quad),
+            GgmlType::Q4_1 => Some(avx2::q4_1_quad),
+            GgmlType::Q8_0 => Some(avx2::q8_0_quad),
             GgmlType::Q5_0 => Some(avx2::q5_0_quad),
             GgmlType::Q5_1 => Some(avx2::q5_1_quad),
             GgmlType::Q4_K => Some(avx2::q4_k_quad),
@@ -338,63 +342,35 @@ mod avx2 {
     use super::{BlockQ8, QK, QK_K, quant};
 
     // Safe wrappers: `kernel` hands these out only after detecting AVX2, FMA and F16C.
-    pub fn q4_1(w: &[u8], x: &[BlockQ8]) -> f32 {
-        assert!(w.len() >= x.len() * 20);
-        // SAFETY: features detected by the caller (`kernel`); lengths checked above.
-        unsafe { q4_1_impl(w, x) }
+
+    /// One, two and four activation rows against a row of 32-element blocks of kind `$kind`.
+    macro_rules! block32 {
+        ($one:ident, $pair:ident, $quad:ident, $kind:expr) => {
+            pub fn $one(w: &[u8], x: &[BlockQ8]) -> f32 {
+                assert!(w.len() >= x.len() * block_bytes($kind));
+                // SAFETY: features detected by the caller; lengths checked above.
+                unsafe { block32_rows::<{ $kind }, 1>(w, [x])[0] }
+            }
+            pub fn $pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
+                assert!(w.len() >= x.len() * block_bytes($kind) && z.len() == x.len());
+                // SAFETY: as above.
+                let [a, b] = unsafe { block32_rows::<{ $kind }, 2>(w, [x, z]) };
+                (a, b)
+            }
+            pub fn $quad(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
+                let n = xs[0].len();
+                assert!(w.len() >= n * block_bytes($kind) && xs.iter().all(|x| x.len() == n));
+                // SAFETY: as above.
+                unsafe { block32_rows::<{ $kind }, 4>(w, xs) }
+            }
+        };
     }
-    pub fn q4_1_pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
-        assert!(w.len() >= x.len() * 20 && z.len() == x.len());
-        // SAFETY: as above.
-        unsafe { q4_1_pair_impl(w, x, z) }
-    }
-    pub fn q8_0_pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
-        assert!(w.len() >= x.len() * 34 && z.len() == x.len());
-        // SAFETY: as above.
-        unsafe { q8_0_pair_impl(w, x, z) }
-    }
-    pub fn q4_0(w: &[u8], x: &[BlockQ8]) -> f32 {
-        assert!(w.len() >= x.len() * 18);
-        // SAFETY: as above.
-        unsafe { q4_0_impl(w, x) }
-    }
-    pub fn q8_0(w: &[u8], x: &[BlockQ8]) -> f32 {
-        assert!(w.len() >= x.len() * 34);
-        // SAFETY: as above.
-        unsafe { q8_0_impl(w, x) }
-    }
-    pub fn q5_0(w: &[u8], x: &[BlockQ8]) -> f32 {
-        assert!(w.len() >= x.len() * 22);
-        // SAFETY: as above.
-        unsafe { q5_rows::<false, 1>(w, [x])[0] }
-    }
-    pub fn q5_0_pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
-        assert!(w.len() >= x.len() * 22 && z.len() == x.len());
-        // SAFETY: as above.
-        let [a, b] = unsafe { q5_rows::<false, 2>(w, [x, z]) };
-        (a, b)
-    }
-    pub fn q5_1(w: &[u8], x: &[BlockQ8]) -> f32 {
-        assert!(w.len() >= x.len() * 24);
-        // SAFETY: as above.
-        unsafe { q5_rows::<true, 1>(w, [x])[0] }
-    }
-    pub fn q5_1_pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
-        assert!(w.len() >= x.len() * 24 && z.len() == x.len());
-        // SAFETY: as above.
-        let [a, b] = unsafe { q5_rows::<true, 2>(w, [x, z]) };
-        (a, b)
-    }
-    pub fn q5_0_quad(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
-        assert!(w.len() >= xs[0].len() * 22 && xs.iter().all(|x| x.len() == xs[0].len()));
-        // SAFETY: as above.
-        unsafe { q5_rows::<false, 4>(w, xs) }
-    }
-    pub fn q5_1_quad(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
-        assert!(w.len() >= xs[0].len() * 24 && xs.iter().all(|x| x.len() == xs[0].len()));
-        // SAFETY: as above.
-        unsafe { q5_rows::<true, 4>(w, xs) }
-    }
+    block32!(q4_0, q4_0_pair, q4_0_quad, Q4_0);
+    block32!(q4_1, q4_1_pair, q4_1_quad, Q4_1);
+    block32!(q5_0, q5_0_pair, q5_0_quad, Q5_0);
+    block32!(q5_1, q5_1_pair, q5_1_quad, Q5_1);
+    block32!(q8_0, q8_0_pair, q8_0_quad, Q8_0);
+
     pub fn q4_k_quad(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
         assert!(kquant_ok(w, xs[0], 144) && xs.iter().all(|x| x.len() == xs[0].len()));
         // SAFETY: as above.
@@ -493,143 +469,6 @@ mod avx2 {
         _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_impl(w: &[u8], x: &[BlockQ8]) -> f32 {
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let mut summs = _mm_setzero_ps();
-        let ones = _mm256_set1_epi16(1);
-        let p = w.as_ptr();
-        let n = x.len();
-        let one = |i: usize, acc: __m256, summs: __m128| -> (__m256, __m128) {
-            // SAFETY: block `i < n` lies within `w` (checked by the wrapper).
-            unsafe {
-                let b = p.add(i * 20);
-                let y = x.get_unchecked(i);
-                let dm = two_f16(b);
-                let bx = nibbles(b.add(4));
-                let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
-                let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(bx, by), ones);
-                // lanes: [d * yd, m * ys]
-                let ys = _mm_setr_ps(y.d, y.s, 0.0, 0.0);
-                let f = _mm_mul_ps(dm, ys);
-                let acc = _mm256_fmadd_ps(
-                    _mm256_set1_ps(_mm_cvtss_f32(f)),
-                    _mm256_cvtepi32_ps(prod),
-                    acc,
-                );
-                (acc, _mm_add_ps(summs, f))
-            }
-        };
-        let mut i = 0;
-        while i + 1 < n {
-            (acc0, summs) = one(i, acc0, summs);
-            (acc1, summs) = one(i + 1, acc1, summs);
-            i += 2;
-        }
-        if i < n {
-            (acc0, summs) = one(i, acc0, summs);
-        }
-        // summs lane 1 holds the sum of m * ys; lane 0 the (unused) sum of scales.
-        let m_term = _mm_cvtss_f32(_mm_shuffle_ps(summs, summs, 1));
-        // SAFETY: features enabled on this function.
-        unsafe { hsum(_mm256_add_ps(acc0, acc1)) + m_term }
-    }
-
-    /// [`q4_1_impl`] for two activation rows, each block's weights decoded once; every
-    /// operation on a row's accumulators is the single-row kernel's, in the same order.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_pair_impl(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
-        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (mut b0, mut b1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (mut sa, mut sb) = (_mm_setzero_ps(), _mm_setzero_ps());
-        let ones = _mm256_set1_epi16(1);
-        let p = w.as_ptr();
-        let n = x.len();
-        type Acc = (__m256, __m128, __m256, __m128);
-        let one = |i: usize, (acc_a, sa, acc_b, sb): Acc| -> Acc {
-            // SAFETY: block `i < n` lies within `w`, `x` and `z` (checked by the wrapper).
-            unsafe {
-                let b = p.add(i * 20);
-                let dm = two_f16(b);
-                let bx = nibbles(b.add(4));
-                let row = |y: &BlockQ8, acc: __m256, summs: __m128| -> (__m256, __m128) {
-                    let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
-                    let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(bx, by), ones);
-                    let ys = _mm_setr_ps(y.d, y.s, 0.0, 0.0);
-                    let f = _mm_mul_ps(dm, ys);
-                    let acc = _mm256_fmadd_ps(
-                        _mm256_set1_ps(_mm_cvtss_f32(f)),
-                        _mm256_cvtepi32_ps(prod),
-                        acc,
-                    );
-                    (acc, _mm_add_ps(summs, f))
-                };
-                let (acc_a, sa) = row(x.get_unchecked(i), acc_a, sa);
-                let (acc_b, sb) = row(z.get_unchecked(i), acc_b, sb);
-                (acc_a, sa, acc_b, sb)
-            }
-        };
-        let mut i = 0;
-        while i + 1 < n {
-            (a0, sa, b0, sb) = one(i, (a0, sa, b0, sb));
-            (a1, sa, b1, sb) = one(i + 1, (a1, sa, b1, sb));
-            i += 2;
-        }
-        if i < n {
-            (a0, sa, b0, sb) = one(i, (a0, sa, b0, sb));
-        }
-        let ma = _mm_cvtss_f32(_mm_shuffle_ps(sa, sa, 1));
-        let mb = _mm_cvtss_f32(_mm_shuffle_ps(sb, sb, 1));
-        // SAFETY: features enabled on this function.
-        unsafe {
-            (
-                hsum(_mm256_add_ps(a0, a1)) + ma,
-                hsum(_mm256_add_ps(b0, b1)) + mb,
-            )
-        }
-    }
-
-    /// [`q8_0_impl`] for two activation rows (as [`q4_1_pair_impl`]).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_pair_impl(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
-        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (mut b0, mut b1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let p = w.as_ptr();
-        let one = |i: usize, acc_a: __m256, acc_b: __m256| -> (__m256, __m256) {
-            // SAFETY: block `i` lies within `w`, `x` and `z` (checked by the wrapper).
-            unsafe {
-                let b = p.add(i * 34);
-                let d = _mm_cvtss_f32(two_f16(b));
-                let bx = _mm256_loadu_si256(b.add(2).cast());
-                let row = |y: &BlockQ8, acc: __m256| -> __m256 {
-                    let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
-                    _mm256_fmadd_ps(
-                        _mm256_set1_ps(d * y.d),
-                        _mm256_cvtepi32_ps(dot_i8(bx, by)),
-                        acc,
-                    )
-                };
-                (
-                    row(x.get_unchecked(i), acc_a),
-                    row(z.get_unchecked(i), acc_b),
-                )
-            }
-        };
-        let n = x.len();
-        let mut i = 0;
-        while i + 1 < n {
-            (a0, b0) = one(i, a0, b0);
-            (a1, b1) = one(i + 1, a1, b1);
-            i += 2;
-        }
-        if i < n {
-            (a0, b0) = one(i, a0, b0);
-        }
-        // SAFETY: features enabled on this function.
-        unsafe { (hsum(_mm256_add_ps(a0, a1)), hsum(_mm256_add_ps(b0, b1))) }
-    }
-
     /// 32 bytes, byte `k` all ones where bit `k` of `bits` is set and zero elsewhere.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -648,60 +487,106 @@ mod avx2 {
         _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
     }
 
-    /// `Q5_0` (`OFFSET = false`: signed values `q - 16`) and `Q5_1` (`true`: `q` and `m * s`)
-    /// against `R` activation rows at once: each weight block is decoded once, and each row's
-    /// result is the same whatever `R` (the per-row operations and their order do not change).
+    // The 32-element block kinds of `block32_rows`.
+    const Q4_0: u8 = 0;
+    const Q4_1: u8 = 1;
+    const Q5_0: u8 = 2;
+    const Q5_1: u8 = 3;
+    const Q8_0: u8 = 4;
+
+    const fn block_bytes(kind: u8) -> usize {
+        match kind {
+            Q4_0 => 18,
+            Q4_1 => 20,
+            Q5_0 => 22,
+            Q5_1 => 24,
+            _ => 34,
+        }
+    }
+
+    /// A row of 32-element blocks of kind `KIND` against `R` activation rows at once: each
+    /// weight block is decoded once, and each row's result is the same whatever `R` (the
+    /// operations on a row's accumulators, and their order, do not depend on `R`). Signed kinds
+    /// (`Q4_0`: `q - 8`, `Q5_0`: `q - 16`, `Q8_0`) use the sign trick; the others (`Q4_1`,
+    /// `Q5_1`: `d * q + m`) multiply unsigned values and add `m` times the activations' sum.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q5_rows<const OFFSET: bool, const R: usize>(
+    unsafe fn block32_rows<const KIND: u8, const R: usize>(
         w: &[u8],
         xs: [&[BlockQ8]; R],
     ) -> [f32; R] {
-        let bytes = if OFFSET { 24 } else { 22 };
-        let at = if OFFSET { 4 } else { 2 };
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        let mut summ = [0f32; R];
+        let signed = matches!(KIND, Q4_0 | Q5_0 | Q8_0);
+        let bytes = block_bytes(KIND);
         let ones = _mm256_set1_epi16(1);
         let p = w.as_ptr();
-        for i in 0..xs[0].len() {
+        // Block `i` into `acc` (even blocks and odd blocks have their own accumulators, so two
+        // chains of additions run in parallel; the arrays are indexed by constants only, which
+        // keeps them in registers).
+        let step = |i: usize, acc: &mut [__m256; R], summ: &mut [__m128; R]| {
             // SAFETY: block `i` lies within `w` and every row (checked by the wrappers).
             unsafe {
                 let b = p.add(i * bytes);
                 let dm = two_f16(b);
-                let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
-                let qh = u32::from_le(b.add(at).cast::<u32>().read_unaligned());
-                let high = bytes_from_bits(qh);
-                let lo = nibbles(b.add(at + 4));
-                let q = if OFFSET {
-                    _mm256_or_si256(lo, _mm256_and_si256(high, _mm256_set1_epi8(0x10)))
-                } else {
-                    // q - 16: the nibble where the fifth bit is set, nibble | 0xF0 where not.
-                    _mm256_or_si256(
-                        lo,
-                        _mm256_andnot_si256(high, _mm256_set1_epi8(0xF0_u8 as i8)),
-                    )
+                let q = match KIND {
+                    Q4_0 => _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8)),
+                    Q4_1 => nibbles(b.add(4)),
+                    Q5_0 | Q5_1 => {
+                        let at = if KIND == Q5_0 { 2 } else { 4 };
+                        let qh = u32::from_le(b.add(at).cast::<u32>().read_unaligned());
+                        let high = bytes_from_bits(qh);
+                        let lo = nibbles(b.add(at + 4));
+                        if KIND == Q5_1 {
+                            _mm256_or_si256(lo, _mm256_and_si256(high, _mm256_set1_epi8(0x10)))
+                        } else {
+                            // q - 16: the nibble where the fifth bit is set, nibble | 0xF0 where
+                            // it is not.
+                            _mm256_or_si256(
+                                lo,
+                                _mm256_andnot_si256(high, _mm256_set1_epi8(0xF0_u8 as i8)),
+                            )
+                        }
+                    }
+                    _ => _mm256_loadu_si256(b.add(2).cast()),
                 };
                 for r in 0..R {
                     let y = xs[r].get_unchecked(i);
                     let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
-                    let prod = if OFFSET {
-                        summ[r] += m * y.s;
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(q, by), ones)
-                    } else {
+                    // Lanes [d * y.d, m * y.s]: the block's scale and its offset term.
+                    let f = _mm_mul_ps(dm, _mm_setr_ps(y.d, y.s, 0.0, 0.0));
+                    let prod = if signed {
                         dot_i8(q, by)
+                    } else {
+                        summ[r] = _mm_add_ps(summ[r], f);
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(q, by), ones)
                     };
-                    acc[r][i & 1] = _mm256_fmadd_ps(
-                        _mm256_set1_ps(d * y.d),
+                    acc[r] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(_mm_cvtss_f32(f)),
                         _mm256_cvtepi32_ps(prod),
-                        acc[r][i & 1],
+                        acc[r],
                     );
                 }
             }
+        };
+        let (mut even, mut odd) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+        // Lane 1: the sum of the offset terms (lane 0, the sum of scales, is not used).
+        let mut summ = [_mm_setzero_ps(); R];
+        let n = xs[0].len();
+        let mut i = 0;
+        while i + 1 < n {
+            step(i, &mut even, &mut summ);
+            step(i + 1, &mut odd, &mut summ);
+            i += 2;
+        }
+        if i < n {
+            step(i, &mut even, &mut summ);
         }
         // SAFETY: features enabled on this function.
-        std::array::from_fn(|r| unsafe { hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + summ[r] })
+        std::array::from_fn(|r| unsafe {
+            hsum(_mm256_add_ps(even[r], odd[r]))
+                + _mm_cvtss_f32(_mm_shuffle_ps(summ[r], summ[r], 1))
+        })
     }
 
-    /// `Q4_K` against `R` activation rows (as [`q5_rows`]): 8 sub-blocks of 32 per super-block,
+    /// `Q4_K` against `R` activation rows (as [`block32_rows`]): 8 sub-blocks of 32 per super-block,
     /// each with its scale and min, against one activation block each.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q4_k_rows<const R: usize>(w: &[u8], xs: [&[BlockQ8]; R]) -> [f32; R] {
@@ -744,7 +629,7 @@ mod avx2 {
         std::array::from_fn(|r| unsafe { hsum(_mm256_add_ps(acc[r][0], acc[r][1])) - summ[r] })
     }
 
-    /// `Q6_K` against `R` activation rows (as [`q5_rows`]): 8 chunks of 32 per super-block, each
+    /// `Q6_K` against `R` activation rows (as [`block32_rows`]): 8 chunks of 32 per super-block, each
     /// two 16-element sub-blocks whose scales multiply the halves' integer sums.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q6_k_rows<const R: usize>(w: &[u8], xs: [&[BlockQ8]; R]) -> [f32; R] {
@@ -801,60 +686,6 @@ mod avx2 {
         }
         // SAFETY: features enabled on this function.
         std::array::from_fn(|r| unsafe { hsum(_mm256_add_ps(acc[r][0], acc[r][1])) })
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_0_impl(w: &[u8], x: &[BlockQ8]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let p = w.as_ptr();
-        let eight = _mm256_set1_epi8(8);
-        for (i, y) in x.iter().enumerate() {
-            // SAFETY: block `i` lies within `w` (checked by the wrapper).
-            unsafe {
-                let b = p.add(i * 18);
-                let d = _mm_cvtss_f32(two_f16(b));
-                let bx = _mm256_sub_epi8(nibbles(b.add(2)), eight);
-                let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
-                let prod = dot_i8(bx, by);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(prod), acc);
-            }
-        }
-        // SAFETY: features enabled on this function.
-        unsafe { hsum(acc) }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_impl(w: &[u8], x: &[BlockQ8]) -> f32 {
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let p = w.as_ptr();
-        let one = |i: usize, acc: __m256| -> __m256 {
-            // SAFETY: block `i` lies within `w` (checked by the wrapper).
-            unsafe {
-                let b = p.add(i * 34);
-                let y = x.get_unchecked(i);
-                let d = _mm_cvtss_f32(two_f16(b));
-                let bx = _mm256_loadu_si256(b.add(2).cast());
-                let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
-                _mm256_fmadd_ps(
-                    _mm256_set1_ps(d * y.d),
-                    _mm256_cvtepi32_ps(dot_i8(bx, by)),
-                    acc,
-                )
-            }
-        };
-        let n = x.len();
-        let mut i = 0;
-        while i + 1 < n {
-            acc0 = one(i, acc0);
-            acc1 = one(i + 1, acc1);
-            i += 2;
-        }
-        if i < n {
-            acc0 = one(i, acc0);
-        }
-        // SAFETY: features enabled on this function.
-        unsafe { hsum(_mm256_add_ps(acc0, acc1)) }
     }
 
     /// `w` points at `x.len()` readable f32 values (any alignment).
