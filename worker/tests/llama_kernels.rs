@@ -141,7 +141,7 @@ fn simd_dot_products_match_scalar_and_the_f32_reference() {
             .map(|&ty| (ty, quant::quantize_row(ty, &randn(&mut rng, cols, 0.5))))
             .collect();
         if cols.is_multiple_of(256) {
-            for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+            for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
                 types.push((ty, random_kquant(&mut rng, ty, cols / 256)));
             }
         }
@@ -190,7 +190,7 @@ fn threaded_matmul_matches_a_naive_product() {
         .iter()
         .map(|&ty| QMatrix::from_f32(ty, rows, cols, &randn(&mut rng, rows * cols, 0.3)))
         .collect();
-    for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+    for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
         let bytes = random_kquant(&mut rng, ty, rows * cols / 256);
         matrices.push(QMatrix::new(ty, rows, cols, Bytes::Owned(bytes.into())).unwrap());
     }
@@ -286,13 +286,18 @@ mod kquant_reference {
     pub const Q6_K_SUM: f64 = -69.47221374511719;
     pub const Q6_K_ABS_SUM: f64 = 7663.571228027344;
     pub const Q6_K_WEIGHTED_SUM: f64 = 7285.108009338379;
+    pub const Q5_K_BYTES: [u8; 352] = [173, 39, 202, 17, 238, 171, 20, 206, 245, 153, 204, 5, 37, 53, 213, 206, 192, 173, 6, 120, 63, 96, 236, 131, 118, 4, 87, 161, 124, 71, 42, 73, 237, 16, 194, 250, 10, 103, 206, 13, 143, 2, 38, 71, 133, 118, 36, 98, 196, 35, 57, 146, 50, 179, 145, 104, 206, 53, 141, 33, 181, 39, 151, 11, 180, 138, 66, 0, 165, 98, 123, 12, 144, 184, 24, 38, 129, 1, 202, 255, 85, 54, 228, 48, 127, 169, 1, 167, 109, 247, 16, 192, 78, 220, 8, 60, 189, 181, 64, 72, 8, 185, 88, 111, 191, 138, 99, 67, 48, 68, 100, 249, 67, 40, 127, 45, 33, 51, 206, 229, 217, 85, 53, 204, 120, 134, 31, 216, 14, 127, 160, 29, 208, 161, 116, 100, 83, 151, 198, 160, 173, 193, 54, 126, 126, 57, 118, 170, 107, 131, 59, 173, 52, 139, 181, 169, 63, 196, 144, 15, 138, 137, 135, 245, 15, 140, 59, 142, 252, 140, 76, 231, 51, 218, 125, 69, 59, 17, 193, 166, 189, 209, 48, 225, 71, 217, 216, 47, 124, 91, 112, 16, 45, 88, 184, 95, 72, 215, 222, 173, 36, 146, 75, 31, 190, 30, 190, 222, 190, 75, 79, 87, 255, 139, 49, 58, 133, 9, 97, 139, 135, 24, 60, 229, 52, 107, 73, 226, 194, 51, 72, 223, 74, 189, 116, 78, 92, 139, 189, 4, 184, 93, 52, 199, 243, 109, 30, 181, 205, 194, 94, 197, 89, 159, 78, 0, 109, 47, 177, 9, 250, 117, 220, 128, 15, 173, 204, 85, 116, 105, 201, 111, 148, 235, 105, 238, 187, 96, 8, 52, 18, 181, 41, 135, 239, 112, 47, 83, 226, 235, 130, 75, 192, 32, 100, 206, 233, 91, 57, 39, 6, 1, 3, 81, 74, 206, 104, 30, 130, 100, 39, 38, 176, 131, 240, 71, 138, 174, 209, 178, 188, 14, 93, 148, 67, 201, 211, 114, 169, 128, 103, 43, 105, 76, 135, 204, 214, 211, 190, 204, 121, 206, 74, 60, 8, 210, 72, 15, 56, 104, 221, 81];
+    pub const Q5_K_SAMPLES: [(usize, f32); 14] = [(0, 5.479514122009277), (1, 26.16814422607422), (31, 20.65117645263672), (32, 15.453829765319824), (63, 39.95036697387695), (64, 2.9898719787597656), (100, 9.65116024017334), (127, 6.29300594329834), (128, 4.732046127319336), (200, 2.955245018005371), (255, 7.427433013916016), (256, 0.9636287689208984), (300, 0.8875002861022949), (511, 0.6699752807617188)];
+    pub const Q5_K_SUM: f64 = 3937.4492135047913;
+    pub const Q5_K_ABS_SUM: f64 = 3937.977804660797;
+    pub const Q5_K_WEIGHTED_SUM: f64 = 576955.7455296516;
 }
 
 #[test]
 fn k_quants_dequantise_like_gguf_py() {
     use kquant_reference::*;
     type Case<'a> = (GgmlType, &'a [u8], &'a [(usize, f32)], f64, f64, f64);
-    let cases: [Case<'_>; 2] = [
+    let cases: [Case<'_>; 3] = [
         (
             GgmlType::Q4_K,
             &Q4_K_BYTES,
@@ -300,6 +305,14 @@ fn k_quants_dequantise_like_gguf_py() {
             Q4_K_SUM,
             Q4_K_ABS_SUM,
             Q4_K_WEIGHTED_SUM,
+        ),
+        (
+            GgmlType::Q5_K,
+            &Q5_K_BYTES,
+            &Q5_K_SAMPLES,
+            Q5_K_SUM,
+            Q5_K_ABS_SUM,
+            Q5_K_WEIGHTED_SUM,
         ),
         (
             GgmlType::Q6_K,
@@ -416,6 +429,7 @@ fn pair_kernels_equal_the_one_row_kernel_bit_for_bit() {
         GgmlType::Q5_0,
         GgmlType::Q5_1,
         GgmlType::Q4_K,
+        GgmlType::Q5_K,
         GgmlType::Q6_K,
     ];
     for ty in paired.into_iter().chain([GgmlType::F32]) {
@@ -429,7 +443,7 @@ fn pair_kernels_equal_the_one_row_kernel_bit_for_bit() {
         let Kernel::Q8(single) = dot::kernel(ty, Simd::Avx2) else {
             panic!("{ty}: a two-row kernel needs 8-bit activations");
         };
-        let kquant = matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K);
+        let kquant = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
         let widths: &[usize] = if kquant {
             &[256, 512, 1536]
         } else {

@@ -78,6 +78,7 @@ pub fn kernel(ty: GgmlType, simd: Simd) -> Kernel {
             GgmlType::Q5_0 => Kernel::Q8(avx2::q5_0),
             GgmlType::Q5_1 => Kernel::Q8(avx2::q5_1),
             GgmlType::Q4_K => Kernel::Q8(avx2::q4_k),
+            GgmlType::Q5_K => Kernel::Q8(avx2::q5_k),
             GgmlType::Q6_K => Kernel::Q8(avx2::q6_k),
             GgmlType::F32 => Kernel::F32(avx2::f32),
             GgmlType::F16 => Kernel::F32(avx2::f16),
@@ -93,6 +94,7 @@ pub fn kernel(ty: GgmlType, simd: Simd) -> Kernel {
         GgmlType::Q5_0 => Kernel::Q8(scalar::q5_0),
         GgmlType::Q5_1 => Kernel::Q8(scalar::q5_1),
         GgmlType::Q4_K => Kernel::Q8(scalar::q4_k),
+        GgmlType::Q5_K => Kernel::Q8(scalar::q5_k),
         GgmlType::Q6_K => Kernel::Q8(scalar::q6_k),
         GgmlType::F32 => Kernel::F32(scalar::f32),
         GgmlType::F16 => Kernel::F32(scalar::f16),
@@ -117,6 +119,7 @@ pub fn pair_kernel(ty: GgmlType, simd: Simd) -> Option<PairKernel> {
             GgmlType::Q5_0 => Some(avx2::q5_0_pair),
             GgmlType::Q5_1 => Some(avx2::q5_1_pair),
             GgmlType::Q4_K => Some(avx2::q4_k_pair),
+            GgmlType::Q5_K => Some(avx2::q5_k_pair),
             GgmlType::Q6_K => Some(avx2::q6_k_pair),
             _ => None,
         };
@@ -141,6 +144,7 @@ pub fn quad_kernel(ty: GgmlType, simd: Simd) -> Option<QuadKernel> {
             GgmlType::Q5_0 => Some(avx2::q5_0_quad),
             GgmlType::Q5_1 => Some(avx2::q5_1_quad),
             GgmlType::Q4_K => Some(avx2::q4_k_quad),
+            GgmlType::Q5_K => Some(avx2::q5_k_quad),
             GgmlType::Q6_K => Some(avx2::q6_k_quad),
             _ => None,
         };
@@ -277,17 +281,35 @@ pub mod scalar {
 
     /// `Q4_K`: 8 sub-blocks of 32 per super-block, each against one activation block.
     pub fn q4_k(w: &[u8], x: &[BlockQ8]) -> f32 {
+        k4_or_k5::<false>(w, x)
+    }
+
+    /// `Q5_K`: as `Q4_K` with a fifth bit per element.
+    pub fn q5_k(w: &[u8], x: &[BlockQ8]) -> f32 {
+        k4_or_k5::<true>(w, x)
+    }
+
+    fn k4_or_k5<const FIFTH: bool>(w: &[u8], x: &[BlockQ8]) -> f32 {
+        let (bytes, qs_at) = if FIFTH { (176, 48) } else { (144, 16) };
         let mut acc = 0f32;
-        for (blk, ys) in w.chunks_exact(144).zip(x.chunks_exact(QK_K / QK)) {
+        for (blk, ys) in w.chunks_exact(bytes).zip(x.chunks_exact(QK_K / QK)) {
             let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
             for (c, y) in ys.iter().enumerate() {
                 let (sc, mn) = quant::scale_min_k4(c, &blk[4..16]);
-                let qs = &blk[16 + 32 * (c / 2)..16 + 32 * (c / 2) + 32];
+                let qs = &blk[qs_at + 32 * (c / 2)..qs_at + 32 * (c / 2) + 32];
                 let shift = 4 * (c % 2);
                 let s: i32 = qs
                     .iter()
+                    .enumerate()
                     .zip(&y.qs)
-                    .map(|(&a, &b)| i32::from((a >> shift) & 0x0F) * i32::from(b))
+                    .map(|((l, &a), &b)| {
+                        let high = if FIFTH {
+                            ((blk[16 + l] >> c) & 1) << 4
+                        } else {
+                            0
+                        };
+                        i32::from(((a >> shift) & 0x0F) | high) * i32::from(b)
+                    })
                     .sum();
                 acc += d * f32::from(sc) * y.d * s as f32 - dmin * f32::from(mn) * y.s;
             }
@@ -374,7 +396,7 @@ mod avx2 {
     pub fn q4_k_quad(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
         assert!(kquant_ok(w, xs[0], 144) && xs.iter().all(|x| x.len() == xs[0].len()));
         // SAFETY: as above.
-        unsafe { q4_k_rows::<4>(w, xs) }
+        unsafe { q4_k_rows::<false, 4>(w, xs) }
     }
     pub fn q6_k_quad(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
         assert!(kquant_ok(w, xs[0], 210) && xs.iter().all(|x| x.len() == xs[0].len()));
@@ -388,13 +410,29 @@ mod avx2 {
     pub fn q4_k(w: &[u8], x: &[BlockQ8]) -> f32 {
         assert!(kquant_ok(w, x, 144));
         // SAFETY: as above.
-        unsafe { q4_k_rows::<1>(w, [x])[0] }
+        unsafe { q4_k_rows::<false, 1>(w, [x])[0] }
     }
     pub fn q4_k_pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
         assert!(kquant_ok(w, x, 144) && z.len() == x.len());
         // SAFETY: as above.
-        let [a, b] = unsafe { q4_k_rows::<2>(w, [x, z]) };
+        let [a, b] = unsafe { q4_k_rows::<false, 2>(w, [x, z]) };
         (a, b)
+    }
+    pub fn q5_k(w: &[u8], x: &[BlockQ8]) -> f32 {
+        assert!(kquant_ok(w, x, 176));
+        // SAFETY: as above.
+        unsafe { q4_k_rows::<true, 1>(w, [x])[0] }
+    }
+    pub fn q5_k_pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
+        assert!(kquant_ok(w, x, 176) && z.len() == x.len());
+        // SAFETY: as above.
+        let [a, b] = unsafe { q4_k_rows::<true, 2>(w, [x, z]) };
+        (a, b)
+    }
+    pub fn q5_k_quad(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
+        assert!(kquant_ok(w, xs[0], 176) && xs.iter().all(|x| x.len() == xs[0].len()));
+        // SAFETY: as above.
+        unsafe { q4_k_rows::<true, 4>(w, xs) }
     }
     pub fn q6_k(w: &[u8], x: &[BlockQ8]) -> f32 {
         assert!(kquant_ok(w, x, 210));
@@ -586,28 +624,47 @@ mod avx2 {
         })
     }
 
-    /// `Q4_K` against `R` activation rows (as [`block32_rows`]): 8 sub-blocks of 32 per super-block,
-    /// each with its scale and min, against one activation block each.
+    /// `Q4_K` (`FIFTH = false`) and `Q5_K` (`true`: a fifth bit per element from `qh`) against
+    /// `R` activation rows (as [`block32_rows`]): 8 sub-blocks of 32 per super-block, each with
+    /// its scale and min, against one activation block each.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_k_rows<const R: usize>(w: &[u8], xs: [&[BlockQ8]; R]) -> [f32; R] {
+    unsafe fn q4_k_rows<const FIFTH: bool, const R: usize>(
+        w: &[u8],
+        xs: [&[BlockQ8]; R],
+    ) -> [f32; R] {
+        let (bytes, qs_at) = if FIFTH { (176, 48) } else { (144, 16) };
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let mut summ = [0f32; R];
         let ones = _mm256_set1_epi16(1);
         let m4 = _mm256_set1_epi8(0x0F);
+        let sixteen = _mm256_set1_epi8(0x10);
         const PER: usize = QK_K / QK;
-        for (s, blk) in w.chunks_exact(144).take(xs[0].len() / PER).enumerate() {
-            // SAFETY: `blk` has 144 bytes; every row has 8 blocks per super-block (wrappers).
+        for (s, blk) in w.chunks_exact(bytes).take(xs[0].len() / PER).enumerate() {
+            // SAFETY: `blk` has `bytes` bytes; every row has 8 blocks per super-block (wrappers).
             unsafe {
                 let dm = two_f16(blk.as_ptr());
                 let (d, dmin) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
+                let qh = if FIFTH {
+                    _mm256_loadu_si256(blk.as_ptr().add(16).cast())
+                } else {
+                    _mm256_setzero_si256()
+                };
                 for k in 0..4 {
-                    let q = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * k).cast());
+                    let q = _mm256_loadu_si256(blk.as_ptr().add(qs_at + 32 * k).cast());
                     let halves = [
                         _mm256_and_si256(q, m4),
                         _mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
                     ];
                     for (h, q) in halves.into_iter().enumerate() {
                         let c = 2 * k + h;
+                        let q = if FIFTH {
+                            // Bit c of each byte of qh, as 16.
+                            let bit = _mm256_set1_epi8(1 << c);
+                            let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                            _mm256_or_si256(q, _mm256_and_si256(set, sixteen))
+                        } else {
+                            q
+                        };
                         let (sc, mn) = quant::scale_min_k4(c, &blk[4..16]);
                         let (dsc, mmn) = (d * f32::from(sc), dmin * f32::from(mn));
                         for r in 0..R {

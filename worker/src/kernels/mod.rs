@@ -64,7 +64,7 @@ impl QMatrix {
     pub fn new(ty: GgmlType, rows: usize, cols: usize, data: Bytes) -> Result<Self, String> {
         if !quant::supported(ty) {
             return Err(format!(
-                "type {ty} is not supported by the CPU kernels (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K)"
+                "type {ty} is not supported by the CPU kernels (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)"
             ));
         }
         let row_bytes = ty

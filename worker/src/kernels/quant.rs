@@ -11,6 +11,8 @@
 //! - `Q8_0`: f16 `d`, 32 `i8`; value `d * q`.
 //! - `Q4_K`: f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit scales and mins, 128 bytes of nibbles
 //!   (256 elements).
+//! - `Q5_K`: as `Q4_K` with 32 bytes of fifth bits (`qh`) before the nibbles: element `l` of
+//!   64-element chunk `j` takes bit `2j` of `qh[l]`, element `l + 32` bit `2j + 1` (176 bytes).
 //! - `Q6_K`: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 `i8` scales, f16 `d`.
 
 use half::{bf16, f16};
@@ -45,6 +47,7 @@ pub fn supported(ty: GgmlType) -> bool {
             | GgmlType::Q5_0
             | GgmlType::Q5_1
             | GgmlType::Q4_K
+            | GgmlType::Q5_K
             | GgmlType::Q6_K
     )
 }
@@ -60,6 +63,7 @@ pub fn uses_q8_activations(ty: GgmlType) -> bool {
             | GgmlType::Q5_0
             | GgmlType::Q5_1
             | GgmlType::Q4_K
+            | GgmlType::Q5_K
             | GgmlType::Q6_K
     )
 }
@@ -177,6 +181,11 @@ pub fn dequantize_row(ty: GgmlType, b: &[u8], out: &mut [f32]) {
                 dequantize_q4_k(blk, o);
             }
         }
+        GgmlType::Q5_K => {
+            for (o, blk) in out.chunks_exact_mut(QK_K).zip(b.chunks_exact(176)) {
+                dequantize_q5_k(blk, o);
+            }
+        }
         GgmlType::Q6_K => {
             for (o, blk) in out.chunks_exact_mut(QK_K).zip(b.chunks_exact(210)) {
                 dequantize_q6_k(blk, o);
@@ -212,6 +221,27 @@ fn dequantize_q4_k(blk: &[u8], out: &mut [f32]) {
         for l in 0..32 {
             chunk[l] = d1 * f32::from(q[l] & 0x0F) - m1;
             chunk[l + 32] = d2 * f32::from(q[l] >> 4) - m2;
+        }
+    }
+}
+
+fn dequantize_q5_k(blk: &[u8], out: &mut [f32]) {
+    let d = f16_at(blk, 0);
+    let dmin = f16_at(blk, 2);
+    let scales = &blk[4..16];
+    let qh = &blk[16..48];
+    let qs = &blk[48..176];
+    for (k, chunk) in out.chunks_exact_mut(64).enumerate() {
+        let (sc1, m1) = scale_min_k4(2 * k, scales);
+        let (sc2, m2) = scale_min_k4(2 * k + 1, scales);
+        let (d1, m1) = (d * f32::from(sc1), dmin * f32::from(m1));
+        let (d2, m2) = (d * f32::from(sc2), dmin * f32::from(m2));
+        let q = &qs[32 * k..32 * k + 32];
+        for l in 0..32 {
+            let h1 = ((qh[l] >> (2 * k)) & 1) << 4;
+            let h2 = ((qh[l] >> (2 * k + 1)) & 1) << 4;
+            chunk[l] = d1 * f32::from((q[l] & 0x0F) | h1) - m1;
+            chunk[l + 32] = d2 * f32::from((q[l] >> 4) | h2) - m2;
         }
     }
 }
