@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prompt (prefill) and decode speed of tessera-worker's CPU core on the test model, side by side
 # with llama.cpp (through llama-cpp-python) when it is installed: same GGUF, same thread count,
-# same prompt tokens, greedy, alternating runs; plus peak RSS of each.
+# same prompt tokens, greedy, the same number of decode steps (end-of-sequence tokens do not stop
+# either), alternating runs; plus peak RSS of each.
 #
 # Usage: scripts/bench-worker.sh [THREADS] [DECODE_TOKENS] [RUNS]
 #   MODEL=path.gguf                    another GGUF (default: the test model)
@@ -32,7 +33,7 @@ rss() { awk -F': ' '/Maximum resident set size/ {printf "%.0f", $2/1024}' "$1"; 
 tessera_run() {
   local log; log=$(mktemp)
   /usr/bin/time -v "$BIN" generate --model "$MODEL" --prompt "$PROMPT" --max-tokens "$TOKENS" \
-    --threads "$THREADS" >/dev/null 2>"$log"
+    --threads "$THREADS" --ignore-eos >/dev/null 2>"$log"
   # "prompt N tokens in S s (P tokens/s); generated G tokens, D decode steps in T s (R tokens/s)"
   local line; line=$(grep '^load ' "$log")
   local pp dd
@@ -56,7 +57,7 @@ out = []
 t = time.perf_counter()
 for i in range(n):
     tok = int(m.scores[m.n_tokens - 1].argmax())
-    if tok == m.token_eos() or i == n - 1:
+    if i == n - 1:  # past end-of-sequence tokens too, as tessera's --ignore-eos
         out.append(tok)
         break
     out.append(tok)

@@ -71,7 +71,8 @@ fn bench(c: &mut Criterion) {
     .into_iter()
     .map(|ty| QMatrix::from_f32(ty, ROWS, COLS, &weights))
     .collect();
-    matrices.extend([GgmlType::Q4_K, GgmlType::Q6_K].map(|ty| kquant(&mut rng, ty)));
+    matrices
+        .extend([GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K].map(|ty| kquant(&mut rng, ty)));
 
     let mut group = c.benchmark_group("matmul 576x1536");
     group

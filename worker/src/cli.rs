@@ -97,6 +97,10 @@ pub struct GenerateArgs {
     /// Stop sequences (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens, up to --max-tokens (for benchmarks: every
+    /// run decodes the same number of tokens).
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// CPU threads (0: all available).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,

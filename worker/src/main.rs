@@ -125,6 +125,7 @@ fn generate(args: &tessera_worker::cli::GenerateArgs) -> anyhow::Result<()> {
         },
         stop: args.stop.clone(),
         kv_budget_bytes: args.kv_cache_mib << 20,
+        ignore_eos: args.ignore_eos,
     };
     let mut out = std::io::stdout().lock();
     let mut write_err = None;

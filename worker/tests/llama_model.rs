@@ -34,6 +34,17 @@ fn the_capital_of_france_is_paris() {
     assert_eq!(g.finish_reason, FinishReason::Stop);
     assert_eq!(g.usage.prompt_tokens, 16);
     assert_eq!(g.usage.completion_tokens, g.tokens.len());
+
+    // With ignore_eos the same prompt runs on to max_tokens, past the end-of-turn token.
+    let p = GenerateParams {
+        ignore_eos: true,
+        ..greedy(24)
+    };
+    let g2 = engine().generate(&france(), &p, |_| {}).unwrap();
+    assert_eq!(g2.finish_reason, FinishReason::Length);
+    assert_eq!(g2.tokens.len(), 24);
+    assert_eq!(g2.tokens[..g.tokens.len()], g.tokens[..]);
+    assert!(g2.text.starts_with(&g.text), "{:?}", g2.text);
 }
 
 #[test]

@@ -411,6 +411,7 @@ fn scheduler_greedy_equals_engine_generate_with_chunked_prefill_and_interleaving
         sampling: SamplingParams::greedy(),
         stop: stop.to_vec(),
         kv_budget_bytes: PER_SEQ_KV,
+        ignore_eos: false,
     };
     let mut rxs: Vec<_> = prompts
         .iter()

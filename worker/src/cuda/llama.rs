@@ -482,7 +482,7 @@ pub fn generate_cli(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     let mut finish = "length";
     while tokens.len() < args.max_tokens {
         let next = sampler.sample(&logits);
-        if engine.tokenizer.is_stop(next) {
+        if !args.ignore_eos && engine.tokenizer.is_stop(next) {
             finish = "stop";
             break;
         }
@@ -529,6 +529,7 @@ pub fn generate_cli(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
             sampling,
             stop: Vec::new(),
             kv_budget_bytes: kv_budget,
+            ignore_eos: args.ignore_eos,
         };
         let cpu = engine.generate(&prompt, &params, |_| {})?;
         let same = cpu.tokens == tokens;

@@ -20,6 +20,8 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// Memory budget of this sequence's KV cache, in bytes.
     pub kv_budget_bytes: usize,
+    /// Keep generating past end-of-sequence tokens (benchmarks: a fixed number of tokens).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerateParams {
@@ -29,6 +31,7 @@ impl Default for GenerateParams {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             kv_budget_bytes: 512 << 20,
+            ignore_eos: false,
         }
     }
 }
@@ -199,7 +202,7 @@ impl Engine {
         let mut final_text = None;
         while tokens.len() < params.max_tokens {
             let next = sampler.sample(&logits);
-            if self.tokenizer.is_stop(next) {
+            if !params.ignore_eos && self.tokenizer.is_stop(next) {
                 finish = FinishReason::Stop;
                 break;
             }
