@@ -269,6 +269,25 @@ fn slices_select_rows_and_block_aligned_columns() {
     }
     let e = w.slice_cols(16..96).unwrap_err();
     assert!(e.contains("block boundaries"), "{e}");
+
+    // K-quants split on 256-element super-blocks (a row-parallel shard at TP=3 of a 768-wide
+    // row), and name the boundary when a split would cut one.
+    for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+        let (rows, cols) = (4, 768);
+        let bytes = random_kquant(&mut rng, ty, rows * cols / 256);
+        let w = QMatrix::new(ty, rows, cols, Bytes::Owned(bytes.into())).unwrap();
+        let full = w.to_f32();
+        let c = w.slice_cols(256..512).unwrap().to_f32();
+        for row in 0..rows {
+            assert_eq!(
+                c[row * 256..(row + 1) * 256],
+                full[row * cols + 256..row * cols + 512],
+                "{ty}"
+            );
+        }
+        let e = w.slice_cols(0..384).unwrap_err();
+        assert!(e.contains("block boundaries"), "{ty}: {e}");
+    }
 }
 
 /// K-quant blocks of random bytes (finite f16 scales), dequantised by the `gguf` Python package
