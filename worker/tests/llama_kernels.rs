@@ -3,7 +3,7 @@
 //! the threaded matrix products against a naive f32 product.
 
 use tessera_worker::engine::sampling::Rng;
-use tessera_worker::kernels::dot::{self, Kernel, Simd};
+use tessera_worker::kernels::dot::{self, Kernel, PairKernel, Simd};
 use tessera_worker::kernels::quant::{self, BlockQ8};
 use tessera_worker::kernels::{Bytes, Pool, QMatrix, matmul, matmul_multi, quantize_activations};
 use tessera_worker::model::gguf::GgmlType;
@@ -450,17 +450,37 @@ fn pair_kernels_equal_the_one_row_kernel_bit_for_bit() {
         GgmlType::Q4_K,
         GgmlType::Q5_K,
         GgmlType::Q6_K,
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
     ];
-    for ty in paired.into_iter().chain([GgmlType::F32]) {
+    for ty in paired {
         let Some(pair) = dot::pair_kernel(ty, Simd::Avx2) else {
             assert!(
-                dot::detect() != Simd::Avx2 || !paired.contains(&ty),
+                dot::detect() != Simd::Avx2,
                 "{ty} has a two-row kernel on AVX2"
             );
             continue;
         };
+        let (PairKernel::F32(pair), Kernel::F32(single)) = (pair, dot::kernel(ty, Simd::Avx2))
+        else {
+            continue;
+        };
+        // Float weights: whole 32-element steps, 8-element steps and a scalar tail.
+        for cols in [8, 40, 100, 576] {
+            let w = quant::quantize_row(ty, &randn(&mut rng, cols, 0.5));
+            let (x, z) = (randn(&mut rng, cols, 1.0), randn(&mut rng, cols, 2.0));
+            let (a, b) = pair(&w, &x, &z);
+            assert_eq!(a.to_bits(), single(&w, &x).to_bits(), "{ty} x {cols}");
+            assert_eq!(b.to_bits(), single(&w, &z).to_bits(), "{ty} z {cols}");
+        }
+    }
+    for ty in paired {
+        let Some(PairKernel::Q8(pair)) = dot::pair_kernel(ty, Simd::Avx2) else {
+            continue;
+        };
         let Kernel::Q8(single) = dot::kernel(ty, Simd::Avx2) else {
-            panic!("{ty}: a two-row kernel needs 8-bit activations");
+            panic!("{ty}: an 8-bit two-row kernel needs an 8-bit one-row kernel");
         };
         let kquant = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
         let widths: &[usize] = if kquant {

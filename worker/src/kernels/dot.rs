@@ -103,8 +103,19 @@ pub fn kernel(ty: GgmlType, simd: Simd) -> Kernel {
     }
 }
 
-/// A dot product of one weight row with two rows of 8-bit activations at once.
-pub type PairKernel = fn(&[u8], &[BlockQ8], &[BlockQ8]) -> (f32, f32);
+/// A dot product of one weight row with two rows of 8-bit activations.
+pub type PairQ8 = fn(&[u8], &[BlockQ8], &[BlockQ8]) -> (f32, f32);
+/// A dot product of one weight row with two rows of f32 activations.
+pub type PairF32 = fn(&[u8], &[f32], &[f32]) -> (f32, f32);
+
+/// A dot product of one weight row with two activation rows at once.
+#[derive(Clone, Copy)]
+pub enum PairKernel {
+    /// Against 8-bit quantised activations.
+    Q8(PairQ8),
+    /// Against f32 activations (F32, F16, BF16 weights).
+    F32(PairF32),
+}
 
 /// The two-row kernel for weights of type `ty` on `simd`, where there is one: it decodes each
 /// weight block once for both activation rows (batched matrix products), and gives each result
@@ -112,17 +123,20 @@ pub type PairKernel = fn(&[u8], &[BlockQ8], &[BlockQ8]) -> (f32, f32);
 pub fn pair_kernel(ty: GgmlType, simd: Simd) -> Option<PairKernel> {
     #[cfg(target_arch = "x86_64")]
     if simd == Simd::Avx2 && detect() == Simd::Avx2 {
-        return match ty {
-            GgmlType::Q4_0 => Some(avx2::q4_0_pair),
-            GgmlType::Q4_1 => Some(avx2::q4_1_pair),
-            GgmlType::Q8_0 => Some(avx2::q8_0_pair),
-            GgmlType::Q5_0 => Some(avx2::q5_0_pair),
-            GgmlType::Q5_1 => Some(avx2::q5_1_pair),
-            GgmlType::Q4_K => Some(avx2::q4_k_pair),
-            GgmlType::Q5_K => Some(avx2::q5_k_pair),
-            GgmlType::Q6_K => Some(avx2::q6_k_pair),
-            _ => None,
-        };
+        return Some(match ty {
+            GgmlType::Q4_0 => PairKernel::Q8(avx2::q4_0_pair),
+            GgmlType::Q4_1 => PairKernel::Q8(avx2::q4_1_pair),
+            GgmlType::Q8_0 => PairKernel::Q8(avx2::q8_0_pair),
+            GgmlType::Q5_0 => PairKernel::Q8(avx2::q5_0_pair),
+            GgmlType::Q5_1 => PairKernel::Q8(avx2::q5_1_pair),
+            GgmlType::Q4_K => PairKernel::Q8(avx2::q4_k_pair),
+            GgmlType::Q5_K => PairKernel::Q8(avx2::q5_k_pair),
+            GgmlType::Q6_K => PairKernel::Q8(avx2::q6_k_pair),
+            GgmlType::F32 => PairKernel::F32(avx2::f32_pair),
+            GgmlType::F16 => PairKernel::F32(avx2::f16_pair),
+            GgmlType::BF16 => PairKernel::F32(avx2::bf16_pair),
+            _ => return None,
+        });
     }
     let _ = (ty, simd);
     None
@@ -445,26 +459,31 @@ mod avx2 {
         let [a, b] = unsafe { q6_k_rows::<2>(w, [x, z]) };
         (a, b)
     }
-    pub fn f32(w: &[u8], x: &[f32]) -> f32 {
-        assert!(w.len() >= x.len() * 4);
-        // SAFETY: as above.
-        unsafe { f32_impl(w.as_ptr().cast(), x) }
-    }
     pub fn f32_slices(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         // SAFETY: as above; `n` elements are readable from both.
         unsafe { f32_impl(a.as_ptr(), &b[..n]) }
     }
-    pub fn f16(w: &[u8], x: &[f32]) -> f32 {
-        assert!(w.len() >= x.len() * 2);
-        // SAFETY: as above.
-        unsafe { f16_impl(w, x) }
+
+    /// One and two f32 activation rows against a row of float weights of kind `$kind`.
+    macro_rules! float {
+        ($one:ident, $pair:ident, $kind:expr) => {
+            pub fn $one(w: &[u8], x: &[f32]) -> f32 {
+                assert!(w.len() >= x.len() * float_bytes($kind));
+                // SAFETY: features detected by the caller; lengths checked above.
+                unsafe { float_rows::<{ $kind }, 1>(w, [x])[0] }
+            }
+            pub fn $pair(w: &[u8], x: &[f32], z: &[f32]) -> (f32, f32) {
+                assert!(w.len() >= x.len() * float_bytes($kind) && z.len() == x.len());
+                // SAFETY: as above.
+                let [a, b] = unsafe { float_rows::<{ $kind }, 2>(w, [x, z]) };
+                (a, b)
+            }
+        };
     }
-    pub fn bf16(w: &[u8], x: &[f32]) -> f32 {
-        assert!(w.len() >= x.len() * 2);
-        // SAFETY: as above.
-        unsafe { bf16_impl(w, x) }
-    }
+    float!(f32, f32_pair, F32);
+    float!(f16, f16_pair, F16);
+    float!(bf16, bf16_pair, BF16);
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -782,49 +801,80 @@ mod avx2 {
         }
     }
 
+    // The float weight kinds of `float_rows`.
+    const F32: u8 = 0;
+    const F16: u8 = 1;
+    const BF16: u8 = 2;
+
+    const fn float_bytes(kind: u8) -> usize {
+        if kind == F32 { 4 } else { 2 }
+    }
+
+    /// Eight weights of kind `KIND` from element `i` on, as f32.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn f16_impl(w: &[u8], x: &[f32]) -> f32 {
-        let n = x.len();
-        let mut acc = _mm256_setzero_ps();
-        let mut i = 0;
-        // SAFETY: loads read elements < n of both (checked by the wrapper).
+    unsafe fn load8<const KIND: u8>(w: *const u8, i: usize) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable elements from `i`.
         unsafe {
-            while i + 8 <= n {
-                let h = _mm_loadu_si128(w.as_ptr().add(2 * i).cast());
-                acc = _mm256_fmadd_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(x.as_ptr().add(i)), acc);
-                i += 8;
+            match KIND {
+                F32 => _mm256_loadu_ps(w.add(4 * i).cast()),
+                F16 => _mm256_cvtph_ps(_mm_loadu_si128(w.add(2 * i).cast())),
+                _ => {
+                    let h = _mm_loadu_si128(w.add(2 * i).cast());
+                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                }
             }
-            let mut r = hsum(acc);
-            while i < n {
-                let bits = u16::from_le_bytes([w[2 * i], w[2 * i + 1]]);
-                r += half::f16::from_bits(bits).to_f32() * x[i];
-                i += 1;
-            }
-            r
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn bf16_impl(w: &[u8], x: &[f32]) -> f32 {
-        let n = x.len();
-        let mut acc = _mm256_setzero_ps();
+    /// A row of float weights against `R` f32 activation rows at once: each 8 weights are
+    /// converted once for all rows. Every row has four accumulators (32 elements per
+    /// iteration), then one for the last 8-element chunks, then a scalar tail; the same for any
+    /// `R`, so each row's result does not depend on `R`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn float_rows<const KIND: u8, const R: usize>(w: &[u8], xs: [&[f32]; R]) -> [f32; R] {
+        let n = xs[0].len();
+        let p = w.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
         let mut i = 0;
-        // SAFETY: loads read elements < n of both (checked by the wrapper).
+        // SAFETY: every load reads elements < n of `w` and of each row (checked by the
+        // wrappers).
         unsafe {
+            while i + 32 <= n {
+                let wv: [__m256; 4] = std::array::from_fn(|k| load8::<KIND>(p, i + 8 * k));
+                for (a, x) in acc.iter_mut().zip(xs) {
+                    for (k, (ak, wk)) in a.iter_mut().zip(wv).enumerate() {
+                        let xv = _mm256_loadu_ps(x.as_ptr().add(i + 8 * k));
+                        *ak = _mm256_fmadd_ps(wk, xv, *ak);
+                    }
+                }
+                i += 32;
+            }
             while i + 8 <= n {
-                let h = _mm_loadu_si128(w.as_ptr().add(2 * i).cast());
-                let f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-                acc = _mm256_fmadd_ps(f, _mm256_loadu_ps(x.as_ptr().add(i)), acc);
+                let wv = load8::<KIND>(p, i);
+                for (a, x) in acc.iter_mut().zip(xs) {
+                    a[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.as_ptr().add(i)), a[0]);
+                }
                 i += 8;
             }
-            let mut r = hsum(acc);
-            while i < n {
-                let bits = u16::from_le_bytes([w[2 * i], w[2 * i + 1]]);
-                r += half::bf16::from_bits(bits).to_f32() * x[i];
-                i += 1;
-            }
-            r
         }
+        let tail = i;
+        std::array::from_fn(|r| {
+            let [a0, a1, a2, a3] = acc[r];
+            // SAFETY: features enabled on this function.
+            let mut v =
+                unsafe { hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) };
+            for (j, &xj) in xs[r].iter().enumerate().skip(tail) {
+                let b = float_bytes(KIND) * j;
+                let wj = match KIND {
+                    F32 => f32::from_le_bytes([w[b], w[b + 1], w[b + 2], w[b + 3]]),
+                    F16 => half::f16::from_bits(u16::from_le_bytes([w[b], w[b + 1]])).to_f32(),
+                    _ => half::bf16::from_bits(u16::from_le_bytes([w[b], w[b + 1]])).to_f32(),
+                };
+                v += wj * xj;
+            }
+            v
+        })
     }
 
     #[target_feature(enable = "avx2,fma")]

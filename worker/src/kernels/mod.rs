@@ -330,8 +330,16 @@ pub fn matmul_multi(pool: &Pool, ws: &[&QMatrix], x: &[f32], b: usize, outs: &mu
             }
             if let Some(f) = pairs[m] {
                 while t0 + 1 < b {
-                    let q = &q8[t0 * nb..(t0 + 2) * nb];
-                    let (v0, v1) = f(row, &q[..nb], &q[nb..]);
+                    let (v0, v1) = match f {
+                        dot::PairKernel::Q8(f) => {
+                            let q = &q8[t0 * nb..(t0 + 2) * nb];
+                            f(row, &q[..nb], &q[nb..])
+                        }
+                        dot::PairKernel::F32(f) => {
+                            let x = &x[t0 * cols..(t0 + 2) * cols];
+                            f(row, &x[..cols], &x[cols..])
+                        }
+                    };
                     // SAFETY: as below.
                     unsafe {
                         *out.add(t0 * w.rows + r) = v0;
