@@ -291,73 +291,23 @@ pub fn quantize_row(ty: GgmlType, x: &[f32]) -> Vec<u8> {
                 out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
             }
         }
-        GgmlType::Q4_0 => {
+        GgmlType::Q4_0 | GgmlType::Q5_0 => {
             assert!(x.len().is_multiple_of(QK));
+            let levels = if ty == GgmlType::Q4_0 { 16 } else { 32 };
             for b in x.chunks_exact(QK) {
-                let (mut amax, mut max) = (0f32, 0f32);
-                for &v in b {
-                    if v.abs() > amax {
-                        amax = v.abs();
-                        max = v;
-                    }
-                }
-                let d = max / -8.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let (d, q) = quantize_symmetric(b, levels);
                 out.extend(f16::from_f32(d).to_bits().to_le_bytes());
-                for j in 0..16 {
-                    let q0 = ((b[j] * id + 8.5) as i32).clamp(0, 15) as u8;
-                    let q1 = ((b[j + 16] * id + 8.5) as i32).clamp(0, 15) as u8;
-                    out.push(q0 | (q1 << 4));
-                }
+                push_values(&mut out, &q, levels);
             }
         }
-        GgmlType::Q4_1 => {
+        GgmlType::Q4_1 | GgmlType::Q5_1 => {
             assert!(x.len().is_multiple_of(QK));
+            let levels = if ty == GgmlType::Q4_1 { 16 } else { 32 };
             for b in x.chunks_exact(QK) {
-                let min = b.iter().copied().fold(f32::INFINITY, f32::min);
-                let max = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let d = (max - min) / 15.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let (d, min, q) = quantize_affine(b, levels);
                 out.extend(f16::from_f32(d).to_bits().to_le_bytes());
                 out.extend(f16::from_f32(min).to_bits().to_le_bytes());
-                for j in 0..16 {
-                    let q0 = (((b[j] - min) * id + 0.5) as i32).clamp(0, 15) as u8;
-                    let q1 = (((b[j + 16] - min) * id + 0.5) as i32).clamp(0, 15) as u8;
-                    out.push(q0 | (q1 << 4));
-                }
-            }
-        }
-        GgmlType::Q5_0 => {
-            assert!(x.len().is_multiple_of(QK));
-            for b in x.chunks_exact(QK) {
-                let (mut amax, mut max) = (0f32, 0f32);
-                for &v in b {
-                    if v.abs() > amax {
-                        amax = v.abs();
-                        max = v;
-                    }
-                }
-                let d = max / -16.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                let q: Vec<u8> = b
-                    .iter()
-                    .map(|v| ((v * id + 16.5) as i8).min(31) as u8)
-                    .collect();
-                out.extend(f16::from_f32(d).to_bits().to_le_bytes());
-                push_q5(&mut out, &q);
-            }
-        }
-        GgmlType::Q5_1 => {
-            assert!(x.len().is_multiple_of(QK));
-            for b in x.chunks_exact(QK) {
-                let min = b.iter().copied().fold(f32::INFINITY, f32::min);
-                let max = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let d = (max - min) / 31.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                let q: Vec<u8> = b.iter().map(|v| ((v - min) * id + 0.5) as u8).collect();
-                out.extend(f16::from_f32(d).to_bits().to_le_bytes());
-                out.extend(f16::from_f32(min).to_bits().to_le_bytes());
-                push_q5(&mut out, &q);
+                push_values(&mut out, &q, levels);
             }
         }
         other => panic!("quantize_row: cannot encode {other}"),
@@ -365,12 +315,43 @@ pub fn quantize_row(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     out
 }
 
-/// `qh` and the nibbles of 32 five-bit values (`Q5_0`, `Q5_1`).
-fn push_q5(out: &mut Vec<u8>, q: &[u8]) {
-    let mut qh = 0u32;
-    for (j, &v) in q.iter().enumerate() {
-        qh |= u32::from((v >> 4) & 1) << j;
+/// ggml's symmetric quantiser (`Q4_0`, `Q5_0`) of one 32-element block into `levels` values:
+/// the element of largest magnitude becomes `-levels / 2`; value `d * (q - levels / 2)`.
+fn quantize_symmetric(b: &[f32], levels: i32) -> (f32, [u8; QK]) {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in b {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
     }
-    out.extend(qh.to_le_bytes());
+    let d = max / -(levels / 2) as f32;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let offset = (levels / 2) as f32 + 0.5;
+    let q = std::array::from_fn(|j| ((b[j] * id + offset) as i32).clamp(0, levels - 1) as u8);
+    (d, q)
+}
+
+/// ggml's affine quantiser (`Q4_1`, `Q5_1`) of one 32-element block into `levels` values from
+/// the block's minimum: value `d * q + min`.
+fn quantize_affine(b: &[f32], levels: i32) -> (f32, f32, [u8; QK]) {
+    let min = b.iter().copied().fold(f32::INFINITY, f32::min);
+    let max = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let d = (max - min) / (levels - 1) as f32;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let q = std::array::from_fn(|j| (((b[j] - min) * id + 0.5) as i32).clamp(0, levels - 1) as u8);
+    (d, min, q)
+}
+
+/// 32 values of 4 bits (16 levels: nibble pairs) or 5 bits (32 levels: `qh`, then the nibbles),
+/// as ggml lays them out.
+fn push_values(out: &mut Vec<u8>, q: &[u8; QK], levels: i32) {
+    if levels == 32 {
+        let mut qh = 0u32;
+        for (j, &v) in q.iter().enumerate() {
+            qh |= u32::from((v >> 4) & 1) << j;
+        }
+        out.extend(qh.to_le_bytes());
+    }
     out.extend((0..16).map(|j| (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4)));
 }
