@@ -379,86 +379,64 @@ mod avx2 {
 
     // Safe wrappers: `kernel` hands these out only after detecting AVX2, FMA and F16C.
 
-    /// One, two and four activation rows against a row of 32-element blocks of kind `$kind`.
-    macro_rules! block32 {
+    /// One, two and four activation rows against a row of quantised weights of kind `$kind`
+    /// (`rows` below): the lengths are checked here, once.
+    macro_rules! quantised {
         ($one:ident, $pair:ident, $quad:ident, $kind:expr) => {
             pub fn $one(w: &[u8], x: &[BlockQ8]) -> f32 {
-                assert!(w.len() >= x.len() * block_bytes($kind));
+                assert!(fits($kind, w, x));
                 // SAFETY: features detected by the caller; lengths checked above.
-                unsafe { block32_rows::<{ $kind }, 1>(w, [x])[0] }
+                unsafe { rows::<{ $kind }, 1>(w, [x])[0] }
             }
             pub fn $pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
-                assert!(w.len() >= x.len() * block_bytes($kind) && z.len() == x.len());
+                assert!(fits($kind, w, x) && z.len() == x.len());
                 // SAFETY: as above.
-                let [a, b] = unsafe { block32_rows::<{ $kind }, 2>(w, [x, z]) };
+                let [a, b] = unsafe { rows::<{ $kind }, 2>(w, [x, z]) };
                 (a, b)
             }
             pub fn $quad(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
-                let n = xs[0].len();
-                assert!(w.len() >= n * block_bytes($kind) && xs.iter().all(|x| x.len() == n));
+                assert!(fits($kind, w, xs[0]) && xs.iter().all(|x| x.len() == xs[0].len()));
                 // SAFETY: as above.
-                unsafe { block32_rows::<{ $kind }, 4>(w, xs) }
+                unsafe { rows::<{ $kind }, 4>(w, xs) }
             }
         };
     }
-    block32!(q4_0, q4_0_pair, q4_0_quad, Q4_0);
-    block32!(q4_1, q4_1_pair, q4_1_quad, Q4_1);
-    block32!(q5_0, q5_0_pair, q5_0_quad, Q5_0);
-    block32!(q5_1, q5_1_pair, q5_1_quad, Q5_1);
-    block32!(q8_0, q8_0_pair, q8_0_quad, Q8_0);
+    quantised!(q4_0, q4_0_pair, q4_0_quad, Q4_0);
+    quantised!(q4_1, q4_1_pair, q4_1_quad, Q4_1);
+    quantised!(q5_0, q5_0_pair, q5_0_quad, Q5_0);
+    quantised!(q5_1, q5_1_pair, q5_1_quad, Q5_1);
+    quantised!(q8_0, q8_0_pair, q8_0_quad, Q8_0);
+    quantised!(q4_k, q4_k_pair, q4_k_quad, Q4_K);
+    quantised!(q5_k, q5_k_pair, q5_k_quad, Q5_K);
+    quantised!(q6_k, q6_k_pair, q6_k_quad, Q6_K);
 
-    pub fn q4_k_quad(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
-        assert!(kquant_ok(w, xs[0], 144) && xs.iter().all(|x| x.len() == xs[0].len()));
-        // SAFETY: as above.
-        unsafe { q4_k_rows::<false, 4>(w, xs) }
+    /// `w` holds the blocks `x` needs: one weight block per activation block for the
+    /// 32-element kinds, one super-block per 8 activation blocks (whole) for the K-quants.
+    fn fits(kind: u8, w: &[u8], x: &[BlockQ8]) -> bool {
+        const PER: usize = QK_K / QK;
+        match kind {
+            Q4_K | Q5_K | Q6_K => {
+                x.len().is_multiple_of(PER) && w.len() >= x.len() / PER * block_bytes(kind)
+            }
+            _ => w.len() >= x.len() * block_bytes(kind),
+        }
     }
-    pub fn q6_k_quad(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
-        assert!(kquant_ok(w, xs[0], 210) && xs.iter().all(|x| x.len() == xs[0].len()));
-        // SAFETY: as above.
-        unsafe { q6_k_rows::<4>(w, xs) }
+
+    /// The kernel body of each quantised kind.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows<const KIND: u8, const R: usize>(w: &[u8], xs: [&[BlockQ8]; R]) -> [f32; R] {
+        // SAFETY: the callers' checks (`fits`) and features are those of the bodies.
+        unsafe {
+            match KIND {
+                Q4_K => q4_k_rows::<false, R>(w, xs),
+                Q5_K => q4_k_rows::<true, R>(w, xs),
+                Q6_K => q6_k_rows::<R>(w, xs),
+                _ => block32_rows::<KIND, R>(w, xs),
+            }
+        }
     }
-    /// Whole super-blocks: `x` is a multiple of 8 blocks and `w` holds as many super-blocks.
-    fn kquant_ok(w: &[u8], x: &[BlockQ8], bytes: usize) -> bool {
-        x.len().is_multiple_of(QK_K / QK) && w.len() >= x.len() / (QK_K / QK) * bytes
-    }
-    pub fn q4_k(w: &[u8], x: &[BlockQ8]) -> f32 {
-        assert!(kquant_ok(w, x, 144));
-        // SAFETY: as above.
-        unsafe { q4_k_rows::<false, 1>(w, [x])[0] }
-    }
-    pub fn q4_k_pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
-        assert!(kquant_ok(w, x, 144) && z.len() == x.len());
-        // SAFETY: as above.
-        let [a, b] = unsafe { q4_k_rows::<false, 2>(w, [x, z]) };
-        (a, b)
-    }
-    pub fn q5_k(w: &[u8], x: &[BlockQ8]) -> f32 {
-        assert!(kquant_ok(w, x, 176));
-        // SAFETY: as above.
-        unsafe { q4_k_rows::<true, 1>(w, [x])[0] }
-    }
-    pub fn q5_k_pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
-        assert!(kquant_ok(w, x, 176) && z.len() == x.len());
-        // SAFETY: as above.
-        let [a, b] = unsafe { q4_k_rows::<true, 2>(w, [x, z]) };
-        (a, b)
-    }
-    pub fn q5_k_quad(w: &[u8], xs: [&[BlockQ8]; 4]) -> [f32; 4] {
-        assert!(kquant_ok(w, xs[0], 176) && xs.iter().all(|x| x.len() == xs[0].len()));
-        // SAFETY: as above.
-        unsafe { q4_k_rows::<true, 4>(w, xs) }
-    }
-    pub fn q6_k(w: &[u8], x: &[BlockQ8]) -> f32 {
-        assert!(kquant_ok(w, x, 210));
-        // SAFETY: as above.
-        unsafe { q6_k_rows::<1>(w, [x])[0] }
-    }
-    pub fn q6_k_pair(w: &[u8], x: &[BlockQ8], z: &[BlockQ8]) -> (f32, f32) {
-        assert!(kquant_ok(w, x, 210) && z.len() == x.len());
-        // SAFETY: as above.
-        let [a, b] = unsafe { q6_k_rows::<2>(w, [x, z]) };
-        (a, b)
-    }
+
     pub fn f32_slices(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         // SAFETY: as above; `n` elements are readable from both.
@@ -544,20 +522,27 @@ mod avx2 {
         _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
     }
 
-    // The 32-element block kinds of `block32_rows`.
+    // The quantised kinds: 32-element blocks (`block32_rows`), then the K-quants.
     const Q4_0: u8 = 0;
     const Q4_1: u8 = 1;
     const Q5_0: u8 = 2;
     const Q5_1: u8 = 3;
     const Q8_0: u8 = 4;
+    const Q4_K: u8 = 5;
+    const Q5_K: u8 = 6;
+    const Q6_K: u8 = 7;
 
+    /// Bytes per block (per 256-element super-block for the K-quants).
     const fn block_bytes(kind: u8) -> usize {
         match kind {
             Q4_0 => 18,
             Q4_1 => 20,
             Q5_0 => 22,
             Q5_1 => 24,
-            _ => 34,
+            Q8_0 => 34,
+            Q4_K => 144,
+            Q5_K => 176,
+            _ => 210,
         }
     }
 
