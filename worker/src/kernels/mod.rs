@@ -282,16 +282,17 @@ pub fn matmul_multi(pool: &Pool, ws: &[&QMatrix], x: &[f32], b: usize, outs: &mu
         Vec::new()
     };
     let nb = cols / QK;
-    let kernels: Vec<dot::Kernel> = ws.iter().map(|w| dot::kernel(w.ty, pool.simd)).collect();
-    // Four, then two activation rows per weight row at once where kernels for them exist
-    // (bit-identical to one row at a time): each weight block is decoded once per group.
-    let pairs: Vec<Option<dot::PairKernel>> = ws
+    // Per matrix: the one-row kernel and, where they exist, the four- and two-row kernels
+    // (bit-identical to one row at a time: each weight block is decoded once per group).
+    let kernels: Vec<_> = ws
         .iter()
-        .map(|w| dot::pair_kernel(w.ty, pool.simd))
-        .collect();
-    let quads: Vec<Option<dot::QuadKernel>> = ws
-        .iter()
-        .map(|w| dot::quad_kernel(w.ty, pool.simd))
+        .map(|w| {
+            (
+                dot::kernel(w.ty, pool.simd),
+                dot::pair_kernel(w.ty, pool.simd),
+                dot::quad_kernel(w.ty, pool.simd),
+            )
+        })
         .collect();
     let ptrs: Vec<SendPtr> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
 
@@ -313,11 +314,12 @@ pub fn matmul_multi(pool: &Pool, ws: &[&QMatrix], x: &[f32], b: usize, outs: &mu
     }
     let run = |&(m, r0, r1): &(usize, usize, usize)| {
         let w = ws[m];
+        let (one, pair, quad) = kernels[m];
         let out = ptrs[m].get();
         for r in r0..r1 {
             let row = w.row(r);
             let mut t0 = 0;
-            if let Some(f) = quads[m] {
+            if let Some(f) = quad {
                 while t0 + 3 < b {
                     let q = |k: usize| &q8[(t0 + k) * nb..(t0 + k + 1) * nb];
                     let v = f(row, [q(0), q(1), q(2), q(3)]);
@@ -328,7 +330,7 @@ pub fn matmul_multi(pool: &Pool, ws: &[&QMatrix], x: &[f32], b: usize, outs: &mu
                     t0 += 4;
                 }
             }
-            if let Some(f) = pairs[m] {
+            if let Some(f) = pair {
                 while t0 + 1 < b {
                     let (v0, v1) = match f {
                         dot::PairKernel::Q8(f) => {
@@ -349,7 +351,7 @@ pub fn matmul_multi(pool: &Pool, ws: &[&QMatrix], x: &[f32], b: usize, outs: &mu
                 }
             }
             for t in t0..b {
-                let v = match kernels[m] {
+                let v = match one {
                     dot::Kernel::Q8(f) => f(row, &q8[t * nb..(t + 1) * nb]),
                     dot::Kernel::F32(f) => f(row, &x[t * cols..(t + 1) * cols]),
                 };
