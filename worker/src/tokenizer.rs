@@ -202,6 +202,16 @@ fn bytes_to_unicode() -> [char; 256] {
     out
 }
 
+/// What every tokenizer has besides its algorithm: the vocabulary and token types, the
+/// `[bos, eos, eot]` ids, whether to add BOS, and the chat template.
+struct Vocab {
+    tokens: Vec<String>,
+    types: Vec<i64>,
+    specials: [Option<u32>; 3],
+    add_bos: bool,
+    chat_template: Option<String>,
+}
+
 impl Tokenizer {
     /// Build the tokenizer from a GGUF file's metadata; errors name the file and key.
     pub fn from_gguf(g: &Gguf) -> anyhow::Result<Self> {
@@ -282,6 +292,13 @@ impl Tokenizer {
             id_key("tokenizer.ggml.eos_token_id"),
             id_key("tokenizer.ggml.eot_token_id"),
         );
+        let vocab = Vocab {
+            tokens,
+            types,
+            specials: [bos, eos, eot],
+            add_bos,
+            chat_template: template,
+        };
         let built = if spm {
             let scores: Vec<f32> = key("tokenizer.ggml.scores")?
                 .as_array()
@@ -293,33 +310,21 @@ impl Tokenizer {
                     _ => bail!("{path}: tokenizer.ggml.scores holds a non-number"),
                 })
                 .collect::<anyhow::Result<_>>()?;
-            if scores.len() != tokens.len() {
+            if scores.len() != vocab.tokens.len() {
                 bail!(
                     "{path}: tokenizer.ggml.scores has {} entries for {} tokens",
                     scores.len(),
-                    tokens.len()
+                    vocab.tokens.len()
                 );
             }
             Self::new_spm(
-                tokens,
-                types,
+                vocab,
                 scores,
                 flag("tokenizer.ggml.add_space_prefix", true),
                 id_key("tokenizer.ggml.unknown_token_id"),
-                [bos, eos, eot],
-                add_bos,
-                template,
             )
         } else {
-            Self::with_pre(
-                tokens,
-                types,
-                &merges,
-                pre,
-                [bos, eos, eot],
-                add_bos,
-                template,
-            )
+            Self::with_pre(vocab, &merges, pre)
         };
         built.with_context(|| format!("{path}: building the tokenizer"))
     }
@@ -339,28 +344,19 @@ impl Tokenizer {
         chat_template: Option<String>,
     ) -> anyhow::Result<Self> {
         let pre = if split_digits { Pre::SmolLm } else { Pre::Gpt2 };
-        Self::with_pre(
+        let vocab = Vocab {
             tokens,
             types,
-            merges,
-            pre,
-            [bos, eos, eot],
+            specials: [bos, eos, eot],
             add_bos,
             chat_template,
-        )
+        };
+        Self::with_pre(vocab, merges, pre)
     }
 
-    /// A byte-level BPE tokenizer with pre-tokenizer `pre`; `[bos, eos, eot]` ids.
-    pub fn with_pre(
-        tokens: Vec<String>,
-        types: Vec<i64>,
-        merges: &[String],
-        pre: Pre,
-        [bos, eos, eot]: [Option<u32>; 3],
-        add_bos: bool,
-        chat_template: Option<String>,
-    ) -> anyhow::Result<Self> {
-        let ids = index(&tokens);
+    /// A byte-level BPE tokenizer with pre-tokenizer `pre`.
+    fn with_pre(vocab: Vocab, merges: &[String], pre: Pre) -> anyhow::Result<Self> {
+        let ids = index(&vocab.tokens);
         let mut merge_map = HashMap::with_capacity(merges.len());
         for (rank, m) in merges.iter().enumerate() {
             let Some((a, b)) = m.split_once(' ') else {
@@ -395,33 +391,20 @@ impl Tokenizer {
             pre,
             regex: Regex::new(regex).expect("valid regex"),
         };
-        Ok(Self::assemble(
-            tokens,
-            types,
-            ids,
-            algo,
-            [bos, eos, eot],
-            add_bos,
-            chat_template,
-        ))
+        Ok(Self::assemble(vocab, ids, algo))
     }
 
     /// A SentencePiece-style tokenizer: `scores` per token, `<0xXX>` byte tokens.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new_spm(
-        tokens: Vec<String>,
-        types: Vec<i64>,
+    fn new_spm(
+        vocab: Vocab,
         scores: Vec<f32>,
         add_space_prefix: bool,
         unk: Option<u32>,
-        [bos, eos, eot]: [Option<u32>; 3],
-        add_bos: bool,
-        chat_template: Option<String>,
     ) -> anyhow::Result<Self> {
-        if scores.len() != tokens.len() {
-            bail!("{} scores for {} tokens", scores.len(), tokens.len());
+        if scores.len() != vocab.tokens.len() {
+            bail!("{} scores for {} tokens", scores.len(), vocab.tokens.len());
         }
-        let ids = index(&tokens);
+        let ids = index(&vocab.tokens);
         let mut byte_ids = [None; 256];
         for (b, id) in byte_ids.iter_mut().enumerate() {
             *id = ids.get(&format!("<0x{b:02X}>")).copied();
@@ -432,26 +415,17 @@ impl Tokenizer {
             unk,
             add_space_prefix,
         };
-        Ok(Self::assemble(
-            tokens,
-            types,
-            ids,
-            algo,
-            [bos, eos, eot],
-            add_bos,
-            chat_template,
-        ))
+        Ok(Self::assemble(vocab, ids, algo))
     }
 
-    fn assemble(
-        tokens: Vec<String>,
-        types: Vec<i64>,
-        ids: HashMap<String, u32>,
-        algo: Algo,
-        [bos, eos, eot]: [Option<u32>; 3],
-        add_bos: bool,
-        chat_template: Option<String>,
-    ) -> Self {
+    fn assemble(vocab: Vocab, ids: HashMap<String, u32>, algo: Algo) -> Self {
+        let Vocab {
+            tokens,
+            types,
+            specials: [bos, eos, eot],
+            add_bos,
+            chat_template,
+        } = vocab;
         let mut special: Vec<(String, u32)> = tokens
             .iter()
             .zip(&types)
