@@ -399,20 +399,9 @@ impl CudaLlama {
         let Some(nccl) = self.nccl.as_ref().filter(|_| self.shard.world > 1) else {
             return Ok(mine);
         };
-        // Vocabulary-parallel head: every rank's padded block to rank 0 (on the host, through
-        // the collective's gather), as the CPU path does.
-        let (per, _) = self.shard.vocab_split(c.vocab);
-        let mut part = vec![0f32; n * per];
-        if cols > 0 {
-            for (src, dst) in mine.chunks_exact(cols).zip(part.chunks_exact_mut(per)) {
-                dst[..cols].copy_from_slice(src);
-            }
-        }
-        let gathered = crate::model::parallel::Collective::gather(nccl, &part)
-            .context("gather of the LM head's logits")?;
-        Ok(gathered.map_or_else(Vec::new, |all| {
-            crate::model::parallel::assemble_vocab(&all, self.shard.world, n, c.vocab)
-        }))
+        // Vocabulary-parallel head: every rank's block to rank 0 (on the host, through the
+        // collective's gather), as the CPU path does. A rank always holds rows (checked at load).
+        crate::model::parallel::gather_vocab(nccl, self.shard, mine, n, c.vocab)
     }
 
     fn reduce(&self, o: &mut CudaSlice<f32>, layer: usize, after: &str) -> anyhow::Result<()> {

@@ -835,28 +835,13 @@ impl Llama {
             kernels::matmul(pool, lm_head, &xn, n, &mut logits);
             return Ok(logits);
         }
-        // Vocabulary-parallel: this rank's columns of the logits, padded to the common part
-        // length, gathered on rank 0.
-        let (per, cols) = self.shard.vocab_split(c.vocab);
-        let mut part = vec![0f32; n * per];
-        if cols.len() == per {
-            kernels::matmul(pool, lm_head, &xn, n, &mut part);
-        } else if !cols.is_empty() {
-            let mut mine = vec![0f32; n * cols.len()];
+        // Vocabulary-parallel: this rank's columns of the logits, gathered on rank 0.
+        let cols = self.shard.vocab_split(c.vocab).1.len();
+        let mut mine = vec![0f32; n * cols];
+        if cols > 0 {
             kernels::matmul(pool, lm_head, &xn, n, &mut mine);
-            for (src, dst) in mine
-                .chunks_exact(cols.len())
-                .zip(part.chunks_exact_mut(per))
-            {
-                dst[..cols.len()].copy_from_slice(src);
-            }
         }
-        let gathered = coll
-            .gather(&part)
-            .context("gather of the LM head's logits")?;
-        Ok(gathered.map_or_else(Vec::new, |all| {
-            parallel::assemble_vocab(&all, self.shard.world, n, c.vocab)
-        }))
+        parallel::gather_vocab(coll, self.shard, mine, n, c.vocab)
     }
 
     /// ggml's normal-mode RoPE on `[tokens, heads * head_dim]`, positions from `start`.

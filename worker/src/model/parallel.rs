@@ -58,6 +58,41 @@ pub fn assemble_vocab(parts: &[f32], world: usize, rows: usize, vocab: usize) ->
     out
 }
 
+/// The vocabulary-parallel LM head's logits: `mine` is this rank's `[rows, cols]` block (its
+/// rows of [`Shard::vocab_split`]); every rank's block, padded to the common length, goes to
+/// rank 0 through [`Collective::gather`]. Rank 0 gets the `[rows, vocab]` logits, the other
+/// ranks an empty vector.
+pub fn gather_vocab(
+    coll: &dyn Collective,
+    shard: Shard,
+    mine: Vec<f32>,
+    rows: usize,
+    vocab: usize,
+) -> anyhow::Result<Vec<f32>> {
+    use anyhow::Context;
+    let (per, cols) = shard.vocab_split(vocab);
+    let part = if cols.len() == per {
+        mine
+    } else {
+        let mut part = vec![0f32; rows * per];
+        if !cols.is_empty() {
+            for (src, dst) in mine
+                .chunks_exact(cols.len())
+                .zip(part.chunks_exact_mut(per))
+            {
+                dst[..cols.len()].copy_from_slice(src);
+            }
+        }
+        part
+    };
+    let gathered = coll
+        .gather(&part)
+        .context("gather of the LM head's logits")?;
+    Ok(gathered.map_or_else(Vec::new, |all| {
+        assemble_vocab(&all, shard.world, rows, vocab)
+    }))
+}
+
 /// This rank's pipeline stage: which contiguous block of decoder layers it holds.
 ///
 /// `count` stages split `n_layers` layers as evenly as possible; the first `n_layers % count`
