@@ -22,6 +22,17 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Every line the launcher wrote, after it exited: waits (up to 10 s) for the reader thread to
+/// pass on the last lines and hang up, instead of taking only those already passed on.
+fn drain(rx: &mpsc::Receiver<String>) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut lines = Vec::new();
+    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        lines.push(line);
+    }
+    lines
+}
+
 /// Kills the child when dropped (a failing test leaves no process behind).
 struct Proc(Child);
 
@@ -373,7 +384,7 @@ fn local_tp3_answers_like_tp1_and_a_killed_rank_ends_the_group() {
 
     let st = wait_exit(&mut p3, Duration::from_secs(30));
     assert!(!st.success());
-    let log: Vec<String> = rx.try_iter().collect();
+    let log = drain(&rx);
     assert!(
         log.iter()
             .any(|l| l.contains("rank 2 exited") && l.contains("the group was stopped")),
@@ -424,7 +435,7 @@ fn local_pp2_answers_like_tp1_and_a_killed_stage1_rank_ends_the_group() {
     assert!(body.contains("rank 1"), "{body}");
     let st = wait_exit(&mut p, Duration::from_secs(30));
     assert!(!st.success());
-    let log: Vec<String> = rx.try_iter().collect();
+    let log = drain(&rx);
     assert!(
         log.iter()
             .any(|l| l.contains("rank 1 exited") && l.contains("the group was stopped")),
@@ -487,7 +498,7 @@ fn sigterm_drains_the_request_in_flight_and_every_rank_exits_cleanly() {
 
     let st = wait_exit(&mut p, Duration::from_secs(60));
     assert!(st.success(), "{st}");
-    let log: Vec<String> = rx.try_iter().collect();
+    let log = drain(&rx);
     for r in [1, 2] {
         assert!(
             log.iter().any(|l| l.starts_with(&format!("rank {r} |"))
