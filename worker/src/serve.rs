@@ -819,9 +819,9 @@ fn serve_api(cfg: &ServeConfig, runner: Runner, health: GroupHealth) -> anyhow::
     };
     let app = server::router(
         ServerConfig {
-            served_model_name: cfg.served_model_name.clone(),
             max_body_bytes: MAX_BODY_BYTES,
             readiness,
+            ..ServerConfig::new(cfg.served_model_name.clone())
         },
         handle.clone(),
         metrics,

@@ -70,9 +70,9 @@ impl Server {
         let (handle, metrics) = spawn_scheduler(cfg);
         let router = server::router(
             ServerConfig {
-                served_model_name: MODEL_NAME.into(),
                 max_body_bytes: BODY_LIMIT,
                 readiness,
+                ..ServerConfig::new(MODEL_NAME)
             },
             handle.clone(),
             metrics,
@@ -938,11 +938,25 @@ async fn overload_gets_429_and_a_client_leaving_frees_its_slot() {
         sample(m, "tessera_requests_waiting", &[]) == Some(1.0)
     })
     .await;
-    // C finds the queue full.
+    // C finds the queue full, and is refused before its prompt is tokenised.
+    let tokenized = |m: &prometheus_parse::Scrape| {
+        sample(m, "tessera_tokenize_seconds_count", &[]).expect("tessera_tokenize_seconds")
+    };
+    let before = tokenized(&metrics(&s).await);
     let r = s.post("/v1/chat/completions", &chat_body(FRANCE, 24)).await;
     let v = assert_openai_error(&r, 429, None);
     assert_eq!(v["error"]["code"], "rate_limit_exceeded");
     assert!(r.headers.contains_key("retry-after"), "{:?}", r.headers);
+    let mut prompt = json!({"model": MODEL_NAME, "prompt": "word ".repeat(4000), "max_tokens": 4});
+    let r = s.post("/v1/completions", &prompt).await;
+    assert_openai_error(&r, 429, None);
+    assert_eq!(
+        tokenized(&metrics(&s).await),
+        before,
+        "a refused prompt was tokenised"
+    );
+    prompt["prompt"] = json!([1, 2, 3]);
+    assert_openai_error(&s.post("/v1/completions", &prompt).await, 429, None);
     // A's client leaves: its sequence is cancelled and B runs.
     drop(a);
     let rb = b.await.unwrap();
@@ -1054,4 +1068,167 @@ fn metrics_can_carry_the_gpu_gauges() {
         )
         .is_some()
     );
+}
+
+/// The high-temperature reproduction: ordinary requests at `temperature: 2.0` (valid in OpenAI's
+/// API) over a prompt with emoji and Chinese. Sampling at that temperature picks lone bytes of
+/// multi-byte characters; the scheduler's text stream used to decode lossily after an invalid
+/// byte, send U+FFFD for a character still arriving and then slice inside it: the scheduler
+/// thread panicked (here: the completion with seed 3), and from then on every request got 503
+/// while `/healthz` stayed 200. Every request must succeed and the replica stay live and ready.
+#[tokio::test]
+async fn high_temperature_requests_over_multilingual_text_leave_the_replica_ready() {
+    let _g = SERIAL.lock().await;
+    let s = Server::default().await;
+    let prompt = "Écris un poème 🌍🚀 sur la mer: 大海啊，你好！😀 用中文回答。";
+    let total = 96usize;
+    let mut generated = 0u64;
+    let mut replacement_seen = false;
+    for wave in 0..total / 4 {
+        let mut tasks = Vec::new();
+        for k in 0..4 {
+            let addr = s.addr;
+            let i = wave * 4 + k;
+            let stream = i % 2 == 1;
+            let chat = i % 3 == 2;
+            let mut body = json!({
+                "model": MODEL_NAME,
+                "max_tokens": 24,
+                "temperature": 2.0,
+                "seed": i,
+                "stream": stream,
+            });
+            if chat {
+                body["messages"] = json!([{"role": "user", "content": prompt}]);
+            } else {
+                body["prompt"] = json!(prompt);
+            }
+            // Some requests with stop sequences (held-back text must not hide the bug).
+            let with_stop = i % 4 == 1;
+            if with_stop {
+                body["stop"] = json!(["海", "\n\n"]);
+            }
+            let path = if chat {
+                "/v1/chat/completions"
+            } else {
+                "/v1/completions"
+            };
+            tasks.push(tokio::spawn(async move {
+                let text = if stream {
+                    let mut sse = Sse::open(addr, path, &body).await;
+                    let events = sse.rest().await;
+                    assert_eq!(
+                        events.last().map(String::as_str),
+                        Some("[DONE]"),
+                        "{events:?}"
+                    );
+                    let mut text = String::new();
+                    for e in &events[..events.len() - 1] {
+                        let v: Value = serde_json::from_str(e).expect("chunk is JSON");
+                        assert!(v.get("error").is_none(), "request {i}: {v}");
+                        let c = &v["choices"][0];
+                        if let Some(t) = c["delta"]["content"].as_str().or(c["text"].as_str()) {
+                            text.push_str(t);
+                        }
+                    }
+                    text
+                } else {
+                    let r = request(addr, "POST", path, Some(body.to_string().as_bytes())).await;
+                    assert_eq!(r.status, 200, "request {i}: {}", r.text());
+                    let v = r.json();
+                    let c = &v["choices"][0];
+                    c["message"]["content"]
+                        .as_str()
+                        .or(c["text"].as_str())
+                        .expect("text")
+                        .to_owned()
+                };
+                if with_stop {
+                    assert!(
+                        !text.contains('海') && !text.contains("\n\n"),
+                        "request {i}: a stop sequence was sent: {text:?}"
+                    );
+                }
+                text
+            }));
+        }
+        for t in tasks {
+            let text = t.await.expect("request task");
+            replacement_seen |= text.contains('\u{FFFD}');
+            generated += text.len() as u64;
+        }
+    }
+    assert!(generated > 0);
+    // The sampled text did contain broken characters, so the case was exercised.
+    assert!(
+        replacement_seen,
+        "no invalid UTF-8 was sampled: the test lost its point"
+    );
+    assert_eq!(s.get("/healthz").await.status, 200);
+    assert_eq!(s.get("/readyz").await.status, 200);
+    let m = metrics(&s).await;
+    let finished = |reason: &str| {
+        sample(&m, "tessera_requests_total", &[("finish_reason", reason)]).unwrap_or(0.0)
+    };
+    assert_eq!(finished("error"), 0.0);
+    assert_eq!(finished("stop") + finished("length"), total as f64);
+    s.handle.shutdown();
+}
+
+/// A step broadcast that panics at its `n`th step, standing in for any bug in the scheduler
+/// thread.
+struct PanicAt(usize);
+
+impl tessera_worker::engine::runner::StepBroadcast for PanicAt {
+    fn broadcast(&mut self, _: &tessera_worker::engine::runner::Step) -> anyhow::Result<()> {
+        self.0 = self.0.saturating_sub(1);
+        assert!(self.0 > 0, "injected fault in the scheduler thread");
+        Ok(())
+    }
+}
+
+/// A scheduler that panics must fail liveness (so Kubernetes restarts the pod) and refuse
+/// requests with 503, never leave `/healthz` at 200 with a dead engine.
+#[tokio::test]
+async fn a_panicking_scheduler_fails_liveness_and_readiness() {
+    let _g = SERIAL.lock().await;
+    let engine = Engine::open(&model_path(), THREADS).expect("the model loads");
+    let runner = Runner::new(engine, PER_SEQ_KV, Some(Box::new(PanicAt(3))));
+    let metrics = Arc::new(ServerMetrics::new());
+    let handle = Scheduler::spawn(runner, sched_cfg(), Arc::clone(&metrics)).unwrap();
+    let router = server::router(
+        ServerConfig::new(MODEL_NAME),
+        handle.clone(),
+        Arc::clone(&metrics),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move { axum::serve(listener, router).await });
+    let h = request(addr, "GET", "/healthz", None).await;
+    assert_eq!(h.status, 200);
+    let r = request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat_body(FRANCE, 8).to_string().as_bytes()),
+    )
+    .await;
+    assert!(r.status >= 500, "{} {}", r.status, r.text());
+    let h = request(addr, "GET", "/healthz", None).await;
+    assert_eq!(h.status, 503, "{}", h.text());
+    assert!(
+        h.text().contains("panicked") && h.text().contains("injected fault"),
+        "{}",
+        h.text()
+    );
+    assert_eq!(request(addr, "GET", "/readyz", None).await.status, 503);
+    let again = request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat_body(FRANCE, 8).to_string().as_bytes()),
+    )
+    .await;
+    assert_eq!(again.status, 503, "{}", again.text());
+    task.abort();
 }

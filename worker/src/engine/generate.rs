@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::Engine;
+use super::detok::TextStream;
 use super::sampling::{Sampler, SamplingParams};
 use crate::model::llama::Logits;
 
@@ -91,70 +92,6 @@ impl Generation {
     }
 }
 
-/// Incremental detokenisation with stop sequences.
-struct TextStream<'a> {
-    stop: &'a [String],
-    bytes: Vec<u8>,
-    emitted: usize,
-}
-
-impl TextStream<'_> {
-    /// The longest valid UTF-8 prefix of the bytes so far.
-    fn text(&self) -> std::borrow::Cow<'_, str> {
-        match std::str::from_utf8(&self.bytes) {
-            Ok(s) => s.into(),
-            Err(e) if e.error_len().is_none() => {
-                std::str::from_utf8(&self.bytes[..e.valid_up_to()])
-                    .expect("valid prefix")
-                    .into()
-            }
-            Err(_) => String::from_utf8_lossy(&self.bytes),
-        }
-    }
-
-    /// Add bytes; returns the final text if a stop sequence completed, and calls `emit` with
-    /// text that can no longer change.
-    fn push(&mut self, b: &[u8], emit: &mut impl FnMut(&str)) -> Option<String> {
-        self.bytes.extend_from_slice(b);
-        let text = self.text().into_owned();
-        if let Some(at) = self
-            .stop
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
-            if at > self.emitted {
-                emit(&text[self.emitted..at]);
-            }
-            self.emitted = self.emitted.max(at);
-            return Some(text[..at].to_owned());
-        }
-        // Hold back a suffix that could be the start of a stop sequence.
-        let mut safe = text.len();
-        for s in self.stop.iter().filter(|s| !s.is_empty()) {
-            for (i, _) in s.char_indices().skip(1) {
-                if text.ends_with(&s[..i]) {
-                    safe = safe.min(text.len() - i);
-                }
-            }
-        }
-        if safe > self.emitted {
-            emit(&text[self.emitted..safe]);
-            self.emitted = safe;
-        }
-        None
-    }
-
-    fn finish(&mut self, emit: &mut impl FnMut(&str)) -> String {
-        let text = String::from_utf8_lossy(&self.bytes).into_owned();
-        if text.len() > self.emitted {
-            emit(&text[self.emitted..]);
-        }
-        text
-    }
-}
-
 impl Engine {
     /// Tokenize a chat conversation with the model's ChatML template, ready for the
     /// assistant's answer.
@@ -181,11 +118,9 @@ impl Engine {
             .check_room(prompt.len())
             .context("the prompt does not fit in the KV cache")?;
         let mut sampler = Sampler::new(params.sampling.clone());
-        let mut stream = TextStream {
-            stop: &params.stop,
-            bytes: Vec::new(),
-            emitted: 0,
-        };
+        crate::engine::detok::check_stops(&params.stop)
+            .map_err(|e| anyhow::anyhow!("invalid stop sequences: {e}"))?;
+        let mut stream = TextStream::new(&params.stop);
         let mut tokens = Vec::new();
         let t0 = Instant::now();
         let mut logits = self.model.forward(
@@ -243,57 +178,5 @@ impl Engine {
             decode,
             decode_steps,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(stop: &[&str], pieces: &[&str]) -> (Vec<String>, Option<String>) {
-        let stop: Vec<String> = stop.iter().map(|s| s.to_string()).collect();
-        let mut s = TextStream {
-            stop: &stop,
-            bytes: Vec::new(),
-            emitted: 0,
-        };
-        let mut out = Vec::new();
-        for p in pieces {
-            if let Some(t) = s.push(p.as_bytes(), &mut |x: &str| out.push(x.to_owned())) {
-                return (out, Some(t));
-            }
-        }
-        let t = s.finish(&mut |x: &str| out.push(x.to_owned()));
-        (out, Some(t))
-    }
-
-    #[test]
-    fn stop_sequence_cuts_and_is_never_streamed() {
-        let (out, text) = run(&["\n\nUser"], &["Hello", "\n", "\nUs", "er: hi"]);
-        assert_eq!(text.as_deref(), Some("Hello"));
-        assert_eq!(out.concat(), "Hello");
-    }
-
-    #[test]
-    fn held_back_text_is_released_when_the_stop_does_not_complete() {
-        let (out, text) = run(&["END"], &["a E", "N", "x"]);
-        assert_eq!(text.as_deref(), Some("a ENx"));
-        assert_eq!(out.concat(), "a ENx");
-    }
-
-    #[test]
-    fn partial_utf8_is_not_emitted() {
-        let bytes = "é".as_bytes();
-        let stop: Vec<String> = Vec::new();
-        let mut s = TextStream {
-            stop: &stop,
-            bytes: Vec::new(),
-            emitted: 0,
-        };
-        let mut out = Vec::new();
-        s.push(&bytes[..1], &mut |x: &str| out.push(x.to_owned()));
-        assert!(out.is_empty());
-        s.push(&bytes[1..], &mut |x: &str| out.push(x.to_owned()));
-        assert_eq!(out.concat(), "é");
     }
 }

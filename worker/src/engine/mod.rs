@@ -2,6 +2,7 @@
 //! generation of one sequence ([`Engine::generate`]), and continuous batching of many
 //! ([`scheduler`]).
 
+pub mod detok;
 pub mod generate;
 pub mod runner;
 pub mod sampling;

@@ -36,6 +36,7 @@ use std::time::Instant;
 use anyhow::Context;
 use tokio::sync::{Notify, mpsc};
 
+use super::detok::TextStream;
 use super::generate::{FinishReason, Usage};
 use super::runner::{Runner, SeqId, Step};
 use super::sampling::{Sampler, SamplingParams};
@@ -161,8 +162,15 @@ impl Scheduler {
             .name("tessera-scheduler".into())
             .spawn(move || {
                 let result = std::panic::catch_unwind(AssertUnwindSafe(move || worker.run()));
-                if result.is_err() {
-                    thread_shared.fail("the scheduler thread panicked".into());
+                if let Err(panic) = result {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a non-text panic payload".into());
+                    let msg = format!("the scheduler thread panicked: {what}");
+                    tracing::error!("{msg}; the replica stops serving and /healthz fails");
+                    thread_shared.fail(msg);
                     thread_shared.in_flight.store(0, Ordering::SeqCst);
                     thread_shared.idle.notify_waiters();
                 }
@@ -210,6 +218,7 @@ impl SchedulerHandle {
             )));
         }
         req.sampling.validate().map_err(SubmitError::Invalid)?;
+        super::detok::check_stops(&req.stop).map_err(SubmitError::Invalid)?;
         if req.prompt.len() > s.capacity {
             return Err(SubmitError::PromptTooLong {
                 prompt_tokens: req.prompt.len(),
@@ -243,6 +252,25 @@ impl SchedulerHandle {
         drop(st);
         s.wake.notify_all();
         Ok(rx)
+    }
+
+    /// Whether a request would be queued now (not failed, not draining, room in the queue),
+    /// without queueing it: the cheap check the HTTP layer makes before spending CPU on
+    /// tokenising a prompt. [`SchedulerHandle::submit`] checks again.
+    pub fn admission_check(&self) -> Result<(), SubmitError> {
+        let st = self.shared.lock();
+        if let Some(e) = &st.failed {
+            return Err(SubmitError::Unavailable(e.clone()));
+        }
+        if st.draining || st.stopping {
+            return Err(SubmitError::Draining);
+        }
+        if st.waiting.len() >= self.shared.cfg.max_waiting {
+            return Err(SubmitError::Overloaded {
+                waiting: st.waiting.len(),
+            });
+        }
+        Ok(())
     }
 
     /// Stop admitting: later submissions get [`SubmitError::Draining`]; queued and running
@@ -376,66 +404,6 @@ impl Shared {
     }
 }
 
-/// Incremental detokenisation with stop sequences (as in `generate.rs`): text is emitted only
-/// once final, never half a UTF-8 character or the start of a stop sequence that may complete.
-struct TextStream {
-    stop: Vec<String>,
-    bytes: Vec<u8>,
-    emitted: usize,
-}
-
-impl TextStream {
-    fn text(&self) -> std::borrow::Cow<'_, str> {
-        match std::str::from_utf8(&self.bytes) {
-            Ok(s) => s.into(),
-            Err(e) if e.error_len().is_none() => {
-                String::from_utf8_lossy(&self.bytes[..e.valid_up_to()])
-            }
-            Err(_) => String::from_utf8_lossy(&self.bytes),
-        }
-    }
-
-    /// Add bytes; returns the final text if a stop sequence completed.
-    fn push(&mut self, b: &[u8], emit: &mut impl FnMut(&str)) -> Option<String> {
-        self.bytes.extend_from_slice(b);
-        let text = self.text().into_owned();
-        if let Some(at) = self
-            .stop
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
-            if at > self.emitted {
-                emit(&text[self.emitted..at]);
-            }
-            self.emitted = self.emitted.max(at);
-            return Some(text[..at].to_owned());
-        }
-        let mut safe = text.len();
-        for s in self.stop.iter().filter(|s| !s.is_empty()) {
-            for (i, _) in s.char_indices().skip(1) {
-                if text.ends_with(&s[..i]) {
-                    safe = safe.min(text.len() - i);
-                }
-            }
-        }
-        if safe > self.emitted {
-            emit(&text[self.emitted..safe]);
-            self.emitted = safe;
-        }
-        None
-    }
-
-    fn finish(&mut self, emit: &mut impl FnMut(&str)) -> String {
-        let text = String::from_utf8_lossy(&self.bytes).into_owned();
-        if text.len() > self.emitted {
-            emit(&text[self.emitted..]);
-        }
-        text
-    }
-}
-
 /// How a running sequence ended.
 enum End {
     /// The reason, and the final text when a stop sequence completed.
@@ -532,11 +500,7 @@ impl Worker {
                     max_tokens: p.req.max_tokens,
                     ignore_eos: p.req.ignore_eos,
                     sampler: Sampler::new(p.req.sampling),
-                    stream: TextStream {
-                        stop: p.req.stop,
-                        bytes: Vec::new(),
-                        emitted: 0,
-                    },
+                    stream: TextStream::new(&p.req.stop),
                     generated: 0,
                     pending: None,
                     len: 0,
@@ -686,18 +650,22 @@ impl Worker {
         let capacity = self.shared.capacity;
         let s = &mut self.running[i];
         let next = s.sampler.sample(logits);
-        if !s.ignore_eos && tokenizer.is_stop(next) {
-            s.end = Some(End::Finished(FinishReason::Stop, None));
-            return;
-        }
+        let stop = !s.ignore_eos && tokenizer.is_stop(next);
+        // The first token's time counts even when that token ends the sequence (an empty
+        // answer still had a first token); later stop tokens are not generated text.
         let now = Instant::now();
         match s.last_token {
             None => metrics
                 .time_to_first_token
                 .observe((now - s.submitted).as_secs_f64()),
-            Some(t) => metrics.inter_token_latency.observe((now - t).as_secs_f64()),
+            Some(t) if !stop => metrics.inter_token_latency.observe((now - t).as_secs_f64()),
+            Some(_) => {}
         }
         s.last_token = Some(now);
+        if stop {
+            s.end = Some(End::Finished(FinishReason::Stop, None));
+            return;
+        }
         s.generated += 1;
         metrics.generated_tokens.inc();
         let piece = tokenizer.decode_bytes(&[next], true);

@@ -72,6 +72,17 @@ impl ApiError {
         }
     }
 
+    /// 429 with `Retry-After`: too much work in flight; the client should retry.
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: "rate_limit_error",
+            code: Some("rate_limit_exceeded"),
+            retry_after: Some(1),
+            ..Self::invalid(message)
+        }
+    }
+
     /// A body that could not be read (too large, broken connection).
     pub fn from_body(rejection: BytesRejection) -> Self {
         let status = rejection.status();
@@ -106,13 +117,7 @@ impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         let message = e.to_string();
         match e {
-            SubmitError::Overloaded { .. } => Self {
-                status: StatusCode::TOO_MANY_REQUESTS,
-                kind: "rate_limit_error",
-                code: Some("rate_limit_exceeded"),
-                retry_after: Some(1),
-                ..Self::invalid(message)
-            },
+            SubmitError::Overloaded { .. } => Self::overloaded(message),
             SubmitError::Draining => Self::unavailable(message, "server_shutting_down"),
             SubmitError::Unavailable(_) => Self::unavailable(message, "model_unavailable"),
             SubmitError::PromptTooLong { .. } => {

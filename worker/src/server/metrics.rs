@@ -12,6 +12,7 @@
 //! | `tessera_requests_total{finish_reason}` | counter | finished requests by outcome |
 //! | `tessera_time_to_first_token_seconds` | histogram | submission to first generated token |
 //! | `tessera_inter_token_latency_seconds` | histogram | between consecutive generated tokens |
+//! | `tessera_tokenize_seconds` | histogram | tokenising one prompt (requests refused by admission are never tokenised) |
 //! | `tessera_allreduce_calls_total` | counter | all-reduce calls of this process |
 //! | `tessera_allreduce_bytes_total` | counter | all-reduce payload bytes |
 //! | `tessera_allreduce_seconds_total` | counter | wall time in all-reduce |
@@ -50,6 +51,9 @@ const ITL_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
 ];
 
+/// Buckets of prompt tokenisation times (seconds).
+const TOKENIZE_BUCKETS: [f64; 10] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
 /// Every serving metric of one server, and the registry that renders them.
 pub struct ServerMetrics {
     registry: Registry,
@@ -61,6 +65,7 @@ pub struct ServerMetrics {
     pub requests: Family<FinishLabel, Counter>,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
+    pub tokenize_seconds: Histogram,
     allreduce_calls: Counter,
     allreduce_bytes: Counter,
     allreduce_seconds: Counter<f64, AtomicU64>,
@@ -96,6 +101,7 @@ impl ServerMetrics {
         let requests = Family::<FinishLabel, Counter>::default();
         let time_to_first_token = Histogram::new(TTFT_BUCKETS);
         let inter_token_latency = Histogram::new(ITL_BUCKETS);
+        let tokenize_seconds = Histogram::new(TOKENIZE_BUCKETS);
         let allreduce_calls = Counter::default();
         let allreduce_bytes = Counter::default();
         let allreduce_seconds = Counter::<f64, AtomicU64>::default();
@@ -141,6 +147,11 @@ impl ServerMetrics {
             inter_token_latency.clone(),
         );
         registry.register(
+            "tessera_tokenize_seconds",
+            "Time to tokenise one prompt",
+            tokenize_seconds.clone(),
+        );
+        registry.register(
             "tessera_allreduce_calls",
             "All-reduce calls of this process",
             allreduce_calls.clone(),
@@ -165,6 +176,7 @@ impl ServerMetrics {
             requests,
             time_to_first_token,
             inter_token_latency,
+            tokenize_seconds,
             allreduce_calls,
             allreduce_bytes,
             allreduce_seconds,

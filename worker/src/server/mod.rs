@@ -6,7 +6,7 @@
 //! | `GET /v1/models`, `GET /v1/models/{id}` | the served model |
 //! | `POST /v1/completions` | text completion (one prompt: a string, or token ids) |
 //! | `POST /v1/chat/completions` | chat (ChatML through the tokenizer's template, no default system prompt) |
-//! | `GET /healthz` | 200 while the process serves HTTP |
+//! | `GET /healthz` | 200 while the scheduler serves; 503 naming the cause once it has failed (a panic, a lost rank group), so that a liveness probe restarts the pod |
 //! | `GET /readyz` | 200 when the readiness callback says ready and the server is not draining, else 503 |
 //! | `GET /metrics` | Prometheus text ([`metrics`]) |
 //!
@@ -44,18 +44,24 @@ pub struct ServerConfig {
     pub served_model_name: String,
     /// Largest request body accepted (413 above).
     pub max_body_bytes: usize,
+    /// Prompts tokenised at the same time; a request beyond them gets 429 before any CPU is
+    /// spent on it.
+    pub max_concurrent_tokenizations: usize,
     pub readiness: Readiness,
 }
 
 impl ServerConfig {
     /// Default body limit: 4 MiB.
     pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
+    /// Default number of prompts tokenised at once.
+    pub const DEFAULT_MAX_CONCURRENT_TOKENIZATIONS: usize = 4;
 
     /// A configuration that is always ready, with the default body limit.
     pub fn new(served_model_name: impl Into<String>) -> Self {
         Self {
             served_model_name: served_model_name.into(),
             max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
+            max_concurrent_tokenizations: Self::DEFAULT_MAX_CONCURRENT_TOKENIZATIONS,
             readiness: Arc::new(|| Ok(())),
         }
     }
@@ -66,6 +72,10 @@ impl std::fmt::Debug for ServerConfig {
         f.debug_struct("ServerConfig")
             .field("served_model_name", &self.served_model_name)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field(
+                "max_concurrent_tokenizations",
+                &self.max_concurrent_tokenizations,
+            )
             .finish_non_exhaustive()
     }
 }
@@ -76,6 +86,8 @@ struct App {
     cfg: Arc<ServerConfig>,
     handle: SchedulerHandle,
     metrics: Arc<ServerMetrics>,
+    /// Permits to tokenise a prompt (see [`ServerConfig::max_concurrent_tokenizations`]).
+    tokenize_permits: Arc<tokio::sync::Semaphore>,
     /// Unix time the router was built (`created` of the model).
     started: u64,
 }
@@ -94,7 +106,9 @@ pub(crate) fn json_response(status: StatusCode, v: &serde_json::Value) -> Respon
 /// The API's routes over a running scheduler.
 pub fn router(cfg: ServerConfig, handle: SchedulerHandle, metrics: Arc<ServerMetrics>) -> Router {
     let limit = cfg.max_body_bytes;
+    let permits = cfg.max_concurrent_tokenizations.max(1);
     let app = App {
+        tokenize_permits: Arc::new(tokio::sync::Semaphore::new(permits)),
         cfg: Arc::new(cfg),
         handle,
         metrics,
@@ -107,13 +121,21 @@ pub fn router(cfg: ServerConfig, handle: SchedulerHandle, metrics: Arc<ServerMet
         .route("/v1/models/{id}", get(openai::get_model))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(app)
+}
+
+/// Liveness: a scheduler that has failed never serves again, so the process must be restarted.
+async fn healthz(State(app): State<App>) -> Response {
+    match app.handle.failure() {
+        None => (StatusCode::OK, "ok\n").into_response(),
+        Some(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("failed: {e}\n")).into_response(),
+    }
 }
 
 async fn readyz(State(app): State<App>) -> Response {

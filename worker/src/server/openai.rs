@@ -6,6 +6,7 @@
 //! `data: [DONE]`.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -24,9 +25,6 @@ use super::error::ApiError;
 use crate::engine::sampling::SamplingParams;
 use crate::engine::scheduler::{Completion, Event, Request};
 use crate::tokenizer::Message;
-
-/// Most stop sequences per request.
-const MAX_STOP: usize = 16;
 
 fn now_unix() -> u64 {
     SystemTime::now()
@@ -231,15 +229,7 @@ impl Common {
             Some(Stop::One(s)) => vec![s.clone()],
             Some(Stop::Many(v)) => v.clone(),
         };
-        if stop.len() > MAX_STOP {
-            return Err(ApiError::param(
-                "stop",
-                format!(
-                    "at most {MAX_STOP} stop sequences are allowed, got {}",
-                    stop.len()
-                ),
-            ));
-        }
+        crate::engine::detok::check_stops(&stop).map_err(|e| ApiError::param("stop", e))?;
         let stop = stop.into_iter().filter(|s| !s.is_empty()).collect();
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
             (Some(n), _) => Some((n, "max_completion_tokens")),
@@ -317,16 +307,33 @@ fn resolve_max_tokens(
     }
 }
 
-/// Tokenise off the async workers (long prompts take a while).
+/// Tokenise off the async workers. Admission is checked first (a full queue, a failed or
+/// draining scheduler answer at once), and at most `max_concurrent_tokenizations` prompts are
+/// tokenised at a time: a request beyond them gets 429, so a flood of long prompts cannot hold
+/// every core before the queue would have refused them anyway.
 async fn tokenize(
     app: &App,
     f: impl FnOnce(&crate::tokenizer::Tokenizer) -> anyhow::Result<Vec<u32>> + Send + 'static,
 ) -> Result<Vec<u32>, ApiError> {
+    app.handle.admission_check()?;
+    let Ok(permit) = Arc::clone(&app.tokenize_permits).try_acquire_owned() else {
+        return Err(ApiError::overloaded(format!(
+            "the server is overloaded: {} prompts are being tokenised; retry later",
+            app.cfg.max_concurrent_tokenizations
+        )));
+    };
     let tok = app.handle.tokenizer().clone();
-    tokio::task::spawn_blocking(move || f(&tok))
-        .await
-        .map_err(|e| ApiError::internal(format!("the tokenizer task failed: {e}")))?
-        .map_err(|e| ApiError::invalid(format!("{e:#}")))
+    let metrics = Arc::clone(&app.metrics);
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let t = std::time::Instant::now();
+        let ids = f(&tok);
+        metrics.tokenize_seconds.observe(t.elapsed().as_secs_f64());
+        ids
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("the tokenizer task failed: {e}")))?
+    .map_err(|e| ApiError::invalid(format!("{e:#}")))
 }
 
 pub(super) async fn chat(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> Response {
