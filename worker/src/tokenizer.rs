@@ -98,8 +98,9 @@ pub struct Tokenizer {
     tokens: Vec<String>,
     types: Vec<i64>,
     ids: HashMap<String, u32>,
-    /// Special tokens matched in text, longest first.
-    special: Vec<(String, u32)>,
+    /// Special tokens matched in text (leftmost, then longest), and their ids by pattern.
+    special: Option<aho_corasick::AhoCorasick>,
+    special_ids: Vec<u32>,
     algo: Algo,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
@@ -183,6 +184,67 @@ fn regex_split<'a>(regex: &Regex, line_breaks_first: bool, text: &'a str, out: &
         }
         out.push(&text[m.start()..end]);
         pos = end;
+    }
+}
+
+/// A symbol of a byte that has no token: never merges, never output.
+const NO_TOKEN: u32 = u32::MAX;
+
+/// Byte-level BPE merging of one piece's symbols: the adjacent pair with the lowest merge rank
+/// merges (the leftmost on a tie), again and again, until no adjacent pair has a merge.
+/// [`NO_TOKEN`] symbols take part as barriers and are left out of `out`.
+///
+/// A heap of candidate pairs over a linked list of symbols makes this O(n log n) in the piece's
+/// length (a piece can be a whole 1 MB "word"); rescanning every pair after each merge was
+/// O(n²). A heap entry is checked against the current symbols when it is popped: it is stale if
+/// either side has changed since it was pushed.
+fn bpe_merge(merges: &HashMap<(u32, u32), (u32, u32)>, mut ids: Vec<u32>, out: &mut Vec<u32>) {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    const NONE: usize = usize::MAX;
+    let n = ids.len();
+    if n < 2 {
+        out.extend(ids.into_iter().filter(|&id| id != NO_TOKEN));
+        return;
+    }
+    let mut next: Vec<usize> = (1..n).chain([NONE]).collect();
+    let mut prev: Vec<usize> = [NONE].into_iter().chain(0..n - 1).collect();
+    let mut alive = vec![true; n];
+    // (rank, left position, left id, right id); positions keep their order, so the smallest
+    // entry is the leftmost pair of the lowest rank.
+    let mut heap: BinaryHeap<Reverse<(u32, usize, u32, u32)>> = BinaryHeap::new();
+    let candidate = |heap: &mut BinaryHeap<_>, ids: &[u32], l: usize, r: usize| {
+        if let Some(&(rank, _)) = merges.get(&(ids[l], ids[r])) {
+            heap.push(Reverse((rank, l, ids[l], ids[r])));
+        }
+    };
+    for l in 0..n - 1 {
+        candidate(&mut heap, &ids, l, l + 1);
+    }
+    while let Some(Reverse((_, l, left, right))) = heap.pop() {
+        let r = next[l];
+        if !alive[l] || r == NONE || ids[l] != left || ids[r] != right {
+            continue;
+        }
+        ids[l] = merges[&(left, right)].1;
+        alive[r] = false;
+        next[l] = next[r];
+        if next[l] != NONE {
+            prev[next[l]] = l;
+        }
+        if prev[l] != NONE {
+            candidate(&mut heap, &ids, prev[l], l);
+        }
+        if next[l] != NONE {
+            candidate(&mut heap, &ids, l, next[l]);
+        }
+    }
+    let mut i = 0;
+    while i != NONE {
+        if ids[i] != NO_TOKEN {
+            out.push(ids[i]);
+        }
+        i = next[i];
     }
 }
 
@@ -426,16 +488,27 @@ impl Tokenizer {
             add_bos,
             chat_template,
         } = vocab;
-        let mut special: Vec<(String, u32)> = tokens
+        let special: Vec<(&str, u32)> = tokens
             .iter()
             .zip(&types)
             .enumerate()
             .filter(|(_, (t, ty))| {
                 (**ty == TYPE_CONTROL || **ty == TYPE_USER_DEFINED) && !t.is_empty()
             })
-            .map(|(i, (t, _))| (t.clone(), i as u32))
+            .map(|(i, (t, _))| (t.as_str(), i as u32))
             .collect();
-        special.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        let special_ids = special.iter().map(|s| s.1).collect();
+        // Leftmost-longest: at the earliest position, the longest special token (as the former
+        // scan of every token did). Building fails only on absurd sizes; then no special token
+        // is parsed rather than no tokenizer at all.
+        let special_matcher = (!special.is_empty())
+            .then(|| {
+                aho_corasick::AhoCorasick::builder()
+                    .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                    .build(special.iter().map(|s| s.0))
+                    .ok()
+            })
+            .flatten();
         let mut stop_ids: Vec<u32> = eos.into_iter().chain(eot).collect();
         for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
             if let Some(&id) = ids.get(name)
@@ -448,7 +521,8 @@ impl Tokenizer {
             tokens,
             types,
             ids,
-            special,
+            special: special_matcher,
+            special_ids,
             algo,
             bos,
             eos,
@@ -482,31 +556,23 @@ impl Tokenizer {
         {
             out.push(b);
         }
-        // Text at the start or right after a special token gets SentencePiece's space prefix.
-        let mut after_special = true;
-        let mut rest = text;
-        while !rest.is_empty() {
-            let found = if parse_special {
-                self.special
-                    .iter()
-                    .filter_map(|(s, id)| rest.find(s.as_str()).map(|at| (at, s.len(), *id)))
-                    .min_by_key(|&(at, len, _)| (at, std::cmp::Reverse(len)))
-            } else {
-                None
-            };
-            let (plain, token, next) = match found {
-                Some((at, len, id)) => (&rest[..at], Some(id), &rest[at + len..]),
-                None => (rest, None, ""),
-            };
-            if !plain.is_empty() {
-                self.encode_plain(plain, after_special, &mut out);
-                after_special = false;
+        // One pass over the text finds every special token (leftmost, then longest). Every
+        // plain segment starts the text or follows a special token, so each gets
+        // SentencePiece's space prefix (llama.cpp's `is_prev_special`).
+        let mut plain_from = 0;
+        if parse_special && let Some(ac) = &self.special {
+            for m in ac.find_iter(text) {
+                let plain = &text[plain_from..m.start()];
+                if !plain.is_empty() {
+                    self.encode_plain(plain, &mut out);
+                }
+                out.push(self.special_ids[m.pattern().as_usize()]);
+                plain_from = m.end();
             }
-            if let Some(id) = token {
-                out.push(id);
-                after_special = true;
-            }
-            rest = next;
+        }
+        let plain = &text[plain_from..];
+        if !plain.is_empty() {
+            self.encode_plain(plain, &mut out);
         }
         out
     }
@@ -536,7 +602,8 @@ impl Tokenizer {
         pieces
     }
 
-    fn encode_plain(&self, text: &str, after_special: bool, out: &mut Vec<u32>) {
+    /// Tokenize text that holds no special token and starts the text or follows one.
+    fn encode_plain(&self, text: &str, out: &mut Vec<u32>) {
         match &self.algo {
             Algo::Bpe { .. } => {
                 for piece in self.pre_tokenize(text) {
@@ -546,11 +613,7 @@ impl Tokenizer {
             Algo::Spm {
                 add_space_prefix, ..
             } => {
-                let prefix = if *add_space_prefix && after_special {
-                    " "
-                } else {
-                    ""
-                };
+                let prefix = if *add_space_prefix { " " } else { "" };
                 let escaped = format!("{prefix}{text}").replace(' ', "\u{2581}");
                 self.spm(&escaped, out);
             }
@@ -576,18 +639,14 @@ impl Tokenizer {
                 return;
             }
         }
-        let mut syms: Vec<u32> = piece.bytes().filter_map(|b| byte_ids[b as usize]).collect();
-        while syms.len() > 1 {
-            let best = syms
-                .windows(2)
-                .enumerate()
-                .filter_map(|(i, w)| merges.get(&(w[0], w[1])).map(|&(r, m)| (r, i, m)))
-                .min();
-            let Some((_, i, merged)) = best else { break };
-            syms[i] = merged;
-            syms.remove(i + 1);
-        }
-        out.extend(syms);
+        // A byte without a token of its own (some vocabularies lack control bytes) stays a
+        // symbol that never merges, so that its neighbours do not merge across it, and is left
+        // out of the ids (as llama.cpp does).
+        let syms: Vec<u32> = piece
+            .bytes()
+            .map(|b| byte_ids[b as usize].unwrap_or(NO_TOKEN))
+            .collect();
+        bpe_merge(merges, syms, out);
     }
 
     /// SentencePiece-style merging of `text` (spaces already `▁`), as llama.cpp's
@@ -794,5 +853,55 @@ impl Tokenizer {
             }
         }
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The former O(n²) merge loop: rescan every adjacent pair, merge the lowest rank (the
+    /// leftmost on a tie), repeat.
+    fn rescan_merge(merges: &HashMap<(u32, u32), (u32, u32)>, mut syms: Vec<u32>) -> Vec<u32> {
+        while syms.len() > 1 {
+            let best = syms
+                .windows(2)
+                .enumerate()
+                .filter_map(|(i, w)| merges.get(&(w[0], w[1])).map(|&(r, m)| (r, i, m)))
+                .min();
+            let Some((_, i, merged)) = best else { break };
+            syms[i] = merged;
+            syms.remove(i + 1);
+        }
+        syms
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+        /// The heap merge gives exactly the rescanning merge's symbols on random merge tables
+        /// over a small alphabet (many ties and overlapping pairs such as `a a a`).
+        #[test]
+        fn heap_merge_equals_rescan_merge(
+            table in proptest::collection::vec((0u32..6, 0u32..6, 0u32..40), 0..30),
+            syms in proptest::collection::vec(0u32..7, 0..40),
+        ) {
+            // 6 stands for a byte without a token: a barrier that is never output.
+            let syms: Vec<u32> = syms.into_iter().map(|s| if s == 6 { NO_TOKEN } else { s }).collect();
+            let mut merges = HashMap::new();
+            for (rank, (a, b, m)) in table.into_iter().enumerate() {
+                // Merged ids may themselves merge further (ids below 6 are bytes).
+                merges.entry((a, b)).or_insert((rank as u32, 6 + m % 6 + (a + b) % 3));
+            }
+            // Let merged ids take part in later merges too.
+            for x in 6u32..14 {
+                merges.entry((x, x % 6)).or_insert((100 + x, 20 + x));
+            }
+            let mut out = Vec::new();
+            bpe_merge(&merges, syms.clone(), &mut out);
+            let mut want = rescan_merge(&merges, syms);
+            want.retain(|&id| id != NO_TOKEN);
+            prop_assert_eq!(out, want);
+        }
     }
 }

@@ -123,3 +123,98 @@ proptest! {
         prop_assert_eq!(t.decode(&ids, false), s);
     }
 }
+
+/// Run `f` on a thread and fail if it has not finished in `secs` seconds (a hang guard for
+/// inputs that used to take hours, not a speed target: speed is in scripts/bench-tokenizer.sh).
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("{what}: not tokenised within {secs} s"))
+}
+
+/// Hostile inputs of 1 MiB: one word (the BPE merge loop rescanned every pair after each merge,
+/// so an 80,000-character word took 42 s and 1 MiB would take hours), one repeated letter,
+/// repeated special tokens (each match rescanned the rest of the text for every special token),
+/// random characters. Each must round-trip and give the token count its structure implies.
+#[test]
+fn hostile_megabyte_inputs_are_tokenised_and_round_trip() {
+    let n = 1 << 20;
+    let mut rng = 0x2545F4914F6CDD1Du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let word: String = (0..n)
+        .map(|_| char::from(b'a' + (next() % 26) as u8))
+        .collect();
+    let same = "a".repeat(n);
+    let specials = "<|im_start|><|im_end|>".repeat(n / 22);
+    let pool = ['x', 'é', '中', '😀', ' ', '\n', '7', '\u{301}', '\t', '.'];
+    let chars: String = (0..n / 3)
+        .map(|_| pool[(next() % pool.len() as u64) as usize])
+        .collect();
+    for (name, text) in [
+        ("one word", word),
+        ("one letter", same),
+        ("special tokens", specials),
+        ("random characters", chars),
+    ] {
+        let t = tokenizer();
+        let (ids, back) = within(60, name, move || {
+            let ids = t.encode(&text, true);
+            let back = t.decode(&ids, false);
+            (ids, back == text)
+        });
+        assert!(back, "{name}: decode(encode(text)) differs from the text");
+        assert!(!ids.is_empty(), "{name}");
+        if name == "special tokens" {
+            assert_eq!(ids.len(), 2 * (n / 22), "{name}: one id per special token");
+            assert!(ids.iter().all(|&i| i == 1 || i == 2));
+        }
+    }
+}
+
+/// An 80,000-character word (the reproduction of the worker-hardening issue: 42 s of CPU before)
+/// is one pre-tokenizer piece; it round-trips, and merges happened all along it.
+#[test]
+fn an_80000_character_word_is_tokenised_whole() {
+    let t = tokenizer();
+    let unit = "antidisestablishmentarianism";
+    let word = unit.repeat(80_000 / unit.len());
+    let w = word.clone();
+    let ids = within(60, "80,000-character word", move || t.encode(&w, false));
+    assert_eq!(t.decode(&ids, false), word);
+    // Far fewer tokens than characters: merges happened across the whole word.
+    assert!(ids.len() < 80_000 / 3, "{} tokens", ids.len());
+}
+
+/// Bytes the vocabulary has no token for (SmolLM2 lacks some control bytes) are dropped, as
+/// llama.cpp drops them, but still separate their neighbours: `<\x14<` is not `<<`, and
+/// ` \x06🩎` does not merge the space into the emoji's bytes. Found by comparing 5,000 random
+/// strings with llama.cpp (`scripts/bench-tokenizer.sh` inputs); ids from llama-cpp-python 0.3.36.
+#[test]
+fn bytes_without_a_token_separate_their_neighbours_like_llama_cpp() {
+    let t = tokenizer();
+    let cases: [(&str, &[u32]); 2] = [
+        (
+            "Ż7🞧\u{1f8b4}<\u{14}<\u{35e}",
+            &[
+                144, 136, 39, 10813, 248, 117, 10813, 112, 129, 44, 44, 152, 248,
+            ],
+        ),
+        (
+            "\u{13}ƪ栎7 \u{6}🩎🚈",
+            &[
+                145, 120, 26519, 232, 39, 216, 10813, 119, 232, 10813, 244, 226,
+            ],
+        ),
+    ];
+    for (text, ids) in cases {
+        assert_eq!(t.encode(text, true), ids, "{text:?}");
+    }
+}
