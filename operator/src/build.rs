@@ -6,11 +6,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
-    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort,
-    ServiceSpec, Volume, VolumeMount,
+    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
+    Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
@@ -21,7 +21,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
-use crate::api::{ModelDeployment, ReplicaPlacement, WorkerVolume};
+use crate::api::{EngineName, ModelDeployment, ReplicaPlacement, WorkerVolume};
 
 /// Label keys and values shared with the worker and the scale selector.
 pub mod labels {
@@ -91,19 +91,41 @@ pub const WORKER_SERVICE_ACCOUNT: &str = "tessera-worker";
 /// The uid every Tessera container runs as.
 pub const RUN_AS_USER: i64 = 65532;
 
+/// Default image of `engine: vllm` (vLLM's OpenAI server image; the version docs/engines.md names).
+pub const DEFAULT_VLLM_IMAGE: &str = "vllm/vllm-openai:v0.33.0";
+/// Default image of `engine: sglang`.
+pub const DEFAULT_SGLANG_IMAGE: &str = "lmsysorg/sglang:v0.5.23";
+
 /// Settings of the object builder that come from the operator, not the ModelDeployment.
 #[derive(Clone, Debug)]
 pub struct BuildOptions {
     /// Image used when `spec.worker.image` is unset.
     pub default_worker_image: String,
+    /// Image of `engine: vllm` pods without `engine.image` or `worker.image`.
+    pub default_vllm_image: String,
+    /// Image of `engine: sglang` pods without `engine.image` or `worker.image`.
+    pub default_sglang_image: String,
     /// Build one NetworkPolicy per replica (`--worker-network-policies`).
     pub network_policies: Option<NetworkPolicyOptions>,
+}
+
+impl BuildOptions {
+    /// The image of an engine's pods when the spec names none.
+    pub fn default_image(&self, engine: EngineName) -> &str {
+        match engine {
+            EngineName::Tessera => &self.default_worker_image,
+            EngineName::Vllm => &self.default_vllm_image,
+            EngineName::Sglang => &self.default_sglang_image,
+        }
+    }
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
         Self {
             default_worker_image: concat!("tessera-worker:", env!("CARGO_PKG_VERSION")).into(),
+            default_vllm_image: DEFAULT_VLLM_IMAGE.into(),
+            default_sglang_image: DEFAULT_SGLANG_IMAGE.into(),
             network_policies: None,
         }
     }
@@ -335,6 +357,178 @@ fn quantity_map(
     (!m.is_empty()).then_some(m)
 }
 
+/// What a pod of one replica needs to know to build its engine's command line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineLaunch<'a> {
+    pub engine: EngineName,
+    /// Path of the model inside the pod.
+    pub model_path: &'a str,
+    pub served_name: &'a str,
+    pub tensor_parallel: i32,
+    pub pipeline_parallel: i32,
+    /// Pods of the replica, and this pod's index among them (0: the leader, which serves HTTP).
+    pub nodes: usize,
+    pub node_rank: usize,
+    /// DNS name of the replica leader (rank 0) inside the cluster.
+    pub leader_host: &'a str,
+    pub port: i32,
+    pub max_concurrency: i32,
+    pub context_length: i32,
+    /// `engine.args`, appended last.
+    pub extra_args: &'a [String],
+}
+
+/// The container command and arguments of an engine (`None` command: the image's entrypoint,
+/// `tessera-worker`). vLLM: `vllm serve MODEL ...` with the multiprocessing multi-node flags
+/// when the replica has several pods (`--headless` on all but rank 0); SGLang:
+/// `python3 -m sglang.launch_server ...` with `--nnodes`, `--node-rank` and `--dist-init-addr`.
+/// The operator-owned flags are the ones `api::rules` refuses in `engine.args`.
+pub fn engine_command(l: &EngineLaunch<'_>) -> (Option<Vec<String>>, Vec<String>) {
+    let s = |x: &str| x.to_owned();
+    let mut args: Vec<String> = match l.engine {
+        EngineName::Tessera => return (None, vec![s("serve")]),
+        EngineName::Vllm => {
+            let mut a = vec![
+                s("serve"),
+                s(l.model_path),
+                s("--served-model-name"),
+                s(l.served_name),
+                s("--tensor-parallel-size"),
+                l.tensor_parallel.to_string(),
+                s("--pipeline-parallel-size"),
+                l.pipeline_parallel.to_string(),
+                s("--host"),
+                s("0.0.0.0"),
+                s("--port"),
+                l.port.to_string(),
+                s("--max-num-seqs"),
+                l.max_concurrency.to_string(),
+                s("--max-model-len"),
+                l.context_length.to_string(),
+            ];
+            if l.nodes > 1 {
+                a.extend([
+                    s("--distributed-executor-backend"),
+                    s("mp"),
+                    s("--nnodes"),
+                    l.nodes.to_string(),
+                    s("--node-rank"),
+                    l.node_rank.to_string(),
+                    s("--master-addr"),
+                    s(l.leader_host),
+                    s("--master-port"),
+                    RENDEZVOUS_PORT.to_string(),
+                ]);
+                if l.node_rank > 0 {
+                    a.push(s("--headless"));
+                }
+            }
+            a
+        }
+        EngineName::Sglang => {
+            let mut a = vec![
+                s("--model-path"),
+                s(l.model_path),
+                s("--served-model-name"),
+                s(l.served_name),
+                s("--tp-size"),
+                l.tensor_parallel.to_string(),
+                s("--pp-size"),
+                l.pipeline_parallel.to_string(),
+                s("--host"),
+                s("0.0.0.0"),
+                s("--port"),
+                l.port.to_string(),
+                s("--enable-metrics"),
+                s("--max-running-requests"),
+                l.max_concurrency.to_string(),
+                s("--context-length"),
+                l.context_length.to_string(),
+            ];
+            if l.nodes > 1 {
+                a.extend([
+                    s("--nnodes"),
+                    l.nodes.to_string(),
+                    s("--node-rank"),
+                    l.node_rank.to_string(),
+                    s("--dist-init-addr"),
+                    format!("{}:{RENDEZVOUS_PORT}", l.leader_host),
+                ]);
+            }
+            a
+        }
+    };
+    args.extend(l.extra_args.iter().cloned());
+    let command = match l.engine {
+        EngineName::Tessera => None,
+        EngineName::Vllm => Some(vec![s("vllm")]),
+        EngineName::Sglang => Some(vec![s("python3"), s("-m"), s("sglang.launch_server")]),
+    };
+    (command, args)
+}
+
+/// Probes of a pod: (readiness, liveness, startup). Tessera: `/readyz` (group-wide) on the
+/// leader, `/healthz` everywhere. vLLM: `/health` on the leader (503 once the engine is dead,
+/// which fails liveness); headless ranks serve no HTTP and have no probes (a rank that dies
+/// ends its pod, and the controller recreates the group). SGLang: `/health` on every rank
+/// (ranks above 0 answer a stand-in health server).
+fn engine_probes(
+    engine: EngineName,
+    leader: bool,
+    port: i32,
+) -> (Option<Probe>, Option<Probe>, Option<Probe>) {
+    // Loading a large model takes minutes; liveness starts after the startup probe passes.
+    let startup = |path: &str| Some(http_probe(path, port, 10, 180));
+    match (engine, leader) {
+        (EngineName::Tessera, _) => (
+            Some(http_probe(
+                if leader { "/readyz" } else { "/healthz" },
+                port,
+                5,
+                1,
+            )),
+            Some(http_probe("/healthz", port, 10, 3)),
+            startup("/healthz"),
+        ),
+        (EngineName::Vllm, false) => (None, None, None),
+        (EngineName::Vllm | EngineName::Sglang, _) => (
+            Some(http_probe("/health", port, 5, 1)),
+            Some(http_probe("/health", port, 10, 3)),
+            startup("/health"),
+        ),
+    }
+}
+
+/// Environment every vLLM or SGLang pod gets: its own IP for vLLM's workers, and writable
+/// cache directories under the `tmp` volume (the root filesystem is read-only).
+fn engine_env(engine: EngineName) -> Vec<EnvVar> {
+    if engine == EngineName::Tessera {
+        return Vec::new();
+    }
+    let mut env = vec![
+        env_var("HOME", "/tmp"),
+        env_var("XDG_CACHE_HOME", "/tmp/.cache"),
+        env_var("HF_HOME", "/tmp/.cache/huggingface"),
+        env_var("HF_HUB_OFFLINE", "1"),
+        env_var("TRITON_CACHE_DIR", "/tmp/.cache/triton"),
+    ];
+    if engine == EngineName::Vllm {
+        env.push(EnvVar {
+            name: "VLLM_HOST_IP".into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    api_version: Some("v1".into()),
+                    field_path: "status.podIP".into(),
+                }),
+                ..EnvVarSource::default()
+            }),
+        });
+        env.push(env_var("VLLM_CACHE_ROOT", "/tmp/.cache/vllm"));
+    }
+    env
+}
+
 /// The worker pods of one replica (one per stage, or per stage part).
 pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOptions) -> Vec<Pod> {
     let name = md.metadata.name.clone().unwrap_or_default();
@@ -359,11 +553,14 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
         .served_name
         .clone()
         .unwrap_or_else(|| name.clone());
+    let engine = spec.engine.name;
     let image = spec
-        .worker
+        .engine
         .image
         .clone()
-        .unwrap_or_else(|| opts.default_worker_image.clone());
+        .or_else(|| spec.worker.image.clone())
+        .unwrap_or_else(|| opts.default_image(engine).to_owned());
+    let leader_dns = format!("{leader_host}.{workers_svc}.{namespace}.svc");
     let resources = spec.worker.resources.clone().unwrap_or_default();
 
     let mut pods = Vec::new();
@@ -419,7 +616,24 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
         if let Some(sha) = &spec.model.sha256 {
             env.push(env_var(env::MODEL_SHA256, sha));
         }
+        env.extend(engine_env(engine));
         env.extend(spec.worker.env.iter().cloned());
+        env.extend(spec.engine.env.iter().cloned());
+        let (command, args) = engine_command(&EngineLaunch {
+            engine,
+            model_path: &model.path,
+            served_name: &served_name,
+            tensor_parallel: tp,
+            pipeline_parallel: p.pipeline_parallel,
+            nodes: p.stages.len(),
+            node_rank: pods.len(),
+            leader_host: &leader_dns,
+            port: spec.serving.port,
+            max_concurrency: spec.serving.max_concurrency,
+            context_length,
+            extra_args: &spec.engine.args,
+        });
+        let (readiness, liveness, startup) = engine_probes(engine, leader, spec.serving.port);
 
         let mut volumes = vec![
             Volume {
@@ -457,7 +671,8 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
             name: "worker".into(),
             image: Some(image.clone()),
             image_pull_policy: spec.worker.image_pull_policy.map(|p| p.as_str().to_owned()),
-            args: Some(vec!["serve".into()]),
+            command,
+            args: Some(args),
             env: Some(env),
             ports: Some(vec![
                 ContainerPort {
@@ -478,16 +693,10 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
                 limits: quantity_map(resources.limits.as_ref(), Some(stage.gpus)),
                 ..ResourceRequirements::default()
             }),
-            // Readiness is group-wide on the leader: /readyz fails as soon as any rank is lost.
-            readiness_probe: Some(http_probe(
-                if leader { "/readyz" } else { "/healthz" },
-                spec.serving.port,
-                5,
-                1,
-            )),
-            liveness_probe: Some(http_probe("/healthz", spec.serving.port, 10, 3)),
-            // Loading a large model takes minutes; liveness starts after it.
-            startup_probe: Some(http_probe("/healthz", spec.serving.port, 10, 180)),
+            // Readiness is group-wide on the leader (see `engine_probes`).
+            readiness_probe: readiness,
+            liveness_probe: liveness,
+            startup_probe: startup,
             security_context: Some(SecurityContext {
                 allow_privilege_escalation: Some(false),
                 read_only_root_filesystem: Some(true),

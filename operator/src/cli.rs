@@ -56,6 +56,12 @@ pub struct RunArgs {
     /// Worker image used when a ModelDeployment sets no worker.image.
     #[arg(long, env = "TESSERA_WORKER_IMAGE", default_value = concat!("tessera-worker:", env!("CARGO_PKG_VERSION")))]
     pub worker_image: String,
+    /// Image of `engine: vllm` pods that set no `engine.image` or `worker.image`.
+    #[arg(long, env = "TESSERA_VLLM_IMAGE", default_value = crate::build::DEFAULT_VLLM_IMAGE)]
+    pub vllm_image: String,
+    /// Image of `engine: sglang` pods that set no `engine.image` or `worker.image`.
+    #[arg(long, env = "TESSERA_SGLANG_IMAGE", default_value = crate::build::DEFAULT_SGLANG_IMAGE)]
+    pub sglang_image: String,
     /// Node label keys that describe the fabric, outermost first (zone, block, rack).
     #[arg(
         long,

@@ -65,6 +65,12 @@ pub struct PlanArgs {
     /// Worker image for ModelDeployments that set no `spec.worker.image` (`-o yaml`).
     #[arg(long, default_value = concat!("tessera-worker:", env!("CARGO_PKG_VERSION")))]
     pub worker_image: String,
+    /// Image of `engine: vllm` pods that set no image (`-o yaml`).
+    #[arg(long, default_value = crate::build::DEFAULT_VLLM_IMAGE)]
+    pub vllm_image: String,
+    /// Image of `engine: sglang` pods that set no image (`-o yaml`).
+    #[arg(long, default_value = crate::build::DEFAULT_SGLANG_IMAGE)]
+    pub sglang_image: String,
 }
 
 /// Run `plan`; prints the plan or the error and returns the exit code.
@@ -142,6 +148,8 @@ pub fn run(args: &PlanArgs) -> Result<String, String> {
                 plan: opts,
                 build: crate::build::BuildOptions {
                     default_worker_image: args.worker_image.clone(),
+                    default_vllm_image: args.vllm_image.clone(),
+                    default_sglang_image: args.sglang_image.clone(),
                     network_policies: None,
                 },
                 ..crate::controller::reconcile::Config::default()

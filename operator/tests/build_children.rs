@@ -385,3 +385,205 @@ fn network_policy_changes_apply_what_differs_and_delete_the_rest() {
     assert_eq!(apply3[0].metadata.name.as_deref(), Some("llama-405b-r0"));
     assert_eq!(delete3, ["llama-405b-r1"]);
 }
+
+fn with_engine(name: &str, args: &[&str]) -> ModelDeployment {
+    let mut md = deployment("pvc://models/llama-405b");
+    md.spec.engine.name = match name {
+        "vllm" => tessera_operator::api::EngineName::Vllm,
+        "sglang" => tessera_operator::api::EngineName::Sglang,
+        _ => tessera_operator::api::EngineName::Tessera,
+    };
+    md.spec.engine.args = args.iter().map(|a| a.to_string()).collect();
+    md
+}
+
+fn container(pod: &Pod) -> &k8s_openapi::api::core::v1::Container {
+    &pod.spec.as_ref().expect("spec").containers[0]
+}
+
+/// The value after `flag` in `args`.
+fn flag<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+fn probe_path(p: &Option<k8s_openapi::api::core::v1::Probe>) -> Option<String> {
+    p.as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .and_then(|h| h.path.clone())
+}
+
+#[test]
+fn vllm_replicas_render_the_multi_node_launch_with_one_http_leader() {
+    let md = with_engine("vllm", &["--gpu-memory-utilization=0.9"]);
+    let pods = pods(&md);
+    assert_eq!(pods.len(), 2);
+    let master = "llama-405b-r0-k3x9a-s0.llama-405b-workers.inference.svc";
+    for (rank, pod) in pods.iter().enumerate() {
+        let c = container(pod);
+        let args = c.args.clone().unwrap();
+        assert_eq!(c.command.as_deref(), Some(&["vllm".to_owned()][..]));
+        assert_eq!(c.image.as_deref(), Some(build::DEFAULT_VLLM_IMAGE));
+        assert_eq!(args[0], "serve");
+        assert_eq!(args[1], "/models/llama-405b");
+        assert_eq!(flag(&args, "--tensor-parallel-size"), Some("8"));
+        assert_eq!(flag(&args, "--pipeline-parallel-size"), Some("2"));
+        assert_eq!(flag(&args, "--served-model-name"), Some("llama-405b"));
+        assert_eq!(flag(&args, "--port"), Some("8000"));
+        assert_eq!(flag(&args, "--max-num-seqs"), Some("16"));
+        assert_eq!(flag(&args, "--max-model-len"), Some("8192"));
+        assert_eq!(flag(&args, "--distributed-executor-backend"), Some("mp"));
+        assert_eq!(flag(&args, "--nnodes"), Some("2"));
+        assert_eq!(flag(&args, "--node-rank"), Some(rank.to_string().as_str()));
+        assert_eq!(flag(&args, "--master-addr"), Some(master));
+        assert_eq!(flag(&args, "--master-port"), Some("29500"));
+        assert_eq!(args.contains(&"--headless".to_owned()), rank > 0);
+        // The user's arguments come last, so they are never taken for an owned flag's value.
+        assert_eq!(
+            args.last().map(String::as_str),
+            Some("--gpu-memory-utilization=0.9")
+        );
+        let vars = c.env.as_ref().unwrap();
+        let host_ip = vars
+            .iter()
+            .find(|e| e.name == "VLLM_HOST_IP")
+            .expect("VLLM_HOST_IP");
+        assert_eq!(
+            host_ip
+                .value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
+            "status.podIP"
+        );
+        assert_eq!(env_of(pod).get("HOME").map(String::as_str), Some("/tmp"));
+        let role = &pod.metadata.labels.as_ref().unwrap()[labels::ROLE];
+        if rank == 0 {
+            assert_eq!(role, labels::ROLE_LEADER);
+            assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/health"));
+            assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/health"));
+            assert_eq!(probe_path(&c.startup_probe).as_deref(), Some("/health"));
+        } else {
+            // Headless ranks serve no HTTP: no probes, never behind the Service.
+            assert_eq!(role, labels::ROLE_WORKER);
+            assert!(c.readiness_probe.is_none() && c.liveness_probe.is_none());
+            assert!(c.startup_probe.is_none());
+        }
+    }
+}
+
+#[test]
+fn a_one_pod_vllm_replica_has_no_multi_node_flags() {
+    let md = with_engine("vllm", &[]);
+    let mut p = placement();
+    p.pipeline_parallel = 1;
+    p.stages.truncate(1);
+    let pods = desired_children(
+        &md,
+        &[ReplicaToBuild {
+            placement: &p,
+            incarnation: "k3x9a",
+        }],
+        &BuildOptions::default(),
+    )
+    .pods;
+    assert_eq!(pods.len(), 1);
+    let args = container(&pods[0]).args.clone().unwrap();
+    for f in [
+        "--nnodes",
+        "--node-rank",
+        "--master-addr",
+        "--headless",
+        "--distributed-executor-backend",
+    ] {
+        assert!(!args.iter().any(|a| a == f), "{f} in {args:?}");
+    }
+    assert_eq!(flag(&args, "--pipeline-parallel-size"), Some("1"));
+}
+
+#[test]
+fn sglang_replicas_render_nnodes_and_a_health_probe_on_every_rank() {
+    let md = with_engine("sglang", &["--mem-fraction-static=0.85"]);
+    let pods = pods(&md);
+    for (rank, pod) in pods.iter().enumerate() {
+        let c = container(pod);
+        let args = c.args.clone().unwrap();
+        assert_eq!(
+            c.command.clone().unwrap(),
+            ["python3", "-m", "sglang.launch_server"]
+        );
+        assert_eq!(c.image.as_deref(), Some(build::DEFAULT_SGLANG_IMAGE));
+        assert_eq!(flag(&args, "--model-path"), Some("/models/llama-405b"));
+        assert_eq!(flag(&args, "--tp-size"), Some("8"));
+        assert_eq!(flag(&args, "--pp-size"), Some("2"));
+        assert_eq!(flag(&args, "--nnodes"), Some("2"));
+        assert_eq!(flag(&args, "--node-rank"), Some(rank.to_string().as_str()));
+        assert_eq!(
+            flag(&args, "--dist-init-addr"),
+            Some("llama-405b-r0-k3x9a-s0.llama-405b-workers.inference.svc:29500")
+        );
+        assert_eq!(flag(&args, "--host"), Some("0.0.0.0"));
+        assert!(args.contains(&"--enable-metrics".to_owned()));
+        assert_eq!(
+            args.last().map(String::as_str),
+            Some("--mem-fraction-static=0.85")
+        );
+        assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/health"));
+        assert!(!env_of(pod).contains_key("VLLM_HOST_IP"));
+        let role = &pod.metadata.labels.as_ref().unwrap()[labels::ROLE];
+        assert_eq!(role == labels::ROLE_LEADER, rank == 0);
+    }
+    // Only leaders are behind the traffic Service.
+    let svc = build::services(&md);
+    let traffic = svc
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("llama-405b"))
+        .unwrap();
+    assert_eq!(
+        traffic.spec.as_ref().unwrap().selector.as_ref().unwrap()[labels::ROLE],
+        labels::ROLE_LEADER
+    );
+}
+
+#[test]
+fn engine_image_wins_over_worker_image_and_the_default() {
+    let mut md = with_engine("vllm", &[]);
+    md.spec.worker.image = Some("registry.local/my-vllm:1".into());
+    assert_eq!(
+        container(&pods(&md)[0]).image.as_deref(),
+        Some("registry.local/my-vllm:1")
+    );
+    md.spec.engine.image = Some("vllm-custom:2".into());
+    assert_eq!(
+        container(&pods(&md)[0]).image.as_deref(),
+        Some("vllm-custom:2")
+    );
+    // The tessera engine keeps its command line.
+    let md = with_engine("tessera", &[]);
+    let c = container(&pods(&md)[0]).clone();
+    assert!(c.command.is_none());
+    assert_eq!(c.args.unwrap(), ["serve"]);
+    assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/readyz"));
+}
+
+#[test]
+fn the_template_hash_of_existing_tessera_deployments_does_not_change() {
+    use tessera_operator::controller::reconcile::template_hash;
+    let md = deployment("pvc://models/llama-405b");
+    let mut explicit = md.clone();
+    explicit.spec.engine.name = tessera_operator::api::EngineName::Tessera;
+    assert_eq!(template_hash(&md, "img"), template_hash(&explicit, "img"));
+    // A value computed before spec.engine existed (same spec, same image).
+    assert_eq!(template_hash(&md, "img"), PRE_ENGINE_HASH);
+    let vllm = with_engine("vllm", &[]);
+    assert_ne!(template_hash(&vllm, "img"), template_hash(&md, "img"));
+}
+
+/// `template_hash` of `deployment("pvc://models/llama-405b")` with image "img", computed by the
+/// operator before `spec.engine` existed: an upgrade must not roll running replicas.
+const PRE_ENGINE_HASH: &str = "afd2025f4d";

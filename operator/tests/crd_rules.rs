@@ -537,3 +537,128 @@ fn every_rule_compiles_and_fits_the_api_servers_cost_budget() {
         }
     }
 }
+
+#[test]
+fn engine_defaults_to_tessera_and_existing_manifests_are_unchanged() {
+    let md = accepted(&base());
+    assert_eq!(md.spec.engine, api::EngineSpec::default());
+    assert_eq!(md.spec.engine.name, api::EngineName::Tessera);
+    let md = accepted(&with(base(), "/spec/engine/name", json!("vllm")));
+    assert_eq!(md.spec.engine.name, api::EngineName::Vllm);
+    let errors = rejected(&with(base(), "/spec/engine/name", json!("trtllm")));
+    assert!(
+        errors[0].message.contains("trtllm") || errors[0].field.contains("engine"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn engine_args_the_operator_owns_are_refused_naming_them() {
+    let v = with(base(), "/spec/engine/name", json!("vllm"));
+    // Allowed: arguments the operator does not set.
+    accepted(&with(
+        v.clone(),
+        "/spec/engine/args",
+        json!([
+            "--gpu-memory-utilization=0.9",
+            "--enable-prefix-caching",
+            "--tp-size",
+            "4"
+        ]),
+    ));
+    for owned in [
+        "--tensor-parallel-size=4",
+        "--tensor_parallel_size",
+        "-tp",
+        "-n=2",
+        "-r",
+        "--pipeline-parallel-size",
+        "--port=9000",
+        "--node-rank",
+        "--master-addr",
+        "--headless",
+        "--max-model-len=4096",
+        "--model",
+    ] {
+        let errors = rejected(&with(
+            v.clone(),
+            "/spec/engine/args",
+            json!(["--seed=1", owned]),
+        ));
+        assert_eq!(errors.len(), 1, "{owned}: {errors:?}");
+        assert_eq!(errors[0].field, "spec.engine.args", "{owned}");
+        assert!(
+            errors[0].message.starts_with(owned)
+                && errors[0].message.contains("set by the operator for vllm")
+                && !errors[0].message.contains("--seed"),
+            "{owned}: {}",
+            errors[0].message
+        );
+    }
+    let s = with(base(), "/spec/engine/name", json!("sglang"));
+    accepted(&with(
+        s.clone(),
+        "/spec/engine/args",
+        json!(["--mem-fraction-static=0.85", "--tensor-parallel-size-extra"]),
+    ));
+    for owned in [
+        "--tp-size=8",
+        "--tp",
+        "--dist-init-addr",
+        "--nnodes=2",
+        "--model-path",
+    ] {
+        let errors = rejected(&with(s.clone(), "/spec/engine/args", json!([owned])));
+        assert!(
+            errors[0].message.contains("set by the operator for sglang"),
+            "{owned}: {errors:?}"
+        );
+    }
+    // The tessera engine takes no arguments at all.
+    let errors = rejected(&with(base(), "/spec/engine/args", json!(["--threads=4"])));
+    assert!(
+        errors[0].message.contains("from the environment")
+            && errors[0].message.contains("--threads=4"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn engine_env_and_model_location_rules() {
+    let v = with(base(), "/spec/engine/name", json!("vllm"));
+    let errors = rejected(&with(
+        v.clone(),
+        "/spec/engine/env",
+        json!([{"name": "VLLM_HOST_IP", "value": "1.2.3.4"}, {"name": "TESSERA_TP", "value": "2"}]),
+    ));
+    assert_eq!(errors[0].field, "spec.engine.env");
+    assert!(
+        errors[0]
+            .message
+            .starts_with("VLLM_HOST_IP, TESSERA_TP: reserved"),
+        "{errors:?}"
+    );
+    accepted(&with(
+        v.clone(),
+        "/spec/engine/env",
+        json!([{"name": "NCCL_SOCKET_IFNAME", "value": "eth0"}]),
+    ));
+    let errors = rejected(&with(
+        v,
+        "/spec/model/uri",
+        json!("https://models.example/llama.gguf"),
+    ));
+    assert_eq!(errors[0].field, "spec.model.uri");
+    assert!(
+        errors[0]
+            .message
+            .contains("the vllm engine reads its model from a volume"),
+        "{errors:?}"
+    );
+    // The tessera engine still downloads by URL.
+    accepted(&with(
+        base(),
+        "/spec/model/uri",
+        json!("https://models.example/llama.gguf"),
+    ));
+}

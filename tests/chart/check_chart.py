@@ -167,11 +167,12 @@ def check_k8s_schemas(r: Rendered, version: str) -> None:
 
 
 def plan_children() -> list[dict]:
-    """The objects `tessera-operator plan -o yaml` prints for the example cluster."""
+    """The objects `tessera-operator plan -o yaml` prints for the example cluster (every
+    engine: examples/engines holds the vLLM and SGLang deployments)."""
     binary = os.environ.get("TESSERA_OPERATOR", str(ROOT / "target" / "debug" / "tessera-operator"))
     out = subprocess.run([binary, "plan", "--nodes", "examples/cluster.yaml", "-f",
-                          "examples/deployments", "-o", "yaml"], cwd=ROOT, capture_output=True,
-                         text=True, check=True)
+                          "examples/deployments", "-f", "examples/engines", "-o", "yaml"],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
     return [o for o in yaml.safe_load_all(out.stdout) if o]
 
 
@@ -186,6 +187,9 @@ def check_plan_children(objects: list[dict], version: str) -> None:
             errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {e.message} "
                           f"at {'.'.join(str(p) for p in e.path)}")
     assert not errors, "\n  ".join(["schema errors:", *errors])
+    commands = {tuple(p["spec"]["containers"][0].get("command") or ["tessera-worker"])
+                for p in objects if p["kind"] == "Pod"}
+    assert ("vllm",) in commands and ("python3", "-m", "sglang.launch_server") in commands, commands
     for pod in (o for o in objects if o["kind"] == "Pod"):
         spec = pod["spec"]
         ctr = spec["containers"][0]
@@ -778,7 +782,8 @@ def main() -> int:
         run("CRD openAPIV3Schema converts to a JSON schema", lambda: (_ for _ in ()).throw(e))
     else:
         run("CRD schema rejects unknown fields and wrong types", check_crd_schema_rejects, validator)
-        examples = sorted((ROOT / "examples" / "deployments").glob("*.yaml"))
+        examples = sorted((ROOT / "examples" / "deployments").glob("*.yaml")) + sorted(
+            (ROOT / "examples" / "engines").glob("*.yaml"))
         run("examples/deployments has examples", lambda: None if examples else (_ for _ in ()).throw(
             AssertionError("no examples")))
         for ex in examples:

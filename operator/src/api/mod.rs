@@ -143,6 +143,10 @@ pub struct ModelDeploymentSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
 
+    /// The inference engine the worker pods run: Tessera's own (default), vLLM or SGLang.
+    #[serde(default)]
+    pub engine: EngineSpec,
+
     /// The worker pods: image, resources and a small set of pod overrides.
     #[serde(default)]
     pub worker: WorkerSpec,
@@ -465,6 +469,58 @@ pub struct WorkerSpec {
     /// Mounts of `volumes` into the worker container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volume_mounts: Vec<VolumeMount>,
+}
+
+/// An inference engine Tessera can launch.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+pub enum EngineName {
+    /// `tessera-worker serve`: Tessera's own tensor- and pipeline-parallel core.
+    #[default]
+    #[serde(rename = "tessera")]
+    Tessera,
+    /// vLLM's OpenAI server (`vllm serve`), multi-node with its multiprocessing backend.
+    #[serde(rename = "vllm")]
+    Vllm,
+    /// SGLang's server (`python3 -m sglang.launch_server`), multi-node with `--nnodes`.
+    #[serde(rename = "sglang")]
+    Sglang,
+}
+
+impl EngineName {
+    /// The name as written in the spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineName::Tessera => "tessera",
+            EngineName::Vllm => "vllm",
+            EngineName::Sglang => "sglang",
+        }
+    }
+}
+
+/// The engine of the worker pods. The planner, gangs, healing and autoscaling are the same for
+/// every engine; the pods differ in their command line, probes and metrics.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EngineSpec {
+    /// `tessera` (default), `vllm` or `sglang`.
+    #[serde(default)]
+    pub name: EngineName,
+    /// Engine image. Defaults to `worker.image`, then to the operator's image for the engine
+    /// (`--worker-image`, `--vllm-image`, `--sglang-image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+    /// Extra arguments appended to the engine's command line (for example
+    /// `--gpu-memory-utilization=0.85`). Arguments the operator sets from the plan (parallel
+    /// sizes, node rank, addresses, ports, model, served name, concurrency, context length) are
+    /// refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 4096)))]
+    pub args: Vec<String>,
+    /// Extra environment of the engine container (for example `NCCL_SOCKET_IFNAME`), after
+    /// `worker.env`; names starting with `TESSERA_`, and `VLLM_HOST_IP`, are reserved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
 }
 
 /// What happens when a member of a replica fails.

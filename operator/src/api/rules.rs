@@ -69,6 +69,75 @@ fn degree_rule(field: &str) -> (String, String, String) {
     )
 }
 
+/// Long options of vLLM's `vllm serve` that the operator sets from the plan and the spec
+/// (`build::engine_args`), without the leading `--`; `-` and `_` are interchangeable, as in
+/// vLLM's own parser.
+pub const VLLM_OWNED_FLAGS: &[&str] = &[
+    "model",
+    "tensor-parallel-size",
+    "pipeline-parallel-size",
+    "served-model-name",
+    "host",
+    "port",
+    "distributed-executor-backend",
+    "nnodes",
+    "node-rank",
+    "master-addr",
+    "master-port",
+    "headless",
+    "max-num-seqs",
+    "max-model-len",
+];
+/// Short options of vLLM that alias owned ones (`-tp`, `-pp`, `-n` = `--nnodes`, `-r` = `--node-rank`).
+pub const VLLM_OWNED_SHORT: &[&str] = &["tp", "pp", "n", "r"];
+/// Options of SGLang's `launch_server` that the operator sets (see [`VLLM_OWNED_FLAGS`]).
+pub const SGLANG_OWNED_FLAGS: &[&str] = &[
+    "model-path",
+    "model",
+    "tp-size",
+    "tensor-parallel-size",
+    "tp",
+    "pp-size",
+    "pipeline-parallel-size",
+    "nnodes",
+    "node-rank",
+    "dist-init-addr",
+    "nccl-init-addr",
+    "host",
+    "port",
+    "served-model-name",
+    "enable-metrics",
+    "max-running-requests",
+    "context-length",
+];
+
+/// An RE2 pattern that matches an argument setting one of `long` (`--name` or `--name=...`, with
+/// `-` and `_` interchangeable) or `short` (`-x`, `-x=...`).
+pub fn owned_args_pattern(long: &[&str], short: &[&str]) -> String {
+    let long: Vec<String> = long.iter().map(|f| f.replace('-', "[-_]")).collect();
+    let mut alts = format!("--({})", long.join("|"));
+    if !short.is_empty() {
+        alts = format!("{alts}|-({})", short.join("|"));
+    }
+    format!("^({alts})(=.*)?$")
+}
+
+/// The CEL rule refusing operator-owned arguments for one engine.
+fn owned_args_rule(engine: &str, pattern: &str) -> CelRule {
+    CelRule {
+        at: &["spec", "engine"],
+        rule: format!(
+            "self.name != '{engine}' || !has(self.args) || !self.args.exists(a, a.matches('{pattern}'))"
+        ),
+        message_expression: format!(
+            "self.args.filter(a, a.matches('{pattern}')).join(', ') + ': set by the operator for {engine} from the plan and the spec (parallel sizes, node rank, addresses, ports, model, served name, concurrency, context length); remove it and change the ModelDeployment field instead (parallelism, serving, model)'"
+        ),
+        message: format!("engine.args must not set arguments the operator owns for {engine}"),
+        field_path: Some(".args"),
+        transition: false,
+    }
+}
+
 /// Every CEL rule of the CRD, in a stable order.
 pub fn rules() -> Vec<CelRule> {
     let arch = "self.model.architecture";
@@ -241,6 +310,35 @@ pub fn rules() -> Vec<CelRule> {
             message_expression: "self.labels.filter(k, k.startsWith('tessera.dev/')).join(', ') + ': label keys under tessera.dev/ are reserved for the operator; use another prefix'".into(),
             message: "label keys under tessera.dev/ are reserved".into(),
             field_path: Some(".labels"),
+            transition: false,
+        },
+        owned_args_rule(
+            "vllm",
+            &owned_args_pattern(VLLM_OWNED_FLAGS, VLLM_OWNED_SHORT),
+        ),
+        owned_args_rule("sglang", &owned_args_pattern(SGLANG_OWNED_FLAGS, &[])),
+        CelRule {
+            at: &["spec", "engine"],
+            rule: "self.name != 'tessera' || !has(self.args) || size(self.args) == 0".into(),
+            message_expression: "'tessera-worker serve takes its settings from the environment the operator sets, not from arguments; remove engine.args (' + self.args.join(' ') + ') or set engine.env'".into(),
+            message: "engine.args must be empty for the tessera engine".into(),
+            field_path: Some(".args"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "engine"],
+            rule: "!has(self.env) || self.env.all(e, !e.name.startsWith('TESSERA_') && e.name != 'VLLM_HOST_IP')".into(),
+            message_expression: "self.env.filter(e, e.name.startsWith('TESSERA_') || e.name == 'VLLM_HOST_IP').map(e, e.name).join(', ') + ': reserved for the operator (TESSERA_* configure the worker, VLLM_HOST_IP is the pod IP); rename or remove them'".into(),
+            message: "engine.env names starting with TESSERA_, and VLLM_HOST_IP, are reserved".into(),
+            field_path: Some(".env"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec"],
+            rule: "!has(self.engine) || self.engine.name == 'tessera' || !self.model.uri.matches('^https?://')".into(),
+            message_expression: r#"'"' + self.model.uri + '": the ' + self.engine.name + ' engine reads its model from a volume; only the tessera engine downloads a model by URL so far. Put the model on a PersistentVolumeClaim (pvc://CLAIM/PATH) or in worker.volumes (file:///PATH)'"#.into(),
+            message: "vllm and sglang need a pvc:// or file:// model".into(),
+            field_path: Some(".model.uri"),
             transition: false,
         },
         CelRule {

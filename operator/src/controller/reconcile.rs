@@ -259,7 +259,7 @@ fn node_lost(
 /// autoscaling, which never restart a group).
 pub fn template_hash(md: &ModelDeployment, default_image: &str) -> String {
     let s = &md.spec;
-    let relevant = serde_json::json!({
+    let mut relevant = serde_json::json!({
         "model": s.model,
         "parallelism": s.parallelism,
         "gpu": s.gpu,
@@ -269,6 +269,11 @@ pub fn template_hash(md: &ModelDeployment, default_image: &str) -> String {
         "failurePolicy": s.failure_policy.recreate_group,
         "defaultImage": default_image,
     });
+    // Only a non-default engine enters the hash, so that upgrading to an operator that knows
+    // `spec.engine` does not roll running Tessera replicas.
+    if s.engine != crate::api::EngineSpec::default() {
+        relevant["engine"] = serde_json::json!(s.engine);
+    }
     build::short_hash(relevant.to_string().as_bytes())
 }
 
@@ -400,7 +405,7 @@ pub fn reconcile(
         return actions;
     }
 
-    let hash = template_hash(md, &cfg.build.default_worker_image);
+    let hash = template_hash(md, cfg.build.default_image(md.spec.engine.name));
     let nodes: BTreeMap<&str, &Node> = obs
         .nodes
         .iter()

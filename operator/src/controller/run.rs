@@ -505,6 +505,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             topology_keys: args.topology_keys.clone(),
             build: build::BuildOptions {
                 default_worker_image: args.worker_image.clone(),
+                default_vllm_image: args.vllm_image.clone(),
+                default_sglang_image: args.sglang_image.clone(),
                 network_policies: network_policy_options,
             },
             ..Config::default()
