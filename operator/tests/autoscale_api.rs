@@ -924,3 +924,40 @@ async fn a_leader_that_accepts_but_never_answers_times_out_over_http() {
     let _ = stop.send(());
     assert!(h.requests().await.is_empty());
 }
+
+/// A vLLM deployment is scaled from vLLM's own series; Tessera's names on the same page (a
+/// sidecar, say) are not read for it.
+#[tokio::test]
+async fn a_vllm_deployment_scales_on_vllms_own_queue_metrics() {
+    let h = harness(always_ok(), Duration::from_secs(3));
+    let (mut md, pods) = converged(1, true);
+    md.spec.engine.name = tessera_operator::api::EngineName::Vllm;
+    h.scraper.set(
+        "10.0.0.1",
+        Answer::Metrics(
+            "# TYPE vllm:num_requests_waiting gauge\n\
+             vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 15.0\n\
+             vllm:num_requests_waiting{engine=\"1\",model_name=\"m\"} 5.0\n\
+             # TYPE vllm:num_requests_running gauge\n\
+             vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 5.0\n\
+             tessera_requests_waiting 0\ntessera_requests_running 0\n"
+                .into(),
+        ),
+    );
+    let mut h = h;
+    let out = h.runner.pass(&snapshot(&md, &pods)).await;
+    let d = &out[0].decision;
+    assert_eq!(
+        (d.current, d.replicas, d.reason),
+        (1, 3, Reason::ScaleUp),
+        "{}",
+        d.message
+    );
+    // The same page read as a Tessera worker's would hold at one replica.
+    md.spec.engine.name = tessera_operator::api::EngineName::Tessera;
+    let m = tessera_operator::autoscale::scrape::LeaderMetrics::from_engine_text(
+        md.spec.engine.name,
+        "vllm:num_requests_waiting 20\ntessera_requests_waiting 0\ntessera_requests_running 0\n",
+    );
+    assert_eq!((m.waiting, m.running), (Some(0.0), Some(0.0)));
+}

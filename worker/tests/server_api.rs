@@ -854,7 +854,7 @@ async fn metrics_parse_and_count() {
     for name in [
         "tessera_requests_waiting",
         "tessera_requests_running",
-        "tessera_kv_cache_utilization",
+        "tessera_kv_cache_usage_ratio",
         "tessera_prompt_tokens_total",
         "tessera_generated_tokens_total",
         "tessera_time_to_first_token_seconds_count",
@@ -900,7 +900,7 @@ async fn metrics_parse_and_count() {
     );
     assert_eq!(sample(&m, "tessera_requests_running", &[]), Some(0.0));
     // Released after the request: nothing left in the cache.
-    assert_eq!(sample(&m, "tessera_kv_cache_utilization", &[]), Some(0.0));
+    assert_eq!(sample(&m, "tessera_kv_cache_usage_ratio", &[]), Some(0.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

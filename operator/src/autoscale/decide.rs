@@ -75,7 +75,7 @@ pub struct ReplicaSample {
     pub waiting: Option<f64>,
     /// `tessera_requests_running`.
     pub running: Option<f64>,
-    /// `tessera_kv_cache_utilization`, 0..1.
+    /// `tessera_kv_cache_usage_ratio`, 0..1.
     pub kv_cache_utilization: Option<f64>,
     /// Rate of `tessera_generated_tokens_total` between two scrapes.
     pub tokens_per_second: Option<f64>,

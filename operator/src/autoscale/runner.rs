@@ -186,6 +186,8 @@ pub struct Runner {
 pub struct LeaderTarget {
     /// `namespace/name` of the deployment.
     pub deployment: String,
+    /// The engine whose metric names the leader exposes.
+    pub engine: crate::api::EngineName,
     /// Pod uid (or name), the key of its last sample.
     pub pod: String,
     pub addr: SocketAddr,
@@ -219,6 +221,7 @@ pub fn leaders(md: &ModelDeployment, pods: &[Pod]) -> Vec<LeaderTarget> {
             let ip: IpAddr = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
             Some(LeaderTarget {
                 deployment: pass::key(md),
+                engine: md.spec.engine.name,
                 pod: p.metadata.uid.clone().unwrap_or_else(|| p.name_any()),
                 addr: SocketAddr::new(ip, port),
             })
@@ -381,7 +384,7 @@ impl Runner {
                 .inc();
             let sample = match r {
                 Ok(text) => {
-                    let m = LeaderMetrics::from_text(&text);
+                    let m = LeaderMetrics::from_engine_text(t.engine, &text);
                     let prev = self.last.get(&t.pod).and_then(|l| {
                         l.tokens_total
                             .map(|v| (v, now.saturating_duration_since(l.at).as_secs_f64()))

@@ -2,15 +2,20 @@
 //! the OpenMetrics text the worker's prometheus-client writes), the few series the autoscaler
 //! needs, and a bounded HTTP/1.1 GET.
 //!
-//! Series read from a replica leader:
+//! Series read from a replica leader, by engine (vLLM 0.33's and SGLang 0.5.23's names, checked
+//! against their sources):
 //!
-//! | series | meaning |
-//! |---|---|
-//! | `tessera_requests_waiting` | gauge, summed over series |
-//! | `tessera_requests_running` | gauge, summed over series |
-//! | `tessera_kv_cache_utilization` | gauge 0..1, mean over series |
-//! | `tessera_generated_tokens_total` | counter, summed; tokens/s is its rate between scrapes |
-//! | `DCGM_FI_DEV_GPU_UTIL` | gauge in percent, one series per GPU; mean, as a fraction |
+//! | what | `tessera` | `vllm` | `sglang` |
+//! |---|---|---|---|
+//! | waiting requests (sum) | `tessera_requests_waiting` | `vllm:num_requests_waiting` | `sglang:num_queue_reqs` |
+//! | running requests (sum) | `tessera_requests_running` | `vllm:num_requests_running` | `sglang:num_running_reqs` |
+//! | KV-cache use 0..1 (mean) | `tessera_kv_cache_usage_ratio` (older workers: `tessera_kv_cache_utilization`) | `vllm:kv_cache_usage_perc` (a fraction despite the name) | `sglang:token_usage` |
+//! | generated tokens, counter (sum; tokens/s is its rate between scrapes) | `tessera_generated_tokens_total` | `vllm:generation_tokens_total` | `sglang:generation_tokens_total` |
+//! | GPU utilisation (mean of percent, as a fraction) | `DCGM_FI_DEV_GPU_UTIL` | the same, when the pod exposes it | the same |
+//!
+//! A series an engine does not expose is `None`: the decision holds and says why, as for a
+//! missing scrape. SGLang exposes its series only with `--enable-metrics`, which the operator
+//! always sets.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,6 +23,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::decide::ReplicaSample;
+use crate::api::EngineName;
 
 /// One sample line: name, labels, value.
 #[derive(Clone, Debug, PartialEq)]
@@ -152,15 +158,64 @@ fn mean_of(series: &[Series], name: &str) -> Option<f64> {
     (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64)
 }
 
+/// The series names of one engine (see the module docs).
+struct EngineSeries {
+    waiting: &'static [&'static str],
+    running: &'static [&'static str],
+    kv_cache: &'static [&'static str],
+    generated_tokens: &'static [&'static str],
+}
+
+fn engine_series(engine: EngineName) -> EngineSeries {
+    match engine {
+        EngineName::Tessera => EngineSeries {
+            waiting: &["tessera_requests_waiting"],
+            running: &["tessera_requests_running"],
+            kv_cache: &[
+                "tessera_kv_cache_usage_ratio",
+                "tessera_kv_cache_utilization",
+            ],
+            generated_tokens: &["tessera_generated_tokens_total"],
+        },
+        EngineName::Vllm => EngineSeries {
+            waiting: &["vllm:num_requests_waiting"],
+            running: &["vllm:num_requests_running"],
+            kv_cache: &["vllm:kv_cache_usage_perc"],
+            generated_tokens: &["vllm:generation_tokens_total"],
+        },
+        EngineName::Sglang => EngineSeries {
+            waiting: &["sglang:num_queue_reqs"],
+            running: &["sglang:num_running_reqs"],
+            kv_cache: &["sglang:token_usage"],
+            generated_tokens: &["sglang:generation_tokens_total"],
+        },
+    }
+}
+
+/// The first of `names` that the exposition has, through `pick`.
+fn first_of(
+    series: &[Series],
+    names: &[&str],
+    pick: fn(&[Series], &str) -> Option<f64>,
+) -> Option<f64> {
+    names.iter().find_map(|n| pick(series, n))
+}
+
 impl LeaderMetrics {
-    /// Pick the series out of a parsed exposition.
+    /// Pick a Tessera worker's series out of a parsed exposition.
     pub fn from_text(text: &str) -> Self {
+        Self::from_engine_text(EngineName::Tessera, text)
+    }
+
+    /// Pick the series of `engine` out of a parsed exposition.
+    pub fn from_engine_text(engine: EngineName, text: &str) -> Self {
         let series = parse(text);
+        let names = engine_series(engine);
         LeaderMetrics {
-            waiting: sum_of(&series, "tessera_requests_waiting"),
-            running: sum_of(&series, "tessera_requests_running"),
-            kv_cache_utilization: mean_of(&series, "tessera_kv_cache_utilization"),
-            generated_tokens_total: sum_of(&series, "tessera_generated_tokens_total"),
+            waiting: first_of(&series, names.waiting, sum_of),
+            running: first_of(&series, names.running, sum_of),
+            kv_cache_utilization: first_of(&series, names.kv_cache, mean_of),
+            generated_tokens_total: first_of(&series, names.generated_tokens, sum_of),
             gpu_utilization: mean_of(&series, "DCGM_FI_DEV_GPU_UTIL").map(|p| p / 100.0),
         }
     }
@@ -314,8 +369,8 @@ mod tests {
 tessera_requests_waiting 3
 # TYPE tessera_requests_running gauge
 tessera_requests_running{model="llama"} 12
-# TYPE tessera_kv_cache_utilization gauge
-tessera_kv_cache_utilization 0.625
+# TYPE tessera_kv_cache_usage_ratio gauge
+tessera_kv_cache_usage_ratio 0.625
 # TYPE tessera_generated_tokens counter
 tessera_generated_tokens_total 15000 1700000000000
 tessera_generated_tokens_created 1.7e9
@@ -333,6 +388,62 @@ tessera_odd{broken 1
         assert_eq!(m.kv_cache_utilization, Some(0.625));
         assert_eq!(m.generated_tokens_total, Some(15000.0));
         assert_eq!(m.gpu_utilization, Some(0.7));
+    }
+
+    #[test]
+    fn older_workers_kv_cache_name_is_still_read() {
+        let m = LeaderMetrics::from_text("tessera_kv_cache_utilization 0.25\n");
+        assert_eq!(m.kv_cache_utilization, Some(0.25));
+    }
+
+    /// A vLLM 0.33 exposition (abridged from its /metrics: labelled per model and engine, one
+    /// series per engine core) and an SGLang 0.5 one.
+    const VLLM: &str = r#"# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="llama"} 7.0
+vllm:num_requests_running{engine="1",model_name="llama"} 5.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="llama"} 2.0
+vllm:num_requests_waiting{engine="1",model_name="llama"} 1.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="llama"} 0.5
+vllm:kv_cache_usage_perc{engine="1",model_name="llama"} 0.3
+# TYPE vllm:generation_tokens_total counter
+vllm:generation_tokens_total{engine="0",model_name="llama"} 1200.0
+vllm:generation_tokens_total{engine="1",model_name="llama"} 800.0
+vllm:generation_tokens_created{engine="0",model_name="llama"} 1.7e9
+tessera_requests_waiting 99
+"#;
+    const SGLANG: &str = r#"# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{model_name="llama",tp_rank="0"} 4.0
+# TYPE sglang:num_queue_reqs gauge
+sglang:num_queue_reqs{model_name="llama",tp_rank="0"} 6.0
+# TYPE sglang:token_usage gauge
+sglang:token_usage{model_name="llama",tp_rank="0"} 0.42
+# TYPE sglang:generation_tokens_total counter
+sglang:generation_tokens_total{model_name="llama"} 5000.0
+"#;
+
+    #[test]
+    fn each_engine_is_read_from_its_own_series() {
+        let v = LeaderMetrics::from_engine_text(EngineName::Vllm, VLLM);
+        assert_eq!(v.waiting, Some(3.0));
+        assert_eq!(v.running, Some(12.0));
+        assert_eq!(v.kv_cache_utilization, Some(0.4));
+        assert_eq!(v.generated_tokens_total, Some(2000.0));
+        let s = LeaderMetrics::from_engine_text(EngineName::Sglang, SGLANG);
+        assert_eq!(
+            (s.waiting, s.running, s.kv_cache_utilization),
+            (Some(6.0), Some(4.0), Some(0.42))
+        );
+        assert_eq!(s.generated_tokens_total, Some(5000.0));
+        // Another engine's series are not mistaken for this one's: missing, so the decision
+        // holds.
+        let t = LeaderMetrics::from_engine_text(EngineName::Sglang, VLLM);
+        assert_eq!(t, LeaderMetrics::default());
+        let s =
+            LeaderMetrics::from_engine_text(EngineName::Vllm, VLLM).sample(Some((1000.0, 10.0)));
+        assert_eq!(s.tokens_per_second, Some(100.0));
     }
 
     #[test]

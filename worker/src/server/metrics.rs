@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `tessera_requests_waiting` | gauge | requests queued, not yet admitted |
 //! | `tessera_requests_running` | gauge | sequences being generated |
-//! | `tessera_kv_cache_utilization` | gauge | KV-cache bytes in use / the scheduler's budget (0..1) |
+//! | `tessera_kv_cache_usage_ratio` | gauge | KV-cache bytes in use / the scheduler's budget (0..1) |
 //! | `tessera_prompt_tokens_total` | counter | prompt tokens prefilled |
 //! | `tessera_generated_tokens_total` | counter | tokens generated |
 //! | `tessera_requests_total{finish_reason}` | counter | finished requests by outcome |
@@ -116,8 +116,8 @@ impl ServerMetrics {
             requests_running.clone(),
         );
         registry.register(
-            "tessera_kv_cache_utilization",
-            "KV-cache bytes in use over the scheduler's KV-cache budget (0 to 1)",
+            "tessera_kv_cache_usage_ratio",
+            "KV-cache bytes in use over the scheduler's KV-cache budget (0 to 1; named tessera_kv_cache_utilization before)",
             kv_cache_utilization.clone(),
         );
         // prometheus-client appends `_total` to counter names.
