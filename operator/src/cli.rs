@@ -30,6 +30,9 @@ pub enum Command {
     /// Replay a load trace (CSV `t,demand`) through the autoscaler's decision code and print the
     /// replicas it would choose, row by row (docs/autoscaling.md).
     SimulateAutoscaling(crate::simulate_cmd::SimulateArgs),
+    /// Read a running replica leader's /metrics through the autoscaler's scrape code (the
+    /// engine's own series) and print the sample and the decision it would take, as JSON.
+    Scrape(crate::scrape_cmd::ScrapeArgs),
 }
 
 /// Flags of `tessera-operator run`. The Helm chart sets these; keep docs/operator.md in step.

@@ -12,4 +12,5 @@ pub mod controller;
 pub mod logging;
 pub mod plan_cmd;
 pub mod planner;
+pub mod scrape_cmd;
 pub mod simulate_cmd;
