@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. Installs what it needs (the test model and llama.cpp's
 # tokenizer test vocabularies into models/, Helm and Python packages into .tools/) and runs:
-# rustfmt, clippy, every Rust test, the chart checks.
+# rustfmt, clippy, every Rust test, the chart checks, and the real engines (vLLM's and SGLang's
+# parsers on every rendered argument list; a real vLLM on CPU through the rendered command:
+# scripts/engine-check.sh, which installs them once into .tools/engines, about 4.5 GB).
 # Usage: scripts/test.sh            (from anywhere inside the repository)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,5 +36,8 @@ if [ -x scripts/chart-test.sh ]; then
   step "chart and manifest checks"
   scripts/chart-test.sh
 fi
+
+step "engines: vLLM and SGLang parsers, a real vLLM on CPU (scripts/engine-check.sh)"
+scripts/engine-check.sh
 
 step "all checks passed"

@@ -92,7 +92,7 @@ pub const WORKER_SERVICE_ACCOUNT: &str = "tessera-worker";
 pub const RUN_AS_USER: i64 = 65532;
 
 /// Default image of `engine: vllm` (vLLM's OpenAI server image; the version docs/engines.md names).
-pub const DEFAULT_VLLM_IMAGE: &str = "vllm/vllm-openai:v0.33.0";
+pub const DEFAULT_VLLM_IMAGE: &str = "vllm/vllm-openai:v0.32.0";
 /// Default image of `engine: sglang`.
 pub const DEFAULT_SGLANG_IMAGE: &str = "lmsysorg/sglang:v0.5.23";
 

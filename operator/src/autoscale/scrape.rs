@@ -2,7 +2,7 @@
 //! the OpenMetrics text the worker's prometheus-client writes), the few series the autoscaler
 //! needs, and a bounded HTTP/1.1 GET.
 //!
-//! Series read from a replica leader, by engine (vLLM 0.33's and SGLang 0.5.23's names, checked
+//! Series read from a replica leader, by engine (vLLM 0.32's and SGLang 0.5.23's names, checked
 //! against their sources):
 //!
 //! | what | `tessera` | `vllm` | `sglang` |
@@ -396,7 +396,7 @@ tessera_odd{broken 1
         assert_eq!(m.kv_cache_utilization, Some(0.25));
     }
 
-    /// A vLLM 0.33 exposition (abridged from its /metrics: labelled per model and engine, one
+    /// A vLLM 0.32 exposition (abridged from its /metrics: labelled per model and engine, one
     /// series per engine core) and an SGLang 0.5 one.
     const VLLM: &str = r#"# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
