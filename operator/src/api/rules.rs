@@ -127,10 +127,10 @@ fn owned_args_rule(engine: &str, pattern: &str) -> CelRule {
     CelRule {
         at: &["spec", "engine"],
         rule: format!(
-            "self.name != '{engine}' || !has(self.args) || !self.args.exists(a, a.matches('{pattern}'))"
+            "self.name != '{engine}' || !has(self.args) || !self.args.exists(x, x.matches('{pattern}'))"
         ),
         message_expression: format!(
-            "self.args.filter(a, a.matches('{pattern}')).join(', ') + ': set by the operator for {engine} from the plan and the spec (parallel sizes, node rank, addresses, ports, model, served name, concurrency, context length); remove it and change the ModelDeployment field instead (parallelism, serving, model)'"
+            "self.args.filter(x, x.matches('{pattern}')).join(', ') + ': set by the operator for {engine} from the plan and the spec (parallel sizes, node rank, addresses, ports, model, served name, concurrency, context length); remove it and change the ModelDeployment field instead (parallelism, serving, model)'"
         ),
         message: format!("engine.args must not set arguments the operator owns for {engine}"),
         field_path: Some(".args"),
