@@ -1232,3 +1232,88 @@ async fn a_panicking_scheduler_fails_liveness_and_readiness() {
     assert_eq!(again.status, 503, "{}", again.text());
     task.abort();
 }
+
+/// OpenAI fields the server does not implement are refused with 400 naming the field (they were
+/// silently ignored), while their neutral values, which clients send by default, are accepted.
+#[tokio::test]
+async fn unsupported_openai_fields_are_refused_by_name_and_neutral_values_pass() {
+    let _g = SERIAL.lock().await;
+    let s = Server::default().await;
+    let chat = "/v1/chat/completions";
+    let with = |field: &str, v: Value| {
+        let mut b = chat_body(FRANCE, 4);
+        b[field] = v;
+        b
+    };
+    let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    for (field, v) in [
+        ("tools", tool),
+        ("tool_choice", json!("required")),
+        (
+            "tool_choice",
+            json!({"type": "function", "function": {"name": "f"}}),
+        ),
+        ("functions", json!([{"name": "f"}])),
+        ("response_format", json!({"type": "json_object"})),
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "x"}}),
+        ),
+        ("presence_penalty", json!(0.5)),
+        ("frequency_penalty", json!(-1.0)),
+        ("repetition_penalty", json!(1.2)),
+        ("logit_bias", json!({"50256": -100})),
+        ("stop_token_ids", json!([2])),
+        ("top_logprobs", json!(3)),
+    ] {
+        let r = s.post(chat, &with(field, v.clone())).await;
+        let e = assert_openai_error(&r, 400, Some(field));
+        assert_eq!(e["error"]["code"], "unsupported_parameter", "{field}={v}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().starts_with(field),
+            "{e}"
+        );
+    }
+    for (field, v) in [
+        ("tools", json!([])),
+        ("tool_choice", json!("none")),
+        ("response_format", json!({"type": "text"})),
+        ("presence_penalty", json!(0)),
+        ("frequency_penalty", json!(0.0)),
+        ("repetition_penalty", json!(1.0)),
+        ("logit_bias", json!({})),
+        ("stop_token_ids", json!([])),
+        ("top_logprobs", json!(0)),
+    ] {
+        let r = s.post(chat, &with(field, v.clone())).await;
+        assert_eq!(r.status, 200, "{field}={v}: {}", r.text());
+    }
+    // Model ids with a slash (Hugging Face style) are routed to the model, not a 404 route.
+    let r = s.get("/v1/models/org/some-model").await;
+    let e = assert_openai_error(&r, 404, Some("model"));
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("org/some-model"),
+        "{e}"
+    );
+    s.handle.shutdown();
+}
+
+/// A server whose served name contains `/` answers `GET /v1/models/{id}` for it.
+#[tokio::test]
+async fn a_served_name_with_a_slash_is_found() {
+    let _g = SERIAL.lock().await;
+    let (handle, metrics) = spawn_scheduler(sched_cfg());
+    let name = "HuggingFaceTB/SmolLM2-135M-Instruct";
+    let router = server::router(ServerConfig::new(name), handle.clone(), metrics);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move { axum::serve(listener, router).await });
+    let r = request(addr, "GET", &format!("/v1/models/{name}"), None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["id"], name);
+    task.abort();
+    handle.shutdown();
+}

@@ -114,7 +114,9 @@ impl Sampler {
             .filter(|(_, v)| v.is_finite())
             .map(|(i, &v)| (i as u32, v / p.temperature))
             .collect();
-        if cand.is_empty() {
+        // A temperature so small that logits / temperature overflows (1e-40, say) leaves only
+        // infinities, whose softmax is NaN: that is greedy decoding.
+        if cand.is_empty() || cand.iter().any(|c| !c.1.is_finite()) {
             return argmax(logits);
         }
         let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
@@ -215,6 +217,22 @@ mod tests {
         let freq = |t| a.iter().filter(|&&x| x == t).count() as f32 / 6000.0;
         for (t, p) in [(0, 1.0 / 6.0), (1, 2.0 / 6.0), (2, 3.0 / 6.0)] {
             assert!((freq(t) - p).abs() < 0.03, "token {t}: {} vs {p}", freq(t));
+        }
+    }
+
+    /// Logits over a subnormal temperature overflow to infinity; the softmax of infinities
+    /// is NaN, and the draw then fell through to the *least* likely kept token.
+    #[test]
+    fn a_temperature_so_small_it_overflows_is_greedy() {
+        for t in [1e-40f32, f32::MIN_POSITIVE, 1e-30] {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: t,
+                seed: Some(3),
+                ..Default::default()
+            });
+            for _ in 0..20 {
+                assert_eq!(s.sample(&[1.0, 30.0, -2.0, 29.5]), 1, "temperature {t}");
+            }
         }
     }
 

@@ -118,7 +118,8 @@ pub fn router(cfg: ServerConfig, handle: SchedulerHandle, metrics: Arc<ServerMet
     };
     Router::new()
         .route("/v1/models", get(openai::list_models))
-        .route("/v1/models/{id}", get(openai::get_model))
+        // Served names may contain `/` (`org/model`), as Hugging Face ids do.
+        .route("/v1/models/{*id}", get(openai::get_model))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat))
         .route("/healthz", get(healthz))

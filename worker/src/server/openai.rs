@@ -92,6 +92,30 @@ struct Common {
     logprobs: Option<Value>,
     /// Extension (vLLM): do not stop at the model's end-of-sequence tokens.
     ignore_eos: Option<bool>,
+    // Fields this server does not implement yet: refused with 400 naming the field when set to
+    // anything but their neutral value, never silently ignored.
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    repetition_penalty: Option<f64>,
+    logit_bias: Option<Value>,
+    stop_token_ids: Option<Value>,
+    top_logprobs: Option<Value>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    response_format: Option<Value>,
+}
+
+/// Whether a JSON value is absent in effect (null, false, 0, "", [] or {}).
+fn neutral(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        Value::Bool(true) => false,
+    }
 }
 
 #[derive(Deserialize)]
@@ -186,6 +210,58 @@ impl Common {
                 "n",
                 format!("only n = 1 is supported, got {n}"),
             ));
+        }
+        let unsupported = |field: &str, what: &str| {
+            Err(ApiError::param(
+                field,
+                format!("{field} is not supported by this server yet ({what}); remove it"),
+            )
+            .with_code("unsupported_parameter"))
+        };
+        for (field, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if v.is_some_and(|v| v != 0.0) {
+                return unsupported(field, "only 0 is accepted");
+            }
+        }
+        if self.repetition_penalty.is_some_and(|v| v != 1.0) {
+            return unsupported("repetition_penalty", "only 1 is accepted");
+        }
+        for (field, v, what) in [
+            ("logit_bias", &self.logit_bias, "an empty map is accepted"),
+            (
+                "stop_token_ids",
+                &self.stop_token_ids,
+                "an empty list is accepted",
+            ),
+            ("top_logprobs", &self.top_logprobs, "0 is accepted"),
+            ("tools", &self.tools, "tool calling is not implemented"),
+            (
+                "functions",
+                &self.functions,
+                "function calling is not implemented",
+            ),
+        ] {
+            if v.as_ref().is_some_and(|v| !neutral(v)) {
+                return unsupported(field, what);
+            }
+        }
+        match &self.tool_choice {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s == "none" || s == "auto" => {}
+            Some(_) => return unsupported("tool_choice", "tool calling is not implemented"),
+        }
+        match &self.response_format {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("text") => {}
+            Some(_) => {
+                return unsupported(
+                    "response_format",
+                    "only {\"type\": \"text\"} is accepted; JSON modes are not implemented",
+                );
+            }
         }
         match &self.logprobs {
             None | Some(Value::Null) | Some(Value::Bool(false)) => {}
