@@ -1317,3 +1317,129 @@ async fn a_served_name_with_a_slash_is_found() {
     task.abort();
     handle.shutdown();
 }
+
+/// Start a server with explicit HTTP limits; returns its address, the scheduler and the serve
+/// task with its shutdown trigger.
+async fn start_limited(
+    limits: server::HttpLimits,
+) -> (
+    SocketAddr,
+    SchedulerHandle,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let (handle, metrics) = spawn_scheduler(sched_cfg());
+    let router = server::router(ServerConfig::new(MODEL_NAME), handle.clone(), metrics);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server::serve_with_limits(
+        listener,
+        router,
+        handle.clone(),
+        limits,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    (addr, handle, tx, task)
+}
+
+/// Read until the server closes the connection (or `limit` passes: then `None`).
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(got),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A client that trickles its header, or sits idle on a kept-alive connection, is cut after
+/// the header read timeout (axum's serve had no timer: such clients were held forever); beyond
+/// the connection cap a new connection is closed at once and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_idle_and_excess_connections_are_cut() {
+    let _g = SERIAL.lock().await;
+    let limits = server::HttpLimits {
+        header_read_timeout: Duration::from_secs(1),
+        max_connections: 2,
+        shutdown_grace: Duration::from_secs(5),
+    };
+    let (addr, handle, stop, task) = start_limited(limits).await;
+    // A trickled header: cut within the timeout (plus slack), never answered.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let got = closed_within(&mut slow, Duration::from_secs(10))
+        .await
+        .expect("a trickling client is disconnected");
+    assert!(!String::from_utf8_lossy(&got).contains("200 OK"), "{got:?}");
+    // An idle keep-alive connection after one answered request: closed.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let got = closed_within(&mut idle, Duration::from_secs(10))
+        .await
+        .expect("an idle kept-alive connection is closed");
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"),
+        "{got:?}"
+    );
+    // The cap: two connections hold both slots; a third is closed at once, without an answer.
+    let _a = TcpStream::connect(addr).await.unwrap();
+    let _b = TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    let _ = c
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let got = closed_within(&mut c, Duration::from_millis(900))
+        .await
+        .expect("the connection beyond the cap is closed before the header timeout");
+    assert!(got.is_empty(), "{got:?}");
+    assert!(server::HTTP_CONNECTIONS_REFUSED.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    // Once the idle holders time out, connections are accepted again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = request(addr, "GET", "/healthz", None).await;
+    assert_eq!(r.status, 200);
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+    handle.shutdown();
+}
+
+/// Shutdown does not wait for idle connections: with one open and silent (and a header timeout
+/// far away), the server still returns within its grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_does_not_hold_shutdown() {
+    let _g = SERIAL.lock().await;
+    let limits = server::HttpLimits {
+        header_read_timeout: Duration::from_secs(600),
+        max_connections: 16,
+        shutdown_grace: Duration::from_secs(3),
+    };
+    let (addr, handle, stop, task) = start_limited(limits).await;
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let _silent = TcpStream::connect(addr).await.unwrap();
+    let t = Instant::now();
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(8), task)
+        .await
+        .expect("serve returns although connections are open")
+        .unwrap()
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(8));
+    handle.shutdown();
+}

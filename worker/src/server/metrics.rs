@@ -12,6 +12,7 @@
 //! | `tessera_requests_total{finish_reason}` | counter | finished requests by outcome |
 //! | `tessera_time_to_first_token_seconds` | histogram | submission to first generated token |
 //! | `tessera_inter_token_latency_seconds` | histogram | between consecutive generated tokens |
+//! | `tessera_http_connections_refused_total` | counter | connections closed at once because `max_connections` were open |
 //! | `tessera_tokenize_seconds` | histogram | tokenising one prompt (requests refused by admission are never tokenised) |
 //! | `tessera_allreduce_calls_total` | counter | all-reduce calls of this process |
 //! | `tessera_allreduce_bytes_total` | counter | all-reduce payload bytes |
@@ -66,6 +67,7 @@ pub struct ServerMetrics {
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub tokenize_seconds: Histogram,
+    http_connections_refused: Counter,
     allreduce_calls: Counter,
     allreduce_bytes: Counter,
     allreduce_seconds: Counter<f64, AtomicU64>,
@@ -102,6 +104,7 @@ impl ServerMetrics {
         let time_to_first_token = Histogram::new(TTFT_BUCKETS);
         let inter_token_latency = Histogram::new(ITL_BUCKETS);
         let tokenize_seconds = Histogram::new(TOKENIZE_BUCKETS);
+        let http_connections_refused = Counter::default();
         let allreduce_calls = Counter::default();
         let allreduce_bytes = Counter::default();
         let allreduce_seconds = Counter::<f64, AtomicU64>::default();
@@ -152,6 +155,11 @@ impl ServerMetrics {
             tokenize_seconds.clone(),
         );
         registry.register(
+            "tessera_http_connections_refused",
+            "Connections closed at once because the connection cap was reached",
+            http_connections_refused.clone(),
+        );
+        registry.register(
             "tessera_allreduce_calls",
             "All-reduce calls of this process",
             allreduce_calls.clone(),
@@ -177,6 +185,7 @@ impl ServerMetrics {
             time_to_first_token,
             inter_token_latency,
             tokenize_seconds,
+            http_connections_refused,
             allreduce_calls,
             allreduce_bytes,
             allreduce_seconds,
@@ -223,6 +232,9 @@ impl ServerMetrics {
     /// The metrics as Prometheus (OpenMetrics) text.
     pub fn render(&self) -> String {
         self.sync_allreduce();
+        let refused = super::HTTP_CONNECTIONS_REFUSED.load(Ordering::Relaxed);
+        self.http_connections_refused
+            .inc_by(refused.saturating_sub(self.http_connections_refused.get()));
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         if let Some((telemetry, hostname)) = self.gpu.get() {

@@ -20,6 +20,7 @@ mod openai;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -184,30 +185,128 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
         .into_response()
 }
 
+/// Limits of the HTTP layer against slow, idle and too many clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// A client must send a request's whole header within this time, and an idle keep-alive
+    /// connection is closed when no new request starts within it (hyper runs the same timer
+    /// while it waits for the next request head).
+    pub header_read_timeout: Duration,
+    /// Connections open at once; a connection beyond them is closed at once (counted in
+    /// `tessera_http_connections_refused_total`), before it can hold memory or a file descriptor
+    /// for long.
+    pub max_connections: usize,
+    /// After the requests in flight are done, connections still open (idle keep-alive, slow
+    /// readers of a finished response) get this long before the server returns anyway.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Serve `router` until `shutdown` resolves; then stop admission (new requests get 503, and
 /// `/readyz` fails), wait for the requests in flight to finish and their responses to be
-/// written, and return.
+/// written, and return. With the default [`HttpLimits`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     handle: SchedulerHandle,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let drained = async move {
-        shutdown.await;
-        tracing::info!(
-            in_flight = handle.in_flight(),
-            "shutting down: admission stopped, draining requests in flight"
-        );
-        handle.begin_drain();
-        handle.wait_idle().await;
-        tracing::info!("drained");
+    serve_with_limits(listener, router, handle, HttpLimits::default(), shutdown).await
+}
+
+/// [`serve`] with explicit limits. Connections are served by hyper's HTTP/1.1 server with a
+/// header read timeout (axum's own `serve` sets no timer, so a client that sends a header byte
+/// a minute, or an idle keep-alive connection, was held forever and could keep shutdown
+/// waiting), a cap on open connections, and a bounded wait for open connections at shutdown.
+pub async fn serve_with_limits(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    handle: SchedulerHandle,
+    limits: HttpLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    let drained = {
+        let handle = handle.clone();
+        async move {
+            shutdown.await;
+            tracing::info!(
+                in_flight = handle.in_flight(),
+                "shutting down: admission stopped, draining requests in flight"
+            );
+            handle.begin_drain();
+            handle.wait_idle().await;
+            tracing::info!("drained");
+        }
     };
-    axum::serve(listener, router)
-        .with_graceful_shutdown(drained)
-        .await?;
+    tokio::pin!(drained);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut drained => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!(%peer, "connection refused: {} connections are open", limits.max_connections);
+            HTTP_CONNECTIONS_REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = http1.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(router.clone()),
+        );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    // Responses of the drained requests are being written; idle connections are closed.
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "{} s after draining, some connections were still open; stopping anyway",
+            limits.shutdown_grace.as_secs()
+        );
+    }
     Ok(())
 }
+
+/// Connections closed at once because `max_connections` were open (all servers of the process).
+pub static HTTP_CONNECTIONS_REFUSED: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
 
 /// Serve one model on one rank at `addr` until SIGINT/SIGTERM (for trying the API by hand and
 /// for tests): `threads` CPU threads (0: all cores), the model's file name as served name unless
