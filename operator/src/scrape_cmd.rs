@@ -43,22 +43,11 @@ pub struct ScrapeReport {
     pub engine: &'static str,
     pub leader: String,
     /// The series as read on the second scrape.
-    pub metrics: MetricsReport,
+    pub metrics: LeaderMetrics,
     /// The decision's per-replica sample.
     pub sample: ReplicaSample,
     /// The autoscaler's decision for `--replicas` replicas, every one loaded like this one.
     pub decision: Decision,
-}
-
-/// [`LeaderMetrics`] as JSON.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MetricsReport {
-    pub waiting: Option<f64>,
-    pub running: Option<f64>,
-    pub kv_cache_utilization: Option<f64>,
-    pub generated_tokens_total: Option<f64>,
-    pub gpu_utilization: Option<f64>,
 }
 
 /// Scrape and decide; the error says what failed and how to fix it.
@@ -114,13 +103,7 @@ pub async fn run(args: &ScrapeArgs) -> Result<ScrapeReport, String> {
     Ok(ScrapeReport {
         engine: engine.as_str(),
         leader: args.leader.to_string(),
-        metrics: MetricsReport {
-            waiting: second.waiting,
-            running: second.running,
-            kv_cache_utilization: second.kv_cache_utilization,
-            generated_tokens_total: second.generated_tokens_total,
-            gpu_utilization: second.gpu_utilization,
-        },
+        metrics: second,
         sample,
         decision,
     })

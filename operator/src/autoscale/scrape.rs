@@ -130,7 +130,8 @@ fn parse_labels(s: &str) -> Option<(Vec<(String, String)>, &str)> {
 }
 
 /// The raw values the autoscaler needs from one leader's `/metrics`.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct LeaderMetrics {
     pub waiting: Option<f64>,
     pub running: Option<f64>,
