@@ -434,6 +434,16 @@ fn split_host_port(v: &str) -> Option<(String, Option<u16>)> {
 /// The model file, downloading it first when the URI is http(s) and it is not there yet.
 pub fn ensure_model(cfg: &ServeConfig) -> anyhow::Result<PathBuf> {
     if let Some(url) = cfg.http_uri() {
+        if cfg.model_path.exists()
+            && !existing_matches(&cfg.model_path, cfg.model_sha256.as_deref())?
+        {
+            tracing::warn!(
+                path = %cfg.model_path.display(),
+                "the model downloaded before does not match TESSERA_MODEL_SHA256; downloading it again"
+            );
+            std::fs::remove_file(&cfg.model_path)
+                .with_context(|| format!("removing {}", cfg.model_path.display()))?;
+        }
         if cfg.model_path.exists() {
             tracing::info!(path = %cfg.model_path.display(), "using the model downloaded before");
         } else {
@@ -449,6 +459,24 @@ pub fn ensure_model(cfg: &ServeConfig) -> anyhow::Result<PathBuf> {
         ));
     }
     Ok(cfg.model_path.clone())
+}
+
+/// Whether a model file already on disk may be used: always without a checksum, else only when
+/// its SHA-256 matches (a file from an earlier, different or corrupted download must not be
+/// served).
+pub fn existing_matches(path: &Path, sha256: Option<&str>) -> anyhow::Result<bool> {
+    let Some(want) = sha256 else { return Ok(true) };
+    if !path.is_file() {
+        return Ok(true);
+    }
+    let got = sha256_file(path)?;
+    if got.eq_ignore_ascii_case(want) {
+        tracing::info!("sha256 {got} of the model on disk verified");
+        Ok(true)
+    } else {
+        tracing::warn!("the model on disk has sha256 {got}, expected {want}");
+        Ok(false)
+    }
 }
 
 /// The URL without its query (which may hold a signature) for the log.
@@ -486,10 +514,42 @@ impl std::fmt::Display for Fatal {
 
 impl std::error::Error for Fatal {}
 
+/// How a model download waits and retries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DownloadOptions {
+    /// A read that brings no byte for this long breaks the connection (then the download
+    /// resumes). There is no deadline on the whole body: a 100 GB model takes as long as it takes.
+    pub idle_timeout: Duration,
+    /// Interruptions in a row without progress before giving up; any progress resets the count.
+    pub max_failures: u32,
+    /// First wait before resuming; doubles with each interruption in a row (up to 32x).
+    pub backoff: Duration,
+}
+
+impl Default for DownloadOptions {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(60),
+            max_failures: 8,
+            backoff: Duration::from_millis(500),
+        }
+    }
+}
+
 /// Download `url` to `dest` once: into `DEST.partial`, resuming it with a Range request after an
 /// interruption (and across restarts), logging progress, checking the SHA-256 when given, and
-/// renaming it to `dest` only when complete and verified.
+/// renaming it to `dest` only when complete and verified. With [`DownloadOptions::default`].
 pub fn download(url: &str, dest: &Path, sha256: Option<&str>) -> anyhow::Result<()> {
+    download_with(url, dest, sha256, DownloadOptions::default())
+}
+
+/// [`download`] with explicit timeouts and retry budget.
+pub fn download_with(
+    url: &str,
+    dest: &Path,
+    sha256: Option<&str>,
+    opts: DownloadOptions,
+) -> anyhow::Result<()> {
     let name = dest
         .file_name()
         .with_context(|| format!("{} has no file name", dest.display()))?;
@@ -502,16 +562,27 @@ pub fn download(url: &str, dest: &Path, sha256: Option<&str>) -> anyhow::Result<
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(30)))
         .timeout_recv_response(Some(Duration::from_secs(60)))
-        .timeout_recv_body(Some(Duration::from_secs(60)))
+        // An idle timeout per read, not a deadline on the whole body (ureq's recv_body budget
+        // is total: with 60 s, every download longer than a minute was cut, and after eight
+        // cuts it failed).
+        .timeout_recv_body(None)
+        .timeout_per_read(Some(opts.idle_timeout))
         .http_status_as_error(false)
         .build()
         .into();
     let started = Instant::now();
     let mut failures = 0u32;
+    let size_of = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
     loop {
-        match fetch(&agent, url, &partial) {
+        let before = size_of(&partial);
+        let result = fetch(&agent, url, &partial);
+        if size_of(&partial) > before {
+            // Progress: only interruptions in a row without any count against the budget.
+            failures = 0;
+        }
+        match result {
             Ok(()) => break,
-            Err(e) if e.is::<Fatal>() || failures >= 8 => {
+            Err(e) if e.is::<Fatal>() || failures >= opts.max_failures => {
                 return Err(e.context(format!(
                     "downloading the model from {} (TESSERA_MODEL_URI)",
                     display_url(url)
@@ -519,7 +590,7 @@ pub fn download(url: &str, dest: &Path, sha256: Option<&str>) -> anyhow::Result<
             }
             Err(e) => {
                 failures += 1;
-                let wait = Duration::from_millis(500 << failures.min(5));
+                let wait = opts.backoff * (1u32 << failures.min(5));
                 tracing::warn!(
                     "download of {} interrupted ({e:#}); resuming in {:.1} s (attempt {})",
                     display_url(url),

@@ -920,3 +920,172 @@ fn model_downloads_resume_after_a_break_and_check_sha256() {
     serve::download(&url, &dest, None).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
 }
+
+/// A server for `blob()` that sends each response in `piece`-byte writes `pause` apart and cuts
+/// every response after `cut` bytes of body (honouring `Range`). Returns the URL and the Range
+/// headers it saw.
+fn scripted_server(
+    piece: usize,
+    pause: Duration,
+    cut: Option<usize>,
+) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/m.gguf", listener.local_addr().unwrap());
+    let ranges = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&ranges);
+    std::thread::spawn(move || {
+        let (data, _) = blob();
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut from = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                    seen.lock().unwrap().push(v.trim().to_owned());
+                    from = v.trim().trim_end_matches('-').parse().unwrap();
+                }
+            }
+            let body = &data[from..];
+            let head = if from > 0 {
+                format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nConnection: close\r\n\r\n",
+                    body.len(),
+                    data.len() - 1,
+                    data.len()
+                )
+            } else {
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                )
+            };
+            let _ = s.write_all(head.as_bytes());
+            let send = &body[..cut.map_or(body.len(), |c| c.min(body.len()))];
+            for p in send.chunks(piece) {
+                if s.write_all(p).is_err() {
+                    break;
+                }
+                std::thread::sleep(pause);
+            }
+        }
+    });
+    (url, ranges)
+}
+
+/// A download that takes longer than the idle timeout, but never stalls that long, is not cut
+/// (the old client had a 60 s deadline on the whole body: any model that took longer to
+/// download was cut and resumed, and after eight cuts the download failed).
+#[test]
+fn a_slow_download_is_not_cut_while_bytes_keep_coming() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, sha) = blob();
+    let (url, ranges) = scripted_server(30_000, Duration::from_millis(250), None);
+    let dest = tmp.path().join("m.gguf");
+    let opts = serve::DownloadOptions {
+        idle_timeout: Duration::from_secs(1),
+        max_failures: 2,
+        backoff: Duration::from_millis(10),
+    };
+    let t = std::time::Instant::now();
+    serve::download_with(&url, &dest, Some(sha), opts).unwrap();
+    assert!(
+        t.elapsed() > Duration::from_secs(2),
+        "the body took its time"
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert!(ranges.lock().unwrap().is_empty(), "no resume was needed");
+}
+
+/// Interruptions that each bring progress do not use up the retry budget: ten cuts with a
+/// budget of three still finish (the counter used to grow with every cut).
+#[test]
+fn interruptions_with_progress_do_not_exhaust_the_retries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, sha) = blob();
+    let (url, ranges) = scripted_server(10_000, Duration::ZERO, Some(30_000));
+    let dest = tmp.path().join("m.gguf");
+    let opts = serve::DownloadOptions {
+        idle_timeout: Duration::from_secs(5),
+        max_failures: 3,
+        backoff: Duration::from_millis(10),
+    };
+    serve::download_with(&url, &dest, Some(sha), opts).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert_eq!(
+        ranges.lock().unwrap().len(),
+        9,
+        "{:?}",
+        ranges.lock().unwrap()
+    );
+}
+
+/// A stall longer than the idle timeout breaks the connection and the download resumes.
+#[test]
+fn a_stalled_download_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, sha) = blob();
+    // Every response stops after 150,000 bytes and then hangs (the connection stays open).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/m.gguf", listener.local_addr().unwrap());
+    let ranges = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = Arc::clone(&ranges);
+    std::thread::spawn(move || {
+        let (data, _) = blob();
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut from = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                    seen.lock().unwrap().push(v.trim().to_owned());
+                    from = v.trim().trim_end_matches('-').parse().unwrap();
+                }
+            }
+            let body = &data[from..];
+            let head = if from > 0 {
+                format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\n\r\n",
+                    body.len(),
+                    data.len() - 1,
+                    data.len()
+                )
+            } else {
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+            };
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&body[..body.len().min(150_000)]);
+            held.push(s);
+        }
+    });
+    let dest = tmp.path().join("m.gguf");
+    let opts = serve::DownloadOptions {
+        idle_timeout: Duration::from_millis(500),
+        max_failures: 2,
+        backoff: Duration::from_millis(10),
+    };
+    serve::download_with(&url, &dest, Some(sha), opts).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert_eq!(*ranges.lock().unwrap(), vec!["150000-".to_owned()]);
+}
+
+/// A model file already on disk is used only if it matches the checksum.
+#[test]
+fn an_existing_model_is_verified_before_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, sha) = blob();
+    let path = tmp.path().join("m.gguf");
+    std::fs::write(&path, &data).unwrap();
+    assert!(serve::existing_matches(&path, Some(sha)).unwrap());
+    assert!(serve::existing_matches(&path, None).unwrap());
+    std::fs::write(&path, &data[..1000]).unwrap();
+    assert!(!serve::existing_matches(&path, Some(sha)).unwrap());
+}
