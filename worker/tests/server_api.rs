@@ -1443,3 +1443,40 @@ async fn an_idle_connection_does_not_hold_shutdown() {
     assert!(t.elapsed() < Duration::from_secs(8));
     handle.shutdown();
 }
+
+/// A burst beyond the tokenisation permits waits for one instead of getting 429 (with one
+/// permit and eight requests at once, most find it taken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_the_tokenisation_permits_waits_for_them() {
+    let _g = SERIAL.lock().await;
+    let (handle, metrics) = spawn_scheduler(sched_cfg());
+    let cfg = ServerConfig {
+        max_concurrent_tokenizations: 1,
+        ..ServerConfig::new(MODEL_NAME)
+    };
+    let router = server::router(cfg, handle.clone(), metrics);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move { axum::serve(listener, router).await });
+    let prompt = "The history of the city of Paris begins about 250 BC. ".repeat(40);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let body = json!({"model": MODEL_NAME, "prompt": prompt, "max_tokens": 2});
+            tokio::spawn(async move {
+                request(
+                    addr,
+                    "POST",
+                    "/v1/completions",
+                    Some(body.to_string().as_bytes()),
+                )
+                .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    task.abort();
+    handle.shutdown();
+}

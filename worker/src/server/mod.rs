@@ -45,8 +45,8 @@ pub struct ServerConfig {
     pub served_model_name: String,
     /// Largest request body accepted (413 above).
     pub max_body_bytes: usize,
-    /// Prompts tokenised at the same time; a request beyond them gets 429 before any CPU is
-    /// spent on it.
+    /// Prompts tokenised at the same time; requests beyond them wait for a permit, and get 429
+    /// before any CPU is spent on them once as many wait as the scheduler's queue holds.
     pub max_concurrent_tokenizations: usize,
     pub readiness: Readiness,
 }
@@ -89,6 +89,8 @@ struct App {
     metrics: Arc<ServerMetrics>,
     /// Permits to tokenise a prompt (see [`ServerConfig::max_concurrent_tokenizations`]).
     tokenize_permits: Arc<tokio::sync::Semaphore>,
+    /// Requests waiting for a tokenisation permit.
+    tokenize_waiting: Arc<std::sync::atomic::AtomicUsize>,
     /// Unix time the router was built (`created` of the model).
     started: u64,
 }
@@ -110,6 +112,7 @@ pub fn router(cfg: ServerConfig, handle: SchedulerHandle, metrics: Arc<ServerMet
     let permits = cfg.max_concurrent_tokenizations.max(1);
     let app = App {
         tokenize_permits: Arc::new(tokio::sync::Semaphore::new(permits)),
+        tokenize_waiting: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         cfg: Arc::new(cfg),
         handle,
         metrics,

@@ -385,18 +385,32 @@ fn resolve_max_tokens(
 
 /// Tokenise off the async workers. Admission is checked first (a full queue, a failed or
 /// draining scheduler answer at once), and at most `max_concurrent_tokenizations` prompts are
-/// tokenised at a time: a request beyond them gets 429, so a flood of long prompts cannot hold
-/// every core before the queue would have refused them anyway.
+/// tokenised at a time. A burst beyond them waits for a permit; only when as many requests
+/// already wait for one as the scheduler's queue holds (`max_waiting`) does a request get 429,
+/// so a flood of long prompts cannot hold every core, and ordinary bursts are not refused.
 async fn tokenize(
     app: &App,
     f: impl FnOnce(&crate::tokenizer::Tokenizer) -> anyhow::Result<Vec<u32>> + Send + 'static,
 ) -> Result<Vec<u32>, ApiError> {
     app.handle.admission_check()?;
-    let Ok(permit) = Arc::clone(&app.tokenize_permits).try_acquire_owned() else {
-        return Err(ApiError::overloaded(format!(
-            "the server is overloaded: {} prompts are being tokenised; retry later",
-            app.cfg.max_concurrent_tokenizations
-        )));
+    let permit = match Arc::clone(&app.tokenize_permits).try_acquire_owned() {
+        Ok(p) => p,
+        Err(_) => {
+            let limit = app.handle.config().max_waiting.max(1);
+            let waiting = app.tokenize_waiting.fetch_add(1, Ordering::SeqCst);
+            let permit = if waiting >= limit {
+                None
+            } else {
+                Arc::clone(&app.tokenize_permits).acquire_owned().await.ok()
+            };
+            app.tokenize_waiting.fetch_sub(1, Ordering::SeqCst);
+            permit.ok_or_else(|| {
+                ApiError::overloaded(format!(
+                    "the server is overloaded: {} prompts are being tokenised and {waiting} wait; retry later",
+                    app.cfg.max_concurrent_tokenizations
+                ))
+            })?
+        }
     };
     let tok = app.handle.tokenizer().clone();
     let metrics = Arc::clone(&app.metrics);
