@@ -1366,7 +1366,7 @@ async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
 async fn slow_idle_and_excess_connections_are_cut() {
     let _g = SERIAL.lock().await;
     let limits = server::HttpLimits {
-        header_read_timeout: Duration::from_secs(1),
+        header_read_timeout: Duration::from_secs(2),
         max_connections: 2,
         shutdown_grace: Duration::from_secs(5),
     };
@@ -1406,7 +1406,7 @@ async fn slow_idle_and_excess_connections_are_cut() {
     assert!(got.is_empty(), "{got:?}");
     assert!(server::HTTP_CONNECTIONS_REFUSED.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     // Once the idle holders time out, connections are accepted again.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let r = request(addr, "GET", "/healthz", None).await;
     assert_eq!(r.status, 200);
     let _ = stop.send(());
