@@ -385,7 +385,7 @@ pub struct EngineLaunch<'a> {
 /// The operator-owned flags are the ones `api::rules` refuses in `engine.args`.
 pub fn engine_command(l: &EngineLaunch<'_>) -> (Option<Vec<String>>, Vec<String>) {
     let s = |x: &str| x.to_owned();
-    let mut args: Vec<String> = match l.engine {
+    let (command, mut args) = match l.engine {
         EngineName::Tessera => return (None, vec![s("serve")]),
         EngineName::Vllm => {
             let mut a = vec![
@@ -423,7 +423,7 @@ pub fn engine_command(l: &EngineLaunch<'_>) -> (Option<Vec<String>>, Vec<String>
                     a.push(s("--headless"));
                 }
             }
-            a
+            (vec![s("vllm")], a)
         }
         EngineName::Sglang => {
             let mut a = vec![
@@ -455,16 +455,11 @@ pub fn engine_command(l: &EngineLaunch<'_>) -> (Option<Vec<String>>, Vec<String>
                     format!("{}:{RENDEZVOUS_PORT}", l.leader_host),
                 ]);
             }
-            a
+            (vec![s("python3"), s("-m"), s("sglang.launch_server")], a)
         }
     };
     args.extend(l.extra_args.iter().cloned());
-    let command = match l.engine {
-        EngineName::Tessera => None,
-        EngineName::Vllm => Some(vec![s("vllm")]),
-        EngineName::Sglang => Some(vec![s("python3"), s("-m"), s("sglang.launch_server")]),
-    };
-    (command, args)
+    (Some(command), args)
 }
 
 /// Probes of a pod: (readiness, liveness, startup). Tessera: `/readyz` (group-wide) on the

@@ -831,9 +831,13 @@ fn blob() -> (Vec<u8>, &'static str) {
     )
 }
 
-/// A small HTTP server for `blob()`: the first full response breaks off half-way, later ones
-/// honour `Range`. Returns the base URL and the Range headers it saw.
-fn flaky_server() -> (String, Arc<Mutex<Vec<String>>>) {
+/// An HTTP server for `blob()`: for each connection it reads the request, answers 200 or (with
+/// `Range: bytes=N-`) 206 with the right head, then hands the stream, the body to send and the
+/// connection's index to `send`. Returns the URL (with a query that must stay out of messages)
+/// and the Range headers it saw.
+fn blob_server(
+    mut send: impl FnMut(std::net::TcpStream, &[u8], usize) + Send + 'static,
+) -> (String, Arc<Mutex<Vec<String>>>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!(
         "http://{}/m.gguf?token=secret",
@@ -843,8 +847,7 @@ fn flaky_server() -> (String, Arc<Mutex<Vec<String>>>) {
     let seen = Arc::clone(&ranges);
     std::thread::spawn(move || {
         let (data, _) = blob();
-        let mut first = true;
-        for stream in listener.incoming() {
+        for (n, stream) in listener.incoming().enumerate() {
             let Ok(mut s) = stream else { continue };
             let mut r = BufReader::new(s.try_clone().unwrap());
             let mut from = 0usize;
@@ -853,8 +856,7 @@ fn flaky_server() -> (String, Arc<Mutex<Vec<String>>>) {
                 if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
                     break;
                 }
-                let lower = line.to_ascii_lowercase();
-                if let Some(v) = lower.strip_prefix("range: bytes=") {
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
                     seen.lock().unwrap().push(v.trim().to_owned());
                     from = v.trim().trim_end_matches('-').parse().unwrap();
                 }
@@ -874,12 +876,21 @@ fn flaky_server() -> (String, Arc<Mutex<Vec<String>>>) {
                 )
             };
             let _ = s.write_all(head.as_bytes());
-            let send = if first { &body[..body.len() / 2] } else { body };
-            first = false;
-            let _ = s.write_all(send);
+            send(s, body, n);
         }
     });
     (url, ranges)
+}
+
+/// The first full response breaks off half-way; later ones are whole.
+fn flaky_server() -> (String, Arc<Mutex<Vec<String>>>) {
+    blob_server(|mut s, body, n| {
+        let _ = s.write_all(if n == 0 {
+            &body[..body.len() / 2]
+        } else {
+            body
+        });
+    })
 }
 
 #[test]
@@ -922,58 +933,21 @@ fn model_downloads_resume_after_a_break_and_check_sha256() {
 }
 
 /// A server for `blob()` that sends each response in `piece`-byte writes `pause` apart and cuts
-/// every response after `cut` bytes of body (honouring `Range`). Returns the URL and the Range
-/// headers it saw.
+/// every response after `cut` bytes of body.
 fn scripted_server(
     piece: usize,
     pause: Duration,
     cut: Option<usize>,
 ) -> (String, Arc<Mutex<Vec<String>>>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/m.gguf", listener.local_addr().unwrap());
-    let ranges = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::clone(&ranges);
-    std::thread::spawn(move || {
-        let (data, _) = blob();
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { continue };
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut from = 0usize;
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                    seen.lock().unwrap().push(v.trim().to_owned());
-                    from = v.trim().trim_end_matches('-').parse().unwrap();
-                }
+    blob_server(move |mut s, body, _| {
+        let send = &body[..cut.map_or(body.len(), |c| c.min(body.len()))];
+        for p in send.chunks(piece) {
+            if s.write_all(p).is_err() {
+                break;
             }
-            let body = &data[from..];
-            let head = if from > 0 {
-                format!(
-                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nConnection: close\r\n\r\n",
-                    body.len(),
-                    data.len() - 1,
-                    data.len()
-                )
-            } else {
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                )
-            };
-            let _ = s.write_all(head.as_bytes());
-            let send = &body[..cut.map_or(body.len(), |c| c.min(body.len()))];
-            for p in send.chunks(piece) {
-                if s.write_all(p).is_err() {
-                    break;
-                }
-                std::thread::sleep(pause);
-            }
+            std::thread::sleep(pause);
         }
-    });
-    (url, ranges)
+    })
 }
 
 /// A download that takes longer than the idle timeout, but never stalls that long, is not cut
@@ -1029,42 +1003,10 @@ fn a_stalled_download_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let (data, sha) = blob();
     // Every response stops after 150,000 bytes and then hangs (the connection stays open).
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/m.gguf", listener.local_addr().unwrap());
-    let ranges = Arc::new(Mutex::new(Vec::<String>::new()));
-    let seen = Arc::clone(&ranges);
-    std::thread::spawn(move || {
-        let (data, _) = blob();
-        let mut held = Vec::new();
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { continue };
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut from = 0usize;
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                    seen.lock().unwrap().push(v.trim().to_owned());
-                    from = v.trim().trim_end_matches('-').parse().unwrap();
-                }
-            }
-            let body = &data[from..];
-            let head = if from > 0 {
-                format!(
-                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\n\r\n",
-                    body.len(),
-                    data.len() - 1,
-                    data.len()
-                )
-            } else {
-                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
-            };
-            let _ = s.write_all(head.as_bytes());
-            let _ = s.write_all(&body[..body.len().min(150_000)]);
-            held.push(s);
-        }
+    let mut held = Vec::new();
+    let (url, ranges) = blob_server(move |mut s, body, _| {
+        let _ = s.write_all(&body[..body.len().min(150_000)]);
+        held.push(s);
     });
     let dest = tmp.path().join("m.gguf");
     let opts = serve::DownloadOptions {
