@@ -400,15 +400,15 @@ fn volume_needs_exactly_one_source() {
 }
 
 #[test]
-fn host_path_volumes_are_refused_by_the_types() {
-    let errors = rejected(&with(
-        base(),
-        "/spec/worker/volumes",
-        json!([{"name": "host", "hostPath": {"path": "/"}}]),
-    ));
-    assert!(
-        errors[0].message.contains("unknown field `hostPath`"),
-        "{errors:?}"
+fn host_path_volumes_are_refused_as_unknown_fields() {
+    assert_single(
+        &with(
+            base(),
+            "/spec/worker/volumes",
+            json!([{"name": "host", "hostPath": {"path": "/"}}]),
+        ),
+        "spec.worker.volumes[0].hostPath",
+        "unknown field \"hostPath\"; the fields here are configMap, emptyDir, name, persistentVolumeClaim, secret (see docs/api.md)",
     );
 }
 
@@ -427,17 +427,78 @@ fn mounts_must_name_declared_volumes() {
 
 #[test]
 fn unknown_fields_are_rejected_with_their_name() {
-    let errors = rejected(&with(base(), "/spec/parallelism/pipline", json!(2)));
-    assert!(
-        errors[0].message.contains("unknown field `pipline`"),
+    assert_single(
+        &with(base(), "/spec/parallelism/pipline", json!(2)),
+        "spec.parallelism.pipline",
+        "unknown field \"pipline\" (did you mean \"pipeline\"?); the fields here are pipeline, tensor (see docs/api.md)",
+    );
+    assert_single(
+        &with(
+            base(),
+            "/spec/worker/resources",
+            json!({"limits": {"nvidia.com/gpu": 8}}),
+        ),
+        "spec.worker.resources.limits.nvidia.com/gpu",
+        "unknown field \"nvidia.com/gpu\"; the fields here are cpu, memory (see docs/api.md)",
+    );
+    // Every unknown field is named, at any depth, not only the first.
+    let v = with(base(), "/spec/replicsa", json!(2));
+    let v = with(
+        v,
+        "/spec/worker/volumeMounts",
+        json!([{"name": "w", "mountPath": "/w", "readonly": true}]),
+    );
+    let errors = rejected(&v);
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        ["spec.replicsa", "spec.worker.volumeMounts[0].readonly"],
         "{errors:?}"
     );
-    let errors = rejected(&with(
+    assert!(
+        errors[0].message.contains("(did you mean \"replicas\"?)"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].message.contains("(did you mean \"readOnly\"?)"),
+        "{errors:?}"
+    );
+    // Labels and annotations are maps: any key is a field of the map, not an unknown one.
+    accepted(&with(
         base(),
-        "/spec/worker/resources/limits/nvidia.com~1gpu",
-        json!(8),
+        "/spec/worker/annotations",
+        json!({"example.com/anything": "x"}),
     ));
-    assert!(!errors.is_empty());
+}
+
+#[test]
+fn unknown_fields_decode_for_the_controller_and_are_named_at_plan_time() {
+    // An object written under a newer CRD, with fields this version does not know.
+    let newer = with(base(), "/spec/newFeature", json!({"enabled": true}));
+    let newer = with(newer, "/spec/worker/sidecars", json!([{"name": "proxy"}]));
+    let newer = with(newer, "/status/newCounter", json!(3));
+    // The controller's path: kube decodes the object with serde, then the CEL rules run on the
+    // typed value. Neither stops on the unknown fields.
+    let md: ModelDeployment =
+        serde_json::from_value(newer.clone()).expect("unknown fields must not stop the controller");
+    assert_eq!(md.spec, accepted(&base()).spec);
+    api::validate(&md).expect("the known fields are valid");
+    // `plan -f` (and the API server's strict field validation) still name each one.
+    let errors = rejected(&newer);
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.newFeature",
+            "spec.worker.sidecars",
+            "status.newCounter"
+        ],
+        "{errors:?}"
+    );
+    assert!(
+        errors[0].message.starts_with("unknown field \"newFeature\"; the fields here are autoscaling, engine, failurePolicy, gpu, model, parallelism, placement, priority, replicas, serving, worker"),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -493,10 +554,11 @@ fn error_display_has_the_api_server_shape() {
 
 #[test]
 fn every_rule_has_a_test_here() {
-    // 24 rules, each exercised above with accepted and rejected objects (the five engine rules
-    // in the engine_* tests). Adding a rule to operator/src/api/rules.rs? Add its accepted and
-    // rejected cases to this file, then bump this.
-    assert_eq!(api::rules::rules().len(), 24);
+    // 35 rules, each exercised in this file with accepted and rejected objects (the five engine
+    // rules in the engine_* tests, the label rules in the *label*, annotation, node selector and
+    // topology key tests, the volume rules in the volume_* and mount_* tests). Adding a rule to
+    // operator/src/api/rules.rs? Add its accepted and rejected cases to this file, then bump this.
+    assert_eq!(api::rules::rules().len(), 35);
 }
 
 #[test]
@@ -662,4 +724,425 @@ fn engine_env_and_model_location_rules() {
         "/spec/model/uri",
         json!("https://models.example/llama.gguf"),
     ));
+}
+
+const KEY_FIX: &str = r#"a key is an optional prefix (a DNS subdomain of at most 253 lowercase letters, digits, "-" and ".") and "/", then a name of at most 63 letters, digits, "-", "_" and "." that starts and ends with a letter or digit; for example "team" or "example.com/team""#;
+const VALUE_FIX: &str = r#"a value has at most 63 letters, digits, "-", "_" and ".", and starts and ends with a letter or digit, or is empty; for example "search-team""#;
+
+#[test]
+fn worker_label_keys_must_be_kubernetes_label_keys() {
+    let name63 = "n".repeat(63);
+    let prefix253 = format!("{}.io", "p".repeat(250));
+    accepted(&with(
+        base(),
+        "/spec/worker/labels",
+        json!({
+            "team": "search",
+            "example.com/team": "a",
+            "a.b-c_d": "x",
+            "A1": "",
+            name63.clone(): "x",
+            format!("{prefix253}/{name63}"): "x",
+        }),
+    ));
+    assert_single(
+        &with(
+            base(),
+            "/spec/worker/labels",
+            json!({"Team Name": "search"}),
+        ),
+        "spec.worker.labels",
+        &format!(r#""Team Name": not a valid label key; {KEY_FIX}"#),
+    );
+    for bad in [
+        String::new(),
+        "-team".into(),
+        "team-".into(),
+        "Example.com/team".into(),
+        "example.com/".into(),
+        "/team".into(),
+        "a/b/c".into(),
+        "exa_mple.com/team".into(),
+        "n".repeat(64),
+        format!("{}p.io/team", "p".repeat(250)),
+    ] {
+        let errors = rejected(&with(
+            base(),
+            "/spec/worker/labels",
+            json!({"team": "search", bad.clone(): "x"}),
+        ));
+        assert_eq!(
+            errors,
+            vec![FieldError {
+                field: "spec.worker.labels".into(),
+                message: format!(r#""{bad}": not a valid label key; {KEY_FIX}"#),
+            }],
+            "{bad}"
+        );
+    }
+    // Every bad key is named (in the map's order, which CEL leaves open).
+    let errors = rejected(&with(
+        base(),
+        "/spec/worker/labels",
+        json!({"a b": "x", "c d": "y", "ok": "z"}),
+    ));
+    let m = &errors[0].message;
+    assert!(
+        (m.starts_with(r#""a b", "c d": "#) || m.starts_with(r#""c d", "a b": "#))
+            && m.contains(": not a valid label key; "),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn worker_label_values_must_be_kubernetes_label_values() {
+    accepted(&with(
+        base(),
+        "/spec/worker/labels",
+        json!({"a": "", "b": "v1.2_3-x", "c": "V".repeat(63)}),
+    ));
+    assert_single(
+        &with(
+            base(),
+            "/spec/worker/labels",
+            json!({"team": "Search Team", "ok": "fine"}),
+        ),
+        "spec.worker.labels",
+        &format!(r#"team="Search Team": not a valid label value; {VALUE_FIX}"#),
+    );
+    for bad in [
+        "-x".to_owned(),
+        "x.".to_owned(),
+        "a/b".to_owned(),
+        "v".repeat(64),
+    ] {
+        assert_single(
+            &with(base(), "/spec/worker/labels", json!({"team": bad.clone()})),
+            "spec.worker.labels",
+            &format!(r#"team="{bad}": not a valid label value; {VALUE_FIX}"#),
+        );
+    }
+}
+
+#[test]
+fn app_kubernetes_io_label_keys_are_reserved() {
+    accepted(&with(
+        base(),
+        "/spec/worker/labels",
+        json!({"example.com/app": "x", "app": "y"}),
+    ));
+    assert_single(
+        &with(
+            base(),
+            "/spec/worker/labels",
+            json!({"app.kubernetes.io/managed-by": "me", "team": "a"}),
+        ),
+        "spec.worker.labels",
+        "app.kubernetes.io/managed-by: label keys under app.kubernetes.io/ are reserved: the operator sets app.kubernetes.io/name, app.kubernetes.io/instance, app.kubernetes.io/managed-by on the worker pods and selects them by these labels; use another prefix",
+    );
+}
+
+#[test]
+fn worker_annotation_keys_must_be_kubernetes_keys() {
+    // Annotation values are free text.
+    accepted(&with(
+        base(),
+        "/spec/worker/annotations",
+        json!({"example.com/note": "any text at all, even / and spaces!"}),
+    ));
+    assert_single(
+        &with(base(), "/spec/worker/annotations", json!({"my note": "x"})),
+        "spec.worker.annotations",
+        &format!(r#""my note": not a valid annotation key; {KEY_FIX}"#),
+    );
+}
+
+#[test]
+fn node_selector_keys_and_values_must_be_kubernetes_labels() {
+    accepted(&with(
+        base(),
+        "/spec/placement/nodeSelector",
+        json!({"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "pool": ""}),
+    ));
+    assert_single(
+        &with(
+            base(),
+            "/spec/placement/nodeSelector",
+            json!({"gpu product": "h100"}),
+        ),
+        "spec.placement.nodeSelector",
+        &format!(r#""gpu product": not a valid label key, so no node can carry it; {KEY_FIX}"#),
+    );
+    assert_single(
+        &with(
+            base(),
+            "/spec/placement/nodeSelector",
+            json!({"pool": "gpu pool"}),
+        ),
+        "spec.placement.nodeSelector",
+        &format!(
+            r#"pool="gpu pool": not a valid label value, so no node can carry it; {VALUE_FIX}"#
+        ),
+    );
+}
+
+#[test]
+fn pipeline_topology_key_must_be_a_label_key() {
+    accepted(&with(
+        base(),
+        "/spec/placement/pipelineTopologyKey",
+        json!("topology.kubernetes.io/rack"),
+    ));
+    assert_single(
+        &with(
+            base(),
+            "/spec/placement/pipelineTopologyKey",
+            json!("rack id"),
+        ),
+        "spec.placement.pipelineTopologyKey",
+        &format!(r#""rack id" is not a valid label key, so no node can carry it; {KEY_FIX}"#),
+    );
+}
+
+/// `base()` with these user volumes, each mounted at the given path.
+fn with_volumes(uri: &str, volumes: &[(&str, &str)]) -> Value {
+    let v = with(base(), "/spec/model/uri", json!(uri));
+    let v = with(
+        v,
+        "/spec/worker/volumes",
+        Value::Array(
+            volumes
+                .iter()
+                .map(|(name, _)| json!({"name": name, "emptyDir": {}}))
+                .collect(),
+        ),
+    );
+    with(
+        v,
+        "/spec/worker/volumeMounts",
+        Value::Array(
+            volumes
+                .iter()
+                .map(|(name, path)| json!({"name": name, "mountPath": path}))
+                .collect(),
+        ),
+    )
+}
+
+const PVC: &str = "pvc://models/llama-3.1-70b";
+const HTTPS: &str = "https://models.example/llama.gguf";
+const FILE: &str = "file:///weights/llama.gguf";
+
+#[test]
+fn volume_names_must_be_dns_labels() {
+    accepted(&with_volumes(PVC, &[("weights-1", "/weights")]));
+    let errors = rejected(&with_volumes(PVC, &[("Weights_1", "/weights")]));
+    assert_eq!(
+        errors,
+        vec![FieldError {
+            field: "spec.worker.volumes[0].name".into(),
+            message: r#""Weights_1" is not a valid volume name; use a DNS label: at most 63 lowercase letters, digits and "-", starting and ending with a letter or digit (for example "weights")"#.into(),
+        }]
+    );
+}
+
+#[test]
+fn volume_names_of_the_operators_volumes_are_refused() {
+    let errors = rejected(&with_volumes(
+        PVC,
+        &[("dshm", "/data"), ("model", "/data2")],
+    ));
+    assert!(
+        errors.contains(&FieldError {
+            field: "spec.worker.volumes".into(),
+            message: "dshm, model: the operator gives this name to a volume of its own in every worker pod (dshm: shared memory at /dev/shm, tmp: scratch space at /tmp, model: the model claim at /models); rename the volume and the volumeMounts that use it".into(),
+        }),
+        "{errors:?}"
+    );
+    let errors = rejected(&with_volumes(HTTPS, &[("tmp", "/data")]));
+    assert!(
+        errors.contains(&FieldError {
+            field: "spec.worker.volumes".into(),
+            message: "tmp: the operator gives this name to a volume of its own in every worker pod (dshm: shared memory at /dev/shm, tmp: scratch space at /tmp, model: the downloaded model at /model-cache); rename the volume and the volumeMounts that use it".into(),
+        }),
+        "{errors:?}"
+    );
+    // A file:// model comes from the user's own volumes: the operator adds no `model` volume.
+    accepted(&with_volumes(FILE, &[("model", "/weights")]));
+    let errors = rejected(&with_volumes(FILE, &[("dshm", "/weights")]));
+    assert!(
+        errors.contains(&FieldError {
+            field: "spec.worker.volumes".into(),
+            message: "dshm: the operator gives this name to a volume of its own in every worker pod (dshm: shared memory at /dev/shm, tmp: scratch space at /tmp); rename the volume and the volumeMounts that use it".into(),
+        }),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn mounts_of_the_operators_volumes_are_refused() {
+    let v = with(
+        base(),
+        "/spec/worker/volumes",
+        json!([{"name": "cache", "emptyDir": {}}]),
+    );
+    let v = with(
+        v,
+        "/spec/worker/volumeMounts",
+        json!([{"name": "cache", "mountPath": "/cache"}, {"name": "tmp", "mountPath": "/scratch"}]),
+    );
+    // One error: the mount of `tmp` is not also reported as undeclared.
+    assert_single(
+        &v,
+        "spec.worker.volumeMounts",
+        "tmp: a volume the operator adds and mounts itself (dshm: shared memory at /dev/shm, tmp: scratch space at /tmp, model: the model claim at /models); mount a volume of your own from worker.volumes instead",
+    );
+    let v = with(
+        with(base(), "/spec/model/uri", json!(HTTPS)),
+        "/spec/worker/volumeMounts",
+        json!([{"name": "model", "mountPath": "/weights"}]),
+    );
+    let errors = rejected(&v);
+    assert!(
+        errors.contains(&FieldError {
+            field: "spec.worker.volumeMounts".into(),
+            message: "model: a volume the operator adds and mounts itself (dshm: shared memory at /dev/shm, tmp: scratch space at /tmp, model: the downloaded model at /model-cache); mount a volume of your own from worker.volumes instead".into(),
+        }),
+        "{errors:?}"
+    );
+    // With a file:// model, `model` is an ordinary (here undeclared) name.
+    let v = with(
+        with(base(), "/spec/model/uri", json!(FILE)),
+        "/spec/worker/volumeMounts",
+        json!([{"name": "model", "mountPath": "/weights"}]),
+    );
+    assert_single(
+        &v,
+        "spec.worker.volumeMounts",
+        "model: mounted but not declared in worker.volumes; add the volume or fix the name",
+    );
+}
+
+#[test]
+fn mount_paths_may_not_overlap_the_operators() {
+    let message = |mounts: &str, paths: &str| {
+        format!(
+            "{mounts}: overlaps a path where the operator mounts a volume of its own in every worker pod ({paths}); a mount may not equal, contain or lie inside one of them; mount it elsewhere, for example under /data"
+        )
+    };
+    for ok in [
+        "/data",
+        "/devices",
+        "/tmpx",
+        "/dev2/shm",
+        "/model-cache",
+        "/modelsx",
+        "/weights/models",
+    ] {
+        accepted(&with_volumes(PVC, &[("w", ok)]));
+    }
+    for bad in [
+        "/dev/shm",
+        "/dev/shm/",
+        "/dev/shm/nccl",
+        "/dev",
+        "/dev/",
+        "/",
+        "/tmp",
+        "/tmp//cache",
+        "/models",
+        "/models/extra",
+        "//models",
+    ] {
+        assert_single(
+            &with_volumes(PVC, &[("w", bad)]),
+            "spec.worker.volumeMounts",
+            &message(&format!("{bad} (volume w)"), "/dev/shm, /tmp, /models"),
+        );
+    }
+    // A downloaded model lives at /model-cache; /models is free then.
+    accepted(&with_volumes(HTTPS, &[("w", "/models")]));
+    assert_single(
+        &with_volumes(HTTPS, &[("w", "/data"), ("c", "/model-cache/x")]),
+        "spec.worker.volumeMounts",
+        &message("/model-cache/x (volume c)", "/dev/shm, /tmp, /model-cache"),
+    );
+    // A file:// model is in the user's own volume, which may sit at /models.
+    accepted(&with_volumes(
+        "file:///models/llama.gguf",
+        &[("w", "/models")],
+    ));
+    assert_single(
+        &with_volumes(FILE, &[("w", "/weights"), ("s", "/dev/shm")]),
+        "spec.worker.volumeMounts",
+        &message("/dev/shm (volume s)", "/dev/shm, /tmp"),
+    );
+}
+
+#[test]
+fn the_reserved_names_are_the_ones_the_builder_uses() {
+    use tessera_operator::api::{Prediction, ReplicaPlacement, StagePlacement};
+    use tessera_operator::build::{BuildOptions, ReplicaToBuild, desired_children};
+
+    let p = ReplicaPlacement {
+        replica: 0,
+        gpu_type: "NVIDIA-H100-80GB-HBM3".into(),
+        tensor_parallel: 8,
+        pipeline_parallel: 1,
+        stages: vec![StagePlacement {
+            stage: 0,
+            node: "h100-1".into(),
+            gpus: 8,
+        }],
+        predicted: Prediction::default(),
+        ..ReplicaPlacement::default()
+    };
+    for uri in [PVC, HTTPS, FILE] {
+        let spec = with_volumes(uri, &[("w", "/weights")]);
+        let mut md = accepted(&spec);
+        md.metadata.uid = Some("0c1d2e3f-0000-4000-8000-000000000001".into());
+        let pods = desired_children(
+            &md,
+            &[ReplicaToBuild {
+                placement: &p,
+                incarnation: "k3x9a",
+            }],
+            &BuildOptions::default(),
+        )
+        .pods;
+        let pod = pods[0].spec.as_ref().expect("pod spec");
+        // Every volume and mount the operator adds, taken by a user, is refused.
+        for vol in pod.volumes.iter().flatten().filter(|v| v.name != "w") {
+            let errors = rejected(&with_volumes(uri, &[(vol.name.as_str(), "/data")]));
+            assert!(
+                errors.iter().any(|e| e.field == "spec.worker.volumes"),
+                "{uri}: volume {} is not reserved: {errors:?}",
+                vol.name
+            );
+        }
+        let mounts = pod.containers[0].volume_mounts.iter().flatten();
+        for m in mounts.filter(|m| m.name != "w") {
+            let errors = rejected(&with_volumes(uri, &[("mine", m.mount_path.as_str())]));
+            assert!(
+                errors.iter().any(|e| e.field == "spec.worker.volumeMounts"),
+                "{uri}: mount path {} is not reserved: {errors:?}",
+                m.mount_path
+            );
+        }
+        // Every label key the operator sets is under a reserved prefix.
+        for key in pods[0].metadata.labels.iter().flatten().map(|(k, _)| k) {
+            assert!(
+                api::rules::RESERVED_LABEL_PREFIXES
+                    .iter()
+                    .any(|p| key.starts_with(p)),
+                "operator label {key} is not reserved"
+            );
+            let errors = rejected(&with(
+                base(),
+                "/spec/worker/labels",
+                json!({key.clone(): "x"}),
+            ));
+            assert_eq!(errors[0].field, "spec.worker.labels", "{key}");
+        }
+    }
 }

@@ -11,6 +11,7 @@
 mod crd;
 mod degree;
 pub mod rules;
+pub mod schema;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -28,7 +29,7 @@ use serde::{Deserialize, Serialize};
 pub use crd::{crd, crd_yaml, spec_schema};
 pub use degree::ParallelDegree;
 pub use validate::{
-    FieldError, ValidationError, parse_model_deployment, validate, validate_update,
+    FieldError, ValidationError, parse_model_deployment, unknown_fields, validate, validate_update,
 };
 
 /// API group of every Tessera resource.
@@ -105,7 +106,7 @@ pub const MAX_REPLICAS: i32 = 512;
         json_path = ".metadata.creationTimestamp"
     )
 )]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ModelDeploymentSpec {
     /// Desired number of replicas; each replica is one complete copy of the model served by a
     /// group of tensor x pipeline workers. Also the scale subresource's spec path.
@@ -162,7 +163,7 @@ fn default_replicas() -> i32 {
 
 /// Where the weights are and what shape they have.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ModelSpec {
     /// Location of the weights: `file:///path` (inside the worker's model volume, supplied
     /// through `worker.volumes`), `pvc://CLAIM/path` (mounted read-only into every worker) or
@@ -188,7 +189,7 @@ pub struct ModelSpec {
 
 /// Architecture of a Llama-family decoder.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ModelArchitecture {
     /// Total parameter count (for example 70000000000).
     #[schemars(range(min = 1, max = 100_000_000_000_000i64))]
@@ -221,7 +222,7 @@ pub struct ModelArchitecture {
 
 /// Tensor- and pipeline-parallel degrees.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ParallelismSpec {
     /// Tensor-parallel degree: `auto` (the planner chooses) or a positive integer that divides
     /// the attention heads and divides, or is a multiple of, the KV heads.
@@ -235,7 +236,7 @@ pub struct ParallelismSpec {
 
 /// Which GPUs a replica may use.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct GpuSpec {
     /// Allowed GPU types in order of preference, as short names (`H100`, `H800`, `H20`, `L40S`)
     /// matched as whole tokens against node GPU products (so `H20` never matches `H200`).
@@ -270,7 +271,7 @@ pub enum TensorParallelScope {
 
 /// Placement constraints.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PlacementSpec {
     /// How far a tensor-parallel group may spread: `NVLinkDomain` (default), `Node` or `Any`.
     #[serde(default)]
@@ -280,7 +281,7 @@ pub struct PlacementSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 317))]
     pub pipeline_topology_key: Option<String>,
-    /// Only nodes with all of these labels are used.
+    /// Only nodes with all of these labels are used (valid Kubernetes label keys and values).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
     /// Tolerations for tainted GPU nodes; also copied onto the worker pods.
@@ -290,7 +291,7 @@ pub struct PlacementSpec {
 
 /// The serving endpoint.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ServingSpec {
     /// Port of the OpenAI-compatible API on each replica leader.
     #[serde(default = "default_port")]
@@ -341,7 +342,7 @@ pub enum ScalingMetric {
 
 /// Built-in autoscaling.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct AutoscalingSpec {
     /// Turn the built-in autoscaler on. Off: `spec.replicas` is left to you (or HPA/KEDA).
     #[serde(default)]
@@ -400,7 +401,7 @@ impl PullPolicy {
 
 /// CPU and memory of the worker container (GPUs come from the plan).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct CpuMemory {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<Quantity>,
@@ -410,7 +411,7 @@ pub struct CpuMemory {
 
 /// Resources of the worker container. GPUs are not set here: the plan decides them.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct WorkerResources {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<CpuMemory>,
@@ -420,9 +421,9 @@ pub struct WorkerResources {
 
 /// A volume for the worker pods, limited to sources that grant no host access.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct WorkerVolume {
-    /// Volume name, referenced by `worker.volumeMounts`.
+    /// Volume name (a DNS label), referenced by `worker.volumeMounts`.
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -437,7 +438,7 @@ pub struct WorkerVolume {
 
 /// The worker pods. Deliberately small: no privileged mode, host namespaces or hostPath.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct WorkerSpec {
     /// Worker image; defaults to the operator's `--worker-image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -450,10 +451,11 @@ pub struct WorkerSpec {
     /// Extra environment; names starting with `TESSERA_` are reserved for the operator.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
-    /// Extra labels on the worker pods (keys under `tessera.dev/` are reserved).
+    /// Extra labels on the worker pods: valid Kubernetes label keys and values; keys under
+    /// `tessera.dev/` and `app.kubernetes.io/` are reserved (the operator selects pods by them).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// Extra annotations on the worker pods.
+    /// Extra annotations on the worker pods (keys must be valid Kubernetes annotation keys).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
     /// Priority class of the worker pods.
@@ -463,10 +465,13 @@ pub struct WorkerSpec {
     /// Pull secrets for a private worker image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_pull_secrets: Vec<LocalObjectReference>,
-    /// Extra volumes (PVC, ConfigMap, Secret or emptyDir only).
+    /// Extra volumes (PVC, ConfigMap, Secret or emptyDir only). The names `dshm` and `tmp`, and
+    /// `model` for a `pvc://` or `http(s)://` model, belong to the operator's own volumes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<WorkerVolume>,
-    /// Mounts of `volumes` into the worker container.
+    /// Mounts of `volumes` into the worker container. A mount may not equal, contain or lie
+    /// inside the operator's mount paths: `/dev/shm`, `/tmp`, and `/models` (`pvc://` model) or
+    /// `/model-cache` (`http(s)://` model).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volume_mounts: Vec<VolumeMount>,
 }
@@ -500,7 +505,7 @@ impl EngineName {
 /// The engine of the worker pods. The planner, gangs, healing and autoscaling are the same for
 /// every engine; the pods differ in their command line, probes and metrics.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct EngineSpec {
     /// `tessera` (default), `vllm` or `sglang`.
     #[serde(default)]
@@ -525,7 +530,7 @@ pub struct EngineSpec {
 
 /// What happens when a member of a replica fails.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct FailurePolicy {
     /// Recreate the whole replica (a new incarnation) when any member fails. Tensor-parallel
     /// groups cannot survive the loss of a rank, so turning this off only makes sense for
@@ -615,9 +620,26 @@ pub struct ModelDeploymentStatus {
     /// One entry per placed replica.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placements: Vec<ReplicaPlacement>,
-    /// Nodes where replicas kept failing; the planner avoids them for this deployment.
+    /// Nodes where replicas kept failing; the planner avoids them for this deployment. Each
+    /// entry expires (see `avoidNodesSince`), and a change of the pod template clears them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub avoid_nodes: Vec<String>,
+    /// When each node of `avoidNodes` was added.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub avoid_nodes_since: BTreeMap<String, k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Worker groups this deployment has created so far. The next group is number
+    /// `incarnations`; its id (in pod names) is derived from the deployment's uid and that
+    /// number, and it is written here before any pod is created, so a repeated or stale
+    /// reconcile re-applies the same pods instead of creating a second group.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub incarnations: i64,
+    /// Hash of the pod template this status was computed for (a change clears `avoidNodes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_hash: Option<String>,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
 }
 
 /// Lifecycle of one replica (its whole worker group).

@@ -8,6 +8,7 @@
 //! `tessera-operator plan` and in the tests, so both see the same messages.
 
 use super::{MAX_GPUS_PER_REPLICA, MAX_NAME_LENGTH};
+use crate::build::labels;
 
 /// One CEL rule and where it sits in the schema.
 #[derive(Clone, Debug)]
@@ -138,6 +139,240 @@ fn owned_args_rule(engine: &str, pattern: &str) -> CelRule {
     }
 }
 
+/// Volumes the operator adds to every worker pod and where it mounts them
+/// (`build::replica_pods`).
+pub const OPERATOR_VOLUMES: &[(&str, &str, &str)] = &[
+    ("dshm", "/dev/shm", "shared memory"),
+    ("tmp", "/tmp", "scratch space"),
+];
+/// The volume the operator adds for a `pvc://` or `http(s)://` model (`build::model_delivery`).
+pub const MODEL_VOLUME: &str = "model";
+/// Where the claim of a `pvc://` model is mounted.
+pub const PVC_MODEL_PATH: &str = "/models";
+/// Where an `http(s)://` model is downloaded to.
+pub const HTTP_MODEL_PATH: &str = "/model-cache";
+/// Label key prefixes the operator sets on worker pods and selects them by.
+pub const RESERVED_LABEL_PREFIXES: &[&str] = &["tessera.dev/", "app.kubernetes.io/"];
+
+/// RE2 pattern of a Kubernetes label key (a qualified name): an optional DNS-1123 subdomain
+/// prefix and `/`, then a name that starts and ends with a letter or digit.
+pub const LABEL_KEY_PATTERN: &str = "^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$";
+/// RE2 pattern of the lengths of a label key: prefix at most 253, name at most 63 characters.
+pub const LABEL_KEY_LENGTH_PATTERN: &str = "^([^/]{1,253}/)?[^/]{1,63}$";
+/// RE2 pattern of a Kubernetes label value (at most 63 characters, checked separately).
+pub const LABEL_VALUE_PATTERN: &str = "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$";
+/// RE2 pattern of a DNS-1123 label (volume names).
+pub const DNS_LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
+const LABEL_KEY_FIX: &str = r#"a key is an optional prefix (a DNS subdomain of at most 253 lowercase letters, digits, "-" and ".") and "/", then a name of at most 63 letters, digits, "-", "_" and "." that starts and ends with a letter or digit; for example "team" or "example.com/team""#;
+const LABEL_VALUE_FIX: &str = r#"a value has at most 63 letters, digits, "-", "_" and ".", and starts and ends with a letter or digit, or is empty; for example "search-team""#;
+
+/// CEL: the string `k` is a valid label key.
+fn label_key_ok(k: &str) -> String {
+    format!(
+        "(size({k}) <= 317 && {k}.matches('{LABEL_KEY_PATTERN}') && {k}.matches('{LABEL_KEY_LENGTH_PATTERN}'))"
+    )
+}
+
+/// CEL: the string `v` is a valid label value.
+fn label_value_ok(v: &str) -> String {
+    format!("(size({v}) <= 63 && {v}.matches('{LABEL_VALUE_PATTERN}'))")
+}
+
+/// Rule: every key of the map at `field_path` (`.labels`, relative to `at`) is a label key.
+fn map_keys_rule(
+    at: &'static [&'static str],
+    field_path: &'static str,
+    what: &str,
+    why: &str,
+) -> CelRule {
+    let field = &field_path[1..];
+    let ok = label_key_ok("k");
+    CelRule {
+        at,
+        rule: format!("!has(self.{field}) || self.{field}.all(k, {ok})"),
+        message_expression: format!(
+            r#"'"' + self.{field}.filter(k, !{ok}).join('", "') + '": not a valid {what} key{why}; {LABEL_KEY_FIX}'"#
+        ),
+        message: format!("{field} keys must be valid Kubernetes {what} keys"),
+        field_path: Some(field_path),
+        transition: false,
+    }
+}
+
+/// Rule: every value of the map at `field_path` (relative to `at`) is a label value.
+fn map_values_rule(at: &'static [&'static str], field_path: &'static str, why: &str) -> CelRule {
+    let field = &field_path[1..];
+    let ok = label_value_ok(&format!("self.{field}[k]"));
+    CelRule {
+        at,
+        rule: format!("!has(self.{field}) || self.{field}.all(k, {ok})"),
+        message_expression: format!(
+            r#"self.{field}.filter(k, !{ok}).map(k, k + '="' + self.{field}[k] + '"').join(', ') + ': not a valid label value{why}; {LABEL_VALUE_FIX}'"#
+        ),
+        message: format!("{field} values must be valid Kubernetes label values"),
+        field_path: Some(field_path),
+        transition: false,
+    }
+}
+
+/// An RE2 pattern matching a mount path that equals one of `paths`, lies inside one, or contains
+/// one (`/`, `/dev`), with repeated and trailing slashes allowed.
+pub fn overlap_pattern(paths: &[&str]) -> String {
+    fn nested(parts: &[&str]) -> String {
+        match parts {
+            [] => String::new(),
+            [last] => format!("{last}(/.*)?"),
+            [first, rest @ ..] => format!("{first}(/+{})?", nested(rest)),
+        }
+    }
+    let alts: Vec<String> = paths
+        .iter()
+        .map(|p| {
+            let parts: Vec<&str> = p.split('/').filter(|c| !c.is_empty()).collect();
+            nested(&parts)
+        })
+        .collect();
+    format!("^/+({})?/*$", alts.join("|"))
+}
+
+/// CEL: the model is delivered by the operator through a claim (`pvc://`).
+const IS_PVC: &str = "self.model.uri.startsWith('pvc://')";
+/// CEL: the model is downloaded by the workers (`http(s)://`).
+const IS_HTTP: &str = "self.model.uri.matches('^https?://')";
+
+/// CEL list of the volume names the operator adds for this spec's model location.
+fn operator_volume_names() -> String {
+    let base: Vec<String> = OPERATOR_VOLUMES
+        .iter()
+        .map(|(n, _, _)| format!("'{n}'"))
+        .collect();
+    let base = base.join(", ");
+    format!("(({IS_PVC}) || ({IS_HTTP}) ? [{base}, '{MODEL_VOLUME}'] : [{base}])")
+}
+
+/// CEL string describing the operator's volumes for this spec (`dshm: shared memory at
+/// /dev/shm, ...`).
+fn operator_volumes_described() -> String {
+    let base: Vec<String> = OPERATOR_VOLUMES
+        .iter()
+        .map(|(n, p, what)| format!("{n}: {what} at {p}"))
+        .collect();
+    let base = base.join(", ");
+    format!(
+        "'{base}' + ({IS_PVC} ? ', {MODEL_VOLUME}: the model claim at {PVC_MODEL_PATH}' : {IS_HTTP} ? ', {MODEL_VOLUME}: the downloaded model at {HTTP_MODEL_PATH}' : '')"
+    )
+}
+
+/// CEL: the mount `m` overlaps a path where the operator mounts a volume for this spec.
+fn overlaps_operator_mount(m: &str) -> String {
+    let base: Vec<&str> = OPERATOR_VOLUMES.iter().map(|(_, p, _)| *p).collect();
+    format!(
+        "({m}.mountPath.matches('{}') || ({IS_PVC} && {m}.mountPath.matches('{}')) || ({IS_HTTP} && {m}.mountPath.matches('{}')))",
+        overlap_pattern(&base),
+        overlap_pattern(&[PVC_MODEL_PATH]),
+        overlap_pattern(&[HTTP_MODEL_PATH]),
+    )
+}
+
+/// The rules on user volumes and mounts that would collide with the operator's own.
+fn volume_rules() -> Vec<CelRule> {
+    let names = operator_volume_names();
+    let described = operator_volumes_described();
+    let overlaps = overlaps_operator_mount("m");
+    let base_paths: Vec<&str> = OPERATOR_VOLUMES.iter().map(|(_, p, _)| *p).collect();
+    let base_paths = base_paths.join(", ");
+    vec![
+        CelRule {
+            at: &["spec", "worker", "volumes", "items"],
+            rule: format!("self.name.matches('{DNS_LABEL_PATTERN}')"),
+            message_expression: r#"'"' + self.name + '" is not a valid volume name; use a DNS label: at most 63 lowercase letters, digits and "-", starting and ending with a letter or digit (for example "weights")'"#.into(),
+            message: "a volume name must be a DNS label".into(),
+            field_path: Some(".name"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec"],
+            rule: format!(
+                "!has(self.worker) || !has(self.worker.volumes) || self.worker.volumes.all(v, !(v.name in {names}))"
+            ),
+            message_expression: format!(
+                "self.worker.volumes.filter(v, v.name in {names}).map(v, v.name).join(', ') + ': the operator gives this name to a volume of its own in every worker pod (' + {described} + '); rename the volume and the volumeMounts that use it'"
+            ),
+            message: "worker.volumes must not use the names of the operator's volumes".into(),
+            field_path: Some(".worker.volumes"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec"],
+            rule: format!(
+                "!has(self.worker) || !has(self.worker.volumeMounts) || self.worker.volumeMounts.all(m, !(m.name in {names}))"
+            ),
+            message_expression: format!(
+                "self.worker.volumeMounts.filter(m, m.name in {names}).map(m, m.name).join(', ') + ': a volume the operator adds and mounts itself (' + {described} + '); mount a volume of your own from worker.volumes instead'"
+            ),
+            message: "worker.volumeMounts must not mount the operator's volumes".into(),
+            field_path: Some(".worker.volumeMounts"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec"],
+            rule: format!(
+                "!has(self.worker) || !has(self.worker.volumeMounts) || self.worker.volumeMounts.all(m, !{overlaps})"
+            ),
+            message_expression: format!(
+                "self.worker.volumeMounts.filter(m, {overlaps}).map(m, m.mountPath + ' (volume ' + m.name + ')').join(', ') + ': overlaps a path where the operator mounts a volume of its own in every worker pod ({base_paths}' + ({IS_PVC} ? ', {PVC_MODEL_PATH}' : {IS_HTTP} ? ', {HTTP_MODEL_PATH}' : '') + '); a mount may not equal, contain or lie inside one of them; mount it elsewhere, for example under /data'"
+            ),
+            message: "worker.volumeMounts must not overlap the operator's mount paths".into(),
+            field_path: Some(".worker.volumeMounts"),
+            transition: false,
+        },
+    ]
+}
+
+/// The rules on label and annotation keys and values.
+fn label_rules() -> Vec<CelRule> {
+    let app = RESERVED_LABEL_PREFIXES[1];
+    let owned = [labels::NAME, labels::INSTANCE, labels::MANAGED_BY].join(", ");
+    let pipeline_key_ok = label_key_ok("self");
+    vec![
+        map_keys_rule(&["spec", "worker"], ".labels", "label", ""),
+        map_values_rule(&["spec", "worker"], ".labels", ""),
+        CelRule {
+            at: &["spec", "worker"],
+            rule: format!("!has(self.labels) || self.labels.all(k, !k.startsWith('{app}'))"),
+            message_expression: format!(
+                "self.labels.filter(k, k.startsWith('{app}')).join(', ') + ': label keys under {app} are reserved: the operator sets {owned} on the worker pods and selects them by these labels; use another prefix'"
+            ),
+            message: format!("label keys under {app} are reserved"),
+            field_path: Some(".labels"),
+            transition: false,
+        },
+        map_keys_rule(&["spec", "worker"], ".annotations", "annotation", ""),
+        map_keys_rule(
+            &["spec", "placement"],
+            ".nodeSelector",
+            "label",
+            ", so no node can carry it",
+        ),
+        map_values_rule(
+            &["spec", "placement"],
+            ".nodeSelector",
+            ", so no node can carry it",
+        ),
+        CelRule {
+            at: &["spec", "placement", "pipelineTopologyKey"],
+            rule: pipeline_key_ok,
+            message_expression: format!(
+                r#"'"' + self + '" is not a valid label key, so no node can carry it; {LABEL_KEY_FIX}'"#
+            ),
+            message: "pipelineTopologyKey must be a valid Kubernetes label key".into(),
+            field_path: None,
+            transition: false,
+        },
+    ]
+}
+
 /// Every CEL rule of the CRD, in a stable order.
 pub fn rules() -> Vec<CelRule> {
     let arch = "self.model.architecture";
@@ -156,8 +391,13 @@ pub fn rules() -> Vec<CelRule> {
     );
     let tp = pinned("self.parallelism.tensor");
     let pp = pinned("self.parallelism.pipeline");
+    let always: Vec<String> = OPERATOR_VOLUMES
+        .iter()
+        .map(|(n, _, _)| format!("'{n}'"))
+        .collect();
+    let always = format!("[{}]", always.join(", "));
 
-    vec![
+    let mut rules = vec![
         CelRule {
             at: &[],
             rule: format!("size(self.metadata.name) <= {max_name}"),
@@ -351,11 +591,15 @@ pub fn rules() -> Vec<CelRule> {
         },
         CelRule {
             at: &["spec", "worker"],
-            rule: "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && self.volumes.exists(v, v.name == m.name))".into(),
-            message_expression: "self.volumeMounts.filter(m, !has(self.volumes) || !self.volumes.exists(v, v.name == m.name)).map(m, m.name).join(', ') + ': mounted but not declared in worker.volumes; add the volume or fix the name'".into(),
+            // The operator's own volumes have a rule of their own (see `volume_rules`).
+            rule: format!("!has(self.volumeMounts) || self.volumeMounts.all(m, m.name in {always} || (has(self.volumes) && self.volumes.exists(v, v.name == m.name)))"),
+            message_expression: format!("self.volumeMounts.filter(m, !(m.name in {always}) && (!has(self.volumes) || !self.volumes.exists(v, v.name == m.name))).map(m, m.name).join(', ') + ': mounted but not declared in worker.volumes; add the volume or fix the name'"),
             message: "every volumeMount must name a volume in worker.volumes".into(),
             field_path: Some(".volumeMounts"),
             transition: false,
         },
-    ]
+    ];
+    rules.extend(label_rules());
+    rules.extend(volume_rules());
+    rules
 }

@@ -1,10 +1,14 @@
 //! Client-side validation of ModelDeployments, giving the API server's answers offline.
 //!
-//! Two layers, in the order the API server applies them: the typed decode (field types, enums,
-//! unknown fields; the server's strict field validation) and the CRD's CEL rules, evaluated with
-//! kube's `cel` support against the generated schema with its defaults applied. `plan` and the
-//! controller use this, so a spec the API server would refuse is refused here with the same
-//! message.
+//! Three layers, in the order the API server applies them: unknown fields (the server's strict
+//! field validation, checked against the generated schema), the typed decode (field types, enums)
+//! and the CRD's CEL rules, evaluated with kube's `cel` support against the generated schema with
+//! its defaults applied. `plan` and the controller use this, so a spec the API server would
+//! refuse is refused here with the same message.
+//!
+//! The Rust types themselves accept unknown fields: the controller decodes objects written under
+//! a newer CRD (with fields this version does not know) instead of failing on them. Manifests
+//! given to `plan -f` go through [`parse_model_deployment`], which still names every unknown field.
 
 use std::fmt;
 use std::sync::LazyLock;
@@ -49,13 +53,19 @@ fn join(errors: &[FieldError]) -> String {
 }
 
 struct Compiled {
+    /// The openAPIV3Schema as JSON (for the unknown-field check).
+    raw: Value,
     schema: CompiledSchema,
     validator: Validator,
 }
 
-static COMPILED: LazyLock<Compiled> = LazyLock::new(|| Compiled {
-    schema: compile_schema(&spec_schema()),
-    validator: Validator::new(),
+static COMPILED: LazyLock<Compiled> = LazyLock::new(|| {
+    let raw = spec_schema();
+    Compiled {
+        schema: compile_schema(&raw),
+        raw,
+        validator: Validator::new(),
+    }
 });
 
 /// Decode and validate one ModelDeployment given as JSON (for example from a YAML file).
@@ -92,6 +102,13 @@ pub fn parse_model_deployment(value: &Value) -> Result<ModelDeployment, Validati
                 kind.map_or("missing".to_owned(), |v| format!("\"{v}\""))
             ),
         ));
+    }
+    let unknown = unknown_fields(value);
+    if !unknown.is_empty() {
+        return Err(ValidationError {
+            name,
+            errors: unknown,
+        });
     }
     let md: ModelDeployment = serde_json::from_value(value.clone())
         .map_err(|e| invalid("", format!("{e} (see docs/api.md for the fields)")))?;
@@ -141,4 +158,112 @@ fn cel_errors(value: &Value, old: Option<&Value>) -> Result<(), Vec<FieldError>>
                 })
                 .collect()
         })
+}
+
+/// Every field of `value` that the CRD's schema does not declare, as the API server's strict
+/// field validation reports them (`unknown field "spec.parallelism.pipline"`), each with the
+/// fields that are known there and the closest one.
+pub fn unknown_fields(value: &Value) -> Vec<FieldError> {
+    let mut out = Vec::new();
+    walk_unknown(&COMPILED.raw, value, "", &mut out);
+    out
+}
+
+/// Fields of every object that the generated schema leaves out.
+const ROOT_FIELDS: &[&str] = &["apiVersion", "kind", "metadata"];
+
+fn walk_unknown(schema: &Value, value: &Value, path: &str, out: &mut Vec<FieldError>) {
+    if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) {
+        return;
+    }
+    let child = |name: &str| {
+        if path.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{path}.{name}")
+        }
+    };
+    match value {
+        Value::Object(fields) => {
+            if let Some(Value::Object(props)) = schema.get("properties") {
+                for (name, v) in fields {
+                    // The root's apiVersion, kind and metadata are the API server's own.
+                    if path.is_empty() && ROOT_FIELDS.contains(&name.as_str()) {
+                        continue;
+                    }
+                    match props.get(name) {
+                        Some(s) => walk_unknown(s, v, &child(name), out),
+                        None => out.push(unknown_field(&child(name), name, props.keys())),
+                    }
+                }
+            } else if let Some(s @ Value::Object(_)) = schema.get("additionalProperties") {
+                for (name, v) in fields {
+                    walk_unknown(s, v, &format!("{path}[{name}]"), out);
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(s) = schema.get("items") {
+                for (i, v) in items.iter().enumerate() {
+                    walk_unknown(s, v, &format!("{path}[{i}]"), out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn unknown_field<'a>(
+    path: &str,
+    name: &str,
+    known: impl Iterator<Item = &'a String>,
+) -> FieldError {
+    let known: Vec<&str> = known.map(String::as_str).collect();
+    let closest = known
+        .iter()
+        .map(|k| (edit_distance(&name.to_lowercase(), &k.to_lowercase()), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min();
+    let hint = closest.map_or(String::new(), |(_, k)| format!(" (did you mean \"{k}\"?)"));
+    FieldError {
+        field: path.to_owned(),
+        message: format!(
+            "unknown field \"{name}\"{hint}; the fields here are {} (see docs/api.md)",
+            known.join(", ")
+        ),
+    }
+}
+
+/// Levenshtein distance in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(cur).min(row[j])
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::edit_distance;
+
+    #[test]
+    fn edit_distance_counts_insertions_deletions_and_substitutions() {
+        assert_eq!(edit_distance("pipline", "pipeline"), 1);
+        assert_eq!(edit_distance("tensr", "tensor"), 1);
+        assert_eq!(edit_distance("replicsa", "replicas"), 2);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("same", "same"), 0);
+    }
 }
