@@ -352,7 +352,7 @@ fn quantity_map(
         }
     }
     if let Some(g) = gpus {
-        m.insert("nvidia.com/gpu".to_owned(), Quantity(g.to_string()));
+        m.insert(GPU_RESOURCE.to_owned(), Quantity(g.to_string()));
     }
     (!m.is_empty()).then_some(m)
 }
@@ -740,9 +740,11 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
                 affinity: Some(Affinity {
                     node_affinity: Some(NodeAffinity {
                         required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                            // By the Node's name, not the `kubernetes.io/hostname` label,
+                            // which need not equal it (cloud providers set it otherwise).
                             node_selector_terms: vec![NodeSelectorTerm {
-                                match_expressions: Some(vec![NodeSelectorRequirement {
-                                    key: "kubernetes.io/hostname".into(),
+                                match_fields: Some(vec![NodeSelectorRequirement {
+                                    key: "metadata.name".into(),
                                     operator: "In".into(),
                                     values: Some(vec![stage.node.clone()]),
                                 }]),
@@ -896,6 +898,9 @@ pub fn replica_network_policy(
 
 /// Annotation with a hash of a policy's spec: a policy whose hash matches is not applied again.
 pub const POLICY_HASH: &str = "tessera.dev/policy-hash";
+
+/// The extended resource of NVIDIA GPUs (the device plugin's).
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 /// FNV-1a: a stable hash of what objects are built from (not std's hasher, whose output may
 /// change between Rust releases and would roll every replica after an operator upgrade).

@@ -205,12 +205,7 @@ fn render_children(
             reserved: &[],
             now,
         };
-        let mut incarnation = |replica: i32| {
-            crate::build::incarnation_id(crate::build::fnv1a(
-                format!("{ns}/{name}/{replica}").as_bytes(),
-            ))
-        };
-        let actions = reconcile(&obs, cfg, &mut incarnation);
+        let actions = reconcile(&obs, cfg);
         let status = actions.status.unwrap_or_default();
         let _ = writeln!(
             header,

@@ -77,11 +77,7 @@ fn converged(replicas: i32, enabled: bool) -> (ModelDeployment, Vec<Pod>) {
         reserved: &[],
         now: Timestamp::now(),
     };
-    let mut n = 0;
-    let actions = reconcile(&obs, &Config::default(), &mut |r| {
-        n += 1;
-        format!("inc{r}{n}")
-    });
+    let actions = reconcile(&obs, &Config::default());
     md.status = actions.status.clone();
     assert_eq!(
         md.status.as_ref().map(|s| s.placements.len()),

@@ -148,8 +148,10 @@ fn pods_request_their_gpus_on_their_planned_node() {
             })
             .expect("required node affinity")
             .node_selector_terms[0];
-        let req = &term.match_expressions.as_ref().expect("expressions")[0];
-        assert_eq!(req.key, "kubernetes.io/hostname");
+        // Pinned by the Node's name (matchFields), not the hostname label, which may differ.
+        assert!(term.match_expressions.is_none());
+        let req = &term.match_fields.as_ref().expect("fields")[0];
+        assert_eq!(req.key, "metadata.name");
         assert_eq!(req.operator, "In");
         assert_eq!(req.values.as_deref(), Some(&[node.to_string()][..]));
         assert!(

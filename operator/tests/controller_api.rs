@@ -6,10 +6,6 @@ mod common;
 
 use common::h100_node as node;
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
-use std::sync::atomic::AtomicU64;
-
 use http::{Method, Request, Response};
 use k8s_openapi::api::core::v1::{Node, Pod, PodStatus};
 use k8s_openapi::jiff::Timestamp;
@@ -20,8 +16,13 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use tessera_operator::api::{ModelDeployment, parse_model_deployment};
 use tessera_operator::controller::metrics::Metrics;
-use tessera_operator::controller::reconcile::{Config, Observed, reconcile};
+use tessera_operator::controller::reconcile::{Config, Observed, incarnation_for, reconcile};
 use tessera_operator::controller::run::{Context, execute};
+
+/// Name of the first pod of `replica` in the deployment's incarnation number `seq`.
+fn pod_of(replica: i32, seq: i64) -> String {
+    format!("llama-8b-r{replica}-{}-s0", incarnation_for("uid-1", seq))
+}
 
 fn deployment() -> ModelDeployment {
     let mut md = parse_model_deployment(&json!({
@@ -63,26 +64,23 @@ fn observe<'a>(
 
 fn context(client: kube::Client) -> Context {
     let mut registry = Registry::default();
-    Context {
-        recorder: Recorder::new(
-            client.clone(),
+    Context::new(
+        client.clone(),
+        Config::default(),
+        reflector::store().0,
+        reflector::store().0,
+        reflector::store().0,
+        None,
+        reflector::store().0,
+        Recorder::new(
+            client,
             Reporter {
                 controller: "tessera-operator".into(),
                 instance: None,
             },
         ),
-        client,
-        config: Config::default(),
-        nodes: reflector::store().0,
-        pods: reflector::store().0,
-        services: reflector::store().0,
-        network_policies: None,
-        deployments: reflector::store().0,
-        metrics: Metrics::new(&mut registry),
-        failures: Mutex::new(HashMap::new()),
-        service_accounts: Mutex::new(BTreeSet::new()),
-        incarnations: AtomicU64::new(1),
-    }
+        Metrics::new(&mut registry),
+    )
 }
 
 struct Seen {
@@ -153,7 +151,7 @@ async fn create_flow_applies_account_services_pod_and_status() {
     let md = deployment();
     let nodes = [node()];
     let obs = observe(&md, &[], &[], &nodes);
-    let actions = reconcile(&obs, &ctx.config, &mut |_| "aaaaa".into());
+    let actions = reconcile(&obs, &ctx.config);
     assert_eq!(actions.apply_pods.len(), 1);
     assert_eq!(actions.apply_services.len(), 2);
     let events = actions.events.len();
@@ -161,33 +159,39 @@ async fn create_flow_applies_account_services_pod_and_status() {
     execute(&ctx, &md, actions).await.expect("executes");
     drop(ctx);
     let seen = server.await.expect("script");
+    // Intent first: the placement and its incarnation number, before any pod exists.
     assert_apply(
         &seen[0],
-        "/api/v1/namespaces/inference/serviceaccounts/tessera-worker",
-    );
-    assert_eq!(seen[0].body["automountServiceAccountToken"], false);
-    assert_apply(
-        &seen[1],
-        "/api/v1/namespaces/inference/services/llama-8b-workers",
-    );
-    assert_apply(&seen[2], "/api/v1/namespaces/inference/services/llama-8b");
-    assert_apply(
-        &seen[3],
-        "/api/v1/namespaces/inference/pods/llama-8b-r0-aaaaa-s0",
-    );
-    assert_eq!(
-        seen[3].body["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
-        "2"
-    );
-    assert_apply(
-        &seen[4],
         "/apis/tessera.dev/v1alpha1/namespaces/inference/modeldeployments/llama-8b/status",
     );
     assert_eq!(
-        seen[4].body["status"]["placements"][0]["stages"][0]["node"],
+        seen[0].body["status"]["placements"][0]["stages"][0]["node"],
         "h100-1"
     );
-    assert_eq!(seen[4].body["kind"], "ModelDeployment");
+    assert_eq!(seen[0].body["status"]["incarnations"], 1);
+    assert_eq!(
+        seen[0].body["status"]["placements"][0]["incarnation"],
+        incarnation_for("uid-1", 0)
+    );
+    assert_eq!(seen[0].body["kind"], "ModelDeployment");
+    assert_apply(
+        &seen[1],
+        "/api/v1/namespaces/inference/serviceaccounts/tessera-worker",
+    );
+    assert_eq!(seen[1].body["automountServiceAccountToken"], false);
+    assert_apply(
+        &seen[2],
+        "/api/v1/namespaces/inference/services/llama-8b-workers",
+    );
+    assert_apply(&seen[3], "/api/v1/namespaces/inference/services/llama-8b");
+    assert_apply(
+        &seen[4],
+        &format!("/api/v1/namespaces/inference/pods/{}", pod_of(0, 0)),
+    );
+    assert_eq!(
+        seen[4].body["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+        "2"
+    );
     // Then the Events (events.k8s.io), one per decision.
     for s in &seen[5..] {
         assert_eq!(s.method, Method::POST);
@@ -204,7 +208,7 @@ async fn recreate_flow_deletes_the_failed_group_then_applies_the_new_incarnation
     // First pass: place and build.
     let first = {
         let obs = observe(&md, &[], &[], &nodes);
-        reconcile(&obs, &ctx.config, &mut |_| "aaaaa".into())
+        reconcile(&obs, &ctx.config)
     };
     md.status = first.status.clone();
     let mut pod: Pod = first.apply_pods[0].clone();
@@ -220,28 +224,28 @@ async fn recreate_flow_deletes_the_failed_group_then_applies_the_new_incarnation
         &first.apply_services,
         &nodes,
     );
-    let actions = reconcile(&obs, &ctx.config, &mut |_| "bbbbb".into());
+    let actions = reconcile(&obs, &ctx.config);
     assert!(
         actions.apply_pods.is_empty(),
         "recreation waits for the backoff"
     );
-    assert_eq!(actions.delete_pods, ["llama-8b-r0-aaaaa-s0"]);
+    assert_eq!(actions.delete_pods, [pod_of(0, 0)]);
     let events = actions.events.len();
     let server = tokio::spawn(serve(handle, 2 + events));
     execute(&ctx, &md, actions).await.expect("executes");
     drop(ctx);
     let seen = server.await.expect("script");
-    assert_eq!(seen[0].method, Method::DELETE);
-    assert_eq!(
-        seen[0].path,
-        "/api/v1/namespaces/inference/pods/llama-8b-r0-aaaaa-s0"
-    );
     assert_apply(
-        &seen[1],
+        &seen[0],
         "/apis/tessera.dev/v1alpha1/namespaces/inference/modeldeployments/llama-8b/status",
     );
-    assert_eq!(seen[1].body["status"]["placements"][0]["state"], "Backoff");
-    assert_eq!(seen[1].body["status"]["placements"][0]["restarts"], 1);
+    assert_eq!(seen[0].body["status"]["placements"][0]["state"], "Backoff");
+    assert_eq!(seen[0].body["status"]["placements"][0]["restarts"], 1);
+    assert_eq!(seen[1].method, Method::DELETE);
+    assert_eq!(
+        seen[1].path,
+        format!("/api/v1/namespaces/inference/pods/{}", pod_of(0, 0))
+    );
 }
 
 #[test]
@@ -251,7 +255,7 @@ fn the_workers_exit_message_reaches_status() {
     let nodes = [node()];
     let first = {
         let obs = observe(&md, &[], &[], &nodes);
-        reconcile(&obs, &ctx_cfg, &mut |_| "aaaaa".into())
+        reconcile(&obs, &ctx_cfg)
     };
     md.status = first.status.clone();
     let mut pod: Pod = first.apply_pods[0].clone();
@@ -272,17 +276,23 @@ fn the_workers_exit_message_reaches_status() {
         &first.apply_services,
         &nodes,
     );
-    let actions = reconcile(&obs, &ctx_cfg, &mut |_| "bbbbb".into());
+    let actions = reconcile(&obs, &ctx_cfg);
     let status = actions.status.expect("status changes");
-    let expected = "container worker of pod llama-8b-r0-aaaaa-s0 exited with code 3 (Error): model: sha256 of /model-cache/llama.gguf is ab12..., expected cd34...";
-    assert_eq!(status.placements[0].last_failure.as_deref(), Some(expected));
+    let expected = format!(
+        "container worker of pod {} exited with code 3 (Error): model: sha256 of /model-cache/llama.gguf is ab12..., expected cd34...",
+        pod_of(0, 0)
+    );
+    assert_eq!(
+        status.placements[0].last_failure.as_deref(),
+        Some(expected.as_str())
+    );
     let degraded = status
         .conditions
         .iter()
         .find(|c| c.type_ == "Degraded")
         .expect("Degraded");
     assert_eq!(degraded.status, "True");
-    assert!(degraded.message.contains(expected), "{}", degraded.message);
+    assert!(degraded.message.contains(&expected), "{}", degraded.message);
 }
 
 /// A pod of the first pass as the kubelet reports it once its worker is up.
@@ -315,11 +325,7 @@ fn converged(
     md.spec.replicas = replicas;
     let nodes = [node()];
     let obs = observe(&md, &[], &[], &nodes);
-    let mut n = 0;
-    let first = reconcile(&obs, cfg, &mut |r| {
-        n += 1;
-        format!("inc{r}{n}")
-    });
+    let first = reconcile(&obs, cfg);
     md.status = first.status.clone();
     let pods = first.apply_pods.into_iter().map(running).collect();
     (md, pods, first.apply_services)
@@ -339,7 +345,7 @@ async fn scale_up_flow_applies_only_the_new_replica_and_status() {
     md.metadata.generation = Some(2);
     let nodes = [node()];
     let obs = observe(&md, &pods, &services, &nodes);
-    let actions = reconcile(&obs, &ctx.config, &mut |_| "ccccc".into());
+    let actions = reconcile(&obs, &ctx.config);
     assert_eq!(actions.apply_pods.len(), 1, "{:?}", actions.apply_pods);
     assert!(actions.delete_pods.is_empty());
     assert!(actions.apply_services.is_empty(), "services are unchanged");
@@ -350,19 +356,20 @@ async fn scale_up_flow_applies_only_the_new_replica_and_status() {
     let seen = server.await.expect("script");
     assert_apply(
         &seen[0],
-        "/api/v1/namespaces/inference/pods/llama-8b-r1-ccccc-s0",
-    );
-    assert_eq!(
-        seen[0].body["metadata"]["labels"]["tessera.dev/replica"],
-        "1"
-    );
-    assert_apply(
-        &seen[1],
         "/apis/tessera.dev/v1alpha1/namespaces/inference/modeldeployments/llama-8b/status",
     );
-    let placements = seen[1].body["status"]["placements"].as_array().unwrap();
+    let placements = seen[0].body["status"]["placements"].as_array().unwrap();
     assert_eq!(placements.len(), 2);
-    assert_eq!(seen[1].body["status"]["observedGeneration"], 2);
+    assert_eq!(seen[0].body["status"]["observedGeneration"], 2);
+    assert_eq!(seen[0].body["status"]["incarnations"], 2);
+    assert_apply(
+        &seen[1],
+        &format!("/api/v1/namespaces/inference/pods/{}", pod_of(1, 1)),
+    );
+    assert_eq!(
+        seen[1].body["metadata"]["labels"]["tessera.dev/replica"],
+        "1"
+    );
 }
 
 #[tokio::test]
@@ -375,7 +382,7 @@ async fn scale_down_flow_deletes_the_highest_replica_first() {
     md.metadata.generation = Some(2);
     let nodes = [node()];
     let obs = observe(&md, &pods, &services, &nodes);
-    let actions = reconcile(&obs, &ctx.config, &mut |_| "ddddd".into());
+    let actions = reconcile(&obs, &ctx.config);
     assert!(actions.apply_pods.is_empty());
     let replica2 = pods
         .iter()
@@ -390,15 +397,15 @@ async fn scale_down_flow_deletes_the_highest_replica_first() {
     execute(&ctx, &md, actions).await.expect("executes");
     drop(ctx);
     let seen = server.await.expect("script");
-    assert_eq!(seen[0].method, Method::DELETE);
+    assert_eq!(seen[1].method, Method::DELETE);
     assert_eq!(
-        seen[0].path,
+        seen[1].path,
         format!(
             "/api/v1/namespaces/inference/pods/{}",
             replica2.metadata.name.as_deref().unwrap()
         )
     );
-    let placements = seen[1].body["status"]["placements"].as_array().unwrap();
+    let placements = seen[0].body["status"]["placements"].as_array().unwrap();
     assert_eq!(placements.len(), 2);
     assert!(placements.iter().all(|p| p["replica"] != 2));
 }
@@ -424,15 +431,15 @@ async fn scale_down_removes_an_unready_replica_before_a_higher_ready_one() {
     md.spec.replicas = 2;
     let nodes = [node()];
     let obs = observe(&md, &pods, &services, &nodes);
-    let actions = reconcile(&obs, &ctx.config, &mut |_| "eeeee".into());
+    let actions = reconcile(&obs, &ctx.config);
     assert_eq!(actions.delete_pods, std::slice::from_ref(&r0_name));
     let events = actions.events.len();
     let server = tokio::spawn(serve(handle, 2 + events));
     execute(&ctx, &md, actions).await.expect("executes");
     drop(ctx);
     let seen = server.await.expect("script");
-    assert_eq!(seen[0].method, Method::DELETE);
-    assert!(seen[0].path.ends_with(&r0_name));
+    assert_eq!(seen[1].method, Method::DELETE);
+    assert!(seen[1].path.ends_with(&r0_name));
 }
 
 /// Deleting a ModelDeployment needs no request from the controller: every child carries a
@@ -443,7 +450,7 @@ fn delete_flow_relies_on_owner_references_on_every_child() {
     let md = deployment();
     let nodes = [node()];
     let obs = observe(&md, &[], &[], &nodes);
-    let actions = reconcile(&obs, &cfg, &mut |_| "aaaaa".into());
+    let actions = reconcile(&obs, &cfg);
     let metas = actions
         .apply_pods
         .iter()
@@ -489,7 +496,7 @@ async fn network_policies_follow_the_replica_groups() {
     let first = {
         let nodes = [node()];
         let obs = observe(&md, &[], &[], &nodes);
-        reconcile(&obs, &ctx.config, &mut |_| "zzzzz".into())
+        reconcile(&obs, &ctx.config)
     };
     assert_eq!(first.network_policies.len(), 3);
     let (applied, none) = build::network_policy_changes(&first.network_policies, &[]);
@@ -504,7 +511,7 @@ async fn network_policies_follow_the_replica_groups() {
     md.spec.replicas = 2;
     let nodes = [node()];
     let obs = observe(&md, &pods, &services, &nodes);
-    let actions = reconcile(&obs, &ctx.config, &mut |_| "fffff".into());
+    let actions = reconcile(&obs, &ctx.config);
     assert_eq!(actions.network_policies.len(), 2);
     let deletes = actions.delete_pods.len();
     let events = actions.events.len();
@@ -512,10 +519,12 @@ async fn network_policies_follow_the_replica_groups() {
     execute(&ctx, &md, actions).await.expect("executes");
     drop(ctx);
     let seen = server.await.expect("script");
-    // First the stale policy (after the Services, of which there are none to write)...
-    assert_eq!(seen[0].method, Method::DELETE);
+    // First the status (intent), then the stale policy (after the Services, of which there
+    // are none to write)...
+    assert!(seen[0].path.ends_with("/status"), "{}", seen[0].path);
+    assert_eq!(seen[1].method, Method::DELETE);
     assert_eq!(
-        seen[0].path,
+        seen[1].path,
         "/apis/networking.k8s.io/v1/namespaces/inference/networkpolicies/llama-8b-r2"
     );
     // ...and no apply of the two unchanged policies anywhere.

@@ -312,10 +312,10 @@ fn yaml_output_is_the_child_objects_of_the_plan() {
                 .as_ref()
                 .unwrap()
                 .node_selector_terms[0]
-                .match_expressions
+                .match_fields
                 .as_ref()
                 .unwrap()[0];
-            assert_eq!(node.key, "kubernetes.io/hostname");
+            assert_eq!(node.key, "metadata.name");
             let gpus = &spec.containers[0]
                 .resources
                 .as_ref()

@@ -34,7 +34,7 @@ fn example_pods() -> Vec<Pod> {
             reserved: &[],
             now: Timestamp::now(),
         };
-        let actions = reconcile(&obs, &cfg, &mut |r| format!("inc{r}"));
+        let actions = reconcile(&obs, &cfg);
         pods.extend(actions.apply_pods);
     }
     pods

@@ -4,9 +4,8 @@
 //! conflicts and 5xx errors converge.
 
 use std::collections::BTreeMap;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::convert::Infallible;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use http::{Method, Request, Response, StatusCode};
@@ -92,6 +91,15 @@ fn handle(state: &Mutex<State>, method: &Method, path: &str, body: &[u8]) -> (St
                 let Some(obj) = st.objects.get_mut(&key) else {
                     return (StatusCode::NOT_FOUND, status_body(404, "not found"));
                 };
+                // A resourceVersion in the applied object is a precondition.
+                if let Some(want) = applied["metadata"]["resourceVersion"].as_str()
+                    && obj["metadata"]["resourceVersion"].as_str() != Some(want)
+                {
+                    return (
+                        StatusCode::CONFLICT,
+                        status_body(409, "the object has been modified"),
+                    );
+                }
                 obj["status"] = applied["status"].clone();
                 obj["metadata"]["resourceVersion"] = json!(rv);
                 obj.clone()
@@ -144,28 +152,25 @@ fn client(state: Arc<Mutex<State>>) -> kube::Client {
     kube::Client::new(svc, "default")
 }
 
-fn context(client: kube::Client, seed: u64) -> Context {
+fn context(client: kube::Client) -> Context {
     let mut registry = Registry::default();
-    Context {
-        recorder: Recorder::new(
-            client.clone(),
+    Context::new(
+        client.clone(),
+        Config::default(),
+        reflector::store().0,
+        reflector::store().0,
+        reflector::store().0,
+        None,
+        reflector::store().0,
+        Recorder::new(
+            client,
             Reporter {
                 controller: "tessera-operator".into(),
                 instance: None,
             },
         ),
-        client,
-        config: Config::default(),
-        nodes: reflector::store().0,
-        pods: reflector::store().0,
-        services: reflector::store().0,
-        network_policies: None,
-        deployments: reflector::store().0,
-        metrics: Metrics::new(&mut registry),
-        failures: Mutex::new(HashMap::new()),
-        service_accounts: Mutex::new(BTreeSet::new()),
-        incarnations: AtomicU64::new(seed),
-    }
+        Metrics::new(&mut registry),
+    )
 }
 
 fn nodes() -> Vec<Node> {
@@ -265,12 +270,7 @@ async fn reconcile_once(state: &Arc<Mutex<State>>, ctx: &Context) -> Result<(), 
         reserved: &[],
         now: Timestamp::now(),
     };
-    let counter = &ctx.incarnations;
-    let actions = reconcile(&obs, &ctx.config, &mut |_| {
-        tessera_operator::build::incarnation_id(
-            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        )
-    });
+    let actions = reconcile(&obs, &ctx.config);
     execute(ctx, &md, actions).await.map_err(|e| e.to_string())
 }
 
@@ -347,7 +347,7 @@ async fn converge(state: &Arc<Mutex<State>>, ctx: &Context, max: usize) -> usize
 #[tokio::test]
 async fn a_converged_state_makes_zero_writes() {
     let state = seed_state();
-    let ctx = context(client(state.clone()), 1);
+    let ctx = context(client(state.clone()));
     let rounds = converge(&state, &ctx, 10).await;
     assert!(rounds <= 4, "{rounds}");
     let pods = state
@@ -373,7 +373,7 @@ async fn a_converged_state_makes_zero_writes() {
 async fn a_crash_after_any_write_then_a_restart_leaves_no_duplicates_or_orphans() {
     // Count the writes of a clean run from scratch, then crash after each one in turn.
     let clean = seed_state();
-    let ctx = context(client(clean.clone()), 1);
+    let ctx = context(client(clean.clone()));
     converge(&clean, &ctx, 10).await;
     let total = writes(&clean);
     assert!(total >= 6, "{total}");
@@ -381,11 +381,11 @@ async fn a_crash_after_any_write_then_a_restart_leaves_no_duplicates_or_orphans(
         let state = seed_state();
         state.lock().expect("lock").fail_at.insert(crash_at, 500);
         // The "crashed" operator: its reconcile stops at the failing write.
-        let first = context(client(state.clone()), 1);
+        let first = context(client(state.clone()));
         let _ = reconcile_once(&state, &first).await;
         drop(first);
         // A restarted operator: fresh memory (and a different incarnation counter).
-        let restarted = context(client(state.clone()), 1_000 + crash_at as u64);
+        let restarted = context(client(state.clone()));
         converge(&state, &restarted, 10).await;
         check_no_duplicates_or_orphans(&state);
         let st = state.lock().expect("lock");
@@ -399,7 +399,7 @@ async fn conflicts_and_server_errors_converge() {
     for seed in [3u64, 11, 29] {
         let state = seed_state();
         state.lock().expect("lock").chaos = Some((seed, 3));
-        let ctx = context(client(state.clone()), seed);
+        let ctx = context(client(state.clone()));
         for _ in 0..30 {
             let _ = reconcile_once(&state, &ctx).await;
             kubelet(&state);

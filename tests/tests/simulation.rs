@@ -97,7 +97,6 @@ struct Sim {
     /// When each pod was bound.
     bound_at: BTreeMap<String, Timestamp>,
     cfg: Config,
-    incarnations: u64,
     writes: usize,
     log: Vec<String>,
 }
@@ -118,7 +117,6 @@ impl Sim {
             services: BTreeMap::new(),
             bound_at: BTreeMap::new(),
             cfg,
-            incarnations: 0,
             writes: 0,
             log: Vec::new(),
         }
@@ -159,7 +157,7 @@ impl Sim {
                 })
                 .cloned()
                 .collect();
-            let reserved = reserved_by_others(&self.deployments, uid.as_deref());
+            let reserved = reserved_by_others(&self.deployments, uid.as_deref(), &other);
             let obs = Observed {
                 md: &md,
                 reserved: &reserved,
@@ -169,12 +167,7 @@ impl Sim {
                 other_pods: &other,
                 now: self.now,
             };
-            let counter = &mut self.incarnations;
-            let mut gen_inc = |_r: i32| {
-                *counter += 1;
-                tessera_operator::build::incarnation_id(*counter)
-            };
-            let actions = reconcile(&obs, &self.cfg, &mut gen_inc);
+            let actions = reconcile(&obs, &self.cfg);
             writes += actions.writes();
             self.apply(i, actions);
         }
@@ -257,26 +250,9 @@ impl Sim {
     }
 
     fn pinned_node(p: &Pod) -> String {
-        p.spec
-            .as_ref()
-            .expect("spec")
-            .affinity
-            .as_ref()
-            .expect("affinity")
-            .node_affinity
-            .as_ref()
-            .expect("node affinity")
-            .required_during_scheduling_ignored_during_execution
-            .as_ref()
-            .expect("required")
-            .node_selector_terms[0]
-            .match_expressions
-            .as_ref()
-            .expect("exprs")[0]
-            .values
-            .as_ref()
-            .expect("values")[0]
-            .clone()
+        tessera_operator::controller::reconcile::pinned_node(p)
+            .expect("worker pods are pinned to a node")
+            .to_owned()
     }
 
     /// Scheduler: bind pending pods whose pinned node is Ready, schedulable and has the GPUs.
@@ -792,9 +768,8 @@ fn simulation_operator_restart_does_not_touch_running_groups() {
     sim.run_until(40, "ready", |s| s.ready_replicas(0) == 2);
     sim.converge(10);
     let before: BTreeSet<String> = sim.pods.keys().cloned().collect();
-    // A restarted operator has no memory but the API objects; its incarnation counter starts
-    // elsewhere. The first reconcile after the restart must not write anything.
-    sim.incarnations = 1_000_000;
+    // A restarted operator has no memory but the API objects (incarnation numbers live in
+    // status). The first reconcile after the restart must not write anything.
     assert_eq!(sim.step(), 0, "{}", sim.log.join("\n"));
     let after: BTreeSet<String> = sim.pods.keys().cloned().collect();
     assert_eq!(before, after);

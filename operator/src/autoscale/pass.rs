@@ -40,31 +40,16 @@ pub fn capacity(inv: &Inventory, md: &ModelDeployment, placed: u32, opts: &PlanO
 }
 
 /// Pods as the inventory should count them: unbound pods that the operator pinned to a node
-/// (required node affinity on `kubernetes.io/hostname` with one value) count on that node.
+/// (required node affinity with one node) count on that node.
 pub fn pods_for_inventory(pods: &[Pod]) -> Vec<Pod> {
     pods.iter()
         .map(|p| {
-            let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
-            if bound {
-                return p.clone();
-            }
-            let pinned = p
-                .spec
-                .as_ref()
-                .and_then(|s| s.affinity.as_ref())
-                .and_then(|a| a.node_affinity.as_ref())
-                .and_then(|n| {
-                    n.required_during_scheduling_ignored_during_execution
-                        .as_ref()
-                })
-                .and_then(|sel| sel.node_selector_terms.first())
-                .and_then(|t| t.match_expressions.as_ref())
-                .and_then(|e| e.iter().find(|r| r.key == "kubernetes.io/hostname"))
-                .and_then(|r| r.values.as_ref())
-                .and_then(|v| (v.len() == 1).then(|| v[0].clone()));
             let mut p = p.clone();
-            if let (Some(node), Some(spec)) = (pinned, p.spec.as_mut()) {
-                spec.node_name = Some(node);
+            let pinned = crate::controller::reconcile::pinned_node(&p).map(str::to_owned);
+            if let Some(spec) = p.spec.as_mut()
+                && spec.node_name.is_none()
+            {
+                spec.node_name = pinned;
             }
             p
         })

@@ -39,7 +39,7 @@ use crate::build::labels;
 use crate::controller::metrics::{
     AutoscalerMetrics, DeploymentLabels, DirectionLabel, ResultLabel,
 };
-use crate::controller::reconcile::{Config, reserved_by_others};
+use crate::controller::reconcile::{Config, reservation_pods, reserved_by_others};
 use crate::planner::inventory::Inventory;
 
 /// Field manager of the autoscaler's writes.
@@ -345,6 +345,7 @@ impl Runner {
             .collect();
         for gone in self.gauges.difference(&gauges) {
             self.metrics.desired_replicas.remove(gone);
+            self.metrics.capacity_limited.remove(gone);
         }
         self.gauges = gauges;
         if deployments.is_empty() {
@@ -416,7 +417,11 @@ impl Runner {
         self.last.retain(|k, _| seen.contains(k));
 
         let mut inv_pods = pods_for_inventory(&snap.pods);
-        inv_pods.extend(reserved_pods(&reserved_by_others(&snap.deployments, None)));
+        inv_pods.extend(reservation_pods(&reserved_by_others(
+            &snap.deployments,
+            None,
+            &snap.pods,
+        )));
         let inv = Inventory::from_nodes(
             &snap.nodes,
             &inv_pods,
@@ -455,6 +460,13 @@ impl Runner {
                     deployment: md.name_any(),
                 })
                 .set(i64::from(d.replicas));
+            self.metrics
+                .capacity_limited
+                .get_or_create(&DeploymentLabels {
+                    namespace: md.namespace().unwrap_or_default(),
+                    deployment: md.name_any(),
+                })
+                .set(i64::from(d.capacity_limited));
             let scale = if d.replicas != d.current {
                 let r = write_result(self.apply_replicas(md, d.replicas).await);
                 match &r {
@@ -566,19 +578,6 @@ pub fn condition_patch(
         "metadata": {"resourceVersion": resource_version},
         "status": {"conditions": conditions},
     })
-}
-
-fn reserved_pods(reserved: &[(String, u32)]) -> Vec<Pod> {
-    reserved
-        .iter()
-        .filter_map(|(node, gpus)| {
-            serde_json::from_value::<Pod>(serde_json::json!({
-                "metadata": {"name": format!("reserved-{node}")},
-                "spec": {"nodeName": node, "containers": [{"name": "r", "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}}}]}
-            }))
-            .ok()
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -32,6 +32,14 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     pub placement_duration: Histogram,
     pub replicas: Family<ReplicaLabels, Gauge>,
+    /// Reconciles put off because the pod cache did not yet show the last pass's pods.
+    pub expectations_waits: Counter,
+    /// Decisions taken again from live reads because the cache was behind.
+    pub stale_decisions: Counter,
+    /// 1 while this process holds the leader Lease (or runs without election).
+    pub leader: Gauge,
+    /// Deployments with `tessera_replicas` series, to remove them when a deployment goes.
+    known: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<(String, String)>>>,
 }
 
 impl Metrics {
@@ -43,6 +51,10 @@ impl Metrics {
             reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             placement_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 14)),
             replicas: Family::default(),
+            expectations_waits: Counter::default(),
+            stale_decisions: Counter::default(),
+            leader: Gauge::default(),
+            known: Default::default(),
         };
         registry.register(
             "tessera_reconciles",
@@ -69,9 +81,72 @@ impl Metrics {
             "Replicas by state (ready, starting, backoff, unplaced)",
             m.replicas.clone(),
         );
+        registry.register(
+            "tessera_expectation_waits",
+            "Reconciles put off until the pod cache showed the pods the last pass created or deleted",
+            m.expectations_waits.clone(),
+        );
+        registry.register(
+            "tessera_stale_cache_decisions",
+            "Decisions taken again from live reads because the cache was behind the API server",
+            m.stale_decisions.clone(),
+        );
+        registry.register(
+            "tessera_operator_leader",
+            "1 while this operator process holds the leader Lease (or runs without leader election)",
+            m.leader.clone(),
+        );
         m
     }
+
+    /// The replica gauge of one deployment in one state.
+    pub fn replica_gauge(&self, namespace: &str, deployment: &str, state: &'static str) -> Gauge {
+        self.known
+            .lock()
+            .expect("lock")
+            .insert((namespace.to_owned(), deployment.to_owned()));
+        self.replicas
+            .get_or_create(&ReplicaLabels {
+                namespace: namespace.to_owned(),
+                deployment: deployment.to_owned(),
+                state,
+            })
+            .clone()
+    }
+
+    /// Remove a deployment's series.
+    pub fn forget_deployment(&self, namespace: &str, deployment: &str) {
+        self.known
+            .lock()
+            .expect("lock")
+            .remove(&(namespace.to_owned(), deployment.to_owned()));
+        for state in REPLICA_STATES {
+            self.replicas.remove(&ReplicaLabels {
+                namespace: namespace.to_owned(),
+                deployment: deployment.to_owned(),
+                state,
+            });
+        }
+    }
+
+    /// Remove the series of every deployment whose `namespace/name` is not in `keep`.
+    pub fn forget_deployments_except(&self, keep: std::collections::BTreeSet<String>) {
+        let gone: Vec<(String, String)> = self
+            .known
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(ns, d)| !keep.contains(&format!("{ns}/{d}")))
+            .cloned()
+            .collect();
+        for (ns, d) in gone {
+            self.forget_deployment(&ns, &d);
+        }
+    }
 }
+
+/// The states of `tessera_replicas`.
+pub const REPLICA_STATES: [&str; 4] = ["ready", "starting", "backoff", "unplaced"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
@@ -97,6 +172,8 @@ pub struct AutoscalerMetrics {
     pub decisions: Family<DirectionLabel, Counter>,
     /// The replicas the last decision asked for, per autoscaled deployment.
     pub desired_replicas: Family<DeploymentLabels, Gauge>,
+    /// 1 while the last decision wanted more replicas than the cluster holds.
+    pub capacity_limited: Family<DeploymentLabels, Gauge>,
 }
 
 impl AutoscalerMetrics {
@@ -108,6 +185,7 @@ impl AutoscalerMetrics {
             scrapes: Family::default(),
             decisions: Family::default(),
             desired_replicas: Family::default(),
+            capacity_limited: Family::default(),
         };
         registry.register(
             "tessera_autoscaler_passes",
@@ -133,6 +211,11 @@ impl AutoscalerMetrics {
             "tessera_autoscaler_desired_replicas",
             "Replicas the last autoscaling decision asked for, per deployment",
             m.desired_replicas.clone(),
+        );
+        registry.register(
+            "tessera_autoscaler_capacity_limited",
+            "1 while the last autoscaling decision wanted more replicas than fit in the cluster, per deployment",
+            m.capacity_limited.clone(),
         );
         m
     }

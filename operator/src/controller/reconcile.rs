@@ -23,6 +23,8 @@ use crate::planner::{self, ExistingPlacement, PlanOptions};
 
 /// Annotation on children: hash of what they were built from.
 pub const TEMPLATE_HASH: &str = "tessera.dev/template-hash";
+/// Condition the executor sets when the API refuses to create a pod (quota, admission).
+pub const REPLICA_FAILURE: &str = "ReplicaFailure";
 /// Longest wait between group recreations.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
 
@@ -40,6 +42,11 @@ pub struct Config {
     /// A replica whose member stays unschedulable this long releases its GPUs and is placed
     /// again (a half-placed gang never holds GPUs forever).
     pub gang_timeout: Duration,
+    /// A replica whose group has been ready this long forgets its past recreations (its
+    /// `restarts` go back to 0, so an old crash does not count towards `maxRestarts` forever).
+    pub failure_decay: Duration,
+    /// How long a node stays in `avoidNodes`.
+    pub avoid_ttl: Duration,
 }
 
 impl Default for Config {
@@ -55,6 +62,8 @@ impl Default for Config {
             node_lost_grace: Duration::from_secs(300),
             starting_requeue: Duration::from_secs(30),
             gang_timeout: Duration::from_secs(300),
+            failure_decay: Duration::from_secs(600),
+            avoid_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -76,21 +85,105 @@ pub struct Observed<'a> {
     pub now: Timestamp,
 }
 
-/// GPUs that other deployments' replicas hold while they have no pods (waiting out a
-/// backoff before their group is recreated in place), so they are not promised twice.
+/// GPUs that other deployments' replicas hold without pods to show for them, so they are not
+/// promised twice: a replica waiting out a backoff keeps its place, and a replica whose
+/// placement is written in status (intent is recorded before pods are created) holds the GPUs
+/// of every member pod that `pods` does not show yet.
 pub fn reserved_by_others(
     deployments: &[ModelDeployment],
     except_uid: Option<&str>,
+    pods: &[Pod],
 ) -> Vec<(String, u32)> {
-    deployments
+    // GPUs the pods of each (deployment, replica, incarnation) hold per node.
+    let mut seen: BTreeMap<(&str, &str, &str, &str), u32> = BTreeMap::new();
+    for p in pods {
+        let (Some(d), Some(r), Some(i)) = (
+            label(p, labels::DEPLOYMENT),
+            label(p, labels::REPLICA),
+            label(p, labels::INCARNATION),
+        ) else {
+            continue;
+        };
+        let node = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .or_else(|| pinned_node(p))
+            .unwrap_or_default();
+        *seen.entry((d, r, i, node)).or_default() += pod_gpus(p);
+    }
+    let mut out = Vec::new();
+    for d in deployments
         .iter()
-        .filter(|d| d.metadata.uid.as_deref() != except_uid || except_uid.is_none())
-        .filter_map(|d| d.status.as_ref())
-        .flat_map(|st| st.placements.iter())
-        .filter(|p| p.state == ReplicaState::Backoff)
-        .flat_map(|p| p.stages.iter())
-        .map(|s| (s.node.clone(), u32::try_from(s.gpus).unwrap_or(0)))
-        .collect()
+        .filter(|d| except_uid.is_none() || d.metadata.uid.as_deref() != except_uid)
+    {
+        let name = d.metadata.name.as_deref().unwrap_or_default();
+        for p in d.status.iter().flat_map(|st| st.placements.iter()) {
+            let replica = p.replica.to_string();
+            let inc = p.incarnation.as_deref().unwrap_or_default();
+            for s in &p.stages {
+                let want = u32::try_from(s.gpus).unwrap_or(0);
+                let have = if p.state == ReplicaState::Backoff {
+                    0
+                } else {
+                    seen.get(&(name, replica.as_str(), inc, s.node.as_str()))
+                        .copied()
+                        .unwrap_or(0)
+                };
+                if want > have {
+                    out.push((s.node.clone(), want - have));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// GPUs a pod asks for.
+fn pod_gpus(p: &Pod) -> u32 {
+    p.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .filter_map(|c| {
+            c.resources
+                .as_ref()?
+                .limits
+                .as_ref()?
+                .get(build::GPU_RESOURCE)
+        })
+        .filter_map(|q| q.0.parse::<u32>().ok())
+        .sum()
+}
+
+/// The node a pod is pinned to by required node affinity (`matchFields` on `metadata.name`, or
+/// the `kubernetes.io/hostname` label that older operators used).
+pub fn pinned_node(p: &Pod) -> Option<&str> {
+    let term = p
+        .spec
+        .as_ref()?
+        .affinity
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required_during_scheduling_ignored_during_execution
+        .as_ref()?
+        .node_selector_terms
+        .first()?;
+    let by_field = term
+        .match_fields
+        .iter()
+        .flatten()
+        .find(|r| r.key == "metadata.name" && r.operator == "In");
+    let by_label = term
+        .match_expressions
+        .iter()
+        .flatten()
+        .find(|r| r.key == "kubernetes.io/hostname" && r.operator == "In");
+    by_field
+        .or(by_label)
+        .and_then(|r| r.values.as_ref())
+        .filter(|v| v.len() == 1)
+        .map(|v| v[0].as_str())
 }
 
 /// Severity of an Event.
@@ -126,6 +219,12 @@ pub struct Actions {
 }
 
 impl Actions {
+    /// Whether these actions write pods or status (the decisions a stale cache could get
+    /// wrong; NetworkPolicies follow the replicas in status and are diffed by the executor).
+    pub fn acts(&self) -> bool {
+        self.writes() > 0
+    }
+
     /// Number of API writes these actions need (status and Events included).
     pub fn writes(&self) -> usize {
         self.apply_services.len()
@@ -145,6 +244,33 @@ fn label<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
 
 fn pod_name(pod: &Pod) -> String {
     pod.metadata.name.clone().unwrap_or_default()
+}
+
+/// Why a member pod was taken away by the cluster rather than failing on its own, if it was:
+/// evicted (drain, node pressure), preempted, or deleted by the taint manager. Such a
+/// disruption re-places the replica without counting towards `maxRestarts`.
+fn pod_disruption(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    if let Some(c) = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+    {
+        return Some(format!(
+            "pod {} was disrupted ({})",
+            pod_name(pod),
+            c.reason.as_deref().unwrap_or("DisruptionTarget")
+        ));
+    }
+    match status.reason.as_deref() {
+        Some(r @ ("Evicted" | "Preempting" | "Shutdown" | "NodeShutdown" | "Terminated"))
+            if status.phase.as_deref() == Some("Failed") =>
+        {
+            Some(format!("pod {} was disrupted ({r})", pod_name(pod)))
+        }
+        _ => None,
+    }
 }
 
 /// Why a member pod counts as failed, if it does.
@@ -212,6 +338,18 @@ fn unschedulable_for(pod: &Pod, now: Timestamp) -> Duration {
         .map(|t| t.0)
         .unwrap_or(now);
     Duration::from_secs(now.duration_since(since).as_secs().max(0) as u64)
+}
+
+/// Since when a pod has been Ready.
+fn ready_since(pod: &Pod) -> Option<Time> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Ready" && c.status == "True")?
+        .last_transition_time
+        .clone()
 }
 
 fn pod_ready(pod: &Pod) -> bool {
@@ -288,6 +426,26 @@ fn time_after(t: &Time, d: Duration) -> Timestamp {
         .unwrap_or(Timestamp::MAX)
 }
 
+/// Set the `ReplicaFailure` condition (a pod could not be created) on `status`.
+pub fn set_replica_failure(status: &mut ModelDeploymentStatus, message: &str, now: Timestamp) {
+    let previous = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == REPLICA_FAILURE)
+        .cloned();
+    status.conditions.retain(|c| c.type_ != REPLICA_FAILURE);
+    status.conditions.push(Condition {
+        type_: REPLICA_FAILURE.to_owned(),
+        status: "True".to_owned(),
+        reason: "FailedCreate".to_owned(),
+        message: bounded(message, MAX_MESSAGE),
+        observed_generation: previous.as_ref().and_then(|c| c.observed_generation),
+        last_transition_time: previous
+            .filter(|c| c.status == "True")
+            .map_or(Time(now), |c| c.last_transition_time),
+    });
+}
+
 /// Builds the condition list, keeping each condition's transition time while its status holds.
 struct Conditions<'a> {
     list: Vec<Condition>,
@@ -319,55 +477,106 @@ impl Conditions<'_> {
 /// and pinned but not yet bound pods count on their planned node (otherwise two deployments
 /// reconciled back to back could both be promised the same free GPUs).
 fn inventory_pods(other: &[Pod], reserved: &[(String, u32)]) -> Vec<Pod> {
-    let reservations = reserved.iter().map(|(node, gpus)| {
-        serde_json::from_value::<Pod>(serde_json::json!({
-            "metadata": {"name": format!("reserved-{node}")},
-            "spec": {"nodeName": node, "containers": [{"name": "r", "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}}}]}
-        }))
-        .expect("a reservation is a valid pod")
-    });
-    other
+    let mut pods = crate::autoscale::pass::pods_for_inventory(other);
+    pods.extend(reservation_pods(reserved));
+    pods
+}
+
+/// Stand-in pods that hold `reserved` GPUs on their nodes, for the planner's inventory.
+pub fn reservation_pods(reserved: &[(String, u32)]) -> Vec<Pod> {
+    reserved
         .iter()
-        .map(|p| {
-            let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
-            if bound {
-                return p.clone();
-            }
-            let pinned = p
-                .spec
-                .as_ref()
-                .and_then(|s| s.affinity.as_ref())
-                .and_then(|a| a.node_affinity.as_ref())
-                .and_then(|n| {
-                    n.required_during_scheduling_ignored_during_execution
-                        .as_ref()
-                })
-                .and_then(|sel| sel.node_selector_terms.first())
-                .and_then(|t| t.match_expressions.as_ref())
-                .and_then(|e| e.iter().find(|r| r.key == "kubernetes.io/hostname"))
-                .and_then(|r| r.values.as_ref())
-                .and_then(|v| (v.len() == 1).then(|| v[0].clone()));
-            let mut p = p.clone();
-            if let (Some(node), Some(spec)) = (pinned, p.spec.as_mut()) {
-                spec.node_name = Some(node);
-            }
-            p
+        .map(|(node, gpus)| {
+            serde_json::from_value::<Pod>(serde_json::json!({
+                "metadata": {"name": format!("reserved-{node}")},
+                "spec": {"nodeName": node, "containers": [{"name": "r", "resources": {"limits": {build::GPU_RESOURCE: gpus.to_string()}}}]}
+            }))
+            .expect("a reservation is a valid pod")
         })
-        .chain(reservations)
         .collect()
 }
 
-/// Decide what to do. `new_incarnation` makes incarnation ids (the controller passes a
-/// time-and-counter based generator; tests pass a deterministic one).
-pub fn reconcile(
-    obs: &Observed<'_>,
-    cfg: &Config,
-    new_incarnation: &mut dyn FnMut(i32) -> String,
-) -> Actions {
+/// The id of a deployment's incarnation number `seq`: derived from its uid and the number, so
+/// that every reconcile that decides the same group names the same pods, and a deployment
+/// deleted and created again under the same name never reuses the names of pods still
+/// terminating.
+pub fn incarnation_for(uid: &str, seq: i64) -> String {
+    build::incarnation_id(build::fnv1a(format!("{uid}/{seq}").as_bytes()))
+}
+
+/// Longest condition message and `lastFailure` (bytes); the CRD allows 4096, and a status
+/// must stay readable in `kubectl describe`.
+pub const MAX_MESSAGE: usize = 1000;
+/// Most entries of `avoidNodes` (the oldest expire first).
+pub const MAX_AVOID_NODES: usize = 32;
+
+/// `s` cut at a character boundary to at most `max` bytes, marked with an ellipsis when cut.
+pub fn bounded(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Replica indices as ranges: `0-4, 7, 9-10`.
+fn ranges(replicas: &[i32]) -> String {
+    let mut sorted = replicas.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    parts.join(", ")
+}
+
+/// Reasons grouped with the replicas they apply to, largest group first, bounded:
+/// `replicas 3-499 (497): no node has 8 free H100 GPUs; replica 1: ...`.
+fn summarise(items: &[(i32, String)], max: usize) -> String {
+    let mut groups: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
+    for (r, why) in items {
+        groups.entry(why.as_str()).or_default().push(*r);
+    }
+    let mut groups: Vec<(&str, Vec<i32>)> = groups.into_iter().collect();
+    groups.sort_by_key(|(_, rs)| std::cmp::Reverse(rs.len()));
+    let parts: Vec<String> = groups
+        .iter()
+        .map(|(why, rs)| match rs.as_slice() {
+            [one] => format!("replica {one}: {why}"),
+            _ => format!("replicas {} ({}): {why}", ranges(rs), rs.len()),
+        })
+        .collect();
+    bounded(&parts.join("; "), max)
+}
+
+/// Decide what to do.
+pub fn reconcile(obs: &Observed<'_>, cfg: &Config) -> Actions {
     let md = obs.md;
+    // A deployment being deleted (foreground deletion keeps it while its pods go) is left
+    // alone: recreating its groups would fight the garbage collector.
+    if md.metadata.deletion_timestamp.is_some() {
+        return Actions::default();
+    }
     let spec = &md.spec;
     let name = md.metadata.name.clone().unwrap_or_default();
     let namespace = md.metadata.namespace.clone().unwrap_or_default();
+    let uid = md.metadata.uid.clone().unwrap_or_default();
     let generation = md.metadata.generation;
     let old = md.status.clone().unwrap_or_default();
     let now = obs.now;
@@ -376,7 +585,19 @@ pub fn reconcile(
         observed_generation: generation,
         selector: Some(build::leader_selector(&name)),
         avoid_nodes: old.avoid_nodes.clone(),
+        avoid_nodes_since: old.avoid_nodes_since.clone(),
+        incarnations: old.incarnations,
+        template_hash: old.template_hash.clone(),
         ..ModelDeploymentStatus::default()
+    };
+    // Incarnations are numbered; the number is written to status before any pod of the new
+    // group is created (the executor writes status first, with a resourceVersion
+    // precondition), so a reconcile from a stale cache proposes the same names or is refused.
+    let seq = std::cell::Cell::new(old.incarnations);
+    let new_incarnation = |_replica: i32| {
+        let id = incarnation_for(&uid, seq.get());
+        seq.set(seq.get() + 1);
+        id
     };
 
     // Validate: an invalid spec waits for a change (no requeue), and loses nothing: the pods
@@ -406,6 +627,49 @@ pub fn reconcile(
     }
 
     let hash = template_hash(md, cfg.build.default_image(md.spec.engine.name));
+    // Avoided nodes: cleared when the pod template changes (a new image or setting may well
+    // run there), and each expires after `avoid_ttl`.
+    if old.template_hash.as_deref().is_some_and(|h| h != hash) && !old.avoid_nodes.is_empty() {
+        actions.events.push(EventNote {
+            type_: EventType::Normal,
+            reason: "AvoidNodesCleared",
+            note: format!(
+                "the pod template changed; no longer avoiding {}",
+                old.avoid_nodes.join(", ")
+            ),
+        });
+        status.avoid_nodes.clear();
+    }
+    status.template_hash = Some(hash.clone());
+    status
+        .avoid_nodes_since
+        .retain(|n, _| status.avoid_nodes.contains(n));
+    for n in &status.avoid_nodes {
+        // Entries written by an older operator carry no time: their clock starts now.
+        status
+            .avoid_nodes_since
+            .entry(n.clone())
+            .or_insert_with(|| Time(now));
+    }
+    let expired: Vec<String> = status
+        .avoid_nodes_since
+        .iter()
+        .filter(|(_, t)| time_after(t, cfg.avoid_ttl) <= now)
+        .map(|(n, _)| n.clone())
+        .collect();
+    if !expired.is_empty() {
+        actions.events.push(EventNote {
+            type_: EventType::Normal,
+            reason: "AvoidNodesExpired",
+            note: format!(
+                "no longer avoiding {} (avoided for {}s)",
+                expired.join(", "),
+                cfg.avoid_ttl.as_secs()
+            ),
+        });
+        status.avoid_nodes.retain(|n| !expired.contains(n));
+        status.avoid_nodes_since.retain(|n, _| !expired.contains(n));
+    }
     let nodes: BTreeMap<&str, &Node> = obs
         .nodes
         .iter()
@@ -429,7 +693,7 @@ pub fn reconcile(
     // 1. Existing replicas: health, node loss, failures.
     let mut kept: Vec<ReplicaPlacement> = Vec::new();
     let mut replace: Vec<(i32, i32, String)> = Vec::new(); // (replica, restarts, why)
-    let mut avoid: BTreeSet<String> = old.avoid_nodes.iter().cloned().collect();
+    let mut avoid: BTreeSet<String> = status.avoid_nodes.iter().cloned().collect();
     for p in &old.placements {
         let mut p = p.clone();
         let inc = p.incarnation.clone().unwrap_or_default();
@@ -507,6 +771,18 @@ pub fn reconcile(
                     replace.push((p.replica, p.restarts, why));
                     continue;
                 }
+                if let Some(why) = members.iter().find_map(|m| pod_disruption(m)) {
+                    actions.events.push(EventNote {
+                        type_: EventType::Normal,
+                        reason: "Disrupted",
+                        note: format!(
+                            "replica {}: {why}; placing the whole group again (not counted as a failure)",
+                            p.replica
+                        ),
+                    });
+                    replace.push((p.replica, p.restarts, why));
+                    continue;
+                }
                 let failure = members.iter().find_map(|m| pod_failure(m)).or_else(|| {
                     (p.state == ReplicaState::Running && members.len() < p.stages.len()).then(
                         || {
@@ -521,7 +797,7 @@ pub fn reconcile(
                 if let Some(why) = failure.filter(|_| spec.failure_policy.recreate_group) {
                     p.restarts += 1;
                     p.last_failure_time = Some(Time(now));
-                    p.last_failure = Some(why.clone());
+                    p.last_failure = Some(bounded(&why, MAX_MESSAGE));
                     p.ready = false;
                     if p.restarts > spec.failure_policy.max_restarts {
                         // Degraded: this placement keeps failing; avoid its nodes and place the
@@ -560,6 +836,29 @@ pub fn reconcile(
                 if members.len() == p.stages.len() {
                     p.state = ReplicaState::Running;
                     p.ready = members.iter().all(|m| pod_ready(m));
+                    // Ready for a while: past recreations no longer count.
+                    if p.ready
+                        && p.restarts > 0
+                        && members
+                            .iter()
+                            .filter_map(|m| ready_since(m))
+                            .max()
+                            .is_some_and(|t| time_after(&t, cfg.failure_decay) <= now)
+                    {
+                        actions.events.push(EventNote {
+                            type_: EventType::Normal,
+                            reason: "Recovered",
+                            note: format!(
+                                "replica {}: ready for {}s; its {} earlier recreations no longer count towards maxRestarts",
+                                p.replica,
+                                cfg.failure_decay.as_secs(),
+                                p.restarts
+                            ),
+                        });
+                        p.restarts = 0;
+                        p.last_failure = None;
+                        p.last_failure_time = None;
+                    }
                 } else {
                     requeue_in(cfg.starting_requeue);
                 }
@@ -773,19 +1072,34 @@ pub fn reconcile(
     )
     .unwrap_or(i32::MAX);
     status.ready_replicas = i32::try_from(ready).unwrap_or(i32::MAX);
-    status.avoid_nodes = avoid.into_iter().collect();
+    for n in &avoid {
+        status
+            .avoid_nodes_since
+            .entry(n.clone())
+            .or_insert_with(|| Time(now));
+    }
+    // Bounded: past the cap, the longest-avoided nodes go first.
+    let mut by_age: Vec<(&String, &Time)> = status.avoid_nodes_since.iter().collect();
+    by_age.sort_by_key(|(n, t)| (std::cmp::Reverse(t.0), (*n).clone()));
+    let keep: BTreeSet<String> = by_age
+        .into_iter()
+        .take(MAX_AVOID_NODES)
+        .map(|(n, _)| n.clone())
+        .collect();
+    status.avoid_nodes = avoid.into_iter().filter(|n| keep.contains(n)).collect();
+    status.avoid_nodes_since.retain(|n, _| keep.contains(n));
     if let Some(first) = kept.first() {
         status.gpu_type = Some(first.gpu_type.clone());
         status.tensor_parallel = Some(first.tensor_parallel);
         status.pipeline_parallel = Some(first.pipeline_parallel);
     }
-    let unplaced: Vec<String> = plan_report
+    let unplaced: Vec<(i32, String)> = plan_report
         .as_ref()
         .map(|dp| {
             dp.unplaced
                 .iter()
                 .filter(|u| wanted.iter().any(|w| w.0 == u.replica))
-                .map(|u| format!("replica {}: {}", u.replica, u.reason))
+                .map(|u| (u.replica, u.reason.clone()))
                 .collect()
         })
         .unwrap_or_default();
@@ -823,9 +1137,12 @@ pub fn reconcile(
                 .map(|dp| dp.choice.reason.clone())
                 .unwrap_or_default()
         } else {
-            unplaced.join("; ")
+            summarise(&unplaced, MAX_MESSAGE)
         };
-        format!("{placed} of {desired} replicas placed; {why}")
+        bounded(
+            &format!("{placed} of {desired} replicas placed; {why}"),
+            MAX_MESSAGE,
+        )
     };
     conditions.set(
         "Placed",
@@ -871,15 +1188,17 @@ pub fn reconcile(
             format!("{starting} starting, {backing_off} waiting to be recreated")
         },
     );
-    let failing: Vec<String> = kept
+    let failing: Vec<(i32, String)> = kept
         .iter()
         .filter(|p| p.restarts > 0 && !p.ready)
         .map(|p| {
-            format!(
-                "replica {} restarted {} times ({})",
+            (
                 p.replica,
-                p.restarts,
-                p.last_failure.clone().unwrap_or_default()
+                format!(
+                    "restarted {} times ({})",
+                    p.restarts,
+                    p.last_failure.clone().unwrap_or_default()
+                ),
             )
         })
         .collect();
@@ -893,21 +1212,38 @@ pub fn reconcile(
             "Healthy"
         },
         if degraded {
-            let mut parts = failing;
+            let mut parts = Vec::new();
             if !status.avoid_nodes.is_empty() {
                 parts.push(format!("avoiding nodes {}", status.avoid_nodes.join(", ")));
             }
-            parts.join("; ")
+            if !failing.is_empty() {
+                parts.push(format!("{} replicas failing", failing.len()));
+                parts.push(summarise(&failing, MAX_MESSAGE));
+            }
+            bounded(&parts.join("; "), MAX_MESSAGE)
         } else {
             "no replica is failing".into()
         },
     );
-    // ScalingLimited belongs to the autoscaler; carry it over.
+    // ScalingLimited belongs to the autoscaler; carry it over. ReplicaFailure (set by the
+    // executor when creating a pod failed) holds while a starting group still misses pods.
     let mut conditions = conditions.list;
+    let missing_pods = kept
+        .iter()
+        .filter(|p| p.state == ReplicaState::Creating)
+        .any(|p| {
+            let inc = p.incarnation.as_deref().unwrap_or_default();
+            let have = pods_by_replica.get(&p.replica).map_or(0, |v| {
+                v.iter()
+                    .filter(|x| label(x, labels::INCARNATION) == Some(inc))
+                    .count()
+            });
+            have < p.stages.len()
+        });
     conditions.extend(
         old.conditions
             .iter()
-            .filter(|c| c.type_ == "ScalingLimited")
+            .filter(|c| c.type_ == "ScalingLimited" || (c.type_ == REPLICA_FAILURE && missing_pods))
             .cloned(),
     );
     status.conditions = conditions;
@@ -921,6 +1257,7 @@ pub fn reconcile(
         Phase::Progressing
     });
     status.placements = kept;
+    status.incarnations = seq.get();
     if !all_placed {
         actions.events.push(EventNote {
             type_: EventType::Warning,

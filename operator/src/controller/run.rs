@@ -8,15 +8,16 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType as KubeEventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -24,10 +25,11 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use prometheus_client::registry::Registry;
 
+use super::expect::{Expectations, Promises, Seen};
 use super::leader::{self, LeaderConfig};
-use super::metrics::{CategoryLabel, Metrics, ReplicaLabels, ResultLabel};
+use super::metrics::{CategoryLabel, Metrics, ResultLabel};
 use super::reconcile::{self, Actions, Config, EventType, Observed, reserved_by_others};
-use crate::api::{ModelDeployment, ReplicaState};
+use crate::api::{ModelDeployment, ModelDeploymentStatus, ReplicaState};
 use crate::build::{self, labels};
 use crate::cli::RunArgs;
 
@@ -58,6 +60,9 @@ impl Error {
     }
 }
 
+/// A source of the current time (the simulations drive their own).
+pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
+
 /// Shared state of the reconciles.
 pub struct Context {
     pub client: Client,
@@ -74,25 +79,138 @@ pub struct Context {
     pub failures: Mutex<HashMap<String, u32>>,
     /// Namespaces whose worker ServiceAccount this process has applied.
     pub service_accounts: Mutex<BTreeSet<String>>,
-    pub incarnations: AtomicU64,
+    /// Pods created and deleted that the pod cache does not show yet.
+    pub expectations: Mutex<Expectations>,
+    /// Placements written to status that the deployment cache does not show yet.
+    pub promises: Mutex<Promises>,
+    /// Held from planning to the last write of a reconcile: two deployments reconciled at
+    /// once would otherwise both be promised the same free GPUs.
+    pub planning: tokio::sync::Mutex<()>,
+    pub clock: Clock,
 }
 
-fn key(md: &ModelDeployment) -> String {
+impl Context {
+    /// A context with empty expectations and promises and the wall clock.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        config: Config,
+        nodes: Store<Node>,
+        pods: Store<Pod>,
+        services: Store<Service>,
+        network_policies: Option<Store<NetworkPolicy>>,
+        deployments: Store<ModelDeployment>,
+        recorder: Recorder,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            client,
+            config,
+            nodes,
+            pods,
+            services,
+            network_policies,
+            deployments,
+            recorder,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+            service_accounts: Mutex::new(BTreeSet::new()),
+            expectations: Mutex::new(Expectations::default()),
+            promises: Mutex::new(Promises::default()),
+            planning: tokio::sync::Mutex::new(()),
+            clock: Arc::new(Timestamp::now),
+        }
+    }
+}
+
+/// `namespace/name` of a deployment.
+pub fn key(md: &ModelDeployment) -> String {
     format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any())
 }
 
+/// How soon a deployment whose expectations are not yet met is looked at again.
+pub const EXPECTATIONS_RECHECK: Duration = Duration::from_secs(1);
+
+/// The label selector of a deployment's pods (the same the cache is filtered with).
+fn own_pods_selector(name: &str) -> String {
+    format!(
+        "{}={name},{}={}",
+        labels::DEPLOYMENT,
+        labels::MANAGED_BY,
+        labels::MANAGER
+    )
+}
+
+fn is_own(p: &Pod, ns: &str, name: &str) -> bool {
+    p.metadata.namespace.as_deref() == Some(ns)
+        && p.labels().get(labels::DEPLOYMENT).map(String::as_str) == Some(name)
+        && p.labels().get(labels::MANAGED_BY).map(String::as_str) == Some(labels::MANAGER)
+}
+
+/// Same pods at the same versions.
+fn same_pods(a: &[Pod], b: &[Pod]) -> bool {
+    let versions = |v: &[Pod]| -> BTreeSet<(String, String)> {
+        v.iter()
+            .map(|p| {
+                (
+                    p.metadata.name.clone().unwrap_or_default(),
+                    p.metadata.resource_version.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    versions(a) == versions(b)
+}
+
 /// Observe, decide, apply.
+///
+/// Against caches that lag: a deployment whose last creations or deletions the pod cache does
+/// not show yet is not reconciled (expectations); planning sees the placements this process
+/// wrote even before the deployment cache does (promises) and runs one deployment at a time;
+/// a decision that would write anything is checked against a live read of the deployment and
+/// its pods, and taken again from them when the cache was stale; the status (the intent) is
+/// written first, with the read `resourceVersion` as a precondition, and only then are pods
+/// deleted and created, under names derived from the written incarnation numbers.
 pub async fn reconcile_one(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = md.namespace().unwrap_or_default();
     let name = md.name_any();
+    let dkey = key(&md);
+    if md.metadata.deletion_timestamp.is_some() {
+        // Foreground deletion: the garbage collector removes the pods; recreating them would
+        // fight it.
+        ctx.expectations.lock().expect("lock").forget(&dkey);
+        ctx.promises.lock().expect("lock").forget(&dkey);
+        ctx.metrics.forget_deployment(&ns, &name);
+        return Ok(Action::await_change());
+    }
+    let _planning = ctx.planning.lock().await;
+    ctx.metrics
+        .forget_deployments_except(ctx.deployments.state().iter().map(|d| key(d)).collect());
+    let satisfied = ctx.expectations.lock().expect("lock").satisfied(
+        &dkey,
+        |pod| match ctx
+            .pods
+            .get(&ObjectRef::<Pod>::new(pod).within(&ns))
+            .map(|p| p.metadata.deletion_timestamp.is_some())
+        {
+            None => Seen::Absent,
+            Some(false) => Seen::Present,
+            Some(true) => Seen::Terminating,
+        },
+        Instant::now(),
+    );
+    if !satisfied {
+        ctx.metrics.expectations_waits.inc();
+        return Ok(Action::requeue(EXPECTATIONS_RECHECK));
+    }
     let uid = md.uid();
-    let all_pods: Vec<Pod> = ctx.pods.state().iter().map(|p| (**p).clone()).collect();
-    let (own, other): (Vec<Pod>, Vec<Pod>) = all_pods.into_iter().partition(|p| {
-        p.metadata.namespace.as_deref() == Some(ns.as_str())
-            && p.labels().get(labels::DEPLOYMENT) == Some(&name)
-            && p.labels().get(labels::MANAGED_BY).map(String::as_str) == Some(labels::MANAGER)
-    });
+    let (own, other): (Vec<Pod>, Vec<Pod>) = ctx
+        .pods
+        .state()
+        .iter()
+        .map(|p| (**p).clone())
+        .partition(|p| is_own(p, &ns, &name));
     let services: Vec<Service> = ctx
         .services
         .state()
@@ -106,31 +224,73 @@ pub async fn reconcile_one(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Resul
         .map(|s| (**s).clone())
         .collect();
     let nodes: Vec<Node> = ctx.nodes.state().iter().map(|n| (**n).clone()).collect();
-    let deployments: Vec<ModelDeployment> = ctx
+    let mut deployments: Vec<ModelDeployment> = ctx
         .deployments
         .state()
         .iter()
         .map(|d| (**d).clone())
         .collect();
-    let reserved = reserved_by_others(&deployments, uid.as_deref());
-    let obs = Observed {
-        md: &md,
-        pods: &own,
-        services: &services,
-        nodes: &nodes,
-        other_pods: &other,
-        reserved: &reserved,
-        now: Timestamp::now(),
+    ctx.promises
+        .lock()
+        .expect("lock")
+        .overlay(&mut deployments, key, Instant::now());
+    let reserved = reserved_by_others(&deployments, uid.as_deref(), &other);
+    let now = (ctx.clock)();
+    let decide = |md: &ModelDeployment, own: &[Pod]| {
+        let obs = Observed {
+            md,
+            pods: own,
+            services: &services,
+            nodes: &nodes,
+            other_pods: &other,
+            reserved: &reserved,
+            now,
+        };
+        reconcile::reconcile(&obs, &ctx.config)
     };
     let decided = Instant::now();
-    let mut next =
-        |_r: i32| build::incarnation_id(ctx.incarnations.fetch_add(1, Ordering::Relaxed));
-    let actions = reconcile::reconcile(&obs, &ctx.config, &mut next);
+    let mut actions = decide(&md, &own);
+    let mut md_used: ModelDeployment = (*md).clone();
+    if actions.acts() {
+        // Confirm the picture with live reads before writing anything.
+        let mds: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        let Some(live) = mds.get_opt(&name).await? else {
+            return Ok(Action::await_change());
+        };
+        if live.metadata.deletion_timestamp.is_some() {
+            return Ok(Action::await_change());
+        }
+        let live_pods = pods
+            .list(
+                &ListParams::default()
+                    .labels(&own_pods_selector(&name))
+                    .fields(POD_FIELD_SELECTOR),
+            )
+            .await?
+            .items;
+        let live_pods: Vec<Pod> = live_pods
+            .into_iter()
+            .map(|mut p| {
+                // A list's items carry no namespace filter surprises, but keep them alike.
+                p.metadata.namespace.get_or_insert_with(|| ns.clone());
+                p
+            })
+            .collect();
+        if live.metadata.resource_version != md.metadata.resource_version
+            || !same_pods(&own, &live_pods)
+        {
+            tracing::debug!(deployment = %dkey, "the cache was behind; deciding from live reads");
+            ctx.metrics.stale_decisions.inc();
+            actions = decide(&live, &live_pods);
+            md_used = live;
+        }
+    }
     ctx.metrics
         .placement_duration
         .observe(decided.elapsed().as_secs_f64());
-    record_replicas(&ctx.metrics, &md, &actions);
-    execute(&ctx, &md, actions.clone()).await?;
+    record_replicas(&ctx.metrics, &md_used, &actions);
+    execute(&ctx, &md_used, actions.clone()).await?;
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
@@ -138,13 +298,16 @@ pub async fn reconcile_one(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Resul
         .reconciles
         .get_or_create(&ResultLabel { result: "ok" })
         .inc();
-    ctx.failures.lock().expect("lock").remove(&key(&md));
+    ctx.failures.lock().expect("lock").remove(&dkey);
     Ok(match actions.requeue_after {
         Some(d) => Action::requeue(d),
         // Watches drive everything else; a slow resync guards against missed events.
         None => Action::requeue(Duration::from_secs(600)),
     })
 }
+
+/// Pods in phase Succeeded hold no GPUs and are not watched.
+pub const POD_FIELD_SELECTOR: &str = "status.phase!=Succeeded";
 
 fn record_replicas(m: &Metrics, md: &ModelDeployment, actions: &Actions) {
     let Some(st) = actions.status.as_ref().or(md.status.as_ref()) else {
@@ -156,13 +319,7 @@ fn record_replicas(m: &Metrics, md: &ModelDeployment, actions: &Actions) {
     let ns = md.namespace().unwrap_or_default();
     let dep = md.name_any();
     let set = |state: &'static str, v: i64| {
-        m.replicas
-            .get_or_create(&ReplicaLabels {
-                namespace: ns.clone(),
-                deployment: dep.clone(),
-                state,
-            })
-            .set(v);
+        m.replica_gauge(&ns, &dep, state).set(v);
     };
     set("ready", count(&|p| p.ready));
     set(
@@ -178,13 +335,56 @@ fn record_replicas(m: &Metrics, md: &ModelDeployment, actions: &Actions) {
     );
 }
 
-/// Apply the decided actions: Services, deletions, then pods by server-side apply, then status
-/// and Events.
+/// The status as a server-side apply body, guarded by `resource_version` (the API server
+/// answers 409 when the object changed since it was read).
+fn status_body(
+    status: &ModelDeploymentStatus,
+    resource_version: Option<&str>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": ModelDeployment::api_version(&()),
+        "kind": ModelDeployment::kind(&()),
+        "metadata": {"resourceVersion": resource_version},
+        "status": status,
+    })
+}
+
+/// Apply the decided actions, intent first: the status (placements and incarnation numbers,
+/// guarded by the read `resourceVersion`), then Services, deletions, and pods by server-side
+/// apply, then Events. A pod the API refuses to create (quota, admission) gets a Warning Event
+/// `FailedCreate` and the condition `ReplicaFailure` on the deployment; the next pass applies
+/// the same pods again, so failures repeat without ever creating a second group.
 pub async fn execute(ctx: &Context, md: &ModelDeployment, actions: Actions) -> Result<(), Error> {
     let ns = md.namespace().unwrap_or_default();
+    let dkey = key(md);
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let mds: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut resource_version = md.metadata.resource_version.clone();
+    let mut current_status = md.status.clone().unwrap_or_default();
+    if let Some(status) = &actions.status {
+        let refused = crate::api::schema::status_violations(status);
+        if !refused.is_empty() {
+            // A bug: say exactly what, then let the API server answer.
+            tracing::error!(deployment = %dkey, violations = ?refused, "the new status breaks the CRD schema");
+        }
+        let written = mds
+            .patch_status(
+                &md.name_any(),
+                &params,
+                &Patch::Apply(&status_body(status, resource_version.as_deref())),
+            )
+            .await?;
+        resource_version = written.metadata.resource_version;
+        ctx.promises.lock().expect("lock").record(
+            &dkey,
+            resource_version.clone().unwrap_or_default(),
+            status.placements.clone(),
+            Instant::now(),
+        );
+        current_status = status.clone();
+    }
     let new_namespace = ctx
         .service_accounts
         .lock()
@@ -232,6 +432,18 @@ pub async fn execute(ctx: &Context, md: &ModelDeployment, actions: Actions) -> R
             }
         }
     }
+    // Expect what is about to happen, so the next pass waits for the cache to show it.
+    let creates: Vec<String> = actions
+        .apply_pods
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    ctx.expectations.lock().expect("lock").expect(
+        &dkey,
+        creates.iter().cloned(),
+        actions.delete_pods.iter().cloned(),
+        Instant::now(),
+    );
     // Deletions first: stale members (old incarnations, removed replicas) are gone before a new
     // incarnation is created, so no replica ever has members of two incarnations, and their
     // GPUs are released before new pods ask for them. A failed delete stops the pass.
@@ -239,41 +451,80 @@ pub async fn execute(ctx: &Context, md: &ModelDeployment, actions: Actions) -> R
         match pods.delete(name, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                ctx.expectations.lock().expect("lock").forget(&dkey);
+                return Err(e.into());
+            }
         }
     }
-    for p in &actions.apply_pods {
+    for (i, p) in actions.apply_pods.iter().enumerate() {
         let name = p.metadata.name.clone().unwrap_or_default();
-        pods.patch(&name, &params, &Patch::Apply(p)).await?;
-    }
-    if let Some(status) = &actions.status {
-        let mds: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
-        let body = serde_json::json!({
-            "apiVersion": ModelDeployment::api_version(&()),
-            "kind": ModelDeployment::kind(&()),
-            "status": status,
-        });
-        mds.patch_status(&md.name_any(), &params, &Patch::Apply(&body))
-            .await?;
-    }
-    let reference = md.object_ref(&());
-    for e in &actions.events {
-        let ev = Event {
-            type_: match e.type_ {
-                EventType::Normal => KubeEventType::Normal,
-                EventType::Warning => KubeEventType::Warning,
-            },
-            reason: e.reason.to_owned(),
-            note: Some(e.note.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(err) = ctx.recorder.publish(&ev, &reference).await {
-            // Events are best effort; never fail a reconcile for them.
-            tracing::warn!(error = %err, "publishing an Event failed");
+        if let Err(e) = pods.patch(&name, &params, &Patch::Apply(p)).await {
+            {
+                let mut ex = ctx.expectations.lock().expect("lock");
+                for n in &creates[i..] {
+                    ex.creation_failed(&dkey, n);
+                }
+            }
+            if let kube::Error::Api(api) = &e
+                && api.code != 409
+                && api.code < 500
+            {
+                // Refused (quota 403, admission 400/422): say so where users look.
+                let message = reconcile::bounded(
+                    &format!(
+                        "creating pod {name} failed ({} {}): {}",
+                        api.code, api.reason, api.message
+                    ),
+                    reconcile::MAX_MESSAGE,
+                );
+                publish(
+                    ctx,
+                    md,
+                    &reconcile::EventNote {
+                        type_: EventType::Warning,
+                        reason: "FailedCreate",
+                        note: message.clone(),
+                    },
+                )
+                .await;
+                let mut status = current_status.clone();
+                reconcile::set_replica_failure(&mut status, &message, (ctx.clock)());
+                if let Err(err) = mds
+                    .patch_status(
+                        &md.name_any(),
+                        &params,
+                        &Patch::Apply(&status_body(&status, resource_version.as_deref())),
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %err, "writing the ReplicaFailure condition failed");
+                }
+            }
+            return Err(e.into());
         }
+    }
+    for e in &actions.events {
+        publish(ctx, md, e).await;
     }
     Ok(())
+}
+
+/// Publish one Event on the deployment; best effort (never fails a reconcile).
+async fn publish(ctx: &Context, md: &ModelDeployment, e: &reconcile::EventNote) {
+    let ev = Event {
+        type_: match e.type_ {
+            EventType::Normal => KubeEventType::Normal,
+            EventType::Warning => KubeEventType::Warning,
+        },
+        reason: e.reason.to_owned(),
+        note: Some(reconcile::bounded(&e.note, 1024)),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&ev, &md.object_ref(&())).await {
+        tracing::warn!(error = %err, "publishing an Event failed");
+    }
 }
 
 /// Per-object exponential backoff for transient errors (kube-runtime has none per object).
@@ -357,7 +608,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         } else {
                             (
                                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                                "not leading yet\n",
+                                "caches not synced yet\n",
                             )
                         }
                     }
@@ -366,25 +617,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     tokio::spawn(serve_http(args.metrics_addr, metrics_router, "metrics"));
     tokio::spawn(serve_http(args.health_addr, health_router, "health"));
-
-    if args.leader_elect {
-        let identity = std::env::var("POD_NAME")
-            .or_else(|_| std::env::var("HOSTNAME"))
-            .unwrap_or_else(|_| format!("tessera-operator-{}", std::process::id()));
-        let cfg = LeaderConfig {
-            namespace: args.lease_namespace.clone(),
-            name: args.lease_name.clone(),
-            identity,
-            lease_duration: Duration::from_secs(15),
-        };
-        let leases = Api::namespaced(client.clone(), &cfg.namespace);
-        leader::acquire(&leases, &cfg).await;
-        tokio::spawn(async move {
-            leader::renew_until_lost(&leases, &cfg).await;
-            tracing::error!("lost leadership; exiting so that only one replica writes");
-            std::process::exit(1);
-        });
-    }
 
     let (mds, pods_api, services_api): (Api<ModelDeployment>, Api<Pod>, Api<Service>) =
         match &args.watch_namespace {
@@ -399,8 +631,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 Api::all(client.clone()),
             ),
         };
-    // GPU use is cluster-wide: every pod's GPUs count, whatever the watched namespace.
-    let all_pods: Api<Pod> = Api::all(client.clone());
+    // GPU use is cluster-wide: every pod's GPUs count. With a watched namespace the operator
+    // may read pods there only (its Role), so other namespaces' GPU use is left to the
+    // scheduler: a gang that cannot start is re-placed after the gang timeout.
+    let all_pods: Api<Pod> = match &args.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     let nodes_api: Api<Node> = Api::all(client.clone());
 
     let (node_store, node_writer) = reflector::store();
@@ -422,7 +659,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             pod_writer,
             watcher(
                 all_pods,
-                watcher::Config::default().fields("status.phase!=Succeeded"),
+                watcher::Config::default().fields(POD_FIELD_SELECTOR),
             ),
         )
         .default_backoff()
@@ -498,10 +735,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             instance: std::env::var("POD_NAME").ok(),
         },
     );
-    let seed = Timestamp::now().as_nanosecond() as u64;
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        config: Config {
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Config {
             topology_keys: args.topology_keys.clone(),
             build: build::BuildOptions {
                 default_worker_image: args.worker_image.clone(),
@@ -511,17 +747,48 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             ..Config::default()
         },
-        nodes: node_store,
-        pods: pod_store,
-        services: svc_store,
-        network_policies: policy_store,
-        deployments: md_store,
+        node_store,
+        pod_store,
+        svc_store,
+        policy_store,
+        md_store,
         recorder,
         metrics,
-        failures: Mutex::new(HashMap::new()),
-        service_accounts: Mutex::new(BTreeSet::new()),
-        incarnations: AtomicU64::new(seed),
-    });
+    ));
+    // Ready means the caches are synced, not leadership: a standby replica is ready too, so
+    // rollouts and drains that wait on the PodDisruptionBudget proceed.
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!("caches synced");
+    let leadership = if args.leader_elect {
+        let identity = std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| format!("tessera-operator-{}", std::process::id()));
+        let cfg = LeaderConfig::new(&args.lease_namespace, &args.lease_name, identity)
+            .map_err(|e| anyhow::anyhow!("leader election: {e}"))?;
+        let leases: Api<Lease> = Api::namespaced(client.clone(), cfg.namespace());
+        let since = leader::acquire(&leases, &cfg).await;
+        ctx.metrics.leader.set(1);
+        let renewer = {
+            let (leases, cfg, metrics) = (leases.clone(), cfg.clone(), ctx.metrics.clone());
+            tokio::spawn(async move {
+                let lost = leader::renew_until_lost_since(&leases, &cfg, since).await;
+                metrics.leader.set(0);
+                tracing::error!(
+                    ?lost,
+                    "lost leadership; exiting so that only one replica writes"
+                );
+                std::process::exit(1);
+            })
+        };
+        Some((leases, cfg, renewer))
+    } else {
+        ctx.metrics.leader.set(1);
+        None
+    };
+    tracing::info!(
+        namespace = args.watch_namespace.as_deref().unwrap_or("<all>"),
+        "controller started"
+    );
     // The built-in autoscaler: only here, after the Lease is held (a lost Lease ends the process).
     tokio::spawn(
         crate::autoscale::runner::Runner::new(
@@ -539,11 +806,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             pods: ctx.pods.clone(),
             deployments: ctx.deployments.clone(),
         }),
-    );
-    ready.store(true, Ordering::Relaxed);
-    tracing::info!(
-        namespace = args.watch_namespace.as_deref().unwrap_or("<all>"),
-        "controller started"
     );
     let controller = match policies_api {
         Some(api) => controller.owns(api, watcher::Config::default().labels(&managed)),
@@ -569,7 +831,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
         })
         .shutdown_on_signal()
-        .run(reconcile_one, error_policy, ctx)
+        .run(reconcile_one, error_policy, ctx.clone())
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "controller event");
@@ -577,5 +839,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         })
         .await;
     tracing::info!("controller stopped");
+    if let Some((leases, cfg, renewer)) = leadership {
+        // Stop renewing, then hand the Lease over so a successor need not wait it out.
+        renewer.abort();
+        ctx.metrics.leader.set(0);
+        if leader::release(&leases, &cfg).await {
+            tracing::info!(lease = %cfg.name(), "released the lease");
+        }
+    }
     Ok(())
 }

@@ -1,0 +1,417 @@
+//! The pure reconcile against what a live cluster does and an in-memory picture does not:
+//! repeated and stale reconciles, hundreds of unplaceable replicas, old failures, evictions,
+//! deletion in progress, GPUs promised to gangs not yet visible, and Node names that differ
+//! from their hostname label.
+
+mod common;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use serde_json::json;
+use tessera_operator::api::schema::status_violations;
+use tessera_operator::api::{ModelDeployment, ReplicaState, parse_model_deployment};
+use tessera_operator::controller::reconcile::{
+    Actions, Config, MAX_MESSAGE, Observed, REPLICA_FAILURE, incarnation_for, reconcile,
+    reserved_by_others, set_replica_failure,
+};
+
+fn deployment(replicas: i32, tp: u32) -> ModelDeployment {
+    let mut md = parse_model_deployment(&json!({
+        "apiVersion": "tessera.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "llama-8b", "namespace": "inference"},
+        "spec": {
+            "replicas": replicas,
+            "model": {"uri": "pvc://models/llama-8b", "architecture": {
+                "parameters": 8030261248i64, "layers": 32, "hiddenSize": 4096,
+                "attentionHeads": 32, "kvHeads": 8, "intermediateSize": 14336,
+                "vocabSize": 128256, "contextLength": 131072, "bytesPerParameter": 2}},
+            "parallelism": {"tensor": tp, "pipeline": 1},
+            "serving": {"maxConcurrency": 16, "contextLength": 8192},
+            "failurePolicy": {"maxRestarts": 3, "backoffSeconds": 10}
+        }
+    }))
+    .expect("valid");
+    md.metadata.uid = Some("uid-1".into());
+    md.metadata.generation = Some(1);
+    md
+}
+
+fn t0() -> Timestamp {
+    "2026-01-01T00:00:00Z".parse().expect("time")
+}
+
+fn at(s: i64) -> Timestamp {
+    t0().checked_add(SignedDuration::from_secs(s))
+        .expect("time")
+}
+
+fn decide(md: &ModelDeployment, pods: &[Pod], nodes: &[Node], now: Timestamp) -> Actions {
+    let obs = Observed {
+        md,
+        pods,
+        services: &[],
+        nodes,
+        other_pods: &[],
+        reserved: &[],
+        now,
+    };
+    reconcile(&obs, &Config::default())
+}
+
+/// The pods of `actions` as the kubelet reports them once ready since `since`.
+fn ready(actions: &Actions, since: Timestamp) -> Vec<Pod> {
+    actions
+        .apply_pods
+        .iter()
+        .cloned()
+        .map(|mut p| {
+            p.status = Some(
+                serde_json::from_value(json!({
+                    "phase": "Running",
+                    "conditions": [{"type": "Ready", "status": "True",
+                        "lastTransitionTime": Time(since)}]
+                }))
+                .expect("status"),
+            );
+            p
+        })
+        .collect()
+}
+
+fn names(pods: &[Pod]) -> Vec<String> {
+    pods.iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect()
+}
+
+#[test]
+fn a_repeated_or_stale_reconcile_proposes_the_same_group() {
+    let md = deployment(2, 2);
+    let nodes = [common::h100_node()];
+    let first = decide(&md, &[], &nodes, t0());
+    let again = decide(&md, &[], &nodes, at(7));
+    let status = first.status.clone().expect("status");
+    assert_eq!(status.incarnations, 2, "one number per new group");
+    assert_eq!(
+        status.placements[0].incarnation.as_deref(),
+        Some(incarnation_for("uid-1", 0).as_str())
+    );
+    // A reconcile from the same (possibly stale) picture proposes exactly the same pods, so
+    // applying them twice is harmless, and the status write of the later one carries the same
+    // resourceVersion precondition and is refused.
+    assert_eq!(names(&first.apply_pods), names(&again.apply_pods));
+    // Once the intent is in status but the pod cache shows nothing yet, the same pods are
+    // applied again, not a new group.
+    let mut written = md;
+    written.status = Some(status.clone());
+    let lagging = decide(&written, &[], &nodes, at(8));
+    assert_eq!(names(&lagging.apply_pods), names(&first.apply_pods));
+    assert!(lagging.delete_pods.is_empty());
+    assert!(
+        lagging
+            .status
+            .as_ref()
+            .is_none_or(|s| s.incarnations == 2 && s.placements == status.placements),
+        "no new incarnation from a cache that has not seen the pods"
+    );
+    // Another deployment uid never shares names with this one.
+    assert_ne!(incarnation_for("uid-1", 0), incarnation_for("uid-2", 0));
+}
+
+#[test]
+fn five_hundred_unplaced_replicas_keep_the_status_within_the_crd() {
+    // 8 GPUs for 500 replicas of TP=2: 4 placed, 496 not.
+    let md = deployment(500, 2);
+    let nodes = [common::h100_node()];
+    let actions = decide(&md, &[], &nodes, t0());
+    let status = actions.status.expect("status");
+    assert_eq!(status.placements.len(), 4);
+    let placed = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Placed")
+        .expect("Placed");
+    assert_eq!(placed.status, "False");
+    assert!(
+        placed.message.len() <= MAX_MESSAGE,
+        "{}",
+        placed.message.len()
+    );
+    assert!(
+        placed
+            .message
+            .starts_with("4 of 500 replicas placed; replicas 4-499 (496): "),
+        "{}",
+        placed.message
+    );
+    assert_eq!(status_violations(&status), Vec::<String>::new());
+    // Each Event note is bounded too (the executor cuts them at 1 KiB).
+    let unschedulable = actions
+        .events
+        .iter()
+        .find(|e| e.reason == "Unschedulable")
+        .expect("event");
+    assert!(unschedulable.note.len() <= MAX_MESSAGE);
+}
+
+#[test]
+fn long_failure_messages_are_cut_at_a_character_boundary() {
+    let md = deployment(1, 2);
+    let nodes = [common::h100_node()];
+    let first = decide(&md, &[], &nodes, t0());
+    let mut md = md;
+    md.status = first.status.clone();
+    let mut pods = ready(&first, t0());
+    // A worker's exit message of 3,000 characters, multi-byte ones included.
+    let message = "模型校验失败 ".repeat(300);
+    pods[0].status = Some(
+        serde_json::from_value(json!({
+            "phase": "Running",
+            "containerStatuses": [{"name": "worker", "image": "w", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"terminated": {"exitCode": 3, "message": message}}}]
+        }))
+        .expect("status"),
+    );
+    let actions = decide(&md, &pods, &nodes, at(60));
+    let status = actions.status.expect("status");
+    let failure = status.placements[0]
+        .last_failure
+        .as_deref()
+        .expect("failure");
+    assert!(failure.len() <= MAX_MESSAGE, "{}", failure.len());
+    assert!(failure.ends_with('…'));
+    for c in &status.conditions {
+        assert!(
+            c.message.len() <= MAX_MESSAGE,
+            "{}: {}",
+            c.type_,
+            c.message.len()
+        );
+    }
+    assert_eq!(status_violations(&status), Vec::<String>::new());
+}
+
+#[test]
+fn a_deployment_being_deleted_is_left_alone() {
+    let mut md = deployment(2, 2);
+    md.metadata.deletion_timestamp = Some(Time(t0()));
+    let actions = decide(&md, &[], &[common::h100_node()], t0());
+    assert_eq!(actions, Actions::default());
+}
+
+/// A converged replica whose group failed twice: restarts 2, ready since `ready_at`.
+fn recovered_replica(ready_at: Timestamp) -> (ModelDeployment, Vec<Pod>) {
+    let md = deployment(1, 2);
+    let nodes = [common::h100_node()];
+    let first = decide(&md, &[], &nodes, t0());
+    let mut md = md;
+    let mut status = first.status.clone().expect("status");
+    status.placements[0].restarts = 2;
+    status.placements[0].last_failure = Some("container worker exited".into());
+    status.placements[0].last_failure_time = Some(Time(t0()));
+    status.placements[0].state = ReplicaState::Running;
+    md.status = Some(status);
+    (md, ready(&first, ready_at))
+}
+
+#[test]
+fn restarts_are_forgotten_after_the_group_has_been_ready_for_a_while() {
+    let nodes = [common::h100_node()];
+    let (md, pods) = recovered_replica(at(100));
+    // Ready for 5 minutes: still counted.
+    let early = decide(&md, &pods, &nodes, at(400));
+    let early_restarts = early
+        .status
+        .as_ref()
+        .map_or(2, |s| s.placements[0].restarts);
+    assert_eq!(early_restarts, 2);
+    // Ready for the decay time (10 minutes): forgotten, with an Event.
+    let late = decide(&md, &pods, &nodes, at(100 + 600));
+    let status = late.status.expect("status changes");
+    assert_eq!(status.placements[0].restarts, 0);
+    assert_eq!(status.placements[0].last_failure, None);
+    assert!(late.events.iter().any(|e| e.reason == "Recovered"));
+}
+
+#[test]
+fn an_evicted_member_replaces_the_group_without_counting_a_failure() {
+    let nodes = [common::h100_node()];
+    let (md, mut pods) = recovered_replica(at(100));
+    pods[0].status = Some(
+        serde_json::from_value(json!({
+            "phase": "Running",
+            "conditions": [{"type": "DisruptionTarget", "status": "True",
+                "reason": "EvictionByEvictionAPI"}]
+        }))
+        .expect("status"),
+    );
+    pods[0].metadata.deletion_timestamp = Some(Time(at(110)));
+    let actions = decide(&md, &pods, &nodes, at(120));
+    let status = actions.status.expect("status");
+    let p = &status.placements[0];
+    assert_eq!(p.restarts, 2, "an eviction is not a failure");
+    assert_eq!(p.state, ReplicaState::Creating);
+    assert_ne!(
+        p.incarnation,
+        md.status.as_ref().expect("s").placements[0].incarnation,
+        "placed again as a new group"
+    );
+    assert!(actions.events.iter().any(|e| e.reason == "Disrupted"));
+    assert!(!actions.events.iter().any(|e| e.reason == "MemberFailed"));
+    // The same for a pod the kubelet failed with reason Evicted (node pressure).
+    let (md, mut pods) = recovered_replica(at(100));
+    pods[0].status = Some(
+        serde_json::from_value(json!({"phase": "Failed", "reason": "Evicted"})).expect("status"),
+    );
+    let status = decide(&md, &pods, &nodes, at(120)).status.expect("status");
+    assert_eq!(status.placements[0].restarts, 2);
+}
+
+/// A deployment whose status avoids `h100-9` since `since`.
+fn avoiding(since: Timestamp) -> ModelDeployment {
+    let mut md = deployment(1, 2);
+    let nodes = [common::h100_node()];
+    let mut status = decide(&md, &[], &nodes, t0()).status.expect("status");
+    status.avoid_nodes = vec!["h100-9".into()];
+    status.avoid_nodes_since = [("h100-9".to_owned(), Time(since))].into();
+    md.status = Some(status);
+    md
+}
+
+#[test]
+fn avoided_nodes_expire_and_a_template_change_clears_them() {
+    let nodes = [common::h100_node()];
+    let cfg = Config::default();
+    let md = avoiding(t0());
+    let kept = decide(&md, &[], &nodes, at(60));
+    let still = kept
+        .status
+        .as_ref()
+        .map_or(md.status.as_ref().expect("s").avoid_nodes.clone(), |s| {
+            s.avoid_nodes.clone()
+        });
+    assert_eq!(still, ["h100-9"]);
+    let expired = decide(&md, &[], &nodes, at(cfg.avoid_ttl.as_secs() as i64 + 1));
+    let status = expired.status.expect("status");
+    assert!(status.avoid_nodes.is_empty());
+    assert!(status.avoid_nodes_since.is_empty());
+    assert!(
+        expired
+            .events
+            .iter()
+            .any(|e| e.reason == "AvoidNodesExpired")
+    );
+    // A new image: the avoided nodes get another chance at once.
+    let mut md = avoiding(at(50));
+    md.spec.worker.image = Some("tessera-worker:v2".into());
+    let changed = decide(&md, &[], &nodes, at(60));
+    let status = changed.status.expect("status");
+    assert!(status.avoid_nodes.is_empty(), "{:?}", status.avoid_nodes);
+    assert!(
+        changed
+            .events
+            .iter()
+            .any(|e| e.reason == "AvoidNodesCleared")
+    );
+}
+
+#[test]
+fn placements_written_but_not_yet_visible_as_pods_hold_their_gpus() {
+    // Another deployment wrote its intent (replica 0 on h100-1 with 8 GPUs) but the pod cache
+    // shows none of its pods yet: those GPUs are not free.
+    let mut other = deployment(1, 8);
+    other.metadata.name = Some("other".into());
+    other.metadata.uid = Some("uid-other".into());
+    let nodes = [common::h100_node()];
+    let intent = decide(&other, &[], &nodes, t0());
+    other.status = intent.status.clone();
+    let reserved = reserved_by_others(std::slice::from_ref(&other), Some("uid-1"), &[]);
+    assert_eq!(reserved, [("h100-1".to_owned(), 8)]);
+    // Once its pods are visible they count as pods, not as reservations.
+    let reserved = reserved_by_others(
+        std::slice::from_ref(&other),
+        Some("uid-1"),
+        &intent.apply_pods,
+    );
+    assert!(reserved.is_empty(), "{reserved:?}");
+    // And the planner of this deployment sees the node full.
+    let md = deployment(1, 2);
+    let obs = Observed {
+        md: &md,
+        pods: &[],
+        services: &[],
+        nodes: &nodes,
+        other_pods: &[],
+        reserved: &reserve_all(&other),
+        now: t0(),
+    };
+    let actions = reconcile(&obs, &Config::default());
+    assert!(actions.apply_pods.is_empty());
+    let status = actions.status.expect("status");
+    assert!(status.placements.is_empty());
+}
+
+fn reserve_all(other: &ModelDeployment) -> Vec<(String, u32)> {
+    reserved_by_others(std::slice::from_ref(other), Some("uid-1"), &[])
+}
+
+#[test]
+fn pods_are_pinned_by_node_name_even_when_the_hostname_label_differs() {
+    // A cloud node whose hostname label is not its name.
+    let mut node = common::h100_node();
+    node.metadata
+        .labels
+        .as_mut()
+        .expect("labels")
+        .insert("kubernetes.io/hostname".into(), "ip-10-0-0-7".into());
+    let md = deployment(1, 2);
+    let actions = decide(&md, &[], &[node], t0());
+    let pod = &actions.apply_pods[0];
+    let term = &pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .expect("required affinity")
+        .node_selector_terms[0];
+    let field = &term.match_fields.as_ref().expect("matchFields")[0];
+    assert_eq!(field.key, "metadata.name");
+    assert_eq!(field.values.as_deref(), Some(&["h100-1".to_owned()][..]));
+    assert!(term.match_expressions.is_none());
+    assert_eq!(
+        tessera_operator::controller::reconcile::pinned_node(pod),
+        Some("h100-1")
+    );
+}
+
+#[test]
+fn replica_failure_holds_while_a_starting_group_misses_pods() {
+    let md = deployment(1, 2);
+    let nodes = [common::h100_node()];
+    let first = decide(&md, &[], &nodes, t0());
+    let mut md = md;
+    let mut status = first.status.clone().expect("status");
+    set_replica_failure(
+        &mut status,
+        "creating pod x failed (403 Forbidden): exceeded quota: gpu",
+        at(1),
+    );
+    md.status = Some(status);
+    // Still no pod: the condition stays, and the same pods are applied again.
+    let again = decide(&md, &[], &nodes, at(30));
+    assert_eq!(names(&again.apply_pods), names(&first.apply_pods));
+    let kept = again
+        .status
+        .as_ref()
+        .unwrap_or(md.status.as_ref().expect("s"));
+    assert!(kept.conditions.iter().any(|c| c.type_ == REPLICA_FAILURE));
+    // The pods exist: the condition goes.
+    let pods = ready(&first, at(40));
+    let done = decide(&md, &pods, &nodes, at(60)).status.expect("status");
+    assert!(!done.conditions.iter().any(|c| c.type_ == REPLICA_FAILURE));
+}
