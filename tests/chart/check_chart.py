@@ -30,7 +30,12 @@ RELEASE, NAMESPACE = "tessera", "tessera-system"
 _LATEST = kubernetes_validate.utils.latest_version()
 K8S_VERSIONS = ["1.33.0", "1.35.0", _LATEST if _LATEST.count(".") == 2 else _LATEST + ".0"]
 # Kinds whose schemas are not part of Kubernetes: their shape is asserted instead.
-CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CUSTOM_KINDS = {("monitoring.coreos.com/v1", kind)
+                for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule")}
+# The alert rules and the dashboard ship as plain files (tests/tests/alerts.rs parses their PromQL).
+RULES_FILE = CHART / "files" / "prometheus-rules.yaml"
+DASHBOARD_FILE = CHART / "files" / "dashboard.json"
+PROM_DURATION = re.compile(r"^(0|([0-9]+(ms|s|m|h|d|w|y))+)$")
 VERSION_TAG = re.compile(r"^[0-9]+(\.[0-9]+)+([.-][0-9A-Za-z.-]+)?$")
 
 
@@ -195,7 +200,10 @@ def check_plan_children(objects: list[dict], version: str) -> None:
         ctr = spec["containers"][0]
         assert int(ctr["resources"]["limits"]["nvidia.com/gpu"]) >= 1, pod["metadata"]["name"]
         terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-        assert terms["nodeSelectorTerms"][0]["matchExpressions"][0]["key"] == "kubernetes.io/hostname"
+        # Pinned by the Node's name (matchFields metadata.name), not the hostname label.
+        field = terms["nodeSelectorTerms"][0]["matchFields"][0]
+        assert field["key"] == "metadata.name" and field["operator"] == "In", field
+        assert len(field["values"]) == 1, field
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
         assert ctr["securityContext"]["allowPrivilegeEscalation"] is False
@@ -492,10 +500,121 @@ def check_service_monitor(r: Rendered) -> None:
     assert sm["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
     ep = sm["spec"]["endpoints"]
     assert len(ep) == 1 and ep[0]["port"] == "metrics" and ep[0]["path"] == "/metrics"
+    # The operator's `namespace` label (the ModelDeployment's) must win over the target's: the
+    # alert rules and the dashboard group by it.
+    assert ep[0]["honorLabels"] is True
     for k in ("interval", "scrapeTimeout"):
         assert re.match(r"^[0-9]+(ms|s|m|h)$", ep[0][k])
     for k, v in r.values["monitoring"]["serviceMonitor"]["labels"].items():
         assert sm["metadata"]["labels"][k] == v
+
+
+def check_pod_monitor(r: Rendered) -> None:
+    pms = r.kind("PodMonitor")
+    values = r.values["monitoring"]["podMonitor"]
+    if not values["enabled"]:
+        assert not pms
+        return
+    assert len(pms) == 1
+    pm = pms[0]
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pm["metadata"]["namespace"] == NAMESPACE
+    # The replica leaders the operator builds (operator/src/build.rs labels).
+    assert pm["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/managed-by": "tessera-operator", "tessera.dev/role": "leader"}
+    watch = r.values["operator"]["watchNamespace"]
+    assert pm["spec"]["namespaceSelector"] == ({"matchNames": [watch]} if watch else {"any": True})
+    ep = pm["spec"]["podMetricsEndpoints"]
+    assert len(ep) == 1 and ep[0]["port"] == "http" and ep[0]["path"] == "/metrics"
+    assert ep[0]["interval"] == values["interval"]
+    assert ep[0]["scrapeTimeout"] == values["scrapeTimeout"]
+    relabel = {x["targetLabel"]: x["sourceLabels"] for x in ep[0]["relabelings"]}
+    assert relabel["deployment"] == ["__meta_kubernetes_pod_label_tessera_dev_deployment"]
+    for k, v in values["labels"].items():
+        assert pm["metadata"]["labels"][k] == v
+
+
+def expected_rule_groups(values: dict) -> list[dict]:
+    """files/prometheus-rules.yaml with the values' `for` overrides and extra rule labels."""
+    groups = yaml.safe_load(RULES_FILE.read_text())["groups"]
+    for group in groups:
+        for rule in group["rules"]:
+            if rule["alert"] in values["for"]:
+                rule["for"] = values["for"][rule["alert"]]
+            rule["labels"] = {**values["ruleLabels"], **rule.get("labels", {})}
+    return groups
+
+
+def check_prometheus_rule(r: Rendered) -> None:
+    prs = r.kind("PrometheusRule")
+    values = r.values["monitoring"]["prometheusRule"]
+    if not values["enabled"]:
+        assert not prs
+        return
+    assert len(prs) == 1
+    pr = prs[0]
+    assert pr["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pr["metadata"]["namespace"] == NAMESPACE
+    assert set(pr["spec"]) == {"groups"}, pr["spec"].keys()
+    groups = pr["spec"]["groups"]
+    assert groups == expected_rule_groups(values), "rendered rules differ from the file + values"
+    names = [g["name"] for g in groups]
+    assert len(set(names)) == len(names), f"duplicate group names {names}"
+    alerts = []
+    for g in groups:
+        assert set(g) == {"name", "rules"}, g.keys()
+        for rule in g["rules"]:
+            alert = rule.get("alert")
+            alerts.append(alert)
+            assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule.keys()
+            assert isinstance(rule["expr"], str) and rule["expr"].strip(), alert
+            assert PROM_DURATION.match(rule["for"]), f"{alert}: for {rule['for']!r}"
+            assert rule["labels"]["severity"] in ("critical", "warning", "info"), alert
+            for k in ("summary", "description", "runbook"):
+                assert rule["annotations"].get(k), f"{alert}: no {k} annotation"
+            for k, v in values["ruleLabels"].items():
+                if k != "severity":
+                    assert rule["labels"][k] == v, f"{alert}: rule label {k}"
+    assert len(set(alerts)) == len(alerts), f"duplicate alerts {alerts}"
+    for k, v in values["labels"].items():
+        assert pr["metadata"]["labels"][k] == v
+
+
+def check_dashboard(r: Rendered) -> None:
+    values = r.values["monitoring"]["dashboard"]
+    key, want = values["sidecarLabel"], values["sidecarLabelValue"]
+    cms = [o for o in r.kind("ConfigMap") if key in o["metadata"].get("labels", {})
+           or o["metadata"]["name"].endswith("-dashboard")]
+    if not values["enabled"]:
+        assert not cms, [o["metadata"]["name"] for o in cms]
+        return
+    assert len(cms) == 1, [o["metadata"]["name"] for o in cms]
+    cm = cms[0]
+    assert cm["metadata"]["labels"][key] == want
+    assert cm["metadata"]["namespace"] == (values["namespace"] or NAMESPACE)
+    for k, v in values["labels"].items():
+        assert cm["metadata"]["labels"][k] == v
+    assert cm["metadata"].get("annotations", {}) == values["annotations"]
+    assert list(cm["data"]) == ["tessera.json"], list(cm["data"])
+    dash = json.loads(cm["data"]["tessera.json"])
+    assert dash == json.loads(DASHBOARD_FILE.read_text()), "rendered dashboard differs from the file"
+    assert dash["uid"] and dash["title"]
+    targets = [t for p in dash["panels"] for t in p.get("targets", [])]
+    assert targets and all(t.get("expr") for t in targets), "panels without PromQL targets"
+    assert len(json.dumps(dash)) < 1_000_000, "a ConfigMap holds at most 1 MiB"
+
+
+def check_rules_file() -> None:
+    """The raw rules file is plain YAML (no Helm templating) and its alerts are the ones the
+    schema lets `monitoring.prometheusRule.for` override."""
+    text = RULES_FILE.read_text()
+    assert "{{-" not in text and ".Values" not in text and ".Release" not in text, \
+        "Helm templating in files/prometheus-rules.yaml"
+    alerts = [r["alert"] for g in yaml.safe_load(text)["groups"] for r in g["rules"]]
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    enum = schema["properties"]["monitoring"]["properties"]["prometheusRule"]["properties"]["for"][
+        "propertyNames"]["enum"]
+    assert sorted(alerts) == sorted(enum), f"alerts {alerts} vs schema {enum}"
 
 
 def check_node_agent(r: Rendered) -> None:
@@ -726,6 +845,8 @@ def main() -> int:
     run("CRD names, scope, status and scale subresources", check_crd_shape)
     run("every value in values.yaml has a comment", check_values_commented)
     run("every value is documented in docs/helm-values.md", check_values_documented)
+    run("files/prometheus-rules.yaml is plain YAML and matches the schema's alert names",
+        check_rules_file)
 
     combos: list[tuple[str, Path | None]] = [("default", None)]
     combos += [(p.stem, p) for p in sorted(VALUES_DIR.glob("*.yaml"))]
@@ -755,6 +876,9 @@ def main() -> int:
             ("worker network policy flags", check_worker_network_policies),
             ("operator NetworkPolicy", check_network_policy),
             ("ServiceMonitor", check_service_monitor),
+            ("worker PodMonitor", check_pod_monitor),
+            ("PrometheusRule from files/prometheus-rules.yaml", check_prometheus_rule),
+            ("Grafana dashboard ConfigMap with the sidecar label", check_dashboard),
             ("node agent", check_node_agent),
         ]:
             run(f"[{name}] {label}", fn, r)
@@ -771,6 +895,13 @@ def main() -> int:
         ("--set", "operator.replicas=0"), "/operator/replicas")
     run("schema rejects an image with the tag in the repository", check_rejected,
         ("--set", "operator.image.repository=tessera-operator:latest"), "/operator/image/repository")
+    run("schema rejects a `for` override of an unknown alert", check_rejected,
+        ("--set", "monitoring.prometheusRule.for.TesseraNoSuchAlert=5m"), "TesseraNoSuchAlert")
+    run("schema rejects a `for` override that is not a duration", check_rejected,
+        ("--set", "monitoring.prometheusRule.for.TesseraRankLost=soon"),
+        "/monitoring/prometheusRule/for/TesseraRankLost")
+    run("schema rejects a dashboard sidecar label that is not a label key", check_rejected,
+        ("--set", "monitoring.dashboard.sidecarLabel=bad:key"), "/monitoring/dashboard/sidecarLabel")
 
     for df in sorted((ROOT / "docker").glob("*.Dockerfile")):
         run(f"{df.name}: multi-stage, pinned FROM tags, non-root USER", check_dockerfile, df)
