@@ -568,6 +568,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?;
+    run_with_client(client, args).await
+}
+
+/// [`run`] with a given client (the tests drive it against an in-memory API server).
+pub async fn run_with_client(client: Client, args: RunArgs) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     let autoscaler_metrics = crate::controller::metrics::AutoscalerMetrics::new(&mut registry);
