@@ -320,39 +320,44 @@ def verbs_for(rules: list[dict], group: str, resource: str) -> set[str]:
             for v in rule["verbs"]}
 
 
+RBAC_CALLS = json.loads((ROOT / "tests" / "chart" / "rbac-calls.json").read_text())
+
+
+def rule_grants(rules: list[dict], scope: str) -> set[tuple]:
+    return {(g, res, verb, scope, tuple(rule.get("resourceNames", [])))
+            for rule in rules for g in rule["apiGroups"] for res in rule["resources"]
+            for verb in rule["verbs"]}
+
+
 def check_operator_rbac(r: Rendered) -> None:
-    rules = operator_rules(r)
-    v = lambda g, res: verbs_for(rules, g, res)  # noqa: E731
-    assert v("", "nodes") == {"get", "list", "watch"}, f"nodes: {v('', 'nodes')}"
-    assert v("tessera.dev", "modeldeployments") == {"get", "list", "watch", "patch", "update"}
-    assert v("tessera.dev", "modeldeployments/status") == {"get", "patch", "update"}
-    assert v("tessera.dev", "modeldeployments/scale") == {"get", "patch", "update"}
-    assert v("", "pods") == {"get", "list", "watch", "create", "patch", "delete"}
-    assert v("", "services") == {"get", "list", "watch", "create", "patch", "delete"}
-    assert v("", "serviceaccounts") == {"get", "list", "watch", "create", "patch"}
-    assert v("", "persistentvolumeclaims") == {"get", "list", "watch"}
-    assert v("events.k8s.io", "events") == {"create", "patch"}
-    want_np = {"get", "list", "watch", "create", "patch", "delete"} \
-        if r.values["worker"]["networkPolicies"]["enabled"] else set()
-    assert v("networking.k8s.io", "networkpolicies") == want_np
-    assert v("", "secrets") == set() and v("", "configmaps") == set()
-    # Leases: create unrestricted (cannot be), everything else only on the named Lease.
-    lease_rules = [x for x in rules if "leases" in x["resources"]]
-    if int(r.values["operator"]["replicas"]) > 1:
-        name = r.values["operator"]["leaseName"]
-        assert lease_rules, "leader election without Lease RBAC"
-        for rule in lease_rules:
-            assert rule["apiGroups"] == ["coordination.k8s.io"]
-            if rule.get("resourceNames"):
-                assert rule["resourceNames"] == [name], rule
-                assert set(rule["verbs"]) == {"get", "update", "patch"}, rule
-            else:
-                assert rule["verbs"] == ["create"], f"unrestricted lease verbs {rule['verbs']}"
-        roles = [o for o in r.kind("Role") if any("leases" in x["resources"] for x in o["rules"])]
-        assert all(o["metadata"]["namespace"] == NAMESPACE for o in roles), "Lease Role namespace"
-        assert not any("leases" in x["resources"] for o in r.kind("ClusterRole") for x in o["rules"])
+    """The operator's RBAC grants exactly what its code calls (tests/chart/rbac-calls.json,
+    derived from the code by tests/tests/rbac_calls.rs), in cluster and namespaced mode."""
+    watch = r.values["operator"]["watchNamespace"]
+    mode = "namespaced" if watch else "cluster"
+    workload_scope = "workloads" if watch else "cluster"
+    granted: set[tuple] = set()
+    for o in r.kind("ClusterRole"):
+        if o["metadata"]["name"].endswith("node-agent"):
+            continue
+        granted |= rule_grants(o["rules"], "cluster")
+    for o in r.kind("Role"):
+        ns = o["metadata"].get("namespace")
+        scope = "workloads" if watch and ns == watch else "release" if ns == NAMESPACE else ns
+        granted |= rule_grants(o["rules"], scope)
+    expected = {(c["apiGroup"], c["resource"], c["verb"], c["scope"], tuple(c.get("resourceNames", [])))
+                for c in RBAC_CALLS[mode]}
+    expected |= {(c["apiGroup"], c["resource"], c["verb"], workload_scope, ()) for c in RBAC_CALLS["admission"]}
+    if not r.values["worker"]["networkPolicies"]["enabled"]:
+        expected = {e for e in expected if e[1] != "networkpolicies"}
+    if int(r.values["operator"]["replicas"]) <= 1:
+        expected = {e for e in expected if e[1] != "leases"}
     else:
-        assert not lease_rules, "Lease RBAC without leader election"
+        name = r.values["operator"]["leaseName"]
+        expected = {(g, res, v, s, (name,) if n else ()) if res == "leases" else (g, res, v, s, n)
+                    for (g, res, v, s, n) in expected}
+    assert granted == expected, (
+        f"more than the code calls: {sorted(granted - expected)}; "
+        f"missing: {sorted(expected - granted)}")
 
 
 def check_scope(r: Rendered) -> None:
@@ -869,7 +874,7 @@ def main() -> int:
             ("restricted security context and resources", check_security_context),
             ("images pinned to version tags", check_images),
             ("RBAC: no wildcards, no secrets", check_rbac),
-            ("operator RBAC verbs and Leases by name", check_operator_rbac),
+            ("operator RBAC grants exactly the calls the code makes", check_operator_rbac),
             ("cluster vs namespaced scope", check_scope),
             ("leader election iff replicas > 1, PDB", check_leader_election),
             ("operator probes, ports and metrics Service", check_operator_pod),
