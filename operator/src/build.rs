@@ -16,6 +16,7 @@ use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
     NetworkPolicySpec,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -979,6 +980,31 @@ pub fn worker_service_account(md: &ModelDeployment) -> ServiceAccount {
         },
         automount_service_account_token: Some(false),
         ..ServiceAccount::default()
+    }
+}
+
+/// The deployment's PodDisruptionBudget: at most one of its worker pods may be evicted at a
+/// time. A member's eviction takes its whole replica down (the group is recreated), which
+/// leaves that replica's other pods unready and so uses up the budget until the replica is back:
+/// drains and cluster scale-downs take one replica at a time, never two. Crash-looping pods do
+/// not block a drain (`unhealthyPodEvictionPolicy: AlwaysAllow`).
+pub fn disruption_budget(md: &ModelDeployment) -> PodDisruptionBudget {
+    let name = md.metadata.name.clone().unwrap_or_default();
+    PodDisruptionBudget {
+        metadata: meta(md, format!("{name}-workers"), common_labels(md)),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([
+                    (labels::DEPLOYMENT.to_owned(), name),
+                    (labels::MANAGED_BY.to_owned(), labels::MANAGER.to_owned()),
+                ])),
+                ..LabelSelector::default()
+            }),
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
     }
 }
 

@@ -44,6 +44,9 @@ pub struct RunArgs {
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "tessera-operator", env = "TESSERA_LEASE_NAME")]
     pub lease_name: String,
+    /// This replica's identity in the Lease; by default the pod name (POD_NAME, else HOSTNAME).
+    #[arg(long, env = "POD_NAME")]
+    pub leader_identity: Option<String>,
     /// Namespace of the Lease (the operator's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "tessera-system")]
     pub lease_namespace: String,

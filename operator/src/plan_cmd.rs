@@ -186,7 +186,7 @@ fn render_children(
             md.metadata.name.clone(),
         )
     });
-    let mut cluster_pods: Vec<Pod> = pods.to_vec();
+    let mut cluster_pods: Vec<std::sync::Arc<Pod>> = pods.iter().cloned().map(Into::into).collect();
     let mut objects: Vec<Value> = Vec::new();
     let mut accounts = std::collections::BTreeSet::new();
     let mut header = String::from(
@@ -227,10 +227,13 @@ fn render_children(
         for svc in &actions.apply_services {
             objects.push(to_value(svc)?);
         }
+        if !actions.apply_pods.is_empty() {
+            objects.push(to_value(&crate::build::disruption_budget(md))?);
+        }
         for pod in &actions.apply_pods {
             objects.push(to_value(pod)?);
         }
-        cluster_pods.extend(actions.apply_pods);
+        cluster_pods.extend(actions.apply_pods.into_iter().map(Into::into));
     }
     let mut out = header;
     for o in &objects {

@@ -155,7 +155,7 @@ async fn create_flow_applies_account_services_pod_and_status() {
     assert_eq!(actions.apply_pods.len(), 1);
     assert_eq!(actions.apply_services.len(), 2);
     let events = actions.events.len();
-    let server = tokio::spawn(serve(handle, 5 + events));
+    let server = tokio::spawn(serve(handle, 6 + events));
     execute(&ctx, &md, actions).await.expect("executes");
     drop(ctx);
     let seen = server.await.expect("script");
@@ -184,16 +184,26 @@ async fn create_flow_applies_account_services_pod_and_status() {
         "/api/v1/namespaces/inference/services/llama-8b-workers",
     );
     assert_apply(&seen[3], "/api/v1/namespaces/inference/services/llama-8b");
+    // The disruption budget: one worker pod (so one replica) evicted at a time.
     assert_apply(
         &seen[4],
+        "/apis/policy/v1/namespaces/inference/poddisruptionbudgets/llama-8b-workers",
+    );
+    assert_eq!(seen[4].body["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        seen[4].body["spec"]["selector"]["matchLabels"]["tessera.dev/deployment"],
+        "llama-8b"
+    );
+    assert_apply(
+        &seen[5],
         &format!("/api/v1/namespaces/inference/pods/{}", pod_of(0, 0)),
     );
     assert_eq!(
-        seen[4].body["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+        seen[5].body["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
         "2"
     );
     // Then the Events (events.k8s.io), one per decision.
-    for s in &seen[5..] {
+    for s in &seen[6..] {
         assert_eq!(s.method, Method::POST);
         assert_eq!(s.path, "/apis/events.k8s.io/v1/namespaces/inference/events");
     }
@@ -350,7 +360,7 @@ async fn scale_up_flow_applies_only_the_new_replica_and_status() {
     assert!(actions.delete_pods.is_empty());
     assert!(actions.apply_services.is_empty(), "services are unchanged");
     let events = actions.events.len();
-    let server = tokio::spawn(serve(handle, 2 + events));
+    let server = tokio::spawn(serve(handle, 3 + events));
     execute(&ctx, &md, actions).await.expect("executes");
     drop(ctx);
     let seen = server.await.expect("script");
@@ -364,10 +374,14 @@ async fn scale_up_flow_applies_only_the_new_replica_and_status() {
     assert_eq!(seen[0].body["status"]["incarnations"], 2);
     assert_apply(
         &seen[1],
+        "/apis/policy/v1/namespaces/inference/poddisruptionbudgets/llama-8b-workers",
+    );
+    assert_apply(
+        &seen[2],
         &format!("/api/v1/namespaces/inference/pods/{}", pod_of(1, 1)),
     );
     assert_eq!(
-        seen[1].body["metadata"]["labels"]["tessera.dev/replica"],
+        seen[2].body["metadata"]["labels"]["tessera.dev/replica"],
         "1"
     );
 }

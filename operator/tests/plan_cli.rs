@@ -278,7 +278,12 @@ fn yaml_output_is_the_child_objects_of_the_plan() {
             continue;
         }
         let kind = v["kind"].as_str().unwrap().to_owned();
-        assert_eq!(v["apiVersion"], "v1", "{v}");
+        let want_api = if kind == "PodDisruptionBudget" {
+            "policy/v1"
+        } else {
+            "v1"
+        };
+        assert_eq!(v["apiVersion"], want_api, "{v}");
         if kind == "Pod" {
             pods.push(serde_json::from_value(v).unwrap());
         }
@@ -336,6 +341,8 @@ fn yaml_output_is_the_child_objects_of_the_plan() {
     assert_eq!(got, want);
     assert_eq!(kinds["ServiceAccount"], 2, "{kinds:?}"); // namespaces demo and inference
     assert_eq!(kinds["Service"], 2 * 4, "{kinds:?}"); // headless + traffic per deployment
+    // One disruption budget per deployment with pods.
+    assert_eq!(kinds["PodDisruptionBudget"], 4, "{kinds:?}");
 }
 
 fn plan_yaml(args: &[&str]) -> String {

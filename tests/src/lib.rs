@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub mod recording_api;
+
 /// The repository root (the workspace directory).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -163,6 +163,7 @@ impl ApiServer {
             "services" => "Service",
             "serviceaccounts" => "ServiceAccount",
             "modeldeployments" => "ModelDeployment",
+            "poddisruptionbudgets" => "PodDisruptionBudget",
             other => panic!("unexpected resource {other}"),
         };
         if *method != Method::GET {

@@ -30,7 +30,7 @@ fn example_pods() -> Vec<Pod> {
             pods: &[],
             services: &[],
             nodes: &nodes,
-            other_pods: &pods,
+            other_pods: &pods.iter().cloned().map(Into::into).collect::<Vec<_>>(),
             reserved: &[],
             now: Timestamp::now(),
         };

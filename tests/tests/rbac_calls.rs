@@ -10,20 +10,17 @@
 //! `UPDATE_RBAC_CALLS=1 cargo test -p tessera-tests --test rbac_calls` and review the diff.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
 use futures::future::BoxFuture;
-use http::{Method, Request, Response};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::Resource;
-use kube::client::Body;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
@@ -35,6 +32,7 @@ use tessera_operator::controller::leader::{self, LeaderConfig};
 use tessera_operator::controller::metrics::AutoscalerMetrics;
 use tessera_operator::controller::reconcile::{Config, Observed, reconcile};
 use tessera_operator::controller::run::{FIELD_MANAGER, run_with_client};
+use tessera_tests::recording_api::{Call, FakeApi, client};
 use tessera_tests::repo_root;
 
 const WORKLOADS: &str = "inference";
@@ -54,182 +52,6 @@ struct Grant {
     /// `cluster`, `workloads` (the watched namespace) or `release` (the operator's own).
     scope: String,
     names: Vec<String>,
-}
-
-#[derive(Default)]
-struct FakeApi {
-    objects: BTreeMap<String, Value>,
-    /// (group, resource, verb, namespace or "", object name or "").
-    calls: BTreeSet<(String, String, String, String, String)>,
-}
-
-fn list_kind(resource: &str) -> &'static str {
-    match resource {
-        "nodes" => "NodeList",
-        "pods" => "PodList",
-        "services" => "ServiceList",
-        "networkpolicies" => "NetworkPolicyList",
-        "modeldeployments" => "ModelDeploymentList",
-        "leases" => "LeaseList",
-        other => panic!("unexpected list of {other}"),
-    }
-}
-
-impl FakeApi {
-    fn handle(&mut self, method: &Method, path: &str, query: &str, body: &[u8]) -> (u16, Value) {
-        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        // /api/v1/... or /apis/GROUP/VERSION/...
-        let (group, rest) = match parts[0] {
-            "api" => (String::new(), &parts[2..]),
-            _ => (parts[1].to_owned(), &parts[3..]),
-        };
-        let (namespace, rest) = match rest.first() {
-            Some(&"namespaces") if rest.len() > 2 => (rest[1].to_owned(), &rest[2..]),
-            _ => (String::new(), rest),
-        };
-        let resource = rest[0].to_owned();
-        let name = rest.get(1).map(|s| s.to_string()).unwrap_or_default();
-        let sub = rest.get(2).map(|s| format!("/{s}")).unwrap_or_default();
-        let key = format!("{group}/{namespace}/{resource}/{name}");
-        let exists = self.objects.contains_key(&key);
-        let watch = query
-            .split('&')
-            .any(|q| q == "watch=true" || q == "watch=1");
-        let verb = match (method.clone(), name.is_empty()) {
-            (Method::GET, true) if watch => "watch",
-            (Method::GET, true) => "list",
-            (Method::GET, false) => "get",
-            (Method::POST, _) => "create",
-            (Method::PUT, _) => "update",
-            (Method::PATCH, _) => "patch",
-            (Method::DELETE, _) => "delete",
-            (m, _) => panic!("unexpected {m} {path}"),
-        };
-        let mut record = |verb: &str| {
-            self.calls.insert((
-                group.clone(),
-                format!("{resource}{sub}"),
-                verb.to_owned(),
-                namespace.clone(),
-                name.clone(),
-            ))
-        };
-        record(verb);
-        // An apply that creates the object needs create as well as patch.
-        if verb == "patch" && sub.is_empty() && !exists {
-            record("create");
-        }
-        match verb {
-            "watch" => (200, Value::Null),
-            "list" => {
-                let prefix = format!("{group}/");
-                let items: Vec<Value> = self
-                    .objects
-                    .iter()
-                    .filter(|(k, _)| k.starts_with(&prefix))
-                    .filter(|(k, _)| {
-                        let p: Vec<&str> = k.split('/').collect();
-                        p[2] == resource && (namespace.is_empty() || p[1] == namespace)
-                    })
-                    .map(|(_, v)| v.clone())
-                    .collect();
-                (
-                    200,
-                    json!({"apiVersion": "v1", "kind": list_kind(&resource),
-                           "metadata": {"resourceVersion": "1"}, "items": items}),
-                )
-            }
-            "get" => match self.objects.get(&key) {
-                Some(v) => (200, v.clone()),
-                None => (
-                    404,
-                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                           "reason": "NotFound", "code": 404, "message": "not found"}),
-                ),
-            },
-            "delete" => {
-                self.objects.remove(&key);
-                (
-                    200,
-                    json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
-                )
-            }
-            _ => {
-                let mut v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-                if resource == "events" {
-                    return (201, v);
-                }
-                if !sub.is_empty() {
-                    // Subresources answer with the whole object.
-                    let mut whole = self.objects.get(&key).cloned().unwrap_or(Value::Null);
-                    if sub == "/status" {
-                        whole["status"] = v["status"].clone();
-                    }
-                    whole["metadata"]["resourceVersion"] = json!("2");
-                    if sub == "/scale" {
-                        return (
-                            200,
-                            json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
-                                   "metadata": {"name": name, "namespace": namespace},
-                                   "spec": {"replicas": v["spec"]["replicas"]}}),
-                        );
-                    }
-                    return (200, whole);
-                }
-                v["metadata"]["resourceVersion"] = json!("2");
-                // A POST names the object in its body.
-                let name = if name.is_empty() {
-                    v["metadata"]["name"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned()
-                } else {
-                    name
-                };
-                v["metadata"]["name"] = json!(name);
-                if !namespace.is_empty() {
-                    v["metadata"]["namespace"] = json!(namespace);
-                }
-                let key = format!("{group}/{namespace}/{resource}/{name}");
-                self.objects.insert(key, v.clone());
-                (if exists { 200 } else { 201 }, v)
-            }
-        }
-    }
-
-    fn put(&mut self, group: &str, namespace: &str, resource: &str, v: Value) {
-        let name = v["metadata"]["name"].as_str().expect("name").to_owned();
-        self.objects
-            .insert(format!("{group}/{namespace}/{resource}/{name}"), v);
-    }
-}
-
-fn client(api: Arc<Mutex<FakeApi>>) -> kube::Client {
-    let svc = tower::service_fn(move |req: Request<Body>| {
-        let api = api.clone();
-        async move {
-            let (parts, body) = req.into_parts();
-            let bytes = body.collect_bytes().await.expect("body");
-            let (code, v) = api.lock().expect("lock").handle(
-                &parts.method,
-                parts.uri.path(),
-                parts.uri.query().unwrap_or_default(),
-                &bytes,
-            );
-            let body = if v.is_null() {
-                Body::empty()
-            } else {
-                Body::from(serde_json::to_vec(&v).expect("json"))
-            };
-            Ok::<_, Infallible>(
-                Response::builder()
-                    .status(code)
-                    .body(body)
-                    .expect("response"),
-            )
-        }
-    });
-    kube::Client::new(svc, "default")
 }
 
 fn deployment() -> ModelDeployment {
@@ -279,9 +101,7 @@ impl Scraper for Busy {
 }
 
 /// The calls of one operator configuration (`watch_namespace` set or not).
-async fn calls(
-    watch_namespace: Option<&str>,
-) -> BTreeSet<(String, String, String, String, String)> {
+async fn calls(watch_namespace: Option<&str>) -> BTreeSet<Call> {
     let api = Arc::new(Mutex::new(FakeApi::default()));
     {
         let mut a = api.lock().expect("lock");
@@ -441,10 +261,7 @@ async fn calls(
 }
 
 /// Calls as grants: scope from the namespace, names kept for the operator-named resources.
-fn grants(
-    calls: &BTreeSet<(String, String, String, String, String)>,
-    namespaced: bool,
-) -> Vec<Grant> {
+fn grants(calls: &BTreeSet<Call>, namespaced: bool) -> Vec<Grant> {
     let mut by: BTreeMap<(String, String, String, String), BTreeSet<String>> = BTreeMap::new();
     for (group, resource, verb, ns, name) in calls {
         let scope = match ns.as_str() {

@@ -164,7 +164,7 @@ impl Sim {
                 pods: &own,
                 services: &services,
                 nodes: &self.nodes,
-                other_pods: &other,
+                other_pods: &other.into_iter().map(Into::into).collect::<Vec<_>>(),
                 now: self.now,
             };
             let actions = reconcile(&obs, &self.cfg);

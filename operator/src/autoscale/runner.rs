@@ -18,6 +18,7 @@
 //! - Metrics: [`AutoscalerMetrics`] (passes, pass duration, scrapes by result, decisions by
 //!   direction, desired replicas per deployment).
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -32,15 +33,16 @@ use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 
 use super::decide::{Decision, History, Params, ReplicaSample};
-use super::pass::{self, Target, decide_pass, pods_for_inventory, scaling_condition};
+use super::pass::{self, Target, decide_pass, scaling_condition};
 use super::scrape::{self, LeaderMetrics, ScrapeError};
 use crate::api::ModelDeployment;
 use crate::build::labels;
+use crate::controller::cache::gpus_in_use;
 use crate::controller::metrics::{
     AutoscalerMetrics, DeploymentLabels, DirectionLabel, ResultLabel,
 };
-use crate::controller::reconcile::{Config, reservation_pods, reserved_by_others};
-use crate::planner::inventory::Inventory;
+use crate::controller::reconcile::{Config, reserved_by_others};
+use crate::planner::inventory::{Inventory, labels_read};
 
 /// Field manager of the autoscaler's writes.
 pub const FIELD_MANAGER: &str = "tessera-autoscaler";
@@ -75,29 +77,27 @@ pub struct Stores {
     pub deployments: Store<ModelDeployment>,
 }
 
+/// A snapshot of the stores: their objects shared, not copied.
+pub type SharedSnapshot = Snapshot<Arc<Node>, Arc<Pod>, Arc<ModelDeployment>>;
+
 impl Stores {
-    /// What the stores hold now.
-    pub fn snapshot(&self) -> Snapshot {
+    /// What the stores hold now (the stores' `Arc`s, not copies of the objects).
+    pub fn snapshot(&self) -> SharedSnapshot {
         Snapshot {
-            nodes: self.nodes.state().iter().map(|n| (**n).clone()).collect(),
-            pods: self.pods.state().iter().map(|p| (**p).clone()).collect(),
-            deployments: self
-                .deployments
-                .state()
-                .iter()
-                .map(|d| (**d).clone())
-                .collect(),
+            nodes: self.nodes.state(),
+            pods: self.pods.state(),
+            deployments: self.deployments.state(),
         }
     }
 }
 
 /// The cluster state one pass looks at: every Node, every Pod (GPU use is cluster-wide) and
-/// every ModelDeployment (autoscaled or not).
+/// every ModelDeployment (autoscaled or not), owned or shared ([`SharedSnapshot`]).
 #[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    pub nodes: Vec<Node>,
-    pub pods: Vec<Pod>,
-    pub deployments: Vec<ModelDeployment>,
+pub struct Snapshot<N = Node, P = Pod, D = ModelDeployment> {
+    pub nodes: Vec<N>,
+    pub pods: Vec<P>,
+    pub deployments: Vec<D>,
 }
 
 /// Reads a replica leader's `/metrics`. The runner bounds each call with its scrape timeout
@@ -204,12 +204,13 @@ fn pod_ready(p: &Pod) -> bool {
 
 /// Ready replica leaders of `md` among `pods`, with the address of their `/metrics`
 /// (`serving.port` on the pod IP). Pure.
-pub fn leaders(md: &ModelDeployment, pods: &[Pod]) -> Vec<LeaderTarget> {
+pub fn leaders<P: Borrow<Pod>>(md: &ModelDeployment, pods: &[P]) -> Vec<LeaderTarget> {
     let ns = md.namespace().unwrap_or_default();
     let name = md.name_any();
     let port = u16::try_from(md.spec.serving.port).unwrap_or(8000);
     pods.iter()
-        .filter(|p| {
+        .map(Borrow::borrow)
+        .filter(|p: &&Pod| {
             let l = p.labels();
             p.metadata.namespace.as_deref() == Some(ns.as_str())
                 && l.get(labels::DEPLOYMENT) == Some(&name)
@@ -314,7 +315,12 @@ impl Runner {
 
     /// One pass: scrape the ready leaders of every autoscaled deployment in `snap`, decide,
     /// and write what changed. Errors are logged and retried by the next pass.
-    pub async fn pass(&mut self, snap: &Snapshot) -> Vec<Outcome> {
+    pub async fn pass<N, P, D>(&mut self, snap: &Snapshot<N, P, D>) -> Vec<Outcome>
+    where
+        N: Borrow<Node> + Sync,
+        P: Borrow<Pod> + Sync,
+        D: Borrow<ModelDeployment> + Sync,
+    {
         let started = self.clock.now();
         let out = self.pass_inner(snap).await;
         self.metrics.passes.inc();
@@ -327,10 +333,16 @@ impl Runner {
         out
     }
 
-    async fn pass_inner(&mut self, snap: &Snapshot) -> Vec<Outcome> {
+    async fn pass_inner<N, P, D>(&mut self, snap: &Snapshot<N, P, D>) -> Vec<Outcome>
+    where
+        N: Borrow<Node> + Sync,
+        P: Borrow<Pod> + Sync,
+        D: Borrow<ModelDeployment> + Sync,
+    {
         let deployments: Vec<&ModelDeployment> = snap
             .deployments
             .iter()
+            .map(Borrow::borrow)
             .filter(|d| d.metadata.deletion_timestamp.is_none())
             .filter(|d| d.spec.autoscaling.as_ref().is_some_and(|a| a.enabled))
             .collect();
@@ -416,17 +428,19 @@ impl Runner {
         }
         self.last.retain(|k, _| seen.contains(k));
 
-        let mut inv_pods = pods_for_inventory(&snap.pods);
-        inv_pods.extend(reservation_pods(&reserved_by_others(
-            &snap.deployments,
+        // GPU use read from the shared pods, not from copies of them.
+        let reserved = reserved_by_others(
+            snap.deployments.iter().map(Borrow::borrow),
             None,
-            &snap.pods,
-        )));
-        let inv = Inventory::from_nodes(
+            snap.pods.iter().map(Borrow::borrow),
+        );
+        let inv = Inventory::from_nodes_and_use(
             &snap.nodes,
-            &inv_pods,
+            &gpus_in_use(&snap.pods, &reserved),
             &self.plan_cfg.catalog,
             &self.plan_cfg.topology_keys,
+            // Of the nodes' labels, only those the autoscaled deployments select on.
+            Some(&labels_read(deployments.iter().map(|d| &d.spec.placement))),
         );
         let pass_targets: Vec<Target<'_>> = deployments
             .iter()

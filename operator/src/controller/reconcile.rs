@@ -5,7 +5,9 @@
 //! The controller, the in-memory API tests and the cluster simulation all drive this same
 //! function; only the executor differs.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
@@ -68,31 +70,40 @@ impl Default for Config {
     }
 }
 
-/// What the controller saw.
-#[derive(Clone, Copy, Debug)]
-pub struct Observed<'a> {
+/// What the controller saw. Nodes are `Node`s or, from the controller's watch cache, shared
+/// `Arc<Node>`s (never copied per reconcile).
+#[derive(Debug)]
+pub struct Observed<'a, N = Node> {
     pub md: &'a ModelDeployment,
     /// Pods labelled with this deployment, in its namespace.
     pub pods: &'a [Pod],
     /// Services owned by this deployment.
     pub services: &'a [Service],
-    pub nodes: &'a [Node],
-    /// Every other pod in the cluster (their GPUs are not free).
-    pub other_pods: &'a [Pod],
+    pub nodes: &'a [N],
+    /// Every other pod in the cluster (their GPUs are not free), shared with the watch cache.
+    pub other_pods: &'a [Arc<Pod>],
     /// GPUs other deployments hold without pods (replicas waiting out a backoff keep their
     /// place): (node, GPUs). See [`reserved_by_others`].
     pub reserved: &'a [(String, u32)],
     pub now: Timestamp,
 }
 
+impl<N> Clone for Observed<'_, N> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<N> Copy for Observed<'_, N> {}
+
 /// GPUs that other deployments' replicas hold without pods to show for them, so they are not
 /// promised twice: a replica waiting out a backoff keeps its place, and a replica whose
 /// placement is written in status (intent is recorded before pods are created) holds the GPUs
 /// of every member pod that `pods` does not show yet.
-pub fn reserved_by_others(
-    deployments: &[ModelDeployment],
+pub fn reserved_by_others<'d, 'p>(
+    deployments: impl IntoIterator<Item = &'d ModelDeployment>,
     except_uid: Option<&str>,
-    pods: &[Pod],
+    pods: impl IntoIterator<Item = &'p Pod>,
 ) -> Vec<(String, u32)> {
     // GPUs the pods of each (deployment, replica, incarnation) hold per node.
     let mut seen: BTreeMap<(&str, &str, &str, &str), u32> = BTreeMap::new();
@@ -114,7 +125,7 @@ pub fn reserved_by_others(
     }
     let mut out = Vec::new();
     for d in deployments
-        .iter()
+        .into_iter()
         .filter(|d| except_uid.is_none() || d.metadata.uid.as_deref() != except_uid)
     {
         let name = d.metadata.name.as_deref().unwrap_or_default();
@@ -473,15 +484,6 @@ impl Conditions<'_> {
     }
 }
 
-/// The deployment with its pods' GPUs moved out of the way: every other pod's GPUs are used,
-/// and pinned but not yet bound pods count on their planned node (otherwise two deployments
-/// reconciled back to back could both be promised the same free GPUs).
-fn inventory_pods(other: &[Pod], reserved: &[(String, u32)]) -> Vec<Pod> {
-    let mut pods = crate::autoscale::pass::pods_for_inventory(other);
-    pods.extend(reservation_pods(reserved));
-    pods
-}
-
 /// Stand-in pods that hold `reserved` GPUs on their nodes, for the planner's inventory.
 pub fn reservation_pods(reserved: &[(String, u32)]) -> Vec<Pod> {
     reserved
@@ -566,7 +568,7 @@ fn summarise(items: &[(i32, String)], max: usize) -> String {
 }
 
 /// Decide what to do.
-pub fn reconcile(obs: &Observed<'_>, cfg: &Config) -> Actions {
+pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Actions {
     let md = obs.md;
     // A deployment being deleted (foreground deletion keeps it while its pods go) is left
     // alone: recreating its groups would fight the garbage collector.
@@ -673,7 +675,8 @@ pub fn reconcile(obs: &Observed<'_>, cfg: &Config) -> Actions {
     let nodes: BTreeMap<&str, &Node> = obs
         .nodes
         .iter()
-        .filter_map(|n| n.metadata.name.as_deref().map(|k| (k, n)))
+        .map(Borrow::borrow)
+        .filter_map(|n: &Node| n.metadata.name.as_deref().map(|k| (k, n)))
         .collect();
     let mut requeue: Option<Duration> = None;
     let mut requeue_in = |d: Duration| {
@@ -928,11 +931,18 @@ pub fn reconcile(obs: &Observed<'_>, cfg: &Config) -> Actions {
     }
     let mut plan_report = None;
     if !wanted.is_empty() || old.alternatives.is_empty() {
-        let mut inv = Inventory::from_nodes(
+        // The deployment with its pods' GPUs moved out of the way: every other pod's GPUs are
+        // used, and pinned but not yet bound pods count on their planned node (otherwise two
+        // deployments reconciled back to back could both be promised the same free GPUs).
+        // Of the nodes' labels, only those this deployment selects on are copied.
+        let mut inv = Inventory::from_nodes_and_use(
             obs.nodes,
-            &inventory_pods(obs.other_pods, obs.reserved),
+            &crate::controller::cache::gpus_in_use(obs.other_pods, obs.reserved),
             &cfg.catalog,
             &cfg.topology_keys,
+            Some(&crate::planner::inventory::labels_read([&md
+                .spec
+                .placement])),
         );
         for n in inv.nodes.iter_mut().filter(|n| avoid.contains(&n.name)) {
             n.unschedulable = true;

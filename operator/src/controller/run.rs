@@ -16,6 +16,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -25,6 +26,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use prometheus_client::registry::Registry;
 
+use super::cache;
 use super::expect::{Expectations, Promises, Seen};
 use super::leader::{self, LeaderConfig};
 use super::metrics::{CategoryLabel, Metrics, ResultLabel};
@@ -141,12 +143,6 @@ fn own_pods_selector(name: &str) -> String {
     )
 }
 
-fn is_own(p: &Pod, ns: &str, name: &str) -> bool {
-    p.metadata.namespace.as_deref() == Some(ns)
-        && p.labels().get(labels::DEPLOYMENT).map(String::as_str) == Some(name)
-        && p.labels().get(labels::MANAGED_BY).map(String::as_str) == Some(labels::MANAGER)
-}
-
 /// Same pods at the same versions.
 fn same_pods(a: &[Pod], b: &[Pod]) -> bool {
     let versions = |v: &[Pod]| -> BTreeSet<(String, String)> {
@@ -205,12 +201,9 @@ pub async fn reconcile_one(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Resul
         return Ok(Action::requeue(EXPECTATIONS_RECHECK));
     }
     let uid = md.uid();
-    let (own, other): (Vec<Pod>, Vec<Pod>) = ctx
-        .pods
-        .state()
-        .iter()
-        .map(|p| (**p).clone())
-        .partition(|p| is_own(p, &ns, &name));
+    // Nothing of the caches is copied but this deployment's own pods and Services (a few):
+    // every other pod, every node and deployment is read through the caches' `Arc`s.
+    let (own, other) = cache::own_and_other(&ctx.pods, &ns, &name);
     let services: Vec<Service> = ctx
         .services
         .state()
@@ -223,18 +216,26 @@ pub async fn reconcile_one(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Resul
         })
         .map(|s| (**s).clone())
         .collect();
-    let nodes: Vec<Node> = ctx.nodes.state().iter().map(|n| (**n).clone()).collect();
-    let mut deployments: Vec<ModelDeployment> = ctx
-        .deployments
-        .state()
-        .iter()
-        .map(|d| (**d).clone())
-        .collect();
-    ctx.promises
-        .lock()
-        .expect("lock")
-        .overlay(&mut deployments, key, Instant::now());
-    let reserved = reserved_by_others(&deployments, uid.as_deref(), &other);
+    let nodes: Vec<Arc<Node>> = ctx.nodes.state();
+    let deployments: Vec<Arc<ModelDeployment>> = {
+        let mut promises = ctx.promises.lock().expect("lock");
+        let cached = ctx.deployments.state();
+        if promises.is_empty() {
+            cached
+        } else {
+            // Placements written but not yet in the cache: copies with them (rare, and
+            // deployments are few next to pods and nodes).
+            let mut copies: Vec<ModelDeployment> =
+                cached.iter().map(|d| ModelDeployment::clone(d)).collect();
+            promises.overlay(&mut copies, key, Instant::now());
+            copies.into_iter().map(Arc::new).collect()
+        }
+    };
+    let reserved = reserved_by_others(
+        deployments.iter().map(|d| &**d),
+        uid.as_deref(),
+        other.iter().map(|p| &**p),
+    );
     let now = (ctx.clock)();
     let decide = |md: &ModelDeployment, own: &[Pod]| {
         let obs = Observed {
@@ -431,6 +432,14 @@ pub async fn execute(ctx: &Context, md: &ModelDeployment, actions: Actions) -> R
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+    // With every new group, its deployment's disruption budget (idempotent; restores one that
+    // was deleted).
+    if !actions.apply_pods.is_empty() {
+        let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &ns);
+        let pdb = build::disruption_budget(md);
+        let name = pdb.metadata.name.clone().unwrap_or_default();
+        pdbs.patch(&name, &params, &Patch::Apply(&pdb)).await?;
     }
     // Expect what is about to happen, so the next pass waits for the cache to show it.
     let creates: Vec<String> = actions
@@ -650,10 +659,12 @@ pub async fn run_with_client(client: Client, args: RunArgs) -> anyhow::Result<()
     let (svc_store, svc_writer) = reflector::store();
     let managed = format!("{}={}", labels::MANAGED_BY, labels::MANAGER);
     let log_errors = |what: &'static str| move |e: &watcher::Error| tracing::warn!(watch = what, error = %e, "watch error; retrying");
+    // The Node and Pod caches keep only what the controller reads (see `cache`); pods that
+    // hold no GPUs and belong to no deployment are not cached at all.
     tokio::spawn(
         reflector::reflector(
             node_writer,
-            watcher(nodes_api.clone(), watcher::Config::default()),
+            cache::nodes(watcher(nodes_api.clone(), watcher::Config::default())),
         )
         .default_backoff()
         .inspect_err(log_errors("nodes"))
@@ -662,10 +673,10 @@ pub async fn run_with_client(client: Client, args: RunArgs) -> anyhow::Result<()
     tokio::spawn(
         reflector::reflector(
             pod_writer,
-            watcher(
+            cache::pods(watcher(
                 all_pods,
                 watcher::Config::default().fields(POD_FIELD_SELECTOR),
-            ),
+            )),
         )
         .default_backoff()
         .inspect_err(log_errors("pods"))
@@ -765,9 +776,12 @@ pub async fn run_with_client(client: Client, args: RunArgs) -> anyhow::Result<()
     ready.store(true, Ordering::Relaxed);
     tracing::info!("caches synced");
     let leadership = if args.leader_elect {
-        let identity = std::env::var("POD_NAME")
-            .or_else(|_| std::env::var("HOSTNAME"))
-            .unwrap_or_else(|_| format!("tessera-operator-{}", std::process::id()));
+        let identity = args
+            .leader_identity
+            .clone()
+            .filter(|s| !s.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| format!("tessera-operator-{}", std::process::id()));
         let cfg = LeaderConfig::new(&args.lease_namespace, &args.lease_name, identity)
             .map_err(|e| anyhow::anyhow!("leader election: {e}"))?;
         let leases: Api<Lease> = Api::namespaced(client.clone(), cfg.namespace());

@@ -16,7 +16,8 @@
 //! device plugin gives them is unknown here, so used GPUs are assumed to fill the node's NVLink
 //! domains densely in domain order (domain 0 first); this keeps whole domains free where possible.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
 
@@ -120,7 +121,7 @@ pub fn parse_domains(s: &str) -> Option<Vec<u32>> {
 
 /// GPUs a pod holds on its node: max(sum over containers, max over init containers) of
 /// max(request, limit) of `nvidia.com/gpu`.
-fn pod_gpus(pod: &Pod) -> u32 {
+pub fn pod_gpus(pod: &Pod) -> u32 {
     let Some(spec) = &pod.spec else { return 0 };
     let one = |c: &k8s_openapi::api::core::v1::Container| -> u32 {
         let Some(r) = &c.resources else { return 0 };
@@ -172,9 +173,23 @@ impl Inventory {
         catalog: &Catalog,
         topology_keys: &[String],
     ) -> Inventory {
-        let used = used_gpus(pods);
+        Self::from_nodes_and_use(nodes, &used_gpus(pods), catalog, topology_keys, None)
+    }
+
+    /// Build the inventory from Nodes (owned or shared, e.g. the `Arc`s of a watch cache) and
+    /// the GPUs in use per node name (see [`used_gpus`]), without copying the nodes. With
+    /// `keep_labels`, each [`GpuNode::labels`] holds only those keys: enough to plan the
+    /// deployments whose [`labels_read`] they are, without a copy of every label of every
+    /// node (GPU feature discovery and NFD set dozens per node).
+    pub fn from_nodes_and_use<N: Borrow<Node>>(
+        nodes: &[N],
+        used: &HashMap<String, u32>,
+        catalog: &Catalog,
+        topology_keys: &[String],
+        keep_labels: Option<&BTreeSet<String>>,
+    ) -> Inventory {
         let mut warnings = Vec::new();
-        let mut sorted: Vec<&Node> = nodes.iter().collect();
+        let mut sorted: Vec<&Node> = nodes.iter().map(Borrow::borrow).collect();
         sorted.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         let mut type_ids: BTreeMap<String, usize> = BTreeMap::new();
         let mut types: Vec<GpuType> = Vec::new();
@@ -185,8 +200,9 @@ impl Inventory {
                 warnings.push("a Node without metadata.name was skipped".into());
                 continue;
             };
-            let labels = node.metadata.labels.clone().unwrap_or_default();
-            let label = |k: &str| labels.get(k).map(String::as_str);
+            // Borrowed until the node is known to hold GPUs (most nodes of a cluster may not).
+            let node_labels = node.metadata.labels.as_ref();
+            let label = |k: &str| node_labels.and_then(|l| l.get(k)).map(String::as_str);
             let product = label("tessera.dev/gpu.product").or(label("nvidia.com/gpu.product"));
             let allocatable = node
                 .status
@@ -320,9 +336,18 @@ impl Inventory {
                 .into_iter()
                 .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
                 .collect();
+            let labels: BTreeMap<String, String> = match (node_labels, keep_labels) {
+                (None, _) => BTreeMap::new(),
+                (Some(l), None) => l.clone(),
+                (Some(l), Some(keep)) => keep
+                    .iter()
+                    .filter_map(|k| l.get_key_value(k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            };
             let topology = topology_keys
                 .iter()
-                .map(|k| labels.get(k).cloned())
+                .map(|k| node_labels.and_then(|l| l.get(k)).cloned())
                 .collect();
             out.push(GpuNode {
                 name,
@@ -356,6 +381,20 @@ impl Inventory {
             warnings,
         }
     }
+}
+
+/// The node label keys the planner reads to place deployments with these placement specs:
+/// their node selectors and pipeline topology keys (the topology keys are read apart, into
+/// [`GpuNode::topology`]).
+pub fn labels_read<'a>(
+    placements: impl IntoIterator<Item = &'a PlacementSpec>,
+) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    for p in placements {
+        keys.extend(p.node_selector.keys().cloned());
+        keys.extend(p.pipeline_topology_key.iter().cloned());
+    }
+    keys
 }
 
 fn default_domains(model: &GpuModel, count: u32) -> Vec<u32> {
