@@ -375,6 +375,8 @@ pub struct EngineLaunch<'a> {
     pub port: i32,
     pub max_concurrency: i32,
     pub context_length: i32,
+    /// `serving.kvCacheDtype`.
+    pub kv_cache_dtype: crate::api::KvCacheDtype,
     /// `engine.args`, appended last.
     pub extra_args: &'a [String],
 }
@@ -407,6 +409,9 @@ pub fn engine_command(l: &EngineLaunch<'_>) -> (Option<Vec<String>>, Vec<String>
                 s("--max-model-len"),
                 l.context_length.to_string(),
             ];
+            if l.kv_cache_dtype == crate::api::KvCacheDtype::Fp8 {
+                a.extend([s("--kv-cache-dtype"), s("fp8")]);
+            }
             if l.nodes > 1 {
                 a.extend([
                     s("--distributed-executor-backend"),
@@ -446,6 +451,9 @@ pub fn engine_command(l: &EngineLaunch<'_>) -> (Option<Vec<String>>, Vec<String>
                 s("--context-length"),
                 l.context_length.to_string(),
             ];
+            if l.kv_cache_dtype == crate::api::KvCacheDtype::Fp8 {
+                a.extend([s("--kv-cache-dtype"), s("fp8_e4m3")]);
+            }
             if l.nodes > 1 {
                 a.extend([
                     s("--nnodes"),
@@ -627,6 +635,7 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
             port: spec.serving.port,
             max_concurrency: spec.serving.max_concurrency,
             context_length,
+            kv_cache_dtype: spec.serving.kv_cache_dtype,
             extra_args: &spec.engine.args,
         });
         let (readiness, liveness, startup) = engine_probes(engine, leader, spec.serving.port);

@@ -30,6 +30,10 @@ pub enum Command {
     /// Replay a load trace (CSV `t,demand`) through the autoscaler's decision code and print the
     /// replicas it would choose, row by row (docs/autoscaling.md).
     SimulateAutoscaling(crate::simulate_cmd::SimulateArgs),
+    /// Predict one layout for one workload with the planner's cost model, without a cluster:
+    /// time to first token, inter-token latency, output tokens/s per replica and per GPU, and
+    /// the concurrency that fits (docs/cost-model.md).
+    Predict(crate::predict_cmd::PredictArgs),
     /// Read a running replica leader's /metrics through the autoscaler's scrape code (the
     /// engine's own series) and print the sample and the decision it would take, as JSON.
     Scrape(crate::scrape_cmd::ScrapeArgs),

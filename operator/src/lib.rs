@@ -12,5 +12,6 @@ pub mod controller;
 pub mod logging;
 pub mod plan_cmd;
 pub mod planner;
+pub mod predict_cmd;
 pub mod scrape_cmd;
 pub mod simulate_cmd;

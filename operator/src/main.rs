@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => tessera_operator::plan_cmd::main(&args),
         Command::SimulateAutoscaling(args) => tessera_operator::simulate_cmd::main(&args),
         Command::Scrape(args) => tessera_operator::scrape_cmd::main(&args),
+        Command::Predict(args) => tessera_operator::predict_cmd::main(&args),
         Command::Run(args) => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,

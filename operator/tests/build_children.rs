@@ -580,8 +580,13 @@ fn the_template_hash_of_existing_tessera_deployments_does_not_change() {
     let mut explicit = md.clone();
     explicit.spec.engine.name = tessera_operator::api::EngineName::Tessera;
     assert_eq!(template_hash(&md, "img"), template_hash(&explicit, "img"));
-    // A value computed before spec.engine existed (same spec, same image).
-    assert_eq!(template_hash(&md, "img"), PRE_ENGINE_HASH);
+    // A value computed before spec.engine existed (same spec, same image). Objects stored by
+    // the API server carry every default the CRD had when they were written, so the scope is
+    // the old default, NVLinkDomain, not today's Auto.
+    let mut stored = md.clone();
+    stored.spec.placement.tensor_parallel_scope =
+        tessera_operator::api::TensorParallelScope::NvLinkDomain;
+    assert_eq!(template_hash(&stored, "img"), PRE_ENGINE_HASH);
     let vllm = with_engine("vllm", &[]);
     assert_ne!(template_hash(&vllm, "img"), template_hash(&md, "img"));
 }
@@ -589,3 +594,21 @@ fn the_template_hash_of_existing_tessera_deployments_does_not_change() {
 /// `template_hash` of `deployment("pvc://models/llama-405b")` with image "img", computed by the
 /// operator before `spec.engine` existed: an upgrade must not roll running replicas.
 const PRE_ENGINE_HASH: &str = "afd2025f4d";
+
+#[test]
+fn an_fp8_kv_cache_reaches_the_engines_command_lines() {
+    for (engine, value) in [("vllm", "fp8"), ("sglang", "fp8_e4m3")] {
+        let mut md = with_engine(engine, &[]);
+        let args = container(&pods(&md)[0]).args.clone().unwrap_or_default();
+        assert!(!args.iter().any(|a| a == "--kv-cache-dtype"), "{args:?}");
+        md.spec.serving.kv_cache_dtype = tessera_operator::api::KvCacheDtype::Fp8;
+        for pod in pods(&md) {
+            let args = container(&pod).args.clone().unwrap_or_default();
+            let at = args
+                .iter()
+                .position(|a| a == "--kv-cache-dtype")
+                .unwrap_or_else(|| panic!("{engine}: {args:?}"));
+            assert_eq!(args[at + 1], value, "{engine}");
+        }
+    }
+}

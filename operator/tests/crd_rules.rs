@@ -558,7 +558,7 @@ fn every_rule_has_a_test_here() {
     // rules in the engine_* tests, the label rules in the *label*, annotation, node selector and
     // topology key tests, the volume rules in the volume_* and mount_* tests). Adding a rule to
     // operator/src/api/rules.rs? Add its accepted and rejected cases to this file, then bump this.
-    assert_eq!(api::rules::rules().len(), 35);
+    assert_eq!(api::rules::rules().len(), 36);
 }
 
 #[test]
@@ -1145,4 +1145,39 @@ fn the_reserved_names_are_the_ones_the_builder_uses() {
             assert_eq!(errors[0].field, "spec.worker.labels", "{key}");
         }
     }
+}
+
+#[test]
+fn fp8_kv_cache_needs_an_engine_that_has_one() {
+    // Default (bf16) is fine with every engine; fp8 with vLLM or SGLang too.
+    accepted(&with(base(), "/spec/serving/kvCacheDtype", json!("bf16")));
+    let vllm = with(base(), "/spec/engine", json!({"name": "vllm"}));
+    let md = accepted(&with(vllm, "/spec/serving/kvCacheDtype", json!("fp8")));
+    assert_eq!(
+        md.spec.serving.kv_cache_dtype,
+        tessera_operator::api::KvCacheDtype::Fp8
+    );
+    let sglang = with(base(), "/spec/engine", json!({"name": "sglang"}));
+    accepted(&with(sglang, "/spec/serving/kvCacheDtype", json!("fp8")));
+    // The tessera engine (the default) has no FP8 KV cache: refused with the fix.
+    assert_single(
+        &with(base(), "/spec/serving/kvCacheDtype", json!("fp8")),
+        "spec.serving.kvCacheDtype",
+        "fp8: the tessera engine keeps its KV cache in the model dtype and has no FP8 KV cache yet; use kvCacheDtype: bf16, or engine.name vllm or sglang, which take --kv-cache-dtype",
+    );
+    // Other values are not in the enum.
+    assert!(!rejected(&with(base(), "/spec/serving/kvCacheDtype", json!("fp4"))).is_empty());
+    // And the flag belongs to the operator.
+    let vllm = with(
+        base(),
+        "/spec/engine",
+        json!({"name": "vllm", "args": ["--kv-cache-dtype=fp8"]}),
+    );
+    assert!(
+        rejected(&vllm)
+            .iter()
+            .any(|e| e.message.contains("--kv-cache-dtype=fp8")),
+        "{:?}",
+        rejected(&vllm)
+    );
 }

@@ -322,3 +322,58 @@ fn unknown_products_get_defaults_and_a_warning() {
     );
     assert_eq!(p.deployments[0].placed.len(), 2);
 }
+
+/// Llama 3.1 70B in FP8 pinned to TP=4 on the example's L40S nodes (4 PCIe GPUs each), with
+/// the placement scope left to its default or set.
+fn llama_70b_on_l40s(scope: Option<&str>) -> ModelDeployment {
+    let mut v = json!({
+        "apiVersion": "tessera.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "llama-70b-l40s", "namespace": "inference"},
+        "spec": {
+            "replicas": 1,
+            "model": {"uri": "pvc://models/llama-3.1-70b-fp8", "architecture": {
+                "parameters": 70553706496i64, "layers": 80, "hiddenSize": 8192,
+                "attentionHeads": 64, "kvHeads": 8, "intermediateSize": 28672,
+                "vocabSize": 128256, "contextLength": 131072, "bytesPerParameter": 1}},
+            "parallelism": {"tensor": 4, "pipeline": 1},
+            "gpu": {"types": ["L40S"]},
+            "serving": {"maxConcurrency": 8, "contextLength": 4096}
+        }
+    });
+    if let Some(s) = scope {
+        v["spec"]["placement"] = json!({"tensorParallelScope": s});
+    }
+    md(&v)
+}
+
+#[test]
+fn tensor_parallel_on_pcie_gpus_is_placed_by_default_and_refused_for_nvlink_domain() {
+    let nodes = nodes();
+    let p = run(&nodes, &[llama_70b_on_l40s(None)]);
+    let d = &p.deployments[0];
+    assert_eq!(d.placed.len(), 1, "{:?}", d.unplaced);
+    let r = &d.placed[0];
+    assert_eq!((r.tensor_parallel, r.pipeline_parallel), (4, 1));
+    assert_eq!(r.stages.len(), 1, "one node: {:?}", r.stages);
+    assert!(r.stages[0].node.starts_with("l40s-"), "{:?}", r.stages);
+    // The prediction uses the PCIe link the group actually gets (32 GB/s per direction, of
+    // which a ring over PCIe achieves the documented fraction).
+    let pcie =
+        32.0 * tessera_operator::planner::cost::CostConstants::default().pcie_allreduce_efficiency;
+    assert!(
+        (r.predicted.all_reduce_g_bps - pcie).abs() < 1e-6,
+        "{:?}",
+        r.predicted
+    );
+    // An explicit NVLinkDomain still means NVLink: L40S has none.
+    let p = run(&nodes, &[llama_70b_on_l40s(Some("NVLinkDomain"))]);
+    let d = &p.deployments[0];
+    assert!(d.placed.is_empty());
+    assert!(
+        d.choice
+            .reason
+            .contains("NVLink domain of L40S but the largest is 1"),
+        "{}",
+        d.choice.reason
+    );
+}

@@ -139,7 +139,7 @@ fn dep_gen() -> impl Strategy<Value = DepGen> {
         -2i32..3,
         prop::option::weighted(0.2, prop::sample::select(vec![1u32, 2, 4, 8])),
         prop::option::weighted(0.2, 1u32..4),
-        0usize..3,
+        0usize..4,
         prop::sample::subsequence(vec!["H100", "H800", "L40S", "H20"], 0..=3),
         prop::sample::select(vec![1i32, 8, 32]),
         prop::sample::select(vec![2048i32, 8192]),
@@ -177,7 +177,7 @@ fn dep_gen() -> impl Strategy<Value = DepGen> {
 
 fn build_dep(i: usize, d: &DepGen) -> Option<ModelDeployment> {
     let (params, layers, hidden, heads, kv) = SHAPES[d.shape];
-    let scope = ["NVLinkDomain", "Node", "Any"][d.scope];
+    let scope = ["NVLinkDomain", "Node", "Any", "Auto"][d.scope];
     let mut spec = json!({
         "replicas": d.replicas,
         "priority": d.priority,
@@ -295,6 +295,8 @@ fn check_invariants(
                 .position(|t| t.product == r.gpu_type)
                 .unwrap();
             let st = &stats[t];
+            // `Auto` is the NVLink domain on NVLink GPUs and the node on PCIe-only ones.
+            let scope = scope.resolve(inv.types[t].model.nvlink_bidirectional_gbps > 0.0);
             let links = choose::nominal_links(inv, t, st, tp, pp, &c);
             let e = estimate(
                 &md.spec.model.architecture,
@@ -424,10 +426,15 @@ proptest! {
             let t = best.gpu_type;
             let st = &stats[t];
             let arch = &md.spec.model.architecture;
-            let max_tp = match md.spec.placement.tensor_parallel_scope {
+            let scope = md
+                .spec
+                .placement
+                .tensor_parallel_scope
+                .resolve(inv.types[t].model.nvlink_bidirectional_gbps > 0.0);
+            let max_tp = match scope {
                 TensorParallelScope::NvLinkDomain => st.largest_domain,
                 TensorParallelScope::Node => st.largest_node,
-                TensorParallelScope::Any => st.gpus,
+                TensorParallelScope::Any | TensorParallelScope::Auto => st.gpus,
             };
             let work = choose::workload(&md.spec);
             // Exhaustive enumeration of every layout on the chosen GPU type.

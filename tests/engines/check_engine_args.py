@@ -31,10 +31,11 @@ def check_sglang(pod: dict, args: list[str]) -> str:
     assert sa.enable_metrics is True
     assert sa.context_length == int(flag(args, "--context-length"))
     assert sa.max_running_requests == int(flag(args, "--max-running-requests"))
+    assert sa.kv_cache_dtype == (flag(args, "--kv-cache-dtype") or "auto")
     if "--nnodes" in args:
         assert sa.nnodes == int(flag(args, "--nnodes")) and sa.node_rank == int(flag(args, "--node-rank"))
         assert sa.dist_init_addr == flag(args, "--dist-init-addr")
-    return f"tp={sa.tp_size} pp={sa.pp_size} nnodes={sa.nnodes} rank={sa.node_rank}"
+    return f"tp={sa.tp_size} pp={sa.pp_size} nnodes={sa.nnodes} rank={sa.node_rank} kv={sa.kv_cache_dtype}"
 
 
 def check_vllm(pod: dict, args: list[str]) -> str:
@@ -54,11 +55,12 @@ def check_vllm(pod: dict, args: list[str]) -> str:
     assert ea.max_num_seqs == int(flag(args, "--max-num-seqs"))
     assert ea.max_model_len == int(flag(args, "--max-model-len"))
     assert ns.port == int(flag(args, "--port"))
+    assert ea.kv_cache_dtype == (flag(args, "--kv-cache-dtype") or "auto")
     if "--nnodes" in args:
         assert ea.nnodes == int(flag(args, "--nnodes")) and ea.node_rank == int(flag(args, "--node-rank"))
         assert ea.master_addr == flag(args, "--master-addr") and ea.distributed_executor_backend == "mp"
         assert ns.headless == (ea.node_rank > 0)
-    return f"tp={ea.tensor_parallel_size} pp={ea.pipeline_parallel_size} nnodes={ea.nnodes} rank={ea.node_rank} headless={ns.headless}"
+    return f"tp={ea.tensor_parallel_size} pp={ea.pipeline_parallel_size} nnodes={ea.nnodes} rank={ea.node_rank} headless={ns.headless} kv={ea.kv_cache_dtype}"
 
 
 def main() -> int:

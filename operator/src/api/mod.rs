@@ -259,8 +259,11 @@ pub struct GpuSpec {
 /// How far the tensor-parallel group of a replica may spread.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
 pub enum TensorParallelScope {
-    /// All GPUs of a TP group share one NVLink domain (NVSwitch board or NVLink island).
+    /// The fastest domain the GPU type has: one NVLink domain where the type has NVLink, one
+    /// node (PCIe between the GPUs) where it has none, as people serve 70B models on 4 x L40S.
     #[default]
+    Auto,
+    /// All GPUs of a TP group share one NVLink domain (NVSwitch board or NVLink island).
     #[serde(rename = "NVLinkDomain")]
     NvLinkDomain,
     /// All GPUs of a TP group are on one node (PCIe between them is acceptable).
@@ -269,11 +272,24 @@ pub enum TensorParallelScope {
     Any,
 }
 
+impl TensorParallelScope {
+    /// The scope for a GPU type with (`true`) or without NVLink: `Auto` becomes `NVLinkDomain`
+    /// or `Node`; the others are what they say.
+    pub fn resolve(self, has_nvlink: bool) -> TensorParallelScope {
+        match self {
+            TensorParallelScope::Auto if has_nvlink => TensorParallelScope::NvLinkDomain,
+            TensorParallelScope::Auto => TensorParallelScope::Node,
+            other => other,
+        }
+    }
+}
+
 /// Placement constraints.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PlacementSpec {
-    /// How far a tensor-parallel group may spread: `NVLinkDomain` (default), `Node` or `Any`.
+    /// How far a tensor-parallel group may spread: `Auto` (default: the NVLink domain on GPUs
+    /// with NVLink, the node on PCIe-only GPUs), `NVLinkDomain`, `Node` or `Any`.
     #[serde(default)]
     pub tensor_parallel_scope: TensorParallelScope,
     /// Optional Node label key (for example a rack or block label) whose value all pipeline
@@ -306,6 +322,38 @@ pub struct ServingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10_000_000))]
     pub context_length: Option<i32>,
+    /// Element type of the KV cache: `bf16` (default, as the engines default to the model's
+    /// dtype) or `fp8` (half the KV memory and KV reads; vLLM and SGLang only). Counted in the
+    /// memory fit and the decode prediction, and passed to the engine.
+    /// (Left out when `bf16`, so that the pod-template hash of deployments written before this
+    /// field existed stays the same and an upgrade rolls nothing.)
+    #[serde(default, skip_serializing_if = "KvCacheDtype::is_default")]
+    pub kv_cache_dtype: KvCacheDtype,
+}
+
+/// Element type of the KV cache.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    /// 2 bytes per element.
+    #[default]
+    Bf16,
+    /// 1 byte per element (E4M3).
+    Fp8,
+}
+
+impl KvCacheDtype {
+    fn is_default(&self) -> bool {
+        *self == KvCacheDtype::Bf16
+    }
+
+    /// Bytes per KV-cache element.
+    pub fn bytes(self) -> f64 {
+        match self {
+            KvCacheDtype::Bf16 => 2.0,
+            KvCacheDtype::Fp8 => 1.0,
+        }
+    }
 }
 
 fn default_port() -> i32 {
@@ -321,6 +369,7 @@ impl Default for ServingSpec {
             port: default_port(),
             max_concurrency: default_max_concurrency(),
             context_length: None,
+            kv_cache_dtype: KvCacheDtype::default(),
         }
     }
 }

@@ -88,6 +88,7 @@ pub const VLLM_OWNED_FLAGS: &[&str] = &[
     "headless",
     "max-num-seqs",
     "max-model-len",
+    "kv-cache-dtype",
 ];
 /// Short options of vLLM that alias owned ones (`-tp`, `-pp`, `-n` = `--nnodes`, `-r` = `--node-rank`).
 pub const VLLM_OWNED_SHORT: &[&str] = &["tp", "pp", "n", "r"];
@@ -110,6 +111,7 @@ pub const SGLANG_OWNED_FLAGS: &[&str] = &[
     "enable-metrics",
     "max-running-requests",
     "context-length",
+    "kv-cache-dtype",
 ];
 
 /// An RE2 pattern that matches an argument setting one of `long` (`--name` or `--name=...`, with
@@ -557,6 +559,14 @@ pub fn rules() -> Vec<CelRule> {
             &owned_args_pattern(VLLM_OWNED_FLAGS, VLLM_OWNED_SHORT),
         ),
         owned_args_rule("sglang", &owned_args_pattern(SGLANG_OWNED_FLAGS, &[])),
+        CelRule {
+            at: &["spec"],
+            rule: "!has(self.serving) || !has(self.serving.kvCacheDtype) || self.serving.kvCacheDtype != 'fp8' || (has(self.engine) && self.engine.name != 'tessera')".into(),
+            message_expression: "'fp8: the tessera engine keeps its KV cache in the model dtype and has no FP8 KV cache yet; use kvCacheDtype: bf16, or engine.name vllm or sglang, which take --kv-cache-dtype'".into(),
+            message: "serving.kvCacheDtype fp8 needs the vllm or sglang engine".into(),
+            field_path: Some(".serving.kvCacheDtype"),
+            transition: false,
+        },
         CelRule {
             at: &["spec", "engine"],
             rule: "self.name != 'tessera' || !has(self.args) || size(self.args) == 0".into(),

@@ -101,10 +101,7 @@ pub fn nominal_links(
         gbps: stats.nvlink_gbps,
         latency_s: c.nvlink_latency_s,
     };
-    let pcie = Link {
-        gbps: model.pcie_gbps,
-        latency_s: c.pcie_latency_s,
-    };
+    let pcie = c.pcie_link(model);
     let fabric = Link {
         gbps: c.fabric_gbps,
         latency_s: c.fabric_latency_s,
@@ -134,6 +131,7 @@ pub fn workload(spec: &ModelDeploymentSpec) -> Workload {
                 .unwrap_or(spec.model.architecture.context_length)
                 .max(1),
         ),
+        kv_bytes: spec.serving.kv_cache_dtype.bytes(),
     }
 }
 
@@ -218,10 +216,11 @@ pub fn choose(
             ));
             continue;
         }
+        let scope = scope.resolve(ty.model.nvlink_bidirectional_gbps > 0.0);
         let max_tp = match scope {
             TensorParallelScope::NvLinkDomain => st.largest_domain,
             TensorParallelScope::Node => st.largest_node,
-            TensorParallelScope::Any => st.gpus,
+            TensorParallelScope::Any | TensorParallelScope::Auto => st.gpus,
         }
         .min(MAX_GPUS);
         let tps: Vec<u32> = match pinned_tp {
@@ -243,7 +242,7 @@ pub fn choose(
                         "{short}: tensor={tp} needs {tp} GPUs on one node of {short} but the largest has {}",
                         st.largest_node
                     ),
-                    TensorParallelScope::Any => format!(
+                    TensorParallelScope::Any | TensorParallelScope::Auto => format!(
                         "{short}: tensor={tp} needs {tp} GPUs of {short} but schedulable nodes have {}",
                         st.gpus.min(MAX_GPUS)
                     ),

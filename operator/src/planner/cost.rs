@@ -22,8 +22,6 @@ pub struct CostConstants {
     pub runtime_overhead_gib: f64,
     /// Tokens per prefill chunk; sizes the activation workspace.
     pub prefill_chunk_tokens: f64,
-    /// Bytes per KV-cache element (2: BF16 KV cache).
-    pub kv_bytes: f64,
     /// Bytes per activation element moved by all-reduces and pipeline sends (2: BF16).
     pub activation_bytes: f64,
     /// Inter-node fabric bandwidth per GPU per direction, GB/s (8 x 400 Gb/s per 8-GPU node).
@@ -32,6 +30,11 @@ pub struct CostConstants {
     pub nvlink_latency_s: f64,
     /// Per-hop latency of a PCIe ring step, seconds.
     pub pcie_latency_s: f64,
+    /// Fraction of a GPU's PCIe bandwidth a NCCL ring over PCIe achieves: without NVLink the
+    /// ring's peer-to-peer traffic goes through PCIe switches and the CPU root complexes (and
+    /// across the socket interconnect on 8-GPU nodes), which sustain well below x16 line rate.
+    #[serde(default = "default_pcie_allreduce_efficiency")]
+    pub pcie_allreduce_efficiency: f64,
     /// Per-hop latency of an inter-node ring step, seconds.
     pub fabric_latency_s: f64,
 }
@@ -44,12 +47,26 @@ impl Default for CostConstants {
             mfu: 0.5,
             runtime_overhead_gib: 1.5,
             prefill_chunk_tokens: 8192.0,
-            kv_bytes: 2.0,
             activation_bytes: 2.0,
             fabric_gbps: 50.0,
             nvlink_latency_s: 2e-6,
             pcie_latency_s: 5e-6,
             fabric_latency_s: 10e-6,
+            pcie_allreduce_efficiency: default_pcie_allreduce_efficiency(),
+        }
+    }
+}
+
+fn default_pcie_allreduce_efficiency() -> f64 {
+    0.5
+}
+
+impl CostConstants {
+    /// The PCIe link a collective gets on `gpu`.
+    pub fn pcie_link(&self, gpu: &GpuModel) -> Link {
+        Link {
+            gbps: gpu.pcie_gbps * self.pcie_allreduce_efficiency,
+            latency_s: self.pcie_latency_s,
         }
     }
 }
@@ -77,6 +94,8 @@ pub struct Workload {
     pub concurrency: f64,
     /// Tokens per sequence (`serving.contextLength`, default the model's).
     pub context: f64,
+    /// Bytes per KV-cache element (`serving.kvCacheDtype`: 2 for BF16, 1 for FP8).
+    pub kv_bytes: f64,
 }
 
 /// What the model predicts for one layout.
@@ -176,7 +195,7 @@ pub fn estimate(
 
     // Memory per GPU.
     let weights = params * arch.bytes_per_parameter / (tpf * ppf);
-    let kv_per_token = 2.0 * layers_per_stage * kv_per_rank * head_dim * c.kv_bytes;
+    let kv_per_token = 2.0 * layers_per_stage * kv_per_rank * head_dim * work.kv_bytes;
     let kv = work.concurrency * work.context * kv_per_token;
     let chunk = c.prefill_chunk_tokens.min(work.context).max(1.0);
     let activations = chunk * (4.0 * hidden + 2.0 * inter / tpf) * c.activation_bytes;
@@ -192,11 +211,13 @@ pub fn estimate(
     // (no micro-batching). Per stage: max(memory time, compute time) + 2 all-reduces per layer.
     let batch = work.concurrency.max(1.0);
     let kv_read = batch * (work.context / 2.0) * kv_per_token; // sequences half-way on average
-    let stage_mem = (weights + kv_read) / hbm;
-    let stage_compute = 2.0 * params / ppf * batch / (tpf * flops);
+    // Per layer the GEMMs (bound by reading the weights or by their FLOPs) and the attention
+    // kernel (bound by reading the KV cache) run one after the other, so their times add.
+    let stage_gemm = (weights / hbm).max(2.0 * params / ppf * batch / (tpf * flops));
+    let stage_attention = kv_read / hbm;
     let decode_ar = 2.0 * layers * ring_all_reduce_seconds(batch * hidden * act, tp, links.tp);
     let decode_pp = (ppf - 1.0) * send_seconds(batch * hidden * act, links.pp);
-    let step = ppf * stage_mem.max(stage_compute) + decode_ar + decode_pp;
+    let step = ppf * (stage_gemm + stage_attention) + decode_ar + decode_pp;
     let decode_tps = batch / step;
 
     // Prefill of one prompt of `context` tokens: 2 x params x tokens FLOPs plus causal attention
@@ -223,6 +244,150 @@ pub fn estimate(
         decode_all_reduce_seconds: decode_ar,
         prefill_all_reduce_seconds: prefill_ar,
         prefill_compute_seconds: prefill_compute,
+    }
+}
+
+/// Largest concurrency `predict` and the serving prediction consider (the CRD's bound on
+/// `serving.maxConcurrency`).
+pub const MAX_BATCH: u32 = 4096;
+
+/// A request shape: prompt and output tokens per request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RequestShape {
+    pub input_tokens: f64,
+    pub output_tokens: f64,
+}
+
+/// What one replica does for a stream of requests of one shape at a concurrency.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Serving {
+    /// The concurrency predicted for.
+    pub batch: u32,
+    /// The largest concurrency whose KV cache fits next to the weights (0: the weights alone
+    /// do not fit).
+    pub max_batch: u32,
+    /// Whether `batch` sequences of `input + output` tokens fit.
+    pub fits: bool,
+    /// Prefill of one prompt, unloaded, seconds.
+    pub time_to_first_token_seconds: f64,
+    /// One decode step at `batch`, the KV cache half-way through the outputs, seconds.
+    pub inter_token_latency_seconds: f64,
+    /// Output tokens/s of the replica in steady state: every request costs its prefill and
+    /// its share of the decode steps.
+    pub output_tokens_per_second: f64,
+    /// The same per GPU of the replica.
+    pub output_tokens_per_second_per_gpu: f64,
+    /// Memory per GPU at `batch`, GiB (weights, KV cache, overhead) and the budget.
+    pub memory_per_gpu_gib: f64,
+    pub memory_budget_gib: f64,
+}
+
+/// Predict a replica serving requests of `shape` at `batch` concurrent sequences, or at the
+/// largest concurrency that fits when `batch` is `None` (as offline throughput benchmarks run).
+///
+/// Memory fit counts `input + output` tokens per sequence. A decode step reads the KV cache of
+/// sequences half-way through their outputs (`input + output / 2` tokens: [`estimate`]'s
+/// context is twice that, since it averages over a whole context). Steady state: `batch`
+/// requests take `batch` prefills and `output` steps, so
+/// `tokens/s = batch x output / (batch x ttft + output x step)`.
+#[allow(clippy::too_many_arguments)]
+pub fn serve(
+    arch: &ModelArchitecture,
+    gpu: &GpuModel,
+    tp: u32,
+    pp: u32,
+    links: Links,
+    c: &CostConstants,
+    shape: RequestShape,
+    kv_bytes: f64,
+    batch: Option<u32>,
+) -> Serving {
+    let input = shape.input_tokens.max(1.0);
+    let output = shape.output_tokens.max(1.0);
+    let at = |b: u32, context: f64| {
+        estimate(
+            arch,
+            Workload {
+                concurrency: f64::from(b.max(1)),
+                context,
+                kv_bytes,
+            },
+            gpu,
+            tp,
+            pp,
+            links,
+            c,
+        )
+    };
+    let fits = |b: u32| at(b, input + output).fits;
+    // Memory grows with the batch: binary search the largest that fits.
+    let max_batch = if !fits(1) {
+        0
+    } else {
+        let (mut lo, mut hi) = (1u32, MAX_BATCH);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if fits(mid) { lo = mid } else { hi = mid - 1 }
+        }
+        lo
+    };
+    let batch = batch.unwrap_or(max_batch).max(1);
+    let memory = at(batch, input + output);
+    let decode = at(batch, 2.0 * input + output);
+    let step = f64::from(batch) / decode.decode_tokens_per_second.max(1e-12);
+    let ttft = at(1, input).time_to_first_token_seconds;
+    // In steady state prompts are prefilled together in chunks of `prefill_chunk_tokens`, so a
+    // collective's per-hop latency is paid once per chunk, not once per prompt.
+    let hops =
+        2.0 * f64::from(arch.layers.max(1)) * 2.0 * f64::from(tp.max(1) - 1) * links.tp.latency_s
+            + f64::from(pp.max(1) - 1) * links.pp.latency_s;
+    let prompts_per_chunk = (c.prefill_chunk_tokens / input).max(1.0);
+    let prefill_each = (ttft - hops + hops / prompts_per_chunk).max(0.0);
+    let b = f64::from(batch);
+    let tps = b * output / (b * prefill_each + output * step);
+    Serving {
+        batch,
+        max_batch,
+        fits: memory.fits,
+        time_to_first_token_seconds: ttft,
+        inter_token_latency_seconds: step,
+        output_tokens_per_second: tps,
+        output_tokens_per_second_per_gpu: tps / f64::from(tp.max(1) * pp.max(1)),
+        memory_per_gpu_gib: memory.memory_per_gpu_gib,
+        memory_budget_gib: memory.memory_budget_gib,
+    }
+}
+
+/// The links of a replica of `tp x pp` GPUs on nodes of `gpus_per_node` GPUs of `gpu`, packed:
+/// a TP group inside one node (NVLink where the type has it, else PCIe) when it fits there,
+/// stages on the same node while the replica fits in one, the fabric otherwise.
+pub fn packed_links(
+    gpu: &GpuModel,
+    tp: u32,
+    pp: u32,
+    gpus_per_node: u32,
+    c: &CostConstants,
+) -> Links {
+    let inside = if gpu.nvlink_bidirectional_gbps > 0.0 {
+        Link {
+            gbps: gpu.nvlink_per_direction_gbps(),
+            latency_s: c.nvlink_latency_s,
+        }
+    } else {
+        c.pcie_link(gpu)
+    };
+    let fabric = Link {
+        gbps: c.fabric_gbps,
+        latency_s: c.fabric_latency_s,
+    };
+    Links {
+        tp: if tp <= gpus_per_node { inside } else { fabric },
+        pp: if tp * pp <= gpus_per_node {
+            inside
+        } else {
+            fabric
+        },
     }
 }
 
@@ -261,6 +426,7 @@ mod tests {
         let work = Workload {
             concurrency: 1.0,
             context: 4096.0,
+            kv_bytes: 2.0,
         };
         let fabric = Link {
             gbps: 50.0,
@@ -335,6 +501,7 @@ mod tests {
         let work = Workload {
             concurrency: 32.0,
             context: 8192.0,
+            kv_bytes: 2.0,
         };
         let l = Links {
             tp: Link {
@@ -354,5 +521,35 @@ mod tests {
         // More pipeline stages never raise decode throughput per GPU.
         let e2 = estimate(&llama70b(), work, h100, 4, 2, l, &c);
         assert!(e2.per_gpu(8) < e.per_gpu(4));
+        // An FP8 KV cache halves the KV memory and the KV reads of a decode step.
+        let fp8 = Workload {
+            kv_bytes: 1.0,
+            ..work
+        };
+        let e8 = estimate(&llama70b(), fp8, h100, 4, 1, l, &c);
+        assert!(within(e8.kv_cache_gib, 10.0, 0.01), "{e8:?}");
+        assert!(e8.decode_tokens_per_second > e.decode_tokens_per_second * 1.05);
+        // 4 sequences at TP=2: 65 GiB of weights per GPU leave room for the FP8 KV cache
+        // (2.5 GiB) but not for the BF16 one (5 GiB) under the 72 GiB budget.
+        let small = Workload {
+            concurrency: 4.0,
+            ..fp8
+        };
+        assert!(
+            !estimate(
+                &llama70b(),
+                Workload {
+                    kv_bytes: 2.0,
+                    ..small
+                },
+                h100,
+                2,
+                1,
+                l,
+                &c
+            )
+            .fits
+        );
+        assert!(estimate(&llama70b(), small, h100, 2, 1, l, &c).fits);
     }
 }

@@ -183,11 +183,22 @@ struct Dep<'a> {
     unplaced: Vec<UnplacedReplica>,
 }
 
+/// The scope a deployment's TP groups have on GPU type `t` (`Auto` resolved by NVLink).
+fn scope_on(scope: TensorParallelScope, inv: &Inventory, t: usize) -> TensorParallelScope {
+    scope.resolve(
+        inv.types
+            .get(t)
+            .is_some_and(|ty| ty.model.nvlink_bidirectional_gbps > 0.0),
+    )
+}
+
 fn modes(scope: TensorParallelScope) -> &'static [Mode] {
     match scope {
         TensorParallelScope::NvLinkDomain => &[Mode::Domain],
         TensorParallelScope::Node => &[Mode::Domain, Mode::Node],
         TensorParallelScope::Any => &[Mode::Domain, Mode::Node, Mode::Spread],
+        // Resolved per GPU type before placement (`scope_on`); NVLink-or-node at worst.
+        TensorParallelScope::Auto => &[Mode::Domain, Mode::Node],
     }
 }
 
@@ -301,8 +312,13 @@ pub fn plan(
         }
     }
     order.sort_by_key(|&(i, e)| {
-        let spans =
-            deps[i].md.spec.placement.tensor_parallel_scope != TensorParallelScope::NvLinkDomain;
+        let t = inv
+            .types
+            .iter()
+            .position(|t| t.product == e.gpu_type)
+            .unwrap_or(usize::MAX);
+        let spans = scope_on(deps[i].md.spec.placement.tensor_parallel_scope, inv, t)
+            != TensorParallelScope::NvLinkDomain;
         (spans, std::cmp::Reverse(e.tensor_parallel))
     });
     for (i, e) in order {
@@ -500,7 +516,7 @@ fn try_place(
 ) -> Result<Vec<Alloc>, String> {
     let short = inv.types[cand.gpu_type].short();
     let mut last = String::new();
-    for &mode in modes(scope) {
+    for &mode in modes(scope_on(scope, inv, cand.gpu_type)) {
         match cap.find(cand.gpu_type, cand.tp, cand.pp, mode, ok, g, short, inv) {
             Ok(a) => return Ok(a),
             Err(e) => last = e.0,
@@ -551,7 +567,7 @@ fn keep(
     if per_stage.iter().any(|&g| g != tp) {
         return Err(format!("stages do not hold TP={tp} GPUs each"));
     }
-    let scope = dep.md.spec.placement.tensor_parallel_scope;
+    let scope = scope_on(dep.md.spec.placement.tensor_parallel_scope, inv, t);
     let mut taken: Vec<Alloc> = Vec::new();
     let undo = |cap: &mut Capacity, taken: &[Alloc]| {
         for a in taken {
@@ -656,10 +672,7 @@ fn slower(a: Link, b: Link) -> Link {
 /// node, the fabric across nodes; the slowest over stages and stage boundaries.
 pub fn actual_links(inv: &Inventory, t: usize, allocs: &[Alloc], c: &CostConstants) -> Links {
     let model = &inv.types[t].model;
-    let pcie = Link {
-        gbps: model.pcie_gbps,
-        latency_s: c.pcie_latency_s,
-    };
+    let pcie = c.pcie_link(model);
     let fabric = Link {
         gbps: c.fabric_gbps,
         latency_s: c.fabric_latency_s,
