@@ -354,3 +354,40 @@ fn plan_yaml(args: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// What a live API server would refuse, `plan` refuses first, naming the field, the value, the
+/// rule and a fix.
+#[test]
+fn colliding_volumes_and_bad_labels_are_refused_before_any_object_is_printed() {
+    let base = std::fs::read_to_string(root().join("examples/deployments/llama-70b.yaml")).unwrap();
+    let bad = base.replace(
+        "  serving:\n",
+        "  worker:\n    labels:\n      \"Team Name\": search\n      app.kubernetes.io/name: mine\n    volumes:\n      - name: dshm\n        emptyDir: {}\n    volumeMounts:\n      - name: dshm\n        mountPath: /models/extra\n  serving:\n",
+    );
+    assert_ne!(bad, base, "the example has a serving section");
+    let f = tmp("bad.yaml", &bad);
+    let out = plan(&[
+        "--nodes",
+        "examples/cluster.yaml",
+        "-f",
+        f.to_str().unwrap(),
+        "-o",
+        "yaml",
+    ]);
+    fails_with(
+        &out,
+        &[
+            "spec.worker.labels",
+            "\"Team Name\": not a valid label key",
+            "app.kubernetes.io/name: label keys under app.kubernetes.io/ are reserved",
+            "spec.worker.volumes",
+            "dshm",
+            "rename the volume",
+            "/models/extra",
+        ],
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "nothing printed for an invalid deployment"
+    );
+}

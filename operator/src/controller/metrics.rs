@@ -220,3 +220,32 @@ impl AutoscalerMetrics {
         m
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry).expect("encode");
+        out
+    }
+
+    #[test]
+    fn a_deleted_deployments_series_go_with_it() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        m.replica_gauge("inference", "a", "ready").set(2);
+        m.replica_gauge("inference", "b", "ready").set(1);
+        m.replica_gauge("inference", "b", "backoff").set(1);
+        assert!(text(&registry).contains("deployment=\"b\""));
+        // "b" is no longer in the store: its series are removed, "a"'s stay.
+        m.forget_deployments_except(["inference/a".to_owned()].into());
+        let out = text(&registry);
+        assert!(!out.contains("deployment=\"b\""), "{out}");
+        assert!(out.contains("deployment=\"a\""), "{out}");
+        // A deployment being deleted (foreground deletion) goes at once.
+        m.forget_deployment("inference", "a");
+        assert!(!text(&registry).contains("deployment=\"a\""));
+    }
+}
