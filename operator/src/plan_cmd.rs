@@ -55,6 +55,11 @@ pub struct PlanArgs {
     /// GPU catalog overrides (YAML or JSON), merged over the built-in catalog.
     #[arg(long, value_name = "FILE")]
     pub catalog: Option<PathBuf>,
+    /// Corrections measured on a fleet (YAML or JSON: `layouts` of GPU type, TP, PP, engine with
+    /// measured/predicted ratios), applied to the predictions layouts are ranked by
+    /// (docs/cost-model.md, "Calibration").
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
     /// Inter-node fabric bandwidth per GPU per direction, GB/s.
     #[arg(long, default_value_t = 50.0)]
     pub fabric_gbps: f64,
@@ -118,9 +123,19 @@ pub fn run(args: &PlanArgs) -> Result<String, String> {
         .map(|k| k.trim().to_owned())
         .filter(|k| !k.is_empty())
         .collect();
+    let calibration = match &args.calibration {
+        Some(path) => serde_yaml_ng::from_str(&read(path)?).map_err(|e| {
+            format!(
+                "{}: not a calibration file ({e}); expected `layouts:` entries with gpuType, tensorParallel, pipelineParallel, engine, decodeRatios and prefillRatios",
+                path.display()
+            )
+        })?,
+        None => Default::default(),
+    };
     let opts = PlanOptions {
         constants: CostConstants {
             fabric_gbps: args.fabric_gbps,
+            calibration,
             ..CostConstants::default()
         },
         ..PlanOptions::default()

@@ -661,7 +661,7 @@ async fn a_server_error_on_scale_is_retried_next_pass_before_the_condition() {
 }
 
 #[tokio::test]
-async fn a_deployment_without_autoscaling_gets_no_request_and_no_scrape() {
+async fn a_deployment_without_autoscaling_gets_no_request_and_no_decision() {
     let mut h = harness(always_ok(), Duration::from_secs(3));
     let (md, pods) = converged(1, true);
     h.scraper.set("10.0.0.1", load(10, 0));
@@ -688,8 +688,91 @@ async fn a_deployment_without_autoscaling_gets_no_request_and_no_scrape() {
     let m = h.metrics();
     assert_eq!(value(&m, "tessera_autoscaler_passes_total"), Some(3.0));
     assert_eq!(desired(&m), None, "{m}");
-    assert_eq!(h.scraper.scraped().len(), 1, "only the first pass scraped");
+    // Its leader is still scraped, for the cost model's calibration, but never decided for.
+    assert_eq!(h.scraper.scraped().len(), 3);
     assert!(h.requests().await.is_empty());
+}
+
+/// A leader's `/metrics` with histogram totals: `tokens` tokens at `itl` seconds each, and
+/// `requests` requests of `prompt` tokens each at `ttft` seconds.
+fn timed(running: u32, tokens: f64, itl: f64, requests: f64, prompt: f64, ttft: f64) -> Answer {
+    Answer::Metrics(format!(
+        "# TYPE tessera_requests_waiting gauge\ntessera_requests_waiting 0\n\
+         # TYPE tessera_requests_running gauge\ntessera_requests_running {running}\n\
+         # TYPE tessera_inter_token_latency_seconds histogram\n\
+         tessera_inter_token_latency_seconds_sum {}\ntessera_inter_token_latency_seconds_count {tokens}\n\
+         # TYPE tessera_time_to_first_token_seconds histogram\n\
+         tessera_time_to_first_token_seconds_sum {}\ntessera_time_to_first_token_seconds_count {requests}\n\
+         # TYPE tessera_prompt_tokens counter\ntessera_prompt_tokens_total {}\n",
+        tokens * itl,
+        requests * ttft,
+        requests * prompt
+    ))
+}
+
+#[tokio::test]
+async fn a_fleet_slower_than_predicted_calibrates_the_model_and_noise_does_not() {
+    use tessera_operator::planner::calibration::LayoutKey;
+    use tessera_operator::planner::cost::{CostConstants, Workload, estimate, packed_links};
+    let mut h = harness(always_ok(), Duration::from_secs(3));
+    // Not autoscaled: calibration does not need the autoscaler to act.
+    let (md, pods) = converged(1, false);
+    let p = &md.status.as_ref().expect("status").placements[0];
+    let catalog = tessera_operator::planner::catalog::Catalog::builtin();
+    let gpu = catalog.lookup(&p.gpu_type).expect("H100");
+    let c = CostConstants::default();
+    let (tp, pp) = (p.tensor_parallel as u32, p.pipeline_parallel as u32);
+    let key = LayoutKey {
+        gpu_type: gpu.name.clone(),
+        tensor_parallel: tp,
+        pipeline_parallel: pp,
+        engine: "tessera".into(),
+    };
+    // What the model predicts at 8 running sequences: 8 / decode = one step.
+    let mut work = tessera_operator::planner::choose::workload(&md.spec);
+    work = Workload {
+        concurrency: 8.0,
+        ..work
+    };
+    let links = packed_links(gpu, tp, pp, 8, &c);
+    let step = 8.0
+        / estimate(&md.spec.model.architecture, work, gpu, tp, pp, links, &c)
+            .decode_tokens_per_second;
+    // The fleet's steps take 1/0.7 of that (30% slower decode), TTFT as predicted.
+    let snap = snapshot(&md, &pods);
+    let (mut tokens, mut requests) = (0.0, 0.0);
+    for pass in 0..5 {
+        tokens += 400.0;
+        requests += 4.0;
+        h.scraper.set(
+            "10.0.0.1",
+            timed(8, tokens, step / 0.7, requests, 1000.0, 0.2),
+        );
+        h.runner.pass(&snap).await;
+        h.clock.advance(PASS);
+        let (decode, _) = h.runner.calibration().correction(&key);
+        if pass < 3 {
+            assert_eq!(decode, 1.0, "pass {pass}: fewer than 3 intervals");
+        } else {
+            assert!((decode - 0.7).abs() < 0.01, "pass {pass}: {decode}");
+        }
+    }
+    // One wild interval (a stall) does not move it; a restart (counters back to 0) is no sample.
+    tokens += 400.0;
+    h.scraper.set(
+        "10.0.0.1",
+        timed(8, tokens, step * 20.0, requests, 1000.0, 0.2),
+    );
+    h.runner.pass(&snap).await;
+    h.scraper
+        .set("10.0.0.1", timed(8, 10.0, step, 1.0, 1000.0, 0.2));
+    h.runner.pass(&snap).await;
+    let (decode, _) = h.runner.calibration().correction(&key);
+    assert!((decode - 0.7).abs() < 0.01, "{decode}");
+    assert!(
+        h.requests().await.is_empty(),
+        "calibration writes nothing to the API"
+    );
 }
 
 #[tokio::test]

@@ -391,3 +391,35 @@ fn colliding_volumes_and_bad_labels_are_refused_before_any_object_is_printed() {
         "nothing printed for an invalid deployment"
     );
 }
+
+#[test]
+fn a_saved_calibration_changes_the_plan_offline() {
+    let args = [
+        "--nodes",
+        "examples/cluster.yaml",
+        "-f",
+        "examples/deployments/llama-70b.yaml",
+    ];
+    let before = plan(&args);
+    assert!(before.status.success());
+    let before = String::from_utf8_lossy(&before.stdout).to_string();
+    assert!(before.contains("choice: H100 TP=4 PP=1"), "{before}");
+    let cal = tmp(
+        "calibration.yaml",
+        "layouts:\n- gpuType: H100\n  tensorParallel: 4\n  pipelineParallel: 1\n  engine: tessera\n  decodeRatios: [0.7, 0.7, 0.7]\n",
+    );
+    let after = plan(&[&args[..], &["--calibration", cal.to_str().unwrap()]].concat());
+    let out = String::from_utf8_lossy(&after.stdout);
+    assert!(
+        after.status.success(),
+        "{}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+    assert!(!out.contains("choice: H100 TP=4 PP=1"), "{out}");
+    // A file that is not a calibration is named with the expected shape.
+    let bad = tmp("bad.yaml", "layouts: 3\n");
+    fails_with(
+        &plan(&[&args[..], &["--calibration", bad.to_str().unwrap()]].concat()),
+        &["bad.yaml: not a calibration file", "decodeRatios"],
+    );
+}

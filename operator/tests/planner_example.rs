@@ -377,3 +377,54 @@ fn tensor_parallel_on_pcie_gpus_is_placed_by_default_and_refused_for_nvlink_doma
         d.choice.reason
     );
 }
+
+/// A plan of the llama-70b example with these measured decode ratios (measured / predicted)
+/// for H100 at TP=4: the chosen layout.
+fn chosen_with(decode_ratios: &[f64]) -> (String, u32, u32) {
+    use tessera_operator::planner::calibration::{Calibration, LayoutKey, Measurement};
+    let mut calibration = Calibration::default();
+    let key = LayoutKey {
+        gpu_type: "H100".into(),
+        tensor_parallel: 4,
+        pipeline_parallel: 1,
+        engine: "tessera".into(),
+    };
+    for r in decode_ratios {
+        calibration.observe(
+            &key,
+            Measurement {
+                predicted_decode_tokens_per_second: 1000.0,
+                measured_decode_tokens_per_second: Some(1000.0 * r),
+                predicted_time_to_first_token_seconds: 0.5,
+                measured_time_to_first_token_seconds: None,
+            },
+        );
+    }
+    let mut opts = PlanOptions::default();
+    opts.constants.calibration = calibration;
+    let nodes = nodes();
+    let p = plan(&inventory(&nodes), &[md(&example("llama-70b"))], &[], &opts);
+    let c = p.deployments[0].choice.chosen.as_ref().expect("a layout");
+    (
+        c.gpu_type.clone(),
+        c.tensor_parallel as u32,
+        c.pipeline_parallel as u32,
+    )
+}
+
+#[test]
+fn a_layout_measured_slower_than_predicted_loses_its_place_but_noise_does_not_move_it() {
+    // Uncalibrated: H100 TP=4 (TP=8 is 28% behind per GPU).
+    let (gpu, tp, _) = chosen_with(&[]);
+    assert!(gpu.contains("H100") && tp == 4, "{gpu} TP={tp}");
+    // The fleet measures H100 TP=4 30% below the prediction: TP=8 now serves more per GPU.
+    let (gpu, tp, pp) = chosen_with(&[0.7, 0.71, 0.69, 0.7]);
+    assert!(
+        gpu.contains("H100") && (tp, pp) != (4, 1),
+        "{gpu} TP={tp} PP={pp}"
+    );
+    // Noise and one outlier (a scrape during a restart) leave the choice alone...
+    assert_eq!(chosen_with(&[1.02, 0.97, 0.3, 1.0, 0.99]).1, 4);
+    // ...and so does a single sample.
+    assert_eq!(chosen_with(&[0.5]).1, 4);
+}

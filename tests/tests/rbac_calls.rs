@@ -40,7 +40,7 @@ const RELEASE: &str = "tessera-system";
 const LEASE: &str = "tessera-operator";
 /// Resources whose objects the operator names itself: grants on them are limited to the names
 /// recorded (create cannot be; the object does not exist yet).
-const NAMED: &[&str] = &["serviceaccounts", "leases"];
+const NAMED: &[&str] = &["serviceaccounts", "leases", "configmaps"];
 
 /// One permission: API group, resource (with subresource), verb, where, and the object names
 /// when they are fixed.
@@ -87,15 +87,22 @@ fn node() -> Value {
 }
 
 /// Every leader answers with a long queue: the autoscaler wants more replicas than fit.
-struct Busy;
+/// Every leader answers with a long queue (the autoscaler wants more replicas than fit) and
+/// latency histograms that move on every scrape (the calibration learns and is saved).
+#[derive(Default)]
+struct Busy(std::sync::atomic::AtomicU64);
 impl Scraper for Busy {
     fn scrape(&self, _addr: SocketAddr) -> BoxFuture<'static, Result<String, ScrapeError>> {
-        Box::pin(async {
-            Ok(
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as f64 + 1.0;
+        Box::pin(async move {
+            Ok(format!(
                 "# TYPE tessera_requests_waiting gauge\ntessera_requests_waiting 500\n\
-                # TYPE tessera_requests_running gauge\ntessera_requests_running 16\n"
-                    .to_owned(),
-            )
+                # TYPE tessera_requests_running gauge\ntessera_requests_running 16\n\
+                # TYPE tessera_inter_token_latency_seconds histogram\n\
+                tessera_inter_token_latency_seconds_sum {}\ntessera_inter_token_latency_seconds_count {}\n",
+                n * 10.0,
+                n * 100.0
+            ))
         })
     }
 }
@@ -245,18 +252,28 @@ async fn calls(watch_namespace: Option<&str>) -> BTreeSet<Call> {
     let mut registry = Registry::default();
     let mut runner = Runner::new(
         client(api.clone()),
-        RunnerConfig::default(),
+        RunnerConfig {
+            calibration_namespace: Some(RELEASE.into()),
+            ..RunnerConfig::default()
+        },
         Config::default(),
         AutoscalerMetrics::new(&mut registry),
     )
-    .with_scraper(Arc::new(Busy));
-    runner
-        .pass(&Snapshot {
-            nodes,
-            pods,
-            deployments: vec![md],
-        })
-        .await;
+    .with_scraper(Arc::new(Busy::default()));
+    runner.load_calibration().await;
+    let snap = Snapshot {
+        nodes,
+        pods,
+        deployments: vec![md],
+    };
+    // Enough passes for the calibration to have its samples, and so to be saved.
+    for _ in 0..5 {
+        runner.pass(&snap).await;
+    }
+    assert!(
+        !runner.calibration().is_empty(),
+        "the passes calibrated the model"
+    );
     api.lock().expect("lock").calls.clone()
 }
 

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::Store;
@@ -34,7 +34,7 @@ use kube::{Client, ResourceExt};
 
 use super::decide::{Decision, History, Params, ReplicaSample};
 use super::pass::{self, Target, decide_pass, scaling_condition};
-use super::scrape::{self, LeaderMetrics, ScrapeError};
+use super::scrape::{self, LeaderMetrics, ScrapeError, interval_means};
 use crate::api::ModelDeployment;
 use crate::build::labels;
 use crate::controller::cache::gpus_in_use;
@@ -42,7 +42,9 @@ use crate::controller::metrics::{
     AutoscalerMetrics, DeploymentLabels, DirectionLabel, ResultLabel,
 };
 use crate::controller::reconcile::{Config, reserved_by_others};
+use crate::planner::calibration::{Calibration, LayoutKey, Measurement};
 use crate::planner::inventory::{Inventory, labels_read};
+use crate::planner::{choose, cost};
 
 /// Field manager of the autoscaler's writes.
 pub const FIELD_MANAGER: &str = "tessera-autoscaler";
@@ -57,7 +59,15 @@ pub struct RunnerConfig {
     /// Scrapes in flight at once.
     pub concurrency: usize,
     pub params: Params,
+    /// Namespace of the ConfigMap [`CALIBRATION_CONFIGMAP`] that keeps the cost model's
+    /// calibration across restarts (the operator's own); `None` keeps it in memory only.
+    pub calibration_namespace: Option<String>,
 }
+
+/// The ConfigMap that keeps the calibration (key [`CALIBRATION_KEY`], YAML).
+pub const CALIBRATION_CONFIGMAP: &str = "tessera-calibration";
+/// Its data key.
+pub const CALIBRATION_KEY: &str = "calibration.yaml";
 
 impl Default for RunnerConfig {
     fn default() -> Self {
@@ -66,6 +76,7 @@ impl Default for RunnerConfig {
             scrape_timeout: Duration::from_secs(3),
             concurrency: 32,
             params: Params::default(),
+            calibration_namespace: None,
         }
     }
 }
@@ -164,6 +175,8 @@ struct LastScrape {
     at: Instant,
     sample: ReplicaSample,
     tokens_total: Option<f64>,
+    /// The whole scrape, for the calibration's interval means.
+    metrics: LeaderMetrics,
 }
 
 /// The autoscaler task.
@@ -179,6 +192,8 @@ pub struct Runner {
     /// Deployments with a `desired_replicas` series, to remove it when they go.
     gauges: HashSet<DeploymentLabels>,
     epoch: Instant,
+    /// Measured / predicted speed per layout, shared with the controller's planning.
+    calibration: Arc<std::sync::Mutex<Calibration>>,
 }
 
 /// A replica leader to scrape.
@@ -191,6 +206,8 @@ pub struct LeaderTarget {
     /// Pod uid (or name), the key of its last sample.
     pub pod: String,
     pub addr: SocketAddr,
+    /// The replica the leader belongs to (its placement in status says on what it runs).
+    pub replica: i32,
 }
 
 fn pod_ready(p: &Pod) -> bool {
@@ -225,9 +242,98 @@ pub fn leaders<P: Borrow<Pod>>(md: &ModelDeployment, pods: &[P]) -> Vec<LeaderTa
                 engine: md.spec.engine.name,
                 pod: p.metadata.uid.clone().unwrap_or_else(|| p.name_any()),
                 addr: SocketAddr::new(ip, port),
+                // -1 (no placement, so no calibration sample) without a replica label.
+                replica: p
+                    .labels()
+                    .get(labels::REPLICA)
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(-1),
             })
         })
         .collect()
+}
+
+/// A calibration measurement of replica `replica` of `md` from one scrape interval: the decode
+/// rate at the batch it ran (`running` sequences, one token each per inter-token latency)
+/// against the cost model's at that batch, and the time to first token of the interval's mean
+/// prompt against the model's, counted only when nothing waited (a queue adds to the measured
+/// TTFT what the model does not predict). The layout is the replica's placement in status; the
+/// links are a packed placement's (NVLink or PCIe inside a node).
+pub fn calibration_sample(
+    md: &ModelDeployment,
+    replica: i32,
+    means: &crate::autoscale::scrape::IntervalMeans,
+    now: &LeaderMetrics,
+    cfg: &Config,
+) -> Option<(LayoutKey, Measurement)> {
+    let p = md
+        .status
+        .as_ref()?
+        .placements
+        .iter()
+        .find(|p| p.replica == replica)?;
+    let gpu = cfg.catalog.lookup(&p.gpu_type)?;
+    let (tp, pp) = (
+        u32::try_from(p.tensor_parallel).ok()?.max(1),
+        u32::try_from(p.pipeline_parallel).ok()?.max(1),
+    );
+    let c = &cfg.plan.constants;
+    let links = cost::packed_links(gpu, tp, pp, 8, c);
+    let work = choose::workload(&md.spec);
+    let arch = &md.spec.model.architecture;
+    let batch = now.running.unwrap_or(1.0).round().max(1.0);
+    let predicted_decode = cost::estimate(
+        arch,
+        cost::Workload {
+            concurrency: batch,
+            ..work
+        },
+        gpu,
+        tp,
+        pp,
+        links,
+        c,
+    )
+    .decode_tokens_per_second;
+    let measured_decode = means.inter_token_latency_s.map(|itl| batch / itl);
+    let unqueued = now.waiting.unwrap_or(0.0) < 0.5;
+    let (predicted_ttft, measured_ttft) = match (means.prompt_tokens, means.time_to_first_token_s) {
+        (Some(prompt), Some(ttft)) if unqueued => (
+            cost::estimate(
+                arch,
+                cost::Workload {
+                    concurrency: 1.0,
+                    context: prompt.max(1.0),
+                    ..work
+                },
+                gpu,
+                tp,
+                pp,
+                links,
+                c,
+            )
+            .time_to_first_token_seconds,
+            Some(ttft),
+        ),
+        _ => (0.0, None),
+    };
+    if measured_decode.is_none() && measured_ttft.is_none() {
+        return None;
+    }
+    Some((
+        LayoutKey {
+            gpu_type: gpu.name.clone(),
+            tensor_parallel: tp,
+            pipeline_parallel: pp,
+            engine: md.spec.engine.name.as_str().to_owned(),
+        },
+        Measurement {
+            predicted_decode_tokens_per_second: predicted_decode,
+            measured_decode_tokens_per_second: measured_decode,
+            predicted_time_to_first_token_seconds: predicted_ttft,
+            measured_time_to_first_token_seconds: measured_ttft,
+        },
+    ))
 }
 
 fn direction(d: &Decision) -> &'static str {
@@ -273,7 +379,20 @@ impl Runner {
             last: HashMap::new(),
             gauges: HashSet::new(),
             epoch: Instant::now(),
+            calibration: Arc::default(),
         }
+    }
+
+    /// Share the calibration with the controller (which plans with it).
+    #[must_use]
+    pub fn with_calibration(mut self, calibration: Arc<std::sync::Mutex<Calibration>>) -> Self {
+        self.calibration = calibration;
+        self
+    }
+
+    /// The calibration learned so far.
+    pub fn calibration(&self) -> Calibration {
+        self.calibration.lock().expect("lock").clone()
     }
 
     /// Scrape through `scraper` instead of HTTP.
@@ -293,6 +412,7 @@ impl Runner {
 
     /// Run passes over the stores until the process ends.
     pub async fn run(mut self, stores: Stores) {
+        self.load_calibration().await;
         let mut tick = tokio::time::interval(self.cfg.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         tracing::info!(
@@ -313,6 +433,73 @@ impl Runner {
         }
     }
 
+    /// Read the calibration a previous operator saved (a missing or unreadable ConfigMap starts
+    /// empty, with a warning for the unreadable one).
+    pub async fn load_calibration(&mut self) {
+        let Some(ns) = self.cfg.calibration_namespace.clone() else {
+            return;
+        };
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
+        match api.get_opt(CALIBRATION_CONFIGMAP).await {
+            Ok(Some(cm)) => {
+                let text = cm
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(CALIBRATION_KEY))
+                    .cloned()
+                    .unwrap_or_default();
+                match serde_yaml_ng::from_str::<Calibration>(&text) {
+                    Ok(c) => {
+                        tracing::info!(
+                            layouts = c.layouts.len(),
+                            "loaded the cost model's calibration"
+                        );
+                        *self.calibration.lock().expect("lock") = c;
+                    }
+                    Err(e) => {
+                        tracing::warn!(configmap = CALIBRATION_CONFIGMAP, error = %e, "ignoring an unreadable calibration")
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(configmap = CALIBRATION_CONFIGMAP, error = %e, "reading the calibration failed; starting without")
+            }
+        }
+    }
+
+    /// Keep the calibration in its ConfigMap (server-side apply; best effort, the next change
+    /// writes it again).
+    async fn save_calibration(&self, c: &Calibration) {
+        let Some(ns) = &self.cfg.calibration_namespace else {
+            return;
+        };
+        let cm = ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some(CALIBRATION_CONFIGMAP.into()),
+                namespace: Some(ns.clone()),
+                labels: Some([(labels::MANAGED_BY.to_owned(), labels::MANAGER.to_owned())].into()),
+                ..Default::default()
+            },
+            data: Some(
+                [(
+                    CALIBRATION_KEY.to_owned(),
+                    serde_yaml_ng::to_string(c).unwrap_or_default(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        if let Err(e) = api
+            .patch(CALIBRATION_CONFIGMAP, &params, &Patch::Apply(&cm))
+            .await
+        {
+            tracing::warn!(configmap = CALIBRATION_CONFIGMAP, error = %e, "saving the calibration failed; retrying with the next change");
+        }
+    }
+
     /// One pass: scrape the ready leaders of every autoscaled deployment in `snap`, decide,
     /// and write what changed. Errors are logged and retried by the next pass.
     pub async fn pass<N, P, D>(&mut self, snap: &Snapshot<N, P, D>) -> Vec<Outcome>
@@ -322,7 +509,12 @@ impl Runner {
         D: Borrow<ModelDeployment> + Sync,
     {
         let started = self.clock.now();
+        let before = self.calibration();
         let out = self.pass_inner(snap).await;
+        let after = self.calibration();
+        if after != before {
+            self.save_calibration(&after).await;
+        }
         self.metrics.passes.inc();
         self.metrics.pass_duration.observe(
             self.clock
@@ -339,11 +531,15 @@ impl Runner {
         P: Borrow<Pod> + Sync,
         D: Borrow<ModelDeployment> + Sync,
     {
-        let deployments: Vec<&ModelDeployment> = snap
+        let live: Vec<&ModelDeployment> = snap
             .deployments
             .iter()
             .map(Borrow::borrow)
             .filter(|d| d.metadata.deletion_timestamp.is_none())
+            .collect();
+        let deployments: Vec<&ModelDeployment> = live
+            .iter()
+            .copied()
             .filter(|d| d.spec.autoscaling.as_ref().is_some_and(|a| a.enabled))
             .collect();
         let known: HashSet<String> = deployments.iter().map(|d| pass::key(d)).collect();
@@ -360,14 +556,16 @@ impl Runner {
             self.metrics.capacity_limited.remove(gone);
         }
         self.gauges = gauges;
-        if deployments.is_empty() {
+        if live.is_empty() {
             self.last.clear();
             return Vec::new();
         }
-        let targets: Vec<LeaderTarget> = deployments
-            .iter()
-            .flat_map(|md| leaders(md, &snap.pods))
-            .collect();
+        // Every deployment's leaders: the autoscaled ones for their decisions, all of them for
+        // the calibration of the cost model.
+        let targets: Vec<LeaderTarget> =
+            live.iter().flat_map(|md| leaders(md, &snap.pods)).collect();
+        let by_key: HashMap<String, &ModelDeployment> =
+            live.iter().map(|d| (pass::key(d), *d)).collect();
         let timeout = self.cfg.scrape_timeout;
         let scraper = self.scraper.clone();
         let results: Vec<(LeaderTarget, Result<String, ScrapeError>)> =
@@ -403,12 +601,26 @@ impl Runner {
                             .map(|v| (v, now.saturating_duration_since(l.at).as_secs_f64()))
                     });
                     let s = m.sample(prev);
+                    if let (Some(last), Some(md)) =
+                        (self.last.get(&t.pod), by_key.get(&t.deployment))
+                    {
+                        let means = interval_means(&last.metrics, &m);
+                        if let Some((key, measurement)) =
+                            calibration_sample(md, t.replica, &means, &m, &self.plan_cfg)
+                        {
+                            self.calibration
+                                .lock()
+                                .expect("lock")
+                                .observe(&key, measurement);
+                        }
+                    }
                     self.last.insert(
                         t.pod.clone(),
                         LastScrape {
                             at: now,
                             sample: s.clone(),
                             tokens_total: m.generated_tokens_total,
+                            metrics: m,
                         },
                     );
                     Some(s)
@@ -422,7 +634,11 @@ impl Runner {
                     })
                 }
             };
-            if let Some(s) = sample {
+            if let Some(s) = sample
+                && by_key
+                    .get(&t.deployment)
+                    .is_some_and(|d| d.spec.autoscaling.as_ref().is_some_and(|a| a.enabled))
+            {
                 samples.entry(t.deployment).or_default().push(s);
             }
         }

@@ -139,6 +139,59 @@ pub struct LeaderMetrics {
     pub generated_tokens_total: Option<f64>,
     /// Mean GPU utilisation as a fraction 0..1.
     pub gpu_utilization: Option<f64>,
+    /// Time-to-first-token histogram: sum of seconds and count of requests.
+    pub ttft_sum: Option<f64>,
+    pub ttft_count: Option<f64>,
+    /// Inter-token-latency histogram: sum of seconds and count of tokens.
+    pub itl_sum: Option<f64>,
+    pub itl_count: Option<f64>,
+    /// Prompt tokens processed.
+    pub prompt_tokens_total: Option<f64>,
+}
+
+/// Means over the interval between two scrapes of one leader, for calibrating the cost model
+/// (`planner::calibration`): each is present only when its counters moved forward enough to
+/// mean something (a counter that went down is a restart: no interval).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct IntervalMeans {
+    /// Mean inter-token latency, seconds (at least 16 tokens in the interval).
+    pub inter_token_latency_s: Option<f64>,
+    /// Mean time to first token, seconds, and the mean prompt of those requests, tokens.
+    pub time_to_first_token_s: Option<f64>,
+    pub prompt_tokens: Option<f64>,
+}
+
+fn delta(now: Option<f64>, before: Option<f64>) -> Option<f64> {
+    let d = now? - before?;
+    (d.is_finite() && d >= 0.0).then_some(d)
+}
+
+/// What happened between `before` and `now` (two scrapes of the same leader).
+pub fn interval_means(before: &LeaderMetrics, now: &LeaderMetrics) -> IntervalMeans {
+    let itl = match (
+        delta(now.itl_sum, before.itl_sum),
+        delta(now.itl_count, before.itl_count),
+    ) {
+        (Some(s), Some(n)) if n >= 16.0 && s > 0.0 => Some(s / n),
+        _ => None,
+    };
+    let requests = delta(now.ttft_count, before.ttft_count).filter(|n| *n >= 1.0);
+    let ttft = match (delta(now.ttft_sum, before.ttft_sum), requests) {
+        (Some(s), Some(n)) if s > 0.0 => Some(s / n),
+        _ => None,
+    };
+    let prompt = match (
+        delta(now.prompt_tokens_total, before.prompt_tokens_total),
+        requests,
+    ) {
+        (Some(t), Some(n)) if t > 0.0 => Some(t / n),
+        _ => None,
+    };
+    IntervalMeans {
+        inter_token_latency_s: itl,
+        time_to_first_token_s: ttft.filter(|_| prompt.is_some()),
+        prompt_tokens: prompt.filter(|_| ttft.is_some()),
+    }
 }
 
 fn sum_of(series: &[Series], name: &str) -> Option<f64> {
@@ -165,6 +218,10 @@ struct EngineSeries {
     running: &'static [&'static str],
     kv_cache: &'static [&'static str],
     generated_tokens: &'static [&'static str],
+    /// Histogram base names (`_sum` and `_count` are appended).
+    ttft: &'static [&'static str],
+    itl: &'static [&'static str],
+    prompt_tokens: &'static [&'static str],
 }
 
 fn engine_series(engine: EngineName) -> EngineSeries {
@@ -177,20 +234,42 @@ fn engine_series(engine: EngineName) -> EngineSeries {
                 "tessera_kv_cache_utilization",
             ],
             generated_tokens: &["tessera_generated_tokens_total"],
+            ttft: &["tessera_time_to_first_token_seconds"],
+            itl: &["tessera_inter_token_latency_seconds"],
+            prompt_tokens: &["tessera_prompt_tokens_total"],
         },
         EngineName::Vllm => EngineSeries {
             waiting: &["vllm:num_requests_waiting"],
             running: &["vllm:num_requests_running"],
             kv_cache: &["vllm:kv_cache_usage_perc"],
             generated_tokens: &["vllm:generation_tokens_total"],
+            ttft: &["vllm:time_to_first_token_seconds"],
+            itl: &[
+                "vllm:inter_token_latency_seconds",
+                "vllm:time_per_output_token_seconds",
+            ],
+            prompt_tokens: &["vllm:prompt_tokens_total"],
         },
         EngineName::Sglang => EngineSeries {
             waiting: &["sglang:num_queue_reqs"],
             running: &["sglang:num_running_reqs"],
             kv_cache: &["sglang:token_usage"],
             generated_tokens: &["sglang:generation_tokens_total"],
+            ttft: &["sglang:time_to_first_token_seconds"],
+            itl: &[
+                "sglang:inter_token_latency_seconds",
+                "sglang:time_per_output_token_seconds",
+            ],
+            prompt_tokens: &["sglang:prompt_tokens_total"],
         },
     }
+}
+
+/// `_sum` or `_count` of the first histogram of `bases` the exposition has.
+fn histogram_part(series: &[Series], bases: &[&str], part: &str) -> Option<f64> {
+    bases
+        .iter()
+        .find_map(|b| sum_of(series, &format!("{b}{part}")))
 }
 
 /// The first of `names` that the exposition has, through `pick`.
@@ -218,6 +297,11 @@ impl LeaderMetrics {
             kv_cache_utilization: first_of(&series, names.kv_cache, mean_of),
             generated_tokens_total: first_of(&series, names.generated_tokens, sum_of),
             gpu_utilization: mean_of(&series, "DCGM_FI_DEV_GPU_UTIL").map(|p| p / 100.0),
+            ttft_sum: histogram_part(&series, names.ttft, "_sum"),
+            ttft_count: histogram_part(&series, names.ttft, "_count"),
+            itl_sum: histogram_part(&series, names.itl, "_sum"),
+            itl_count: histogram_part(&series, names.itl, "_count"),
+            prompt_tokens_total: first_of(&series, names.prompt_tokens, sum_of),
         }
     }
 
@@ -511,5 +595,64 @@ sglang:generation_tokens_total{model_name="llama"} 5000.0
         let text = fetch(addr, Duration::from_secs(5)).await.expect("fetch");
         let m = LeaderMetrics::from_text(&text);
         assert_eq!((m.waiting, m.running), (Some(7.0), Some(1.0)));
+    }
+}
+
+#[cfg(test)]
+mod interval_tests {
+    use super::*;
+
+    fn scrape(
+        engine: EngineName,
+        base: &str,
+        tokens: f64,
+        itl: f64,
+        requests: f64,
+    ) -> LeaderMetrics {
+        let (ttft, itl_name, prompt) = match engine {
+            EngineName::Tessera => (
+                "tessera_time_to_first_token_seconds",
+                "tessera_inter_token_latency_seconds",
+                "tessera_prompt_tokens_total",
+            ),
+            EngineName::Vllm => (
+                "vllm:time_to_first_token_seconds",
+                "vllm:time_per_output_token_seconds",
+                "vllm:prompt_tokens_total",
+            ),
+            EngineName::Sglang => (
+                "sglang:time_to_first_token_seconds",
+                "sglang:inter_token_latency_seconds",
+                "sglang:prompt_tokens_total",
+            ),
+        };
+        let text = format!(
+            "{base}{itl_name}_sum {}\n{itl_name}_count {tokens}\n{ttft}_sum {}\n{ttft}_count {requests}\n{prompt} {}\n",
+            tokens * itl,
+            requests * 0.25,
+            requests * 512.0
+        );
+        LeaderMetrics::from_engine_text(engine, &text)
+    }
+
+    #[test]
+    fn interval_means_of_every_engine_and_no_interval_across_a_restart() {
+        for engine in [EngineName::Tessera, EngineName::Vllm, EngineName::Sglang] {
+            let a = scrape(engine, "", 100.0, 0.02, 2.0);
+            let b = scrape(engine, "", 300.0, 0.02, 6.0);
+            let m = interval_means(&a, &b);
+            assert!(
+                (m.inter_token_latency_s.unwrap() - 0.02).abs() < 1e-9,
+                "{engine:?}"
+            );
+            assert!((m.time_to_first_token_s.unwrap() - 0.25).abs() < 1e-9);
+            assert!((m.prompt_tokens.unwrap() - 512.0).abs() < 1e-9);
+            // Too few tokens in the interval: no latency.
+            let c = scrape(engine, "", 310.0, 0.02, 6.0);
+            assert_eq!(interval_means(&b, &c).inter_token_latency_s, None);
+            // Counters back near zero: a restart, no interval.
+            let d = scrape(engine, "", 5.0, 0.02, 1.0);
+            assert_eq!(interval_means(&b, &d), IntervalMeans::default());
+        }
     }
 }

@@ -89,6 +89,9 @@ pub struct Context {
     /// once would otherwise both be promised the same free GPUs.
     pub planning: tokio::sync::Mutex<()>,
     pub clock: Clock,
+    /// The cost model's corrections measured on the fleet by the autoscaler's scrapes, used
+    /// by every plan (`planner::calibration`).
+    pub calibration: Arc<Mutex<crate::planner::calibration::Calibration>>,
 }
 
 impl Context {
@@ -121,6 +124,7 @@ impl Context {
             promises: Mutex::new(Promises::default()),
             planning: tokio::sync::Mutex::new(()),
             clock: Arc::new(Timestamp::now),
+            calibration: Arc::default(),
         }
     }
 }
@@ -237,6 +241,18 @@ pub async fn reconcile_one(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Resul
         other.iter().map(|p| &**p),
     );
     let now = (ctx.clock)();
+    let calibrated;
+    let config = {
+        let calibration = ctx.calibration.lock().expect("lock");
+        if calibration.is_empty() {
+            &ctx.config
+        } else {
+            let mut c = ctx.config.clone();
+            c.plan.constants.calibration = calibration.clone();
+            calibrated = c;
+            &calibrated
+        }
+    };
     let decide = |md: &ModelDeployment, own: &[Pod]| {
         let obs = Observed {
             md,
@@ -247,7 +263,7 @@ pub async fn reconcile_one(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Resul
             reserved: &reserved,
             now,
         };
-        reconcile::reconcile(&obs, &ctx.config)
+        reconcile::reconcile(&obs, config)
     };
     let decided = Instant::now();
     let mut actions = decide(&md, &own);
@@ -815,11 +831,13 @@ pub async fn run_with_client(client: Client, args: RunArgs) -> anyhow::Result<()
             crate::autoscale::runner::RunnerConfig {
                 interval: Duration::from_secs(args.autoscale_interval_seconds),
                 scrape_timeout: Duration::from_secs(args.autoscale_scrape_timeout_seconds),
+                calibration_namespace: Some(args.lease_namespace.clone()),
                 ..Default::default()
             },
             ctx.config.clone(),
             autoscaler_metrics,
         )
+        .with_calibration(ctx.calibration.clone())
         .run(crate::autoscale::runner::Stores {
             nodes: ctx.nodes.clone(),
             pods: ctx.pods.clone(),

@@ -273,7 +273,13 @@ pub fn choose(
                     break;
                 }
                 let links = nominal_links(inv, t, st, tp, pp, c);
-                let e = estimate(arch, work, &ty.model, tp, pp, links, c);
+                let e = c.calibrated(
+                    &ty.model,
+                    tp,
+                    pp,
+                    spec.engine.name.as_str(),
+                    estimate(arch, work, &ty.model, tp, pp, links, c),
+                );
                 if e.fits {
                     choice.candidates.push(Candidate {
                         gpu_type: t,

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::calibration::{Calibration, LayoutKey};
 use super::catalog::GpuModel;
 use crate::api::{ModelArchitecture, Prediction};
 
@@ -37,6 +38,11 @@ pub struct CostConstants {
     pub pcie_allreduce_efficiency: f64,
     /// Per-hop latency of an inter-node ring step, seconds.
     pub fabric_latency_s: f64,
+    /// Corrections measured on the fleet per (GPU type, TP, PP, engine), applied to the
+    /// predictions the planner ranks layouts by (`plan --calibration FILE`;
+    /// `planner::calibration`).
+    #[serde(default, skip_serializing_if = "Calibration::is_empty")]
+    pub calibration: Calibration,
 }
 
 impl Default for CostConstants {
@@ -53,6 +59,7 @@ impl Default for CostConstants {
             pcie_latency_s: 5e-6,
             fabric_latency_s: 10e-6,
             pcie_allreduce_efficiency: default_pcie_allreduce_efficiency(),
+            calibration: Calibration::default(),
         }
     }
 }
@@ -62,6 +69,27 @@ fn default_pcie_allreduce_efficiency() -> f64 {
 }
 
 impl CostConstants {
+    /// `e` (predicted for `gpu` at `tp` x `pp` running `engine`) with the fleet's correction.
+    pub fn calibrated(
+        &self,
+        gpu: &GpuModel,
+        tp: u32,
+        pp: u32,
+        engine: &str,
+        e: Estimate,
+    ) -> Estimate {
+        if self.calibration.is_empty() {
+            return e;
+        }
+        let key = LayoutKey {
+            gpu_type: gpu.name.clone(),
+            tensor_parallel: tp,
+            pipeline_parallel: pp,
+            engine: engine.to_owned(),
+        };
+        self.calibration.apply(&key, e)
+    }
+
     /// The PCIe link a collective gets on `gpu`.
     pub fn pcie_link(&self, gpu: &GpuModel) -> Link {
         Link {

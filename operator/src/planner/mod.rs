@@ -9,6 +9,7 @@
 //!
 //! The JSON form of [`Plan`] is a stable contract documented in `docs/plan-json.md`.
 
+pub mod calibration;
 pub mod catalog;
 pub mod choose;
 pub mod cost;
@@ -462,14 +463,20 @@ pub fn plan(
                 .into_iter()
                 .map(|(r, (t, tp, pp, allocs, kept, note))| {
                     let links = actual_links(inv, t, &allocs, c);
-                    let e = cost::estimate(
-                        &dep.md.spec.model.architecture,
-                        work,
+                    let e = c.calibrated(
                         &inv.types[t].model,
                         tp,
                         pp,
-                        links,
-                        c,
+                        dep.md.spec.engine.name.as_str(),
+                        cost::estimate(
+                            &dep.md.spec.model.architecture,
+                            work,
+                            &inv.types[t].model,
+                            tp,
+                            pp,
+                            links,
+                            c,
+                        ),
                     );
                     PlacedReplica {
                         replica: r,
