@@ -122,6 +122,7 @@ fn generate(args: &tessera_worker::cli::GenerateArgs) -> anyhow::Result<()> {
             top_k: args.top_k,
             top_p: args.top_p,
             seed: args.seed,
+            ..Default::default()
         },
         stop: args.stop.clone(),
         kv_budget_bytes: args.kv_cache_mib << 20,

@@ -105,6 +105,7 @@ fn greedy_generation_is_deterministic_and_seeded_sampling_too() {
                 top_k: 40,
                 top_p: 0.95,
                 seed: Some(seed),
+                ..Default::default()
             },
             ..Default::default()
         };

@@ -743,12 +743,12 @@ async fn malformed_requests_get_openai_errors() {
             Some("top_k"),
         ),
         (
-            json!({"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "n": 2}),
+            json!({"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "n": 9}),
             400,
             Some("n"),
         ),
         (
-            json!({"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "logprobs": true}),
+            json!({"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "logprobs": 3}),
             400,
             Some("logprobs"),
         ),
@@ -1259,12 +1259,7 @@ async fn unsupported_openai_fields_are_refused_by_name_and_neutral_values_pass()
             "response_format",
             json!({"type": "json_schema", "json_schema": {"name": "x"}}),
         ),
-        ("presence_penalty", json!(0.5)),
-        ("frequency_penalty", json!(-1.0)),
         ("repetition_penalty", json!(1.2)),
-        ("logit_bias", json!({"50256": -100})),
-        ("stop_token_ids", json!([2])),
-        ("top_logprobs", json!(3)),
     ] {
         let r = s.post(chat, &with(field, v.clone())).await;
         let e = assert_openai_error(&r, 400, Some(field));
@@ -1479,4 +1474,335 @@ async fn a_burst_beyond_the_tokenisation_permits_waits_for_them() {
     }
     task.abort();
     handle.shutdown();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sampling fields: stop_token_ids, logit_bias, penalties, logprobs, n.
+
+fn completion_body(prompt: &str, max_tokens: u64) -> Value {
+    json!({"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+}
+
+/// The token ids of a greedy completion (each token's text, through `logprobs: 0`).
+async fn greedy_tokens(s: &Server, extra: Value) -> (Vec<u32>, Value) {
+    let mut b = completion_body("one two three four five six", 8);
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    let r = s.post("/v1/completions", &b).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let tok = s.handle.tokenizer();
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    (tok.encode(text, false), v)
+}
+
+#[tokio::test]
+async fn stop_token_ids_logit_bias_and_penalties_change_generation() {
+    let _g = SERIAL.lock().await;
+    let s = Server::default().await;
+    let tok = s.handle.tokenizer().clone();
+    let vocab = s.handle.vocab_size();
+    let base = json!({"logprobs": 0});
+    let (_, v) = greedy_tokens(&s, base.clone()).await;
+    let tokens: Vec<String> = v["choices"][0]["logprobs"]["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    assert_eq!(tokens.len(), 8, "{v}");
+    let ids: Vec<u32> = tokens
+        .iter()
+        .map(|t| {
+            let e = tok.encode(t, false);
+            assert_eq!(e.len(), 1, "{t:?} is one token");
+            e[0]
+        })
+        .collect();
+
+    // stop_token_ids: stops at the third token, which is not in the text.
+    let (_, v) = greedy_tokens(&s, json!({"stop_token_ids": [ids[2]]})).await;
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "stop", "{v}");
+    assert_eq!(c["text"], tokens[..2].concat(), "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 2, "{v}");
+
+    // logit_bias +100 on one token: greedy repeats it.
+    let target = tok.encode(" apple", false)[0];
+    let (got, v) = greedy_tokens(&s, json!({"logit_bias": {target.to_string(): 100}})).await;
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(text, " apple".repeat(8), "{v}");
+    assert!(got.iter().all(|&t| t == target), "{got:?}");
+    // -100 on the greedy first token: the first token changes.
+    let (_, v) = greedy_tokens(
+        &s,
+        json!({"logit_bias": {ids[0].to_string(): -100}, "logprobs": 0}),
+    )
+    .await;
+    let first = v["choices"][0]["logprobs"]["tokens"][0].as_str().unwrap();
+    assert_ne!(first, tokens[0], "{v}");
+
+    // Penalties on a repetitive prompt change the greedy continuation.
+    let rep = json!({"model": MODEL_NAME, "prompt": "la la la la la la la la", "max_tokens": 12, "temperature": 0});
+    let text = |v: &Value| v["choices"][0]["text"].as_str().unwrap().to_owned();
+    let r0 = s.post("/v1/completions", &rep).await;
+    assert_eq!(r0.status, 200, "{}", r0.text());
+    for (field, val) in [("presence_penalty", 2.0), ("frequency_penalty", 2.0)] {
+        let mut b = rep.clone();
+        b[field] = json!(val);
+        let r = s.post("/v1/completions", &b).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_ne!(text(&r.json()), text(&r0.json()), "{field} changed nothing");
+    }
+
+    // Bad values: 400 naming the field.
+    let chat = "/v1/chat/completions";
+    let with = |field: &str, v: Value| {
+        let mut b = chat_body(FRANCE, 4);
+        b[field] = v;
+        b
+    };
+    for (field, v) in [
+        ("stop_token_ids", json!([vocab])),
+        ("stop_token_ids", json!([-1])),
+        ("stop_token_ids", json!("2")),
+        ("stop_token_ids", json!(vec![1; 65])),
+        ("logit_bias", json!({"abc": 1})),
+        ("logit_bias", json!({vocab.to_string(): 1})),
+        ("logit_bias", json!({"5": 101})),
+        ("logit_bias", json!({"5": "x"})),
+        ("logit_bias", json!([1])),
+        (
+            "logit_bias",
+            Value::Object((0..301).map(|i| (i.to_string(), json!(1))).collect()),
+        ),
+        ("presence_penalty", json!(2.5)),
+        ("frequency_penalty", json!(-2.01)),
+        ("top_logprobs", json!(21)),
+        ("top_logprobs", json!(2)),
+        ("n", json!(0)),
+    ] {
+        let r = s.post(chat, &with(field, v.clone())).await;
+        let e = assert_openai_error(&r, 400, Some(field));
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(field),
+            "{field}={v}: {e}"
+        );
+    }
+    let r = s
+        .post(
+            "/v1/completions",
+            &json!({"model": MODEL_NAME, "prompt": "x", "logprobs": 6}),
+        )
+        .await;
+    assert_openai_error(&r, 400, Some("logprobs"));
+    s.handle.shutdown();
+}
+
+fn assert_close(a: f64, b: f64, what: &str) {
+    assert!((a - b).abs() < 1e-3, "{what}: {a} vs {b}");
+}
+
+#[tokio::test]
+async fn logprobs_come_in_openai_shapes_streamed_and_whole() {
+    let _g = SERIAL.lock().await;
+    let s = Server::default().await;
+    // Completions: logprobs = 3.
+    let mut b = completion_body("one two three four five six", 6);
+    b["logprobs"] = json!(3);
+    let r = s.post("/v1/completions", &b).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let c = &v["choices"][0];
+    let lp = &c["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 6, "{v}");
+    let joined: String = tokens.iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(joined, c["text"].as_str().unwrap(), "{v}");
+    let mut off = 0;
+    for (i, t) in tokens.iter().enumerate() {
+        assert_eq!(lp["text_offset"][i], off, "{v}");
+        off += t.as_str().unwrap().len();
+        let l = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!(l <= 0.0, "{v}");
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        assert!(!top.is_empty() && top.len() <= 3, "{v}");
+        // Greedy: the sampled token is the most likely one.
+        let best = top
+            .values()
+            .map(|x| x.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert_close(l, best, "greedy token is the top one");
+    }
+    // Streamed: the same logprobs, spread over the chunks.
+    b["stream"] = json!(true);
+    let mut sse = s.stream("/v1/completions", &b).await;
+    assert_eq!(sse.status, 200);
+    let mut streamed = Vec::new();
+    let mut offsets = Vec::new();
+    for d in sse.rest().await {
+        if d == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(&d).unwrap();
+        if let Some(l) = v["choices"][0]["logprobs"].as_object() {
+            for (i, x) in l["token_logprobs"].as_array().unwrap().iter().enumerate() {
+                streamed.push(x.as_f64().unwrap());
+                offsets.push(l["text_offset"][i].as_u64().unwrap());
+            }
+        }
+    }
+    let whole: Vec<f64> = lp["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(streamed.len(), whole.len());
+    for (a, b) in streamed.iter().zip(&whole) {
+        assert_close(*a, *b, "streamed logprob");
+    }
+    let whole_off: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, whole_off);
+
+    // Chat: logprobs true, top_logprobs 2.
+    let mut b = chat_body(FRANCE, 5);
+    b["logprobs"] = json!(true);
+    b["top_logprobs"] = json!(2);
+    let r = s.post("/v1/chat/completions", &b).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 5, "{v}");
+    let mut bytes = Vec::new();
+    for e in content {
+        assert!(e["logprob"].as_f64().unwrap() <= 0.0, "{e}");
+        bytes.extend(
+            e["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8),
+        );
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2, "{e}");
+        assert!(
+            top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64(),
+            "{e}"
+        );
+        assert_close(
+            e["logprob"].as_f64().unwrap(),
+            top[0]["logprob"].as_f64().unwrap(),
+            "greedy",
+        );
+    }
+    assert_eq!(
+        String::from_utf8(bytes).unwrap(),
+        v["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    // Streamed chat: every token's entry arrives.
+    b["stream"] = json!(true);
+    let mut sse = s.stream("/v1/chat/completions", &b).await;
+    let mut n = 0;
+    for d in sse.rest().await {
+        if d == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(&d).unwrap();
+        if let Some(c) = v["choices"][0]["logprobs"]["content"].as_array() {
+            n += c.len();
+        }
+    }
+    assert_eq!(n, 5);
+    // Without logprobs, null as before.
+    let (_, v) = chat_text(&s, FRANCE, 2).await;
+    assert!(v["choices"][0]["logprobs"].is_null(), "{v}");
+    s.handle.shutdown();
+}
+
+#[tokio::test]
+async fn n_choices_are_independent_and_usage_sums_them() {
+    let _g = SERIAL.lock().await;
+    let s = Server::default().await;
+    let mut b = chat_body(FRANCE, 6);
+    b["n"] = json!(3);
+    b["temperature"] = json!(1.5);
+    b["seed"] = json!(7);
+    let r = s.post("/v1/chat/completions", &b).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{v}");
+    let mut texts = Vec::new();
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i, "{v}");
+        texts.push(c["message"]["content"].as_str().unwrap().to_owned());
+    }
+    assert!(texts[0] != texts[1] || texts[1] != texts[2], "{texts:?}");
+    // Seeded: the same request gives the same choices; choice 0 is what n = 1 gives.
+    let again = s.post("/v1/chat/completions", &b).await.json();
+    for i in 0..3 {
+        assert_eq!(again["choices"][i]["message"]["content"], texts[i].as_str());
+    }
+    let mut one = b.clone();
+    one["n"] = json!(1);
+    let v1 = s.post("/v1/chat/completions", &one).await.json();
+    assert_eq!(v1["choices"][0]["message"]["content"], texts[0].as_str());
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(prompt, v1["usage"]["prompt_tokens"].as_u64().unwrap());
+    let sum = 3 * 6;
+    // Every choice ran to max_tokens or stopped early; the sum counts them all.
+    let completion = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(completion <= sum && completion >= 3, "{v}");
+    assert_eq!(
+        v["usage"]["total_tokens"].as_u64().unwrap(),
+        prompt + completion
+    );
+
+    // Streamed: chunks of each index join to that choice's text; usage at the end.
+    b["stream"] = json!(true);
+    b["stream_options"] = json!({"include_usage": true});
+    let mut sse = s.stream("/v1/chat/completions", &b).await;
+    let mut joined = vec![String::new(); 3];
+    let mut finished = [false; 3];
+    let mut usage = Value::Null;
+    for d in sse.rest().await {
+        if d == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(&d).unwrap();
+        if !v["usage"].is_null() {
+            usage = v["usage"].clone();
+        }
+        for c in v["choices"].as_array().unwrap() {
+            let i = c["index"].as_u64().unwrap() as usize;
+            if let Some(t) = c["delta"]["content"].as_str() {
+                joined[i].push_str(t);
+            }
+            if c["finish_reason"].is_string() {
+                finished[i] = true;
+            }
+        }
+    }
+    assert_eq!(joined, texts);
+    assert_eq!(finished, [true; 3]);
+    assert_eq!(usage["completion_tokens"], completion);
+    // Completions too.
+    let mut c = completion_body("one two three four five six", 3);
+    c["n"] = json!(2);
+    let v = s.post("/v1/completions", &c).await.json();
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["choices"][1]["index"], 1, "{v}");
+    assert_eq!(
+        v["choices"][0]["text"], v["choices"][1]["text"],
+        "greedy choices agree"
+    );
+    s.handle.shutdown();
 }

@@ -454,6 +454,7 @@ pub fn generate_cli(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
         top_k: args.top_k,
         top_p: args.top_p,
         seed: args.seed,
+        ..Default::default()
     };
     sampling
         .validate()

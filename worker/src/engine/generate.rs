@@ -113,6 +113,10 @@ impl Engine {
             .sampling
             .validate()
             .map_err(|e| anyhow::anyhow!("invalid sampling parameters: {e}"))?;
+        params
+            .sampling
+            .check_tokens(self.model.config.vocab)
+            .map_err(|e| anyhow::anyhow!("invalid sampling parameters: {e}"))?;
         let mut cache = self.model.new_cache(params.kv_budget_bytes)?;
         cache
             .check_room(prompt.len())
@@ -137,7 +141,9 @@ impl Engine {
         let mut final_text = None;
         while tokens.len() < params.max_tokens {
             let next = sampler.sample(&logits);
-            if !params.ignore_eos && self.tokenizer.is_stop(next) {
+            if (!params.ignore_eos && self.tokenizer.is_stop(next))
+                || params.sampling.stop_token_ids.contains(&next)
+            {
                 finish = FinishReason::Stop;
                 break;
             }

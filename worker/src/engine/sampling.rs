@@ -12,6 +12,18 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Seed of the random number generator (`None`: from the clock).
     pub seed: Option<u64>,
+    /// OpenAI `presence_penalty` in [-2, 2]: subtracted from the logit of every token already
+    /// generated in this sequence.
+    pub presence_penalty: f32,
+    /// OpenAI `frequency_penalty` in [-2, 2]: subtracted from a token's logit once per time it
+    /// was generated in this sequence.
+    pub frequency_penalty: f32,
+    /// Added to the logits of these tokens before sampling (greedy included); -100 bans.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Generation stops when one of these tokens is sampled (the token is not generated text).
+    pub stop_token_ids: Vec<u32>,
+    /// Report log-probabilities: of the sampled token and of the `n` most likely tokens.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -21,6 +33,11 @@ impl Default for SamplingParams {
             top_k: 0,
             top_p: 1.0,
             seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            stop_token_ids: Vec::new(),
+            logprobs: None,
         }
     }
 }
@@ -41,7 +58,122 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
+                return Err(format!("{name} must be between -2 and 2, got {v}"));
+            }
+        }
+        if let Some(&(t, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(b.is_finite() && (-100.0..=100.0).contains(b)))
+        {
+            return Err(format!(
+                "logit_bias values must be between -100 and 100, got {b} for token {t}"
+            ));
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(format!(
+                "logit_bias has {} entries; at most {MAX_LOGIT_BIAS} are allowed",
+                self.logit_bias.len()
+            ));
+        }
+        if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(format!(
+                "stop_token_ids has {} ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
+                self.stop_token_ids.len()
+            ));
+        }
+        if let Some(n) = self.logprobs
+            && n > MAX_TOP_LOGPROBS
+        {
+            return Err(format!(
+                "logprobs: at most {MAX_TOP_LOGPROBS} alternatives, got {n}"
+            ));
+        }
         Ok(())
+    }
+
+    /// Reject token ids outside a vocabulary of `vocab` tokens (naming the parameter).
+    pub fn check_tokens(&self, vocab: usize) -> Result<(), String> {
+        if let Some((t, _)) = self.logit_bias.iter().find(|(t, _)| *t as usize >= vocab) {
+            return Err(format!(
+                "logit_bias: token id {t} is outside the vocabulary of {vocab}"
+            ));
+        }
+        if let Some(t) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(format!(
+                "stop_token_ids: token id {t} is outside the vocabulary of {vocab}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the logits are changed before sampling (bias or penalties).
+    fn processes(&self) -> bool {
+        !self.logit_bias.is_empty() || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
+    }
+}
+
+/// OpenAI's limit on `logit_bias` entries.
+pub const MAX_LOGIT_BIAS: usize = 300;
+/// The most `stop_token_ids` a request may give.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
+/// The most alternatives `logprobs` may ask for (OpenAI's chat `top_logprobs` limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Log-probabilities of one position (log softmax of the processed logits).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Logprobs {
+    /// Of the sampled token.
+    pub logprob: f32,
+    /// The most likely tokens, most likely first (ties: lower id first).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-probability of `token` and the `k` most likely tokens under softmax(`logits`),
+/// without allocating anything of the vocabulary's size.
+pub fn logprobs(logits: &[f32], token: u32, k: usize) -> Logprobs {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits
+        .iter()
+        .filter(|v| v.is_finite())
+        .map(|&v| (v - max).exp())
+        .sum();
+    let lse = max + sum.ln();
+    let lp = |v: f32| {
+        if v.is_finite() {
+            v - lse
+        } else {
+            f32::NEG_INFINITY
+        }
+    };
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    if k > 0 {
+        for (i, &v) in logits.iter().enumerate() {
+            if !v.is_finite() || (top.len() == k && v <= top[k - 1].1) {
+                continue;
+            }
+            let at = top.partition_point(|&(_, w)| w >= v);
+            top.insert(at, (i as u32, v));
+            top.truncate(k);
+        }
+    }
+    for t in &mut top {
+        t.1 = lp(t.1);
+    }
+    Logprobs {
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&v| lp(v)),
+        top,
     }
 }
 
@@ -73,6 +205,10 @@ impl Rng {
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
+    /// How many times each token was sampled (only with penalties).
+    counts: std::collections::HashMap<u32, u32>,
+    /// Processed logits for [`Sampler::sample`] (kept between steps).
+    scratch: Vec<f32>,
 }
 
 /// Index of the largest logit (the first one on ties); 0 for an empty slice.
@@ -95,6 +231,8 @@ impl Sampler {
         Self {
             params,
             rng: Rng::new(seed),
+            counts: Default::default(),
+            scratch: Vec::new(),
         }
     }
 
@@ -102,8 +240,55 @@ impl Sampler {
         &self.params
     }
 
-    /// The next token.
+    /// Apply `logit_bias` and the presence and frequency penalties to `logits` in place (only
+    /// the biased and already generated tokens are touched).
+    pub fn process(&self, logits: &mut [f32]) {
+        for &(t, b) in &self.params.logit_bias {
+            if let Some(v) = logits.get_mut(t as usize) {
+                *v += b;
+            }
+        }
+        let (pp, fp) = (self.params.presence_penalty, self.params.frequency_penalty);
+        for (&t, &c) in &self.counts {
+            if let Some(v) = logits.get_mut(t as usize) {
+                *v -= pp + fp * c as f32;
+            }
+        }
+    }
+
+    /// Count a generated token for the penalties.
+    pub fn observe(&mut self, token: u32) {
+        if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
+            *self.counts.entry(token).or_insert(0) += 1;
+        }
+    }
+
+    /// The next token: processes `logits` in place ([`Sampler::process`]), picks and counts
+    /// the token.
+    pub fn sample_in_place(&mut self, logits: &mut [f32]) -> u32 {
+        self.process(logits);
+        let t = self.pick(logits);
+        self.observe(t);
+        t
+    }
+
+    /// The next token (as [`Sampler::sample_in_place`], on a copy when logits are processed).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if !self.params.processes() {
+            let t = self.pick(logits);
+            self.observe(t);
+            return t;
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        scratch.extend_from_slice(logits);
+        let t = self.sample_in_place(&mut scratch);
+        self.scratch = scratch;
+        t
+    }
+
+    /// Choose a token from already processed logits (temperature, top-k, top-p).
+    pub fn pick(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if p.temperature <= 0.0 || p.top_k == 1 {
             return argmax(logits);
@@ -248,5 +433,66 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.validate().unwrap_err().contains("top_p"));
+    }
+
+    #[test]
+    fn bias_and_penalties_touch_only_their_tokens() {
+        let mut s = Sampler::new(SamplingParams {
+            logit_bias: vec![(0, 100.0)],
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&[0.0, 5.0, 1.0]), 0);
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 1.0,
+            frequency_penalty: 0.5,
+            ..Default::default()
+        });
+        let mut l = [3.0, 2.9, 0.0];
+        assert_eq!(s.sample_in_place(&mut l.clone()), 0);
+        // Token 0 was generated once: 3 - 1 - 0.5 = 1.5 < 2.9.
+        assert_eq!(s.sample_in_place(&mut l), 1);
+        assert_eq!(l, [1.5, 2.9, 0.0]);
+        // Now both once; token 0 again loses 1.5, token 1 loses 1.5.
+        let mut l = [3.0, 2.9, 0.0];
+        s.process(&mut l);
+        assert!((l[0] - 1.5).abs() < 1e-6 && (l[1] - 1.4).abs() < 1e-6 && l[2] == 0.0);
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_top_tokens() {
+        let logits = [0.0f32, (2.0f32).ln(), (3.0f32).ln(), f32::NEG_INFINITY];
+        let lp = logprobs(&logits, 1, 2);
+        assert!((lp.logprob - (2.0f32 / 6.0).ln()).abs() < 1e-5);
+        assert_eq!(lp.top.len(), 2);
+        assert_eq!((lp.top[0].0, lp.top[1].0), (2, 1));
+        assert!((lp.top[0].1 - 0.5f32.ln()).abs() < 1e-5);
+        assert_eq!(logprobs(&logits, 3, 0).logprob, f32::NEG_INFINITY);
+        assert!(logprobs(&logits, 0, 0).top.is_empty());
+    }
+
+    #[test]
+    fn new_fields_are_validated() {
+        for p in [
+            SamplingParams {
+                presence_penalty: 2.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                frequency_penalty: f32::NAN,
+                ..Default::default()
+            },
+            SamplingParams {
+                logit_bias: vec![(1, 101.0)],
+                ..Default::default()
+            },
+        ] {
+            assert!(p.validate().is_err(), "{p:?}");
+        }
+        let p = SamplingParams {
+            stop_token_ids: vec![10],
+            ..Default::default()
+        };
+        assert!(p.check_tokens(10).unwrap_err().contains("stop_token_ids"));
+        assert!(p.check_tokens(11).is_ok());
     }
 }

@@ -40,6 +40,19 @@ use super::detok::TextStream;
 use super::generate::{FinishReason, Usage};
 use super::runner::{Runner, SeqId, Step};
 use super::sampling::{Sampler, SamplingParams};
+
+/// One generated token's log-probability and the most likely alternatives (with
+/// `SamplingParams::logprobs`): log softmax of the logits after `logit_bias` and the penalties,
+/// before temperature, top-k and top-p.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    /// The token's bytes (a piece of UTF-8 text, or part of a character).
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// (token, bytes, logprob), most likely first.
+    pub top: Vec<(u32, Vec<u8>, f32)>,
+}
 use crate::server::metrics::ServerMetrics;
 use crate::tokenizer::Tokenizer;
 
@@ -90,9 +103,12 @@ pub struct Completion {
 }
 
 /// What a request's receiver gets: text pieces as they become final, then `Done` or `Error`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// With `SamplingParams::logprobs`, each generated token's `Logprobs` comes before the text it
+/// completes.
+#[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     Text(String),
+    Logprobs(TokenLogprobs),
     Done(Completion),
     Error(String),
 }
@@ -218,6 +234,9 @@ impl SchedulerHandle {
             )));
         }
         req.sampling.validate().map_err(SubmitError::Invalid)?;
+        req.sampling
+            .check_tokens(s.vocab)
+            .map_err(SubmitError::Invalid)?;
         super::detok::check_stops(&req.stop).map_err(SubmitError::Invalid)?;
         if req.prompt.len() > s.capacity {
             return Err(SubmitError::PromptTooLong {
@@ -225,8 +244,10 @@ impl SchedulerHandle {
                 capacity: s.capacity,
             });
         }
-        // One slot per generated token, the final text piece and the end: never full.
-        let (tx, rx) = mpsc::channel(req.max_tokens.min(s.capacity) + 4);
+        // One slot per generated token (two with logprobs), the final text piece and the end:
+        // never full.
+        let per_token = 1 + usize::from(req.sampling.logprobs.is_some());
+        let (tx, rx) = mpsc::channel(req.max_tokens.min(s.capacity) * per_token + 4);
         let mut st = s.lock();
         if let Some(e) = &st.failed {
             return Err(SubmitError::Unavailable(e.clone()));
@@ -314,6 +335,11 @@ impl SchedulerHandle {
     }
 
     /// Most tokens (prompt plus generated) one sequence may hold.
+    /// Tokens in the model's vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        self.shared.vocab
+    }
+
     pub fn max_sequence_tokens(&self) -> usize {
         self.shared.capacity
     }
@@ -566,7 +592,8 @@ impl Worker {
                     .prompt_tokens
                     .inc_by(s.prompt.len() as u64);
             }
-            self.sample(*i, &logits);
+            let mut logits = logits;
+            self.sample(*i, &mut logits);
         }
         self.reap()
     }
@@ -644,13 +671,14 @@ impl Worker {
     }
 
     /// Choose the next token of sequence `i` from its logits (as `Engine::generate` does).
-    fn sample(&mut self, i: usize, logits: &[f32]) {
+    fn sample(&mut self, i: usize, logits: &mut [f32]) {
         let tokenizer = &self.runner.engine.tokenizer;
         let metrics = &self.shared.metrics;
         let capacity = self.shared.capacity;
         let s = &mut self.running[i];
-        let next = s.sampler.sample(logits);
-        let stop = !s.ignore_eos && tokenizer.is_stop(next);
+        let next = s.sampler.sample_in_place(logits);
+        let stop = (!s.ignore_eos && tokenizer.is_stop(next))
+            || s.sampler.params().stop_token_ids.contains(&next);
         // The first token's time counts even when that token ends the sequence (an empty
         // answer still had a first token); later stop tokens are not generated text.
         let now = Instant::now();
@@ -669,6 +697,20 @@ impl Worker {
         s.generated += 1;
         metrics.generated_tokens.inc();
         let piece = tokenizer.decode_bytes(&[next], true);
+        if let Some(k) = s.sampler.params().logprobs {
+            let lp = super::sampling::logprobs(logits, next, k);
+            let top = lp
+                .top
+                .iter()
+                .map(|&(t, l)| (t, tokenizer.decode_bytes(&[t], false), l))
+                .collect();
+            s.send(Event::Logprobs(TokenLogprobs {
+                token: next,
+                bytes: piece.clone(),
+                logprob: lp.logprob,
+                top,
+            }));
+        }
         let mut out = Vec::new();
         let stopped = s.stream.push(&piece, &mut |t: &str| out.push(t.to_owned()));
         for t in out {

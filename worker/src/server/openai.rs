@@ -23,7 +23,8 @@ use tokio::sync::mpsc;
 use super::App;
 use super::error::ApiError;
 use crate::engine::sampling::SamplingParams;
-use crate::engine::scheduler::{Completion, Event, Request};
+use crate::engine::sampling::{MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS};
+use crate::engine::scheduler::{Completion, Event, Request, TokenLogprobs};
 use crate::tokenizer::Message;
 
 fn now_unix() -> u64 {
@@ -92,14 +93,15 @@ struct Common {
     logprobs: Option<Value>,
     /// Extension (vLLM): do not stop at the model's end-of-sequence tokens.
     ignore_eos: Option<bool>,
-    // Fields this server does not implement yet: refused with 400 naming the field when set to
-    // anything but their neutral value, never silently ignored.
     presence_penalty: Option<f64>,
     frequency_penalty: Option<f64>,
-    repetition_penalty: Option<f64>,
     logit_bias: Option<Value>,
+    /// Extension (vLLM): stop when one of these tokens is sampled.
     stop_token_ids: Option<Value>,
     top_logprobs: Option<Value>,
+    // Fields this server does not implement yet: refused with 400 naming the field when set to
+    // anything but their neutral value, never silently ignored.
+    repetition_penalty: Option<f64>,
     tools: Option<Value>,
     tool_choice: Option<Value>,
     functions: Option<Value>,
@@ -173,6 +175,8 @@ enum Kind {
 /// Validated options of one request.
 struct Options {
     sampling: SamplingParams,
+    /// Choices to generate (1..=MAX_N).
+    n: usize,
     stop: Vec<String>,
     stream: bool,
     include_usage: bool,
@@ -181,8 +185,135 @@ struct Options {
     max_tokens: Option<(i64, &'static str)>,
 }
 
+/// The most choices (`n`) one request may ask for.
+const MAX_N: i64 = 8;
+/// The most alternatives `logprobs` may ask for on `/v1/completions` (OpenAI's limit).
+const MAX_COMPLETION_LOGPROBS: u64 = 5;
+
+/// A non-negative integer token id below `vocab`.
+fn token_id(v: &Value, vocab: usize) -> Option<u32> {
+    v.as_u64().filter(|&t| t < vocab as u64).map(|t| t as u32)
+}
+
+/// `logit_bias`: `{"token id": bias}`.
+fn parse_logit_bias(v: &Value, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    let err = |m: String| Err(ApiError::param("logit_bias", m));
+    let map = match v {
+        Value::Null => return Ok(Vec::new()),
+        Value::Object(m) => m,
+        _ => return err("logit_bias must be an object mapping token ids to biases".into()),
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return err(format!(
+            "logit_bias has {} entries; at most {MAX_LOGIT_BIAS} are allowed",
+            map.len()
+        ));
+    }
+    let mut out = Vec::with_capacity(map.len());
+    for (k, b) in map {
+        let Some(t) = k.trim().parse::<u64>().ok().filter(|&t| t < vocab as u64) else {
+            return err(format!(
+                "logit_bias keys must be token ids (integers from 0 to {}), got {k:?}",
+                vocab - 1
+            ));
+        };
+        let Some(b) = b.as_f64().filter(|b| (-100.0..=100.0).contains(b)) else {
+            return err(format!(
+                "logit_bias values must be numbers between -100 and 100, got {b} for token {k}"
+            ));
+        };
+        out.push((t as u32, b as f32));
+    }
+    Ok(out)
+}
+
+/// `stop_token_ids`: a list of token ids.
+fn parse_stop_token_ids(v: &Value, vocab: usize) -> Result<Vec<u32>, ApiError> {
+    let err = |m: String| Err(ApiError::param("stop_token_ids", m));
+    let list = match v {
+        Value::Null => return Ok(Vec::new()),
+        Value::Array(a) => a,
+        _ => return err("stop_token_ids must be a list of token ids".into()),
+    };
+    if list.len() > MAX_STOP_TOKEN_IDS {
+        return err(format!(
+            "stop_token_ids has {} ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
+            list.len()
+        ));
+    }
+    list.iter()
+        .map(|t| {
+            token_id(t, vocab).ok_or_else(|| {
+                ApiError::param(
+                    "stop_token_ids",
+                    format!(
+                        "stop_token_ids must be token ids (integers from 0 to {}), got {t}",
+                        vocab - 1
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
 impl Common {
-    fn validate(&self, app: &App) -> Result<Options, ApiError> {
+    /// `logprobs` (and `top_logprobs` on chat): how many alternatives to report, if any.
+    fn logprobs(&self, kind: Kind) -> Result<Option<usize>, ApiError> {
+        let top = match &self.top_logprobs {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_u64().filter(|&k| k <= MAX_TOP_LOGPROBS as u64) {
+                Some(k) => Some(k as usize),
+                None => {
+                    return Err(ApiError::param(
+                        "top_logprobs",
+                        format!(
+                            "top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {v}"
+                        ),
+                    ));
+                }
+            },
+        };
+        match kind {
+            Kind::Chat => match &self.logprobs {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => {
+                    if top.is_some_and(|k| k > 0) {
+                        return Err(ApiError::param(
+                            "top_logprobs",
+                            "top_logprobs needs logprobs set to true",
+                        ));
+                    }
+                    Ok(None)
+                }
+                Some(Value::Bool(true)) => Ok(Some(top.unwrap_or(0))),
+                Some(v) => Err(ApiError::param(
+                    "logprobs",
+                    format!("logprobs must be true or false on chat completions, got {v}"),
+                )),
+            },
+            Kind::Completion => {
+                if top.is_some_and(|k| k > 0) {
+                    return Err(ApiError::param(
+                        "top_logprobs",
+                        "top_logprobs is a chat completions field; use logprobs (an integer) here",
+                    ));
+                }
+                match &self.logprobs {
+                    None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(None),
+                    Some(v) => match v.as_u64().filter(|&k| k <= MAX_COMPLETION_LOGPROBS) {
+                        Some(k) => Ok(Some(k as usize)),
+                        None => Err(ApiError::param(
+                            "logprobs",
+                            format!(
+                                "logprobs must be an integer from 0 to {MAX_COMPLETION_LOGPROBS}, got {v}"
+                            ),
+                        )),
+                    },
+                }
+            }
+        }
+    }
+
+    fn validate(&self, app: &App, kind: Kind) -> Result<Options, ApiError> {
         match self.model.as_deref() {
             None => {
                 return Err(ApiError::param(
@@ -203,12 +334,11 @@ impl Common {
             }
             Some(_) => {}
         }
-        if let Some(n) = self.n
-            && n != 1
-        {
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_N).contains(&n) {
             return Err(ApiError::param(
                 "n",
-                format!("only n = 1 is supported, got {n}"),
+                format!("n must be between 1 and {MAX_N}, got {n}"),
             ));
         }
         let unsupported = |field: &str, what: &str| {
@@ -222,21 +352,32 @@ impl Common {
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
         ] {
-            if v.is_some_and(|v| v != 0.0) {
-                return unsupported(field, "only 0 is accepted");
+            if let Some(v) = v
+                && !(v.is_finite() && (-2.0..=2.0).contains(&v))
+            {
+                return Err(ApiError::param(
+                    field,
+                    format!("{field} must be between -2 and 2, got {v}"),
+                ));
             }
         }
         if self.repetition_penalty.is_some_and(|v| v != 1.0) {
-            return unsupported("repetition_penalty", "only 1 is accepted");
+            return unsupported(
+                "repetition_penalty",
+                "only 1 is accepted; use presence_penalty or frequency_penalty",
+            );
         }
+        let vocab = app.handle.vocab_size();
+        let logit_bias = match &self.logit_bias {
+            None => Vec::new(),
+            Some(v) => parse_logit_bias(v, vocab)?,
+        };
+        let stop_token_ids = match &self.stop_token_ids {
+            None => Vec::new(),
+            Some(v) => parse_stop_token_ids(v, vocab)?,
+        };
+        let logprobs = self.logprobs(kind)?;
         for (field, v, what) in [
-            ("logit_bias", &self.logit_bias, "an empty map is accepted"),
-            (
-                "stop_token_ids",
-                &self.stop_token_ids,
-                "an empty list is accepted",
-            ),
-            ("top_logprobs", &self.top_logprobs, "0 is accepted"),
             ("tools", &self.tools, "tool calling is not implemented"),
             (
                 "functions",
@@ -262,11 +403,6 @@ impl Common {
                     "only {\"type\": \"text\"} is accepted; JSON modes are not implemented",
                 );
             }
-        }
-        match &self.logprobs {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
-            Some(Value::Number(n)) if n.as_u64() == Some(0) => {}
-            Some(_) => return Err(ApiError::param("logprobs", "logprobs are not supported")),
         }
         let temperature = self.temperature.unwrap_or(1.0);
         if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
@@ -299,6 +435,11 @@ impl Common {
             top_p: if top_p == 0.0 { 1.0 } else { top_p as f32 },
             // Any 64-bit pattern is a seed.
             seed: self.seed.map(|s| s as u64),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0) as f32,
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0) as f32,
+            logit_bias,
+            stop_token_ids,
+            logprobs,
         };
         let stop: Vec<String> = match &self.stop {
             None => Vec::new(),
@@ -323,6 +464,7 @@ impl Common {
         let stream = self.stream.unwrap_or(false);
         Ok(Options {
             sampling,
+            n: n as usize,
             stop,
             stream,
             include_usage: stream
@@ -435,7 +577,7 @@ pub(super) async fn chat(State(app): State<App>, body: Result<Bytes, BytesReject
 async fn chat_inner(app: App, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body.map_err(ApiError::from_body)?;
     let req: ChatRequest = parse_json(&body)?;
-    let opts = req.common.validate(&app)?;
+    let opts = req.common.validate(&app, Kind::Chat)?;
     let messages = req
         .messages
         .ok_or_else(|| ApiError::param("messages", "you must provide messages"))?;
@@ -513,7 +655,7 @@ async fn completions_inner(
 ) -> Result<Response, ApiError> {
     let body = body.map_err(ApiError::from_body)?;
     let req: CompletionRequest = parse_json(&body)?;
-    let opts = req.common.validate(&app)?;
+    let opts = req.common.validate(&app, Kind::Completion)?;
     if req.echo == Some(true) {
         return Err(ApiError::param("echo", "echo is not supported"));
     }
@@ -548,7 +690,8 @@ async fn completions_inner(
     respond(app, Kind::Completion, opts, prompt).await
 }
 
-/// Submit and answer, streamed or whole.
+/// Submit and answer, streamed or whole. `n` choices are `n` sequences of the same prompt;
+/// with a seed, choice `i > 0` samples with a seed derived from it.
 async fn respond(
     app: App,
     kind: Kind,
@@ -556,13 +699,21 @@ async fn respond(
     prompt: Vec<u32>,
 ) -> Result<Response, ApiError> {
     let max_tokens = resolve_max_tokens(&app, &opts, prompt.len(), kind)?;
-    let rx = app.handle.submit(Request {
-        prompt,
-        max_tokens,
-        sampling: opts.sampling.clone(),
-        stop: opts.stop.clone(),
-        ignore_eos: opts.ignore_eos,
-    })?;
+    let mut rxs = Vec::with_capacity(opts.n);
+    for i in 0..opts.n {
+        let mut sampling = opts.sampling.clone();
+        if i > 0 {
+            sampling.seed = sampling.seed.map(|s| choice_seed(s, i));
+        }
+        // A refusal drops the receivers of the choices already queued, which cancels them.
+        rxs.push(app.handle.submit(Request {
+            prompt: prompt.clone(),
+            max_tokens,
+            sampling,
+            stop: opts.stop.clone(),
+            ignore_eos: opts.ignore_eos,
+        })?);
+    }
     let meta = Meta {
         id: new_id(match kind {
             Kind::Chat => "chatcmpl",
@@ -572,12 +723,23 @@ async fn respond(
         model: app.cfg.served_model_name.clone(),
         kind,
         include_usage: opts.include_usage,
+        logprobs: opts.sampling.logprobs.is_some(),
     };
     if opts.stream {
-        Ok(stream_response(rx, meta))
+        Ok(stream_response(rxs, meta))
     } else {
-        whole_response(rx, meta).await
+        whole_response(rxs, meta).await
     }
+}
+
+/// The seed of choice `i` of a request seeded with `seed` (0: the seed itself).
+fn choice_seed(seed: u64, i: usize) -> u64 {
+    let mut r = crate::engine::sampling::Rng::new(seed);
+    let mut s = seed;
+    for _ in 0..i {
+        s = r.next_u64();
+    }
+    s
 }
 
 struct Meta {
@@ -586,64 +748,148 @@ struct Meta {
     model: String,
     kind: Kind,
     include_usage: bool,
+    /// Whether choices carry `logprobs`.
+    logprobs: bool,
 }
 
-fn usage_json(c: &Completion) -> Value {
+fn usage_json(prompt_tokens: usize, completion_tokens: usize) -> Value {
     json!({
-        "prompt_tokens": c.usage.prompt_tokens,
-        "completion_tokens": c.usage.completion_tokens,
-        "total_tokens": c.usage.total_tokens(),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     })
 }
 
-async fn whole_response(mut rx: mpsc::Receiver<Event>, meta: Meta) -> Result<Response, ApiError> {
-    let done = loop {
-        match rx.recv().await {
-            Some(Event::Text(_)) => {}
-            Some(Event::Done(c)) => break c,
-            Some(Event::Error(e)) => return Err(ApiError::internal(e)),
-            None => return Err(ApiError::internal("generation ended without a result")),
+/// The usage of a request whose choices ended with `done` (the prompt counts once).
+fn total_usage(done: &[Completion]) -> Value {
+    usage_json(
+        done.first().map_or(0, |c| c.usage.prompt_tokens),
+        done.iter().map(|c| c.usage.completion_tokens).sum(),
+    )
+}
+
+/// A log-probability for JSON (OpenAI writes -9999 for an impossible token).
+fn lp_json(lp: f32) -> Value {
+    json!(if lp.is_finite() { lp } else { -9999.0 })
+}
+
+/// The `logprobs` of a choice (or of a chunk) covering `entries`; `offset` is where the first
+/// token's text starts in the choice's text (completions' `text_offset`, in bytes), advanced.
+fn logprobs_json(kind: Kind, entries: &[TokenLogprobs], offset: &mut usize) -> Value {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    match kind {
+        Kind::Chat => {
+            let content: Vec<Value> = entries
+                .iter()
+                .map(|e| {
+                    let top: Vec<Value> = e
+                        .top
+                        .iter()
+                        .map(|(_, b, lp)| json!({"token": text(b), "logprob": lp_json(*lp), "bytes": b}))
+                        .collect();
+                    json!({
+                        "token": text(&e.bytes),
+                        "logprob": lp_json(e.logprob),
+                        "bytes": e.bytes,
+                        "top_logprobs": top,
+                    })
+                })
+                .collect();
+            json!({ "content": content })
         }
-    };
-    let choice = match meta.kind {
-        Kind::Chat => json!({
-            "index": 0,
-            "message": {"role": "assistant", "content": done.text},
-            "logprobs": null,
-            "finish_reason": done.finish_reason.as_str(),
-        }),
-        Kind::Completion => json!({
-            "index": 0,
-            "text": done.text,
-            "logprobs": null,
-            "finish_reason": done.finish_reason.as_str(),
-        }),
-    };
+        Kind::Completion => {
+            let mut tokens = Vec::with_capacity(entries.len());
+            let mut token_logprobs = Vec::with_capacity(entries.len());
+            let mut top_logprobs = Vec::with_capacity(entries.len());
+            let mut text_offset = Vec::with_capacity(entries.len());
+            for e in entries {
+                let t = text(&e.bytes);
+                text_offset.push(*offset);
+                *offset += t.len();
+                tokens.push(t);
+                token_logprobs.push(lp_json(e.logprob));
+                let mut top = serde_json::Map::new();
+                for (_, b, lp) in &e.top {
+                    top.entry(text(b)).or_insert_with(|| lp_json(*lp));
+                }
+                top_logprobs.push(Value::Object(top));
+            }
+            json!({
+                "tokens": tokens,
+                "token_logprobs": token_logprobs,
+                "top_logprobs": top_logprobs,
+                "text_offset": text_offset,
+            })
+        }
+    }
+}
+
+async fn whole_response(rxs: Vec<mpsc::Receiver<Event>>, meta: Meta) -> Result<Response, ApiError> {
+    let mut choices = Vec::with_capacity(rxs.len());
+    let mut all = Vec::with_capacity(rxs.len());
+    for (index, mut rx) in rxs.into_iter().enumerate() {
+        let mut entries = Vec::new();
+        let done = loop {
+            match rx.recv().await {
+                Some(Event::Text(_)) => {}
+                Some(Event::Logprobs(l)) => entries.push(l),
+                Some(Event::Done(c)) => break c,
+                Some(Event::Error(e)) => return Err(ApiError::internal(e)),
+                None => return Err(ApiError::internal("generation ended without a result")),
+            }
+        };
+        let logprobs = if meta.logprobs {
+            logprobs_json(meta.kind, &entries, &mut 0)
+        } else {
+            Value::Null
+        };
+        choices.push(match meta.kind {
+            Kind::Chat => json!({
+                "index": index,
+                "message": {"role": "assistant", "content": done.text},
+                "logprobs": logprobs,
+                "finish_reason": done.finish_reason.as_str(),
+            }),
+            Kind::Completion => json!({
+                "index": index,
+                "text": done.text,
+                "logprobs": logprobs,
+                "finish_reason": done.finish_reason.as_str(),
+            }),
+        });
+        all.push(done);
+    }
     let body = json!({
         "id": meta.id,
         "object": match meta.kind { Kind::Chat => "chat.completion", Kind::Completion => "text_completion" },
         "created": meta.created,
         "model": meta.model,
-        "choices": [choice],
-        "usage": usage_json(&done),
+        "choices": choices,
+        "usage": total_usage(&all),
     });
     Ok(super::json_response(StatusCode::OK, &body))
 }
 
 impl Meta {
     /// A streamed chunk with one choice.
-    fn chunk(&self, delta_or_text: Value, finish_reason: Option<&str>) -> Value {
+    fn chunk(
+        &self,
+        index: usize,
+        delta_or_text: Value,
+        finish_reason: Option<&str>,
+        logprobs: Value,
+    ) -> Value {
         let choice = match self.kind {
             Kind::Chat => json!({
-                "index": 0,
+                "index": index,
                 "delta": delta_or_text,
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }),
             Kind::Completion => json!({
-                "index": 0,
+                "index": index,
                 "text": delta_or_text,
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }),
         };
@@ -660,28 +906,28 @@ impl Meta {
         v
     }
 
-    fn text_chunk(&self, text: &str) -> Value {
+    fn text_chunk(&self, index: usize, text: &str, logprobs: Value) -> Value {
         match self.kind {
-            Kind::Chat => self.chunk(json!({"content": text}), None),
-            Kind::Completion => self.chunk(json!(text), None),
+            Kind::Chat => self.chunk(index, json!({"content": text}), None, logprobs),
+            Kind::Completion => self.chunk(index, json!(text), None, logprobs),
         }
     }
 
-    fn final_chunk(&self, finish_reason: &str) -> Value {
+    fn final_chunk(&self, index: usize, finish_reason: &str, logprobs: Value) -> Value {
         match self.kind {
-            Kind::Chat => self.chunk(json!({}), Some(finish_reason)),
-            Kind::Completion => self.chunk(json!(""), Some(finish_reason)),
+            Kind::Chat => self.chunk(index, json!({}), Some(finish_reason), logprobs),
+            Kind::Completion => self.chunk(index, json!(""), Some(finish_reason), logprobs),
         }
     }
 
-    fn usage_chunk(&self, c: &Completion) -> Value {
+    fn usage_chunk(&self, done: &[Completion]) -> Value {
         json!({
             "id": self.id,
             "object": match self.kind { Kind::Chat => "chat.completion.chunk", Kind::Completion => "text_completion" },
             "created": self.created,
             "model": self.model,
             "choices": [],
-            "usage": usage_json(c),
+            "usage": total_usage(done),
         })
     }
 }
@@ -690,44 +936,82 @@ fn sse(v: &Value) -> Result<Bytes, Infallible> {
     Ok(Bytes::from(format!("data: {v}\n\n")))
 }
 
-/// Server-sent events. A task forwards the scheduler's events; when the client goes away the
-/// body (and this channel) is dropped, the task ends and drops the scheduler's receiver, which
-/// cancels the sequence.
-fn stream_response(mut rx: mpsc::Receiver<Event>, meta: Meta) -> Response {
+/// Server-sent events. A task forwards the scheduler's events of every choice as they come
+/// (each chunk names its choice's index); when the client goes away the body (and this
+/// channel) is dropped, the task ends and drops the scheduler's receivers, which cancels the
+/// sequences. With logprobs, a chunk carries those of the tokens generated since the previous
+/// chunk of its choice (the last chunk those left).
+fn stream_response(rxs: Vec<mpsc::Receiver<Event>>, meta: Meta) -> Response {
+    use tokio_stream::StreamExt;
     let (tx, body_rx) = mpsc::channel::<Result<Bytes, Infallible>>(32);
     tokio::spawn(async move {
+        let n = rxs.len();
+        let mut events = tokio_stream::StreamMap::new();
+        for (i, rx) in rxs.into_iter().enumerate() {
+            events.insert(i, tokio_stream::wrappers::ReceiverStream::new(rx));
+        }
         if meta.kind == Kind::Chat {
-            let first = meta.chunk(json!({"role": "assistant", "content": ""}), None);
-            if tx.send(sse(&first)).await.is_err() {
-                return;
+            for i in 0..n {
+                let lp = if meta.logprobs {
+                    json!({"content": []})
+                } else {
+                    Value::Null
+                };
+                let first = meta.chunk(i, json!({"role": "assistant", "content": ""}), None, lp);
+                if tx.send(sse(&first)).await.is_err() {
+                    return;
+                }
             }
         }
+        let mut pending: Vec<Vec<TokenLogprobs>> = vec![Vec::new(); n];
+        let mut offsets = vec![0usize; n];
+        let mut done: Vec<Option<Completion>> = vec![None; n];
+        let mut take_lp = |i: usize, pending: &mut Vec<Vec<TokenLogprobs>>| {
+            if meta.logprobs {
+                let v = logprobs_json(meta.kind, &pending[i], &mut offsets[i]);
+                pending[i].clear();
+                v
+            } else {
+                Value::Null
+            }
+        };
         loop {
             let ev = tokio::select! {
-                ev = rx.recv() => ev,
+                ev = events.next() => ev,
                 () = tx.closed() => return,
             };
             let out: Vec<Value> = match ev {
-                Some(Event::Text(t)) => vec![meta.text_chunk(&t)],
-                Some(Event::Done(c)) => {
-                    let mut v = vec![meta.final_chunk(c.finish_reason.as_str())];
-                    if meta.include_usage {
-                        v.push(meta.usage_chunk(&c));
-                    }
-                    for chunk in &v {
-                        if tx.send(sse(chunk)).await.is_err() {
-                            return;
-                        }
-                    }
-                    break;
+                Some((i, Event::Logprobs(l))) => {
+                    pending[i].push(l);
+                    Vec::new()
                 }
-                Some(Event::Error(e)) => {
+                Some((i, Event::Text(t))) => {
+                    let lp = take_lp(i, &mut pending);
+                    vec![meta.text_chunk(i, &t, lp)]
+                }
+                Some((i, Event::Done(c))) => {
+                    let lp = take_lp(i, &mut pending);
+                    let chunk = meta.final_chunk(i, c.finish_reason.as_str(), lp);
+                    done[i] = Some(c);
+                    vec![chunk]
+                }
+                Some((_, Event::Error(e))) => {
                     let _ = tx.send(sse(&ApiError::internal(e).body())).await;
                     break;
                 }
                 None => {
-                    let e = ApiError::internal("generation ended without a result");
-                    let _ = tx.send(sse(&e.body())).await;
+                    let all: Option<Vec<Completion>> = done.iter().cloned().collect();
+                    match all {
+                        Some(all) => {
+                            if meta.include_usage {
+                                let _ = tx.send(sse(&meta.usage_chunk(&all))).await;
+                            }
+                        }
+                        None => {
+                            let e = ApiError::internal("generation ended without a result");
+                            let _ = tx.send(sse(&e.body())).await;
+                        }
+                    }
                     break;
                 }
             };
