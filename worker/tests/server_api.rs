@@ -901,6 +901,26 @@ async fn metrics_parse_and_count() {
     assert_eq!(sample(&m, "tessera_requests_running", &[]), Some(0.0));
     // Released after the request: nothing left in the cache.
     assert_eq!(sample(&m, "tessera_kv_cache_usage_ratio", &[]), Some(0.0));
+
+    // A request whose very first token ends it (a stop token, forced by logit_bias) still has
+    // a time to first token.
+    let mut body = chat_body(FRANCE, 8);
+    body["logit_bias"] = json!({"42": 100});
+    body["stop_token_ids"] = json!([42]);
+    let r = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["choices"][0]["message"]["content"], "");
+    let m = metrics(&s).await;
+    assert_eq!(
+        sample(&m, "tessera_time_to_first_token_seconds_count", &[]),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&m, "tessera_requests_total", &[("finish_reason", "stop")]),
+        Some(2.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
