@@ -415,3 +415,57 @@ fn replica_failure_holds_while_a_starting_group_misses_pods() {
     let done = decide(&md, &pods, &nodes, at(60)).status.expect("status");
     assert!(!done.conditions.iter().any(|c| c.type_ == REPLICA_FAILURE));
 }
+
+#[test]
+fn what_the_fleet_measured_shows_next_to_the_prediction() {
+    use tessera_operator::planner::calibration::{LayoutKey, Measurement};
+    let md = deployment(1, 2);
+    let nodes = [common::h100_node()];
+    let first = decide(&md, &[], &nodes, t0());
+    let mut md = md;
+    md.status = first.status.clone();
+    let pods = ready(&first, t0());
+    let key = LayoutKey {
+        gpu_type: "H100".into(),
+        tensor_parallel: 2,
+        pipeline_parallel: 1,
+        engine: "tessera".into(),
+    };
+    let mut cfg = Config::default();
+    let observe = |cfg: &mut Config, ratio: f64| {
+        cfg.plan.constants.calibration.observe(
+            &key,
+            Measurement {
+                predicted_decode_tokens_per_second: 100.0,
+                measured_decode_tokens_per_second: Some(100.0 * ratio),
+                predicted_time_to_first_token_seconds: 1.0,
+                measured_time_to_first_token_seconds: None,
+            },
+        )
+    };
+    let run = |cfg: &Config| {
+        let obs = Observed {
+            md: &md,
+            pods: &pods,
+            services: &[],
+            nodes: &nodes,
+            other_pods: &[],
+            reserved: &[],
+            now: at(60),
+        };
+        reconcile(&obs, cfg)
+            .status
+            .unwrap_or_else(|| md.status.clone().expect("status"))
+    };
+    // Two samples: not yet.
+    observe(&mut cfg, 0.7);
+    observe(&mut cfg, 0.7);
+    let p = &run(&cfg).placements[0].predicted;
+    assert_eq!(p.measured_decode_ratio, None);
+    // Three: the median, rounded, next to the prediction; nothing measured for prefill.
+    observe(&mut cfg, 0.71234);
+    let p = run(&cfg).placements[0].predicted.clone();
+    assert_eq!(p.measured_decode_ratio, Some(0.7));
+    assert_eq!(p.measured_prefill_ratio, None);
+    assert!(p.decode_tokens_per_second > 0.0);
+}

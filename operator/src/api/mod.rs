@@ -729,6 +729,13 @@ pub struct Prediction {
     pub time_to_first_token_seconds: f64,
     /// Per-direction bandwidth of the slowest link in the tensor-parallel ring, GB/s.
     pub all_reduce_g_bps: f64,
+    /// What the running fleet measures for this layout (GPU type, TP, PP, engine) over what the
+    /// cost model predicts, decode speed (median of recent scrapes; absent until measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_decode_ratio: Option<f64>,
+    /// The same for prefill speed (predicted over measured time to first token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_prefill_ratio: Option<f64>,
 }
 
 /// Where one replica runs.

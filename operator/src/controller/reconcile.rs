@@ -1266,6 +1266,26 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
     } else {
         Phase::Progressing
     });
+    // What the fleet measured for each layout, next to the prediction (two decimals, so the
+    // status changes only when the measurement does).
+    let calibration = &cfg.plan.constants.calibration;
+    if !calibration.is_empty() {
+        for p in &mut kept {
+            let Some(gpu) = cfg.catalog.lookup(&p.gpu_type) else {
+                continue;
+            };
+            let key = crate::planner::calibration::LayoutKey {
+                gpu_type: gpu.name.clone(),
+                tensor_parallel: u32::try_from(p.tensor_parallel).unwrap_or(0),
+                pipeline_parallel: u32::try_from(p.pipeline_parallel).unwrap_or(0),
+                engine: spec.engine.name.as_str().to_owned(),
+            };
+            let (decode, prefill) = calibration.measured(&key);
+            let two = |x: f64| (x * 100.0).round() / 100.0;
+            p.predicted.measured_decode_ratio = decode.map(two);
+            p.predicted.measured_prefill_ratio = prefill.map(two);
+        }
+    }
     status.placements = kept;
     status.incarnations = seq.get();
     if !all_placed {

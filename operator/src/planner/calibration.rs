@@ -158,6 +158,16 @@ impl Calibration {
             })
     }
 
+    /// The measured decode and prefill ratios of `key`, where there are enough samples.
+    pub fn measured(&self, key: &LayoutKey) -> (Option<f64>, Option<f64>) {
+        self.layouts
+            .iter()
+            .find(|l| &l.key == key)
+            .map_or((None, None), |l| {
+                (median(&l.decode_ratios), median(&l.prefill_ratios))
+            })
+    }
+
     /// `e` corrected for `key`.
     pub fn apply(&self, key: &LayoutKey, mut e: Estimate) -> Estimate {
         let (decode, prefill) = self.correction(key);

@@ -163,6 +163,8 @@ impl Estimate {
             prefill_tokens_per_second: round(self.prefill_tokens_per_second, 1),
             time_to_first_token_seconds: round(self.time_to_first_token_seconds, 4),
             all_reduce_g_bps: round(self.all_reduce_gbps, 1),
+            measured_decode_ratio: None,
+            measured_prefill_ratio: None,
         }
     }
 }
