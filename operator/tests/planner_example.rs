@@ -397,6 +397,8 @@ fn chosen_with(decode_ratios: &[f64]) -> (String, u32, u32) {
                 measured_decode_tokens_per_second: Some(1000.0 * r),
                 predicted_time_to_first_token_seconds: 0.5,
                 measured_time_to_first_token_seconds: None,
+                predicted_allreduce_seconds: 0.0,
+                measured_allreduce_seconds: None,
             },
         );
     }

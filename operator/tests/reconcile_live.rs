@@ -440,6 +440,8 @@ fn what_the_fleet_measured_shows_next_to_the_prediction() {
                 measured_decode_tokens_per_second: Some(100.0 * ratio),
                 predicted_time_to_first_token_seconds: 1.0,
                 measured_time_to_first_token_seconds: None,
+                predicted_allreduce_seconds: 0.0,
+                measured_allreduce_seconds: None,
             },
         )
     };

@@ -736,6 +736,9 @@ pub struct Prediction {
     /// The same for prefill speed (predicted over measured time to first token).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub measured_prefill_ratio: Option<f64>,
+    /// The same for the tensor-parallel all-reduce (predicted over measured time per call).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_all_reduce_ratio: Option<f64>,
 }
 
 /// Where one replica runs.

@@ -317,7 +317,16 @@ pub fn calibration_sample(
         ),
         _ => (0.0, None),
     };
-    if measured_decode.is_none() && measured_ttft.is_none() {
+    // One all-reduce of the interval's mean payload on the replica's TP link.
+    let (predicted_allreduce, measured_allreduce) = match (means.allreduce_bytes, means.allreduce_s)
+    {
+        (Some(bytes), Some(secs)) if tp > 1 => (
+            cost::ring_all_reduce_seconds(bytes, tp, links.tp),
+            Some(secs),
+        ),
+        _ => (0.0, None),
+    };
+    if measured_decode.is_none() && measured_ttft.is_none() && measured_allreduce.is_none() {
         return None;
     }
     Some((
@@ -332,6 +341,8 @@ pub fn calibration_sample(
             measured_decode_tokens_per_second: measured_decode,
             predicted_time_to_first_token_seconds: predicted_ttft,
             measured_time_to_first_token_seconds: measured_ttft,
+            predicted_allreduce_seconds: predicted_allreduce,
+            measured_allreduce_seconds: measured_allreduce,
         },
     ))
 }

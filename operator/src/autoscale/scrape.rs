@@ -147,6 +147,10 @@ pub struct LeaderMetrics {
     pub itl_count: Option<f64>,
     /// Prompt tokens processed.
     pub prompt_tokens_total: Option<f64>,
+    /// All-reduce calls, payload bytes and seconds of the leader (the Tessera engine's).
+    pub allreduce_calls_total: Option<f64>,
+    pub allreduce_bytes_total: Option<f64>,
+    pub allreduce_seconds_total: Option<f64>,
 }
 
 /// Means over the interval between two scrapes of one leader, for calibrating the cost model
@@ -159,6 +163,9 @@ pub struct IntervalMeans {
     /// Mean time to first token, seconds, and the mean prompt of those requests, tokens.
     pub time_to_first_token_s: Option<f64>,
     pub prompt_tokens: Option<f64>,
+    /// Mean all-reduce: payload bytes and seconds per call (at least 16 calls).
+    pub allreduce_bytes: Option<f64>,
+    pub allreduce_s: Option<f64>,
 }
 
 fn delta(now: Option<f64>, before: Option<f64>) -> Option<f64> {
@@ -187,7 +194,19 @@ pub fn interval_means(before: &LeaderMetrics, now: &LeaderMetrics) -> IntervalMe
         (Some(t), Some(n)) if t > 0.0 => Some(t / n),
         _ => None,
     };
+    let calls =
+        delta(now.allreduce_calls_total, before.allreduce_calls_total).filter(|n| *n >= 16.0);
+    let (allreduce_bytes, allreduce_s) = match (
+        calls,
+        delta(now.allreduce_bytes_total, before.allreduce_bytes_total),
+        delta(now.allreduce_seconds_total, before.allreduce_seconds_total),
+    ) {
+        (Some(n), Some(b), Some(t)) if b > 0.0 && t > 0.0 => (Some(b / n), Some(t / n)),
+        _ => (None, None),
+    };
     IntervalMeans {
+        allreduce_bytes,
+        allreduce_s,
         inter_token_latency_s: itl,
         time_to_first_token_s: ttft.filter(|_| prompt.is_some()),
         prompt_tokens: prompt.filter(|_| ttft.is_some()),
@@ -302,6 +321,9 @@ impl LeaderMetrics {
             itl_sum: histogram_part(&series, names.itl, "_sum"),
             itl_count: histogram_part(&series, names.itl, "_count"),
             prompt_tokens_total: first_of(&series, names.prompt_tokens, sum_of),
+            allreduce_calls_total: sum_of(&series, "tessera_allreduce_calls_total"),
+            allreduce_bytes_total: sum_of(&series, "tessera_allreduce_bytes_total"),
+            allreduce_seconds_total: sum_of(&series, "tessera_allreduce_seconds_total"),
         }
     }
 
@@ -650,6 +672,21 @@ mod interval_tests {
             // Too few tokens in the interval: no latency.
             let c = scrape(engine, "", 310.0, 0.02, 6.0);
             assert_eq!(interval_means(&b, &c).inter_token_latency_s, None);
+            // The Tessera engine also reports its all-reduces.
+            if engine == EngineName::Tessera {
+                let ar = |calls: f64, bytes: f64, secs: f64| {
+                    LeaderMetrics::from_text(&format!(
+                        "tessera_allreduce_calls_total {calls}\ntessera_allreduce_bytes_total {bytes}\ntessera_allreduce_seconds_total {secs}\n"
+                    ))
+                };
+                let m = interval_means(&ar(100.0, 1e6, 0.5), &ar(300.0, 3e6, 0.7));
+                assert_eq!(m.allreduce_bytes, Some(1e4));
+                assert!((m.allreduce_s.unwrap() - 1e-3).abs() < 1e-12);
+                assert_eq!(
+                    interval_means(&ar(100.0, 1e6, 0.5), &ar(110.0, 2e6, 0.6)).allreduce_s,
+                    None
+                );
+            }
             // Counters back near zero: a restart, no interval.
             let d = scrape(engine, "", 5.0, 0.02, 1.0);
             assert_eq!(interval_means(&b, &d), IntervalMeans::default());

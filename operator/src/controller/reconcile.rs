@@ -1284,6 +1284,7 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
             let two = |x: f64| (x * 100.0).round() / 100.0;
             p.predicted.measured_decode_ratio = decode.map(two);
             p.predicted.measured_prefill_ratio = prefill.map(two);
+            p.predicted.measured_all_reduce_ratio = calibration.measured_allreduce(&key).map(two);
         }
     }
     status.placements = kept;

@@ -50,6 +50,9 @@ pub struct LayoutSamples {
     /// Predicted / measured time to first token (above 1: faster than predicted), oldest first.
     #[serde(default)]
     pub prefill_ratios: VecDeque<f64>,
+    /// Predicted / measured time of one tensor-parallel all-reduce of the mean payload.
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
+    pub allreduce_ratios: VecDeque<f64>,
 }
 
 impl Default for LayoutKey {
@@ -70,6 +73,9 @@ pub struct Measurement {
     pub measured_decode_tokens_per_second: Option<f64>,
     pub predicted_time_to_first_token_seconds: f64,
     pub measured_time_to_first_token_seconds: Option<f64>,
+    /// One all-reduce of the interval's mean payload: predicted and measured seconds.
+    pub predicted_allreduce_seconds: f64,
+    pub measured_allreduce_seconds: Option<f64>,
 }
 
 /// Corrections for every measured layout.
@@ -142,7 +148,27 @@ impl Calibration {
                 m.predicted_time_to_first_token_seconds / t,
             );
         }
+        if let Some(t) = m.measured_allreduce_seconds
+            && t > 0.0
+            && m.predicted_allreduce_seconds > 0.0
+        {
+            push(&mut e.allreduce_ratios, m.predicted_allreduce_seconds / t);
+        }
         self.layouts.sort_by(|a, b| a.key.cmp(&b.key));
+    }
+
+    /// The all-reduce correction of `key`: measured speed over predicted (1.0 with too few
+    /// samples). The planner scales the TP link of that layout by it.
+    pub fn allreduce(&self, key: &LayoutKey) -> f64 {
+        self.measured_allreduce(key).unwrap_or(1.0)
+    }
+
+    /// The measured all-reduce ratio of `key`, where there are enough samples.
+    pub fn measured_allreduce(&self, key: &LayoutKey) -> Option<f64> {
+        self.layouts
+            .iter()
+            .find(|l| &l.key == key)
+            .and_then(|l| median(&l.allreduce_ratios))
     }
 
     /// The decode and prefill corrections of `key` (1.0 where there are too few samples).
@@ -197,6 +223,8 @@ mod tests {
             measured_decode_tokens_per_second: Some(decode),
             predicted_time_to_first_token_seconds: 0.1,
             measured_time_to_first_token_seconds: Some(0.2),
+            predicted_allreduce_seconds: 0.001,
+            measured_allreduce_seconds: Some(0.004),
         }
     }
 
@@ -213,6 +241,7 @@ mod tests {
         c.observe(&key(), m(700.0));
         let (d, p) = c.correction(&key());
         assert!((d - 0.7).abs() < 1e-9 && (p - 0.5).abs() < 1e-9, "{d} {p}");
+        assert!((c.allreduce(&key()) - 0.25).abs() < 1e-9);
         // One wild sample (a scrape during a restart) does not move the median.
         c.observe(&key(), m(5.0));
         assert!((c.correction(&key()).0 - 0.7).abs() < 1e-9);

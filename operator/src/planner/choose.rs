@@ -272,7 +272,13 @@ pub fn choose(
                     ));
                     break;
                 }
-                let links = nominal_links(inv, t, st, tp, pp, c);
+                let links = c.calibrated_links(
+                    &ty.model,
+                    tp,
+                    pp,
+                    spec.engine.name.as_str(),
+                    nominal_links(inv, t, st, tp, pp, c),
+                );
                 let e = c.calibrated(
                     &ty.model,
                     tp,

@@ -90,6 +90,35 @@ impl CostConstants {
         self.calibration.apply(&key, e)
     }
 
+    /// `links` of `gpu` at `tp` x `pp` running `engine` with the fleet's all-reduce correction:
+    /// the TP link's bandwidth times it and its latency over it, so ring times scale by its
+    /// inverse.
+    pub fn calibrated_links(
+        &self,
+        gpu: &GpuModel,
+        tp: u32,
+        pp: u32,
+        engine: &str,
+        links: Links,
+    ) -> Links {
+        if self.calibration.is_empty() || tp <= 1 {
+            return links;
+        }
+        let r = self.calibration.allreduce(&LayoutKey {
+            gpu_type: gpu.name.clone(),
+            tensor_parallel: tp,
+            pipeline_parallel: pp,
+            engine: engine.to_owned(),
+        });
+        Links {
+            tp: Link {
+                gbps: links.tp.gbps * r,
+                latency_s: links.tp.latency_s / r,
+            },
+            pp: links.pp,
+        }
+    }
+
     /// The PCIe link a collective gets on `gpu`.
     pub fn pcie_link(&self, gpu: &GpuModel) -> Link {
         Link {
@@ -165,6 +194,7 @@ impl Estimate {
             all_reduce_g_bps: round(self.all_reduce_gbps, 1),
             measured_decode_ratio: None,
             measured_prefill_ratio: None,
+            measured_all_reduce_ratio: None,
         }
     }
 }
@@ -581,5 +611,50 @@ mod tests {
             .fits
         );
         assert!(estimate(&llama70b(), small, h100, 2, 1, l, &c).fits);
+    }
+
+    #[test]
+    fn a_measured_all_reduce_scales_the_ring_time_of_its_layout_only() {
+        use crate::planner::calibration::{LayoutKey, Measurement};
+        let cat = Catalog::builtin();
+        let h800 = cat.lookup("NVIDIA-H800").unwrap();
+        let mut c = CostConstants::default();
+        let links = packed_links(h800, 8, 1, 8, &c);
+        let work = Workload {
+            concurrency: 1.0,
+            context: 4096.0,
+            kv_bytes: 2.0,
+        };
+        let before = estimate(&llama70b(), work, h800, 8, 1, links, &c);
+        // The fleet's all-reduces take twice the predicted time on H800 TP=8.
+        let key = LayoutKey {
+            gpu_type: "H800".into(),
+            tensor_parallel: 8,
+            pipeline_parallel: 1,
+            engine: "vllm".into(),
+        };
+        for _ in 0..3 {
+            c.calibration.observe(
+                &key,
+                Measurement {
+                    predicted_decode_tokens_per_second: 0.0,
+                    measured_decode_tokens_per_second: None,
+                    predicted_time_to_first_token_seconds: 0.0,
+                    measured_time_to_first_token_seconds: None,
+                    predicted_allreduce_seconds: 1e-3,
+                    measured_allreduce_seconds: Some(2e-3),
+                },
+            );
+        }
+        let slow = c.calibrated_links(h800, 8, 1, "vllm", links);
+        let after = estimate(&llama70b(), work, h800, 8, 1, slow, &c);
+        assert!(within(
+            after.prefill_all_reduce_seconds,
+            2.0 * before.prefill_all_reduce_seconds,
+            1e-9
+        ));
+        // Another engine or layout is untouched.
+        assert_eq!(c.calibrated_links(h800, 8, 1, "sglang", links), links);
+        assert_eq!(c.calibrated_links(h800, 4, 1, "vllm", links), links);
     }
 }

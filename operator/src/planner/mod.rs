@@ -462,7 +462,13 @@ pub fn plan(
                 .placed
                 .into_iter()
                 .map(|(r, (t, tp, pp, allocs, kept, note))| {
-                    let links = actual_links(inv, t, &allocs, c);
+                    let links = c.calibrated_links(
+                        &inv.types[t].model,
+                        tp,
+                        pp,
+                        dep.md.spec.engine.name.as_str(),
+                        actual_links(inv, t, &allocs, c),
+                    );
                     let e = c.calibrated(
                         &inv.types[t].model,
                         tp,
