@@ -307,7 +307,10 @@ fn published_throughput_is_predicted_within_the_reported_error() {
             r.error() * 100.0
         ));
     }
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/cost-model-validation.md");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/cost-model-validation.md"
+    );
     if std::env::var_os("UPDATE_VALIDATION_TABLE").is_some() {
         std::fs::write(path, &table).expect("write the table");
     }
