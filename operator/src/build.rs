@@ -20,6 +20,8 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+pub use crate::planner::inventory::GPU_RESOURCE;
 use kube::Resource;
 
 use crate::api::{EngineName, ModelDeployment, ReplicaPlacement, WorkerVolume};
@@ -747,24 +749,7 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
                     .then(|| spec.worker.image_pull_secrets.clone()),
                 tolerations: (!spec.placement.tolerations.is_empty())
                     .then(|| spec.placement.tolerations.clone()),
-                affinity: Some(Affinity {
-                    node_affinity: Some(NodeAffinity {
-                        required_during_scheduling_ignored_during_execution: Some(NodeSelector {
-                            // By the Node's name, not the `kubernetes.io/hostname` label,
-                            // which need not equal it (cloud providers set it otherwise).
-                            node_selector_terms: vec![NodeSelectorTerm {
-                                match_fields: Some(vec![NodeSelectorRequirement {
-                                    key: "metadata.name".into(),
-                                    operator: "In".into(),
-                                    values: Some(vec![stage.node.clone()]),
-                                }]),
-                                ..NodeSelectorTerm::default()
-                            }],
-                        }),
-                        ..NodeAffinity::default()
-                    }),
-                    ..Affinity::default()
-                }),
+                affinity: Some(pinned_to(stage.node.clone())),
                 security_context: Some(PodSecurityContext {
                     run_as_non_root: Some(true),
                     run_as_user: Some(RUN_AS_USER),
@@ -909,9 +894,6 @@ pub fn replica_network_policy(
 /// Annotation with a hash of a policy's spec: a policy whose hash matches is not applied again.
 pub const POLICY_HASH: &str = "tessera.dev/policy-hash";
 
-/// The extended resource of NVIDIA GPUs (the device plugin's).
-pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
-
 /// FNV-1a: a stable hash of what objects are built from (not std's hasher, whose output may
 /// change between Rust releases and would roll every replica after an operator upgrade).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
@@ -989,6 +971,28 @@ pub fn worker_service_account(md: &ModelDeployment) -> ServiceAccount {
         },
         automount_service_account_token: Some(false),
         ..ServiceAccount::default()
+    }
+}
+
+/// Required node affinity to exactly `node`, by the Node's name, not the
+/// `kubernetes.io/hostname` label, which need not equal it (cloud providers set it otherwise).
+/// `controller::reconcile::pinned_node` reads it back.
+pub fn pinned_to(node: String) -> Affinity {
+    Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_fields: Some(vec![NodeSelectorRequirement {
+                        key: "metadata.name".into(),
+                        operator: "In".into(),
+                        values: Some(vec![node]),
+                    }]),
+                    ..NodeSelectorTerm::default()
+                }],
+            }),
+            ..NodeAffinity::default()
+        }),
+        ..Affinity::default()
     }
 }
 

@@ -98,13 +98,7 @@ pub fn main(args: &PlanArgs) -> ExitCode {
 
 /// Plan and render; the error names the file and the problem.
 pub fn run(args: &PlanArgs) -> Result<String, String> {
-    let mut catalog = Catalog::builtin();
-    if let Some(path) = &args.catalog {
-        let text = read(path)?;
-        catalog
-            .merge_str(&text)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
+    let catalog = load_catalog(args.catalog.as_deref())?;
     if !(args.fabric_gbps.is_finite() && args.fabric_gbps > 0.0) {
         return Err(format!(
             "--fabric-gbps must be a positive number, got {}",
@@ -256,6 +250,17 @@ fn render_children(
         out.push_str(&serde_yaml_ng::to_string(o).map_err(|e| e.to_string())?);
     }
     Ok(out)
+}
+
+/// The built-in GPU catalog with the overrides of `path` (`--catalog FILE`) merged in.
+pub fn load_catalog(path: Option<&Path>) -> Result<Catalog, String> {
+    let mut catalog = Catalog::builtin();
+    if let Some(path) = path {
+        catalog
+            .merge_str(&read(path)?)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(catalog)
 }
 
 fn to_value<T: serde::Serialize>(o: &T) -> Result<Value, String> {

@@ -9,7 +9,6 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use crate::api::{KvCacheDtype, ModelDeployment};
-use crate::planner::catalog::Catalog;
 use crate::planner::cost::{CostConstants, RequestShape, Serving, packed_links, serve};
 
 /// Output of `predict`.
@@ -82,14 +81,7 @@ pub struct Prediction {
 
 /// Predict for a deployment's model (the planner's code, no cluster).
 pub fn predict(md: &ModelDeployment, args: &PredictArgs) -> Result<Prediction, String> {
-    let mut catalog = Catalog::builtin();
-    if let Some(path) = &args.catalog {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        catalog
-            .merge_str(&text)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
+    let catalog = crate::plan_cmd::load_catalog(args.catalog.as_deref())?;
     let gpu = catalog
         .models
         .iter()

@@ -217,12 +217,23 @@ impl FakeApi {
 
 /// A client whose every request the shared API server answers.
 pub fn client(api: Arc<Mutex<FakeApi>>) -> kube::Client {
+    client_from(move |method, path, query, body| {
+        api.lock().expect("lock").handle(method, path, query, body)
+    })
+}
+
+/// A `kube::Client` whose every request `handle(method, path, query, body)` answers with a
+/// status code and a JSON body (`null`: an empty body, as a watch that ends at once).
+pub fn client_from<F>(handle: F) -> kube::Client
+where
+    F: Fn(&Method, &str, &str, &[u8]) -> (u16, Value) + Clone + Send + Sync + 'static,
+{
     let svc = tower::service_fn(move |req: Request<Body>| {
-        let api = api.clone();
+        let handle = handle.clone();
         async move {
             let (parts, body) = req.into_parts();
             let bytes = body.collect_bytes().await.expect("body");
-            let (code, v) = api.lock().expect("lock").handle(
+            let (code, v) = handle(
                 &parts.method,
                 parts.uri.path(),
                 parts.uri.query().unwrap_or_default(),

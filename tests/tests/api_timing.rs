@@ -17,14 +17,12 @@
 //! Figures: `cargo test -p tessera-tests --test api_timing -- --nocapture`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use http::{Method, Request, Response, StatusCode};
+use http::Method;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::client::Body;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
@@ -36,26 +34,10 @@ use tessera_operator::build::labels;
 use tessera_operator::controller::metrics::Metrics;
 use tessera_operator::controller::reconcile::Config;
 use tessera_operator::controller::run::{Context, reconcile_one};
+use tessera_tests::Rng;
+use tessera_tests::recording_api::client_from;
 
 const NS: &str = "inference";
-
-/// SplitMix64: reproducible runs from a seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// One write the API server made, for the watches.
 #[derive(Clone)]
@@ -298,26 +280,9 @@ impl ApiServer {
 }
 
 fn client(api: Arc<Mutex<ApiServer>>) -> kube::Client {
-    let svc = tower::service_fn(move |req: Request<Body>| {
-        let api = api.clone();
-        async move {
-            let (parts, body) = req.into_parts();
-            let bytes = body.collect_bytes().await.expect("body");
-            let (code, v) = api.lock().expect("lock").handle(
-                &parts.method,
-                parts.uri.path(),
-                parts.uri.query().unwrap_or_default(),
-                &bytes,
-            );
-            Ok::<_, Infallible>(
-                Response::builder()
-                    .status(StatusCode::from_u16(code).expect("code"))
-                    .body(Body::from(serde_json::to_vec(&v).expect("json")))
-                    .expect("response"),
-            )
-        }
-    });
-    kube::Client::new(svc, "default")
+    client_from(move |method, path, query, body| {
+        api.lock().expect("lock").handle(method, path, query, body)
+    })
 }
 
 /// One operator process: its reflector stores (fed from the API's log at its own pace) and

@@ -5,13 +5,11 @@
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, StatusCode};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::client::Body;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector;
 use prometheus_client::registry::Registry;
@@ -135,21 +133,10 @@ fn handle(state: &Mutex<State>, method: &Method, path: &str, body: &[u8]) -> (St
 }
 
 fn client(state: Arc<Mutex<State>>) -> kube::Client {
-    let svc = tower::service_fn(move |req: Request<Body>| {
-        let state = state.clone();
-        async move {
-            let (parts, body) = req.into_parts();
-            let bytes = body.collect_bytes().await.expect("body");
-            let (code, v) = handle(&state, &parts.method, parts.uri.path(), &bytes);
-            Ok::<_, Infallible>(
-                Response::builder()
-                    .status(code)
-                    .body(Body::from(serde_json::to_vec(&v).expect("json")))
-                    .expect("response"),
-            )
-        }
-    });
-    kube::Client::new(svc, "default")
+    tessera_tests::recording_api::client_from(move |method, path, _query, body| {
+        let (code, v) = handle(&state, method, path, body);
+        (code.as_u16(), v)
+    })
 }
 
 fn context(client: kube::Client) -> Context {

@@ -22,25 +22,11 @@ use tessera_operator::build::labels;
 use tessera_operator::controller::reconcile::{
     Actions, Config, Observed, reconcile, reserved_by_others,
 };
+use tessera_tests::Rng;
 
 const STEP: i64 = 5; // simulated seconds per round
 const PULL_SECONDS: i64 = 10; // bound -> Running
 const LOAD_SECONDS: i64 = 20; // Running -> Ready
-
-/// A tiny deterministic PRNG (SplitMix64) so runs are reproducible from a seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn node(name: &str, product: &str, gpus: u32, rack: &str) -> Node {
     serde_json::from_value(json!({

@@ -194,6 +194,8 @@ pub struct Runner {
     epoch: Instant,
     /// Measured / predicted speed per layout, shared with the controller's planning.
     calibration: Arc<std::sync::Mutex<Calibration>>,
+    /// A sample was added since the calibration was last saved.
+    calibration_changed: bool,
 }
 
 /// A replica leader to scrape.
@@ -391,6 +393,7 @@ impl Runner {
             gauges: HashSet::new(),
             epoch: Instant::now(),
             calibration: Arc::default(),
+            calibration_changed: false,
         }
     }
 
@@ -520,11 +523,9 @@ impl Runner {
         D: Borrow<ModelDeployment> + Sync,
     {
         let started = self.clock.now();
-        let before = self.calibration();
         let out = self.pass_inner(snap).await;
-        let after = self.calibration();
-        if after != before {
-            self.save_calibration(&after).await;
+        if std::mem::take(&mut self.calibration_changed) {
+            self.save_calibration(&self.calibration()).await;
         }
         self.metrics.passes.inc();
         self.metrics.pass_duration.observe(
@@ -623,6 +624,7 @@ impl Runner {
                                 .lock()
                                 .expect("lock")
                                 .observe(&key, measurement);
+                            self.calibration_changed = true;
                         }
                     }
                     self.last.insert(

@@ -35,15 +35,14 @@ use std::sync::Arc;
 
 use futures::{Stream, TryStreamExt};
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerState, ContainerStateTerminated, ContainerStatus, Node,
-    NodeAffinity, NodeCondition, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, NodeSpec,
-    NodeStatus, Pod, PodCondition, PodSpec, PodStatus, ResourceRequirements,
+    Container, ContainerState, ContainerStateTerminated, ContainerStatus, Node, NodeCondition,
+    NodeSpec, NodeStatus, Pod, PodCondition, PodSpec, PodStatus, ResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::Store;
 use kube::runtime::{WatchStreamExt, watcher};
 
-use super::reconcile::{bounded, pinned_node};
+use super::reconcile::{bounded, label, pinned_node};
 use crate::build::labels;
 use crate::planner::inventory::{self, GPU_RESOURCE};
 
@@ -61,14 +60,6 @@ pub const POD_CONDITIONS: [&str; 3] = ["Ready", "PodScheduled", "DisruptionTarge
 
 /// Longest termination message kept (its first line; Events are cut at 1024 bytes).
 pub const MAX_TERMINATION_MESSAGE: usize = 1024;
-
-fn label<'a>(p: &'a Pod, key: &str) -> Option<&'a str> {
-    p.metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(key))
-        .map(String::as_str)
-}
 
 /// Whether the operator manages the pod (its health, readiness and address are read).
 fn managed(p: &Pod) -> bool {
@@ -103,26 +94,6 @@ fn gpu_container(c: Container) -> Option<Container> {
         }),
         ..Container::default()
     })
-}
-
-/// Required node affinity to exactly `node` (what [`pinned_node`] reads back).
-fn pinned_to(node: String) -> Affinity {
-    Affinity {
-        node_affinity: Some(NodeAffinity {
-            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
-                node_selector_terms: vec![NodeSelectorTerm {
-                    match_fields: Some(vec![NodeSelectorRequirement {
-                        key: "metadata.name".into(),
-                        operator: "In".into(),
-                        values: Some(vec![node]),
-                    }]),
-                    match_expressions: None,
-                }],
-            }),
-            preferred_during_scheduling_ignored_during_execution: None,
-        }),
-        ..Affinity::default()
-    }
 }
 
 fn strip_container_status(cs: ContainerStatus) -> ContainerStatus {
@@ -183,7 +154,9 @@ pub fn strip_pod(pod: Pod) -> Pod {
             .filter_map(gpu_container)
             .collect();
         // The pinned node is read only while the pod is unbound.
-        let affinity = pinned.filter(|_| s.node_name.is_none()).map(pinned_to);
+        let affinity = pinned
+            .filter(|_| s.node_name.is_none())
+            .map(crate::build::pinned_to);
         let empty =
             s.node_name.is_none() && affinity.is_none() && containers.is_empty() && init.is_empty();
         (!empty).then(|| PodSpec {

@@ -121,7 +121,7 @@ pub fn reserved_by_others<'d, 'p>(
             .and_then(|s| s.node_name.as_deref())
             .or_else(|| pinned_node(p))
             .unwrap_or_default();
-        *seen.entry((d, r, i, node)).or_default() += pod_gpus(p);
+        *seen.entry((d, r, i, node)).or_default() += crate::planner::inventory::pod_gpus(p);
     }
     let mut out = Vec::new();
     for d in deployments
@@ -148,22 +148,6 @@ pub fn reserved_by_others<'d, 'p>(
         }
     }
     out
-}
-
-/// GPUs a pod asks for.
-fn pod_gpus(p: &Pod) -> u32 {
-    p.spec
-        .iter()
-        .flat_map(|s| s.containers.iter())
-        .filter_map(|c| {
-            c.resources
-                .as_ref()?
-                .limits
-                .as_ref()?
-                .get(build::GPU_RESOURCE)
-        })
-        .filter_map(|q| q.0.parse::<u32>().ok())
-        .sum()
 }
 
 /// The node a pod is pinned to by required node affinity (`matchFields` on `metadata.name`, or
@@ -245,7 +229,8 @@ impl Actions {
     }
 }
 
-fn label<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+/// The value of a pod's label.
+pub(crate) fn label<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
     pod.metadata
         .labels
         .as_ref()

@@ -115,15 +115,21 @@ impl Calibration {
         self.layouts.is_empty()
     }
 
+    /// The samples of `key`, inserted in key order when new.
     fn entry(&mut self, key: &LayoutKey) -> &mut LayoutSamples {
+        // Linear: a file someone edited need not be sorted (and layouts are few).
         let at = match self.layouts.iter().position(|l| &l.key == key) {
             Some(i) => i,
             None => {
-                self.layouts.push(LayoutSamples {
-                    key: key.clone(),
-                    ..LayoutSamples::default()
-                });
-                self.layouts.len() - 1
+                let i = self.layouts.partition_point(|l| l.key < *key);
+                self.layouts.insert(
+                    i,
+                    LayoutSamples {
+                        key: key.clone(),
+                        ..LayoutSamples::default()
+                    },
+                );
+                i
             }
         };
         &mut self.layouts[at]
@@ -154,7 +160,6 @@ impl Calibration {
         {
             push(&mut e.allreduce_ratios, m.predicted_allreduce_seconds / t);
         }
-        self.layouts.sort_by(|a, b| a.key.cmp(&b.key));
     }
 
     /// The all-reduce correction of `key`: measured speed over predicted (1.0 with too few
