@@ -273,12 +273,18 @@ fn model_delivery(md: &ModelDeployment) -> ModelDelivery {
             }),
         }
     } else if uri.starts_with("http://") || uri.starts_with("https://") {
-        let file = uri
-            .split(['?', '#'])
-            .next()
-            .and_then(|u| u.rsplit('/').next())
-            .filter(|f| !f.is_empty())
-            .unwrap_or("model");
+        let path_part = uri.split(['?', '#']).next().unwrap_or(uri);
+        // A directory URI (ending in /) is a Hugging Face model directory, fetched into
+        // `/model-cache/model`; a file keeps its own name.
+        let file = if path_part.ends_with('/') {
+            "model"
+        } else {
+            path_part
+                .rsplit('/')
+                .next()
+                .filter(|f| !f.is_empty())
+                .unwrap_or("model")
+        };
         let arch = &md.spec.model.architecture;
         // The whole file, plus 10% headroom for a partial download being resumed.
         let bytes = arch.parameters as f64 * arch.bytes_per_parameter * 1.1;
@@ -306,6 +312,82 @@ fn model_delivery(md: &ModelDeployment) -> ModelDelivery {
             mount: None,
         }
     }
+}
+
+/// A container's security context under the restricted Pod Security Standard (read-only root,
+/// no privilege escalation, no capabilities).
+fn restricted() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+/// The init container that downloads an http(s) model into the cache volume before the engine
+/// starts (`tessera-worker fetch`: resumable, checked against `model.sha256`; a URI ending in
+/// `/` is a Hugging Face model directory). vLLM and SGLang cannot download it themselves; the
+/// Tessera engine downloads a single file itself (`serve`) and needs the init container only
+/// for a directory. Its image is the Tessera worker's (`image`, the pod's, for the Tessera
+/// engine; the operator's default worker image otherwise).
+fn fetch_container(
+    md: &ModelDeployment,
+    model: &ModelDelivery,
+    image: &str,
+    opts: &BuildOptions,
+) -> Option<Container> {
+    let uri = &md.spec.model.uri;
+    if !(uri.starts_with("http://") || uri.starts_with("https://")) {
+        return None;
+    }
+    let directory = uri.split(['?', '#']).next().unwrap_or(uri).ends_with('/');
+    let engine = md.spec.engine.name;
+    if engine == EngineName::Tessera && !directory {
+        return None;
+    }
+    let mut args = vec![
+        "fetch".to_owned(),
+        "--uri".to_owned(),
+        uri.clone(),
+        "--dest".to_owned(),
+        model.path.clone(),
+    ];
+    if let Some(sha) = &md.spec.model.sha256 {
+        args.extend(["--sha256".to_owned(), sha.clone()]);
+    }
+    let q = |v: &str| Quantity(v.to_owned());
+    Some(Container {
+        name: "fetch-model".into(),
+        image: Some(if engine == EngineName::Tessera {
+            image.to_owned()
+        } else {
+            opts.default_worker_image.clone()
+        }),
+        image_pull_policy: md
+            .spec
+            .worker
+            .image_pull_policy
+            .map(|p| p.as_str().to_owned()),
+        args: Some(args),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), q("100m")),
+                ("memory".to_owned(), q("128Mi")),
+            ])),
+            limits: Some(BTreeMap::from([("memory".to_owned(), q("512Mi"))])),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(restricted()),
+        volume_mounts: model.mount.clone().map(|m| vec![m]),
+        termination_message_path: Some("/dev/termination-log".into()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Container::default()
+    })
 }
 
 fn user_volume(v: &WorkerVolume) -> Volume {
@@ -704,16 +786,7 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
             readiness_probe: readiness,
             liveness_probe: liveness,
             startup_probe: startup,
-            security_context: Some(SecurityContext {
-                allow_privilege_escalation: Some(false),
-                read_only_root_filesystem: Some(true),
-                run_as_non_root: Some(true),
-                capabilities: Some(Capabilities {
-                    drop: Some(vec!["ALL".into()]),
-                    add: None,
-                }),
-                ..SecurityContext::default()
-            }),
+            security_context: Some(restricted()),
             volume_mounts: Some(mounts),
             // The worker writes why it exited here; the controller shows it in status.
             termination_message_path: Some("/dev/termination-log".into()),
@@ -761,6 +834,7 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
                     }),
                     ..PodSecurityContext::default()
                 }),
+                init_containers: fetch_container(md, &model, &image, opts).map(|c| vec![c]),
                 containers: vec![container],
                 volumes: Some(volumes),
                 ..PodSpec::default()

@@ -175,7 +175,8 @@ fn worker_pods_meet_the_restricted_pod_security_standard() {
             psc.seccomp_profile.map(|s| s.type_),
             Some("RuntimeDefault".to_string())
         );
-        for c in &spec.containers {
+        let init = spec.init_containers.iter().flatten();
+        for c in spec.containers.iter().chain(init) {
             let sc = c
                 .security_context
                 .as_ref()
@@ -610,5 +611,109 @@ fn an_fp8_kv_cache_reaches_the_engines_command_lines() {
                 .unwrap_or_else(|| panic!("{engine}: {args:?}"));
             assert_eq!(args[at + 1], value, "{engine}");
         }
+    }
+}
+
+/// vLLM and SGLang cannot download a model: an http(s) URI gets the `tessera-worker fetch` init
+/// container (the operator's worker image, the model volume, the checksum), and the engine
+/// reads what it fetched. The Tessera engine downloads a single file itself (no init container,
+/// pods unchanged) but takes the init container for a model directory.
+#[test]
+fn an_http_model_is_fetched_by_an_init_container_for_the_engines_that_cannot_download() {
+    let opts = BuildOptions {
+        default_worker_image: "tessera-worker:test".into(),
+        ..BuildOptions::default()
+    };
+    let build = |md: &ModelDeployment| {
+        let p = placement();
+        desired_children(
+            md,
+            &[ReplicaToBuild {
+                placement: &p,
+                incarnation: "k3x9a",
+            }],
+            &opts,
+        )
+        .pods
+    };
+    let sha = "ab".repeat(32);
+    for (engine, uri, sha256, path) in [
+        (
+            "vllm",
+            "https://models.example/llama.gguf?sig=1",
+            true,
+            "/model-cache/llama.gguf",
+        ),
+        (
+            "sglang",
+            "https://models.example/org/llama/resolve/0123/",
+            false,
+            "/model-cache/model",
+        ),
+        (
+            "tessera",
+            "https://models.example/org/llama/resolve/0123/",
+            false,
+            "/model-cache/model",
+        ),
+    ] {
+        let mut md = with_engine(engine, &[]);
+        md.spec.model.uri = uri.into();
+        md.spec.model.sha256 = sha256.then(|| sha.clone());
+        if engine != "tessera" {
+            md.spec.engine.image = Some(format!("{engine}-custom:1"));
+        }
+        for pod in build(&md) {
+            let spec = pod.spec.as_ref().expect("spec");
+            let init = spec.init_containers.as_ref().expect("init containers");
+            assert_eq!(init.len(), 1, "{engine}");
+            let fetch = &init[0];
+            assert_eq!(fetch.name, "fetch-model");
+            // The worker image even where the pod runs another (engine.image is vLLM's).
+            assert_eq!(
+                fetch.image.as_deref(),
+                Some("tessera-worker:test"),
+                "{engine}"
+            );
+            let args = fetch.args.clone().unwrap_or_default();
+            assert_eq!(args[0], "fetch");
+            assert_eq!(flag(&args, "--uri"), Some(uri));
+            assert_eq!(flag(&args, "--dest"), Some(path));
+            assert_eq!(flag(&args, "--sha256"), sha256.then_some(sha.as_str()));
+            let mounts = fetch.volume_mounts.as_ref().expect("mounts");
+            assert_eq!(mounts.len(), 1);
+            assert_eq!(
+                (mounts[0].name.as_str(), mounts[0].mount_path.as_str()),
+                ("model", "/model-cache")
+            );
+            assert_ne!(mounts[0].read_only, Some(true));
+            // The engine starts on the fetched path.
+            let c = container(&pod);
+            match engine {
+                "vllm" => assert_eq!(c.args.as_ref().unwrap()[1], path),
+                "sglang" => assert_eq!(flag(c.args.as_ref().unwrap(), "--model-path"), Some(path)),
+                _ => assert_eq!(env_of(&pod)["TESSERA_MODEL_PATH"], path),
+            }
+            assert!(
+                c.volume_mounts
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .any(|m| m.mount_path == "/model-cache")
+            );
+        }
+    }
+    // The Tessera engine with a single file downloads it itself: no init container.
+    let md = deployment("https://models.example.com/llama-405b.gguf");
+    for pod in build(&md) {
+        assert!(pod.spec.as_ref().unwrap().init_containers.is_none());
+        assert_eq!(
+            env_of(&pod)["TESSERA_MODEL_PATH"],
+            "/model-cache/llama-405b.gguf"
+        );
+    }
+    // A volume model needs no fetch.
+    for pod in build(&with_engine("vllm", &[])) {
+        assert!(pod.spec.as_ref().unwrap().init_containers.is_none());
     }
 }

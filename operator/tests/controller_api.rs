@@ -305,6 +305,79 @@ fn the_workers_exit_message_reaches_status() {
     assert!(degraded.message.contains(&expected), "{}", degraded.message);
 }
 
+/// A model fetch that failed (an init container) reaches status with its message, even once
+/// the kubelet has marked the pod Failed; a completed fetch (exit 0) is no failure.
+#[test]
+fn a_failed_model_fetch_reaches_status_with_its_message() {
+    let ctx_cfg = Config::default();
+    let mut md = deployment();
+    let nodes = [node()];
+    let first = {
+        let obs = observe(&md, &[], &[], &nodes);
+        reconcile(&obs, &ctx_cfg)
+    };
+    md.status = first.status.clone();
+    let with_status = |status: serde_json::Value| {
+        let mut pod: Pod = first.apply_pods[0].clone();
+        pod.status = Some(serde_json::from_value(status).expect("status"));
+        pod
+    };
+    let failed = with_status(json!({
+        "phase": "Failed",
+        "initContainerStatuses": [{
+            "name": "fetch-model", "image": "w", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 1, "reason": "Error",
+                "message": "downloading the model from https://models.example/m.gguf (--uri): HTTP 404 for https://models.example/m.gguf"}}
+        }],
+        "containerStatuses": [{
+            "name": "worker", "image": "w", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "PodInitializing"}}
+        }]
+    }));
+    let obs = observe(
+        &md,
+        std::slice::from_ref(&failed),
+        &first.apply_services,
+        &nodes,
+    );
+    let status = reconcile(&obs, &ctx_cfg).status.expect("status changes");
+    let expected = format!(
+        "container fetch-model of pod {} exited with code 1 (Error): downloading the model from https://models.example/m.gguf (--uri): HTTP 404 for https://models.example/m.gguf",
+        pod_of(0, 0)
+    );
+    assert_eq!(
+        status.placements[0].last_failure.as_deref(),
+        Some(expected.as_str())
+    );
+
+    // A completed fetch while the engine starts: nothing failed.
+    let starting = with_status(json!({
+        "phase": "Running",
+        "initContainerStatuses": [{
+            "name": "fetch-model", "image": "w", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}
+        }],
+        "containerStatuses": [{
+            "name": "worker", "image": "w", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"running": {}}
+        }]
+    }));
+    let obs = observe(
+        &md,
+        std::slice::from_ref(&starting),
+        &first.apply_services,
+        &nodes,
+    );
+    let actions = reconcile(&obs, &ctx_cfg);
+    assert!(actions.delete_pods.is_empty(), "{:?}", actions.delete_pods);
+    let st = actions.status.unwrap_or_else(|| md.status.clone().unwrap());
+    assert!(
+        st.placements[0].last_failure.is_none(),
+        "{:?}",
+        st.placements[0].last_failure
+    );
+}
+
 /// A pod of the first pass as the kubelet reports it once its worker is up.
 fn running(mut pod: Pod) -> Pod {
     pod.status = Some(

@@ -706,24 +706,35 @@ fn engine_env_and_model_location_rules() {
         "/spec/engine/env",
         json!([{"name": "NCCL_SOCKET_IFNAME", "value": "eth0"}]),
     ));
-    let errors = rejected(&with(
-        v,
-        "/spec/model/uri",
-        json!("https://models.example/llama.gguf"),
-    ));
-    assert_eq!(errors[0].field, "spec.model.uri");
-    assert!(
-        errors[0]
-            .message
-            .contains("the vllm engine reads its model from a volume"),
-        "{errors:?}"
-    );
-    // The tessera engine still downloads by URL.
+    // Every engine takes a model by URL (vLLM and SGLang through the fetch init container),
+    // a file or a Hugging Face directory.
+    for uri in [
+        "https://models.example/llama.gguf",
+        "https://models.example/org/llama/resolve/0123abc/",
+        "https://models.example/llama/?sig=x",
+    ] {
+        accepted(&with(v.clone(), "/spec/model/uri", json!(uri)));
+        accepted(&with(base(), "/spec/model/uri", json!(uri)));
+    }
+    // A checksum is for one file: refused with a directory URI, naming the fix.
+    let with_sha = with(v, "/spec/model/sha256", json!("a".repeat(64)));
     accepted(&with(
-        base(),
+        with_sha.clone(),
         "/spec/model/uri",
-        json!("https://models.example/llama.gguf"),
+        json!("https://models.example/llama.gguf?sig=x"),
     ));
+    for uri in [
+        "https://models.example/org/llama/resolve/main/",
+        "https://models.example/llama/?sig=x",
+    ] {
+        let errors = rejected(&with(with_sha.clone(), "/spec/model/uri", json!(uri)));
+        assert_eq!(errors[0].field, "spec.model.sha256", "{errors:?}");
+        assert!(
+            errors[0].message.contains("is a model directory")
+                && errors[0].message.contains("Remove model.sha256"),
+            "{errors:?}"
+        );
+    }
 }
 
 const KEY_FIX: &str = r#"a key is an optional prefix (a DNS subdomain of at most 253 lowercase letters, digits, "-" and ".") and "/", then a name of at most 63 letters, digits, "-", "_" and "." that starts and ends with a letter or digit; for example "team" or "example.com/team""#;

@@ -39,6 +39,22 @@ pub enum Command {
     /// Run as the node agent (DaemonSet): publish GPU and NVLink topology as Node labels and
     /// serve the node's GPU metrics.
     Agent(crate::agent::AgentArgs),
+    /// Download a model before an engine starts (the init container of vLLM and SGLang pods):
+    /// one file, resumed after interruptions and checked against --sha256, or a Hugging Face
+    /// model directory when the URI ends in `/` (config.json, the tokenizer files the server
+    /// has, and the safetensors weights its index names). Run again, it fetches only what is
+    /// missing.
+    Fetch {
+        /// http(s) URL of the model file, or of the model directory (ending in `/`).
+        #[arg(long, env = "TESSERA_MODEL_URI")]
+        uri: String,
+        /// Where to put it: the file's path, or the directory to fill.
+        #[arg(long, env = "TESSERA_MODEL_PATH")]
+        dest: std::path::PathBuf,
+        /// Lowercase hex SHA-256 of the file (not for a directory).
+        #[arg(long, env = "TESSERA_MODEL_SHA256")]
+        sha256: Option<String>,
+    },
     /// Print one GPU telemetry snapshot as JSON. Exits 0 without GPUs too; the JSON then says
     /// `"available": false` and why.
     Telemetry {
@@ -60,6 +76,7 @@ impl Command {
             Command::Generate(_) => "generate",
             Command::Agent(_) => "agent",
             Command::Telemetry { .. } => "telemetry",
+            Command::Fetch { .. } => "fetch",
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod cuda;
 pub mod dist;
 pub mod engine;
+pub mod fetch;
 pub mod kernels;
 pub mod local;
 pub mod logging;

@@ -9,19 +9,18 @@
 //! downloaded once into `TESSERA_MODEL_PATH` (resumable, checked against
 //! `TESSERA_MODEL_SHA256`).
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use sha2::Digest;
 
 use crate::dist::{self, GroupConfig, GroupHealth, Role};
 use crate::engine::Engine;
 use crate::engine::runner::{Runner, Step};
 use crate::engine::scheduler::{Scheduler, SchedulerConfig};
+use crate::fetch;
+pub use crate::fetch::{DownloadOptions, download, download_with, existing_matches, sha256_file};
 use crate::server::{self, Readiness, ServerConfig, ServerMetrics};
 
 /// The environment variables `serve` reads. The names of the operator's contract equal
@@ -431,24 +430,16 @@ fn split_host_port(v: &str) -> Option<(String, Option<u16>)> {
     }
 }
 
-/// The model file, downloading it first when the URI is http(s) and it is not there yet.
+/// The model file or directory, fetching it first when the URI is http(s) and it is not there
+/// yet ([`fetch::fetch_model`]: a file already there is used only when it matches the checksum).
 pub fn ensure_model(cfg: &ServeConfig) -> anyhow::Result<PathBuf> {
     if let Some(url) = cfg.http_uri() {
-        if cfg.model_path.exists()
-            && !existing_matches(&cfg.model_path, cfg.model_sha256.as_deref())?
-        {
-            tracing::warn!(
-                path = %cfg.model_path.display(),
-                "the model downloaded before does not match TESSERA_MODEL_SHA256; downloading it again"
-            );
-            std::fs::remove_file(&cfg.model_path)
-                .with_context(|| format!("removing {}", cfg.model_path.display()))?;
-        }
-        if cfg.model_path.exists() {
-            tracing::info!(path = %cfg.model_path.display(), "using the model downloaded before");
-        } else {
-            download(url, &cfg.model_path, cfg.model_sha256.as_deref())?;
-        }
+        fetch::fetch_model(
+            url,
+            &cfg.model_path,
+            cfg.model_sha256.as_deref(),
+            DownloadOptions::default(),
+        )?;
     }
     if !cfg.model_path.is_file() && !cfg.model_path.is_dir() {
         bail!(invalid(
@@ -459,254 +450,6 @@ pub fn ensure_model(cfg: &ServeConfig) -> anyhow::Result<PathBuf> {
         ));
     }
     Ok(cfg.model_path.clone())
-}
-
-/// Whether a model file already on disk may be used: always without a checksum, else only when
-/// its SHA-256 matches (a file from an earlier, different or corrupted download must not be
-/// served).
-pub fn existing_matches(path: &Path, sha256: Option<&str>) -> anyhow::Result<bool> {
-    let Some(want) = sha256 else { return Ok(true) };
-    if !path.is_file() {
-        return Ok(true);
-    }
-    let got = sha256_file(path)?;
-    if got.eq_ignore_ascii_case(want) {
-        tracing::info!("sha256 {got} of the model on disk verified");
-        Ok(true)
-    } else {
-        tracing::warn!("the model on disk has sha256 {got}, expected {want}");
-        Ok(false)
-    }
-}
-
-/// The URL without its query (which may hold a signature) for the log.
-fn display_url(url: &str) -> &str {
-    url.split(['?', '#']).next().unwrap_or(url)
-}
-
-/// SHA-256 of a file, lowercase hex.
-pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>())
-}
-
-/// An error that retrying will not fix.
-#[derive(Debug)]
-struct Fatal(String);
-
-impl std::fmt::Display for Fatal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Fatal {}
-
-/// How a model download waits and retries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DownloadOptions {
-    /// A read that brings no byte for this long breaks the connection (then the download
-    /// resumes). There is no deadline on the whole body: a 100 GB model takes as long as it takes.
-    pub idle_timeout: Duration,
-    /// Interruptions in a row without progress before giving up; any progress resets the count.
-    pub max_failures: u32,
-    /// First wait before resuming; doubles with each interruption in a row (up to 32x).
-    pub backoff: Duration,
-}
-
-impl Default for DownloadOptions {
-    fn default() -> Self {
-        Self {
-            idle_timeout: Duration::from_secs(60),
-            max_failures: 8,
-            backoff: Duration::from_millis(500),
-        }
-    }
-}
-
-/// Download `url` to `dest` once: into `DEST.partial`, resuming it with a Range request after an
-/// interruption (and across restarts), logging progress, checking the SHA-256 when given, and
-/// renaming it to `dest` only when complete and verified. With [`DownloadOptions::default`].
-pub fn download(url: &str, dest: &Path, sha256: Option<&str>) -> anyhow::Result<()> {
-    download_with(url, dest, sha256, DownloadOptions::default())
-}
-
-/// [`download`] with explicit timeouts and retry budget.
-pub fn download_with(
-    url: &str,
-    dest: &Path,
-    sha256: Option<&str>,
-    opts: DownloadOptions,
-) -> anyhow::Result<()> {
-    let name = dest
-        .file_name()
-        .with_context(|| format!("{} has no file name", dest.display()))?;
-    if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let mut partial_name = name.to_owned();
-    partial_name.push(".partial");
-    let partial = dest.with_file_name(partial_name);
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_connect(Some(Duration::from_secs(30)))
-        .timeout_recv_response(Some(Duration::from_secs(60)))
-        // An idle timeout per read, not a deadline on the whole body (ureq's recv_body budget
-        // is total: with 60 s, every download longer than a minute was cut, and after eight
-        // cuts it failed).
-        .timeout_recv_body(None)
-        .timeout_per_read(Some(opts.idle_timeout))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let started = Instant::now();
-    let mut failures = 0u32;
-    let size_of = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
-    loop {
-        let before = size_of(&partial);
-        let result = fetch(&agent, url, &partial);
-        if size_of(&partial) > before {
-            // Progress: only interruptions in a row without any count against the budget.
-            failures = 0;
-        }
-        match result {
-            Ok(()) => break,
-            Err(e) if e.is::<Fatal>() || failures >= opts.max_failures => {
-                return Err(e.context(format!(
-                    "downloading the model from {} (TESSERA_MODEL_URI)",
-                    display_url(url)
-                )));
-            }
-            Err(e) => {
-                failures += 1;
-                let wait = opts.backoff * (1u32 << failures.min(5));
-                tracing::warn!(
-                    "download of {} interrupted ({e:#}); resuming in {:.1} s (attempt {})",
-                    display_url(url),
-                    wait.as_secs_f64(),
-                    failures + 1
-                );
-                std::thread::sleep(wait);
-            }
-        }
-    }
-    let size = std::fs::metadata(&partial)?.len();
-    if let Some(want) = sha256 {
-        let got = sha256_file(&partial)?;
-        if !got.eq_ignore_ascii_case(want) {
-            let _ = std::fs::remove_file(&partial);
-            bail!(
-                "the model downloaded from {} has sha256 {got}, but TESSERA_MODEL_SHA256 is {want}: the file is corrupt or the checksum is wrong; the download was deleted, fix the checksum (or the URI) and restart",
-                display_url(url)
-            );
-        }
-        tracing::info!("sha256 {got} verified");
-    }
-    std::fs::rename(&partial, dest)
-        .with_context(|| format!("moving the download to {}", dest.display()))?;
-    tracing::info!(
-        "downloaded {} ({:.1} MiB) to {} in {:.1} s",
-        display_url(url),
-        size as f64 / 1048576.0,
-        dest.display(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
-/// One GET, appending to `partial` from where it ends.
-fn fetch(agent: &ureq::Agent, url: &str, partial: &Path) -> anyhow::Result<()> {
-    let have = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
-    let mut req = agent.get(url);
-    if have > 0 {
-        req = req.header("Range", format!("bytes={have}-"));
-    }
-    let mut resp = req.call()?;
-    let status = resp.status().as_u16();
-    let length = resp.body().content_length();
-    let (mut file, start) = match status {
-        206 => {
-            let range = resp
-                .headers()
-                .get("content-range")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            if !range.starts_with(&format!("bytes {have}-")) {
-                // Not the range asked for: start over.
-                let _ = std::fs::remove_file(partial);
-                bail!("the server answered a resume at {have} with Content-Range {range:?}");
-            }
-            (OpenOptions::new().append(true).open(partial)?, have)
-        }
-        200 => (File::create(partial)?, 0),
-        416 if have > 0 => return Ok(()),
-        408 | 429 | 500..=599 => bail!("HTTP {status}"),
-        _ => bail!(Fatal(format!("HTTP {status} for {}", display_url(url)))),
-    };
-    let total = length.map(|l| l + start);
-    if start > 0 {
-        tracing::info!(
-            "resuming the download of {} at {:.1} MiB",
-            display_url(url),
-            start as f64 / 1048576.0
-        );
-    } else {
-        tracing::info!(
-            "downloading {} ({}) to {}",
-            display_url(url),
-            total.map_or("size unknown".into(), |t| format!(
-                "{:.1} MiB",
-                t as f64 / 1048576.0
-            )),
-            partial.display()
-        );
-    }
-    let mut reader = resp.body_mut().as_reader();
-    let mut buf = vec![0u8; 1 << 20];
-    let (mut done, t0) = (start, Instant::now());
-    let mut last_log = Instant::now();
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        file.write_all(&buf[..n])?;
-        done += n as u64;
-        if last_log.elapsed() >= Duration::from_secs(5) {
-            last_log = Instant::now();
-            let rate = (done - start) as f64 / 1048576.0 / t0.elapsed().as_secs_f64().max(1e-3);
-            match total {
-                Some(t) => tracing::info!(
-                    "downloading the model: {:.1} of {:.1} MiB ({:.0} %), {rate:.1} MiB/s",
-                    done as f64 / 1048576.0,
-                    t as f64 / 1048576.0,
-                    100.0 * done as f64 / t.max(1) as f64
-                ),
-                None => tracing::info!(
-                    "downloading the model: {:.1} MiB, {rate:.1} MiB/s",
-                    done as f64 / 1048576.0
-                ),
-            }
-        }
-    }
-    file.sync_all()?;
-    if let Some(t) = total
-        && done != t
-    {
-        bail!("the connection ended at {done} of {t} bytes");
-    }
-    Ok(())
 }
 
 /// KV-cache bytes one sequence of `context_length` tokens needs on this rank's shard.

@@ -963,6 +963,7 @@ fn a_slow_download_is_not_cut_while_bytes_keep_coming() {
         idle_timeout: Duration::from_secs(1),
         max_failures: 2,
         backoff: Duration::from_millis(10),
+        ..serve::DownloadOptions::default()
     };
     let t = std::time::Instant::now();
     serve::download_with(&url, &dest, Some(sha), opts).unwrap();
@@ -986,6 +987,7 @@ fn interruptions_with_progress_do_not_exhaust_the_retries() {
         idle_timeout: Duration::from_secs(5),
         max_failures: 3,
         backoff: Duration::from_millis(10),
+        ..serve::DownloadOptions::default()
     };
     serve::download_with(&url, &dest, Some(sha), opts).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
@@ -1013,6 +1015,7 @@ fn a_stalled_download_resumes() {
         idle_timeout: Duration::from_millis(500),
         max_failures: 2,
         backoff: Duration::from_millis(10),
+        ..serve::DownloadOptions::default()
     };
     serve::download_with(&url, &dest, Some(sha), opts).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);

@@ -585,10 +585,10 @@ pub fn rules() -> Vec<CelRule> {
         },
         CelRule {
             at: &["spec"],
-            rule: "!has(self.engine) || self.engine.name == 'tessera' || !self.model.uri.matches('^https?://')".into(),
-            message_expression: r#"'"' + self.model.uri + '": the ' + self.engine.name + ' engine reads its model from a volume; only the tessera engine downloads a model by URL so far. Put the model on a PersistentVolumeClaim (pvc://CLAIM/PATH) or in worker.volumes (file:///PATH)'"#.into(),
-            message: "vllm and sglang need a pvc:// or file:// model".into(),
-            field_path: Some(".model.uri"),
+            rule: "!has(self.model.sha256) || !self.model.uri.matches('^https?://[^?#]*/([?#].*)?$')".into(),
+            message_expression: r#"'"' + self.model.uri + '" is a model directory (it ends in /), fetched file by file; model.sha256 names the checksum of one file. Remove model.sha256, or pin the directory by a revision in its URL (for example .../resolve/COMMIT/)'"#.into(),
+            message: "model.sha256 is for a single-file model, not a directory URI ending in /".into(),
+            field_path: Some(".model.sha256"),
             transition: false,
         },
         CelRule {

@@ -193,6 +193,9 @@ pub fn strip_pod(pod: Pod) -> Pod {
             container_statuses: s
                 .container_statuses
                 .map(|v| v.into_iter().map(strip_container_status).collect()),
+            init_container_statuses: s
+                .init_container_statuses
+                .map(|v| v.into_iter().map(strip_container_status).collect()),
             ..PodStatus::default()
         }
     });

@@ -269,17 +269,35 @@ fn pod_disruption(pod: &Pod) -> Option<String> {
     }
 }
 
-/// Why a member pod counts as failed, if it does.
+/// Why a member pod counts as failed, if it does. A failed container's own account (its exit
+/// code and the termination message the worker writes) is preferred to the pod's phase, which
+/// the kubelet sets to Failed soon after.
 fn pod_failure(pod: &Pod) -> Option<String> {
     let status = pod.status.as_ref()?;
+    let containers = container_failure(pod, status);
     if status.phase.as_deref() == Some("Failed") {
         let reason = status.reason.clone().unwrap_or_else(|| "Failed".into());
-        return Some(format!("pod {} failed ({reason})", pod_name(pod)));
+        return containers.or_else(|| Some(format!("pod {} failed ({reason})", pod_name(pod))));
     }
     if pod.metadata.deletion_timestamp.is_some() {
         return Some(format!("pod {} is being deleted", pod_name(pod)));
     }
-    for cs in status.container_statuses.iter().flatten() {
+    containers
+}
+
+/// The first container of `pod` that restarted or stopped: the model fetch (an init container,
+/// which counts only when it failed: a completed one exited 0) before the engine.
+fn container_failure(pod: &Pod, status: &k8s_openapi::api::core::v1::PodStatus) -> Option<String> {
+    let init = status.init_container_statuses.iter().flatten();
+    let init_failed = init.filter(|cs| {
+        cs.restart_count > 0
+            || cs
+                .state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .is_some_and(|t| t.exit_code != 0)
+    });
+    for cs in init_failed.chain(status.container_statuses.iter().flatten()) {
         if cs.restart_count > 0 {
             return Some(format!(
                 "container {} of pod {} restarted {} times",
