@@ -32,6 +32,10 @@ pub enum Command {
         /// CPU threads per rank (default: the cores divided among the ranks).
         #[arg(long)]
         threads: Option<usize>,
+        /// Where the ranks run the model: `auto` takes the GPUs when this binary was built
+        /// with CUDA and they are visible (rank i on GPU i), `cpu` or `cuda` force one.
+        #[arg(long, env = "TESSERA_DEVICE", value_enum, default_value_t = crate::engine::device::DeviceRequest::Auto)]
+        device: crate::engine::device::DeviceRequest,
     },
     /// Generate text from a prompt on this machine's CPU (one rank), printing the text and, on
     /// stderr, prompt and decode speed.

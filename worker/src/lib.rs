@@ -28,3 +28,4 @@ pub mod serve;
 pub mod server;
 pub mod telemetry;
 pub mod tokenizer;
+pub mod watchdog;

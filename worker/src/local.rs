@@ -31,6 +31,8 @@ pub struct LocalArgs {
     pub port: u16,
     /// CPU threads per rank (None: the machine's cores divided among the ranks).
     pub threads: Option<usize>,
+    /// Where the ranks run the model (rank `i` takes GPU `i` on CUDA).
+    pub device: crate::engine::device::DeviceRequest,
 }
 
 /// One rank to start: its global rank and its environment overrides.
@@ -100,6 +102,8 @@ pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
                 (env::SERVED_MODEL_NAME.into(), served.clone()),
                 (env::INCARNATION.into(), incarnation.clone()),
                 (env::THREADS.into(), threads.to_string()),
+                (env::DEVICE.into(), device_name(args.device).into()),
+                (env::GPU_ORDINAL.into(), rank.to_string()),
                 (
                     env::RENDEZVOUS_TIMEOUT_SECS.into(),
                     inherit(env::RENDEZVOUS_TIMEOUT_SECS, "120".into()),
@@ -117,6 +121,16 @@ pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
     supervise(specs)
 }
 
+/// The `TESSERA_DEVICE` value of a request.
+fn device_name(d: crate::engine::device::DeviceRequest) -> &'static str {
+    use crate::engine::device::DeviceRequest;
+    match d {
+        DeviceRequest::Auto => "auto",
+        DeviceRequest::Cpu => "cpu",
+        DeviceRequest::Cuda => "cuda",
+    }
+}
+
 /// `serve` in a pod with several local ranks: one child process per rank.
 pub fn supervise_pod(cfg: &ServeConfig) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -132,6 +146,8 @@ pub fn supervise_pod(cfg: &ServeConfig) -> anyhow::Result<()> {
                 (env::RANK_OFFSET.into(), (cfg.rank_offset + i).to_string()),
                 (env::LOCAL_RANKS.into(), "1".into()),
                 (env::THREADS.into(), threads.to_string()),
+                // The pod's GPUs, one per local rank.
+                (env::GPU_ORDINAL.into(), i.to_string()),
             ],
         })
         .collect();

@@ -15,3 +15,19 @@ pub fn init() {
         builder.try_init()
     };
 }
+
+/// In a Kubernetes container, the reason for exiting goes to the termination message file
+/// (the operator shows its first line in the ModelDeployment's status); with
+/// `FallbackToLogsOnError` alone the message would be the log's tail, whose first line is
+/// seldom the error.
+pub fn write_termination_message(message: &str) {
+    let path = std::path::Path::new("/dev/termination-log");
+    if path.exists() {
+        // At most 4096 bytes are kept by the kubelet; cut at a character boundary.
+        let mut end = message.len().min(4000);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let _ = std::fs::write(path, &message[..end]);
+    }
+}

@@ -44,6 +44,7 @@ fn main() -> ExitCode {
             pp,
             port,
             threads,
+            device,
         } => report(tessera_worker::local::run(
             &tessera_worker::local::LocalArgs {
                 model,
@@ -51,6 +52,7 @@ fn main() -> ExitCode {
                 pp: pp as usize,
                 port,
                 threads,
+                device,
             },
         )),
     }
@@ -62,29 +64,13 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            write_termination_message(&format!("{e:#}"));
+            logging::write_termination_message(&format!("{e:#}"));
             if tessera_worker::dist::is_group_error(&e) {
                 ExitCode::from(tessera_worker::dist::EXIT_GROUP_LOST as u8)
             } else {
                 ExitCode::FAILURE
             }
         }
-    }
-}
-
-/// In a Kubernetes container, the reason for exiting goes to the termination message file
-/// (the operator shows its first line in the ModelDeployment's status); with
-/// `FallbackToLogsOnError` alone the message would be the log's tail, whose first line is
-/// seldom the error.
-fn write_termination_message(message: &str) {
-    let path = std::path::Path::new("/dev/termination-log");
-    if path.exists() {
-        // At most 4096 bytes are kept by the kubelet; cut at a character boundary.
-        let mut end = message.len().min(4000);
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        let _ = std::fs::write(path, &message[..end]);
     }
 }
 

@@ -17,6 +17,7 @@ use anyhow::{Context, bail};
 
 use crate::dist::{self, GroupConfig, GroupHealth, Role};
 use crate::engine::Engine;
+use crate::engine::device::{self, Device, DeviceFacts, DeviceRequest};
 use crate::engine::runner::{Runner, Step};
 use crate::engine::scheduler::{Scheduler, SchedulerConfig};
 use crate::fetch;
@@ -51,6 +52,12 @@ pub mod env {
     pub const STALL_TIMEOUT_SECS: &str = "TESSERA_STALL_TIMEOUT_SECS";
     /// Worker-only: seconds the ranks wait for each other at rendezvous.
     pub const RENDEZVOUS_TIMEOUT_SECS: &str = "TESSERA_RENDEZVOUS_TIMEOUT_SECS";
+    /// Worker-only: `auto` (default: CUDA when built with it and a GPU is visible), `cpu`,
+    /// `cuda`.
+    pub const DEVICE: &str = "TESSERA_DEVICE";
+    /// Worker-only: the GPU this rank takes among those the pod sees (default 0; the
+    /// supervisor of a pod with several local ranks gives rank i GPU i).
+    pub const GPU_ORDINAL: &str = "TESSERA_GPU_ORDINAL";
 
     /// The variables `serve` requires: the rest have defaults.
     pub const REQUIRED: &[&str] = &[TP, PORT, MODEL_PATH];
@@ -91,6 +98,10 @@ pub struct ServeConfig {
     pub threads: usize,
     pub stall_timeout: Duration,
     pub rendezvous_timeout: Duration,
+    /// `TESSERA_DEVICE`.
+    pub device: DeviceRequest,
+    /// `TESSERA_GPU_ORDINAL`.
+    pub gpu_ordinal: usize,
 }
 
 fn invalid(var: &str, value: &str, rule: &str, fix: &str) -> anyhow::Error {
@@ -365,6 +376,24 @@ impl ServeConfig {
             "CPU threads of this rank, 0 for every core",
         )?;
         let host = e.get(env::HOST).unwrap_or_else(|| "0.0.0.0".into());
+        let device = match e.get(env::DEVICE) {
+            None => DeviceRequest::Auto,
+            Some(v) => DeviceRequest::parse(&v).ok_or_else(|| {
+                invalid(
+                    env::DEVICE,
+                    &v,
+                    "it must be auto, cpu or cuda",
+                    "leave it unset (auto: the GPU when there is one)",
+                )
+            })?,
+        };
+        let gpu_ordinal = e.int(
+            env::GPU_ORDINAL,
+            Some(0),
+            0,
+            1023,
+            "the GPU this rank takes among those visible",
+        )?;
         Ok(Self {
             tp,
             pp,
@@ -385,6 +414,8 @@ impl ServeConfig {
             threads,
             stall_timeout: e.secs(env::STALL_TIMEOUT_SECS, DEFAULT_STALL_TIMEOUT)?,
             rendezvous_timeout: e.secs(env::RENDEZVOUS_TIMEOUT_SECS, DEFAULT_RENDEZVOUS_TIMEOUT)?,
+            device,
+            gpu_ordinal,
         })
     }
 
@@ -478,10 +509,12 @@ pub fn run() -> anyhow::Result<()> {
         "starting rank {rank} of {}",
         cfg.world
     );
+    let (device, why) = device::choose(cfg.device, &DeviceFacts::probe(), cfg.gpu_ordinal, cfg.pp)?;
+    tracing::info!(rank, ?device, "running the model on {device:?}: {why}");
     if cfg.world == 1 {
         let engine = Engine::open(&path, cfg.threads)?;
         let budget = kv_budget_per_sequence(&engine, cfg.context_length);
-        let runner = Runner::new(engine, budget, None);
+        let runner = on_device(Runner::new(engine, budget, None), device, &cfg)?;
         return lead(&cfg, runner, GroupHealth::single());
     }
     check_layout(&cfg, &path)?;
@@ -507,17 +540,76 @@ pub fn run() -> anyhow::Result<()> {
     match group.role {
         Role::Leader(broadcast) => lead(
             &cfg,
-            Runner::new(engine, budget, Some(broadcast)).with_pipe(pipe),
+            on_device(
+                Runner::new(engine, budget, Some(broadcast)).with_pipe(pipe),
+                device,
+                &cfg,
+            )?,
             health,
         ),
         Role::Follower(mut source) => {
-            let mut runner = Runner::new(engine, budget, None).with_pipe(pipe);
+            let mut runner = on_device(
+                Runner::new(engine, budget, None).with_pipe(pipe),
+                device,
+                &cfg,
+            )?;
             keep_following_on_signals(rank)?;
             tracing::info!(rank, "following the leader's steps");
             dist::follow(&mut runner, source.as_mut())?;
             tracing::info!(rank, "the leader closed the group; exiting");
             Ok(())
         }
+    }
+}
+
+/// Move the runner's forward passes to the GPU when `device` says so: the shard loaded on the
+/// CPU is uploaded to GPU `TESSERA_GPU_ORDINAL`; a group of several ranks first sets up NCCL
+/// over the rank group (every rank calls this at the same point, before serving or following)
+/// with a watchdog that ends the process when a reduction hangs.
+fn on_device(runner: Runner, device: Device, cfg: &ServeConfig) -> anyhow::Result<Runner> {
+    if device == Device::Cpu {
+        return Ok(runner);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use crate::cuda::{CudaDevice, llama::CudaLlama, nccl::NcclCollective};
+        let rank = cfg.rank_offset;
+        let dev = CudaDevice::new(cfg.gpu_ordinal)?;
+        let group = runner.engine.collective.as_ref();
+        let nccl = if group.world() > 1 {
+            let timeout = (cfg.stall_timeout * 12).max(Duration::from_secs(60));
+            let watchdog = crate::watchdog::Watchdog::start(
+                timeout,
+                Duration::from_secs(1),
+                move |what, age| {
+                    dist::exit_process(&format!(
+                        "rank {rank}: {what} has not completed after {:.0} s (a rank is gone or wedged)",
+                        age.as_secs_f64()
+                    ));
+                },
+            );
+            let c = NcclCollective::init_over(group, std::sync::Arc::clone(&dev.stream))
+                .with_context(|| format!("rank {rank} setting up NCCL over its rank group"))?;
+            Some(c.with_watchdog(watchdog))
+        } else {
+            None
+        };
+        let model = CudaLlama::upload(&runner.engine.model, dev, nccl).with_context(|| {
+            format!("rank {rank} uploading its shard to GPU {}", cfg.gpu_ordinal)
+        })?;
+        tracing::info!(
+            rank,
+            gpu = model.device_name(),
+            "{:.1} MiB of f16 weights on GPU {}",
+            model.device_weight_bytes() as f64 / (1 << 20) as f64,
+            cfg.gpu_ordinal
+        );
+        runner.with_cuda(model)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (runner, cfg);
+        bail!("the CUDA engine is not in this build (cargo feature `cuda`)")
     }
 }
 

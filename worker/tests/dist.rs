@@ -798,6 +798,14 @@ fn bad_or_missing_serve_settings_name_the_variable_value_rule_and_fix() {
             &["TESSERA_MAX_CONCURRENCY=\"0\"", "from 1 to 4096"],
         ),
         (
+            &[("TESSERA_DEVICE", "tpu")],
+            &["TESSERA_DEVICE=\"tpu\"", "auto, cpu or cuda"],
+        ),
+        (
+            &[("TESSERA_GPU_ORDINAL", "-1")],
+            &["TESSERA_GPU_ORDINAL=\"-1\"", "from 0 to 1023"],
+        ),
+        (
             &[("TESSERA_CONTEXT_LENGTH", "-5")],
             &["TESSERA_CONTEXT_LENGTH=\"-5\""],
         ),

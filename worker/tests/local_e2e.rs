@@ -196,6 +196,29 @@ fn serve_refuses_a_bad_environment_naming_the_variable() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("TESSERA_PP=31"), "{err}");
     assert!(err.contains("exceeds the model's 30 layers"), "{err}");
+
+    // CUDA asked for where it cannot be had: an error before the model loads, naming the
+    // setting and why (no CUDA in this build; or, on a CUDA build, no GPU).
+    let out = Command::new(BIN)
+        .arg("serve")
+        .env_clear()
+        .env("TESSERA_TP", "1")
+        .env("TESSERA_PORT", "8000")
+        .env("TESSERA_DEVICE", "cuda")
+        .env("TESSERA_MODEL_PATH", model_path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TESSERA_DEVICE=cuda"), "{err}");
+    if cfg!(feature = "cuda") {
+        assert!(
+            err.contains("no GPU") || err.contains("sees no GPU"),
+            "{err}"
+        );
+    } else {
+        assert!(err.contains("built without CUDA"), "{err}");
+    }
 }
 
 #[test]

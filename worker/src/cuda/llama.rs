@@ -41,9 +41,15 @@ pub struct CudaKvCache {
     v: Vec<CudaSlice<f32>>,
     len: usize,
     capacity: usize,
+    /// Device bytes held (allocated whole at creation).
+    bytes: usize,
 }
 
 impl CudaKvCache {
+    /// Device bytes this cache holds (its whole capacity, allocated up front).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
     pub fn len(&self) -> usize {
         self.len
     }
@@ -160,6 +166,11 @@ impl CudaLlama {
         self.device_bytes
     }
 
+    /// This shard's tensor-parallel rank (rank 0 gets the logits).
+    pub fn rank(&self) -> usize {
+        self.shard.rank
+    }
+
     /// The GPU's name.
     pub fn device_name(&self) -> &str {
         &self.dev.name
@@ -196,6 +207,7 @@ impl CudaLlama {
             v,
             len: 0,
             capacity,
+            bytes: capacity * per_token,
         })
     }
 
@@ -414,10 +426,21 @@ impl CudaLlama {
     }
 }
 
+/// Largest difference between the CPU and CUDA logits of a prompt, relative to the largest
+/// |logit|, that `TESSERA_CUDA_COMPARE=1` accepts (8-bit activations on the CPU, f16 on the GPU).
+pub const LOGIT_TOLERANCE: f32 = 0.05;
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
+}
+
 /// `tessera-worker generate --device cuda`: the CPU command's output (the text on stdout, the
 /// timings on stderr) from the GPU. With `TESSERA_CUDA_COMPARE=1` it also runs the CPU path on
 /// the same prompt and prints whether the greedy tokens agree and the largest logit difference
-/// on the prompt; a disagreement makes it exit non-zero.
+/// on the prompt; logits further apart than [`LOGIT_TOLERANCE`] make it exit non-zero.
 pub fn generate_cli(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     use crate::engine::sampling::{Sampler, SamplingParams};
     use crate::engine::{Engine, GenerateParams};
@@ -528,8 +551,22 @@ pub fn generate_cli(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
         );
         eprintln!("compare: cpu  tokens {:?}", cpu.tokens);
         eprintln!("compare: cuda tokens {tokens:?}");
-        if !same {
-            bail!("the CUDA path's tokens differ from the CPU path's");
+        // The gate is the logits, not the tokens: the CPU path quantises activations to 8 bits
+        // and CUDA computes in f16, so a near tie between two tokens may break either way and
+        // the texts then diverge honestly.
+        let relative = max_diff / max_abs.max(1e-6);
+        eprintln!(
+            "compare: relative logit difference {relative:.4} (gate {LOGIT_TOLERANCE}); argmax of the prompt's logits {}",
+            if argmax(&cpu_logits) == argmax(&prompt_logits) {
+                "agrees"
+            } else {
+                "differs"
+            }
+        );
+        if relative > LOGIT_TOLERANCE {
+            bail!(
+                "the CUDA path's logits differ from the CPU path's by {max_diff:.4} (relative {relative:.4} > {LOGIT_TOLERANCE})"
+            );
         }
     }
     Ok(())

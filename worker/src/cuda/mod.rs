@@ -37,6 +37,19 @@ pub enum Device {
     Cuda,
 }
 
+/// GPUs the driver shows this process (an error naming the missing library or the driver's
+/// answer when none can be counted).
+pub fn visible_gpus() -> anyhow::Result<usize> {
+    check_libraries(false)?;
+    no_panic("counting GPUs", || {
+        let n = cu(
+            "cuDeviceGetCount",
+            cudarc::driver::CudaContext::device_count(),
+        )?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    })
+}
+
 /// Run `f`, turning a panic inside the CUDA bindings (a symbol missing from an older library,
 /// for example) into an error naming `what`.
 pub(crate) fn no_panic<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {

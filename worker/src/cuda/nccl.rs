@@ -13,9 +13,10 @@
 //! can use it too. Both record the process-wide `ALLREDUCE_STATS` (the device path waits for
 //! the reduction to finish so that the time is real).
 //!
-//! Not done: a watchdog for a reduction that never completes (the TCP group has one; here a
-//! lost peer would block until NCCL's own timeout). `ncclCommAbort` from a watchdog thread is
-//! the intended fix.
+//! **Watchdog.** A reduction whose peer is gone never completes. With
+//! [`NcclCollective::with_watchdog`] every reduction runs under a [`Watchdog`] guard naming it;
+//! `serve` gives one that logs and exits the process (the pod fails, the controller recreates
+//! the replica) when a reduction runs past its timeout.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -26,6 +27,7 @@ use cudarc::nccl::{Comm, Id, ReduceOp};
 
 use super::{check_libraries, cu, no_panic};
 use crate::model::parallel::{ALLREDUCE_STATS, Collective};
+use crate::watchdog::Watchdog;
 
 /// Bytes in an NCCL unique id.
 pub const ID_BYTES: usize = 128;
@@ -83,9 +85,16 @@ pub struct NcclCollective {
     staging: Mutex<Option<CudaSlice<f32>>>,
     rank: usize,
     world: usize,
+    watchdog: Option<Watchdog>,
 }
 
 impl NcclCollective {
+    /// Watch every reduction with `watchdog` (see the module docs).
+    pub fn with_watchdog(mut self, watchdog: Watchdog) -> Self {
+        self.watchdog = Some(watchdog);
+        self
+    }
+
     /// Join the NCCL group with rank 0's id sent over `group` (see the module docs). Every rank
     /// of `group` calls this at the same time; `stream` is the rank's GPU stream.
     pub fn init_over(group: &dyn Collective, stream: Arc<CudaStream>) -> anyhow::Result<Self> {
@@ -126,6 +135,7 @@ impl NcclCollective {
             staging: Mutex::new(None),
             rank,
             world,
+            watchdog: None,
         })
     }
 
@@ -133,6 +143,12 @@ impl NcclCollective {
     pub fn all_reduce_device(&self, buf: &mut CudaViewMut<'_, f32>) -> anyhow::Result<()> {
         let t0 = Instant::now();
         let n = buf.len();
+        let _watch = self.watchdog.as_ref().map(|w| {
+            w.guard(format!(
+                "NCCL all-reduce of {n} floats (rank {} of {})",
+                self.rank, self.world
+            ))
+        });
         {
             let comm = self
                 .comm

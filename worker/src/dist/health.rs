@@ -30,6 +30,7 @@ pub const EXIT_GRACE: Duration = Duration::from_millis(1500);
 pub fn exit_process(reason: &str) {
     tracing::error!("tensor-parallel group lost: {reason}; exiting");
     eprintln!("error: tensor-parallel group lost: {reason}");
+    crate::logging::write_termination_message(&format!("tensor-parallel group lost: {reason}"));
     std::process::exit(EXIT_GROUP_LOST);
 }
 

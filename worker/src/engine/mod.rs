@@ -3,6 +3,7 @@
 //! ([`scheduler`]).
 
 pub mod detok;
+pub mod device;
 pub mod generate;
 pub mod runner;
 pub mod sampling;

@@ -68,6 +68,57 @@ pub struct Runner {
     caches: HashMap<SeqId, KvCache>,
     broadcast: Option<Box<dyn StepBroadcast>>,
     pipe: Option<Box<dyn Pipe>>,
+    /// The shard on the GPU when the rank runs on CUDA ([`Runner::with_cuda`]); the CPU model in
+    /// `engine` then only supplies the configuration.
+    #[cfg(feature = "cuda")]
+    gpu: Option<Gpu>,
+}
+
+/// A rank's shard on the GPU and its sequences' caches there.
+#[cfg(feature = "cuda")]
+struct Gpu {
+    model: crate::cuda::llama::CudaLlama,
+    caches: HashMap<SeqId, crate::cuda::llama::CudaKvCache>,
+}
+
+#[cfg(feature = "cuda")]
+impl Gpu {
+    /// One forward pass per sequence, in the step's order (every rank alike, so the NCCL
+    /// reductions pair up); the logits concatenated on rank 0. What would fail for every rank
+    /// (a token outside the vocabulary, a full cache) is checked before anything runs.
+    fn forward(
+        &mut self,
+        seqs: &[(SeqId, &[u32])],
+        budget: usize,
+    ) -> anyhow::Result<Option<Vec<f32>>> {
+        let vocab = self.model.config.vocab;
+        for (seq, tokens) in seqs {
+            anyhow::ensure!(!tokens.is_empty(), "forward pass over no tokens");
+            if let Some(t) = tokens.iter().find(|t| **t as usize >= vocab) {
+                anyhow::bail!("token id {t} is outside the vocabulary of {vocab}");
+            }
+            if let Some(c) = self.caches.get(seq) {
+                anyhow::ensure!(
+                    c.len() + tokens.len() <= c.capacity(),
+                    "KV cache full: sequence {seq} holds {} tokens; {} more do not fit its capacity of {}",
+                    c.len(),
+                    tokens.len(),
+                    c.capacity()
+                );
+            }
+        }
+        let mut out = Vec::new();
+        for (seq, tokens) in seqs {
+            let cache = match self.caches.entry(*seq) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(self.model.new_cache(budget)?)
+                }
+            };
+            out.extend(self.model.forward(cache, tokens, Logits::Last)?);
+        }
+        Ok((self.model.rank() == 0).then_some(out))
+    }
 }
 
 impl Runner {
@@ -84,6 +135,35 @@ impl Runner {
             caches: HashMap::new(),
             broadcast,
             pipe: None,
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        }
+    }
+
+    /// Run the forward passes on `model`, this rank's shard uploaded to its GPU (pipeline
+    /// stages are refused: CUDA holds whole models per rank so far).
+    #[cfg(feature = "cuda")]
+    pub fn with_cuda(mut self, model: crate::cuda::llama::CudaLlama) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            self.engine.model.stage.count == 1,
+            "pipeline-parallel stages are not implemented on CUDA yet"
+        );
+        self.gpu = Some(Gpu {
+            model,
+            caches: HashMap::new(),
+        });
+        Ok(self)
+    }
+
+    /// Whether the forward passes run on a GPU.
+    pub fn on_gpu(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            self.gpu.is_some()
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            false
         }
     }
 
@@ -115,6 +195,10 @@ impl Runner {
             }
             Step::Release { seq } => {
                 self.caches.remove(seq);
+                #[cfg(feature = "cuda")]
+                if let Some(gpu) = self.gpu.as_mut() {
+                    gpu.caches.remove(seq);
+                }
                 Ok(None)
             }
         }
@@ -130,6 +214,10 @@ impl Runner {
                 !seqs[..i].iter().any(|(s, _)| s == seq),
                 "sequence {seq} appears twice in one batched step"
             );
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = self.gpu.as_mut() {
+            return gpu.forward(seqs, self.kv_budget_bytes);
         }
         let mut caches = Vec::with_capacity(seqs.len());
         for (seq, _) in seqs {
@@ -206,16 +294,28 @@ impl Runner {
 
     /// Tokens held by sequence `seq`'s cache (0 when unknown).
     pub fn seq_len(&self, seq: SeqId) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return gpu.caches.get(&seq).map_or(0, |c| c.len());
+        }
         self.caches.get(&seq).map_or(0, KvCache::len)
     }
 
     /// Sequences with a live cache.
     pub fn live(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return gpu.caches.len();
+        }
         self.caches.len()
     }
 
-    /// Bytes held by all live KV caches.
+    /// Bytes held by all live KV caches (on the GPU: their whole capacity, allocated up front).
     pub fn kv_bytes_used(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return gpu.caches.values().map(|c| c.bytes()).sum();
+        }
         self.caches.values().map(KvCache::bytes_used).sum()
     }
 }
