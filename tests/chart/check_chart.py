@@ -515,11 +515,28 @@ def check_service_monitor(r: Rendered) -> None:
 
 
 def check_pod_monitor(r: Rendered) -> None:
-    pms = r.kind("PodMonitor")
+    all_pms = r.kind("PodMonitor")
+    pms = [p for p in all_pms if not p["metadata"]["name"].endswith("node-agent")]
+    agent_pms = [p for p in all_pms if p["metadata"]["name"].endswith("node-agent")]
     values = r.values["monitoring"]["podMonitor"]
     if not values["enabled"]:
-        assert not pms
+        assert not all_pms
         return
+    # The node agent's GPU metrics are scraped too when it runs: port `metrics` of its pods.
+    if r.values["nodeAgent"]["enabled"]:
+        assert len(agent_pms) == 1
+        apm = agent_pms[0]
+        ds = r.kind("DaemonSet")[0]
+        assert apm["spec"]["selector"]["matchLabels"] == ds["spec"]["selector"]["matchLabels"]
+        assert apm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+        aep = apm["spec"]["podMetricsEndpoints"]
+        assert [e["port"] for e in aep] == ["metrics"] and aep[0]["path"] == "/metrics"
+        ports = ds["spec"]["template"]["spec"]["containers"][0]["ports"]
+        assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in ports
+        for k, v in values["labels"].items():
+            assert apm["metadata"]["labels"][k] == v
+    else:
+        assert not agent_pms
     assert len(pms) == 1
     pm = pms[0]
     assert pm["apiVersion"] == "monitoring.coreos.com/v1"

@@ -511,6 +511,16 @@ pub fn run() -> anyhow::Result<()> {
     );
     let (device, why) = device::choose(cfg.device, &DeviceFacts::probe(), cfg.gpu_ordinal, cfg.pp)?;
     tracing::info!(rank, ?device, "running the model on {device:?}: {why}");
+    let granted = std::env::var("NVIDIA_VISIBLE_DEVICES").unwrap_or_default();
+    if device == Device::Cpu
+        && cfg.device == DeviceRequest::Auto
+        && !matches!(granted.as_str(), "" | "void" | "none")
+    {
+        tracing::warn!(
+            rank,
+            "this pod was given GPUs (NVIDIA_VISIBLE_DEVICES={granted}) but runs the model on the CPU ({why}); use the CUDA worker image (worker.image), or set TESSERA_DEVICE=cpu to silence this"
+        );
+    }
     if cfg.world == 1 {
         let engine = Engine::open(&path, cfg.threads)?;
         let budget = kv_budget_per_sequence(&engine, cfg.context_length);
