@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. Installs what it needs (the test model and llama.cpp's
 # tokenizer test vocabularies into models/, Helm and Python packages into .tools/) and runs:
-# rustfmt, clippy, every Rust test, the chart checks, and the real engines (vLLM's and SGLang's
+# rustfmt, clippy, every Rust test, the chart checks, a 45-second soak of the worker under hostile
+# traffic with a killed rank (scripts/soak.sh), and the real engines (vLLM's and SGLang's
 # parsers on every rendered argument list; a real vLLM on CPU through the rendered command:
 # scripts/engine-check.sh, which installs them once into .tools/engines, about 4.5 GB).
 # Usage: scripts/test.sh            (from anywhere inside the repository)
@@ -36,6 +37,9 @@ if [ -x scripts/chart-test.sh ]; then
   step "chart and manifest checks"
   scripts/chart-test.sh
 fi
+
+step "soak: hostile traffic, a killed rank and a restarted group, 45 s (scripts/soak.sh)"
+SOAK_SECONDS="${SOAK_SECONDS:-45}" scripts/soak.sh
 
 step "engines: vLLM and SGLang parsers, a real vLLM on CPU (scripts/engine-check.sh)"
 scripts/engine-check.sh

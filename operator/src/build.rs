@@ -60,6 +60,7 @@ pub mod env {
     pub const MODEL_URI: &str = "TESSERA_MODEL_URI";
     pub const MODEL_PATH: &str = "TESSERA_MODEL_PATH";
     pub const MODEL_SHA256: &str = "TESSERA_MODEL_SHA256";
+    pub const GROUP_SECRET: &str = "TESSERA_GROUP_SECRET";
     pub const SERVED_MODEL_NAME: &str = "TESSERA_SERVED_MODEL_NAME";
     pub const MAX_CONCURRENCY: &str = "TESSERA_MAX_CONCURRENCY";
     pub const CONTEXT_LENGTH: &str = "TESSERA_CONTEXT_LENGTH";
@@ -110,6 +111,43 @@ pub struct BuildOptions {
     pub default_sglang_image: String,
     /// Build one NetworkPolicy per replica (`--worker-network-policies`).
     pub network_policies: Option<NetworkPolicyOptions>,
+    /// The operator's key for rank-group secrets (`--group-key-file`): each incarnation of a
+    /// Tessera replica gets `TESSERA_GROUP_SECRET` derived from it ([`group_secret`]).
+    pub group_key: Option<GroupKey>,
+}
+
+/// A key that does not print itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GroupKey(pub Vec<u8>);
+
+impl std::fmt::Debug for GroupKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GroupKey({} bytes)", self.0.len())
+    }
+}
+
+/// The secret the ranks of one incarnation share (lowercase hex HMAC-SHA256 of the
+/// deployment's namespace, name, uid and the incarnation id under the operator's key): the
+/// same on every pass and every operator replica (deterministic, so a pod created again for
+/// the same incarnation matches its peers), different for every incarnation and deployment,
+/// and useless for deriving the key or another incarnation's secret.
+pub fn group_secret(key: &GroupKey, md: &ModelDeployment, incarnation: &str) -> String {
+    use hmac::Mac;
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key.0).expect("HMAC takes any key");
+    for part in [
+        md.metadata.namespace.as_deref().unwrap_or("default"),
+        md.metadata.name.as_deref().unwrap_or_default(),
+        md.metadata.uid.as_deref().unwrap_or_default(),
+        incarnation,
+    ] {
+        m.update(part.as_bytes());
+        m.update(&[0]);
+    }
+    m.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl BuildOptions {
@@ -130,6 +168,7 @@ impl Default for BuildOptions {
             default_vllm_image: DEFAULT_VLLM_IMAGE.into(),
             default_sglang_image: DEFAULT_SGLANG_IMAGE.into(),
             network_policies: None,
+            group_key: None,
         }
     }
 }
@@ -703,6 +742,12 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
         ];
         if let Some(sha) = &spec.model.sha256 {
             env.push(env_var(env::MODEL_SHA256, sha));
+        }
+        if let (Some(key), EngineName::Tessera) = (&opts.group_key, engine) {
+            env.push(env_var(
+                env::GROUP_SECRET,
+                group_secret(key, md, r.incarnation),
+            ));
         }
         env.extend(engine_env(engine));
         env.extend(spec.worker.env.iter().cloned());

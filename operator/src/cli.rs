@@ -66,6 +66,12 @@ pub struct RunArgs {
     /// Worker image used when a ModelDeployment sets no worker.image.
     #[arg(long, env = "TESSERA_WORKER_IMAGE", default_value = concat!("tessera-worker:", env!("CARGO_PKG_VERSION")))]
     pub worker_image: String,
+    /// File holding the key that rank-group secrets are derived from (the chart mounts a Secret
+    /// here): every incarnation of a Tessera replica gets its own TESSERA_GROUP_SECRET, which
+    /// its ranks prove they hold when they join. Unset: groups run without a secret (only the
+    /// incarnation id is checked).
+    #[arg(long, env = "TESSERA_GROUP_KEY_FILE")]
+    pub group_key_file: Option<std::path::PathBuf>,
     /// Image of `engine: vllm` pods that set no `engine.image` or `worker.image`.
     #[arg(long, env = "TESSERA_VLLM_IMAGE", default_value = crate::build::DEFAULT_VLLM_IMAGE)]
     pub vllm_image: String,

@@ -160,6 +160,9 @@ pub fn run(args: &PlanArgs) -> Result<String, String> {
                     default_vllm_image: args.vllm_image.clone(),
                     default_sglang_image: args.sglang_image.clone(),
                     network_policies: None,
+                    // Printed manifests carry no secret: the operator derives them in the
+                    // cluster from its own key.
+                    group_key: None,
                 },
                 ..crate::controller::reconcile::Config::default()
             };

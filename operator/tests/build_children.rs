@@ -717,3 +717,57 @@ fn an_http_model_is_fetched_by_an_init_container_for_the_engines_that_cannot_dow
         assert!(pod.spec.as_ref().unwrap().init_containers.is_none());
     }
 }
+
+/// With the operator's key, every pod of one incarnation carries the same group secret (so its
+/// ranks can prove membership to each other), another incarnation or deployment gets another,
+/// the same incarnation built again gets the same (a pod recreated on a later pass still
+/// matches its peers), and neither the key nor the options' debug output shows it.
+#[test]
+fn each_incarnation_gets_its_own_group_secret_from_the_operators_key() {
+    let key = build::GroupKey(b"0123456789abcdef0123456789abcdef".to_vec());
+    let opts = BuildOptions {
+        group_key: Some(key),
+        ..BuildOptions::default()
+    };
+    let build = |md: &ModelDeployment, incarnation: &str| {
+        let p = placement();
+        desired_children(
+            md,
+            &[ReplicaToBuild {
+                placement: &p,
+                incarnation,
+            }],
+            &opts,
+        )
+        .pods
+    };
+    let secret_of = |pod: &Pod| env_of(pod).get("TESSERA_GROUP_SECRET").cloned();
+    let md = deployment("pvc://models/llama-405b");
+    let a = build(&md, "k3x9a");
+    assert_eq!(a.len(), 2);
+    let s0 = secret_of(&a[0]).expect("a secret");
+    assert_eq!(s0.len(), 64);
+    assert_eq!(secret_of(&a[1]).as_deref(), Some(s0.as_str()));
+    assert_eq!(
+        secret_of(&build(&md, "k3x9a")[0]).as_deref(),
+        Some(s0.as_str())
+    );
+    assert_ne!(
+        secret_of(&build(&md, "k3x9b")[0]).as_deref(),
+        Some(s0.as_str())
+    );
+    let mut other = md.clone();
+    other.metadata.uid = Some("0c1d2e3f-0000-4000-8000-000000000002".into());
+    assert_ne!(
+        secret_of(&build(&other, "k3x9a")[0]).as_deref(),
+        Some(s0.as_str())
+    );
+    assert!(!format!("{opts:?}").contains("0123456789abcdef"));
+    // vLLM and SGLang have no Tessera rank group; without a key there is no secret.
+    assert!(
+        build(&with_engine("vllm", &[]), "k3x9a")
+            .iter()
+            .all(|p| secret_of(p).is_none())
+    );
+    assert!(pods(&md).iter().all(|p| secret_of(p).is_none()));
+}

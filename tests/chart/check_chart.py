@@ -8,6 +8,7 @@ one line; the last line is "N passed, M failed" and the exit status is non-zero 
 from __future__ import annotations
 
 import copy
+import base64
 import json
 import os
 import re
@@ -407,6 +408,13 @@ def check_operator_pod(r: Rendered) -> None:
     assert f"--health-addr=0.0.0.0:{ports['health']}" in c["args"]
     assert f"--metrics-addr=0.0.0.0:{ports['metrics']}" in c["args"]
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    # The rank-group key: a Secret of 32 random bytes, mounted read-only, named by the flag.
+    assert "--group-key-file=/etc/tessera/group-key/key" in c["args"]
+    assert {"name": "group-key", "mountPath": "/etc/tessera/group-key", "readOnly": True} in c["volumeMounts"]
+    vol = [v for v in r.operator["spec"]["template"]["spec"]["volumes"] if v["name"] == "group-key"]
+    secrets = [o for o in r.kind("Secret") if o["metadata"]["name"] == vol[0]["secret"]["secretName"]]
+    assert len(secrets) == 1 and secrets[0]["metadata"]["namespace"] == NAMESPACE
+    assert len(base64.b64decode(secrets[0]["data"]["key"])) == 32
     svc = r.one("Service", "-metrics")
     assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
     sel = svc["spec"]["selector"]

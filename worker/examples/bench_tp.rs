@@ -205,6 +205,7 @@ fn rank(
             group_id: "bench".into(),
             connect_deadline: Duration::from_secs(120),
             stall_timeout: Duration::from_secs(60),
+            secret: Vec::new(),
         })?;
         (g.collective, Some(g.role), g.stage, g.pipe)
     };

@@ -80,6 +80,12 @@ pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
             .map_or("model".into(), |s| s.to_string_lossy().into_owned())
     });
     let inherit = |var: &str, default: String| std::env::var(var).unwrap_or(default);
+    // A secret of this run's own: only its ranks can join the group.
+    let secret: String = crate::dist::wire::nonce()
+        .context("reading /dev/urandom for the group secret")?
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let specs = (0..world)
         .map(|rank| RankSpec {
             rank,
@@ -103,6 +109,7 @@ pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
                 (env::INCARNATION.into(), incarnation.clone()),
                 (env::THREADS.into(), threads.to_string()),
                 (env::DEVICE.into(), device_name(args.device).into()),
+                (env::GROUP_SECRET.into(), secret.clone()),
                 (env::GPU_ORDINAL.into(), rank.to_string()),
                 (
                     env::RENDEZVOUS_TIMEOUT_SECS.into(),

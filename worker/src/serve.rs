@@ -55,6 +55,9 @@ pub mod env {
     /// Worker-only: `auto` (default: CUDA when built with it and a GPU is visible), `cpu`,
     /// `cuda`.
     pub const DEVICE: &str = "TESSERA_DEVICE";
+    /// The group's shared secret: joiners prove they hold it (an HMAC over the leader's
+    /// challenge). The operator derives one per incarnation; unset: no secret.
+    pub const GROUP_SECRET: &str = "TESSERA_GROUP_SECRET";
     /// Worker-only: the GPU this rank takes among those the pod sees (default 0; the
     /// supervisor of a pod with several local ranks gives rank i GPU i).
     pub const GPU_ORDINAL: &str = "TESSERA_GPU_ORDINAL";
@@ -102,6 +105,8 @@ pub struct ServeConfig {
     pub device: DeviceRequest,
     /// `TESSERA_GPU_ORDINAL`.
     pub gpu_ordinal: usize,
+    /// `TESSERA_GROUP_SECRET` (empty: none).
+    pub group_secret: Vec<u8>,
 }
 
 fn invalid(var: &str, value: &str, rule: &str, fix: &str) -> anyhow::Error {
@@ -416,6 +421,7 @@ impl ServeConfig {
             rendezvous_timeout: e.secs(env::RENDEZVOUS_TIMEOUT_SECS, DEFAULT_RENDEZVOUS_TIMEOUT)?,
             device,
             gpu_ordinal,
+            group_secret: e.get(env::GROUP_SECRET).unwrap_or_default().into_bytes(),
         })
     }
 
@@ -430,6 +436,7 @@ impl ServeConfig {
             group_id: self.incarnation.clone(),
             connect_deadline: self.rendezvous_timeout,
             stall_timeout: self.stall_timeout,
+            secret: self.group_secret.clone(),
         }
     }
 

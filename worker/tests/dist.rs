@@ -32,6 +32,7 @@ fn config(rank: usize, world: usize, port: u16, group: &str) -> GroupConfig {
         group_id: group.into(),
         connect_deadline: Duration::from_secs(60),
         stall_timeout: Duration::from_secs(30),
+        secret: b"test-secret".to_vec(),
     }
 }
 
@@ -203,6 +204,10 @@ fn ranks_of_another_incarnation_or_duplicates_are_refused() {
     assert!(e.contains("refused by the leader"), "{e}");
     assert!(e.contains("group id mismatch"), "{e}");
     assert!(e.contains("previous incarnation"), "{e}");
+    assert!(
+        !e.contains("inc-b"),
+        "the leader's group id is not sent back: {e}"
+    );
     let e = dist::join(&config(1, 3, port, "inc-b"))
         .err()
         .unwrap()
@@ -229,6 +234,63 @@ fn ranks_of_another_incarnation_or_duplicates_are_refused() {
     assert!(e.contains("already formed"), "{e}");
     assert_eq!(leader.health.check(), Ok(()));
     assert_eq!(follower.health.check(), Ok(()));
+}
+
+/// Joiners prove they hold the group's secret: a rank with another secret is refused without
+/// learning the group's id, and the group still forms with the rank that has it.
+#[test]
+fn a_joiner_without_the_groups_secret_is_refused_and_the_group_still_forms() {
+    let port = free_port();
+    let leader = std::thread::spawn(move || dist::join(&config(0, 2, port, "inc-s")).unwrap());
+    let mut wrong = config(1, 2, port, "inc-s");
+    wrong.secret = b"another-secret".to_vec();
+    let e = dist::join(&wrong).err().unwrap().to_string();
+    assert!(e.contains("authentication failed"), "{e}");
+    assert!(!e.contains("inc-s"), "{e}");
+    let mut none = config(1, 2, port, "inc-s");
+    none.secret = Vec::new();
+    let e = dist::join(&none).err().unwrap().to_string();
+    assert!(e.contains("authentication failed"), "{e}");
+    let follower = dist::join(&config(1, 2, port, "inc-s")).unwrap();
+    let leader = leader.join().unwrap();
+    assert_eq!(leader.health.check(), Ok(()));
+    assert_eq!(follower.health.check(), Ok(()));
+    // After the group formed, a wrong secret is still refused as such.
+    let e = dist::join(&wrong).err().unwrap().to_string();
+    assert!(e.contains("authentication failed"), "{e}");
+}
+
+/// Connections that never finish their handshake (silent, or trickling one byte at a time)
+/// hold only their own threads: the real ranks join as fast as without them. The old leader
+/// read each hello in turn with a 5 s timeout, so twelve silent clients held it a minute.
+#[test]
+fn silent_and_trickling_clients_do_not_stall_the_rendezvous() {
+    use std::io::Write;
+    let port = free_port();
+    let leader = std::thread::spawn(move || dist::join(&config(0, 3, port, "inc-t")).unwrap());
+    std::thread::sleep(Duration::from_millis(200));
+    let mut held = Vec::new();
+    for i in 0..12 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        if i % 2 == 0 {
+            let _ = s.write_all(&[1]); // the first byte of a hello frame, and nothing after
+        }
+        held.push(s);
+    }
+    let t = std::time::Instant::now();
+    let followers: Vec<_> = (1..3)
+        .map(|r| std::thread::spawn(move || dist::join(&config(r, 3, port, "inc-t")).unwrap()))
+        .collect();
+    let followers: Vec<_> = followers.into_iter().map(|h| h.join().unwrap()).collect();
+    let leader = leader.join().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "the group took {:?} to form",
+        t.elapsed()
+    );
+    assert_eq!(leader.health.check(), Ok(()));
+    assert!(followers.iter().all(|f| f.health.check().is_ok()));
+    drop(held);
 }
 
 fn wait_unhealthy(h: &GroupHealth, within: Duration) -> String {

@@ -718,6 +718,7 @@ fn run_layout_with(
                     group_id: format!("tiny-{tp}x{pp}"),
                     connect_deadline: Duration::from_secs(60),
                     stall_timeout: Duration::from_secs(30),
+                    secret: Vec::new(),
                 };
                 let g = dist::join_with_exit(&cfg, Box::new(|why: &str| panic!("lost: {why}")))
                     .unwrap();

@@ -68,6 +68,7 @@ fn serve_rank(
         .env("TESSERA_INCARNATION", group)
         .env("TESSERA_THREADS", "1")
         .env("TESSERA_STALL_TIMEOUT_SECS", "3")
+        .env("TESSERA_GROUP_SECRET", "e2e-secret")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -115,6 +116,7 @@ fn killing_a_rank_process_ends_the_group_naming_it() {
             group_id: "e2e-kill".into(),
             connect_deadline: Duration::from_secs(120),
             stall_timeout: Duration::from_secs(3),
+            secret: b"e2e-secret".to_vec(),
         },
         Box::new(move |why: &str| {
             let _ = exit_tx.send(why.to_owned());
@@ -288,6 +290,7 @@ fn start_layout(tp: usize, pp: usize, lines: mpsc::Sender<String>) -> (Proc, u16
         ])
         .env("RUST_LOG", "info")
         .env("TESSERA_STALL_TIMEOUT_SECS", "3")
+        .env("TESSERA_GROUP_SECRET", "e2e-secret")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

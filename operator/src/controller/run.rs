@@ -767,6 +767,29 @@ pub async fn run_with_client(client: Client, args: RunArgs) -> anyhow::Result<()
             instance: std::env::var("POD_NAME").ok(),
         },
     );
+    let group_key = match &args.group_key_file {
+        Some(path) => {
+            let key = anyhow::Context::with_context(std::fs::read(path), || {
+                format!(
+                    "--group-key-file {}: reading the rank-group key",
+                    path.display()
+                )
+            })?;
+            anyhow::ensure!(
+                key.len() >= 16,
+                "--group-key-file {}: the key has {} bytes; use at least 16 random bytes (the chart generates 32)",
+                path.display(),
+                key.len()
+            );
+            Some(build::GroupKey(key))
+        }
+        None => {
+            tracing::warn!(
+                "no --group-key-file: worker groups run without a secret (only their incarnation id is checked when ranks join)"
+            );
+            None
+        }
+    };
     let ctx = Arc::new(Context::new(
         client.clone(),
         Config {
@@ -776,6 +799,7 @@ pub async fn run_with_client(client: Client, args: RunArgs) -> anyhow::Result<()
                 default_vllm_image: args.vllm_image.clone(),
                 default_sglang_image: args.sglang_image.clone(),
                 network_policies: network_policy_options,
+                group_key,
             },
             ..Config::default()
         },

@@ -2,12 +2,16 @@
 //!
 //! - **Rendezvous** ([`join`]): rank 0 (the leader) listens on `leader_host:port`; every other
 //!   rank opens three connections to it (all-reduce data, steps, heartbeats), retrying with
-//!   backoff until `connect_deadline`. Each connection starts with a hello (protocol, group id,
-//!   world size, rank, channel) that the leader checks: a different group id (a rank of a
-//!   previous incarnation), another world size, a rank outside the world or one that already
-//!   joined is refused with a message saying so, and the refused rank's `join` fails with it.
-//!   The leader waits for every rank up to the same deadline, then sends "ready" to all; later
-//!   arrivals are refused ("the group is already formed").
+//!   backoff until `connect_deadline`. The leader opens each connection with a random
+//!   challenge; the joiner answers with a hello (protocol, group id, world size, rank, channel)
+//!   and an HMAC of the challenge and the hello keyed by the group's secret. A wrong HMAC, a
+//!   different group id (a rank of a previous incarnation), another world size, a rank outside
+//!   the world or one that already joined is refused with a message saying so (never the
+//!   leader's group id), and the refused rank's `join` fails with it. Handshakes run on threads
+//!   of their own (at most [`MAX_HANDSHAKES`] at once, each bounded by the same deadline), so a
+//!   client that trickles bytes or never speaks delays nobody, and a stray connection that fails
+//!   is only logged. The leader waits for every rank up to the deadline, then sends "ready" to
+//!   all; later arrivals are refused ("the group is already formed").
 //! - **Collective** ([`collective::TcpCollective`]): a leader-star all-reduce (2 hops per call
 //!   whatever the group size; see the module for why not a ring), TCP_NODELAY, every call
 //!   recorded in `ALLREDUCE_STATS`.
@@ -62,6 +66,9 @@ pub struct GroupConfig {
     pub connect_deadline: Duration,
     /// How long a silent peer or a blocked all-reduce is tolerated before the group is lost.
     pub stall_timeout: Duration,
+    /// The group's shared secret (`TESSERA_GROUP_SECRET`): joiners prove they hold it with an
+    /// HMAC over the leader's challenge. Empty: no secret (the group id still must match).
+    pub secret: Vec<u8>,
 }
 
 /// A follower's supply of steps from the leader.
@@ -222,6 +229,8 @@ fn join_leader(cfg: &GroupConfig, shared: Arc<Shared>) -> anyhow::Result<Group> 
     let mut slots: BTreeMap<(usize, Channel), TcpStream> = BTreeMap::new();
     let mut listen: Vec<Option<String>> = vec![None; cfg.world];
     let mut refused: Vec<String> = Vec::new();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Handshake>();
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while slots.len() < want {
         if Instant::now() >= deadline {
             let joined: Vec<usize> = (1..cfg.world)
@@ -239,46 +248,76 @@ fn join_leader(cfg: &GroupConfig, shared: Arc<Shared>) -> anyhow::Result<Group> 
                 }
             );
         }
-        let (mut s, peer) = match listener.accept() {
-            Ok(x) => x,
+        // Finished handshakes first: each is judged here, one at a time, against the slots.
+        let mut progressed = false;
+        while let Ok(h) = done_rx.try_recv() {
+            progressed = true;
+            let (mut s, peer, nonce, hello) = match h {
+                Handshake::Failed { peer, why } => {
+                    tracing::warn!("a connection from {peer} failed its handshake: {why}");
+                    refused.push(format!("{peer}: {why}"));
+                    continue;
+                }
+                Handshake::Hello {
+                    stream,
+                    peer,
+                    nonce,
+                    hello,
+                } => (stream, peer, nonce, hello),
+            };
+            let verdict = if wire::verify_hello(&cfg.secret, &nonce, &hello) {
+                check_hello(cfg, &hello, |r, c| slots.contains_key(&(r, c)))
+            } else {
+                Err(AUTH_FAILED.to_owned())
+            };
+            let welcome = Welcome {
+                ok: verdict.is_ok(),
+                error: verdict.as_ref().err().cloned(),
+            };
+            let sent = wire::write_json(&mut s, kind::WELCOME, &welcome);
+            match (verdict, sent) {
+                (Ok(()), Ok(())) => {
+                    tracing::debug!(rank = hello.rank, channel = ?hello.channel, "rank connected from {peer}");
+                    if let Some(p) = hello.listen {
+                        listen[hello.rank] = Some(SocketAddr::new(peer.ip(), p).to_string());
+                    }
+                    slots.insert((hello.rank, hello.channel), s);
+                }
+                (Ok(()), Err(e)) => {
+                    // The joiner went away after its hello: not a member; it may come again.
+                    tracing::warn!(
+                        rank = hello.rank,
+                        "a joiner from {peer} left before its welcome: {e}"
+                    );
+                    refused.push(format!("{peer}: left before its welcome ({e})"));
+                }
+                (Err(msg), _) => {
+                    tracing::warn!(
+                        claimed_group = %hello.group_id,
+                        "refused a connection from {peer}: {msg}"
+                    );
+                    refused.push(format!("{peer}: {msg}"));
+                }
+            }
+        }
+        match listener.accept() {
+            Ok((s, peer)) => {
+                if in_flight.load(std::sync::atomic::Ordering::SeqCst) >= MAX_HANDSHAKES {
+                    tracing::warn!(
+                        "dropped a connection from {peer}: {MAX_HANDSHAKES} handshakes are already under way"
+                    );
+                    continue;
+                }
+                spawn_handshake(s, peer, deadline, done_tx.clone(), Arc::clone(&in_flight));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
+                if !progressed {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
             }
             Err(e) => {
                 tracing::warn!("accepting a rank's connection: {e}");
                 std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-        };
-        s.set_nonblocking(false)?;
-        let _ = s.set_nodelay(true);
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let hello: Hello = match wire::read_json(&mut s, kind::HELLO) {
-            Ok(h) => h,
-            Err(e) => {
-                refused.push(format!("{peer}: no valid hello ({e})"));
-                continue;
-            }
-        };
-        let verdict = check_hello(cfg, &hello, |r, c| slots.contains_key(&(r, c)));
-        let welcome = Welcome {
-            ok: verdict.is_ok(),
-            error: verdict.as_ref().err().cloned(),
-        };
-        let sent = wire::write_json(&mut s, kind::WELCOME, &welcome);
-        match verdict {
-            Ok(()) => {
-                sent.with_context(|| format!("answering rank {} at {peer}", hello.rank))?;
-                tracing::debug!(rank = hello.rank, channel = ?hello.channel, "rank connected from {peer}");
-                if let Some(p) = hello.listen {
-                    listen[hello.rank] = Some(SocketAddr::new(peer.ip(), p).to_string());
-                }
-                slots.insert((hello.rank, hello.channel), s);
-            }
-            Err(msg) => {
-                tracing::warn!("refused a connection from {peer}: {msg}");
-                refused.push(format!("{peer}: {msg}"));
             }
         }
     }
@@ -391,9 +430,10 @@ fn check_hello(
         ));
     }
     if h.group_id != cfg.group_id {
+        // Neither id is sent back: the refused peer learns nothing about this group.
         return Err(format!(
-            "group id mismatch: rank {} belongs to group {:?}, this leader's group is {:?} (a rank of a previous incarnation is refused)",
-            h.rank, h.group_id, cfg.group_id
+            "group id mismatch: rank {} belongs to another incarnation of the replica (a rank of a previous incarnation is refused)",
+            h.rank
         ));
     }
     if h.world != cfg.world {
@@ -431,6 +471,72 @@ fn check_hello(
     Ok(())
 }
 
+/// Handshakes under way at once at most; further connections are dropped until one ends.
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// The refusal of a joiner whose HMAC is wrong (it names neither group id).
+pub const AUTH_FAILED: &str = "authentication failed: this rank's TESSERA_GROUP_SECRET is not the group's (a rank of another incarnation or deployment, or not a Tessera rank)";
+
+/// How one connection's handshake ended.
+enum Handshake {
+    Hello {
+        stream: TcpStream,
+        peer: SocketAddr,
+        nonce: [u8; wire::NONCE_BYTES],
+        hello: Hello,
+    },
+    Failed {
+        peer: SocketAddr,
+        why: String,
+    },
+}
+
+/// Challenge the connection and read its hello on a thread of its own, bounded by `deadline`
+/// (and 5 s): a slow or silent client holds only this thread.
+fn spawn_handshake(
+    mut s: TcpStream,
+    peer: SocketAddr,
+    deadline: Instant,
+    done: std::sync::mpsc::Sender<Handshake>,
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let counter = Arc::clone(&in_flight);
+    let run = move || {
+        let result = (|| -> anyhow::Result<Handshake> {
+            s.set_nonblocking(false)?;
+            let _ = s.set_nodelay(true);
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(100), Duration::from_secs(5));
+            s.set_read_timeout(Some(left))?;
+            s.set_write_timeout(Some(left))?;
+            let nonce = wire::nonce()?;
+            wire::write_frame(&mut s, kind::CHALLENGE, &nonce)?;
+            let hello: Hello = wire::read_json(&mut s, kind::HELLO)
+                .map_err(|e| anyhow::anyhow!("no valid hello ({e})"))?;
+            Ok(Handshake::Hello {
+                stream: s,
+                peer,
+                nonce,
+                hello,
+            })
+        })();
+        let _ = done.send(result.unwrap_or_else(|e| Handshake::Failed {
+            peer,
+            why: format!("{e:#}"),
+        }));
+        counter.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    };
+    if std::thread::Builder::new()
+        .name("handshake".into())
+        .spawn(run)
+        .is_err()
+    {
+        in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// After the group formed, answer every newcomer with a refusal that says why, until the group
 /// ends.
 fn spawn_late_refuser(listener: TcpListener, cfg: GroupConfig, shared: Arc<Shared>) {
@@ -442,15 +548,24 @@ fn spawn_late_refuser(listener: TcpListener, cfg: GroupConfig, shared: Arc<Share
                     Ok((mut s, peer)) => {
                         let _ = s.set_nonblocking(false);
                         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                        let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+                        let Ok(nonce) = wire::nonce() else { continue };
+                        if wire::write_frame(&mut s, kind::CHALLENGE, &nonce).is_err() {
+                            continue;
+                        }
                         let Ok(h) = wire::read_json::<Hello>(&mut s, kind::HELLO) else {
                             continue;
                         };
-                        let msg = match check_hello(&cfg, &h, |_, _| false) {
-                            Err(m) => m,
-                            Ok(()) => format!(
-                                "the group is already formed: rank {} joined it before",
-                                h.rank
-                            ),
+                        let msg = if !wire::verify_hello(&cfg.secret, &nonce, &h) {
+                            AUTH_FAILED.to_owned()
+                        } else {
+                            match check_hello(&cfg, &h, |_, _| false) {
+                                Err(m) => m,
+                                Ok(()) => format!(
+                                    "the group is already formed: rank {} joined it before",
+                                    h.rank
+                                ),
+                            }
                         };
                         tracing::warn!("refused a late connection from {peer}: {msg}");
                         let _ = wire::write_json(
@@ -665,7 +780,12 @@ fn try_connect(
             Ok(mut s) => {
                 s.set_nodelay(true)?;
                 s.set_read_timeout(Some(left.min(Duration::from_secs(10))))?;
-                let hello = Hello {
+                let (k, nonce) = wire::read_frame(&mut s)?;
+                anyhow::ensure!(
+                    k == kind::CHALLENGE,
+                    "the leader opened with frame kind {k}, not a challenge (is it a Tessera rank 0 speaking {MAGIC}?)"
+                );
+                let mut hello = Hello {
                     magic: MAGIC.into(),
                     group_id: cfg.group_id.clone(),
                     world: cfg.world,
@@ -673,7 +793,9 @@ fn try_connect(
                     channel,
                     pp: cfg.pp,
                     listen,
+                    mac: String::new(),
                 };
+                hello.mac = wire::hello_mac(&cfg.secret, &nonce, &hello);
                 wire::write_json(&mut s, kind::HELLO, &hello)?;
                 let w: Welcome = wire::read_json(&mut s, kind::WELCOME)?;
                 return Ok(if w.ok {

@@ -82,6 +82,7 @@ fn tag(cfg: &super::GroupConfig, channel: Channel) -> Hello {
         channel,
         pp: cfg.pp,
         listen: None,
+        mac: String::new(),
     }
 }
 
@@ -102,7 +103,18 @@ fn connect_peer(
             match TcpStream::connect_timeout(a, Duration::from_secs(2)) {
                 Ok(mut s) => {
                     s.set_nodelay(true)?;
-                    wire::write_json(&mut s, kind::HELLO, &tag(cfg, channel))?;
+                    // The accepting rank challenges first (as the leader does).
+                    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    let (k, nonce) = wire::read_frame(&mut s)?;
+                    anyhow::ensure!(
+                        k == kind::CHALLENGE,
+                        "{} opened with frame kind {k}, not a challenge",
+                        name_of(to)
+                    );
+                    s.set_read_timeout(None)?;
+                    let mut hello = tag(cfg, channel);
+                    hello.mac = wire::hello_mac(&cfg.secret, &nonce, &hello);
+                    wire::write_json(&mut s, kind::HELLO, &hello)?;
                     return Ok(s);
                 }
                 Err(e) => last = format!("{a}: {e}"),
@@ -203,6 +215,12 @@ pub(crate) fn form_mesh(
             c.set_nonblocking(false)?;
             let _ = c.set_nodelay(true);
             let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = c.set_write_timeout(Some(Duration::from_secs(5)));
+            let nonce = wire::nonce()?;
+            if let Err(e) = wire::write_frame(&mut c, kind::CHALLENGE, &nonce) {
+                tracing::warn!("ignored a pipeline connection from {peer}: {e}");
+                continue;
+            }
             let h: Hello = match wire::read_json(&mut c, kind::HELLO) {
                 Ok(h) => h,
                 Err(e) => {
@@ -211,6 +229,13 @@ pub(crate) fn form_mesh(
                 }
             };
             let key = (h.rank, h.channel);
+            if !wire::verify_hello(&cfg.secret, &nonce, &h) {
+                tracing::warn!(
+                    "ignored a pipeline connection from {peer}: {}",
+                    super::AUTH_FAILED
+                );
+                continue;
+            }
             if h.magic != MAGIC
                 || h.group_id != cfg.group_id
                 || !want.contains(&key)
@@ -278,30 +303,20 @@ impl TcpPipe {
     fn send(&self, to: Option<(usize, &TcpStream)>, k: u8, x: &[f32]) -> anyhow::Result<()> {
         self.check_alive()?;
         let (peer, mut s) = to.context("this rank has no such pipeline connection")?;
-        let mut payload = Vec::with_capacity(4 * x.len());
-        for v in x {
-            payload.extend_from_slice(&v.to_le_bytes());
-        }
-        wire::write_frame(&mut s, k, &payload).map_err(|e| self.lost(peer, &e))
+        wire::write_f32_frames(&mut s, k, x, wire::PIECE_FLOATS).map_err(|e| self.lost(peer, &e))
     }
 
     fn recv(&self, from: Option<(usize, &TcpStream)>, k: u8, n: usize) -> anyhow::Result<Vec<f32>> {
         self.check_alive()?;
         let (peer, mut s) = from.context("this rank has no such pipeline connection")?;
-        let (got, payload) = wire::read_frame(&mut s).map_err(|e| self.lost(peer, &e))?;
-        if got != k || payload.len() != 4 * n {
-            let msg = format!(
-                "{} is out of step: it sent a frame of kind {got} with {} bytes where kind {k} with {} floats was due",
-                name_of(peer),
-                payload.len(),
-                n
-            );
-            return Err(GroupError(self.shared.fail(msg)).into());
+        match wire::read_f32_frames(&mut s, k, n, wire::PIECE_FLOATS) {
+            Ok(Ok(x)) => Ok(x),
+            Ok(Err(why)) => {
+                let msg = format!("{} is out of step: {why}", name_of(peer));
+                Err(GroupError(self.shared.fail(msg)).into())
+            }
+            Err(e) => Err(self.lost(peer, &e)),
         }
-        Ok(payload
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
     }
 }
 

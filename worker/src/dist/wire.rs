@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 
 /// Protocol name and version carried in every hello; a peer speaking anything else is refused.
 /// Version 2 added the batched forward step (`Step::ForwardBatch`), which a version-1 rank
-/// cannot decode; every other frame is unchanged.
-pub const MAGIC: &str = "tessera-group/2";
+/// cannot decode. Version 3 authenticates joiners: the leader opens every connection with a
+/// challenge, and the hello carries an HMAC over it ([`hello_mac`]).
+pub const MAGIC: &str = "tessera-group/3";
 
 /// Largest frame accepted (a step carries at most a prompt's tokens).
 pub const MAX_FRAME: usize = 64 << 20;
@@ -38,6 +39,8 @@ pub mod kind {
     pub const HIDDEN: u8 = 9;
     /// The last stage's logits for the global leader (f32 little-endian).
     pub const LOGITS: u8 = 10;
+    /// Handshake, leader to joiner, first: a random nonce to authenticate against.
+    pub const CHALLENGE: u8 = 11;
 }
 
 /// The three connections every follower opens to the leader.
@@ -75,6 +78,51 @@ pub struct Hello {
     /// The port this rank accepts its pipeline connections on (ranks of stages >= 1).
     #[serde(default)]
     pub listen: Option<u16>,
+    /// Lowercase hex HMAC-SHA256 of the leader's challenge and this hello ([`hello_mac`]).
+    #[serde(default)]
+    pub mac: String,
+}
+
+/// Bytes of the leader's challenge.
+pub const NONCE_BYTES: usize = 32;
+
+/// A fresh challenge from the operating system's random source.
+pub fn nonce() -> std::io::Result<[u8; NONCE_BYTES]> {
+    let mut n = [0u8; NONCE_BYTES];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut n)?;
+    Ok(n)
+}
+
+/// The HMAC-SHA256 (hex) a joiner proves it holds the group's secret with: keyed by the secret
+/// (`TESSERA_GROUP_SECRET`, which the operator derives per incarnation; empty when none is
+/// set, which then authenticates nothing beyond the group id), over the leader's challenge and
+/// every field of the hello that the leader acts on. A replayed hello fails: each connection
+/// gets a new challenge.
+pub fn hello_mac(secret: &[u8], nonce: &[u8], h: &Hello) -> String {
+    use hmac::Mac;
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes any key");
+    m.update(nonce);
+    let fields = format!(
+        "\0{}\0{}\0{}\0{}\0{:?}\0{}\0{:?}",
+        h.magic, h.group_id, h.world, h.rank, h.channel, h.pp, h.listen
+    );
+    m.update(fields.as_bytes());
+    m.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Whether `h.mac` is the right HMAC for `secret` and `nonce` (compared in constant time).
+pub fn verify_hello(secret: &[u8], nonce: &[u8], h: &Hello) -> bool {
+    let want = hello_mac(secret, nonce, h);
+    want.len() == h.mac.len()
+        && want
+            .bytes()
+            .zip(h.mac.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 fn one() -> usize {
@@ -122,6 +170,65 @@ pub fn read_frame(r: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
     Ok((head[0], payload))
 }
 
+/// Floats per frame of an f32 payload: the most a frame may hold.
+pub const PIECE_FLOATS: usize = MAX_FRAME / 4;
+
+/// Write `x` (f32 little-endian) as frames of `kind`, each at most `piece` floats: a hidden
+/// state or the logits of many sequences over a large vocabulary exceed one frame's limit
+/// (64 sequences x 128k vocabulary x 4 bytes = 32 MiB; 256 prefill tokens x 16k hidden x 4 =
+/// 16 MiB; and growing with the batch). The receiver knows the count ([`read_f32_frames`]); a
+/// payload under the limit is one frame, as before.
+pub fn write_f32_frames(
+    w: &mut impl Write,
+    kind: u8,
+    x: &[f32],
+    piece: usize,
+) -> std::io::Result<()> {
+    let piece = piece.max(1);
+    let mut chunks = x.chunks(piece).peekable();
+    if chunks.peek().is_none() {
+        return write_frame(w, kind, &[]);
+    }
+    for chunk in chunks {
+        let mut payload = Vec::with_capacity(4 * chunk.len());
+        for v in chunk {
+            payload.extend_from_slice(&v.to_le_bytes());
+        }
+        write_frame(w, kind, &payload)?;
+    }
+    Ok(())
+}
+
+/// Read `n` floats sent by [`write_f32_frames`] with the same `piece`. `Ok(Err(why))` when
+/// the peer sent something else (another kind, or pieces of the wrong size): it is out of step.
+pub fn read_f32_frames(
+    r: &mut impl Read,
+    kind: u8,
+    n: usize,
+    piece: usize,
+) -> std::io::Result<Result<Vec<f32>, String>> {
+    let piece = piece.max(1);
+    let mut out = Vec::with_capacity(n);
+    loop {
+        let want = (n - out.len()).min(piece);
+        let (got, payload) = read_frame(r)?;
+        if got != kind || payload.len() != 4 * want {
+            return Ok(Err(format!(
+                "it sent a frame of kind {got} with {} bytes where kind {kind} with {want} floats (of {n}) was due",
+                payload.len()
+            )));
+        }
+        out.extend(
+            payload
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+        if out.len() == n {
+            return Ok(Ok(out));
+        }
+    }
+}
+
 /// Write a JSON frame.
 pub fn write_json(s: &mut TcpStream, kind: u8, v: &impl Serialize) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(v).map_err(std::io::Error::other)?;
@@ -156,5 +263,68 @@ pub fn describe(e: &std::io::Error) -> String {
             format!("its connection broke ({e}; the process exited or was killed)")
         }
         _ => format!("its connection failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Payloads larger than a frame go as several frames and come back whole; one exactly a
+    /// piece, an empty one and one under it stay single frames; a peer out of step is named.
+    #[test]
+    fn f32_payloads_split_into_frames_and_reassemble() {
+        for (n, piece, frames) in [(0, 4, 1), (3, 4, 1), (4, 4, 1), (5, 4, 2), (1000, 7, 143)] {
+            let x: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let mut buf = Vec::new();
+            write_f32_frames(&mut buf, kind::LOGITS, &x, piece).unwrap();
+            let mut r = std::io::Cursor::new(&buf);
+            let mut count = 0;
+            while (r.position() as usize) < buf.len() {
+                let (k, p) = read_frame(&mut r).unwrap();
+                assert_eq!(k, kind::LOGITS);
+                assert!(p.len() <= 4 * piece);
+                count += 1;
+            }
+            assert_eq!(count, frames, "n {n}, piece {piece}");
+            let back = read_f32_frames(&mut std::io::Cursor::new(&buf), kind::LOGITS, n, piece)
+                .unwrap()
+                .unwrap();
+            assert_eq!(back, x);
+        }
+        // The receiver expected more floats than were sent, or another kind.
+        let mut buf = Vec::new();
+        write_f32_frames(&mut buf, kind::HIDDEN, &[1.0; 10], 4).unwrap();
+        let why = read_f32_frames(&mut std::io::Cursor::new(&buf), kind::LOGITS, 10, 4)
+            .unwrap()
+            .unwrap_err();
+        assert!(why.contains("kind 9") && why.contains("kind 10"), "{why}");
+        let mut short = Vec::new();
+        write_f32_frames(&mut short, kind::HIDDEN, &[1.0; 6], 3).unwrap();
+        let why = read_f32_frames(&mut std::io::Cursor::new(&short), kind::HIDDEN, 6, 4)
+            .unwrap()
+            .unwrap_err();
+        assert!(why.contains("4 floats (of 6)"), "{why}");
+    }
+
+    /// The limit that made the group fail: the logits of 140 sequences over a 128k vocabulary
+    /// (71.8 MB) are more than one frame may hold (64 MiB), and now travel as two.
+    #[test]
+    fn logits_beyond_the_frame_limit_travel_in_pieces() {
+        let n = 140 * 128_256;
+        assert!(4 * n > MAX_FRAME);
+        let x: Vec<f32> = (0..n).map(|i| (i % 977) as f32).collect();
+        let mut buf = Vec::new();
+        write_f32_frames(&mut buf, kind::LOGITS, &x, PIECE_FLOATS).unwrap();
+        let back = read_f32_frames(
+            &mut std::io::Cursor::new(&buf),
+            kind::LOGITS,
+            n,
+            PIECE_FLOATS,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(back.len(), n);
+        assert_eq!(back[n - 1], x[n - 1]);
     }
 }

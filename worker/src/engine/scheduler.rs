@@ -110,7 +110,12 @@ pub enum Event {
     Text(String),
     Logprobs(TokenLogprobs),
     Done(Completion),
+    /// This sequence failed (the step it was in failed); the replica goes on.
     Error(String),
+    /// The replica failed (its group was lost or the scheduler stopped): nothing it holds will
+    /// finish, and it is about to be restarted; another replica, or this one restarted, can
+    /// take the request again.
+    Failed(String),
 }
 
 /// Why a request was not accepted.
@@ -417,7 +422,7 @@ impl Shared {
         self.metrics.requests_waiting.set(0);
         drop(st);
         for p in waiting {
-            let _ = p.tx.try_send(Event::Error(msg.clone()));
+            let _ = p.tx.try_send(Event::Failed(msg.clone()));
             self.metrics.finished("error");
             self.done_one();
         }
@@ -787,7 +792,7 @@ impl Worker {
 
     fn fail_all(&mut self, msg: &str) {
         for s in self.running.drain(..) {
-            let _ = s.tx.try_send(Event::Error(msg.to_owned()));
+            let _ = s.tx.try_send(Event::Failed(msg.to_owned()));
             self.shared.metrics.finished("error");
             self.shared.done_one();
         }

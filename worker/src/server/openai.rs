@@ -824,6 +824,16 @@ fn logprobs_json(kind: Kind, entries: &[TokenLogprobs], offset: &mut usize) -> V
     }
 }
 
+/// 503 with `Retry-After`: the replica failed under the request (its group was lost, its
+/// scheduler stopped) and is being restarted; the request can be sent again. Not a 500: nothing
+/// was wrong with the request, and a retry elsewhere succeeds.
+fn replica_failed(why: &str) -> ApiError {
+    ApiError::unavailable(
+        format!("the replica failed while serving this request ({why}); retry it"),
+        "replica_failed",
+    )
+}
+
 async fn whole_response(rxs: Vec<mpsc::Receiver<Event>>, meta: Meta) -> Result<Response, ApiError> {
     let mut choices = Vec::with_capacity(rxs.len());
     let mut all = Vec::with_capacity(rxs.len());
@@ -835,7 +845,8 @@ async fn whole_response(rxs: Vec<mpsc::Receiver<Event>>, meta: Meta) -> Result<R
                 Some(Event::Logprobs(l)) => entries.push(l),
                 Some(Event::Done(c)) => break c,
                 Some(Event::Error(e)) => return Err(ApiError::internal(e)),
-                None => return Err(ApiError::internal("generation ended without a result")),
+                Some(Event::Failed(e)) => return Err(replica_failed(&e)),
+                None => return Err(replica_failed("generation ended without a result")),
             }
         };
         let logprobs = if meta.logprobs {
@@ -999,6 +1010,10 @@ fn stream_response(rxs: Vec<mpsc::Receiver<Event>>, meta: Meta) -> Response {
                     let _ = tx.send(sse(&ApiError::internal(e).body())).await;
                     break;
                 }
+                Some((_, Event::Failed(e))) => {
+                    let _ = tx.send(sse(&replica_failed(&e).body())).await;
+                    break;
+                }
                 None => {
                     let all: Option<Vec<Completion>> = done.iter().cloned().collect();
                     match all {
@@ -1008,7 +1023,7 @@ fn stream_response(rxs: Vec<mpsc::Receiver<Event>>, meta: Meta) -> Response {
                             }
                         }
                         None => {
-                            let e = ApiError::internal("generation ended without a result");
+                            let e = replica_failed("generation ended without a result");
                             let _ = tx.send(sse(&e.body())).await;
                         }
                     }
