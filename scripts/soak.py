@@ -244,6 +244,17 @@ def one_request(port, kind, rng, stats, expect_restart):
             stats.error("stream_cut")
         stats.add(kind, 200, latency=time.time() - t0, ttft=first, sequences=n, streamed=True)
     except (ConnectionError, OSError, http.client.HTTPException) as e:
+        if kind == "oversized" and isinstance(e, (BrokenPipeError, ConnectionResetError)):
+            # The server answered 413 and closed before the 5 MiB body was all sent: read the
+            # answer it left, if the socket still has it.
+            try:
+                status = conn.getresponse().status
+            except (ConnectionError, OSError, http.client.HTTPException):
+                status = "closed-early"
+            if status not in (413, "closed-early"):
+                stats.fail(f"oversized: HTTP {status} after the body was cut off")
+            stats.add(kind, status)
+            return
         if expect_restart.is_set():
             stats.error(f"connection ({type(e).__name__}) during restart")
             time.sleep(0.2)

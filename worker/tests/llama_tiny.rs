@@ -1058,3 +1058,75 @@ fn batched_steps_over_tp_and_pp_match_one_rank() {
         }
     }
 }
+
+/// `Step::Reserve` makes a sequence's cache with memory for exactly the admitted tokens: the
+/// reservation does not grow as the tokens arrive (the cache grew by doubling before, up to
+/// twice what was admitted), a step past it is refused like a full cache, and the logits are
+/// those of a cache made at the first step.
+#[test]
+fn a_reserved_cache_holds_exactly_its_admission_and_never_grows() {
+    let (w, _) = build(GgmlType::F32, 23, None, None);
+    let path = write(&w, "reserve.gguf");
+    let mut runner = Runner::new(
+        tiny_engine(&path, Box::new(Identity), Stage::WHOLE),
+        1 << 20,
+        None,
+    );
+    let mut lazy = Runner::new(
+        tiny_engine(&path, Box::new(Identity), Stage::WHOLE),
+        1 << 20,
+        None,
+    );
+    let per_token_floats = runner.engine.model.kv_bytes_per_token() / 4;
+    runner.run(&Step::Reserve { seq: 7, tokens: 9 }).unwrap();
+    let reserved = runner.reserved_floats(7).expect("a cache");
+    assert_eq!(reserved, 9 * per_token_floats);
+    let prompt = vec![1u32, 2, 3, 4, 5];
+    let a = runner
+        .run(&Step::Forward {
+            seq: 7,
+            tokens: prompt.clone(),
+        })
+        .unwrap()
+        .unwrap();
+    let b = lazy
+        .run(&Step::Forward {
+            seq: 7,
+            tokens: prompt,
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(a, b, "the reservation changes no logit");
+    for t in 0..4u32 {
+        runner
+            .run(&Step::Forward {
+                seq: 7,
+                tokens: vec![6 + t],
+            })
+            .unwrap();
+    }
+    assert_eq!(runner.seq_len(7), 9);
+    assert_eq!(runner.reserved_floats(7), Some(reserved), "no growth");
+    let e = runner
+        .run(&Step::Forward {
+            seq: 7,
+            tokens: vec![1],
+        })
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("KV cache full"), "{e:#}");
+    // A reservation beyond the per-sequence budget is held to the budget; a second Reserve of
+    // a live sequence changes nothing.
+    let budget_tokens = (1 << 20) / runner.engine.model.kv_bytes_per_token();
+    runner
+        .run(&Step::Reserve {
+            seq: 8,
+            tokens: 1 << 30,
+        })
+        .unwrap();
+    let cap = budget_tokens.min(runner.engine.model.config.context_length);
+    assert_eq!(runner.reserved_floats(8), Some(cap * per_token_floats));
+    runner.run(&Step::Reserve { seq: 7, tokens: 1 }).unwrap();
+    assert_eq!(runner.reserved_floats(7), Some(reserved));
+    runner.run(&Step::Release { seq: 7 }).unwrap();
+    assert_eq!(runner.reserved_floats(7), None);
+}

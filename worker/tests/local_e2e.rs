@@ -537,3 +537,86 @@ fn sigterm_drains_the_request_in_flight_and_every_rank_exits_cleanly() {
         "{log:#?}"
     );
 }
+
+/// `VmRSS` or `VmHWM` (peak) of a process, in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Under full concurrency (every sequence slot taken, each sequence filling its context) the
+/// rank's peak RSS stays within what it held when ready plus the KV-cache budget it was given
+/// (4 sequences x 1,024 tokens x 46,080 bytes = 180 MiB) and a little working memory: the
+/// caches reserve exactly what the scheduler admitted.
+#[test]
+fn rss_under_full_concurrency_stays_within_the_kv_budget() {
+    let port = free_port();
+    let child = Command::new(BIN)
+        .arg("serve")
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .env("TESSERA_TP", "1")
+        .env("TESSERA_PORT", port.to_string())
+        .env("TESSERA_HOST", "127.0.0.1")
+        .env("TESSERA_MODEL_PATH", model_path())
+        .env("TESSERA_SERVED_MODEL_NAME", "m")
+        .env("TESSERA_MAX_CONCURRENCY", "4")
+        .env("TESSERA_CONTEXT_LENGTH", "1024")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut proc = Proc(child); // killed when the test ends, whatever happens
+    let t = Instant::now();
+    while http(port, "GET", "/readyz", None).map(|r| r.0) != Some(200) {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "serve never became ready"
+        );
+        assert!(proc.0.try_wait().unwrap().is_none(), "serve exited");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let ready_kib = status_kib(pid, "VmRSS");
+    let prompt = "word ".repeat(440);
+    let body = serde_json::json!({
+        "model": "m", "prompt": prompt, "max_tokens": 560, "temperature": 0, "ignore_eos": true
+    })
+    .to_string();
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || http(port, "POST", "/v1/completions", Some(&body)))
+        })
+        .collect();
+    for c in clients {
+        let (status, text) = c.join().unwrap().expect("an answer");
+        assert_eq!(status, 200, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let used = v["usage"]["prompt_tokens"].as_u64().unwrap()
+            + v["usage"]["completion_tokens"].as_u64().unwrap();
+        assert!(
+            used > 900 && used <= 1024,
+            "each sequence fills most of its context: {used}"
+        );
+    }
+    let peak_kib = status_kib(pid, "VmHWM");
+    drop(proc);
+    let budget_kib = 4 * 1024 * 46_080 / 1024;
+    let slack_kib = 64 * 1024;
+    assert!(
+        peak_kib <= ready_kib + budget_kib + slack_kib,
+        "peak {peak_kib} KiB > ready {ready_kib} + KV budget {budget_kib} + {slack_kib} KiB"
+    );
+    eprintln!(
+        "RSS when ready {} MiB, peak {} MiB under 4 full sequences (KV budget {} MiB)",
+        ready_kib / 1024,
+        peak_kib / 1024,
+        budget_kib / 1024
+    );
+}

@@ -1826,3 +1826,39 @@ async fn n_choices_are_independent_and_usage_sums_them() {
     );
     s.handle.shutdown();
 }
+
+/// The `n` choices of one request are queued all or none: a queue with room for two refuses a
+/// request of three without queueing any of them (they used to be queued one by one, the
+/// first ones then cancelled, counted and run for nobody), and takes one of two.
+#[test]
+fn the_choices_of_a_request_are_queued_all_or_none() {
+    let _g = serial();
+    let (handle, metrics) = spawn_scheduler(SchedulerConfig {
+        max_running: 1,
+        max_waiting: 2,
+        kv_budget_bytes: 64 << 20,
+        prefill_chunk: 64,
+    });
+    let req = |max_tokens| Request {
+        prompt: vec![1, 2, 3],
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop: vec![],
+        ignore_eos: true,
+    };
+    // Hold the running slot, then wait until the queue is empty again.
+    let long = handle.submit(req(2000)).unwrap();
+    let t = std::time::Instant::now();
+    while metrics.requests_running.get() != 1 {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let e = handle.submit_all(vec![req(4), req(4), req(4)]).unwrap_err();
+    assert!(matches!(e, SubmitError::Overloaded { waiting: 0 }), "{e:?}");
+    assert_eq!(metrics.requests_waiting.get(), 0, "nothing was queued");
+    let rxs = handle.submit_all(vec![req(4), req(4)]).unwrap();
+    assert_eq!(rxs.len(), 2);
+    assert_eq!(metrics.requests_waiting.get(), 2);
+    drop((long, rxs));
+    handle.shutdown();
+}

@@ -11,11 +11,18 @@
 //! also makes every rank's result bit-identical.
 //!
 //! Every call carries a sequence number and a length; a rank that is out of step (a different
-//! call count or buffer size) is an error naming it, not silently wrong numbers. Reads time out
-//! after the stall timeout (the leader's) or twice it (a follower's, so the leader, which sees
-//! every rank, names the stalled one first). The first call waits up to the rendezvous deadline
-//! instead: ranks load their shards at different speeds between joining and the first forward
-//! pass (heartbeats still catch a rank that dies meanwhile).
+//! call count or buffer size) is an error naming it, not silently wrong numbers.
+//!
+//! A slow rank is not a dead one. A rank that dies, or whose process stops, stops its
+//! heartbeats, and the watchdog ends the group within the stall timeout whatever the
+//! collective is doing. So a read that waits longer than the stall timeout (the leader's; twice
+//! it for a follower, so that the leader, which sees every rank, names the stalled one first)
+//! only warns, naming the rank and the call, and counts in `tessera_allreduce_slow_waits_total`;
+//! the collective gives up on a rank that is alive but does not arrive only after
+//! [`SLOW_LIMIT_STALLS`] stall timeouts (60 s at the default 5 s), each lengthened by the time
+//! the call's payload takes over a 50 MB/s link (a 256 MB prefill all-reduce: 5 s more each). The first call waits up to
+//! the rendezvous deadline: ranks load their shards at different speeds between joining and the
+//! first forward pass.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -28,6 +35,13 @@ use super::wire;
 use crate::model::parallel::{ALLREDUCE_STATS, Collective};
 
 const HEADER: usize = 12;
+
+/// Stall timeouts a collective waits for a rank whose heartbeats still arrive before it gives
+/// up on it (see the module docs).
+pub const SLOW_LIMIT_STALLS: u32 = 12;
+
+/// The link speed a collective's limit allows for its payload (see `read_patiently`).
+pub const SLOW_LINK_BYTES_PER_SEC: f64 = 50e6;
 
 enum Links {
     /// Data connections to ranks 1..n, in rank order.
@@ -165,13 +179,62 @@ impl TcpCollective {
         bytes.resize(HEADER + 4 * n, 0);
         for (i, s) in peers.iter_mut().enumerate() {
             let peer = i + 1;
-            if let Err(e) = s.read_exact(bytes) {
-                return Err(self.lost(peer, &e, wait));
-            }
+            self.read_patiently(s, bytes, peer, seq, wait, 1)?;
             if let Err(m) = check_header(&bytes[..HEADER], seq, n, self.base + peer) {
                 return Err(GroupError(self.shared.fail(m)).into());
             }
             each(&bytes[HEADER..]);
+        }
+        Ok(())
+    }
+
+    /// Fill `buf` from `peer`'s connection (whose read timeout is `wait`): a timeout while the
+    /// group stands is a slow rank (a warning and a count; see the module docs) until the limit,
+    /// then the rank is lost; a broken connection is lost at once.
+    fn read_patiently(
+        &self,
+        s: &mut TcpStream,
+        buf: &mut [u8],
+        peer: usize,
+        seq: u64,
+        wait: Duration,
+        patience: u32,
+    ) -> anyhow::Result<()> {
+        let start = Instant::now();
+        // Scaled to the call: a large payload (a long prefill chunk's hidden states) gets the
+        // time to cross a slow link (50 MB/s) on top of each stall timeout.
+        let transfer = Duration::from_secs_f64(buf.len() as f64 / SLOW_LINK_BYTES_PER_SEC);
+        let limit = wait.max((self.stall + transfer) * SLOW_LIMIT_STALLS * patience);
+        let mut got = 0;
+        while got < buf.len() {
+            match s.read(&mut buf[got..]) {
+                Ok(0) => {
+                    let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+                    return Err(self.lost(peer, &eof, start.elapsed()));
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if wire::is_timeout(&e) => {
+                    if let Some(reason) = self.shared.lost() {
+                        return Err(GroupError(reason).into());
+                    }
+                    let waited = start.elapsed();
+                    if waited >= limit {
+                        return Err(self.lost(peer, &e, waited));
+                    }
+                    ALLREDUCE_STATS
+                        .slow_waits
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(
+                        rank = self.shared.rank,
+                        "{} is slow: collective call #{seq} has waited {:.1} s for it; its heartbeats arrive, so waiting up to {:.0} s",
+                        name_of(self.base + peer),
+                        waited.as_secs_f64(),
+                        limit.as_secs_f64()
+                    );
+                }
+                Err(e) => return Err(self.lost(peer, &e, start.elapsed())),
+            }
         }
         Ok(())
     }
@@ -191,7 +254,7 @@ impl TcpCollective {
     fn lost(&self, peer: usize, e: &std::io::Error, wait: Duration) -> anyhow::Error {
         let own = if wire::is_timeout(e) {
             format!(
-                "{} lost: all-reduce stalled, no data for {:.1} s",
+                "{} lost: all-reduce stalled, no data for {:.1} s (alive but not arriving)",
                 name_of(self.base + peer),
                 wait.as_secs_f64()
             )
@@ -265,9 +328,9 @@ impl Collective for TcpCollective {
             }
             Links::Follower(s) => {
                 self.send_to_leader(s, &mut st.bytes, seq, buf)?;
-                if let Err(e) = s.read_exact(&mut st.bytes) {
-                    return Err(self.lost(0, &e, wait * 2));
-                }
+                // Twice the leader's patience: the leader, which sees every rank, names a
+                // stalled one first.
+                self.read_patiently(s, &mut st.bytes, 0, seq, wait * 2, 2)?;
                 if let Err(m) = check_header(&st.bytes[..HEADER], seq, buf.len(), self.base) {
                     return Err(GroupError(self.shared.fail(m)).into());
                 }

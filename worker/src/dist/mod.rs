@@ -166,7 +166,9 @@ pub fn follow(runner: &mut Runner, source: &mut dyn StepSource) -> anyhow::Resul
                 return Err(e);
             }
             let seqs: Vec<u64> = match &step {
-                Step::Forward { seq, .. } | Step::Release { seq } => vec![*seq],
+                Step::Forward { seq, .. } | Step::Release { seq } | Step::Reserve { seq, .. } => {
+                    vec![*seq]
+                }
                 Step::ForwardBatch { seqs } => seqs.iter().map(|(s, _)| *s).collect(),
             };
             tracing::warn!(

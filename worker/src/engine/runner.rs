@@ -40,6 +40,11 @@ pub enum Step {
     ForwardBatch { seqs: Vec<(SeqId, Vec<u32>)> },
     /// Forget sequence `seq` and free its KV cache.
     Release { seq: SeqId },
+    /// Make sequence `seq`'s KV cache before its first forward step, with memory for exactly
+    /// `tokens` tokens (what the scheduler admitted it for: prompt plus the most it may
+    /// generate, within the per-sequence budget). Without it a cache is made at the first
+    /// step and grows as tokens arrive. Added in group protocol version 3.
+    Reserve { seq: SeqId, tokens: usize },
 }
 
 /// The leader's side of the group transport: deliver a step to every follower, in order.
@@ -193,6 +198,25 @@ impl Runner {
                     seqs.iter().map(|(s, t)| (*s, t.as_slice())).collect();
                 self.forward(&seqs)
             }
+            Step::Reserve { seq, tokens } => {
+                #[cfg(feature = "cuda")]
+                if let Some(gpu) = self.gpu.as_mut() {
+                    if !gpu.caches.contains_key(seq) {
+                        let per_token = self.engine.model.kv_bytes_per_token().max(1);
+                        let bytes = tokens.saturating_mul(per_token).min(self.kv_budget_bytes);
+                        gpu.caches.insert(*seq, gpu.model.new_cache(bytes)?);
+                    }
+                    return Ok(None);
+                }
+                if !self.caches.contains_key(seq) {
+                    let cache = self
+                        .engine
+                        .model
+                        .new_cache_reserved(*tokens, self.kv_budget_bytes)?;
+                    self.caches.insert(*seq, cache);
+                }
+                Ok(None)
+            }
             Step::Release { seq } => {
                 self.caches.remove(seq);
                 #[cfg(feature = "cuda")]
@@ -299,6 +323,12 @@ impl Runner {
             return gpu.caches.get(&seq).map_or(0, |c| c.len());
         }
         self.caches.get(&seq).map_or(0, KvCache::len)
+    }
+
+    /// Floats of KV-cache memory reserved for sequence `seq` on this rank (CPU caches; `None`
+    /// when it has none).
+    pub fn reserved_floats(&self, seq: SeqId) -> Option<usize> {
+        self.caches.get(&seq).map(KvCache::reserved_floats)
     }
 
     /// Sequences with a live cache.

@@ -225,6 +225,57 @@ impl std::fmt::Debug for SchedulerHandle {
 impl SchedulerHandle {
     /// Queue a request. The receiver gets its events; dropping it cancels the request.
     pub fn submit(&self, req: Request) -> Result<mpsc::Receiver<Event>, SubmitError> {
+        Ok(self.submit_all(vec![req])?.remove(0))
+    }
+
+    /// Queue several sequences (the `n` choices of one request) all or none: when the queue
+    /// has no room for all of them, none is queued (a refused request leaves nothing behind to
+    /// run or to count).
+    pub fn submit_all(
+        &self,
+        reqs: Vec<Request>,
+    ) -> Result<Vec<mpsc::Receiver<Event>>, SubmitError> {
+        let s = &self.shared;
+        for req in &reqs {
+            self.validate(req)?;
+        }
+        let mut st = s.lock();
+        if let Some(e) = &st.failed {
+            return Err(SubmitError::Unavailable(e.clone()));
+        }
+        if st.draining || st.stopping {
+            return Err(SubmitError::Draining);
+        }
+        if st.waiting.len() + reqs.len() > s.cfg.max_waiting {
+            return Err(SubmitError::Overloaded {
+                waiting: st.waiting.len(),
+            });
+        }
+        let mut rxs = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            // One slot per generated token (two with logprobs), the final text piece and the
+            // end: never full.
+            let per_token = 1 + usize::from(req.sampling.logprobs.is_some());
+            let (tx, rx) = mpsc::channel(req.max_tokens.min(s.capacity) * per_token + 4);
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            st.waiting.push_back(Pending {
+                seq,
+                req,
+                tx,
+                submitted: Instant::now(),
+            });
+            s.in_flight.fetch_add(1, Ordering::SeqCst);
+            rxs.push(rx);
+        }
+        s.metrics.requests_waiting.set(st.waiting.len() as i64);
+        drop(st);
+        s.wake.notify_all();
+        Ok(rxs)
+    }
+
+    /// The checks of one request that need no lock.
+    fn validate(&self, req: &Request) -> Result<(), SubmitError> {
         let s = &self.shared;
         if req.prompt.is_empty() {
             return Err(SubmitError::Invalid("the prompt has no tokens".into()));
@@ -249,35 +300,7 @@ impl SchedulerHandle {
                 capacity: s.capacity,
             });
         }
-        // One slot per generated token (two with logprobs), the final text piece and the end:
-        // never full.
-        let per_token = 1 + usize::from(req.sampling.logprobs.is_some());
-        let (tx, rx) = mpsc::channel(req.max_tokens.min(s.capacity) * per_token + 4);
-        let mut st = s.lock();
-        if let Some(e) = &st.failed {
-            return Err(SubmitError::Unavailable(e.clone()));
-        }
-        if st.draining || st.stopping {
-            return Err(SubmitError::Draining);
-        }
-        if st.waiting.len() >= s.cfg.max_waiting {
-            return Err(SubmitError::Overloaded {
-                waiting: st.waiting.len(),
-            });
-        }
-        let seq = st.next_seq;
-        st.next_seq += 1;
-        st.waiting.push_back(Pending {
-            seq,
-            req,
-            tx,
-            submitted: Instant::now(),
-        });
-        s.in_flight.fetch_add(1, Ordering::SeqCst);
-        s.metrics.requests_waiting.set(st.waiting.len() as i64);
-        drop(st);
-        s.wake.notify_all();
-        Ok(rx)
+        Ok(())
     }
 
     /// Whether a request would be queued now (not failed, not draining, room in the queue),
@@ -459,6 +482,9 @@ struct Seq {
     /// Tokens in the KV cache.
     len: usize,
     reserved_tokens: usize,
+    /// Whether every rank has made this sequence's KV cache with its reservation
+    /// (`Step::Reserve`).
+    cache_made: bool,
     submitted: Instant,
     last_token: Option<Instant>,
     end: Option<End>,
@@ -536,6 +562,7 @@ impl Worker {
                     pending: None,
                     len: 0,
                     reserved_tokens: need,
+                    cache_made: false,
                     submitted: p.submitted,
                     last_token: None,
                     end: None,
@@ -564,6 +591,26 @@ impl Worker {
             }
         }
         self.reap()?;
+        // Newly admitted sequences: every rank makes the KV cache with exactly the admitted
+        // reservation (no growth by doubling as tokens arrive).
+        for i in 0..self.running.len() {
+            let s = &self.running[i];
+            if s.cache_made || s.end.is_some() {
+                continue;
+            }
+            let step = Step::Reserve {
+                seq: s.id,
+                tokens: s.reserved_tokens,
+            };
+            match self.runner.run(&step) {
+                Ok(_) => self.running[i].cache_made = true,
+                Err(e) if crate::dist::is_group_error(&e) => return Err(e),
+                Err(e) => {
+                    self.running[i].end =
+                        Some(End::Failed(format!("reserving the KV cache: {e:#}")));
+                }
+            }
+        }
         // One batched step: the prefill chunks (at most `prefill_chunk` prompt tokens in all)
         // and one decode token for every sequence that has a sampled token to feed.
         let mut budget = self.shared.cfg.prefill_chunk;

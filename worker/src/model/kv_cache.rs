@@ -35,6 +35,29 @@ impl KvCache {
         }
     }
 
+    /// A cache holding at most `capacity` tokens with the memory for all of them reserved now,
+    /// exactly (no growth by doubling later): what the scheduler admitted for a sequence.
+    pub fn with_reserved(n_layers: usize, kv_dim: usize, capacity: usize) -> Self {
+        let per_layer = capacity * kv_dim;
+        Self {
+            layers: (0..n_layers)
+                .map(|_| (Vec::with_capacity(per_layer), Vec::with_capacity(per_layer)))
+                .collect(),
+            kv_dim,
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Floats reserved across all layers (keys and values): what the cache holds in memory at
+    /// most without growing.
+    pub fn reserved_floats(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(k, v)| k.capacity() + v.capacity())
+            .sum()
+    }
+
     /// Bytes one token takes across all layers.
     pub fn bytes_per_token(&self) -> usize {
         self.layers.len() * self.kv_dim * 2 * std::mem::size_of::<f32>()

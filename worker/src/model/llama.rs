@@ -591,6 +591,30 @@ impl Llama {
         Ok(KvCache::new(self.layers.len(), self.kv_dim(), tokens))
     }
 
+    /// A KV cache for a sequence admitted for `tokens` tokens (prompt plus the most it may
+    /// generate), with exactly that memory reserved (at most the per-sequence budget and the
+    /// context length).
+    pub fn new_cache_reserved(
+        &self,
+        tokens: usize,
+        budget_bytes: usize,
+    ) -> anyhow::Result<KvCache> {
+        let per_token = self.kv_bytes_per_token().max(1);
+        let capacity = tokens
+            .min(budget_bytes / per_token)
+            .min(self.config.context_length);
+        if capacity == 0 {
+            bail!(
+                "a reservation of {tokens} tokens within a KV-cache budget of {budget_bytes} bytes holds no token ({per_token} bytes each)"
+            );
+        }
+        Ok(KvCache::with_reserved(
+            self.layers.len(),
+            self.kv_dim(),
+            capacity,
+        ))
+    }
+
     /// KV-cache bytes one token takes on this rank (its stage's layers, its KV heads).
     pub fn kv_bytes_per_token(&self) -> usize {
         self.layers.len() * self.kv_dim() * 2 * 4

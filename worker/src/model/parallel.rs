@@ -186,6 +186,8 @@ pub struct AllReduceStats {
     pub calls: std::sync::atomic::AtomicU64,
     pub bytes: std::sync::atomic::AtomicU64,
     pub nanos: std::sync::atomic::AtomicU64,
+    /// Stall timeouts a collective sat out waiting for a slow (but live) rank.
+    pub slow_waits: std::sync::atomic::AtomicU64,
 }
 
 impl AllReduceStats {
@@ -195,6 +197,7 @@ impl AllReduceStats {
             calls: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             nanos: AtomicU64::new(0),
+            slow_waits: AtomicU64::new(0),
         }
     }
 

@@ -17,6 +17,7 @@
 //! | `tessera_allreduce_calls_total` | counter | all-reduce calls of this process |
 //! | `tessera_allreduce_bytes_total` | counter | all-reduce payload bytes |
 //! | `tessera_allreduce_seconds_total` | counter | wall time in all-reduce |
+//! | `tessera_allreduce_slow_waits_total` | counter | stall timeouts a collective waited out for a slow but live rank |
 //!
 //! With [`ServerMetrics::set_gpu_telemetry`], the node's dcgm-style GPU gauges
 //! (`DCGM_FI_DEV_GPU_UTIL`, ..., `tessera_nvml_up`) follow in the same exposition, so that the
@@ -71,6 +72,7 @@ pub struct ServerMetrics {
     allreduce_calls: Counter,
     allreduce_bytes: Counter,
     allreduce_seconds: Counter<f64, AtomicU64>,
+    allreduce_slow_waits: Counter,
     /// Serialises the copy from `ALLREDUCE_STATS` into the counters above.
     allreduce_sync: Mutex<()>,
     /// GPU telemetry appended to the exposition, with the node's host name.
@@ -108,6 +110,7 @@ impl ServerMetrics {
         let allreduce_calls = Counter::default();
         let allreduce_bytes = Counter::default();
         let allreduce_seconds = Counter::<f64, AtomicU64>::default();
+        let allreduce_slow_waits = Counter::default();
         registry.register(
             "tessera_requests_waiting",
             "Requests queued and not yet admitted",
@@ -174,6 +177,11 @@ impl ServerMetrics {
             "Wall time spent in all-reduce by this process",
             allreduce_seconds.clone(),
         );
+        registry.register(
+            "tessera_allreduce_slow_waits",
+            "Stall timeouts a collective waited out for a slow but live rank (each also a warning in the log)",
+            allreduce_slow_waits.clone(),
+        );
         Self {
             registry,
             requests_waiting,
@@ -189,6 +197,7 @@ impl ServerMetrics {
             allreduce_calls,
             allreduce_bytes,
             allreduce_seconds,
+            allreduce_slow_waits,
             allreduce_sync: Mutex::new(()),
             gpu: OnceLock::new(),
         }
@@ -216,6 +225,9 @@ impl ServerMetrics {
             .inc_by(calls.saturating_sub(self.allreduce_calls.get()));
         self.allreduce_bytes
             .inc_by(bytes.saturating_sub(self.allreduce_bytes.get()));
+        let slow = ALLREDUCE_STATS.slow_waits.load(Ordering::Relaxed);
+        self.allreduce_slow_waits
+            .inc_by(slow.saturating_sub(self.allreduce_slow_waits.get()));
         let have = self.allreduce_seconds.get();
         if secs > have {
             self.allreduce_seconds.inc_by(secs - have);

@@ -699,21 +699,23 @@ async fn respond(
     prompt: Vec<u32>,
 ) -> Result<Response, ApiError> {
     let max_tokens = resolve_max_tokens(&app, &opts, prompt.len(), kind)?;
-    let mut rxs = Vec::with_capacity(opts.n);
-    for i in 0..opts.n {
-        let mut sampling = opts.sampling.clone();
-        if i > 0 {
-            sampling.seed = sampling.seed.map(|s| choice_seed(s, i));
-        }
-        // A refusal drops the receivers of the choices already queued, which cancels them.
-        rxs.push(app.handle.submit(Request {
-            prompt: prompt.clone(),
-            max_tokens,
-            sampling,
-            stop: opts.stop.clone(),
-            ignore_eos: opts.ignore_eos,
-        })?);
-    }
+    let reqs = (0..opts.n)
+        .map(|i| {
+            let mut sampling = opts.sampling.clone();
+            if i > 0 {
+                sampling.seed = sampling.seed.map(|s| choice_seed(s, i));
+            }
+            Request {
+                prompt: prompt.clone(),
+                max_tokens,
+                sampling,
+                stop: opts.stop.clone(),
+                ignore_eos: opts.ignore_eos,
+            }
+        })
+        .collect();
+    // All choices are queued or none: a refusal leaves nothing running.
+    let rxs = app.handle.submit_all(reqs)?;
     let meta = Meta {
         id: new_id(match kind {
             Kind::Chat => "chatcmpl",
