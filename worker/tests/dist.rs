@@ -732,7 +732,7 @@ fn pipeline_layouts_over_tcp_give_one_ranks_greedy_text_on_the_real_model() {
 // `serve`: the environment contract and the model download.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 
 use tessera_worker::serve::{self, ServeConfig};
 
@@ -959,33 +959,14 @@ fn blob_server(
         let (data, _) = blob();
         for (n, stream) in listener.incoming().enumerate() {
             let Ok(mut s) = stream else { continue };
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut from = 0usize;
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                    seen.lock().unwrap().push(v.trim().to_owned());
-                    from = v.trim().trim_end_matches('-').parse().unwrap();
-                }
+            let Some((_, from)) = common::read_request_head(&s) else {
+                continue;
+            };
+            if from > 0 {
+                seen.lock().unwrap().push(format!("{from}-"));
             }
             let body = &data[from..];
-            let head = if from > 0 {
-                format!(
-                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nConnection: close\r\n\r\n",
-                    body.len(),
-                    data.len() - 1,
-                    data.len()
-                )
-            } else {
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                )
-            };
-            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(common::range_head(from, data.len()).as_bytes());
             send(s, body, n);
         }
     });

@@ -2,8 +2,10 @@
 //! from a real HTTP server (which answers 404 for what it lacks, honours Range, and can cut a
 //! response short), resumed, refused when unsafe, and skipped once complete.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,22 +27,9 @@ fn serve_files(files: BTreeMap<String, Vec<u8>>, cut_once: &[&str]) -> Files {
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { continue };
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut first = String::new();
-            if r.read_line(&mut first).unwrap_or(0) == 0 {
+            let Some((target, from)) = common::read_request_head(&s) else {
                 continue;
-            }
-            let target = first.split_whitespace().nth(1).unwrap_or("").to_owned();
-            let mut from = 0usize;
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                    from = v.trim().trim_end_matches('-').parse().unwrap();
-                }
-            }
+            };
             seen.lock().unwrap().push(target.clone());
             let path = target.split('?').next().unwrap_or("").to_owned();
             let Some(data) = files.get(&path) else {
@@ -50,20 +39,7 @@ fn serve_files(files: BTreeMap<String, Vec<u8>>, cut_once: &[&str]) -> Files {
                 continue;
             };
             let body = &data[from..];
-            let head = if from > 0 {
-                format!(
-                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nConnection: close\r\n\r\n",
-                    body.len(),
-                    data.len() - 1,
-                    data.len()
-                )
-            } else {
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                )
-            };
-            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(common::range_head(from, data.len()).as_bytes());
             if let Some(i) = cut.iter().position(|c| *c == path) {
                 cut.remove(i);
                 let _ = s.write_all(&body[..body.len() / 2]);

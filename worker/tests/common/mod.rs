@@ -137,3 +137,41 @@ pub fn tp_logits(
     }
     leader
 }
+
+/// The head of an HTTP/1.1 request on `s`: the request target (path and query) and where a
+/// `Range: bytes=N-` header starts the body (0 without one). `None` for a connection that
+/// closed before a request line.
+pub fn read_request_head(s: &std::net::TcpStream) -> Option<(String, usize)> {
+    use std::io::BufRead;
+    let mut r = std::io::BufReader::new(s.try_clone().ok()?);
+    let mut first = String::new();
+    if r.read_line(&mut first).unwrap_or(0) == 0 {
+        return None;
+    }
+    let target = first.split_whitespace().nth(1).unwrap_or("").to_owned();
+    let mut from = 0usize;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+            from = v.trim().trim_end_matches('-').parse().unwrap_or(0);
+        }
+    }
+    Some((target, from))
+}
+
+/// The response head for the body of a `len`-byte file from byte `from`: 200, or 206 with its
+/// Content-Range when `from` > 0.
+pub fn range_head(from: usize, len: usize) -> String {
+    if from > 0 {
+        format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{len}\r\nConnection: close\r\n\r\n",
+            len - from,
+            len - 1
+        )
+    } else {
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+    }
+}
