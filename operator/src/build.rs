@@ -288,6 +288,9 @@ struct ModelDelivery {
     path: String,
     volume: Option<Volume>,
     mount: Option<VolumeMount>,
+    /// What an http(s) URI names: `Some(true)` a model directory (it ends in `/`),
+    /// `Some(false)` one file; `None` for a volume model.
+    download: Option<bool>,
 }
 
 fn model_delivery(md: &ModelDeployment) -> ModelDelivery {
@@ -310,12 +313,14 @@ fn model_delivery(md: &ModelDeployment) -> ModelDelivery {
                 read_only: Some(true),
                 ..VolumeMount::default()
             }),
+            download: None,
         }
     } else if uri.starts_with("http://") || uri.starts_with("https://") {
         let path_part = uri.split(['?', '#']).next().unwrap_or(uri);
         // A directory URI (ending in /) is a Hugging Face model directory, fetched into
         // `/model-cache/model`; a file keeps its own name.
-        let file = if path_part.ends_with('/') {
+        let directory = path_part.ends_with('/');
+        let file = if directory {
             "model"
         } else {
             path_part
@@ -343,12 +348,14 @@ fn model_delivery(md: &ModelDeployment) -> ModelDelivery {
                 mount_path: "/model-cache".into(),
                 ..VolumeMount::default()
             }),
+            download: Some(directory),
         }
     } else {
         ModelDelivery {
             path: uri.strip_prefix("file://").unwrap_or(uri).to_owned(),
             volume: None,
             mount: None,
+            download: None,
         }
     }
 }
@@ -381,10 +388,7 @@ fn fetch_container(
     opts: &BuildOptions,
 ) -> Option<Container> {
     let uri = &md.spec.model.uri;
-    if !(uri.starts_with("http://") || uri.starts_with("https://")) {
-        return None;
-    }
-    let directory = uri.split(['?', '#']).next().unwrap_or(uri).ends_with('/');
+    let directory = model.download?;
     let engine = md.spec.engine.name;
     if engine == EngineName::Tessera && !directory {
         return None;

@@ -29,3 +29,8 @@ pub mod server;
 pub mod telemetry;
 pub mod tokenizer;
 pub mod watchdog;
+
+/// Lowercase hexadecimal of `bytes` (digests, MACs, secrets).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -81,11 +81,9 @@ pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
     });
     let inherit = |var: &str, default: String| std::env::var(var).unwrap_or(default);
     // A secret of this run's own: only its ranks can join the group.
-    let secret: String = crate::dist::wire::nonce()
-        .context("reading /dev/urandom for the group secret")?
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let secret = crate::hex(
+        &crate::dist::wire::nonce().context("reading /dev/urandom for the group secret")?,
+    );
     let specs = (0..world)
         .map(|rank| RankSpec {
             rank,
@@ -108,7 +106,7 @@ pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
                 (env::SERVED_MODEL_NAME.into(), served.clone()),
                 (env::INCARNATION.into(), incarnation.clone()),
                 (env::THREADS.into(), threads.to_string()),
-                (env::DEVICE.into(), device_name(args.device).into()),
+                (env::DEVICE.into(), args.device.name().into()),
                 (env::GROUP_SECRET.into(), secret.clone()),
                 (env::GPU_ORDINAL.into(), rank.to_string()),
                 (
@@ -126,16 +124,6 @@ pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
         args.port
     );
     supervise(specs)
-}
-
-/// The `TESSERA_DEVICE` value of a request.
-fn device_name(d: crate::engine::device::DeviceRequest) -> &'static str {
-    use crate::engine::device::DeviceRequest;
-    match d {
-        DeviceRequest::Auto => "auto",
-        DeviceRequest::Cpu => "cpu",
-        DeviceRequest::Cuda => "cuda",
-    }
 }
 
 /// `serve` in a pod with several local ranks: one child process per rank.

@@ -21,7 +21,6 @@ use crate::engine::device::{self, Device, DeviceFacts, DeviceRequest};
 use crate::engine::runner::{Runner, Step};
 use crate::engine::scheduler::{Scheduler, SchedulerConfig};
 use crate::fetch;
-pub use crate::fetch::{DownloadOptions, download, download_with, existing_matches, sha256_file};
 use crate::server::{self, Readiness, ServerConfig, ServerMetrics};
 
 /// The environment variables `serve` reads. The names of the operator's contract equal
@@ -476,7 +475,7 @@ pub fn ensure_model(cfg: &ServeConfig) -> anyhow::Result<PathBuf> {
             url,
             &cfg.model_path,
             cfg.model_sha256.as_deref(),
-            DownloadOptions::default(),
+            fetch::DownloadOptions::default(),
         )?;
     }
     if !cfg.model_path.is_file() && !cfg.model_path.is_dir() {

@@ -5,7 +5,7 @@
 //! the pod fails and the controller recreates the replica). Slow is not stuck: the timeout is
 //! the caller's, sized far above a healthy operation.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ struct Inner {
     /// The operation in flight: its name, when it started, and a number that tells one
     /// operation from the next.
     current: Mutex<Option<(String, Instant, u64)>>,
-    next_id: Mutex<u64>,
+    next_id: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -41,7 +41,7 @@ impl Watchdog {
     ) -> Self {
         let inner = Arc::new(Inner {
             current: Mutex::new(None),
-            next_id: Mutex::new(0),
+            next_id: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
         let watched = Arc::clone(&inner);
@@ -70,11 +70,7 @@ impl Watchdog {
 
     /// Watch the operation `what` until the guard is dropped.
     pub fn guard(&self, what: impl Into<String>) -> Guard<'_> {
-        let id = {
-            let mut n = self.inner.next_id.lock().unwrap_or_else(|p| p.into_inner());
-            *n += 1;
-            *n
-        };
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((what.into(), Instant::now(), id));
         Guard {

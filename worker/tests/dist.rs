@@ -734,7 +734,8 @@ fn pipeline_layouts_over_tcp_give_one_ranks_greedy_text_on_the_real_model() {
 use std::collections::HashMap;
 use std::io::Write;
 
-use tessera_worker::serve::{self, ServeConfig};
+use tessera_worker::fetch;
+use tessera_worker::serve::ServeConfig;
 
 fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = pairs
@@ -992,20 +993,20 @@ fn model_downloads_resume_after_a_break_and_check_sha256() {
 
     let (url, ranges) = flaky_server();
     let dest = dir.join("a/m.gguf");
-    serve::download(&url, &dest, Some(sha)).unwrap();
+    fetch::download(&url, &dest, Some(sha)).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     assert!(!dir.join("a/m.gguf.partial").exists());
     assert_eq!(
         *ranges.lock().unwrap(),
         vec![format!("{}-", data.len() / 2)]
     );
-    assert_eq!(serve::sha256_file(&dest).unwrap(), sha);
+    assert_eq!(fetch::sha256_file(&dest).unwrap(), sha);
 
     // A wrong checksum: an error naming both digests; nothing is left behind.
     let (url, _) = flaky_server();
     let dest = dir.join("b/m.gguf");
     let wrong = "0".repeat(64);
-    let e = serve::download(&url, &dest, Some(&wrong))
+    let e = fetch::download(&url, &dest, Some(&wrong))
         .unwrap_err()
         .to_string();
     assert!(e.contains(sha) && e.contains(&wrong), "{e}");
@@ -1019,7 +1020,7 @@ fn model_downloads_resume_after_a_break_and_check_sha256() {
     // Without a checksum the file is taken as it comes.
     let (url, _) = flaky_server();
     let dest = dir.join("c/m.gguf");
-    serve::download(&url, &dest, None).unwrap();
+    fetch::download(&url, &dest, None).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
 }
 
@@ -1050,14 +1051,14 @@ fn a_slow_download_is_not_cut_while_bytes_keep_coming() {
     let (data, sha) = blob();
     let (url, ranges) = scripted_server(30_000, Duration::from_millis(250), None);
     let dest = tmp.path().join("m.gguf");
-    let opts = serve::DownloadOptions {
+    let opts = fetch::DownloadOptions {
         idle_timeout: Duration::from_secs(1),
         max_failures: 2,
         backoff: Duration::from_millis(10),
-        ..serve::DownloadOptions::default()
+        ..fetch::DownloadOptions::default()
     };
     let t = std::time::Instant::now();
-    serve::download_with(&url, &dest, Some(sha), opts).unwrap();
+    fetch::download_with(&url, &dest, Some(sha), opts).unwrap();
     assert!(
         t.elapsed() > Duration::from_secs(2),
         "the body took its time"
@@ -1074,13 +1075,13 @@ fn interruptions_with_progress_do_not_exhaust_the_retries() {
     let (data, sha) = blob();
     let (url, ranges) = scripted_server(10_000, Duration::ZERO, Some(30_000));
     let dest = tmp.path().join("m.gguf");
-    let opts = serve::DownloadOptions {
+    let opts = fetch::DownloadOptions {
         idle_timeout: Duration::from_secs(5),
         max_failures: 3,
         backoff: Duration::from_millis(10),
-        ..serve::DownloadOptions::default()
+        ..fetch::DownloadOptions::default()
     };
-    serve::download_with(&url, &dest, Some(sha), opts).unwrap();
+    fetch::download_with(&url, &dest, Some(sha), opts).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     assert_eq!(
         ranges.lock().unwrap().len(),
@@ -1102,13 +1103,13 @@ fn a_stalled_download_resumes() {
         held.push(s);
     });
     let dest = tmp.path().join("m.gguf");
-    let opts = serve::DownloadOptions {
+    let opts = fetch::DownloadOptions {
         idle_timeout: Duration::from_millis(500),
         max_failures: 2,
         backoff: Duration::from_millis(10),
-        ..serve::DownloadOptions::default()
+        ..fetch::DownloadOptions::default()
     };
-    serve::download_with(&url, &dest, Some(sha), opts).unwrap();
+    fetch::download_with(&url, &dest, Some(sha), opts).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     assert_eq!(*ranges.lock().unwrap(), vec!["150000-".to_owned()]);
 }
@@ -1120,8 +1121,8 @@ fn an_existing_model_is_verified_before_use() {
     let (data, sha) = blob();
     let path = tmp.path().join("m.gguf");
     std::fs::write(&path, &data).unwrap();
-    assert!(serve::existing_matches(&path, Some(sha)).unwrap());
-    assert!(serve::existing_matches(&path, None).unwrap());
+    assert!(fetch::existing_matches(&path, Some(sha)).unwrap());
+    assert!(fetch::existing_matches(&path, None).unwrap());
     std::fs::write(&path, &data[..1000]).unwrap();
-    assert!(!serve::existing_matches(&path, Some(sha)).unwrap());
+    assert!(!fetch::existing_matches(&path, Some(sha)).unwrap());
 }

@@ -430,13 +430,6 @@ impl CudaLlama {
 /// |logit|, that `TESSERA_CUDA_COMPARE=1` accepts (8-bit activations on the CPU, f16 on the GPU).
 pub const LOGIT_TOLERANCE: f32 = 0.05;
 
-fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i)
-}
-
 /// `tessera-worker generate --device cuda`: the CPU command's output (the text on stdout, the
 /// timings on stderr) from the GPU. With `TESSERA_CUDA_COMPARE=1` it also runs the CPU path on
 /// the same prompt and prints whether the greedy tokens agree and the largest logit difference
@@ -557,7 +550,9 @@ pub fn generate_cli(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
         let relative = max_diff / max_abs.max(1e-6);
         eprintln!(
             "compare: relative logit difference {relative:.4} (gate {LOGIT_TOLERANCE}); argmax of the prompt's logits {}",
-            if argmax(&cpu_logits) == argmax(&prompt_logits) {
+            if crate::engine::sampling::argmax(&cpu_logits)
+                == crate::engine::sampling::argmax(&prompt_logits)
+            {
                 "agrees"
             } else {
                 "differs"

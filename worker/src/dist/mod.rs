@@ -267,11 +267,7 @@ fn join_leader(cfg: &GroupConfig, shared: Arc<Shared>) -> anyhow::Result<Group> 
                     hello,
                 } => (stream, peer, nonce, hello),
             };
-            let verdict = if wire::verify_hello(&cfg.secret, &nonce, &hello) {
-                check_hello(cfg, &hello, |r, c| slots.contains_key(&(r, c)))
-            } else {
-                Err(AUTH_FAILED.to_owned())
-            };
+            let verdict = judge(cfg, &nonce, &hello, |r, c| slots.contains_key(&(r, c)));
             let welcome = Welcome {
                 ok: verdict.is_ok(),
                 error: verdict.as_ref().err().cloned(),
@@ -420,6 +416,19 @@ fn join_leader(cfg: &GroupConfig, shared: Arc<Shared>) -> anyhow::Result<Group> 
     })
 }
 
+/// The leader's verdict on a joiner: its HMAC for the challenge `nonce`, then its hello.
+fn judge(
+    cfg: &GroupConfig,
+    nonce: &[u8],
+    h: &Hello,
+    joined: impl Fn(usize, Channel) -> bool,
+) -> Result<(), String> {
+    if !wire::verify_hello(&cfg.secret, nonce, h) {
+        return Err(AUTH_FAILED.to_owned());
+    }
+    check_hello(cfg, h, joined)
+}
+
 fn check_hello(
     cfg: &GroupConfig,
     h: &Hello,
@@ -513,10 +522,7 @@ fn spawn_handshake(
                 .clamp(Duration::from_millis(100), Duration::from_secs(5));
             s.set_read_timeout(Some(left))?;
             s.set_write_timeout(Some(left))?;
-            let nonce = wire::nonce()?;
-            wire::write_frame(&mut s, kind::CHALLENGE, &nonce)?;
-            let hello: Hello = wire::read_json(&mut s, kind::HELLO)
-                .map_err(|e| anyhow::anyhow!("no valid hello ({e})"))?;
+            let (nonce, hello) = wire::challenge(&mut s)?;
             Ok(Handshake::Hello {
                 stream: s,
                 peer,
@@ -551,23 +557,15 @@ fn spawn_late_refuser(listener: TcpListener, cfg: GroupConfig, shared: Arc<Share
                         let _ = s.set_nonblocking(false);
                         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                         let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
-                        let Ok(nonce) = wire::nonce() else { continue };
-                        if wire::write_frame(&mut s, kind::CHALLENGE, &nonce).is_err() {
-                            continue;
-                        }
-                        let Ok(h) = wire::read_json::<Hello>(&mut s, kind::HELLO) else {
+                        let Ok((nonce, h)) = wire::challenge(&mut s) else {
                             continue;
                         };
-                        let msg = if !wire::verify_hello(&cfg.secret, &nonce, &h) {
-                            AUTH_FAILED.to_owned()
-                        } else {
-                            match check_hello(&cfg, &h, |_, _| false) {
-                                Err(m) => m,
-                                Ok(()) => format!(
-                                    "the group is already formed: rank {} joined it before",
-                                    h.rank
-                                ),
-                            }
+                        let msg = match judge(&cfg, &nonce, &h, |_, _| false) {
+                            Err(m) => m,
+                            Ok(()) => format!(
+                                "the group is already formed: rank {} joined it before",
+                                h.rank
+                            ),
                         };
                         tracing::warn!("refused a late connection from {peer}: {msg}");
                         let _ = wire::write_json(
@@ -782,12 +780,7 @@ fn try_connect(
             Ok(mut s) => {
                 s.set_nodelay(true)?;
                 s.set_read_timeout(Some(left.min(Duration::from_secs(10))))?;
-                let (k, nonce) = wire::read_frame(&mut s)?;
-                anyhow::ensure!(
-                    k == kind::CHALLENGE,
-                    "the leader opened with frame kind {k}, not a challenge (is it a Tessera rank 0 speaking {MAGIC}?)"
-                );
-                let mut hello = Hello {
+                let hello = Hello {
                     magic: MAGIC.into(),
                     group_id: cfg.group_id.clone(),
                     world: cfg.world,
@@ -797,8 +790,7 @@ fn try_connect(
                     listen,
                     mac: String::new(),
                 };
-                hello.mac = wire::hello_mac(&cfg.secret, &nonce, &hello);
-                wire::write_json(&mut s, kind::HELLO, &hello)?;
+                wire::answer_challenge(&mut s, &cfg.secret, hello)?;
                 let w: Welcome = wire::read_json(&mut s, kind::WELCOME)?;
                 return Ok(if w.ok {
                     Ok(s)

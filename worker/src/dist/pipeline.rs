@@ -105,16 +105,9 @@ fn connect_peer(
                     s.set_nodelay(true)?;
                     // The accepting rank challenges first (as the leader does).
                     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                    let (k, nonce) = wire::read_frame(&mut s)?;
-                    anyhow::ensure!(
-                        k == kind::CHALLENGE,
-                        "{} opened with frame kind {k}, not a challenge",
-                        name_of(to)
-                    );
+                    wire::answer_challenge(&mut s, &cfg.secret, tag(cfg, channel))
+                        .with_context(|| format!("joining {}", name_of(to)))?;
                     s.set_read_timeout(None)?;
-                    let mut hello = tag(cfg, channel);
-                    hello.mac = wire::hello_mac(&cfg.secret, &nonce, &hello);
-                    wire::write_json(&mut s, kind::HELLO, &hello)?;
                     return Ok(s);
                 }
                 Err(e) => last = format!("{a}: {e}"),
@@ -216,13 +209,8 @@ pub(crate) fn form_mesh(
             let _ = c.set_nodelay(true);
             let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
             let _ = c.set_write_timeout(Some(Duration::from_secs(5)));
-            let nonce = wire::nonce()?;
-            if let Err(e) = wire::write_frame(&mut c, kind::CHALLENGE, &nonce) {
-                tracing::warn!("ignored a pipeline connection from {peer}: {e}");
-                continue;
-            }
-            let h: Hello = match wire::read_json(&mut c, kind::HELLO) {
-                Ok(h) => h,
+            let (nonce, h) = match wire::challenge(&mut c) {
+                Ok(x) => x,
                 Err(e) => {
                     tracing::warn!("ignored a pipeline connection from {peer}: {e:#}");
                     continue;

@@ -107,11 +107,7 @@ pub fn hello_mac(secret: &[u8], nonce: &[u8], h: &Hello) -> String {
         h.magic, h.group_id, h.world, h.rank, h.channel, h.pp, h.listen
     );
     m.update(fields.as_bytes());
-    m.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex(&m.finalize().into_bytes())
 }
 
 /// Whether `h.mac` is the right HMAC for `secret` and `nonce` (compared in constant time).
@@ -123,6 +119,27 @@ pub fn verify_hello(secret: &[u8], nonce: &[u8], h: &Hello) -> bool {
             .zip(h.mac.bytes())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
+}
+
+/// The accepting side of a handshake: send a fresh challenge, read the joiner's hello. Returns
+/// the challenge with the hello, for [`verify_hello`]. The caller sets the timeouts.
+pub fn challenge(s: &mut TcpStream) -> anyhow::Result<([u8; NONCE_BYTES], Hello)> {
+    let nonce = nonce()?;
+    write_frame(s, kind::CHALLENGE, &nonce)?;
+    let hello = read_json(s, kind::HELLO).map_err(|e| anyhow::anyhow!("no valid hello ({e})"))?;
+    Ok((nonce, hello))
+}
+
+/// The joining side: read the challenge, sign `hello` for it with `secret` and send it.
+pub fn answer_challenge(s: &mut TcpStream, secret: &[u8], mut hello: Hello) -> anyhow::Result<()> {
+    let (k, nonce) = read_frame(s)?;
+    anyhow::ensure!(
+        k == kind::CHALLENGE,
+        "the peer opened with frame kind {k}, not a challenge (is it a Tessera rank speaking {MAGIC}?)"
+    );
+    hello.mac = hello_mac(secret, &nonce, &hello);
+    write_json(s, kind::HELLO, &hello)?;
+    Ok(())
 }
 
 fn one() -> usize {

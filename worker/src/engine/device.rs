@@ -12,17 +12,22 @@ pub enum DeviceRequest {
     /// The CPU core, even with a GPU.
     Cpu,
     /// One GPU per rank; an error when there is none.
+    #[value(alias = "gpu")]
     Cuda,
 }
 
 impl DeviceRequest {
-    /// `auto`, `cpu` or `cuda` (any case).
+    /// `auto`, `cpu` or `cuda` (any case; clap's own parsing of `--device`).
     pub fn parse(v: &str) -> Option<Self> {
-        match v.to_ascii_lowercase().as_str() {
-            "auto" => Some(Self::Auto),
-            "cpu" => Some(Self::Cpu),
-            "cuda" | "gpu" => Some(Self::Cuda),
-            _ => None,
+        <Self as clap::ValueEnum>::from_str(v, true).ok()
+    }
+
+    /// The value as `TESSERA_DEVICE` and `--device` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Cpu => "cpu",
+            Self::Cuda => "cuda",
         }
     }
 }

@@ -160,18 +160,6 @@ impl Runner {
         Ok(self)
     }
 
-    /// Whether the forward passes run on a GPU.
-    pub fn on_gpu(&self) -> bool {
-        #[cfg(feature = "cuda")]
-        {
-            self.gpu.is_some()
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            false
-        }
-    }
-
     /// A rank of a pipeline with more than one stage moves activations through `pipe`.
     pub fn with_pipe(mut self, pipe: Option<Box<dyn Pipe>>) -> Self {
         self.pipe = pipe;
