@@ -230,6 +230,7 @@ fn baseline(inv: &Inventory, fleet: &[ModelDeployment]) -> Score {
                 Links {
                     tp: tp_link,
                     pp: pp_link,
+                    ep: tp_link,
                 },
                 &c,
             );

@@ -474,10 +474,9 @@ pub fn render_table(p: &Plan) -> String {
             Some(c) => {
                 let _ = writeln!(
                     s,
-                    "  choice: {} TP={} PP={}: {}",
+                    "  choice: {} {}: {}",
                     short_type(&c.gpu_type),
-                    c.tensor_parallel,
-                    c.pipeline_parallel,
+                    layout_label(c),
                     d.choice.reason
                 );
             }
@@ -488,10 +487,9 @@ pub fn render_table(p: &Plan) -> String {
         for a in &d.choice.alternatives {
             let _ = writeln!(
                 s,
-                "  alternative: {} TP={} PP={}: {}",
+                "  alternative: {} {}: {}",
                 short_type(&a.gpu_type),
-                a.tensor_parallel,
-                a.pipeline_parallel,
+                layout_label(a),
                 a.note.as_deref().unwrap_or("")
             );
         }
@@ -501,6 +499,7 @@ pub fn render_table(p: &Plan) -> String {
             }
         }
         if !d.placed.is_empty() {
+            let moe = d.placed.iter().any(|r| r.expert_parallel.is_some());
             let mut rows = vec![
                 [
                     "REPLICA",
@@ -538,12 +537,31 @@ pub fn render_table(p: &Plan) -> String {
                     format!("{:.0}", r.predicted.decode_tokens_per_second),
                     format!("{:.0}", r.predicted.prefill_tokens_per_second),
                     format!("{:.3} s", r.predicted.time_to_first_token_seconds),
-                    if r.tensor_parallel > 1 {
+                    if r.predicted.all_reduce_g_bps > 0.0 {
                         format!("{:.0}", r.predicted.all_reduce_g_bps)
                     } else {
                         "-".into()
                     },
                 ]);
+            }
+            if moe {
+                // Expert-parallel replicas: the EP degree, attention, and the all-to-all.
+                for (i, row) in rows.iter_mut().enumerate() {
+                    let r = i.checked_sub(1).map(|k| &d.placed[k]);
+                    row.insert(
+                        4,
+                        r.map_or("EP".into(), |r| match r.expert_parallel {
+                            Some(ep) if r.data_parallel_attention => format!("{ep} (DP attn)"),
+                            Some(ep) => ep.to_string(),
+                            None => "-".into(),
+                        }),
+                    );
+                    row.push(r.map_or("ALL-TO-ALL GB/S".into(), |r| {
+                        r.predicted
+                            .all_to_all_g_bps
+                            .map_or("-".into(), |g| format!("{g:.0}"))
+                    }));
+                }
             }
             s.push_str(&table(&rows));
             for r in &d.placed {
@@ -564,4 +582,15 @@ pub fn render_table(p: &Plan) -> String {
         }
     }
     s
+}
+
+/// `TP=8 PP=1`, `TP=8 EP=8`, `EP=16 DP-attention` for a layout in a plan.
+fn layout_label(l: &crate::api::LayoutPrediction) -> String {
+    crate::planner::cost::Layout {
+        tp: l.tensor_parallel.max(1) as u32,
+        pp: l.pipeline_parallel.max(1) as u32,
+        ep: l.expert_parallel.unwrap_or(1).max(1) as u32,
+        data_attention: l.data_parallel_attention,
+    }
+    .label()
 }

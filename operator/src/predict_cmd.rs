@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use crate::api::{KvCacheDtype, ModelDeployment};
-use crate::planner::cost::{CostConstants, RequestShape, Serving, packed_links, serve};
+use crate::planner::cost::{CostConstants, Layout, RequestShape, Serving, packed_links, serve};
 
 /// Output of `predict`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -34,6 +34,14 @@ pub struct PredictArgs {
     /// Pipeline-parallel degree.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub pp: u32,
+    /// Expert-parallel degree of a mixture-of-experts model: 1 (experts sharded by TP) or the
+    /// TP degree (each GPU of a stage holds whole experts; tokens reach them by all-to-all).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub ep: u32,
+    /// Attention inside an expert-parallel stage: split by heads (`tensor`) or a share of the
+    /// sequences per GPU (`data`, needs --ep).
+    #[arg(long, value_enum, default_value_t = AttentionArg::Tensor)]
+    pub attention: AttentionArg,
     /// Prompt tokens per request.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub input_tokens: u32,
@@ -62,6 +70,13 @@ pub struct PredictArgs {
     pub output: PredictFormat,
 }
 
+/// `--attention`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AttentionArg {
+    Tensor,
+    Data,
+}
+
 /// `--kv-cache-dtype`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum KvDtypeArg {
@@ -73,8 +88,7 @@ pub enum KvDtypeArg {
 #[derive(Clone, Debug)]
 pub struct Prediction {
     pub gpu: String,
-    pub tp: u32,
-    pub pp: u32,
+    pub layout: Layout,
     pub shape: RequestShape,
     pub serving: Serving,
 }
@@ -103,7 +117,32 @@ pub fn predict(md: &ModelDeployment, args: &PredictArgs) -> Result<Prediction, S
     let arch = &md.spec.model.architecture;
     let heads = arch.attention_heads.max(1) as u32;
     let kv = arch.kv_heads.max(1) as u32;
-    if !crate::planner::choose::valid_tp(heads, kv, args.tp) {
+    let data_attention = args.attention == AttentionArg::Data;
+    if args.ep > 1 || data_attention {
+        let Some(experts) = arch.experts.filter(|_| arch.is_moe()) else {
+            return Err(format!(
+                "--ep {} / --attention {}: expert parallelism needs a mixture-of-experts model; set model.architecture.experts, expertsPerToken and expertIntermediateSize, or use --ep 1 --attention tensor",
+                args.ep,
+                if data_attention { "data" } else { "tensor" }
+            ));
+        };
+        if args.ep != args.tp {
+            return Err(format!(
+                "--ep {}: the expert-parallel group is the stage's GPUs; use --ep {} (the --tp) or --ep 1",
+                args.ep, args.tp
+            ));
+        }
+        if data_attention && args.ep < 2 {
+            return Err("--attention data needs --ep 2 or more (and --tp equal to it)".into());
+        }
+        if !(experts as u32).is_multiple_of(args.ep) {
+            return Err(format!(
+                "--ep {}: must divide the model's {experts} experts",
+                args.ep
+            ));
+        }
+    }
+    if !data_attention && !crate::planner::choose::valid_tp(heads, kv, args.tp) {
         return Err(format!(
             "--tp {}: must divide the model's {heads} attention heads and divide or be a multiple of its {kv} KV heads",
             args.tp
@@ -136,14 +175,17 @@ pub fn predict(md: &ModelDeployment, args: &PredictArgs) -> Result<Prediction, S
                 .unwrap_or(md.spec.serving.max_concurrency.max(1) as u32),
         )
     };
-    let links = packed_links(&gpu, args.tp, args.pp, args.gpus_per_node, &c);
-    let serving = serve(
-        arch, &gpu, args.tp, args.pp, links, &c, shape, kv_bytes, batch,
-    );
-    Ok(Prediction {
-        gpu: gpu.name,
+    let layout = Layout {
         tp: args.tp,
         pp: args.pp,
+        ep: args.ep,
+        data_attention,
+    };
+    let links = packed_links(&gpu, args.tp, args.pp, args.gpus_per_node, &c);
+    let serving = serve(arch, &gpu, layout, links, &c, shape, kv_bytes, batch);
+    Ok(Prediction {
+        gpu: gpu.name,
+        layout,
         shape,
         serving,
     })
@@ -154,11 +196,10 @@ pub fn table(md: &ModelDeployment, p: &Prediction) -> String {
     let s = &p.serving;
     let name = md.metadata.name.as_deref().unwrap_or("<unnamed>");
     let mut out = format!(
-        "{name} on {} TP={} PP={} ({} GPUs), {} input + {} output tokens per request\n",
+        "{name} on {} {} ({} GPUs), {} input + {} output tokens per request\n",
         p.gpu,
-        p.tp,
-        p.pp,
-        p.tp * p.pp,
+        p.layout.label(),
+        p.layout.gpus(),
         p.shape.input_tokens,
         p.shape.output_tokens
     );
@@ -172,7 +213,7 @@ pub fn table(md: &ModelDeployment, p: &Prediction) -> String {
             s.batch, s.max_batch
         )
     };
-    let rows = [
+    let mut rows = vec![
         ("concurrency", s.batch.to_string()),
         (
             "memory",
@@ -198,6 +239,26 @@ pub fn table(md: &ModelDeployment, p: &Prediction) -> String {
             format!("{:.0}", s.output_tokens_per_second_per_gpu),
         ),
     ];
+    if s.all_to_all_gbps > 0.0 {
+        rows.push((
+            "expert all-to-all",
+            format!(
+                "{:.0} us per MoE layer per decode step at {:.0} GB/s per GPU",
+                s.all_to_all_seconds_per_layer * 1e6,
+                s.all_to_all_gbps
+            ),
+        ));
+    }
+    if md.spec.model.architecture.is_moe() {
+        rows.push((
+            "active parameters",
+            format!(
+                "{:.1} B of {:.1} B",
+                md.spec.model.architecture.active_parameters() as f64 / 1e9,
+                md.spec.model.architecture.parameters as f64 / 1e9
+            ),
+        ));
+    }
     for (k, v) in rows {
         out.push_str(&format!("  {k:<28} {v}\n"));
     }
@@ -223,7 +284,8 @@ fn run(args: &PredictArgs) -> Result<String, String> {
         PredictFormat::Json => {
             let v = json!({
                 "deployment": md.metadata.name,
-                "gpu": p.gpu, "tensorParallel": p.tp, "pipelineParallel": p.pp,
+                "gpu": p.gpu, "tensorParallel": p.layout.tp, "pipelineParallel": p.layout.pp,
+                "expertParallel": p.layout.ep, "dataParallelAttention": p.layout.data_attention,
                 "inputTokens": p.shape.input_tokens, "outputTokens": p.shape.output_tokens,
                 "prediction": p.serving,
             });

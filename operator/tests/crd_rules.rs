@@ -430,7 +430,7 @@ fn unknown_fields_are_rejected_with_their_name() {
     assert_single(
         &with(base(), "/spec/parallelism/pipline", json!(2)),
         "spec.parallelism.pipline",
-        "unknown field \"pipline\" (did you mean \"pipeline\"?); the fields here are pipeline, tensor (see docs/api.md)",
+        "unknown field \"pipline\" (did you mean \"pipeline\"?); the fields here are attention, expert, pipeline, tensor (see docs/api.md)",
     );
     assert_single(
         &with(
@@ -554,11 +554,12 @@ fn error_display_has_the_api_server_shape() {
 
 #[test]
 fn every_rule_has_a_test_here() {
-    // 35 rules, each exercised in this file with accepted and rejected objects (the five engine
+    // 47 rules, each exercised in this file with accepted and rejected objects (the five engine
     // rules in the engine_* tests, the label rules in the *label*, annotation, node selector and
-    // topology key tests, the volume rules in the volume_* and mount_* tests). Adding a rule to
+    // topology key tests, the volume rules in the volume_* and mount_* tests, the eleven
+    // mixture-of-experts rules in the moe_* tests). Adding a rule to
     // operator/src/api/rules.rs? Add its accepted and rejected cases to this file, then bump this.
-    assert_eq!(api::rules::rules().len(), 36);
+    assert_eq!(api::rules::rules().len(), 47);
 }
 
 #[test]
@@ -1191,4 +1192,141 @@ fn fp8_kv_cache_needs_an_engine_that_has_one() {
         "{:?}",
         rejected(&vllm)
     );
+}
+
+/// `base()` as DeepSeek-V3 (config.json: 61 layers, the first 3 dense, 256 routed experts of
+/// width 2048, 8 per token, 1 shared, multi-head latent attention of rank 512 + 64).
+fn moe() -> Value {
+    let mut v = base();
+    v["spec"]["model"]["architecture"] = json!({
+        "parameters": 671026419200i64, "layers": 61, "hiddenSize": 7168,
+        "attentionHeads": 128, "kvHeads": 128, "intermediateSize": 18432,
+        "vocabSize": 129280, "contextLength": 163840, "bytesPerParameter": 1,
+        "experts": 256, "expertsPerToken": 8, "sharedExperts": 1,
+        "expertIntermediateSize": 2048, "denseLayers": 3,
+        "kvLoraRank": 512, "qkRopeHeadDim": 64
+    });
+    v
+}
+
+#[test]
+fn moe_shape_is_accepted_and_derives_active_parameters() {
+    let md = accepted(&moe());
+    let a = &md.spec.model.architecture;
+    assert!(a.is_moe());
+    assert_eq!(a.moe_layers(), 58);
+    // 58 layers x 256 experts x 3 x 7168 x 2048 = 653.7 B routed; 17.3 B dense; 37.6 B active.
+    assert_eq!(a.routed_expert_parameters(), 58 * 256 * 3 * 7168 * 2048);
+    let active = a.active_parameters() as f64 / 1e9;
+    assert!((37.0..38.0).contains(&active), "{active}");
+    // A dense model is its own active parameter count.
+    let dense = accepted(&base());
+    assert!(!dense.spec.model.architecture.is_moe());
+    assert_eq!(
+        dense.spec.model.architecture.active_parameters(),
+        dense.spec.model.architecture.parameters
+    );
+    // The expert degree and data-parallel attention are accepted for it.
+    let v = with(moe(), "/spec/parallelism/expert", json!(16));
+    let v = with(v, "/spec/parallelism/attention", json!("data"));
+    let md = accepted(&v);
+    assert_eq!(md.spec.parallelism.expert, api::ParallelDegree::Fixed(16));
+}
+
+#[test]
+fn moe_fields_come_all_or_none() {
+    let mut v = moe();
+    v["spec"]["model"]["architecture"]
+        .as_object_mut()
+        .unwrap()
+        .remove("expertsPerToken");
+    assert_single(
+        &v,
+        "spec.model.architecture.experts",
+        "a mixture of experts needs experts, expertsPerToken and expertIntermediateSize together (set: experts expertIntermediateSize); copy num_local_experts (or n_routed_experts), num_experts_per_tok and moe_intermediate_size from config.json, or remove them for a dense model",
+    );
+    let v = with(base(), "/spec/model/architecture/denseLayers", json!(1));
+    assert_single(
+        &v,
+        "spec.model.architecture.experts",
+        "sharedExperts and denseLayers describe a mixture of experts; set experts, expertsPerToken and expertIntermediateSize too, or remove them",
+    );
+}
+
+#[test]
+fn moe_counts_must_be_consistent() {
+    assert_single(
+        &with(moe(), "/spec/model/architecture/expertsPerToken", json!(300)),
+        "spec.model.architecture.expertsPerToken",
+        "300 experts per token exceeds the 256 experts of the model; copy num_experts_per_tok from config.json",
+    );
+    accepted(&with(moe(), "/spec/model/architecture/expertsPerToken", json!(256)));
+    assert_single(
+        &with(moe(), "/spec/model/architecture/denseLayers", json!(61)),
+        "spec.model.architecture.denseLayers",
+        "61 dense layers leave no MoE layer of the 61; denseLayers counts the layers whose feed-forward is dense (first_k_dense_replace), at most layers - 1",
+    );
+    accepted(&with(moe(), "/spec/model/architecture/denseLayers", json!(60)));
+    assert_single(
+        &with(moe(), "/spec/model/architecture/expertIntermediateSize", json!(4096)),
+        "spec.model.architecture.parameters",
+        "the routed experts alone hold (layers - denseLayers) x experts x 3 x hiddenSize x expertIntermediateSize = 1307817541632 parameters, not less than parameters (671026419200); parameters is the total over all experts: check it, expertIntermediateSize (moe_intermediate_size) and denseLayers",
+    );
+    let mut v = moe();
+    v["spec"]["model"]["architecture"]
+        .as_object_mut()
+        .unwrap()
+        .remove("kvLoraRank");
+    assert_single(
+        &v,
+        "spec.model.architecture.qkRopeHeadDim",
+        "qkRopeHeadDim is part of multi-head latent attention; set kvLoraRank (kv_lora_rank) too, or remove it",
+    );
+}
+
+#[test]
+fn moe_expert_degree_rules() {
+    assert_single(
+        &with(moe(), "/spec/parallelism/expert", json!(6)),
+        "spec.parallelism.expert",
+        "6 must divide the model's 256 experts so that every GPU holds the same number of whole experts; valid: 1, 2, 4, 8, 16, 32, 64",
+    );
+    assert_single(
+        &with(moe(), "/spec/parallelism/expert", json!(128)),
+        "spec.parallelism.expert",
+        "128 is not a valid expert-parallel degree; use \"auto\" or an integer from 1 to 64",
+    );
+    let v = with(moe(), "/spec/parallelism/tensor", json!(8));
+    accepted(&with(v.clone(), "/spec/parallelism/expert", json!(8)));
+    accepted(&with(v.clone(), "/spec/parallelism/expert", json!(1)));
+    assert_single(
+        &with(v, "/spec/parallelism/expert", json!(16)),
+        "spec.parallelism.expert",
+        "expert 16 with tensor 8: the expert-parallel group is the GPUs of a pipeline stage, so expert must be 1 or equal tensor; set expert: 8, expert: 1, or tensor: \"auto\"",
+    );
+    // A dense model takes no expert parallelism (1 and auto are fine).
+    accepted(&with(base(), "/spec/parallelism/expert", json!(1)));
+    assert_single(
+        &with(base(), "/spec/parallelism/expert", json!(2)),
+        "spec.parallelism.expert",
+        "expert parallelism 2 needs a mixture-of-experts model, and model.architecture has no experts; use expert: 1 or \"auto\", or describe the experts (experts, expertsPerToken, expertIntermediateSize)",
+    );
+}
+
+#[test]
+fn moe_data_parallel_attention_needs_expert_parallelism() {
+    let msg = "data-parallel attention runs inside an expert-parallel group: it needs a mixture-of-experts model (model.architecture.experts) and expert parallelism (expert \"auto\" or above 1); use attention: tensor or \"auto\"";
+    assert_single(
+        &with(base(), "/spec/parallelism/attention", json!("data")),
+        "spec.parallelism.attention",
+        msg,
+    );
+    let v = with(moe(), "/spec/parallelism/attention", json!("data"));
+    accepted(&v);
+    assert_single(
+        &with(v, "/spec/parallelism/expert", json!(1)),
+        "spec.parallelism.attention",
+        msg,
+    );
+    accepted(&with(base(), "/spec/parallelism/attention", json!("tensor")));
 }

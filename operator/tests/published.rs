@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 use tessera_operator::api::ModelArchitecture;
 use tessera_operator::planner::catalog::{Catalog, GpuModel};
-use tessera_operator::planner::cost::{CostConstants, RequestShape, packed_links, serve};
+use tessera_operator::planner::cost::{CostConstants, Layout, RequestShape, packed_links, serve};
 
 fn fixture() -> Value {
     let path = concat!(
@@ -43,6 +43,7 @@ fn architecture(model: &str, parameters: f64) -> Option<ModelArchitecture> {
         vocab_size: vocab,
         context_length: 131_072,
         bytes_per_parameter: 2.0,
+        ..Default::default()
     })
 }
 
@@ -141,7 +142,7 @@ fn predict_all() -> (Vec<Row>, BTreeMap<String, usize>) {
             input_tokens: input,
             output_tokens: output,
         };
-        let p = serve(&arch, &g, tp, pp, links, &c, shape, kv_bytes, None);
+        let p = serve(&arch, &g, Layout::dense(tp, pp), links, &c, shape, kv_bytes, None);
         if p.max_batch == 0 {
             skip("layouts whose weights do not fit by the model".into());
             continue;

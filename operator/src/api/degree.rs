@@ -15,6 +15,11 @@ pub enum ParallelDegree {
 }
 
 impl ParallelDegree {
+    /// Whether the planner chooses.
+    pub fn is_auto(&self) -> bool {
+        *self == ParallelDegree::Auto
+    }
+
     /// The pinned value, if any.
     pub fn fixed(self) -> Option<u32> {
         match self {

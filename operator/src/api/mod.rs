@@ -187,8 +187,8 @@ pub struct ModelSpec {
     pub architecture: ModelArchitecture,
 }
 
-/// Architecture of a Llama-family decoder.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// Architecture of a Llama-family decoder, dense or a mixture of experts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelArchitecture {
     /// Total parameter count (for example 70000000000).
@@ -218,6 +218,93 @@ pub struct ModelArchitecture {
     /// Bytes per weight as stored: 2 for BF16/FP16, 1 for FP8/INT8, about 0.56 for Q4_1.
     #[schemars(range(min = 0.1, max = 4.0))]
     pub bytes_per_parameter: f64,
+    /// Mixture of experts: routed experts per MoE layer (`num_local_experts`, `num_experts` or
+    /// `n_routed_experts` in config.json). Set together with `expertsPerToken` and
+    /// `expertIntermediateSize`; omit all three for a dense model. `parameters` stays the total
+    /// over all experts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 4096))]
+    pub experts: Option<i32>,
+    /// Experts each token is routed to (`num_experts_per_tok`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub experts_per_token: Option<i32>,
+    /// Shared experts every token runs besides its routed ones (`n_shared_experts`; default 0),
+    /// each as wide as a routed expert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 64))]
+    pub shared_experts: Option<i32>,
+    /// Feed-forward (SwiGLU) inner dimension of one expert (`moe_intermediate_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub expert_intermediate_size: Option<i32>,
+    /// Layers whose feed-forward is dense rather than experts (`first_k_dense_replace`; for
+    /// interleaved models such as Llama 4 Maverick, the count of dense layers). Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1023))]
+    pub dense_layers: Option<i32>,
+    /// Multi-head latent attention (DeepSeek-V2/V3): the compressed KV width cached per token
+    /// and layer (`kv_lora_rank`). Set, the KV cache holds `kvLoraRank + qkRopeHeadDim`
+    /// elements per token and layer, shared by all heads, instead of keys and values per KV
+    /// head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub kv_lora_rank: Option<i32>,
+    /// The decoupled rotary key width cached next to the latent (`qk_rope_head_dim`; default 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 4096))]
+    pub qk_rope_head_dim: Option<i32>,
+}
+
+impl ModelArchitecture {
+    /// Whether the model is a mixture of experts.
+    pub fn is_moe(&self) -> bool {
+        self.experts.is_some_and(|e| e > 0)
+    }
+
+    /// Layers whose feed-forward is a mixture of experts (0 for a dense model).
+    pub fn moe_layers(&self) -> i64 {
+        if !self.is_moe() {
+            return 0;
+        }
+        i64::from((self.layers - self.dense_layers.unwrap_or(0)).max(0))
+    }
+
+    /// Parameters of one expert: a SwiGLU of `expertIntermediateSize` (gate, up, down).
+    pub fn expert_parameters(&self) -> i64 {
+        3 * i64::from(self.hidden_size) * i64::from(self.expert_intermediate_size.unwrap_or(0))
+    }
+
+    /// Parameters of all routed experts of all MoE layers (0 for a dense model).
+    pub fn routed_expert_parameters(&self) -> i64 {
+        self.moe_layers() * i64::from(self.experts.unwrap_or(0)) * self.expert_parameters()
+    }
+
+    /// Parameters every token uses: everything but the routed experts, plus the
+    /// `expertsPerToken` experts of each MoE layer. The total for a dense model.
+    pub fn active_parameters(&self) -> i64 {
+        if !self.is_moe() {
+            return self.parameters;
+        }
+        let routed = self.routed_expert_parameters();
+        (self.parameters - routed).max(0)
+            + self.moe_layers()
+                * i64::from(self.experts_per_token.unwrap_or(1))
+                * self.expert_parameters()
+    }
+
+    /// Elements the KV cache holds per token and layer for `kv_heads_per_rank` KV heads: keys
+    /// and values per head, or the shared latent of multi-head latent attention.
+    pub fn kv_elements_per_token_layer(&self, kv_heads_per_rank: f64) -> f64 {
+        match self.kv_lora_rank {
+            Some(r) => f64::from(r) + f64::from(self.qk_rope_head_dim.unwrap_or(64)),
+            None => {
+                let head_dim =
+                    f64::from(self.hidden_size.max(1)) / f64::from(self.attention_heads.max(1));
+                2.0 * kv_heads_per_rank * head_dim
+            }
+        }
+    }
 }
 
 /// Tensor- and pipeline-parallel degrees.
@@ -232,6 +319,37 @@ pub struct ParallelismSpec {
     /// the model's layers.
     #[serde(default)]
     pub pipeline: ParallelDegree,
+    /// Expert-parallel degree of a mixture-of-experts model: `auto` (the planner chooses), 1
+    /// (experts sharded by tensor parallelism like a dense feed-forward) or the GPUs of a
+    /// pipeline stage (each GPU holds whole experts; tokens travel to them by all-to-all). It
+    /// must divide `model.architecture.experts`. Only for MoE models.
+    #[serde(default, skip_serializing_if = "ParallelDegree::is_auto")]
+    pub expert: ParallelDegree,
+    /// How attention is split inside an expert-parallel stage: `auto`, `tensor` (heads split
+    /// over the GPUs, an all-reduce per layer) or `data` (every GPU runs whole attention for
+    /// its own share of the sequences and keeps their KV cache: no all-reduce, no KV copies;
+    /// vLLM's and SGLang's data-parallel attention). `data` needs expert parallelism.
+    #[serde(default, skip_serializing_if = "AttentionParallelism::is_auto")]
+    pub attention: AttentionParallelism,
+}
+
+/// How attention is split inside a stage of a mixture-of-experts replica.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum AttentionParallelism {
+    /// The planner chooses (always `tensor` for dense models).
+    #[default]
+    Auto,
+    /// Attention heads split over the stage's GPUs (tensor parallelism).
+    Tensor,
+    /// Each GPU runs whole attention for its share of the sequences (data parallelism).
+    Data,
+}
+
+impl AttentionParallelism {
+    fn is_auto(&self) -> bool {
+        *self == AttentionParallelism::Auto
+    }
 }
 
 /// Which GPUs a replica may use.
@@ -663,6 +781,13 @@ pub struct ModelDeploymentStatus {
     /// Pipeline-parallel degree of the current plan (printer column).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline_parallel: Option<i32>,
+    /// Expert-parallel degree of the current plan (MoE models with expert parallelism).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_parallel: Option<i32>,
+    /// Parameters each token uses (MoE models: all but the routed experts, plus the
+    /// `expertsPerToken` experts of each layer), derived from `model.architecture`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_parameters: Option<i64>,
     /// Why the planner chose this layout: the choice and the best alternatives with predictions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alternatives: Vec<LayoutPrediction>,
@@ -685,6 +810,10 @@ pub struct ModelDeploymentStatus {
     /// Hash of the pod template this status was computed for (a change clears `avoidNodes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_hash: Option<String>,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 fn is_zero(v: &i64) -> bool {
@@ -710,6 +839,12 @@ pub struct LayoutPrediction {
     pub gpu_type: String,
     pub tensor_parallel: i32,
     pub pipeline_parallel: i32,
+    /// Expert-parallel degree (MoE models with expert parallelism only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_parallel: Option<i32>,
+    /// Attention runs data-parallel inside the expert-parallel group.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub data_parallel_attention: bool,
     pub predicted: Prediction,
     /// Why it was or was not chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -729,6 +864,15 @@ pub struct Prediction {
     pub time_to_first_token_seconds: f64,
     /// Per-direction bandwidth of the slowest link in the tensor-parallel ring, GB/s.
     pub all_reduce_g_bps: f64,
+    /// MoE with expert parallelism: per-direction bandwidth the expert all-to-all (dispatch and
+    /// combine) gets per GPU, GB/s: NVLink inside a domain, the fabric when the group spans
+    /// nodes (the slower part of the traffic bounds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all_to_all_g_bps: Option<f64>,
+    /// MoE with expert parallelism: dispatch plus combine time of one MoE layer in a decode
+    /// step at `serving.maxConcurrency`, microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all_to_all_micros_per_layer: Option<f64>,
     /// What the running fleet measures for this layout (GPU type, TP, PP, engine) over what the
     /// cost model predicts, decode speed (median of recent scrapes; absent until measured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -752,6 +896,14 @@ pub struct ReplicaPlacement {
     pub gpu_type: String,
     pub tensor_parallel: i32,
     pub pipeline_parallel: i32,
+    /// Expert-parallel degree (MoE models with expert parallelism only): each GPU of a stage
+    /// holds `experts / expertParallel` whole experts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_parallel: Option<i32>,
+    /// Attention runs data-parallel inside the expert-parallel group (each GPU serves its own
+    /// share of the sequences).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub data_parallel_attention: bool,
     pub stages: Vec<StagePlacement>,
     pub predicted: Prediction,
     #[serde(default)]

@@ -383,6 +383,12 @@ pub fn rules() -> Vec<CelRule> {
     let max_name = MAX_NAME_LENGTH;
     let (tensor_rule, tensor_msg, tensor_static) = degree_rule("tensor-parallel");
     let (pipeline_rule, pipeline_msg, pipeline_static) = degree_rule("pipeline-parallel");
+    let (expert_rule, expert_msg, expert_static) = degree_rule("expert-parallel");
+    let expert_is_int = format!(
+        "has(self.parallelism) && has(self.parallelism.expert) && {}",
+        is_pinned("self.parallelism.expert")
+    );
+    let ep = pinned("self.parallelism.expert");
     let tensor_is_int = format!(
         "has(self.parallelism) && has(self.parallelism.tensor) && {}",
         is_pinned("self.parallelism.tensor")
@@ -609,7 +615,110 @@ pub fn rules() -> Vec<CelRule> {
             transition: false,
         },
     ];
+    rules.push(CelRule {
+        at: &["spec", "parallelism", "expert"],
+        rule: expert_rule,
+        message_expression: expert_msg,
+        message: expert_static,
+        field_path: None,
+        transition: false,
+    });
+    rules.extend(moe_rules(arch, &expert_is_int, &ep, &tensor_is_int, &tp));
     rules.extend(label_rules());
     rules.extend(volume_rules());
     rules
+}
+
+/// The mixture-of-experts shape and the expert-parallel degree.
+fn moe_rules(arch: &str, expert_is_int: &str, ep: &str, tensor_is_int: &str, tp: &str) -> Vec<CelRule> {
+    let moe = format!("has({arch}.experts)");
+    vec![
+        CelRule {
+            at: &["spec", "model", "architecture"],
+            rule: "has(self.experts) == has(self.expertsPerToken) && has(self.experts) == has(self.expertIntermediateSize)".into(),
+            message_expression: "'a mixture of experts needs experts, expertsPerToken and expertIntermediateSize together (set: ' + (has(self.experts) ? 'experts ' : '') + (has(self.expertsPerToken) ? 'expertsPerToken ' : '') + (has(self.expertIntermediateSize) ? 'expertIntermediateSize' : '') + '); copy num_local_experts (or n_routed_experts), num_experts_per_tok and moe_intermediate_size from config.json, or remove them for a dense model'".into(),
+            message: "experts, expertsPerToken and expertIntermediateSize must be set together".into(),
+            field_path: Some(".experts"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "model", "architecture"],
+            rule: "has(self.experts) || (!has(self.sharedExperts) && !has(self.denseLayers))".into(),
+            message_expression: "'sharedExperts and denseLayers describe a mixture of experts; set experts, expertsPerToken and expertIntermediateSize too, or remove them'".into(),
+            message: "sharedExperts and denseLayers need experts".into(),
+            field_path: Some(".experts"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "model", "architecture"],
+            rule: "!has(self.experts) || !has(self.expertsPerToken) || self.expertsPerToken <= self.experts".into(),
+            message_expression: "string(self.expertsPerToken) + ' experts per token exceeds the ' + string(self.experts) + ' experts of the model; copy num_experts_per_tok from config.json'".into(),
+            message: "expertsPerToken must be at most experts".into(),
+            field_path: Some(".expertsPerToken"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "model", "architecture"],
+            rule: "!has(self.denseLayers) || self.denseLayers < self.layers".into(),
+            message_expression: "string(self.denseLayers) + ' dense layers leave no MoE layer of the ' + string(self.layers) + '; denseLayers counts the layers whose feed-forward is dense (first_k_dense_replace), at most layers - 1'".into(),
+            message: "denseLayers must be less than layers".into(),
+            field_path: Some(".denseLayers"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "model", "architecture"],
+            rule: "!has(self.experts) || !has(self.expertIntermediateSize) || (self.layers - (has(self.denseLayers) ? self.denseLayers : 0)) * self.experts * 3 * self.hiddenSize * self.expertIntermediateSize < self.parameters".into(),
+            message_expression: "'the routed experts alone hold (layers - denseLayers) x experts x 3 x hiddenSize x expertIntermediateSize = ' + string((self.layers - (has(self.denseLayers) ? self.denseLayers : 0)) * self.experts * 3 * self.hiddenSize * self.expertIntermediateSize) + ' parameters, not less than parameters (' + string(self.parameters) + '); parameters is the total over all experts: check it, expertIntermediateSize (moe_intermediate_size) and denseLayers'".into(),
+            message: "the routed experts' parameters must be fewer than parameters".into(),
+            field_path: Some(".parameters"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "model", "architecture"],
+            rule: "!has(self.qkRopeHeadDim) || has(self.kvLoraRank)".into(),
+            message_expression: "'qkRopeHeadDim is part of multi-head latent attention; set kvLoraRank (kv_lora_rank) too, or remove it'".into(),
+            message: "qkRopeHeadDim needs kvLoraRank".into(),
+            field_path: Some(".qkRopeHeadDim"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec"],
+            rule: format!("!({expert_is_int}) || {ep} == 1 || {moe}"),
+            message_expression: format!(
+                r#"'expert parallelism ' + string({ep}) + ' needs a mixture-of-experts model, and model.architecture has no experts; use expert: 1 or "auto", or describe the experts (experts, expertsPerToken, expertIntermediateSize)'"#
+            ),
+            message: "parallelism.expert above 1 needs model.architecture.experts".into(),
+            field_path: Some(".parallelism.expert"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec"],
+            rule: format!("!({expert_is_int}) || !({moe}) || {arch}.experts % {ep} == 0"),
+            message_expression: format!(
+                r#"string({ep}) + " must divide the model's " + string({arch}.experts) + ' experts so that every GPU holds the same number of whole experts; valid: ' + {list}.filter(d, {arch}.experts % d == 0).map(d, string(d)).join(', ')"#,
+                list = degrees()
+            ),
+            message: "parallelism.expert must divide model.architecture.experts".into(),
+            field_path: Some(".parallelism.expert"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec"],
+            rule: format!("!({expert_is_int}) || !({tensor_is_int}) || {ep} == 1 || {ep} == {tp}"),
+            message_expression: format!(
+                r#"'expert ' + string({ep}) + ' with tensor ' + string({tp}) + ': the expert-parallel group is the GPUs of a pipeline stage, so expert must be 1 or equal tensor; set expert: ' + string({tp}) + ', expert: 1, or tensor: "auto"'"#
+            ),
+            message: "parallelism.expert must be 1 or equal parallelism.tensor".into(),
+            field_path: Some(".parallelism.expert"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec"],
+            rule: format!("!has(self.parallelism) || !has(self.parallelism.attention) || self.parallelism.attention != 'data' || ({moe} && !({expert_is_int} && {ep} == 1))"),
+            message_expression: r#"'data-parallel attention runs inside an expert-parallel group: it needs a mixture-of-experts model (model.architecture.experts) and expert parallelism (expert "auto" or above 1); use attention: tensor or "auto"'"#.into(),
+            message: "parallelism.attention data needs a mixture of experts with expert parallelism".into(),
+            field_path: Some(".parallelism.attention"),
+            transition: false,
+        },
+    ]
 }

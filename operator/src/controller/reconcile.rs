@@ -997,6 +997,8 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
                     gpu_type: pr.gpu_type.clone(),
                     tensor_parallel: pr.tensor_parallel,
                     pipeline_parallel: pr.pipeline_parallel,
+                    expert_parallel: pr.expert_parallel,
+                    data_parallel_attention: pr.data_parallel_attention,
                     stages: pr.stages.clone(),
                     predicted: pr.predicted.clone(),
                     ready: false,
@@ -1105,7 +1107,10 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
         status.gpu_type = Some(first.gpu_type.clone());
         status.tensor_parallel = Some(first.tensor_parallel);
         status.pipeline_parallel = Some(first.pipeline_parallel);
+        status.expert_parallel = first.expert_parallel;
     }
+    let arch = &md.spec.model.architecture;
+    status.active_parameters = arch.is_moe().then(|| arch.active_parameters());
     let unplaced: Vec<(i32, String)> = plan_report
         .as_ref()
         .map(|dp| {

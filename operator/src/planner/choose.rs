@@ -11,9 +11,14 @@
 //! choice has no room.
 
 use super::catalog::short_name_matches;
-use super::cost::{CostConstants, Estimate, Link, Links, Workload, estimate};
+use super::cost::{
+    CostConstants, Estimate, Layout, Link, Links, Workload, all_to_all_link, estimate_layout,
+};
 use super::inventory::{Eligibility, Inventory};
-use crate::api::{LayoutPrediction, ModelDeploymentSpec, TensorParallelScope};
+use crate::api::{
+    AttentionParallelism, LayoutPrediction, ModelArchitecture, ModelDeploymentSpec,
+    TensorParallelScope,
+};
 
 /// Upper bound on GPUs per replica (the API's `MAX_GPUS_PER_REPLICA`).
 pub const MAX_GPUS: u32 = crate::api::MAX_GPUS_PER_REPLICA;
@@ -62,12 +67,28 @@ pub struct Candidate {
     pub gpu_type: usize,
     pub tp: u32,
     pub pp: u32,
+    /// Expert-parallel degree (1: experts, if any, sharded by TP).
+    pub ep: u32,
+    /// Attention data-parallel inside the expert-parallel group.
+    pub data_attention: bool,
     /// Preference rank of the GPU type (0 is best).
     pub rank: usize,
     pub estimate: Estimate,
 }
 
 impl Candidate {
+    pub fn layout(&self) -> Layout {
+        Layout {
+            tp: self.tp,
+            pp: self.pp,
+            ep: self.ep,
+            data_attention: self.data_attention,
+        }
+    }
+    /// `H800 EP=16 DP-attention`.
+    pub fn label(&self, inv: &Inventory) -> String {
+        label(inv, self.gpu_type, self.layout())
+    }
     pub fn gpus(&self) -> u32 {
         self.tp * self.pp
     }
@@ -115,10 +136,54 @@ pub fn nominal_links(
             fabric
         }
     };
+    // The expert all-to-all of a stage of `tp` GPUs: inside one NVLink domain (or node) where
+    // it fits, else spread over whole nodes with the rest over the fabric.
+    let inside = if stats.nvlink_gbps > 0.0 && stats.largest_domain > 1 {
+        nvlink
+    } else {
+        pcie
+    };
+    let local = tp.min(stats.largest_domain.max(1)).min(stats.largest_node.max(1));
     Links {
         tp: link_for(tp),
         pp: link_for(tp * pp),
+        ep: all_to_all_link(tp, local, c.all_to_all(inside), fabric),
     }
+}
+
+/// The (tensor, expert, data-parallel attention) splits of a stage the model allows, for every
+/// stage size up to [`MAX_GPUS`]: tensor parallelism where the heads allow it (experts sharded
+/// like a dense feed-forward), and for a mixture of experts, expert parallelism over the
+/// stage's GPUs (experts divisible by it) with tensor-parallel or data-parallel attention,
+/// as `spec.parallelism` pins them.
+pub fn stage_splits(spec: &ModelDeploymentSpec) -> Vec<(u32, u32, bool)> {
+    let arch: &ModelArchitecture = &spec.model.architecture;
+    let heads = arch.attention_heads.max(1) as u32;
+    let kv = arch.kv_heads.max(1) as u32;
+    let p = &spec.parallelism;
+    let experts = arch.experts.unwrap_or(0).max(0) as u32;
+    let mut out = Vec::new();
+    for tp in 1..=MAX_GPUS {
+        if p.tensor.fixed().is_some_and(|t| t != tp) {
+            continue;
+        }
+        let ep_ok = |ep: u32| p.expert.fixed().is_none_or(|e| e == ep);
+        let heads_ok = valid_tp(heads, kv, tp);
+        let tensor_attention = p.attention != AttentionParallelism::Data;
+        if heads_ok && ep_ok(1) && tensor_attention {
+            out.push((tp, 1, false));
+        }
+        if !arch.is_moe() || tp < 2 || !experts.is_multiple_of(tp) || !ep_ok(tp) {
+            continue;
+        }
+        if heads_ok && tensor_attention {
+            out.push((tp, tp, false));
+        }
+        if p.attention != AttentionParallelism::Tensor {
+            out.push((tp, tp, true));
+        }
+    }
+    out
 }
 
 /// The workload a deployment's spec asks each replica to hold.
@@ -169,9 +234,8 @@ pub fn choose(
 ) -> Choice {
     let arch = &spec.model.architecture;
     let work = workload(spec);
-    let heads = arch.attention_heads.max(1) as u32;
-    let kv = arch.kv_heads.max(1) as u32;
     let layers = arch.layers.max(1) as u32;
+    let splits = stage_splits(spec);
     let pinned_tp = spec.parallelism.tensor.fixed();
     let pinned_pp = spec.parallelism.pipeline.fixed();
     let scope = spec.placement.tensor_parallel_scope;
@@ -223,16 +287,17 @@ pub fn choose(
             TensorParallelScope::Any | TensorParallelScope::Auto => st.gpus,
         }
         .min(MAX_GPUS);
-        let tps: Vec<u32> = match pinned_tp {
-            Some(tp) => vec![tp],
-            None => (1..=MAX_GPUS)
-                .filter(|&tp| valid_tp(heads, kv, tp))
-                .collect(),
-        };
         let before = choice.candidates.len();
         let mut last_reason: Option<String> = None;
-        for tp in tps {
-            if tp > max_tp {
+        for &(tp, ep, data_attention) in &splits {
+            let layout_of = |pp| Layout {
+                tp,
+                pp,
+                ep,
+                data_attention,
+            };
+            // Data-parallel attention has no all-reduce: its group may span nodes.
+            if tp > max_tp && !(data_attention && tp <= st.gpus) {
                 let reason = match scope {
                     TensorParallelScope::NvLinkDomain => format!(
                         "{short}: tensor={tp} needs {tp} GPUs in one NVLink domain of {short} but the largest is {}",
@@ -284,13 +349,15 @@ pub fn choose(
                     tp,
                     pp,
                     spec.engine.name.as_str(),
-                    estimate(arch, work, &ty.model, tp, pp, links, c),
+                    estimate_layout(arch, work, &ty.model, layout_of(pp), links, c),
                 );
                 if e.fits {
                     choice.candidates.push(Candidate {
                         gpu_type: t,
                         tp,
                         pp,
+                        ep,
+                        data_attention,
                         rank,
                         estimate: e,
                     });
@@ -300,8 +367,9 @@ pub fn choose(
                     }
                 } else if fitted == 0 {
                     last_reason = Some(format!(
-                        "{short}: tensor={tp} x pipeline={pp} does not fit: needs {:.1} GiB per GPU \
+                        "{short}: {} does not fit: needs {:.1} GiB per GPU \
                          ({:.1} weights + {:.1} KV cache for {} x {} tokens + {:.1} overhead), {short} has {:.1} GiB x {}",
+                        layout_of(pp).label(),
                         e.memory_per_gpu_gib,
                         e.weights_gib,
                         e.kv_cache_gib,
@@ -330,6 +398,8 @@ pub fn choose(
             .then(a.gpus().cmp(&b.gpus()))
             .then(a.tp.cmp(&b.tp))
             .then(a.pp.cmp(&b.pp))
+            .then(a.ep.cmp(&b.ep))
+            .then(a.data_attention.cmp(&b.data_attention))
             .then(
                 inv.types[a.gpu_type]
                     .product
@@ -345,14 +415,48 @@ pub fn layout(inv: &Inventory, cand: &Candidate, note: Option<String>) -> Layout
         gpu_type: inv.types[cand.gpu_type].product.clone(),
         tensor_parallel: cand.tp as i32,
         pipeline_parallel: cand.pp as i32,
+        expert_parallel: (cand.ep > 1).then_some(cand.ep as i32),
+        data_parallel_attention: cand.data_attention,
         predicted: cand.estimate.prediction(),
         note,
     }
 }
 
-/// Short label of a layout: `H100 TP=4 PP=1`.
-pub fn label(inv: &Inventory, t: usize, tp: u32, pp: u32) -> String {
-    format!("{} TP={tp} PP={pp}", inv.types[t].short())
+/// Short label of a layout: `H100 TP=4 PP=1`, `H800 EP=16 DP-attention`.
+pub fn label(inv: &Inventory, t: usize, layout: Layout) -> String {
+    format!("{} {}", inv.types[t].short(), layout.label())
+}
+
+/// What the choice of a mixture-of-experts layout rests on: the expert all-to-all's bandwidth
+/// and time per layer, or that experts are sharded by tensor parallelism.
+fn moe_summary(spec: &ModelDeploymentSpec, c: &Candidate) -> Option<String> {
+    let arch = &spec.model.architecture;
+    if !arch.is_moe() {
+        return None;
+    }
+    let active = format!(
+        "{:.1}B of {:.1}B parameters active per token",
+        arch.active_parameters() as f64 / 1e9,
+        arch.parameters as f64 / 1e9
+    );
+    let e = &c.estimate;
+    Some(if c.ep > 1 {
+        format!(
+            "; {active}; {} experts per GPU, expert all-to-all at {:.0} GB/s per GPU: {:.0} us per MoE layer per decode step ({:.1} ms of the {:.1} ms step){}",
+            arch.experts.unwrap_or(0) as u32 / c.ep,
+            e.all_to_all_gbps,
+            e.all_to_all_seconds_per_layer * 1e6,
+            e.decode_all_to_all_seconds * 1e3,
+            spec.serving.max_concurrency.max(1) as f64 / e.decode_tokens_per_second * 1e3,
+            if c.data_attention {
+                ", attention data-parallel (no all-reduce, each GPU keeps its own sequences' KV cache)"
+            } else {
+                ""
+            }
+        )
+    } else {
+        format!("; {active}; experts sharded by tensor parallelism (all-reduce, no all-to-all)")
+    })
 }
 
 /// Why the first candidate was chosen, and the two most instructive alternatives (the
@@ -386,11 +490,14 @@ pub fn explain(
             best.rank + 1
         )
     };
-    let why = format!(
+    let mut why = format!(
         "highest predicted decode tokens/s per GPU ({:.0}) of {same} feasible layouts on {}{pref}",
         best.per_gpu(),
         inv.types[best.gpu_type].short()
     );
+    if let Some(moe) = moe_summary(spec, best) {
+        why.push_str(&moe);
+    }
     let mut alts: Vec<&Candidate> = Vec::new();
     if let Some(c) = choice
         .candidates
@@ -424,10 +531,17 @@ pub fn explain(
                 c.per_gpu(),
                 c.estimate.time_to_first_token_seconds
             );
-            if c.tp > 1 {
+            if c.estimate.all_reduce_gbps > 0.0 {
                 note.push_str(&format!(
                     ", all-reduce {:.0} GB/s",
                     c.estimate.all_reduce_gbps
+                ));
+            }
+            if c.estimate.all_to_all_gbps > 0.0 {
+                note.push_str(&format!(
+                    ", expert all-to-all {:.0} GB/s ({:.0} us per MoE layer)",
+                    c.estimate.all_to_all_gbps,
+                    c.estimate.all_to_all_seconds_per_layer * 1e6
                 ));
             }
             if c.rank != best.rank {

@@ -38,6 +38,15 @@ pub struct CostConstants {
     pub pcie_allreduce_efficiency: f64,
     /// Per-hop latency of an inter-node ring step, seconds.
     pub fabric_latency_s: f64,
+    /// Fraction of a GPU's per-direction NVLink (or PCIe ring) bandwidth an expert all-to-all
+    /// achieves inside a node: DeepEP's normal kernels reach about 153-158 GB/s of H800's
+    /// 200 GB/s per direction.
+    #[serde(default = "default_all_to_all_efficiency")]
+    pub all_to_all_efficiency: f64,
+    /// Fixed cost of one all-to-all phase (dispatch or combine): kernel launch, the exchange of
+    /// token counts and the barrier, seconds.
+    #[serde(default = "default_all_to_all_latency_s")]
+    pub all_to_all_latency_s: f64,
     /// Corrections measured on the fleet per (GPU type, TP, PP, engine), applied to the
     /// predictions the planner ranks layouts by (`plan --calibration FILE`;
     /// `planner::calibration`).
@@ -59,6 +68,8 @@ impl Default for CostConstants {
             pcie_latency_s: 5e-6,
             fabric_latency_s: 10e-6,
             pcie_allreduce_efficiency: default_pcie_allreduce_efficiency(),
+            all_to_all_efficiency: default_all_to_all_efficiency(),
+            all_to_all_latency_s: default_all_to_all_latency_s(),
             calibration: Calibration::default(),
         }
     }
@@ -66,6 +77,14 @@ impl Default for CostConstants {
 
 fn default_pcie_allreduce_efficiency() -> f64 {
     0.5
+}
+
+fn default_all_to_all_efficiency() -> f64 {
+    0.77
+}
+
+fn default_all_to_all_latency_s() -> f64 {
+    20e-6
 }
 
 impl CostConstants {
@@ -116,6 +135,15 @@ impl CostConstants {
                 latency_s: links.tp.latency_s / r,
             },
             pp: links.pp,
+            ep: links.ep,
+        }
+    }
+
+    /// What an expert all-to-all gets of a link inside a node.
+    pub fn all_to_all(&self, inside: Link) -> Link {
+        Link {
+            gbps: inside.gbps * self.all_to_all_efficiency,
+            latency_s: inside.latency_s,
         }
     }
 
@@ -142,6 +170,73 @@ pub struct Links {
     pub tp: Link,
     /// The slowest link between consecutive pipeline stages.
     pub pp: Link,
+    /// What the expert all-to-all gets per GPU (see [`all_to_all_link`]); unused without
+    /// expert parallelism.
+    pub ep: Link,
+}
+
+/// How one replica splits the model: `tp` GPUs per pipeline stage, `pp` stages; for a mixture
+/// of experts, `ep` (1, or `tp`: the stage's GPUs each hold whole experts) and whether
+/// attention runs data-parallel over the stage's GPUs instead of tensor-parallel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Layout {
+    pub tp: u32,
+    pub pp: u32,
+    pub ep: u32,
+    pub data_attention: bool,
+}
+
+impl Layout {
+    /// Tensor x pipeline parallelism, experts (if any) sharded like a dense feed-forward.
+    pub fn dense(tp: u32, pp: u32) -> Layout {
+        Layout {
+            tp: tp.max(1),
+            pp: pp.max(1),
+            ep: 1,
+            data_attention: false,
+        }
+    }
+
+    /// GPUs of one replica.
+    pub fn gpus(&self) -> u32 {
+        self.tp * self.pp
+    }
+
+    /// `TP=8 PP=1`, `TP=8 EP=8`, `EP=16 DP-attention`.
+    pub fn label(&self) -> String {
+        let pp = if self.pp > 1 {
+            format!(" PP={}", self.pp)
+        } else {
+            String::new()
+        };
+        match (self.ep > 1, self.data_attention) {
+            (false, _) => format!("TP={} PP={}", self.tp, self.pp),
+            (true, false) => format!("TP={} EP={}{pp}", self.tp, self.ep),
+            (true, true) => format!("EP={} DP-attention{pp}", self.ep),
+        }
+    }
+}
+
+/// The link an all-to-all over `group` GPUs gets per GPU when `local` of them (itself included)
+/// share its fast domain (`inside`) and the rest are reached over `across`: every GPU sends an
+/// equal share to each of the `group - 1` others at once, so the slower part bounds it.
+pub fn all_to_all_link(group: u32, local: u32, inside: Link, across: Link) -> Link {
+    if group <= 1 {
+        return inside;
+    }
+    let others = f64::from(group - 1);
+    let near = f64::from(local.clamp(1, group) - 1) / others;
+    let far = 1.0 - near;
+    // Seconds per byte of the whole send, each part at its own link's rate.
+    let t = (near / (inside.gbps.max(1e-3) * 1e9)).max(far / (across.gbps.max(1e-3) * 1e9));
+    Link {
+        gbps: 1.0 / t / 1e9,
+        latency_s: if far > 0.0 {
+            across.latency_s
+        } else {
+            inside.latency_s
+        },
+    }
 }
 
 /// The load a replica must hold.
@@ -177,6 +272,18 @@ pub struct Estimate {
     pub prefill_all_reduce_seconds: f64,
     /// Prefill compute time, seconds.
     pub prefill_compute_seconds: f64,
+    /// Prefill time per prompt when prompts keep the replica busy: the time to first token, or
+    /// less where several prompts run side by side (data-parallel attention), seconds.
+    pub prefill_seconds_per_prompt: f64,
+    /// Per-direction bandwidth of the expert all-to-all per GPU, GB/s (0 without expert
+    /// parallelism).
+    pub all_to_all_gbps: f64,
+    /// Dispatch plus combine of one MoE layer in a decode step, seconds.
+    pub all_to_all_seconds_per_layer: f64,
+    /// Decode step time spent in expert all-to-alls, seconds.
+    pub decode_all_to_all_seconds: f64,
+    /// Prefill time spent in expert all-to-alls, seconds.
+    pub prefill_all_to_all_seconds: f64,
 }
 
 impl Estimate {
@@ -192,6 +299,9 @@ impl Estimate {
             prefill_tokens_per_second: round(self.prefill_tokens_per_second, 1),
             time_to_first_token_seconds: round(self.time_to_first_token_seconds, 4),
             all_reduce_g_bps: round(self.all_reduce_gbps, 1),
+            all_to_all_g_bps: (self.all_to_all_gbps > 0.0).then(|| round(self.all_to_all_gbps, 1)),
+            all_to_all_micros_per_layer: (self.all_to_all_gbps > 0.0)
+                .then(|| round(self.all_to_all_seconds_per_layer * 1e6, 1)),
             measured_decode_ratio: None,
             measured_prefill_ratio: None,
             measured_all_reduce_ratio: None,
@@ -229,7 +339,8 @@ pub fn tflops_for(gpu: &GpuModel, bytes_per_parameter: f64) -> f64 {
     }
 }
 
-/// Predict one layout. `tp` and `pp` are at least 1.
+/// Predict one tensor x pipeline layout (experts, if any, sharded like a dense feed-forward).
+/// `tp` and `pp` are at least 1.
 pub fn estimate(
     arch: &ModelArchitecture,
     work: Workload,
@@ -239,24 +350,50 @@ pub fn estimate(
     links: Links,
     c: &CostConstants,
 ) -> Estimate {
-    let tp = tp.max(1);
-    let pp = pp.max(1);
+    estimate_layout(arch, work, gpu, Layout::dense(tp, pp), links, c)
+}
+
+/// Predict one layout of a dense or mixture-of-experts model (docs/cost-model.md gives the
+/// formulas).
+pub fn estimate_layout(
+    arch: &ModelArchitecture,
+    work: Workload,
+    gpu: &GpuModel,
+    layout: Layout,
+    links: Links,
+    c: &CostConstants,
+) -> Estimate {
+    let tp = layout.tp.max(1);
+    let pp = layout.pp.max(1);
+    let ep = if arch.is_moe() { layout.ep.max(1) } else { 1 };
+    let data = arch.is_moe() && ep > 1 && layout.data_attention;
     let tpf = f64::from(tp);
     let ppf = f64::from(pp);
     let params = arch.parameters as f64;
+    let routed = arch.routed_expert_parameters() as f64;
+    let dense_params = (params - routed).max(0.0);
+    let active = arch.active_parameters() as f64;
     let layers = f64::from(arch.layers.max(1));
+    let moe_layers = arch.moe_layers() as f64;
     let hidden = f64::from(arch.hidden_size.max(1));
-    let heads = arch.attention_heads.max(1);
     let kv_heads = arch.kv_heads.max(1);
-    let head_dim = hidden / f64::from(heads);
     let inter = f64::from(arch.intermediate_size.max(1));
     let layers_per_stage = (f64::from(arch.layers.max(1)) / ppf).ceil();
-    let kv_per_rank = (f64::from(kv_heads) / tpf).max(1.0).ceil();
+    // Tensor-parallel attention splits the KV heads (a latent cache is copied on every rank);
+    // data-parallel attention keeps whole heads for a 1/tp share of the sequences.
+    let (attn_split, seq_share) = if data { (1.0, tpf) } else { (tpf, 1.0) };
+    let kv_per_rank = (f64::from(kv_heads) / attn_split).max(1.0).ceil();
+    let bytes = arch.bytes_per_parameter;
 
-    // Memory per GPU.
-    let weights = params * arch.bytes_per_parameter / (tpf * ppf);
-    let kv_per_token = 2.0 * layers_per_stage * kv_per_rank * head_dim * work.kv_bytes;
-    let kv = work.concurrency * work.context * kv_per_token;
+    // Memory per GPU: the dense part (attention, embeddings, dense layers, shared experts)
+    // split by tensor-parallel attention or copied on every GPU with data-parallel attention;
+    // the routed experts spread over the stage's GPUs either way (sharded, or whole by EP).
+    let dense_weights = dense_params * bytes / (attn_split * ppf);
+    let expert_weights = routed * bytes / (tpf * ppf);
+    let weights = dense_weights + expert_weights;
+    let kv_per_token =
+        layers_per_stage * arch.kv_elements_per_token_layer(kv_per_rank) * work.kv_bytes;
+    let kv = work.concurrency / seq_share * work.context * kv_per_token;
     let chunk = c.prefill_chunk_tokens.min(work.context).max(1.0);
     let activations = chunk * (4.0 * hidden + 2.0 * inter / tpf) * c.activation_bytes;
     let overhead = c.runtime_overhead_gib * GIB + activations;
@@ -264,31 +401,82 @@ pub fn estimate(
     let budget = gpu.memory_mib * 1024.0 * 1024.0 * c.memory_utilization_cap;
 
     let hbm = gpu.memory_bandwidth_gbps * 1e9 * c.hbm_efficiency;
-    let flops = tflops_for(gpu, arch.bytes_per_parameter) * 1e12 * c.mfu;
+    let flops = tflops_for(gpu, bytes) * 1e12 * c.mfu;
     let act = c.activation_bytes;
+    let topk = f64::from(arch.experts_per_token.unwrap_or(1).max(1));
+    let experts = f64::from(arch.experts.unwrap_or(1).max(1));
+    // Collectives per layer on the tensor-parallel ring: attention's output, and each dense
+    // feed-forward's; MoE layers' too while experts are sharded (EP = 1). Data-parallel
+    // attention has none.
+    let all_reduces = if data {
+        0.0
+    } else if ep > 1 {
+        layers + (layers - moe_layers)
+    } else {
+        2.0 * layers
+    };
+    // Dispatch and combine of `tokens` routed tokens held by one GPU: each goes to `topk`
+    // experts, (ep - 1)/ep of them on other GPUs.
+    let epf = f64::from(ep);
+    let a2a = |tokens_on_gpu: f64| {
+        if ep <= 1 {
+            return 0.0;
+        }
+        let bytes = tokens_on_gpu * topk * hidden * act * (epf - 1.0) / epf;
+        2.0 * (send_seconds(bytes, links.ep) + c.all_to_all_latency_s)
+    };
 
     // Decode: one step advances every sequence by one token; stages run one after another
-    // (no micro-batching). Per stage: max(memory time, compute time) + 2 all-reduces per layer.
+    // (no micro-batching). Per stage: max(memory time, compute time) + collectives.
     let batch = work.concurrency.max(1.0);
-    let kv_read = batch * (work.context / 2.0) * kv_per_token; // sequences half-way on average
+    // The experts a step touches: each of the batch's tokens picks `topk` of `experts`, so a
+    // fraction 1 - (1 - k/E)^batch of them is read (all of them at large batch).
+    let touched = if arch.is_moe() {
+        1.0 - (1.0 - (topk / experts).min(1.0)).powf(batch)
+    } else {
+        1.0
+    };
+    let read = dense_weights + touched * expert_weights;
+    let kv_read = batch / seq_share * (work.context / 2.0) * kv_per_token; // half-way on average
     // Per layer the GEMMs (bound by reading the weights or by their FLOPs) and the attention
     // kernel (bound by reading the KV cache) run one after the other, so their times add.
-    let stage_gemm = (weights / hbm).max(2.0 * params / ppf * batch / (tpf * flops));
+    let stage_gemm = (read / hbm).max(2.0 * active / ppf * batch / (tpf * flops));
     let stage_attention = kv_read / hbm;
-    let decode_ar = 2.0 * layers * ring_all_reduce_seconds(batch * hidden * act, tp, links.tp);
+    let decode_ar =
+        all_reduces * ring_all_reduce_seconds(batch * hidden * act, tp, links.tp);
+    let a2a_layer = a2a(batch / tpf);
+    let decode_a2a = moe_layers * a2a_layer;
     let decode_pp = (ppf - 1.0) * send_seconds(batch * hidden * act, links.pp);
-    let step = ppf * (stage_gemm + stage_attention) + decode_ar + decode_pp;
+    let step = ppf * (stage_gemm + stage_attention) + decode_ar + decode_a2a + decode_pp;
     let decode_tps = batch / step;
 
-    // Prefill of one prompt of `context` tokens: 2 x params x tokens FLOPs plus causal attention
-    // (2 x layers x tokens^2 x hidden), over TP GPUs; 2 all-reduces per layer of
-    // tokens x hidden x 2 bytes; one send per stage boundary.
+    // Prefill of one prompt of `context` tokens: 2 x active params x tokens FLOPs plus causal
+    // attention (2 x layers x tokens^2 x hidden), over the stage's GPUs, the all-reduces of
+    // tokens x hidden x 2 bytes, the all-to-alls, one send per stage boundary. With
+    // data-parallel attention one prompt's attention and dense part run on one GPU (its
+    // experts still spread), and `tp` prompts run side by side.
     let tokens = work.context.max(1.0);
-    let prefill_flops = 2.0 * params * tokens + 2.0 * layers * tokens * tokens * hidden;
-    let prefill_compute = prefill_flops / (tpf * flops);
-    let prefill_ar = 2.0 * layers * ring_all_reduce_seconds(tokens * hidden * act, tp, links.tp);
+    let attention_flops = 2.0 * layers * tokens * tokens * hidden;
+    let expert_active = (active - dense_params).max(0.0);
+    let prefill_compute = if data {
+        (2.0 * dense_params * tokens + attention_flops) / flops
+            + 2.0 * expert_active * tokens / (tpf * flops)
+    } else {
+        (2.0 * active * tokens + attention_flops) / (tpf * flops)
+    };
+    let prefill_ar = all_reduces * ring_all_reduce_seconds(tokens * hidden * act, tp, links.tp);
+    let prefill_a2a = moe_layers * a2a(if data { tokens } else { tokens / tpf });
     let prefill_pp = (ppf - 1.0) * send_seconds(tokens * hidden * act, links.pp);
-    let ttft = prefill_compute + prefill_ar + prefill_pp;
+    let ttft = prefill_compute + prefill_ar + prefill_a2a + prefill_pp;
+    let per_prompt = if data {
+        // `tp` prompts at once: the dense part in parallel, the experts' FLOPs and the
+        // all-to-all bytes shared.
+        (2.0 * (dense_params + expert_active) * tokens + attention_flops) / (tpf * flops)
+            + moe_layers * a2a(tokens / tpf)
+            + prefill_pp
+    } else {
+        ttft
+    };
 
     Estimate {
         weights_gib: weights / GIB,
@@ -300,10 +488,15 @@ pub fn estimate(
         decode_tokens_per_second: decode_tps,
         prefill_tokens_per_second: tokens / ttft,
         time_to_first_token_seconds: ttft,
-        all_reduce_gbps: if tp > 1 { links.tp.gbps } else { 0.0 },
+        all_reduce_gbps: if tp > 1 && !data { links.tp.gbps } else { 0.0 },
         decode_all_reduce_seconds: decode_ar,
         prefill_all_reduce_seconds: prefill_ar,
         prefill_compute_seconds: prefill_compute,
+        prefill_seconds_per_prompt: per_prompt,
+        all_to_all_gbps: if ep > 1 { links.ep.gbps } else { 0.0 },
+        all_to_all_seconds_per_layer: a2a_layer,
+        decode_all_to_all_seconds: decode_a2a,
+        prefill_all_to_all_seconds: prefill_a2a,
     }
 }
 
@@ -341,6 +534,10 @@ pub struct Serving {
     /// Memory per GPU at `batch`, GiB (weights, KV cache, overhead) and the budget.
     pub memory_per_gpu_gib: f64,
     pub memory_budget_gib: f64,
+    /// Expert parallelism: the all-to-all's bandwidth per GPU (GB/s) and its dispatch plus
+    /// combine time per MoE layer in one decode step at `batch` (0 without).
+    pub all_to_all_gbps: f64,
+    pub all_to_all_seconds_per_layer: f64,
 }
 
 /// Predict a replica serving requests of `shape` at `batch` concurrent sequences, or at the
@@ -355,8 +552,7 @@ pub struct Serving {
 pub fn serve(
     arch: &ModelArchitecture,
     gpu: &GpuModel,
-    tp: u32,
-    pp: u32,
+    layout: Layout,
     links: Links,
     c: &CostConstants,
     shape: RequestShape,
@@ -365,8 +561,9 @@ pub fn serve(
 ) -> Serving {
     let input = shape.input_tokens.max(1.0);
     let output = shape.output_tokens.max(1.0);
+    let (tp, pp) = (layout.tp.max(1), layout.pp.max(1));
     let at = |b: u32, context: f64| {
-        estimate(
+        estimate_layout(
             arch,
             Workload {
                 concurrency: f64::from(b.max(1)),
@@ -374,8 +571,7 @@ pub fn serve(
                 kv_bytes,
             },
             gpu,
-            tp,
-            pp,
+            layout,
             links,
             c,
         )
@@ -396,14 +592,18 @@ pub fn serve(
     let memory = at(batch, input + output);
     let decode = at(batch, 2.0 * input + output);
     let step = f64::from(batch) / decode.decode_tokens_per_second.max(1e-12);
-    let ttft = at(1, input).time_to_first_token_seconds;
+    let prefill = at(1, input);
+    let ttft = prefill.time_to_first_token_seconds;
     // In steady state prompts are prefilled together in chunks of `prefill_chunk_tokens`, so a
     // collective's per-hop latency is paid once per chunk, not once per prompt.
-    let hops =
-        2.0 * f64::from(arch.layers.max(1)) * 2.0 * f64::from(tp.max(1) - 1) * links.tp.latency_s
-            + f64::from(pp.max(1) - 1) * links.pp.latency_s;
+    let ring_hops = if prefill.all_reduce_gbps > 0.0 {
+        2.0 * f64::from(arch.layers.max(1)) * 2.0 * f64::from(tp - 1) * links.tp.latency_s
+    } else {
+        0.0
+    };
+    let hops = ring_hops + f64::from(pp - 1) * links.pp.latency_s;
     let prompts_per_chunk = (c.prefill_chunk_tokens / input).max(1.0);
-    let prefill_each = (ttft - hops + hops / prompts_per_chunk).max(0.0);
+    let prefill_each = (prefill.prefill_seconds_per_prompt - hops + hops / prompts_per_chunk).max(0.0);
     let b = f64::from(batch);
     let tps = b * output / (b * prefill_each + output * step);
     Serving {
@@ -416,6 +616,8 @@ pub fn serve(
         output_tokens_per_second_per_gpu: tps / f64::from(tp.max(1) * pp.max(1)),
         memory_per_gpu_gib: memory.memory_per_gpu_gib,
         memory_budget_gib: memory.memory_budget_gib,
+        all_to_all_gbps: decode.all_to_all_gbps,
+        all_to_all_seconds_per_layer: decode.all_to_all_seconds_per_layer,
     }
 }
 
@@ -448,6 +650,7 @@ pub fn packed_links(
         } else {
             fabric
         },
+        ep: all_to_all_link(tp, tp.min(gpus_per_node), c.all_to_all(inside), fabric),
     }
 }
 
@@ -467,6 +670,7 @@ mod tests {
             vocab_size: 128_256,
             context_length: 131_072,
             bytes_per_parameter: 2.0,
+            ..Default::default()
         }
     }
 
@@ -498,6 +702,7 @@ mod tests {
                 latency_s: c.nvlink_latency_s,
             },
             pp: fabric,
+            ep: fabric,
         };
         // 64 MiB per all-reduce.
         assert_eq!(4096.0 * 8192.0 * 2.0, 64.0 * 1024.0 * 1024.0);
@@ -569,6 +774,10 @@ mod tests {
                 latency_s: 2e-6,
             },
             pp: Link {
+                gbps: 50.0,
+                latency_s: 1e-5,
+            },
+            ep: Link {
                 gbps: 50.0,
                 latency_s: 1e-5,
             },

@@ -27,7 +27,7 @@ use crate::api::{
     TensorParallelScope,
 };
 use choose::{Candidate, Choice, TypeStats};
-use cost::{CostConstants, Link, Links};
+use cost::{CostConstants, Layout, Link, Links};
 use inventory::{Eligibility, Inventory};
 use place::{Alloc, Capacity, LazyGrouping, Mode};
 
@@ -55,10 +55,26 @@ pub struct ExistingPlacement {
     pub gpu_type: String,
     pub tensor_parallel: i32,
     pub pipeline_parallel: i32,
+    /// Expert-parallel degree (MoE with expert parallelism).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_parallel: Option<i32>,
+    /// Data-parallel attention inside the expert-parallel group.
+    #[serde(default)]
+    pub data_parallel_attention: bool,
     pub stages: Vec<StagePlacement>,
 }
 
 impl ExistingPlacement {
+    /// The layout it was placed with.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            tp: self.tensor_parallel.max(0) as u32,
+            pp: self.pipeline_parallel.max(0) as u32,
+            ep: self.expert_parallel.unwrap_or(1).max(1) as u32,
+            data_attention: self.data_parallel_attention,
+        }
+    }
+
     /// From a ModelDeployment's status entry.
     pub fn from_status(namespace: &str, name: &str, p: &ReplicaPlacement) -> Self {
         ExistingPlacement {
@@ -68,6 +84,8 @@ impl ExistingPlacement {
             gpu_type: p.gpu_type.clone(),
             tensor_parallel: p.tensor_parallel,
             pipeline_parallel: p.pipeline_parallel,
+            expert_parallel: p.expert_parallel,
+            data_parallel_attention: p.data_parallel_attention,
             stages: p.stages.clone(),
         }
     }
@@ -96,6 +114,8 @@ impl Plan {
                     gpu_type: p.gpu_type.clone(),
                     tensor_parallel: p.tensor_parallel,
                     pipeline_parallel: p.pipeline_parallel,
+                    expert_parallel: p.expert_parallel,
+                    data_parallel_attention: p.data_parallel_attention,
                     stages: p.stages.clone(),
                 });
             }
@@ -127,7 +147,14 @@ pub struct PlacedReplica {
     pub gpu_type: String,
     pub tensor_parallel: i32,
     pub pipeline_parallel: i32,
-    /// One entry per stage and node (a stage spans nodes only with tensorParallelScope Any).
+    /// Expert-parallel degree (MoE with expert parallelism).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_parallel: Option<i32>,
+    /// Data-parallel attention inside the expert-parallel group.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub data_parallel_attention: bool,
+    /// One entry per stage and node (a stage spans nodes with tensorParallelScope Any, or for
+    /// an expert-parallel group with data-parallel attention that does not fit one node).
     pub stages: Vec<StagePlacement>,
     /// Predictions for the links this placement actually gets.
     pub predicted: Prediction,
@@ -170,7 +197,7 @@ struct Class {
 }
 
 /// A held replica: (type, tp, pp, allocations, kept, note).
-type Held = (usize, u32, u32, Vec<Alloc>, bool, Option<String>);
+type Held = (usize, Layout, Vec<Alloc>, bool, Option<String>);
 
 struct Dep<'a> {
     md: &'a ModelDeployment,
@@ -329,9 +356,8 @@ pub fn plan(
             continue;
         }
         match keep(inv, &mut cap, &node_index, dep, &classes[dep.class].elig, e) {
-            Ok((t, tp, pp, allocs)) => {
-                dep.placed
-                    .insert(e.replica, (t, tp, pp, allocs, true, None));
+            Ok((t, layout, allocs)) => {
+                dep.placed.insert(e.replica, (t, layout, allocs, true, None));
             }
             Err(why) => warnings.push(format!(
                 "{}/{} replica {}: previous placement dropped and re-planned: {why}",
@@ -344,7 +370,7 @@ pub fn plan(
     // chosen layout is tried first (pass 0) and fallbacks only after (pass 1): a fallback is
     // usually a bigger or slower layout, and letting it take GPUs that another deployment of the
     // same priority would use for its first choice costs both of them.
-    let mut failed: HashMap<(usize, u32, u32, u8, usize, usize), String> = HashMap::new();
+    let mut failed: HashMap<(usize, u32, u32, bool, u8, usize, usize), String> = HashMap::new();
     let mut level_start = 0;
     while level_start < deps.len() {
         let priority = deps[level_start].md.spec.priority;
@@ -384,6 +410,7 @@ pub fn plan(
                             cand.gpu_type,
                             cand.tp,
                             cand.pp,
+                            cand.data_attention,
                             scope as u8,
                             dep.grouping,
                             dep.class,
@@ -401,8 +428,8 @@ pub fn plan(
                                     let first = &dep.choice.candidates[0];
                                     format!(
                                         "fell back from {} to {}: {why}",
-                                        choose::label(inv, first.gpu_type, first.tp, first.pp),
-                                        choose::label(inv, cand.gpu_type, cand.tp, cand.pp)
+                                        first.label(inv),
+                                        cand.label(inv)
                                     )
                                 });
                                 if let Some(n) = &note {
@@ -413,7 +440,7 @@ pub fn plan(
                                 }
                                 dep.placed.insert(
                                     r,
-                                    (cand.gpu_type, cand.tp, cand.pp, allocs, false, note),
+                                    (cand.gpu_type, cand.layout(), allocs, false, note),
                                 );
                                 done = true;
                                 break;
@@ -431,7 +458,7 @@ pub fn plan(
                         let first = &dep.choice.candidates[0];
                         let mut reason = format!(
                             "{}: {}",
-                            choose::label(inv, first.gpu_type, first.tp, first.pp),
+                            first.label(inv),
                             first_reason.unwrap_or_default()
                         );
                         if n > 1 {
@@ -461,7 +488,8 @@ pub fn plan(
             let placed = dep
                 .placed
                 .into_iter()
-                .map(|(r, (t, tp, pp, allocs, kept, note))| {
+                .map(|(r, (t, layout, allocs, kept, note))| {
+                    let (tp, pp) = (layout.tp, layout.pp);
                     let links = c.calibrated_links(
                         &inv.types[t].model,
                         tp,
@@ -474,12 +502,11 @@ pub fn plan(
                         tp,
                         pp,
                         dep.md.spec.engine.name.as_str(),
-                        cost::estimate(
+                        cost::estimate_layout(
                             &dep.md.spec.model.architecture,
                             work,
                             &inv.types[t].model,
-                            tp,
-                            pp,
+                            layout,
                             links,
                             c,
                         ),
@@ -489,6 +516,8 @@ pub fn plan(
                         gpu_type: inv.types[t].product.clone(),
                         tensor_parallel: tp as i32,
                         pipeline_parallel: pp as i32,
+                        expert_parallel: (layout.ep > 1).then_some(layout.ep as i32),
+                        data_parallel_attention: layout.data_attention,
                         stages: stages_of(inv, &allocs),
                         predicted: e.prediction(),
                         kept,
@@ -529,7 +558,11 @@ fn try_place(
 ) -> Result<Vec<Alloc>, String> {
     let short = inv.types[cand.gpu_type].short();
     let mut last = String::new();
-    for &mode in modes(scope_on(scope, inv, cand.gpu_type)) {
+    // An expert-parallel group with data-parallel attention has no all-reduce: it may span
+    // nodes (its all-to-all then crosses the fabric), after the tighter modes.
+    let base = modes(scope_on(scope, inv, cand.gpu_type));
+    let spread_too = cand.data_attention && !base.contains(&Mode::Spread);
+    for &mode in base.iter().chain(spread_too.then_some(&Mode::Spread)) {
         match cap.find(cand.gpu_type, cand.tp, cand.pp, mode, ok, g, short, inv) {
             Ok(a) => return Ok(a),
             Err(e) => last = e.0,
@@ -546,25 +579,23 @@ fn keep(
     dep: &Dep<'_>,
     elig: &Eligibility,
     e: &ExistingPlacement,
-) -> Result<(usize, u32, u32, Vec<Alloc>), String> {
+) -> Result<(usize, Layout, Vec<Alloc>), String> {
     let t = inv
         .types
         .iter()
         .position(|t| t.product == e.gpu_type)
         .ok_or_else(|| format!("no node has {} GPUs any more", e.gpu_type))?;
-    let (tp, pp) = (
-        e.tensor_parallel.max(0) as u32,
-        e.pipeline_parallel.max(0) as u32,
-    );
+    let layout = e.layout();
+    let (tp, pp) = (layout.tp, layout.pp);
     if !dep
         .choice
         .candidates
         .iter()
-        .any(|c| c.gpu_type == t && c.tp == tp && c.pp == pp)
+        .any(|c| c.gpu_type == t && c.layout() == layout)
     {
         return Err(format!(
             "{} is no longer a feasible layout for the spec",
-            choose::label(inv, t, tp, pp)
+            choose::label(inv, t, layout)
         ));
     }
     let mut per_stage = vec![0u32; pp as usize];
@@ -648,7 +679,7 @@ fn keep(
             taken.push(a);
         }
     }
-    Ok((t, tp, pp, taken))
+    Ok((t, layout, taken))
 }
 
 /// Merge allocations into one entry per (stage, node), in stage order.
@@ -731,8 +762,29 @@ pub fn actual_links(inv: &Inventory, t: usize, allocs: &[Alloc], c: &CostConstan
         pp = Some(pp.map_or(l, |p| slower(p, l)));
     }
     let nominal = domain_link(allocs.first().map_or(0, |a| a.node));
+    // The all-to-all of a stage: its GPUs inside the smallest share one fast domain holds,
+    // the rest over the fabric (or PCIe between domains of one node); the slowest stage.
+    let mut ep: Option<Link> = None;
+    for xs in by_stage.values() {
+        let group: u32 = xs.iter().map(|a| a.gpus).sum();
+        let local = xs.iter().map(|a| a.gpus).min().unwrap_or(1);
+        let first = xs[0];
+        let inside = if inv.nodes[first.node as usize].domains[first.domain as usize] > 1 {
+            domain_link(first.node)
+        } else {
+            pcie
+        };
+        let across = if xs.iter().any(|a| a.node != first.node) {
+            fabric
+        } else {
+            pcie
+        };
+        let l = cost::all_to_all_link(group, local, c.all_to_all(inside), across);
+        ep = Some(ep.map_or(l, |p| slower(p, l)));
+    }
     Links {
         tp: tp.unwrap_or(nominal),
         pp: pp.unwrap_or(fabric),
+        ep: ep.unwrap_or(c.all_to_all(nominal)),
     }
 }
