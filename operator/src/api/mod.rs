@@ -243,6 +243,11 @@ pub struct ModelArchitecture {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1023))]
     pub dense_layers: Option<i32>,
+    /// Width of one attention head (`head_dim` in config.json) where it is not
+    /// `hiddenSize / attentionHeads` (Qwen3, Llama 4 and gpt-oss set it); sizes the KV cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub head_dim: Option<i32>,
     /// Multi-head latent attention (DeepSeek-V2/V3): the compressed KV width cached per token
     /// and layer (`kv_lora_rank`). Set, the KV cache holds `kvLoraRank + qkRopeHeadDim`
     /// elements per token and layer, shared by all heads, instead of keys and values per KV
@@ -293,16 +298,20 @@ impl ModelArchitecture {
                 * self.expert_parameters()
     }
 
+    /// Width of one attention head: `headDim`, or `hiddenSize / attentionHeads`.
+    pub fn head_width(&self) -> f64 {
+        match self.head_dim {
+            Some(d) if d > 0 => f64::from(d),
+            _ => f64::from(self.hidden_size.max(1)) / f64::from(self.attention_heads.max(1)),
+        }
+    }
+
     /// Elements the KV cache holds per token and layer for `kv_heads_per_rank` KV heads: keys
     /// and values per head, or the shared latent of multi-head latent attention.
     pub fn kv_elements_per_token_layer(&self, kv_heads_per_rank: f64) -> f64 {
         match self.kv_lora_rank {
             Some(r) => f64::from(r) + f64::from(self.qk_rope_head_dim.unwrap_or(64)),
-            None => {
-                let head_dim =
-                    f64::from(self.hidden_size.max(1)) / f64::from(self.attention_heads.max(1));
-                2.0 * kv_heads_per_rank * head_dim
-            }
+            None => 2.0 * kv_heads_per_rank * self.head_width(),
         }
     }
 }
