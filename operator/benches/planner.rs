@@ -49,6 +49,23 @@ fn bench(c: &mut Criterion) {
     g.bench_function("full_plan_1000_deployments_10k_nodes", |b| {
         b.iter(|| plan(black_box(&inv), black_box(&fleet), &[], &opts))
     });
+    // The same fleet with every fifth deployment a mixture of experts (Mixtral 8x7B,
+    // Qwen3-235B-A22B, DeepSeek-V3 in turn), expert parallelism left to the planner.
+    let moe_fleet = synthetic::fleet_with_moe(1_000, 7, 5);
+    let moe_plan = plan(&inv, &moe_fleet, &[], &opts);
+    let ep: usize = moe_plan
+        .deployments
+        .iter()
+        .flat_map(|d| &d.placed)
+        .filter(|r| r.expert_parallel.is_some())
+        .count();
+    eprintln!(
+        "MoE fleet: {} replicas placed, {ep} expert-parallel",
+        moe_plan.deployments.iter().map(|d| d.placed.len()).sum::<usize>()
+    );
+    g.bench_function("full_plan_1000_deployments_200_moe_10k_nodes", |b| {
+        b.iter(|| plan(black_box(&inv), black_box(&moe_fleet), &[], &opts))
+    });
     let existing = full.existing();
     g.bench_function("replan_all_with_existing_10k_nodes", |b| {
         b.iter(|| {

@@ -1256,19 +1256,35 @@ fn moe_fields_come_all_or_none() {
 #[test]
 fn moe_counts_must_be_consistent() {
     assert_single(
-        &with(moe(), "/spec/model/architecture/expertsPerToken", json!(300)),
+        &with(
+            moe(),
+            "/spec/model/architecture/expertsPerToken",
+            json!(300),
+        ),
         "spec.model.architecture.expertsPerToken",
         "300 experts per token exceeds the 256 experts of the model; copy num_experts_per_tok from config.json",
     );
-    accepted(&with(moe(), "/spec/model/architecture/expertsPerToken", json!(256)));
+    accepted(&with(
+        moe(),
+        "/spec/model/architecture/expertsPerToken",
+        json!(256),
+    ));
     assert_single(
         &with(moe(), "/spec/model/architecture/denseLayers", json!(61)),
         "spec.model.architecture.denseLayers",
         "61 dense layers leave no MoE layer of the 61; denseLayers counts the layers whose feed-forward is dense (first_k_dense_replace), at most layers - 1",
     );
-    accepted(&with(moe(), "/spec/model/architecture/denseLayers", json!(60)));
+    accepted(&with(
+        moe(),
+        "/spec/model/architecture/denseLayers",
+        json!(60),
+    ));
     assert_single(
-        &with(moe(), "/spec/model/architecture/expertIntermediateSize", json!(4096)),
+        &with(
+            moe(),
+            "/spec/model/architecture/expertIntermediateSize",
+            json!(4096),
+        ),
         "spec.model.architecture.parameters",
         "the routed experts alone hold (layers - denseLayers) x experts x 3 x hiddenSize x expertIntermediateSize = 1307817541632 parameters, not less than parameters (671026419200); parameters is the total over all experts: check it, expertIntermediateSize (moe_intermediate_size) and denseLayers",
     );
@@ -1328,5 +1344,9 @@ fn moe_data_parallel_attention_needs_expert_parallelism() {
         "spec.parallelism.attention",
         msg,
     );
-    accepted(&with(base(), "/spec/parallelism/attention", json!("tensor")));
+    accepted(&with(
+        base(),
+        "/spec/parallelism/attention",
+        json!("tensor"),
+    ));
 }

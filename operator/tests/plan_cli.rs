@@ -71,6 +71,89 @@ fn readme_command_prints_a_plan() {
 }
 
 #[test]
+fn deepseek_v3_plans_expert_parallel_with_reasons_that_cite_the_all_to_all() {
+    // The example cluster with every example: DeepSeek-V3 (671B, FP8) does not fit one 8 x 80 GB
+    // node, so H800 (its first gpu.types choice) takes two nodes. Expert parallelism over the
+    // 16 GPUs with data-parallel attention beats TP=8 x PP=2 per GPU (no all-reduce, no copied
+    // latent KV cache, 2 stages that wait on each other gone), at the price of an all-to-all
+    // whose cross-node half runs over the fabric.
+    let out = plan(&[
+        "--nodes",
+        "examples/cluster.yaml",
+        "-f",
+        "examples/deployments",
+        "-o",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = v["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "deepseek-v3")
+        .expect("deepseek-v3 planned");
+    let chosen = &d["choice"]["chosen"];
+    assert_eq!(chosen["gpuType"], "NVIDIA-H800", "{d}");
+    assert_eq!(chosen["expertParallel"], 16, "{d}");
+    assert_eq!(chosen["dataParallelAttention"], true, "{d}");
+    let reason = d["choice"]["reason"].as_str().unwrap();
+    for needle in [
+        "37.6B of 671.0B parameters active per token",
+        "16 experts per GPU",
+        "expert all-to-all at 94 GB/s per GPU",
+        "us per MoE layer per decode step",
+    ] {
+        assert!(reason.contains(needle), "{needle:?} not in {reason}");
+    }
+    let r = &d["placed"][0];
+    assert_eq!(r["expertParallel"], 16);
+    assert_eq!(r["tensorParallel"], 16);
+    // One stage over two whole nodes.
+    let stages = r["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2, "{r}");
+    assert!(stages.iter().all(|s| s["stage"] == 0 && s["gpus"] == 8), "{r}");
+    assert_ne!(stages[0]["node"], stages[1]["node"]);
+    let a2a = r["predicted"]["allToAllGBps"].as_f64().unwrap();
+    assert!((90.0..100.0).contains(&a2a), "{r}");
+    assert!(r["predicted"]["allToAllMicrosPerLayer"].as_f64().unwrap() > 0.0);
+    // The alternatives name the all-to-all too.
+    let alts = d["choice"]["alternatives"].as_array().unwrap();
+    assert!(
+        alts.iter()
+            .any(|a| a["note"].as_str().unwrap_or("").contains("expert all-to-all")),
+        "{alts:?}"
+    );
+    // The same spec pinned to tensor parallelism (expert: 1) plans TP=8 x PP=2 instead, and
+    // the chosen expert-parallel layout predicted more decode tokens/s per GPU.
+    let text = std::fs::read_to_string(root().join("examples/deployments/deepseek-v3.yaml"))
+        .unwrap()
+        .replace("expert: auto", "expert: 1");
+    let p = tmp("deepseek-tp.yaml", &text);
+    let out = plan(&[
+        "--nodes",
+        "examples/cluster.yaml",
+        "-f",
+        p.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    let w: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tp = &w["deployments"][0]["choice"]["chosen"];
+    assert!(tp["expertParallel"].is_null(), "{tp}");
+    assert!(tp["pipelineParallel"].as_i64().unwrap() >= 2, "{tp}");
+    let per_gpu = |c: &serde_json::Value| {
+        c["predicted"]["decodeTokensPerSecond"].as_f64().unwrap()
+            / (c["tensorParallel"].as_f64().unwrap() * c["pipelineParallel"].as_f64().unwrap())
+    };
+    assert!(per_gpu(chosen) > per_gpu(tp), "{chosen} vs {tp}");
+}
+
+#[test]
 fn json_output_is_the_documented_shape() {
     let out = plan(&[
         "--nodes",
@@ -340,9 +423,9 @@ fn yaml_output_is_the_child_objects_of_the_plan() {
     assert!(!want.is_empty());
     assert_eq!(got, want);
     assert_eq!(kinds["ServiceAccount"], 2, "{kinds:?}"); // namespaces demo and inference
-    assert_eq!(kinds["Service"], 2 * 4, "{kinds:?}"); // headless + traffic per deployment
+    assert_eq!(kinds["Service"], 2 * 5, "{kinds:?}"); // headless + traffic per deployment
     // One disruption budget per deployment with pods.
-    assert_eq!(kinds["PodDisruptionBudget"], 4, "{kinds:?}");
+    assert_eq!(kinds["PodDisruptionBudget"], 5, "{kinds:?}");
 }
 
 fn plan_yaml(args: &[&str]) -> String {

@@ -630,7 +630,13 @@ pub fn rules() -> Vec<CelRule> {
 }
 
 /// The mixture-of-experts shape and the expert-parallel degree.
-fn moe_rules(arch: &str, expert_is_int: &str, ep: &str, tensor_is_int: &str, tp: &str) -> Vec<CelRule> {
+fn moe_rules(
+    arch: &str,
+    expert_is_int: &str,
+    ep: &str,
+    tensor_is_int: &str,
+    tp: &str,
+) -> Vec<CelRule> {
     let moe = format!("has({arch}.experts)");
     vec![
         CelRule {

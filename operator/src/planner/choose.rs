@@ -143,7 +143,9 @@ pub fn nominal_links(
     } else {
         pcie
     };
-    let local = tp.min(stats.largest_domain.max(1)).min(stats.largest_node.max(1));
+    let local = tp
+        .min(stats.largest_domain.max(1))
+        .min(stats.largest_node.max(1));
     Links {
         tp: link_for(tp),
         pp: link_for(tp * pp),

@@ -442,8 +442,7 @@ pub fn estimate_layout(
     // kernel (bound by reading the KV cache) run one after the other, so their times add.
     let stage_gemm = (read / hbm).max(2.0 * active / ppf * batch / (tpf * flops));
     let stage_attention = kv_read / hbm;
-    let decode_ar =
-        all_reduces * ring_all_reduce_seconds(batch * hidden * act, tp, links.tp);
+    let decode_ar = all_reduces * ring_all_reduce_seconds(batch * hidden * act, tp, links.tp);
     let a2a_layer = a2a(batch / tpf);
     let decode_a2a = moe_layers * a2a_layer;
     let decode_pp = (ppf - 1.0) * send_seconds(batch * hidden * act, links.pp);
@@ -603,7 +602,8 @@ pub fn serve(
     };
     let hops = ring_hops + f64::from(pp - 1) * links.pp.latency_s;
     let prompts_per_chunk = (c.prefill_chunk_tokens / input).max(1.0);
-    let prefill_each = (prefill.prefill_seconds_per_prompt - hops + hops / prompts_per_chunk).max(0.0);
+    let prefill_each =
+        (prefill.prefill_seconds_per_prompt - hops + hops / prompts_per_chunk).max(0.0);
     let b = f64::from(batch);
     let tps = b * output / (b * prefill_each + output * step);
     Serving {

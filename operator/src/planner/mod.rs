@@ -357,7 +357,8 @@ pub fn plan(
         }
         match keep(inv, &mut cap, &node_index, dep, &classes[dep.class].elig, e) {
             Ok((t, layout, allocs)) => {
-                dep.placed.insert(e.replica, (t, layout, allocs, true, None));
+                dep.placed
+                    .insert(e.replica, (t, layout, allocs, true, None));
             }
             Err(why) => warnings.push(format!(
                 "{}/{} replica {}: previous placement dropped and re-planned: {why}",
@@ -438,10 +439,8 @@ pub fn plan(
                                         dep.namespace, dep.name
                                     ));
                                 }
-                                dep.placed.insert(
-                                    r,
-                                    (cand.gpu_type, cand.layout(), allocs, false, note),
-                                );
+                                dep.placed
+                                    .insert(r, (cand.gpu_type, cand.layout(), allocs, false, note));
                                 done = true;
                                 break;
                             }
@@ -456,11 +455,8 @@ pub fn plan(
                     if !done && pass == 1 {
                         let n = dep.choice.candidates.len();
                         let first = &dep.choice.candidates[0];
-                        let mut reason = format!(
-                            "{}: {}",
-                            first.label(inv),
-                            first_reason.unwrap_or_default()
-                        );
+                        let mut reason =
+                            format!("{}: {}", first.label(inv), first_reason.unwrap_or_default());
                         if n > 1 {
                             reason.push_str(&format!(
                                 "; the {} other feasible layouts have no room either",

@@ -164,3 +164,45 @@ pub fn fleet(count: usize, seed: u64) -> Vec<ModelDeployment> {
         })
         .collect()
 }
+
+/// Mixture-of-experts shapes for the synthetic fleet: (name, parameters, layers, hidden, heads,
+/// KV heads, dense FFN, experts, per token, shared, expert FFN, dense layers, bytes/parameter,
+/// MLA latent rank).
+#[allow(clippy::type_complexity)]
+pub const MOE_SHAPES: [(&str, i64, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, f64, i32); 3] = [
+    ("mixtral-8x7b", 46_702_792_704, 32, 4096, 32, 8, 14336, 8, 2, 0, 14336, 0, 2.0, 0),
+    ("qwen3-235b-a22b", 235_093_634_560, 94, 4096, 64, 4, 12288, 128, 8, 0, 1536, 0, 1.0, 0),
+    ("deepseek-v3", 671_026_419_200, 61, 7168, 128, 128, 18432, 256, 8, 1, 2048, 3, 1.0, 512),
+];
+
+/// `count` synthetic ModelDeployments of which every `every`-th is a mixture of experts (the
+/// shapes of [`MOE_SHAPES`] in turn, expert parallelism left to the planner).
+pub fn fleet_with_moe(count: usize, seed: u64, every: usize) -> Vec<ModelDeployment> {
+    let mut rng = Rng::new(seed);
+    (0..count)
+        .map(|i| {
+            let mut v = deployment_json(i, &mut rng);
+            if every > 0 && i % every == 0 {
+                let (name, params, layers, hidden, heads, kv, inter, e, k, sh, ei, dense, b, mla) =
+                    MOE_SHAPES[(i / every) % MOE_SHAPES.len()];
+                let mut arch = json!({
+                    "parameters": params, "layers": layers, "hiddenSize": hidden,
+                    "attentionHeads": heads, "kvHeads": kv, "intermediateSize": inter,
+                    "vocabSize": 129280, "contextLength": 131072, "bytesPerParameter": b,
+                    "experts": e, "expertsPerToken": k, "sharedExperts": sh,
+                    "expertIntermediateSize": ei, "denseLayers": dense
+                });
+                if mla > 0 {
+                    arch["kvLoraRank"] = json!(mla);
+                }
+                v["metadata"]["name"] = json!(format!("model-{i:04}-{name}"));
+                v["spec"]["model"]["uri"] = json!(format!("pvc://models/{name}"));
+                v["spec"]["model"]["architecture"] = arch;
+                v["spec"]["replicas"] = json!(1 + rng.below(2));
+                v["spec"]["gpu"] = json!({"types": ["H800", "H100", "H20"]});
+                v["spec"]["placement"] = json!({});
+            }
+            parse_model_deployment(&v).expect("synthetic deployment")
+        })
+        .collect()
+}
