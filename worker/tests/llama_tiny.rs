@@ -9,8 +9,10 @@ mod common;
 
 use std::sync::Arc;
 
+use common::{Counting, encode, randn, rel_err};
+
 use tessera_worker::engine::sampling::Rng;
-use tessera_worker::kernels::{Pool, quant};
+use tessera_worker::kernels::Pool;
 use tessera_worker::model::gguf::{GgmlType, Value, Writer};
 use tessera_worker::model::llama::{Llama, Logits};
 use tessera_worker::model::parallel::{Collective, Identity, Shard};
@@ -30,19 +32,6 @@ struct Weights {
     embed: Vec<f32>,
     layers: Vec<[Vec<f32>; 9]>, // attn_norm, q, k, v, o, ffn_norm, gate, up, down
     norm: Vec<f32>,
-}
-
-fn randn(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| ((0..4).map(|_| rng.next_f32()).sum::<f32>() - 2.0) * scale)
-        .collect()
-}
-
-fn encode(ty: GgmlType, v: &[f32]) -> (Vec<u8>, Vec<f32>) {
-    let bytes = quant::quantize_row(ty, v);
-    let mut back = vec![0f32; v.len()];
-    quant::dequantize_row(ty, &bytes, &mut back);
-    (bytes, back)
 }
 
 /// Build a tiny model; `skip` leaves a tensor out, `reshape` gives one a wrong shape.
@@ -141,107 +130,25 @@ fn reference(wt: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> {
 /// [`reference`] with RoPE pair i's angle multiplied by `rope[i]` (ggml: the linear scale over
 /// the pair's frequency factor).
 fn reference_rope(wt: &Weights, tokens: &[u32], rope: &[f64]) -> Vec<Vec<f64>> {
-    let h = HIDDEN;
-    let mv = |m: &[f32], x: &[f64], rows: usize| -> Vec<f64> {
-        let cols = x.len();
-        (0..rows)
-            .map(|r| (0..cols).map(|c| f64::from(m[r * cols + c]) * x[c]).sum())
-            .collect()
+    let dims = common::NaiveDims {
+        hidden: HIDDEN,
+        heads: HEADS,
+        kv_heads: KV_HEADS,
+        vocab: VOCAB,
+        eps: EPS,
+        base: BASE,
     };
-    let rms = |x: &[f64], w: &[f32]| -> Vec<f64> {
-        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
-        let s = 1.0 / (ms + f64::from(EPS)).sqrt();
-        x.iter()
-            .zip(w)
-            .map(|(v, w)| v * s * f64::from(*w))
-            .collect()
-    };
-    let rope = |v: &mut [f64], pos: usize| {
-        for head in v.chunks_mut(HEAD_DIM) {
-            for i in 0..HEAD_DIM / 2 {
-                let theta =
-                    pos as f64 * f64::from(BASE).powf(-2.0 * i as f64 / HEAD_DIM as f64) * rope[i];
-                let (s, c) = theta.sin_cos();
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * c - b * s;
-                head[2 * i + 1] = a * s + b * c;
-            }
-        }
-    };
-    let mut xs: Vec<Vec<f64>> = tokens
-        .iter()
-        .map(|&t| {
-            wt.embed[t as usize * h..(t as usize + 1) * h]
-                .iter()
-                .map(|&v| f64::from(v))
-                .collect()
-        })
+    let attn: Vec<[&[f32]; 6]> = (wt.layers.iter())
+        .map(|l| [&l[0][..], &l[1], &l[2], &l[3], &l[4], &l[5]])
         .collect();
-    for l in &wt.layers {
-        let [an, wq, wk, wv, wo, fnm, wg, wu, wd] = l;
-        let mut ks = Vec::new();
-        let mut vs = Vec::new();
-        let mut qs = Vec::new();
-        for (pos, x) in xs.iter().enumerate() {
-            let xn = rms(x, an);
-            let mut q = mv(wq, &xn, HEADS * HEAD_DIM);
-            let mut k = mv(wk, &xn, KV_HEADS * HEAD_DIM);
-            rope(&mut q, pos);
-            rope(&mut k, pos);
-            qs.push(q);
-            ks.push(k);
-            vs.push(mv(wv, &xn, KV_HEADS * HEAD_DIM));
-        }
-        for (pos, x) in xs.iter_mut().enumerate() {
-            let mut att = vec![0f64; HEADS * HEAD_DIM];
-            for hh in 0..HEADS {
-                let g = hh / (HEADS / KV_HEADS);
-                let q = &qs[pos][hh * HEAD_DIM..(hh + 1) * HEAD_DIM];
-                let scores: Vec<f64> = (0..=pos)
-                    .map(|j| {
-                        let k = &ks[j][g * HEAD_DIM..(g + 1) * HEAD_DIM];
-                        q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() / (HEAD_DIM as f64).sqrt()
-                    })
-                    .collect();
-                let m = scores.iter().copied().fold(f64::MIN, f64::max);
-                let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-                let z: f64 = e.iter().sum();
-                for (j, p) in e.iter().enumerate() {
-                    for d in 0..HEAD_DIM {
-                        att[hh * HEAD_DIM + d] += p / z * vs[j][g * HEAD_DIM + d];
-                    }
-                }
-            }
-            let o = mv(wo, &att, h);
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-            let xn = rms(x, fnm);
-            let g = mv(wg, &xn, FFN);
-            let u = mv(wu, &xn, FFN);
-            let a: Vec<f64> = g
-                .iter()
-                .zip(&u)
-                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                .collect();
-            let d = mv(wd, &a, h);
-            x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
-        }
-    }
-    xs.iter()
-        .map(|x| mv(&wt.embed, &rms(x, &wt.norm), VOCAB))
-        .collect()
+    let mut ffn = |i: usize, xn: &[f64]| {
+        let [.., wg, wu, wd] = &wt.layers[i];
+        common::naive_swiglu(wg, wu, wd, xn, FFN)
+    };
+    common::naive_forward(&dims, &wt.embed, &attn, &wt.norm, tokens, rope, &mut ffn)
 }
 
 const TOKENS: [u32; 9] = [3, 17, 42, 5, 95, 0, 61, 17, 8];
-
-/// Largest |a - b| over the largest |b|.
-fn rel_err(a: &[f32], b: &[Vec<f64>]) -> f64 {
-    let b: Vec<f64> = b.iter().flatten().copied().collect();
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(&b)
-        .fold(0f64, |m, (x, y)| m.max((f64::from(*x) - y).abs()))
-        / scale
-}
 
 #[test]
 fn tiny_model_matches_the_naive_reference() {
@@ -780,23 +687,6 @@ fn pipeline_layouts_over_tcp_match_one_rank() {
     }
 }
 
-/// Counts all-reduces (one rank).
-#[derive(Default)]
-struct Counting(std::sync::atomic::AtomicUsize);
-
-impl Collective for Counting {
-    fn rank(&self) -> usize {
-        0
-    }
-    fn world(&self) -> usize {
-        1
-    }
-    fn all_reduce_sum(&self, _buf: &mut [f32]) -> anyhow::Result<()> {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
-    }
-}
-
 /// Prompts of different lengths for the batched tests.
 const PROMPTS: [&[u32]; 3] = [&[3, 17], &[42, 5, 95, 0, 61], &[17, 8, 9, 64]];
 
@@ -871,7 +761,7 @@ fn a_batched_forward_gives_each_sequences_logits_bit_for_bit() {
                 .filter(|(s, _)| rows.iter().any(|(r, _)| r == s))
                 .map(|(_, c)| c)
                 .collect();
-            let before = coll.0.load(std::sync::atomic::Ordering::SeqCst);
+            let before = coll.calls();
             let out = model
                 .forward_batch(
                     &pool,
@@ -883,7 +773,7 @@ fn a_batched_forward_gives_each_sequences_logits_bit_for_bit() {
                 )
                 .unwrap();
             assert_eq!(
-                coll.0.load(std::sync::atomic::Ordering::SeqCst) - before,
+                coll.calls() - before,
                 2 * LAYERS,
                 "one all-reduce per layer half for the whole batch"
             );

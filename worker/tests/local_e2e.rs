@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -12,15 +12,7 @@ use tessera_worker::dist::{self, GroupConfig};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera-worker");
 
-use common::model_path;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{Proc, free_port, http, model_path};
 
 /// Every line the launcher wrote, after it exited: waits (up to 10 s) for the reader thread to
 /// pass on the last lines and hang up, instead of taking only those already passed on.
@@ -31,16 +23,6 @@ fn drain(rx: &mpsc::Receiver<String>) -> Vec<String> {
         lines.push(line);
     }
     lines
-}
-
-/// Kills the child when dropped (a failing test leaves no process behind).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Start `serve` as rank `rank` of `world`, its stderr lines sent to `lines`.
@@ -246,25 +228,6 @@ fn local_checks_the_layout_before_starting_ranks() {
 
 // ---------------------------------------------------------------------------------------------
 // `tessera-worker local` end to end: the OpenAI API from rank 0, TP=3 against TP=1, a killed rank.
-
-/// One HTTP/1.1 request to 127.0.0.1:`port`; (status, body). `None` when nothing listens.
-fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(300))).ok()?;
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).ok()?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).ok()?;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_owned())?;
-    Some((status, body))
-}
 
 /// Start `local` and wait until its API is ready.
 fn start_local(tp: usize, lines: mpsc::Sender<String>) -> (Proc, u16) {

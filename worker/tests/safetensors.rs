@@ -20,7 +20,7 @@ use tessera_worker::engine::{Engine, GenerateParams};
 use tessera_worker::kernels::Pool;
 use tessera_worker::model::MappedGguf;
 use tessera_worker::model::gguf::{GgmlType, Value, Writer};
-use tessera_worker::model::llama::{Llama, Logits};
+use tessera_worker::model::llama::{Ffn, Llama, Logits};
 use tessera_worker::model::parallel::{Identity, Shard, Stage};
 use tessera_worker::model::safetensors::hf_metadata;
 use tessera_worker::model::source;
@@ -512,7 +512,10 @@ fn sharded_models_open_from_the_directory_a_shard_or_the_index() {
         .map(|l| l.wq.bytes().len() + l.wk.bytes().len())
         .sum();
     assert_eq!(copied, qk, "only Q and K, reordered for RoPE, are copies");
-    assert!(whole.layers[0].wv.is_mapped() && whole.layers[0].w_gate.is_mapped());
+    assert!(
+        whole.layers[0].wv.is_mapped()
+            && matches!(&whole.layers[0].ffn, Ffn::Dense(m) if m.gate.is_mapped())
+    );
     let m = Llama::load_from(src.as_ref(), Shard::new(1, 2).unwrap(), Stage::WHOLE).unwrap();
     assert_eq!(m.layers[0].wq.rows, HEADS / 2 * HEAD_DIM);
     assert_eq!(m.weight_bytes(), (total / 2, total / 2));

@@ -21,7 +21,7 @@ use super::nccl::NcclCollective;
 use super::weights::DeviceMatrix;
 use super::{cu, no_panic};
 use crate::kernels::QMatrix;
-use crate::model::llama::{Llama, LlamaConfig, LocalDims, Logits};
+use crate::model::llama::{Ffn, Llama, LlamaConfig, LocalDims, Logits};
 
 struct DeviceLayer {
     attn_norm: CudaSlice<f32>,
@@ -87,6 +87,13 @@ impl CudaLlama {
         dev: CudaDevice,
         nccl: Option<NcclCollective>,
     ) -> anyhow::Result<Self> {
+        if let Some(m) = &model.config.moe {
+            bail!(
+                "mixture-of-experts models run on the CPU engine only for now; this model routes each token to {} of {} experts per layer (llama.expert_count), which the CUDA engine does not implement: run it with TESSERA_DEVICE=cpu (local --device cpu)",
+                m.n_used,
+                m.n_experts
+            );
+        }
         if model.shard.world > 1 && nccl.is_none() {
             bail!(
                 "a tensor-parallel shard ({} ranks) on CUDA needs an NCCL collective",
@@ -127,6 +134,11 @@ impl CudaLlama {
             let mut layers = Vec::with_capacity(model.layers.len());
             for (i, l) in model.layers.iter().enumerate() {
                 let n = |t: &str| format!("blk.{i}.{t}.weight");
+                let Ffn::Dense(mlp) = &l.ffn else {
+                    bail!(
+                        "layer {i}: mixture-of-experts layers run on the CPU engine only for now"
+                    );
+                };
                 layers.push(DeviceLayer {
                     attn_norm: cu("uploading a norm", s.clone_htod(&l.attn_norm))?,
                     ffn_norm: cu("uploading a norm", s.clone_htod(&l.ffn_norm))?,
@@ -134,9 +146,9 @@ impl CudaLlama {
                     wk: up(&l.wk, n("attn_k"))?,
                     wv: up(&l.wv, n("attn_v"))?,
                     wo: up(&l.wo, n("attn_output"))?,
-                    w_gate: up(&l.w_gate, n("ffn_gate"))?,
-                    w_up: up(&l.w_up, n("ffn_up"))?,
-                    w_down: up(&l.w_down, n("ffn_down"))?,
+                    w_gate: up(&mlp.gate, n("ffn_gate"))?,
+                    w_up: up(&mlp.up, n("ffn_up"))?,
+                    w_down: up(&mlp.down, n("ffn_down"))?,
                 });
             }
             let lm_head = up(lm_head, "output.weight (or the tied embedding)".into())?;

@@ -16,6 +16,14 @@
 //! the token embedding, the last stage the final norm and the LM head); [`Llama::forward_from`]
 //! starts from the previous stage's hidden state and can stop after the stage's last layer.
 //!
+//! Mixture of experts (llama.cpp's Mixtral layout, see [`MoeConfig`]): a layer's feed-forward
+//! network is either dense or a router over routed experts plus optional shared experts
+//! ([`Ffn`]). With tensor parallelism the routed experts are split over the ranks in contiguous
+//! blocks of whole experts (expert parallelism); every rank routes every token (the hidden state
+//! is replicated after attention) and runs only the experts it holds, and the same all-reduce
+//! that ends a dense FFN sums the partial outputs. The shared experts are sharded like a dense
+//! FFN.
+//!
 //! RoPE: llama.cpp's converter permutes the Q and K rows of Hugging Face checkpoints so that
 //! ggml's normal RoPE (rotating elements `2i` and `2i + 1`) applies; this module uses the same
 //! convention, so GGUF weights are used as stored. Hugging Face safetensors weights are loaded
@@ -50,7 +58,69 @@ pub struct LlamaConfig {
     pub rope_freq_scale: f32,
     pub rms_eps: f32,
     pub context_length: usize,
+    /// Mixture-of-experts hyper-parameters (`None`: a dense model).
+    pub moe: Option<MoeConfig>,
 }
+
+/// The mixture-of-experts hyper-parameters of a llama-architecture GGUF in llama.cpp's Mixtral
+/// layout (`llama.expert_count` > 0).
+///
+/// A MoE layer has a router `blk.N.ffn_gate_inp.weight` (`[experts, hidden]`) and the routed
+/// experts stacked in three tensors `blk.N.ffn_{gate,up,down}_exps.weight` (GGUF dims
+/// `[hidden, expert_ffn, experts]` for gate and up, `[expert_ffn, hidden, experts]` for down:
+/// expert `e` is the contiguous `e`-th matrix). Shared experts, when the model has them, are one
+/// SwiGLU FFN `blk.N.ffn_{gate,up,down}_shexp.weight` of width `shared_ffn` applied to every
+/// token, ungated. The first `leading_dense` layers are dense (`blk.N.ffn_{gate,up,down}`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoeConfig {
+    /// Routed experts per MoE layer (`llama.expert_count`).
+    pub n_experts: usize,
+    /// Experts each token is routed to (`llama.expert_used_count`, the top-k).
+    pub n_used: usize,
+    /// Feed-forward width of one routed expert (`llama.expert_feed_forward_length`, else
+    /// `llama.feed_forward_length`).
+    pub expert_ffn: usize,
+    /// Feed-forward width of the shared experts together, 0 without any: the rows of
+    /// `ffn_gate_shexp` (`llama.expert_shared_feed_forward_length` when present, as llama.cpp
+    /// records it; else `llama.expert_shared_count` x `expert_ffn`, DeepSeek's convention).
+    pub shared_ffn: usize,
+    /// Leading dense layers (`llama.leading_dense_block_count`, default 0).
+    pub leading_dense: usize,
+}
+
+impl MoeConfig {
+    /// Whether global layer `layer` is a mixture-of-experts layer (not one of the leading dense
+    /// ones).
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        layer >= self.leading_dense
+    }
+}
+
+/// Architectures llama.cpp knows as mixture-of-experts models whose own layouts Tessera does not
+/// read (their attention or routing differs from Mixtral's). A file of any other architecture
+/// with `{arch}.expert_count` > 0 is refused the same way.
+const MOE_ARCHITECTURES: &[&str] = &[
+    "mixtral",
+    "qwen2moe",
+    "qwen3moe",
+    "deepseek",
+    "deepseek2",
+    "deepseek3",
+    "llama4",
+    "gpt-oss",
+    "gptoss",
+    "dbrx",
+    "olmoe",
+    "grok",
+    "arctic",
+    "phimoe",
+    "granitemoe",
+    "jamba",
+    "bailingmoe",
+    "ernie4_5-moe",
+    "glm4moe",
+    "hunyuan-moe",
+];
 
 impl LlamaConfig {
     /// Read the configuration; errors name the file and the missing or invalid key.
@@ -60,6 +130,14 @@ impl LlamaConfig {
             .architecture()
             .with_context(|| format!("{path}: metadata key general.architecture is missing"))?;
         if arch != "llama" {
+            let experts = g
+                .get(&format!("{arch}.expert_count"))
+                .and_then(Value::as_u64);
+            if MOE_ARCHITECTURES.contains(&arch) || experts.is_some_and(|n| n > 0) {
+                bail!(
+                    "{path}: general.architecture {arch:?} is a mixture-of-experts model, and mixture-of-experts models of that architecture are not supported yet; supported are llama-architecture GGUFs, dense or mixture-of-experts in llama.cpp's Mixtral layout (llama.expert_count, blk.N.ffn_gate_inp and blk.N.ffn_{{gate,up,down}}_exps tensors)"
+                );
+            }
             bail!("{path}: architecture {arch:?} is not supported (llama is)");
         }
         let get = |key: &str| -> anyhow::Result<usize> {
@@ -152,6 +230,7 @@ impl LlamaConfig {
                 "{path}: llama.rope.dimension_count {rope_dim} does not fit head size {head_dim}"
             );
         }
+        let moe = MoeConfig::from_gguf(g, n_layers, ffn)?;
         Ok(Self {
             n_layers,
             hidden,
@@ -165,7 +244,14 @@ impl LlamaConfig {
             rope_freq_scale,
             rms_eps,
             context_length,
+            moe,
         })
+    }
+
+    /// Whether global layer `layer` has a dense FFN (`blk.N.ffn_{gate,up,down}`): every layer of
+    /// a dense model, the leading dense layers of a mixture-of-experts one.
+    pub fn is_dense_layer(&self, layer: usize) -> bool {
+        self.moe.as_ref().is_none_or(|m| !m.is_moe_layer(layer))
     }
 
     /// Whether the model splits into `stage.count` pipeline stages (at least a layer each).
@@ -180,9 +266,31 @@ impl LlamaConfig {
         Ok(())
     }
 
-    /// Whether `world` ranks can split this model (heads evenly; KV heads split or replicated).
+    /// Whether `world` ranks can split this model (heads evenly; KV heads split or replicated;
+    /// routed experts in whole experts, evenly).
     pub fn check_shard(&self, shard: Shard) -> anyhow::Result<()> {
         let w = shard.world;
+        if let Some(m) = &self.moe {
+            if !m.n_experts.is_multiple_of(w) {
+                let both = gcd(m.n_experts, self.n_heads);
+                let fits: Vec<String> = (1..=both)
+                    .filter(|d| both.is_multiple_of(*d))
+                    .map(|d| d.to_string())
+                    .collect();
+                bail!(
+                    "tensor-parallel degree {w} must divide the model's {n} routed experts (llama.expert_count): expert parallelism gives each rank an equal block of whole experts; use a degree that divides both the {n} experts and the {} attention heads ({})",
+                    self.n_heads,
+                    fits.join(", "),
+                    n = m.n_experts,
+                );
+            }
+            if !m.shared_ffn.is_multiple_of(w) {
+                bail!(
+                    "tensor-parallel degree {w} must divide the shared experts' feed-forward size {} (llama.expert_shared_feed_forward_length)",
+                    m.shared_ffn
+                );
+            }
+        }
         if !self.n_heads.is_multiple_of(w) {
             bail!(
                 "tensor-parallel degree {w} must divide the model's {} attention heads",
@@ -195,7 +303,8 @@ impl LlamaConfig {
                 self.n_kv_heads
             );
         }
-        if !self.ffn.is_multiple_of(w) {
+        let dense_layers = (0..self.n_layers).any(|i| self.is_dense_layer(i));
+        if dense_layers && !self.ffn.is_multiple_of(w) {
             bail!(
                 "tensor-parallel degree {w} must divide the feed-forward size {}",
                 self.ffn
@@ -203,6 +312,90 @@ impl LlamaConfig {
         }
         Ok(())
     }
+}
+
+impl MoeConfig {
+    /// The `llama.expert_*` keys of `g` (`None` without experts). Errors name the file, the key,
+    /// the value and the rule; routing other than softmax, top-k and renormalisation is refused.
+    fn from_gguf(g: &Gguf, n_layers: usize, ffn: usize) -> anyhow::Result<Option<Self>> {
+        let path = g.path.display();
+        let get = |key: &str| -> anyhow::Result<Option<usize>> {
+            g.get(key)
+                .map(|v| {
+                    v.as_u64().map(|v| v as usize).with_context(|| {
+                        format!("{path}: metadata key {key} is not an integer: {v:?}")
+                    })
+                })
+                .transpose()
+        };
+        let n_experts = get("llama.expert_count")?.unwrap_or(0);
+        if n_experts == 0 {
+            return Ok(None);
+        }
+        let n_used = get("llama.expert_used_count")?.with_context(|| {
+            format!(
+                "{path}: metadata key llama.expert_used_count (experts per token) is missing; a mixture-of-experts model (llama.expert_count {n_experts}) needs it"
+            )
+        })?;
+        if n_used == 0 || n_used > n_experts {
+            bail!(
+                "{path}: metadata key llama.expert_used_count is {n_used}; it must be between 1 and llama.expert_count {n_experts}"
+            );
+        }
+        let expert_ffn = match get("llama.expert_feed_forward_length")? {
+            Some(0) => bail!("{path}: metadata key llama.expert_feed_forward_length is 0"),
+            Some(n) => n,
+            None => ffn,
+        };
+        let shared_count = get("llama.expert_shared_count")?.unwrap_or(0);
+        let shared_ffn = match get("llama.expert_shared_feed_forward_length")? {
+            Some(n) if n > 0 => n,
+            _ => shared_count.checked_mul(expert_ffn).with_context(|| {
+                format!(
+                    "{path}: metadata key llama.expert_shared_count {shared_count} is too large"
+                )
+            })?,
+        };
+        let leading_dense = get("llama.leading_dense_block_count")?.unwrap_or(0);
+        if leading_dense > n_layers {
+            bail!(
+                "{path}: metadata key llama.leading_dense_block_count is {leading_dense}, more than the {n_layers} layers (llama.block_count)"
+            );
+        }
+        // Routing as Mixtral: softmax over the router's logits, top-k, weights renormalised.
+        if let Some(v) = g.get("llama.expert_gating_func")
+            && v.as_u64() != Some(1)
+        {
+            bail!(
+                "{path}: metadata key llama.expert_gating_func is {v:?}; only 1 (softmax, Mixtral's routing) is supported"
+            );
+        }
+        if let Some(v) = g.get("llama.expert_weights_scale")
+            && v.as_f64() != Some(1.0)
+        {
+            bail!(
+                "{path}: metadata key llama.expert_weights_scale is {v:?}; only 1 (no scaling of the routing weights) is supported"
+            );
+        }
+        if let Some(v) = g.get("llama.expert_weights_norm")
+            && *v != Value::Bool(true)
+        {
+            bail!(
+                "{path}: metadata key llama.expert_weights_norm is {v:?}; only true (the top-k weights renormalised to sum 1, as Mixtral) is supported"
+            );
+        }
+        Ok(Some(Self {
+            n_experts,
+            n_used,
+            expert_ffn,
+            shared_ffn,
+            leading_dense,
+        }))
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// The heads and FFN slice one rank holds.
@@ -214,8 +407,12 @@ pub struct LocalDims {
     /// Global index of the first KV head and the number held.
     pub kv_head0: usize,
     pub kv_heads: usize,
-    /// FFN columns held.
+    /// FFN columns held (of a dense layer's FFN).
     pub ffn: std::ops::Range<usize>,
+    /// Columns held of the shared experts' FFN (empty without a mixture of experts).
+    pub shared_ffn: std::ops::Range<usize>,
+    /// The routed experts held, whole (a contiguous block; empty without a mixture of experts).
+    pub experts: std::ops::Range<usize>,
 }
 
 impl LocalDims {
@@ -230,6 +427,8 @@ impl LocalDims {
             kv_head0,
             kv_heads: kv_end - kv_head0,
             ffn: s.range(c.ffn),
+            shared_ffn: c.moe.as_ref().map_or(0..0, |m| s.range(m.shared_ffn)),
+            experts: c.moe.as_ref().map_or(0..0, |m| s.range(m.n_experts)),
         }
     }
 }
@@ -243,9 +442,151 @@ pub struct Layer {
     pub wv: QMatrix,
     pub wo: QMatrix,
     pub ffn_norm: Vec<f32>,
-    pub w_gate: QMatrix,
-    pub w_up: QMatrix,
-    pub w_down: QMatrix,
+    pub ffn: Ffn,
+}
+
+/// A SwiGLU feed-forward network, `down(silu(gate · x) ⊙ (up · x))`: this rank's slice of a
+/// dense FFN or of the shared experts (rows of gate and up, the matching columns of down), or
+/// one whole routed expert.
+#[derive(Debug)]
+pub struct Mlp {
+    pub gate: QMatrix,
+    pub up: QMatrix,
+    pub down: QMatrix,
+}
+
+impl Mlp {
+    /// `out = down(silu(gate · x) ⊙ (up · x))` for `b` rows of `x` (`[b, gate.cols]`); `g` and
+    /// `u` are scratch of `b * gate.rows` floats, `out` is `[b, down.rows]`.
+    pub fn forward(
+        &self,
+        pool: &Pool,
+        x: &[f32],
+        b: usize,
+        g: &mut [f32],
+        u: &mut [f32],
+        out: &mut [f32],
+    ) {
+        kernels::matmul_multi(pool, &[&self.gate, &self.up], x, b, &mut [&mut *g, &mut *u]);
+        g.iter_mut()
+            .zip(u.iter())
+            .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+        kernels::matmul(pool, &self.down, g, b, out);
+    }
+}
+
+/// A layer's feed-forward network.
+#[derive(Debug)]
+pub enum Ffn {
+    /// A dense SwiGLU FFN (this rank's slice).
+    Dense(Mlp),
+    /// A mixture of experts.
+    Moe(Moe),
+}
+
+/// A mixture-of-experts FFN as one rank holds it: the whole router, its block of whole routed
+/// experts, its slice of the shared experts.
+#[derive(Debug)]
+pub struct Moe {
+    /// `[experts, hidden]`, replicated on every rank: every rank routes every token.
+    pub router: QMatrix,
+    /// Experts each token is routed to (top-k).
+    pub n_used: usize,
+    /// Global index of `experts[0]`.
+    pub expert0: usize,
+    /// This rank's routed experts, whole, in order.
+    pub experts: Vec<Mlp>,
+    /// This rank's slice of the shared experts (applied to every token, ungated).
+    pub shared: Option<Mlp>,
+    /// Tokens the router sent to each expert (all of them, not only this rank's) since loading.
+    routed: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl Moe {
+    /// Tokens the router has sent to each expert of this layer since loading (one count per
+    /// expert of the model; every rank routes every token, so every rank counts all experts).
+    pub fn routed_tokens(&self) -> Vec<u64> {
+        self.routed
+            .iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The mixture's output for `b` rows of `xn` (`[b, hidden]`) into `out`: this rank's part,
+    /// before the all-reduce (the shared experts' slice plus, per token, the weighted outputs of
+    /// the chosen experts this rank holds). `g`, `u` are scratch of `b` rows of the widest FFN
+    /// held, `xe` and `ye` of `b` rows of the hidden size.
+    fn forward(
+        &self,
+        pool: &Pool,
+        xn: &[f32],
+        b: usize,
+        (g, u): (&mut [f32], &mut [f32]),
+        (xe, ye): (&mut [f32], &mut [f32]),
+        out: &mut [f32],
+    ) {
+        let h = self.router.cols;
+        match &self.shared {
+            Some(m) => {
+                let f = m.gate.rows;
+                m.forward(pool, xn, b, &mut g[..b * f], &mut u[..b * f], out);
+            }
+            None => out.fill(0.0),
+        }
+        let n = self.router.rows;
+        let mut logits = vec![0f32; b * n];
+        kernels::matmul(pool, &self.router, xn, b, &mut logits);
+        // Per local expert: the tokens routed to it and their weights.
+        let mut mine: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
+        let mut chosen = Vec::with_capacity(self.n_used);
+        for (t, l) in logits.chunks_exact(n).enumerate() {
+            route(l, self.n_used, &mut chosen);
+            for &(e, w) in &chosen {
+                self.routed[e].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(list) = e.checked_sub(self.expert0).and_then(|j| mine.get_mut(j)) {
+                    list.push((t, w));
+                }
+            }
+        }
+        // Each expert runs once over the rows of all its tokens; the outputs are added in
+        // expert order, so a token's sum does not depend on the other tokens in the batch.
+        for (expert, rows) in self.experts.iter().zip(&mine) {
+            let m = rows.len();
+            if m == 0 {
+                continue;
+            }
+            for (dst, &(t, _)) in xe.chunks_exact_mut(h).zip(rows) {
+                dst.copy_from_slice(&xn[t * h..(t + 1) * h]);
+            }
+            let f = expert.gate.rows;
+            expert.forward(
+                pool,
+                &xe[..m * h],
+                m,
+                &mut g[..m * f],
+                &mut u[..m * f],
+                &mut ye[..m * h],
+            );
+            for (y, &(t, w)) in ye.chunks_exact(h).zip(rows) {
+                dot::axpy(w, y, &mut out[t * h..(t + 1) * h]);
+            }
+        }
+    }
+}
+
+/// The router's choice for one token: the `k` largest `logits` (ties to the lower expert) with
+/// weights softmax(logits) taken at those experts and renormalised to sum 1, which is the
+/// softmax over the chosen logits alone (Mixtral's routing; Qwen3-MoE's `norm_topk_prob`).
+/// `out` receives `(expert, weight)` pairs, largest logit first.
+fn route(logits: &[f32], k: usize, out: &mut Vec<(usize, f32)>) {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    out.clear();
+    let Some(&top) = order.first() else { return };
+    let max = logits[top];
+    out.extend(order.iter().take(k).map(|&e| (e, (logits[e] - max).exp())));
+    let sum: f32 = out.iter().map(|(_, w)| w).sum();
+    out.iter_mut().for_each(|(_, w)| *w /= sum);
 }
 
 /// A loaded Llama model (one rank's shard of one pipeline stage).
@@ -386,6 +727,115 @@ impl Loader<'_> {
         })
     }
 
+    /// This rank's slice of the SwiGLU FFN `blk.{layer}.{gate,up,down}{suffix}.weight` of width
+    /// `ffn` (rows `cols` of gate and up, the same columns of down).
+    fn mlp(
+        &self,
+        layer: usize,
+        suffix: &str,
+        (hidden, ffn): (usize, usize),
+        cols: std::ops::Range<usize>,
+    ) -> anyhow::Result<Mlp> {
+        let n = |s: &str| format!("blk.{layer}.ffn_{s}{suffix}.weight");
+        Ok(Mlp {
+            gate: self.rows(&n("gate"), (ffn, hidden), cols.clone())?,
+            up: self.rows(&n("up"), (ffn, hidden), cols.clone())?,
+            down: self.cols(&n("down"), (hidden, ffn), cols)?,
+        })
+    }
+
+    /// Experts `mine` of the stacked expert tensor `name`: `n` matrices `[rows, cols]` one after
+    /// the other (GGUF dims `[cols, rows, n]`, llama.cpp's layout). Each is a slice of the
+    /// tensor, borrowed from the map, or copied (see `own`): only these experts' bytes are read.
+    fn experts(
+        &self,
+        name: &str,
+        n: usize,
+        (rows, cols): (usize, usize),
+        mine: std::ops::Range<usize>,
+    ) -> anyhow::Result<Vec<QMatrix>> {
+        let t = self.src.tensor(name)?;
+        let path = t.file.display();
+        let want = [cols as u64, rows as u64, n as u64];
+        if t.dims != want {
+            bail!(
+                "{path}: tensor {} has shape {}, expected {} ({n} experts of {rows} rows x {cols} columns, stacked as llama.cpp writes them)",
+                t.name,
+                t.shape_text(&t.dims),
+                t.shape_text(&want)
+            );
+        }
+        let all = QMatrix::new(t.ty, n * rows, cols, t.data)
+            .map_err(|e| anyhow::anyhow!("{path}: tensor {}: {e}", t.name))?;
+        let experts = mine
+            .map(|e| {
+                let m = all.slice_rows(e * rows..(e + 1) * rows);
+                if self.own { m.into_owned() } else { m }
+            })
+            .collect();
+        if self.own {
+            all.release_pages();
+        }
+        Ok(experts)
+    }
+
+    /// This rank's part of the mixture-of-experts FFN of `layer` (see [`MoeConfig`]).
+    fn moe(
+        &self,
+        layer: usize,
+        c: &LlamaConfig,
+        m: &MoeConfig,
+        local: &LocalDims,
+    ) -> anyhow::Result<Moe> {
+        let n = |s: &str| format!("blk.{layer}.{s}.weight");
+        let h = c.hidden;
+        if !self.src.has(&n("ffn_gate_exps"))
+            && self.src.has(&format!("blk.{layer}.ffn_gate.0.weight"))
+        {
+            bail!(
+                "{}: layer {layer} stores its experts one tensor each (blk.{layer}.ffn_gate.0.weight, an older llama.cpp layout); the stacked tensors {} etc. are needed: convert the model again with a current llama.cpp",
+                self.src.metadata().gguf.path.display(),
+                n("ffn_gate_exps")
+            );
+        }
+        let shape = (m.expert_ffn, h);
+        let range = local.experts.clone();
+        let gate = self.experts(&n("ffn_gate_exps"), m.n_experts, shape, range.clone())?;
+        let up = self.experts(&n("ffn_up_exps"), m.n_experts, shape, range.clone())?;
+        let down = self.experts(&n("ffn_down_exps"), m.n_experts, (h, m.expert_ffn), range)?;
+        let experts = gate
+            .into_iter()
+            .zip(up)
+            .zip(down)
+            .map(|((gate, up), down)| Mlp { gate, up, down })
+            .collect();
+        let has_shared = self.src.has(&n("ffn_gate_shexp"));
+        let shared = match m.shared_ffn {
+            0 if has_shared => bail!(
+                "{}: tensor {} is present but the metadata declares no shared experts; set llama.expert_shared_feed_forward_length (its row count) or llama.expert_shared_count",
+                self.src.metadata().gguf.path.display(),
+                n("ffn_gate_shexp")
+            ),
+            0 => None,
+            f => Some(self.mlp(layer, "_shexp", (h, f), local.shared_ffn.clone())?),
+        };
+        if self.src.has(&n("ffn_gate_inp_shexp")) {
+            bail!(
+                "{}: tensor {} (a sigmoid gate on the shared experts, Qwen2-MoE's) is not supported; shared experts are applied ungated",
+                self.src.metadata().gguf.path.display(),
+                n("ffn_gate_inp_shexp")
+            );
+        }
+        Ok(Moe {
+            router: self.rows(&n("ffn_gate_inp"), (m.n_experts, h), 0..m.n_experts)?,
+            n_used: m.n_used,
+            expert0: local.experts.start,
+            experts,
+            shared,
+            routed: (0..m.n_experts).map(|_| Default::default()).collect(),
+        })
+    }
+
     fn vector(&self, name: &str, n: usize) -> anyhow::Result<Vec<f32>> {
         let t = self.src.tensor(name)?;
         let path = t.file.display();
@@ -463,6 +913,15 @@ impl Llama {
         let mut layers = Vec::new();
         for i in stage_layers.clone() {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let ffn = match &c.moe {
+                Some(m) if m.is_moe_layer(i) => Ffn::Moe(ld.moe(i, c, m, &local).with_context(|| {
+                    format!(
+                        "layer {i} is a mixture-of-experts layer (llama.expert_count {}, llama.leading_dense_block_count {})",
+                        m.n_experts, m.leading_dense
+                    )
+                })?),
+                _ => Ffn::Dense(ld.mlp(i, "", (c.hidden, c.ffn), local.ffn.clone())?),
+            };
             layers.push(Layer {
                 attn_norm: ld.vector(&n("attn_norm"), c.hidden)?,
                 wq: ld.qk(&n("attn_q"), (q_dim, c.hidden), q_rows.clone(), hd)?,
@@ -470,9 +929,7 @@ impl Llama {
                 wv: ld.rows(&n("attn_v"), (kv_dim, c.hidden), kv_rows.clone())?,
                 wo: ld.cols(&n("attn_output"), (c.hidden, q_dim), q_rows.clone())?,
                 ffn_norm: ld.vector(&n("ffn_norm"), c.hidden)?,
-                w_gate: ld.rows(&n("ffn_gate"), (c.ffn, c.hidden), local.ffn.clone())?,
-                w_up: ld.rows(&n("ffn_up"), (c.ffn, c.hidden), local.ffn.clone())?,
-                w_down: ld.cols(&n("ffn_down"), (c.hidden, c.ffn), local.ffn.clone())?,
+                ffn,
             });
         }
         // Vocabulary-parallel embedding and LM head: this rank's rows of each (one matrix when
@@ -557,8 +1014,20 @@ impl Llama {
             }
         };
         for l in &self.layers {
-            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo] {
                 add(m);
+            }
+            let mlps: Vec<&Mlp> = match &l.ffn {
+                Ffn::Dense(m) => vec![m],
+                Ffn::Moe(moe) => {
+                    add(&moe.router);
+                    moe.experts.iter().chain(&moe.shared).collect()
+                }
+            };
+            for m in mlps {
+                for w in [&m.gate, &m.up, &m.down] {
+                    add(w);
+                }
             }
         }
         // A tied head on a single rank is the embedding itself; counted once.
@@ -750,7 +1219,10 @@ impl Llama {
         let h = c.hidden;
         let hd = c.head_dim;
         let (qd, kvd) = (self.local.q_heads * hd, self.kv_dim());
-        let fd = self.local.ffn.len();
+        // The widest FFN this rank runs: its dense slice, its shared-expert slice, one expert.
+        let fd = (self.local.ffn.len())
+            .max(self.local.shared_ffn.len())
+            .max(c.moe.as_ref().map_or(0, |m| m.expert_ffn));
         // Sequence `s` owns rows `offs[s]..offs[s + 1]`, at positions from `starts[s]`.
         let starts: Vec<usize> = caches.iter().map(|c| c.len()).collect();
         let mut offs = Vec::with_capacity(lens.len() + 1);
@@ -795,6 +1267,9 @@ impl Llama {
         let mut o = vec![0f32; b * h];
         let mut g = vec![0f32; b * fd];
         let mut u = vec![0f32; b * fd];
+        // A mixture's gathered input and output rows of one expert.
+        let moe_rows = if c.moe.is_some() { b * h } else { 0 };
+        let (mut xe, mut ye) = (vec![0f32; moe_rows], vec![0f32; moe_rows]);
 
         for (i, l) in self.layers.iter().enumerate() {
             let li = self.first_layer + i;
@@ -823,11 +1298,15 @@ impl Llama {
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
             rms_norm(&x, &l.ffn_norm, c.rms_eps, &mut xn);
-            kernels::matmul_multi(pool, &[&l.w_gate, &l.w_up], &xn, b, &mut [&mut g, &mut u]);
-            g.iter_mut()
-                .zip(&u)
-                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
-            kernels::matmul(pool, &l.w_down, &g, b, &mut o);
+            match &l.ffn {
+                Ffn::Dense(m) => {
+                    let f = m.gate.rows;
+                    m.forward(pool, &xn, b, &mut g[..b * f], &mut u[..b * f], &mut o);
+                }
+                Ffn::Moe(moe) => {
+                    moe.forward(pool, &xn, b, (&mut g, &mut u), (&mut xe, &mut ye), &mut o)
+                }
+            }
             coll.all_reduce_sum(&mut o)
                 .with_context(|| format!("all-reduce after the MLP of layer {li}"))?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);

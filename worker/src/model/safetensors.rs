@@ -479,6 +479,22 @@ impl Fields<'_> {
     }
 }
 
+/// `model_type`s of Hugging Face mixture-of-experts models (refused, see [`read_config`]).
+const SAFETENSORS_MOE_TYPES: &[&str] = &[
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "llama4",
+    "gpt_oss",
+    "dbrx",
+    "olmoe",
+    "phimoe",
+    "granitemoe",
+    "jamba",
+];
+
 /// `config.json` → `llama.*` keys, whether the LM head is tied, and the special token ids.
 struct Config {
     keys: Vec<(String, Value)>,
@@ -495,7 +511,25 @@ fn read_config(path: &Path) -> anyhow::Result<Config> {
     let v = read_json(path)?;
     let f = Fields { path, v: &v };
     let p = path.display();
-    match f.string("model_type")? {
+    let model_type = f.string("model_type")?;
+    // Mixture-of-experts checkpoints (each expert its own tensors) are refused by name, before
+    // the model type, so that the message says why.
+    let mut moe = model_type
+        .filter(|t| SAFETENSORS_MOE_TYPES.contains(t))
+        .map(|t| format!("field model_type is {t:?}"));
+    for field in ["num_local_experts", "num_experts", "n_routed_experts"] {
+        if let Some(n) = f.uint(field)?
+            && n > 0
+        {
+            moe = Some(format!("field {field} is {n}"));
+        }
+    }
+    if let Some(why) = moe {
+        bail!(
+            "{p}: {why}: mixture-of-experts safetensors models are not supported yet; convert the checkpoint to GGUF with llama.cpp's convert_hf_to_gguf.py (Mixtral's becomes a llama-architecture GGUF with stacked experts, which the CPU engine serves)"
+        );
+    }
+    match model_type {
         Some("llama") => {}
         Some(other) => bail!("{p}: field model_type {other:?} is not supported (llama is)"),
         None => bail!("{p}: field model_type is missing (llama is supported)"),

@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Barrier, Mutex};
 
-use tessera_worker::kernels::Pool;
+use tessera_worker::engine::sampling::Rng;
+use tessera_worker::kernels::{Pool, quant};
+use tessera_worker::model::gguf::GgmlType;
 use tessera_worker::model::kv_cache::KvCache;
 use tessera_worker::model::llama::{Input, Llama, Logits, Output};
 use tessera_worker::model::parallel::Identity;
@@ -174,4 +176,213 @@ pub fn range_head(from: usize, len: usize) -> String {
     } else {
         format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes of the built binary (local_e2e.rs, moe_tiny.rs).
+
+/// A free TCP port on 127.0.0.1 (free when asked; bound again by whoever uses it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the child when dropped (a failing test leaves no process behind).
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port`; (status, body). `None` when nothing listens.
+pub fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(300)))
+        .ok()?;
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_owned())?;
+    Some((status, body))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiny random models and their naive f64 reference (llama_tiny.rs, moe_tiny.rs).
+
+/// `n` roughly normal values: a sum of four uniforms, centred on 0, times `scale`.
+pub fn randn(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| ((0..4).map(|_| rng.next_f32()).sum::<f32>() - 2.0) * scale)
+        .collect()
+}
+
+/// `v` encoded as `ty`, and the values the encoding gives back (what the model sees).
+pub fn encode(ty: GgmlType, v: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    let bytes = quant::quantize_row(ty, v);
+    let mut back = vec![0f32; v.len()];
+    quant::dequantize_row(ty, &bytes, &mut back);
+    (bytes, back)
+}
+
+/// Largest |a - b| over the largest |b|.
+pub fn rel_err(a: &[f32], b: &[Vec<f64>]) -> f64 {
+    let b: Vec<f64> = b.iter().flatten().copied().collect();
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((f64::from(*x) - y).abs()))
+        / scale
+}
+
+/// Counts all-reduces (one rank).
+#[derive(Default)]
+pub struct Counting(pub std::sync::atomic::AtomicUsize);
+
+impl Counting {
+    pub fn calls(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Collective for Counting {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _buf: &mut [f32]) -> anyhow::Result<()> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The shape of a tiny Llama for [`naive_forward`].
+pub struct NaiveDims {
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab: usize,
+    pub eps: f32,
+    pub base: f32,
+}
+
+/// `m · x` for a row-major `[rows, x.len()]` matrix, in f64.
+pub fn naive_mv(m: &[f32], x: &[f64], rows: usize) -> Vec<f64> {
+    let cols = x.len();
+    (0..rows)
+        .map(|r| (0..cols).map(|c| f64::from(m[r * cols + c]) * x[c]).sum())
+        .collect()
+}
+
+/// A SwiGLU FFN of width `width` in f64: `down(silu(gate · x) * (up · x))`.
+pub fn naive_swiglu(gate: &[f32], up: &[f32], down: &[f32], x: &[f64], width: usize) -> Vec<f64> {
+    let g = naive_mv(gate, x, width);
+    let u = naive_mv(up, x, width);
+    let a: Vec<f64> = g
+        .iter()
+        .zip(&u)
+        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+        .collect();
+    naive_mv(down, &a, x.len())
+}
+
+/// An independent, naive Llama forward pass in f64 of one sequence from position 0 (the embedding
+/// doubles as the LM head): every token's logits. `layers[i]` holds layer `i`'s attention
+/// weights as f32, `[attn_norm, q, k, v, o, ffn_norm]`; `ffn(i, xn)` is its feed-forward network
+/// of the normed hidden state; RoPE pair `p`'s angle is multiplied by `rope[p]`.
+pub fn naive_forward(
+    d: &NaiveDims,
+    embed: &[f32],
+    layers: &[[&[f32]; 6]],
+    norm: &[f32],
+    tokens: &[u32],
+    rope: &[f64],
+    ffn: &mut dyn FnMut(usize, &[f64]) -> Vec<f64>,
+) -> Vec<Vec<f64>> {
+    let (h, hd) = (d.hidden, d.hidden / d.heads);
+    let rms = |x: &[f64], w: &[f32]| -> Vec<f64> {
+        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+        let s = 1.0 / (ms + f64::from(d.eps)).sqrt();
+        x.iter()
+            .zip(w)
+            .map(|(v, w)| v * s * f64::from(*w))
+            .collect()
+    };
+    let apply_rope = |v: &mut [f64], pos: usize| {
+        for head in v.chunks_mut(hd) {
+            for i in 0..hd / 2 {
+                let theta =
+                    pos as f64 * f64::from(d.base).powf(-2.0 * i as f64 / hd as f64) * rope[i];
+                let (s, c) = theta.sin_cos();
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * c - b * s;
+                head[2 * i + 1] = a * s + b * c;
+            }
+        }
+    };
+    let mut xs: Vec<Vec<f64>> = tokens
+        .iter()
+        .map(|&t| {
+            embed[t as usize * h..(t as usize + 1) * h]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect()
+        })
+        .collect();
+    for (li, [an, wq, wk, wv, wo, fnm]) in layers.iter().enumerate() {
+        let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+        for (pos, x) in xs.iter().enumerate() {
+            let xn = rms(x, an);
+            let mut q = naive_mv(wq, &xn, d.heads * hd);
+            let mut k = naive_mv(wk, &xn, d.kv_heads * hd);
+            apply_rope(&mut q, pos);
+            apply_rope(&mut k, pos);
+            qs.push(q);
+            ks.push(k);
+            vs.push(naive_mv(wv, &xn, d.kv_heads * hd));
+        }
+        for (pos, x) in xs.iter_mut().enumerate() {
+            let mut att = vec![0f64; d.heads * hd];
+            for hh in 0..d.heads {
+                let g = hh / (d.heads / d.kv_heads);
+                let q = &qs[pos][hh * hd..(hh + 1) * hd];
+                let scores: Vec<f64> = (0..=pos)
+                    .map(|j| {
+                        let k = &ks[j][g * hd..(g + 1) * hd];
+                        q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = scores.iter().copied().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (j, p) in e.iter().enumerate() {
+                    for c in 0..hd {
+                        att[hh * hd + c] += p / z * vs[j][g * hd + c];
+                    }
+                }
+            }
+            let o = naive_mv(wo, &att, h);
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            let y = ffn(li, &rms(x, fnm));
+            x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+        }
+    }
+    xs.iter()
+        .map(|x| naive_mv(embed, &rms(x, norm), d.vocab))
+        .collect()
 }
