@@ -60,8 +60,13 @@ fn bench(c: &mut Criterion) {
         .filter(|r| r.expert_parallel.is_some())
         .count();
     eprintln!(
-        "MoE fleet: {} replicas placed, {ep} expert-parallel",
-        moe_plan.deployments.iter().map(|d| d.placed.len()).sum::<usize>()
+        "MoE fleet: {} of {} replicas placed, {ep} expert-parallel",
+        moe_plan
+            .deployments
+            .iter()
+            .map(|d| d.placed.len())
+            .sum::<usize>(),
+        moe_fleet.iter().map(|d| d.spec.replicas).sum::<i32>()
     );
     g.bench_function("full_plan_1000_deployments_200_moe_10k_nodes", |b| {
         b.iter(|| plan(black_box(&inv), black_box(&moe_fleet), &[], &opts))

@@ -116,7 +116,10 @@ fn deepseek_v3_plans_expert_parallel_with_reasons_that_cite_the_all_to_all() {
     // One stage over two whole nodes.
     let stages = r["stages"].as_array().unwrap();
     assert_eq!(stages.len(), 2, "{r}");
-    assert!(stages.iter().all(|s| s["stage"] == 0 && s["gpus"] == 8), "{r}");
+    assert!(
+        stages.iter().all(|s| s["stage"] == 0 && s["gpus"] == 8),
+        "{r}"
+    );
     assert_ne!(stages[0]["node"], stages[1]["node"]);
     let a2a = r["predicted"]["allToAllGBps"].as_f64().unwrap();
     assert!((90.0..100.0).contains(&a2a), "{r}");
@@ -124,8 +127,10 @@ fn deepseek_v3_plans_expert_parallel_with_reasons_that_cite_the_all_to_all() {
     // The alternatives name the all-to-all too.
     let alts = d["choice"]["alternatives"].as_array().unwrap();
     assert!(
-        alts.iter()
-            .any(|a| a["note"].as_str().unwrap_or("").contains("expert all-to-all")),
+        alts.iter().any(|a| a["note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("expert all-to-all")),
         "{alts:?}"
     );
     // The same spec pinned to tensor parallelism (expert: 1) plans TP=8 x PP=2 instead, and

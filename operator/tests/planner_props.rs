@@ -9,7 +9,7 @@ use serde_json::json;
 use tessera_operator::api::{ModelDeployment, TensorParallelScope, parse_model_deployment};
 use tessera_operator::planner::catalog::Catalog;
 use tessera_operator::planner::choose::{self, valid_tp};
-use tessera_operator::planner::cost::{CostConstants, estimate};
+use tessera_operator::planner::cost::{CostConstants, Layout, estimate_layout};
 use tessera_operator::planner::inventory::{DEFAULT_TOPOLOGY_KEYS, Eligibility, Inventory};
 use tessera_operator::planner::{Plan, PlanOptions, plan};
 
@@ -121,6 +121,8 @@ struct DepGen {
     context: i32,
     tolerate: bool,
     block_key: bool,
+    moe: u8,
+    experts: u32,
 }
 
 /// (parameters, layers, hidden, heads, kv heads)
@@ -145,6 +147,11 @@ fn dep_gen() -> impl Strategy<Value = DepGen> {
         prop::sample::select(vec![2048i32, 8192]),
         any::<bool>(),
         prop::bool::weighted(0.3),
+        // 0: dense; 1: a mixture of experts on the tessera engine; 2: on vLLM.
+        (
+            prop::sample::select(vec![0u8, 0, 0, 0, 1, 2, 2]),
+            prop::sample::select(vec![4u32, 8, 16, 64]),
+        ),
     )
         .prop_map(
             |(
@@ -159,6 +166,7 @@ fn dep_gen() -> impl Strategy<Value = DepGen> {
                 context,
                 tolerate,
                 block_key,
+                (moe, experts),
             )| DepGen {
                 shape,
                 replicas,
@@ -171,6 +179,8 @@ fn dep_gen() -> impl Strategy<Value = DepGen> {
                 context,
                 tolerate,
                 block_key,
+                moe,
+                experts,
             },
         )
 }
@@ -198,6 +208,20 @@ fn build_dep(i: usize, d: &DepGen) -> Option<ModelDeployment> {
     }
     if d.block_key {
         spec["placement"]["pipelineTopologyKey"] = json!("tessera.dev/fabric.block");
+    }
+    if d.moe > 0 {
+        // Routed experts hold about 80% of the parameters.
+        let (params, layers, hidden, ..) = SHAPES[d.shape];
+        let width = (0.8 * params as f64
+            / (f64::from(layers) * f64::from(d.experts) * 3.0 * f64::from(hidden)))
+            as i64;
+        let arch = &mut spec["model"]["architecture"];
+        arch["experts"] = json!(d.experts);
+        arch["expertsPerToken"] = json!(2);
+        arch["expertIntermediateSize"] = json!(width.max(1));
+        if d.moe == 2 {
+            spec["engine"] = json!({"name": "vllm"});
+        }
     }
     // Pinned values the CEL rules reject are skipped (the API server would refuse them).
     parse_model_deployment(&json!({
@@ -269,6 +293,26 @@ fn check_invariants(
         prop_assert_eq!(seen, (0..md.spec.replicas).collect::<BTreeSet<_>>());
         for r in &d.placed {
             let (tp, pp) = (r.tensor_parallel as u32, r.pipeline_parallel as u32);
+            let layout = Layout {
+                tp,
+                pp,
+                ep: r.expert_parallel.unwrap_or(1) as u32,
+                data_attention: r.data_parallel_attention,
+            };
+            let arch = &md.spec.model.architecture;
+            // Expert parallelism only for MoE, over a stage's GPUs, dividing the experts;
+            // data-parallel attention only with it and never on the tessera engine.
+            if let Some(ep) = r.expert_parallel {
+                prop_assert!(arch.is_moe() && ep as u32 == tp && ep > 1, "{:?}", r);
+                prop_assert_eq!(arch.experts.unwrap() % ep, 0);
+            }
+            prop_assert!(!r.data_parallel_attention || r.expert_parallel.is_some());
+            if md.spec.engine.name == tessera_operator::api::EngineName::Tessera {
+                prop_assert!(!r.data_parallel_attention);
+                if arch.is_moe() && tp > 1 {
+                    prop_assert_eq!(r.expert_parallel, Some(tp as i32));
+                }
+            }
             if let Some(t) = md.spec.parallelism.tensor.fixed() {
                 prop_assert_eq!(tp, t);
             }
@@ -298,12 +342,11 @@ fn check_invariants(
             // `Auto` is the NVLink domain on NVLink GPUs and the node on PCIe-only ones.
             let scope = scope.resolve(inv.types[t].model.nvlink_bidirectional_gbps > 0.0);
             let links = choose::nominal_links(inv, t, st, tp, pp, &c);
-            let e = estimate(
+            let e = estimate_layout(
                 &md.spec.model.architecture,
                 choose::workload(&md.spec),
                 &inv.types[t].model,
-                tp,
-                pp,
+                layout,
                 links,
                 &c,
             );
@@ -311,11 +354,12 @@ fn check_invariants(
             // Each replica's GPUs add up to TP x PP, TP per stage.
             prop_assert!(per_stage.iter().all(|&g| g == tp), "{:?}", r);
             for (st, ns) in nodes_per_stage.iter().enumerate() {
-                if scope != TensorParallelScope::Any {
+                // An expert-parallel group with data-parallel attention may span nodes.
+                if scope != TensorParallelScope::Any && !r.data_parallel_attention {
                     prop_assert_eq!(ns.len(), 1, "stage {} spans nodes: {:?}", st, r);
                 }
             }
-            if scope == TensorParallelScope::NvLinkDomain {
+            if scope == TensorParallelScope::NvLinkDomain && !r.data_parallel_attention {
                 for s in &r.stages {
                     domain_groups
                         .entry(s.node.clone())
@@ -437,12 +481,14 @@ proptest! {
                 TensorParallelScope::Any | TensorParallelScope::Auto => st.gpus,
             };
             let work = choose::workload(&md.spec);
-            // Exhaustive enumeration of every layout on the chosen GPU type.
-            for tp in 1..=64u32 {
-                if !valid_tp(arch.attention_heads as u32, arch.kv_heads as u32, tp) || tp > max_tp {
-                    continue;
+            // Exhaustive enumeration of every layout on the chosen GPU type: the stage splits
+            // the model and engine allow (dense: TP by the head rules), each with every PP.
+            for (tp, ep, data_attention) in choose::stage_splits(&md.spec) {
+                if !arch.is_moe() {
+                    prop_assert!(valid_tp(arch.attention_heads as u32, arch.kv_heads as u32, tp));
+                    prop_assert_eq!((ep, data_attention), (1, false));
                 }
-                if md.spec.parallelism.tensor.fixed().is_some_and(|x| x != tp) {
+                if tp > max_tp && !(data_attention && tp <= st.gpus) {
                     continue;
                 }
                 for pp in 1..=arch.layers as u32 {
@@ -453,11 +499,12 @@ proptest! {
                         continue;
                     }
                     let links = choose::nominal_links(&inv, t, st, tp, pp, &c);
-                    let e = estimate(arch, work, &inv.types[t].model, tp, pp, links, &c);
+                    let layout = Layout { tp, pp, ep, data_attention };
+                    let e = estimate_layout(arch, work, &inv.types[t].model, layout, links, &c);
                     if e.fits {
                         let other = e.per_gpu(tp * pp);
                         prop_assert!(other <= best.per_gpu() * (1.0 + 1e-9),
-                            "TP={} PP={} gives {} per GPU, chosen TP={} PP={} gives {}", tp, pp, other, best.tp, best.pp, best.per_gpu());
+                            "{} gives {} per GPU, chosen {} gives {}", layout.label(), other, best.layout().label(), best.per_gpu());
                     }
                 }
             }

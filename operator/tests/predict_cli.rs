@@ -148,3 +148,133 @@ fn unknown_gpus_and_impossible_layouts_are_explained() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("the weights alone do not fit"));
 }
+
+const DEEPSEEK: &[&str] = &["-f", "examples/deployments/deepseek-v3.yaml"];
+
+#[test]
+fn predicts_mixture_of_experts_layouts_with_the_all_to_all() {
+    let shape = ["--input-tokens", "2000", "--output-tokens", "500"];
+    let out = predict(
+        &[
+            DEEPSEEK,
+            &[
+                "--gpu",
+                "H800",
+                "--tp",
+                "16",
+                "--ep",
+                "16",
+                "--attention",
+                "data",
+            ],
+            &shape,
+            &["--concurrency", "256"],
+        ]
+        .concat(),
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "deepseek-v3 on H800 EP=16 DP-attention (16 GPUs)",
+        "expert all-to-all",
+        "us per MoE layer per decode step at 94 GB/s per GPU",
+        "37.6 B of 671.0 B",
+    ] {
+        assert!(table.contains(want), "{want}: {table}");
+    }
+    // Expert parallelism with data-parallel attention holds more sequences than TP=8 x PP=2
+    // (each GPU keeps only its own sequences' latent KV cache) and serves more per GPU.
+    let ep = json(
+        &[
+            DEEPSEEK,
+            &[
+                "--gpu",
+                "H800",
+                "--tp",
+                "16",
+                "--ep",
+                "16",
+                "--attention",
+                "data",
+            ],
+            &shape,
+            &["--max-throughput"],
+        ]
+        .concat(),
+    );
+    let tp = json(
+        &[
+            DEEPSEEK,
+            &["--gpu", "H800", "--tp", "8", "--pp", "2"],
+            &shape,
+            &["--max-throughput"],
+        ]
+        .concat(),
+    );
+    assert_eq!(ep["expertParallel"], 16);
+    assert_eq!(ep["dataParallelAttention"], true);
+    let max = |v: &serde_json::Value| v["prediction"]["maxBatch"].as_u64().unwrap();
+    let per_gpu = |v: &serde_json::Value| {
+        v["prediction"]["outputTokensPerSecondPerGpu"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(max(&ep) > 2 * max(&tp), "{ep} {tp}");
+    assert!(per_gpu(&ep) > per_gpu(&tp), "{ep} {tp}");
+    // Inside one node, the same layout on H800 is slower than on H100 (the cut NVLink).
+    let node = |gpu: &str| {
+        json(
+            &[
+                DEEPSEEK,
+                &["--gpu", gpu, "--tp", "8", "--pp", "2", "--ep", "8"],
+                &shape,
+                &["--concurrency", "256"],
+            ]
+            .concat(),
+        )
+    };
+    let (h800, h100) = (node("H800"), node("H100"));
+    assert!(per_gpu(&h800) < per_gpu(&h100), "{h800} {h100}");
+    assert!(
+        h800["prediction"]["allToAllGbps"].as_f64().unwrap()
+            < h100["prediction"]["allToAllGbps"].as_f64().unwrap()
+    );
+}
+
+#[test]
+fn impossible_expert_layouts_are_explained() {
+    let shape = ["--input-tokens", "100", "--output-tokens", "100"];
+    let err = |args: &[&str]| {
+        let out = predict(&[args, &shape].concat());
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = err(&[DEEPSEEK, &["--gpu", "H800", "--tp", "8", "--ep", "16"]].concat());
+    assert!(
+        e.contains("--ep 16: the expert-parallel group is the stage's GPUs; use --ep 8"),
+        "{e}"
+    );
+    let e = err(&[DEEPSEEK, &["--gpu", "H800", "--tp", "6", "--ep", "6"]].concat());
+    assert!(
+        e.contains("--ep 6: must divide the model's 256 experts"),
+        "{e}"
+    );
+    let e = err(&[MD, &["--gpu", "H100", "--tp", "4", "--ep", "4"]].concat());
+    assert!(
+        e.contains("expert parallelism needs a mixture-of-experts model"),
+        "{e}"
+    );
+    let e = err(&[
+        DEEPSEEK,
+        &["--gpu", "H800", "--tp", "8", "--attention", "data"],
+    ]
+    .concat());
+    assert!(
+        e.contains("--ep 1: the expert-parallel group is the stage's GPUs; use --ep 8"),
+        "{e}"
+    );
+}

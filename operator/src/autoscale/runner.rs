@@ -279,20 +279,20 @@ pub fn calibration_sample(
         u32::try_from(p.tensor_parallel).ok()?.max(1),
         u32::try_from(p.pipeline_parallel).ok()?.max(1),
     );
+    let layout = cost::Layout::of_placement(p);
     let c = &cfg.plan.constants;
     let links = cost::packed_links(gpu, tp, pp, 8, c);
     let work = choose::workload(&md.spec);
     let arch = &md.spec.model.architecture;
     let batch = now.running.unwrap_or(1.0).round().max(1.0);
-    let predicted_decode = cost::estimate(
+    let predicted_decode = cost::estimate_layout(
         arch,
         cost::Workload {
             concurrency: batch,
             ..work
         },
         gpu,
-        tp,
-        pp,
+        layout,
         links,
         c,
     )
@@ -301,7 +301,7 @@ pub fn calibration_sample(
     let unqueued = now.waiting.unwrap_or(0.0) < 0.5;
     let (predicted_ttft, measured_ttft) = match (means.prompt_tokens, means.time_to_first_token_s) {
         (Some(prompt), Some(ttft)) if unqueued => (
-            cost::estimate(
+            cost::estimate_layout(
                 arch,
                 cost::Workload {
                     concurrency: 1.0,
@@ -309,8 +309,7 @@ pub fn calibration_sample(
                     ..work
                 },
                 gpu,
-                tp,
-                pp,
+                layout,
                 links,
                 c,
             )

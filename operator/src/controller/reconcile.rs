@@ -981,10 +981,11 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
                     type_: EventType::Normal,
                     reason: "Placed",
                     note: format!(
-                        "replica {replica} placed on {} (TP={}, PP={}, {}){}",
+                        "replica {replica} placed on {} (TP={}, PP={}{}, {}){}",
                         pr.gpu_type,
                         pr.tensor_parallel,
                         pr.pipeline_parallel,
+                        expert_note(pr.expert_parallel, pr.data_parallel_attention),
                         nodes_list.join(", "),
                         why.as_ref()
                             .map(|w| format!(" after: {w}"))
@@ -1143,8 +1144,11 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
             "{placed} of {desired} replicas placed{}",
             kept.first()
                 .map(|p| format!(
-                    " on {} (TP={}, PP={})",
-                    p.gpu_type, p.tensor_parallel, p.pipeline_parallel
+                    " on {} (TP={}, PP={}{})",
+                    p.gpu_type,
+                    p.tensor_parallel,
+                    p.pipeline_parallel,
+                    expert_note(p.expert_parallel, p.data_parallel_attention)
                 ))
                 .unwrap_or_default()
         )
@@ -1313,4 +1317,13 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
     }
     actions.requeue_after = requeue;
     actions
+}
+
+/// `, EP=16, data-parallel attention` for an expert-parallel placement; empty otherwise.
+fn expert_note(ep: Option<i32>, data_attention: bool) -> String {
+    match ep {
+        Some(ep) if data_attention => format!(", EP={ep}, data-parallel attention"),
+        Some(ep) => format!(", EP={ep}"),
+        None => String::new(),
+    }
 }

@@ -164,6 +164,9 @@ pub fn stage_splits(spec: &ModelDeploymentSpec) -> Vec<(u32, u32, bool)> {
     let kv = arch.kv_heads.max(1) as u32;
     let p = &spec.parallelism;
     let experts = arch.experts.unwrap_or(0).max(0) as u32;
+    // The Tessera engine splits a mixture's experts over its tensor-parallel ranks (EP = TP,
+    // combined by the all-reduce) and runs attention tensor-parallel (docs/worker.md).
+    let tessera = spec.engine.name == crate::api::EngineName::Tessera;
     let mut out = Vec::new();
     for tp in 1..=MAX_GPUS {
         if p.tensor.fixed().is_some_and(|t| t != tp) {
@@ -171,6 +174,17 @@ pub fn stage_splits(spec: &ModelDeploymentSpec) -> Vec<(u32, u32, bool)> {
         }
         let ep_ok = |ep: u32| p.expert.fixed().is_none_or(|e| e == ep);
         let heads_ok = valid_tp(heads, kv, tp);
+        if tessera && arch.is_moe() {
+            let ep = if tp > 1 { tp } else { 1 };
+            if heads_ok
+                && experts.is_multiple_of(tp)
+                && ep_ok(ep)
+                && p.attention != AttentionParallelism::Data
+            {
+                out.push((tp, ep, false));
+            }
+            continue;
+        }
         let tensor_attention = p.attention != AttentionParallelism::Data;
         if heads_ok && ep_ok(1) && tensor_attention {
             out.push((tp, 1, false));
@@ -388,7 +402,14 @@ pub fn choose(
             choice
                 .rejected
                 .push(last_reason.unwrap_or_else(|| {
-                    format!("{short}: no tensor degree fits the model's heads")
+                    if arch.is_moe() && spec.engine.name == crate::api::EngineName::Tessera {
+                        format!(
+                            "{short}: no layout the tessera engine runs: it splits the {} experts over its tensor-parallel ranks (expert = tensor, which must divide the experts and the heads) with tensor-parallel attention; unpin parallelism.expert/attention, or use engine vllm or sglang",
+                            arch.experts.unwrap_or(0)
+                        )
+                    } else {
+                        format!("{short}: no tensor degree fits the model's heads")
+                    }
                 }));
         }
     }
@@ -561,6 +582,65 @@ pub fn explain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec(v: serde_json::Value) -> ModelDeploymentSpec {
+        serde_json::from_value(v).expect("spec")
+    }
+
+    fn moe_spec(engine: &str, parallelism: serde_json::Value) -> ModelDeploymentSpec {
+        spec(serde_json::json!({
+            "model": {"uri": "pvc://m/x", "architecture": {
+                "parameters": 46_702_792_704i64, "layers": 32, "hiddenSize": 4096,
+                "attentionHeads": 32, "kvHeads": 8, "intermediateSize": 14336,
+                "vocabSize": 32000, "contextLength": 32768, "bytesPerParameter": 2,
+                "experts": 8, "expertsPerToken": 2, "expertIntermediateSize": 14336}},
+            "engine": {"name": engine},
+            "parallelism": parallelism,
+        }))
+    }
+
+    #[test]
+    fn stage_splits_follow_the_model_the_engine_and_the_pins() {
+        // Dense: TP by the head rules only.
+        let mut dense = moe_spec("vllm", serde_json::json!({}));
+        dense.model.architecture.experts = None;
+        dense.model.architecture.experts_per_token = None;
+        dense.model.architecture.expert_intermediate_size = None;
+        let s = stage_splits(&dense);
+        assert!(s.iter().all(|&(_, ep, data)| ep == 1 && !data));
+        assert_eq!(
+            s.iter().map(|x| x.0).collect::<Vec<_>>(),
+            vec![1, 2, 4, 8, 16, 32]
+        );
+        // vLLM, 8 experts: TP everywhere the heads allow; EP (tensor or data attention) where
+        // the stage size divides the experts.
+        let s = stage_splits(&moe_spec("vllm", serde_json::json!({})));
+        assert!(
+            s.contains(&(8, 1, false)) && s.contains(&(8, 8, false)) && s.contains(&(8, 8, true))
+        );
+        assert!(s.contains(&(16, 1, false)) && !s.iter().any(|&(tp, ep, _)| tp == 16 && ep > 1));
+        // Pins.
+        let s = stage_splits(&moe_spec(
+            "vllm",
+            serde_json::json!({"expert": 4, "attention": "data"}),
+        ));
+        assert_eq!(s, vec![(4, 4, true)]);
+        let s = stage_splits(&moe_spec("vllm", serde_json::json!({"expert": 1})));
+        assert!(s.iter().all(|&(_, ep, data)| ep == 1 && !data));
+        // The tessera engine: EP = TP with tensor attention, never data-parallel attention.
+        let s = stage_splits(&moe_spec("tessera", serde_json::json!({})));
+        assert_eq!(
+            s,
+            vec![(1, 1, false), (2, 2, false), (4, 4, false), (8, 8, false)]
+        );
+        assert!(
+            stage_splits(&moe_spec(
+                "tessera",
+                serde_json::json!({"expert": 1, "tensor": 2})
+            ))
+            .is_empty()
+        );
+    }
 
     #[test]
     fn tp_rules() {

@@ -197,6 +197,16 @@ impl Layout {
         }
     }
 
+    /// The layout a replica was placed with (its status entry).
+    pub fn of_placement(p: &crate::api::ReplicaPlacement) -> Layout {
+        Layout {
+            tp: p.tensor_parallel.max(1) as u32,
+            pp: p.pipeline_parallel.max(1) as u32,
+            ep: p.expert_parallel.unwrap_or(1).max(1) as u32,
+            data_attention: p.data_parallel_attention,
+        }
+    }
+
     /// GPUs of one replica.
     pub fn gpus(&self) -> u32 {
         self.tp * self.pp

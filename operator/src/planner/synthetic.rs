@@ -169,14 +169,74 @@ pub fn fleet(count: usize, seed: u64) -> Vec<ModelDeployment> {
 /// KV heads, dense FFN, experts, per token, shared, expert FFN, dense layers, bytes/parameter,
 /// MLA latent rank).
 #[allow(clippy::type_complexity)]
-pub const MOE_SHAPES: [(&str, i64, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, f64, i32); 3] = [
-    ("mixtral-8x7b", 46_702_792_704, 32, 4096, 32, 8, 14336, 8, 2, 0, 14336, 0, 2.0, 0),
-    ("qwen3-235b-a22b", 235_093_634_560, 94, 4096, 64, 4, 12288, 128, 8, 0, 1536, 0, 1.0, 0),
-    ("deepseek-v3", 671_026_419_200, 61, 7168, 128, 128, 18432, 256, 8, 1, 2048, 3, 1.0, 512),
+pub const MOE_SHAPES: [(
+    &str,
+    i64,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    f64,
+    i32,
+); 3] = [
+    (
+        "mixtral-8x7b",
+        46_702_792_704,
+        32,
+        4096,
+        32,
+        8,
+        14336,
+        8,
+        2,
+        0,
+        14336,
+        0,
+        2.0,
+        0,
+    ),
+    (
+        "qwen3-235b-a22b",
+        235_093_634_560,
+        94,
+        4096,
+        64,
+        4,
+        12288,
+        128,
+        8,
+        0,
+        1536,
+        0,
+        1.0,
+        0,
+    ),
+    (
+        "deepseek-v3",
+        671_026_419_200,
+        61,
+        7168,
+        128,
+        128,
+        18432,
+        256,
+        8,
+        1,
+        2048,
+        3,
+        1.0,
+        512,
+    ),
 ];
 
 /// `count` synthetic ModelDeployments of which every `every`-th is a mixture of experts (the
-/// shapes of [`MOE_SHAPES`] in turn, expert parallelism left to the planner).
+/// shapes of [`MOE_SHAPES`] in turn, served by SGLang, expert parallelism left to the planner).
 pub fn fleet_with_moe(count: usize, seed: u64, every: usize) -> Vec<ModelDeployment> {
     let mut rng = Rng::new(seed);
     (0..count)
@@ -201,6 +261,8 @@ pub fn fleet_with_moe(count: usize, seed: u64, every: usize) -> Vec<ModelDeploym
                 v["spec"]["replicas"] = json!(1 + rng.below(2));
                 v["spec"]["gpu"] = json!({"types": ["H800", "H100", "H20"]});
                 v["spec"]["placement"] = json!({});
+                // As such models are served: by SGLang, which has data-parallel attention.
+                v["spec"]["engine"] = json!({"name": "sglang"});
             }
             parse_model_deployment(&v).expect("synthetic deployment")
         })
