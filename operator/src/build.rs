@@ -506,40 +506,127 @@ pub struct EngineLaunch<'a> {
     pub kv_cache_dtype: crate::api::KvCacheDtype,
     /// `engine.args`, appended last.
     pub extra_args: &'a [String],
+    /// Expert parallelism over the `tensor_parallel` GPUs of each pipeline stage (`Some(N)`
+    /// with N > 1; `status.placements[].expertParallel`).
+    pub expert_parallel: Option<i32>,
+    /// Attention runs data-parallel over the expert-parallel group
+    /// (`status.placements[].dataParallelAttention`).
+    pub data_parallel_attention: bool,
+    /// Some pipeline stage of the replica spans more than one pod (node): its expert all-to-all
+    /// crosses the fabric.
+    pub stage_spans_pods: bool,
+    /// GPUs of this pod.
+    pub local_gpus: i32,
+    /// Global rank of this pod's first GPU (the GPUs of the pods before it in the replica).
+    pub first_rank: i32,
+}
+
+/// How an engine runs the experts and attention of one replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoeLaunch {
+    /// No expert parallelism (a dense model, or experts sharded tensor-parallel).
+    None,
+    /// Expert parallelism over the N GPUs of each stage, attention tensor-parallel over them.
+    TensorAttention { ep: i32 },
+    /// Expert parallelism over the N GPUs of the stage, attention data-parallel over them.
+    DataAttention { ep: i32 },
+}
+
+impl EngineLaunch<'_> {
+    /// The MoE launch this engine renders for the placement. vLLM runs data-parallel attention
+    /// as data-parallel engines that each hold a whole pipeline (`--data-parallel-size` ranks of
+    /// `tensor x pipeline` GPUs on one node), so it cannot keep one pipeline stage's
+    /// expert-parallel group on that stage's own nodes: with data-parallel attention and more
+    /// than one stage, vLLM gets the same groups with tensor-parallel attention instead.
+    pub fn moe(&self) -> MoeLaunch {
+        match self.expert_parallel.filter(|&n| n > 1) {
+            None => MoeLaunch::None,
+            Some(ep) if !self.data_parallel_attention => MoeLaunch::TensorAttention { ep },
+            Some(ep) if self.engine == EngineName::Vllm && self.pipeline_parallel > 1 => {
+                MoeLaunch::TensorAttention { ep }
+            }
+            Some(ep) => MoeLaunch::DataAttention { ep },
+        }
+    }
 }
 
 /// The container command and arguments of an engine (`None` command: the image's entrypoint,
 /// `tessera-worker`). vLLM: `vllm serve MODEL ...` with the multiprocessing multi-node flags
 /// when the replica has several pods (`--headless` on all but rank 0); SGLang:
 /// `python3 -m sglang.launch_server ...` with `--nnodes`, `--node-rank` and `--dist-init-addr`.
-/// The operator-owned flags are the ones `api::rules` refuses in `engine.args`.
+/// Expert parallelism ([`EngineLaunch::moe`]): vLLM adds `--enable-expert-parallel` to that
+/// launch with tensor-parallel attention, and with data-parallel attention runs its
+/// data-parallel launch (`--tensor-parallel-size 1 --data-parallel-size N`, and over several
+/// pods `--data-parallel-size-local`, `--data-parallel-address`, `--data-parallel-rpc-port`,
+/// then `--data-parallel-start-rank` and `--headless` on all but the first); SGLang adds
+/// `--ep-size N`, `--attn-dp-size N` for data-parallel attention, and
+/// `--moe-a2a-backend deepep` when a stage's group spans pods. The operator-owned flags are the
+/// ones `api::rules` refuses in `engine.args` (`--moe-a2a-backend` is a default the user may
+/// override: the last occurrence wins).
 pub fn engine_command(l: &EngineLaunch<'_>) -> (Option<Vec<String>>, Vec<String>) {
     let s = |x: &str| x.to_owned();
+    let moe = l.moe();
     let (command, mut args) = match l.engine {
         EngineName::Tessera => return (None, vec![s("serve")]),
         EngineName::Vllm => {
+            // Data-parallel attention: N single-GPU engines, the experts spread over all of them.
+            let (tp, dp) = match moe {
+                MoeLaunch::DataAttention { ep } => (1, Some(ep)),
+                _ => (l.tensor_parallel, None),
+            };
+            // `--max-num-seqs` bounds each data-parallel engine; maxConcurrency is the replica's.
+            let max_seqs = match dp {
+                Some(n) => (l.max_concurrency.max(1) as u32).div_ceil(n.max(1) as u32) as i32,
+                None => l.max_concurrency,
+            };
             let mut a = vec![
                 s("serve"),
                 s(l.model_path),
                 s("--served-model-name"),
                 s(l.served_name),
                 s("--tensor-parallel-size"),
-                l.tensor_parallel.to_string(),
+                tp.to_string(),
                 s("--pipeline-parallel-size"),
                 l.pipeline_parallel.to_string(),
+            ];
+            if let Some(n) = dp {
+                a.extend([s("--data-parallel-size"), n.to_string()]);
+            }
+            if moe != MoeLaunch::None {
+                a.push(s("--enable-expert-parallel"));
+            }
+            a.extend([
                 s("--host"),
                 s("0.0.0.0"),
                 s("--port"),
                 l.port.to_string(),
                 s("--max-num-seqs"),
-                l.max_concurrency.to_string(),
+                max_seqs.to_string(),
                 s("--max-model-len"),
                 l.context_length.to_string(),
-            ];
+            ]);
             if l.kv_cache_dtype == crate::api::KvCacheDtype::Fp8 {
                 a.extend([s("--kv-cache-dtype"), s("fp8")]);
             }
-            if l.nodes > 1 {
+            if l.nodes > 1 && dp.is_some() {
+                // The first pod runs the API server and the engines' coordinator; the others
+                // run their engines headless and reach it at the leader's address.
+                a.extend([
+                    s("--data-parallel-size-local"),
+                    l.local_gpus.to_string(),
+                    s("--data-parallel-address"),
+                    s(l.leader_host),
+                    s("--data-parallel-rpc-port"),
+                    RENDEZVOUS_PORT.to_string(),
+                ]);
+                if l.node_rank > 0 {
+                    a.extend([
+                        s("--data-parallel-start-rank"),
+                        l.first_rank.to_string(),
+                        s("--headless"),
+                    ]);
+                }
+            } else if l.nodes > 1 {
                 a.extend([
                     s("--distributed-executor-backend"),
                     s("mp"),
@@ -568,6 +655,22 @@ pub fn engine_command(l: &EngineLaunch<'_>) -> (Option<Vec<String>>, Vec<String>
                 l.tensor_parallel.to_string(),
                 s("--pp-size"),
                 l.pipeline_parallel.to_string(),
+            ];
+            match moe {
+                MoeLaunch::None => {}
+                MoeLaunch::TensorAttention { ep } => a.extend([s("--ep-size"), ep.to_string()]),
+                MoeLaunch::DataAttention { ep } => a.extend([
+                    s("--ep-size"),
+                    ep.to_string(),
+                    s("--attn-dp-size"),
+                    ep.to_string(),
+                ]),
+            }
+            if moe != MoeLaunch::None && l.stage_spans_pods {
+                // DeepEP: the dispatch and combine over RDMA that the plan's all-to-all assumes.
+                a.extend([s("--moe-a2a-backend"), s("deepep")]);
+            }
+            a.extend([
                 s("--host"),
                 s("0.0.0.0"),
                 s("--port"),
@@ -577,7 +680,7 @@ pub fn engine_command(l: &EngineLaunch<'_>) -> (Option<Vec<String>>, Vec<String>
                 l.max_concurrency.to_string(),
                 s("--context-length"),
                 l.context_length.to_string(),
-            ];
+            ]);
             if l.kv_cache_dtype == crate::api::KvCacheDtype::Fp8 {
                 a.extend([s("--kv-cache-dtype"), s("fp8_e4m3")]);
             }
@@ -601,8 +704,10 @@ pub fn engine_command(l: &EngineLaunch<'_>) -> (Option<Vec<String>>, Vec<String>
 /// Probes of a pod: (readiness, liveness, startup). Tessera: `/readyz` (group-wide) on the
 /// leader, `/healthz` everywhere. vLLM: `/health` on the leader (503 once the engine is dead,
 /// which fails liveness); headless ranks serve no HTTP and have no probes (a rank that dies
-/// ends its pod, and the controller recreates the group). SGLang: `/health` on every rank
-/// (ranks above 0 answer a stand-in health server).
+/// ends its pod, and the controller recreates the group). The same holds for vLLM's
+/// data-parallel launch (expert parallelism with data-parallel attention): the first pod runs
+/// the API server for every engine, the others are headless. SGLang: `/health` on every rank
+/// (ranks above 0 answer a stand-in health server), with or without expert parallelism.
 fn engine_probes(
     engine: EngineName,
     leader: bool,
@@ -694,6 +799,13 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
     let leader_dns = format!("{leader_host}.{workers_svc}.{namespace}.svc");
     let resources = spec.worker.resources.clone().unwrap_or_default();
 
+    // A stage placed over several pods (an expert-parallel group with data-parallel attention
+    // over whole nodes) has several entries with its stage number.
+    let stage_spans_pods = p
+        .stages
+        .iter()
+        .any(|s| p.stages.iter().filter(|o| o.stage == s.stage).count() > 1);
+
     let mut pods = Vec::new();
     // Parts of a stage (several entries with the same stage number) are numbered in order.
     let mut part_of_stage: BTreeMap<i32, usize> = BTreeMap::new();
@@ -770,6 +882,11 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
             context_length,
             kv_cache_dtype: spec.serving.kv_cache_dtype,
             extra_args: &spec.engine.args,
+            expert_parallel: p.expert_parallel,
+            data_parallel_attention: p.data_parallel_attention,
+            stage_spans_pods,
+            local_gpus: stage.gpus,
+            first_rank: rank_offset,
         });
         let (readiness, liveness, startup) = engine_probes(engine, leader, spec.serving.port);
 

@@ -771,3 +771,352 @@ fn each_incarnation_gets_its_own_group_secret_from_the_operators_key() {
     );
     assert!(pods(&md).iter().all(|p| secret_of(p).is_none()));
 }
+
+/// DeepSeek-V3's shape (671B, 256 experts, MLA) served by `engine`.
+fn deepseek(engine: &str, args: &[&str]) -> ModelDeployment {
+    let mut md = parse_model_deployment(&deepseek_object(engine, args)).expect("valid deployment");
+    md.metadata.uid = Some("0c1d2e3f-0000-4000-8000-000000000002".into());
+    md
+}
+
+fn deepseek_object(engine: &str, args: &[&str]) -> serde_json::Value {
+    json!({
+        "apiVersion": "tessera.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "deepseek-v3", "namespace": "inference", "uid": "0c1d2e3f-0000-4000-8000-000000000002"},
+        "spec": {
+            "replicas": 1,
+            "model": {
+                "uri": "pvc://models/deepseek-v3",
+                "architecture": {
+                    "parameters": 671026419200i64, "layers": 61, "hiddenSize": 7168,
+                    "attentionHeads": 128, "kvHeads": 128, "intermediateSize": 18432,
+                    "vocabSize": 129280, "contextLength": 163840, "bytesPerParameter": 1,
+                    "experts": 256, "expertsPerToken": 8, "sharedExperts": 1,
+                    "expertIntermediateSize": 2048, "denseLayers": 3, "kvLoraRank": 512,
+                    "qkRopeHeadDim": 64
+                }
+            },
+            "parallelism": {"expert": "auto"},
+            "serving": {"maxConcurrency": 256, "contextLength": 8192, "kvCacheDtype": "fp8"},
+            "engine": {"name": engine, "args": args}
+        }
+    })
+}
+
+/// A placement of `tp` GPUs per stage (expert-parallel over them when `ep`), one entry per
+/// (stage, node, GPUs).
+fn moe_placement(
+    tp: i32,
+    pp: i32,
+    ep: bool,
+    data_attention: bool,
+    stages: &[(i32, &str, i32)],
+) -> ReplicaPlacement {
+    ReplicaPlacement {
+        replica: 0,
+        incarnation: None,
+        gpu_type: "NVIDIA-H800".into(),
+        tensor_parallel: tp,
+        pipeline_parallel: pp,
+        expert_parallel: ep.then_some(tp),
+        data_parallel_attention: data_attention,
+        stages: stages
+            .iter()
+            .map(|&(stage, node, gpus)| StagePlacement {
+                stage,
+                node: node.into(),
+                gpus,
+            })
+            .collect(),
+        predicted: Prediction::default(),
+        ..ReplicaPlacement::default()
+    }
+}
+
+/// EP=16 with data-parallel attention: one stage over two H800 nodes, 8 GPUs each.
+fn ep16_data_attention() -> ReplicaPlacement {
+    moe_placement(16, 1, true, true, &[(0, "h800-1", 8), (0, "h800-2", 8)])
+}
+
+/// TP=8 EP=8 (tensor-parallel attention) on one node.
+fn ep8_one_node() -> ReplicaPlacement {
+    moe_placement(8, 1, true, false, &[(0, "h800-1", 8)])
+}
+
+fn moe_pods(md: &ModelDeployment, p: &ReplicaPlacement) -> Vec<Pod> {
+    desired_children(
+        md,
+        &[ReplicaToBuild {
+            placement: p,
+            incarnation: "k3x9a",
+        }],
+        &BuildOptions::default(),
+    )
+    .pods
+}
+
+fn args_of(pod: &Pod) -> Vec<String> {
+    container(pod).args.clone().unwrap_or_default()
+}
+
+/// `a b c` as owned words.
+fn words(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_owned).collect()
+}
+
+const DEEPSEEK_LEADER: &str = "deepseek-v3-r0-k3x9a-s0.deepseek-v3-workers.inference.svc";
+
+#[test]
+fn vllm_expert_parallel_with_data_parallel_attention_renders_the_data_parallel_launch() {
+    let md = deepseek("vllm", &["--gpu-memory-utilization=0.9"]);
+    let pods = moe_pods(&md, &ep16_data_attention());
+    assert_eq!(pods.len(), 2);
+    let names: Vec<_> = pods
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["deepseek-v3-r0-k3x9a-s0", "deepseek-v3-r0-k3x9a-s0p1"]
+    );
+    // 16 single-GPU engines, 8 on each pod; --max-num-seqs is per engine (256 / 16).
+    let common = "serve /models/deepseek-v3 --served-model-name deepseek-v3 \
+         --tensor-parallel-size 1 --pipeline-parallel-size 1 --data-parallel-size 16 \
+         --enable-expert-parallel --host 0.0.0.0 --port 8000 --max-num-seqs 16 \
+         --max-model-len 8192 --kv-cache-dtype fp8 --data-parallel-size-local 8";
+    assert_eq!(
+        args_of(&pods[0]),
+        words(&format!(
+            "{common} --data-parallel-address {DEEPSEEK_LEADER} --data-parallel-rpc-port 29500 \
+             --gpu-memory-utilization=0.9"
+        ))
+    );
+    assert_eq!(
+        args_of(&pods[1]),
+        words(&format!(
+            "{common} --data-parallel-address {DEEPSEEK_LEADER} --data-parallel-rpc-port 29500 \
+             --data-parallel-start-rank 8 --headless --gpu-memory-utilization=0.9"
+        ))
+    );
+    // The first pod serves HTTP (the API server and the engines' coordinator) and is the
+    // leader behind the Service; the headless one has no probes.
+    let c0 = container(&pods[0]);
+    assert_eq!(probe_path(&c0.readiness_probe).as_deref(), Some("/health"));
+    assert_eq!(probe_path(&c0.startup_probe).as_deref(), Some("/health"));
+    let c1 = container(&pods[1]);
+    assert!(c1.readiness_probe.is_none() && c1.liveness_probe.is_none());
+    assert!(c1.startup_probe.is_none());
+    let roles: Vec<_> = pods
+        .iter()
+        .map(|p| p.metadata.labels.as_ref().unwrap()[labels::ROLE].clone())
+        .collect();
+    assert_eq!(roles, [labels::ROLE_LEADER, labels::ROLE_WORKER]);
+    // The worker contract is unchanged: both pods are stage 0, ranks 0-7 and 8-15.
+    let offsets: Vec<_> = pods
+        .iter()
+        .map(|p| env_of(p)[env::RANK_OFFSET].clone())
+        .collect();
+    assert_eq!(offsets, ["0", "8"]);
+    for pod in &pods {
+        assert_eq!(env_of(pod)[env::STAGE], "0");
+        assert_eq!(env_of(pod)[env::WORLD_SIZE], "16");
+    }
+}
+
+#[test]
+fn sglang_expert_parallel_with_data_parallel_attention_over_two_nodes_uses_deepep() {
+    let md = deepseek("sglang", &["--mem-fraction-static=0.85"]);
+    let pods = moe_pods(&md, &ep16_data_attention());
+    assert_eq!(pods.len(), 2);
+    for (rank, pod) in pods.iter().enumerate() {
+        assert_eq!(
+            args_of(pod),
+            words(&format!(
+                "--model-path /models/deepseek-v3 --served-model-name deepseek-v3 \
+                 --tp-size 16 --pp-size 1 --ep-size 16 --attn-dp-size 16 \
+                 --moe-a2a-backend deepep --host 0.0.0.0 --port 8000 --enable-metrics \
+                 --max-running-requests 256 --context-length 8192 --kv-cache-dtype fp8_e4m3 \
+                 --nnodes 2 --node-rank {rank} --dist-init-addr {DEEPSEEK_LEADER}:29500 \
+                 --mem-fraction-static=0.85"
+            )),
+            "pod {rank}"
+        );
+        // SGLang as before: /health on every rank, the leader alone behind the Service.
+        assert_eq!(
+            probe_path(&container(pod).readiness_probe).as_deref(),
+            Some("/health")
+        );
+    }
+}
+
+#[test]
+fn tensor_attention_expert_parallel_on_one_node_adds_the_expert_flags_only() {
+    let vllm = moe_pods(&deepseek("vllm", &[]), &ep8_one_node());
+    assert_eq!(vllm.len(), 1);
+    assert_eq!(
+        args_of(&vllm[0]),
+        words(
+            "serve /models/deepseek-v3 --served-model-name deepseek-v3 \
+             --tensor-parallel-size 8 --pipeline-parallel-size 1 --enable-expert-parallel \
+             --host 0.0.0.0 --port 8000 --max-num-seqs 256 --max-model-len 8192 \
+             --kv-cache-dtype fp8"
+        )
+    );
+    // One node: SGLang's own expert-parallel path (no DeepEP flag; engine.args may add it).
+    let sglang = moe_pods(&deepseek("sglang", &[]), &ep8_one_node());
+    assert_eq!(sglang.len(), 1);
+    assert_eq!(
+        args_of(&sglang[0]),
+        words(
+            "--model-path /models/deepseek-v3 --served-model-name deepseek-v3 \
+             --tp-size 8 --pp-size 1 --ep-size 8 --host 0.0.0.0 --port 8000 --enable-metrics \
+             --max-running-requests 256 --context-length 8192 --kv-cache-dtype fp8_e4m3"
+        )
+    );
+    // EP=8 data-parallel attention on one node: no multi-pod flags at all.
+    let dp8 = moe_placement(8, 1, true, true, &[(0, "h800-1", 8)]);
+    assert_eq!(
+        args_of(&moe_pods(&deepseek("vllm", &[]), &dp8)[0]),
+        words(
+            "serve /models/deepseek-v3 --served-model-name deepseek-v3 \
+             --tensor-parallel-size 1 --pipeline-parallel-size 1 --data-parallel-size 8 \
+             --enable-expert-parallel --host 0.0.0.0 --port 8000 --max-num-seqs 32 \
+             --max-model-len 8192 --kv-cache-dtype fp8"
+        )
+    );
+    assert_eq!(
+        flag(
+            &args_of(&moe_pods(&deepseek("sglang", &[]), &dp8)[0]),
+            "--attn-dp-size"
+        ),
+        Some("8")
+    );
+}
+
+/// Each pipeline stage's expert-parallel group on its own node: the existing multi-node launch
+/// plus the expert flags; no DeepEP, since no group leaves its node.
+#[test]
+fn expert_parallel_stages_on_their_own_nodes_keep_the_multi_node_launch() {
+    let p = moe_placement(8, 2, true, false, &[(0, "h800-1", 8), (1, "h800-2", 8)]);
+    let pods = moe_pods(&deepseek("vllm", &[]), &p);
+    for (rank, pod) in pods.iter().enumerate() {
+        let headless = if rank > 0 { " --headless" } else { "" };
+        assert_eq!(
+            args_of(pod),
+            words(&format!(
+                "serve /models/deepseek-v3 --served-model-name deepseek-v3 \
+                 --tensor-parallel-size 8 --pipeline-parallel-size 2 --enable-expert-parallel \
+                 --host 0.0.0.0 --port 8000 --max-num-seqs 256 --max-model-len 8192 \
+                 --kv-cache-dtype fp8 --distributed-executor-backend mp --nnodes 2 \
+                 --node-rank {rank} --master-addr {DEEPSEEK_LEADER} --master-port 29500{headless}"
+            ))
+        );
+    }
+    for pod in moe_pods(&deepseek("sglang", &[]), &p) {
+        let args = args_of(&pod);
+        assert_eq!(flag(&args, "--ep-size"), Some("8"));
+        assert_eq!(flag(&args, "--pp-size"), Some("2"));
+        assert!(
+            !args
+                .iter()
+                .any(|a| a == "--moe-a2a-backend" || a == "--attn-dp-size")
+        );
+    }
+}
+
+/// vLLM's data-parallel engines each hold a whole pipeline on one node, so data-parallel
+/// attention cannot keep each stage's group on that stage's nodes: with PP > 1 vLLM gets the
+/// same expert-parallel groups with tensor-parallel attention (docs/engines.md). SGLang runs
+/// the placement as planned.
+#[test]
+fn vllm_data_parallel_attention_with_pipeline_stages_falls_back_to_tensor_attention() {
+    let p = moe_placement(8, 2, true, true, &[(0, "h800-1", 8), (1, "h800-2", 8)]);
+    for (rank, pod) in moe_pods(&deepseek("vllm", &[]), &p).iter().enumerate() {
+        let args = args_of(pod);
+        assert_eq!(flag(&args, "--tensor-parallel-size"), Some("8"));
+        assert_eq!(flag(&args, "--pipeline-parallel-size"), Some("2"));
+        assert!(args.iter().any(|a| a == "--enable-expert-parallel"));
+        assert!(
+            !args.iter().any(|a| a.starts_with("--data-parallel")),
+            "{args:?}"
+        );
+        assert_eq!(flag(&args, "--node-rank"), Some(rank.to_string().as_str()));
+        assert_eq!(flag(&args, "--max-num-seqs"), Some("256"));
+    }
+    for pod in moe_pods(&deepseek("sglang", &[]), &p) {
+        let args = args_of(&pod);
+        assert_eq!(flag(&args, "--attn-dp-size"), Some("8"));
+        assert_eq!(flag(&args, "--ep-size"), Some("8"));
+    }
+}
+
+/// Every flag the operator renders, in every layout, is one `engine.args` may not set (the CEL
+/// rule is generated from these lists), except `--moe-a2a-backend`, a default the user may
+/// override (the last occurrence wins).
+#[test]
+fn every_flag_the_operator_renders_is_owned() {
+    use tessera_operator::api::rules::{SGLANG_OWNED_FLAGS, VLLM_OWNED_FLAGS};
+    let placements = [
+        placement(),
+        ep16_data_attention(),
+        ep8_one_node(),
+        moe_placement(8, 2, true, false, &[(0, "h800-1", 8), (1, "h800-2", 8)]),
+        moe_placement(8, 2, true, true, &[(0, "h800-1", 8), (1, "h800-2", 8)]),
+    ];
+    for (engine, owned) in [("vllm", VLLM_OWNED_FLAGS), ("sglang", SGLANG_OWNED_FLAGS)] {
+        for p in &placements {
+            for pod in moe_pods(&deepseek(engine, &[]), p) {
+                for a in args_of(&pod).iter().filter(|a| a.starts_with('-')) {
+                    let name = a.trim_start_matches('-');
+                    let ok =
+                        owned.contains(&name) || (engine == "sglang" && name == "moe-a2a-backend");
+                    assert!(ok, "{engine}: {a} is rendered but not owned");
+                }
+            }
+        }
+    }
+}
+
+/// `engine.args` may not set the expert-parallel and data-parallel flags (the validation names
+/// them), but may replace SGLang's all-to-all backend: appended last, its value wins.
+#[test]
+fn moe_flags_are_refused_in_engine_args_but_the_all_to_all_backend_may_be_overridden() {
+    for (engine, arg) in [
+        ("vllm", "--enable-expert-parallel"),
+        ("vllm", "--no-enable-expert-parallel"),
+        ("vllm", "-ep"),
+        ("vllm", "--data-parallel-size=4"),
+        ("vllm", "-dpl"),
+        ("vllm", "--data_parallel_start_rank"),
+        ("vllm", "--data-parallel-address"),
+        ("vllm", "--data-parallel-rpc-port=1"),
+        ("vllm", "--data-parallel-hybrid-lb"),
+        ("vllm", "--data-parallel-rank"),
+        ("sglang", "--ep-size=8"),
+        ("sglang", "--ep"),
+        ("sglang", "--expert-parallel-size"),
+        ("sglang", "--attn-dp-size"),
+        ("sglang", "--dp-size=2"),
+        ("sglang", "--enable-dp-attention"),
+    ] {
+        let err = parse_model_deployment(&deepseek_object(engine, &[arg]))
+            .expect_err(&format!("{engine} {arg} refused"));
+        assert!(
+            err.errors.iter().any(|e| e.field == "spec.engine.args"
+                && e.message.starts_with(arg)
+                && e.message
+                    .contains(&format!("set by the operator for {engine}"))),
+            "{engine} {arg}: {err:?}"
+        );
+    }
+    let md = deepseek("sglang", &["--moe-a2a-backend=none"]);
+    for pod in moe_pods(&md, &ep16_data_attention()) {
+        let args = args_of(&pod);
+        assert_eq!(flag(&args, "--moe-a2a-backend"), Some("deepep"));
+        assert_eq!(
+            args.last().map(String::as_str),
+            Some("--moe-a2a-backend=none")
+        );
+    }
+}

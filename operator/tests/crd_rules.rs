@@ -554,12 +554,12 @@ fn error_display_has_the_api_server_shape() {
 
 #[test]
 fn every_rule_has_a_test_here() {
-    // 47 rules, each exercised in this file with accepted and rejected objects (the five engine
+    // 48 rules, each exercised in this file with accepted and rejected objects (the five engine
     // rules in the engine_* tests, the label rules in the *label*, annotation, node selector and
-    // topology key tests, the volume rules in the volume_* and mount_* tests, the eleven
+    // topology key tests, the volume rules in the volume_* and mount_* tests, the twelve
     // mixture-of-experts rules in the moe_* tests). Adding a rule to
     // operator/src/api/rules.rs? Add its accepted and rejected cases to this file, then bump this.
-    assert_eq!(api::rules::rules().len(), 47);
+    assert_eq!(api::rules::rules().len(), 48);
 }
 
 #[test]
@@ -1227,7 +1227,7 @@ fn moe_shape_is_accepted_and_derives_active_parameters() {
         dense.spec.model.architecture.parameters
     );
     // The expert degree and data-parallel attention are accepted for it.
-    let v = with(moe(), "/spec/parallelism/expert", json!(16));
+    let v = with(moe_vllm(), "/spec/parallelism/expert", json!(16));
     let v = with(v, "/spec/parallelism/attention", json!("data"));
     let md = accepted(&v);
     assert_eq!(md.spec.parallelism.expert, api::ParallelDegree::Fixed(16));
@@ -1329,6 +1329,27 @@ fn moe_expert_degree_rules() {
     );
 }
 
+/// `moe()` served by vLLM (the tessera engine has no data-parallel attention).
+fn moe_vllm() -> Value {
+    with(moe(), "/spec/engine", json!({"name": "vllm"}))
+}
+
+#[test]
+fn moe_data_parallel_attention_needs_an_engine_that_has_it() {
+    assert_single(
+        &with(moe(), "/spec/parallelism/attention", json!("data")),
+        "spec.parallelism.attention",
+        "data: the tessera engine runs attention tensor-parallel (it splits the experts over its tensor-parallel ranks); use attention: tensor or \"auto\", or engine.name vllm or sglang, which run data-parallel attention",
+    );
+    accepted(&with(
+        moe_vllm(),
+        "/spec/parallelism/attention",
+        json!("data"),
+    ));
+    let sglang = with(moe(), "/spec/engine", json!({"name": "sglang"}));
+    accepted(&with(sglang, "/spec/parallelism/attention", json!("data")));
+}
+
 #[test]
 fn moe_data_parallel_attention_needs_expert_parallelism() {
     let msg = "data-parallel attention runs inside an expert-parallel group: it needs a mixture-of-experts model (model.architecture.experts) and expert parallelism (expert \"auto\" or above 1); use attention: tensor or \"auto\"";
@@ -1337,7 +1358,7 @@ fn moe_data_parallel_attention_needs_expert_parallelism() {
         "spec.parallelism.attention",
         msg,
     );
-    let v = with(moe(), "/spec/parallelism/attention", json!("data"));
+    let v = with(moe_vllm(), "/spec/parallelism/attention", json!("data"));
     accepted(&v);
     assert_single(
         &with(v, "/spec/parallelism/expert", json!(1)),

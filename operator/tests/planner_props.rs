@@ -498,6 +498,13 @@ proptest! {
                     if md.spec.parallelism.pipeline.fixed().is_some_and(|x| x != pp) {
                         continue;
                     }
+                    // vLLM runs data-parallel attention with one stage only.
+                    if data_attention
+                        && pp > 1
+                        && md.spec.engine.name == tessera_operator::api::EngineName::Vllm
+                    {
+                        continue;
+                    }
                     let links = choose::nominal_links(&inv, t, st, tp, pp, &c);
                     let layout = Layout { tp, pp, ep, data_attention };
                     let e = estimate_layout(arch, work, &inv.types[t].model, layout, links, &c);

@@ -456,6 +456,63 @@ pub struct ServingSpec {
     /// field existed stays the same and an upgrade rolls nothing.)
     #[serde(default, skip_serializing_if = "KvCacheDtype::is_default")]
     pub kv_cache_dtype: KvCacheDtype,
+    /// The typical request: prompt and output tokens. The planner predicts time to first
+    /// token, inter-token latency and throughput for it, and decides disaggregation by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadShape>,
+    /// Latency targets the planner keeps while maximising tokens/s per GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo: Option<ServingSlo>,
+    /// Prefill and decode on separate pools: `Off` (default), `Auto` (only where the plan
+    /// predicts more SLO-meeting output tokens/s per GPU than aggregated serving) or `On`.
+    /// Needs `workload`.
+    #[serde(default, skip_serializing_if = "Disaggregation::is_off")]
+    pub disaggregation: Disaggregation,
+}
+
+/// A request shape.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadShape {
+    /// Prompt tokens of a typical request.
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub input_tokens: i32,
+    /// Output tokens of a typical request.
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub output_tokens: i32,
+}
+
+/// Latency targets.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServingSlo {
+    /// Time to first token of a typical request, seconds (prefill, and the KV transfer when
+    /// disaggregated; queueing excluded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.001, max = 3600.0))]
+    pub time_to_first_token_seconds: Option<f64>,
+    /// Time between output tokens, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0001, max = 60.0))]
+    pub inter_token_latency_seconds: Option<f64>,
+}
+
+/// Whether prefill and decode run on separate pools.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+pub enum Disaggregation {
+    /// Every replica prefills and decodes (aggregated serving).
+    #[default]
+    Off,
+    /// Separate pools only where they predict more SLO-meeting tokens/s per GPU.
+    Auto,
+    /// Separate pools whenever a pair meets the SLO.
+    On,
+}
+
+impl Disaggregation {
+    fn is_off(&self) -> bool {
+        *self == Disaggregation::Off
+    }
 }
 
 /// Element type of the KV cache.
@@ -497,6 +554,9 @@ impl Default for ServingSpec {
             max_concurrency: default_max_concurrency(),
             context_length: None,
             kv_cache_dtype: KvCacheDtype::default(),
+            workload: None,
+            slo: None,
+            disaggregation: Disaggregation::default(),
         }
     }
 }
@@ -793,6 +853,13 @@ pub struct ModelDeploymentStatus {
     /// Expert-parallel degree of the current plan (MoE models with expert parallelism).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expert_parallel: Option<i32>,
+    /// Prefill/decode disaggregation (`serving.disaggregation` Auto or On): the two pools the
+    /// planner chose, with their predictions, and why; empty for aggregated serving.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolStatus>,
+    /// Why the deployment serves aggregated or disaggregated (with the figures compared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disaggregation: Option<String>,
     /// Parameters each token uses (MoE models: all but the routed experts, plus the
     /// `expertsPerToken` experts of each layer), derived from `model.architecture`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -827,6 +894,37 @@ fn is_false(v: &bool) -> bool {
 
 fn is_zero(v: &i64) -> bool {
     *v == 0
+}
+
+/// One pool of a disaggregated deployment.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStatus {
+    /// `prefill` or `decode`.
+    pub role: String,
+    pub gpu_type: String,
+    pub tensor_parallel: i32,
+    pub pipeline_parallel: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_parallel: Option<i32>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub data_parallel_attention: bool,
+    /// Replicas of this pool (per serving unit times `spec.replicas`).
+    pub replicas: i32,
+    /// Nodes its placed replicas use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// Concurrent sequences per replica the prediction assumes (decode pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<i32>,
+    /// Time to first token (prefill pool: with the KV transfer), seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_first_token_seconds: Option<f64>,
+    /// Inter-token latency (decode pool), seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inter_token_latency_seconds: Option<f64>,
+    /// Requests/s one replica of this pool serves.
+    pub requests_per_second_per_replica: f64,
 }
 
 /// Lifecycle of one replica (its whole worker group).

@@ -89,9 +89,30 @@ pub const VLLM_OWNED_FLAGS: &[&str] = &[
     "max-num-seqs",
     "max-model-len",
     "kv-cache-dtype",
+    // Expert parallelism and vLLM's data-parallel launch (data-parallel attention): the
+    // sizes, ranks and address come from the placement, and the load-balancing modes decide
+    // which pods serve HTTP.
+    "enable-expert-parallel",
+    "no-enable-expert-parallel",
+    "data-parallel-size",
+    "data-parallel-size-local",
+    "data-parallel-start-rank",
+    "data-parallel-rank",
+    "data-parallel-address",
+    "data-parallel-rpc-port",
+    "data-parallel-backend",
+    "data-parallel-hybrid-lb",
+    "no-data-parallel-hybrid-lb",
+    "data-parallel-external-lb",
+    "no-data-parallel-external-lb",
+    "data-parallel-multi-port-external-lb",
 ];
-/// Short options of vLLM that alias owned ones (`-tp`, `-pp`, `-n` = `--nnodes`, `-r` = `--node-rank`).
-pub const VLLM_OWNED_SHORT: &[&str] = &["tp", "pp", "n", "r"];
+/// Short options of vLLM that alias owned ones (`-tp`, `-pp`, `-n` = `--nnodes`, `-r` =
+/// `--node-rank`, `-ep` = `--enable-expert-parallel`, `-dp` = `--data-parallel-size` and the
+/// other `-dp*` of the data-parallel launch).
+pub const VLLM_OWNED_SHORT: &[&str] = &[
+    "tp", "pp", "n", "r", "ep", "dp", "dpl", "dpr", "dpn", "dpa", "dpp", "dpb", "dph", "dpe", "dpm",
+];
 /// Options of SGLang's `launch_server` that the operator sets (see [`VLLM_OWNED_FLAGS`]).
 pub const SGLANG_OWNED_FLAGS: &[&str] = &[
     "model-path",
@@ -112,6 +133,17 @@ pub const SGLANG_OWNED_FLAGS: &[&str] = &[
     "max-running-requests",
     "context-length",
     "kv-cache-dtype",
+    // Expert parallelism and data-parallel attention (`--attn-dp-size`; the deprecated spelling
+    // `--dp-size N --enable-dp-attention`; `--dp-size` alone would run whole extra replicas).
+    // `--moe-a2a-backend` is not owned: a default the user may override.
+    "ep-size",
+    "expert-parallel-size",
+    "ep",
+    "attn-dp-size",
+    "attention-data-parallel-size",
+    "dp-size",
+    "data-parallel-size",
+    "enable-dp-attention",
 ];
 
 /// An RE2 pattern that matches an argument setting one of `long` (`--name` or `--name=...`, with
@@ -723,6 +755,14 @@ fn moe_rules(
             rule: format!("!has(self.parallelism) || !has(self.parallelism.attention) || self.parallelism.attention != 'data' || ({moe} && !({expert_is_int} && {ep} == 1))"),
             message_expression: r#"'data-parallel attention runs inside an expert-parallel group: it needs a mixture-of-experts model (model.architecture.experts) and expert parallelism (expert "auto" or above 1); use attention: tensor or "auto"'"#.into(),
             message: "parallelism.attention data needs a mixture of experts with expert parallelism".into(),
+            field_path: Some(".parallelism.attention"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec"],
+            rule: "!has(self.parallelism) || !has(self.parallelism.attention) || self.parallelism.attention != 'data' || !has(self.model.architecture.experts) || (has(self.engine) && self.engine.name != 'tessera')".into(),
+            message_expression: "'data: the tessera engine runs attention tensor-parallel (it splits the experts over its tensor-parallel ranks); use attention: tensor or \"auto\", or engine.name vllm or sglang, which run data-parallel attention'".into(),
+            message: "parallelism.attention data needs the vllm or sglang engine".into(),
             field_path: Some(".parallelism.attention"),
             transition: false,
         },

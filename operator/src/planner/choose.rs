@@ -339,6 +339,18 @@ pub fn choose(
             };
             let mut fitted = 0;
             for pp in pps {
+                // vLLM's data-parallel engines each hold a whole pipeline on one node, so it
+                // cannot run a stage's data-parallel attention group on that stage's own nodes
+                // (docs/engines.md).
+                if data_attention && pp > 1 && spec.engine.name == crate::api::EngineName::Vllm {
+                    if pinned_pp.is_some() {
+                        last_reason = Some(format!(
+                            "{short}: {} needs one pipeline stage with vLLM: its data-parallel engines each hold a whole pipeline; set parallelism.pipeline: 1 or attention: tensor",
+                            layout_of(pp).label()
+                        ));
+                    }
+                    continue;
+                }
                 let gpus = tp * pp;
                 if gpus > MAX_GPUS {
                     last_reason = Some(format!(

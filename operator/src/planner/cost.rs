@@ -535,6 +535,9 @@ pub struct Serving {
     pub time_to_first_token_seconds: f64,
     /// One decode step at `batch`, the KV cache half-way through the outputs, seconds.
     pub inter_token_latency_seconds: f64,
+    /// Replica time one request's prefill takes when prompts keep it busy (chunked together,
+    /// side by side with data-parallel attention), seconds.
+    pub prefill_seconds_per_request: f64,
     /// Output tokens/s of the replica in steady state: every request costs its prefill and
     /// its share of the decode steps.
     pub output_tokens_per_second: f64,
@@ -622,6 +625,7 @@ pub fn serve(
         fits: memory.fits,
         time_to_first_token_seconds: ttft,
         inter_token_latency_seconds: step,
+        prefill_seconds_per_request: prefill_each,
         output_tokens_per_second: tps,
         output_tokens_per_second_per_gpu: tps / f64::from(tp.max(1) * pp.max(1)),
         memory_per_gpu_gib: memory.memory_per_gpu_gib,

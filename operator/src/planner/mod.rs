@@ -13,6 +13,7 @@ pub mod calibration;
 pub mod catalog;
 pub mod choose;
 pub mod cost;
+pub mod disagg;
 pub mod inventory;
 pub mod place;
 #[doc(hidden)]
@@ -136,6 +137,23 @@ pub struct DeploymentPlan {
     pub placed: Vec<PlacedReplica>,
     pub unplaced: Vec<UnplacedReplica>,
     pub choice: ChoiceReport,
+    /// Prefill/decode disaggregation (`serving.disaggregation` Auto or On with a workload):
+    /// the verdict, why, and the two pools when disaggregated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disaggregation: Option<DisaggregationPlan>,
+}
+
+/// The planner's disaggregation verdict for one deployment.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DisaggregationPlan {
+    /// Prefill and decode on separate pools.
+    pub disaggregated: bool,
+    /// Why, with the figures compared (output tokens/s per GPU under the SLO).
+    pub reason: String,
+    /// The prefill and the decode pool (empty when aggregated).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<crate::api::PoolStatus>,
 }
 
 /// One placed replica.
@@ -164,6 +182,9 @@ pub struct PlacedReplica {
     /// Set when the replica fell back from the chosen layout, with why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// `prefill` or `decode` in a disaggregated deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 /// A replica that could not be placed.
@@ -209,6 +230,41 @@ struct Dep<'a> {
     /// replica -> (type, tp, pp, allocations, kept, note)
     placed: BTreeMap<i32, Held>,
     unplaced: Vec<UnplacedReplica>,
+    /// The disaggregation verdict, and the pools when disaggregated: replicas below
+    /// `prefill_replicas` are the prefill pool, the rest the decode pool.
+    decision: Option<disagg::Decision>,
+    pools: Option<Pools>,
+}
+
+/// The two pools of a disaggregated deployment.
+struct Pools {
+    prefill: Candidate,
+    decode: Candidate,
+    prefill_replicas: i32,
+    decode_replicas: i32,
+    pair: disagg::Pair,
+}
+
+impl Dep<'_> {
+    /// Replicas to place: both pools when disaggregated.
+    fn replicas(&self) -> i32 {
+        self.pools
+            .as_ref()
+            .map_or(self.md.spec.replicas.max(0), |p| {
+                p.prefill_replicas + p.decode_replicas
+            })
+    }
+
+    /// The pool replica `r` belongs to: its layout and role.
+    fn pool_of(&self, r: i32) -> Option<(&Candidate, &'static str)> {
+        self.pools.as_ref().map(|p| {
+            if r < p.prefill_replicas {
+                (&p.prefill, "prefill")
+            } else {
+                (&p.decode, "decode")
+            }
+        })
+    }
 }
 
 /// The scope a deployment's TP groups have on GPU type `t` (`Auto` resolved by NVLink).
@@ -307,6 +363,18 @@ pub fn plan(
             &classes[class].elig,
             c,
         );
+        let decision = disagg::decide(&md.spec, inv, &classes[class].stats, &choice, c);
+        let pools = decision.as_ref().and_then(|d| {
+            let (i, j, pair) = d.pair.clone().filter(|_| d.disaggregate)?;
+            let units = md.spec.replicas.max(0);
+            Some(Pools {
+                prefill: choice.candidates[i].clone(),
+                decode: choice.candidates[j].clone(),
+                prefill_replicas: units * pair.prefill_replicas as i32,
+                decode_replicas: units * pair.decode_replicas as i32,
+                pair,
+            })
+        });
         deps.push(Dep {
             md,
             namespace,
@@ -316,6 +384,8 @@ pub fn plan(
             choice,
             placed: BTreeMap::new(),
             unplaced: Vec::new(),
+            decision,
+            pools,
         });
     }
 
@@ -333,6 +403,10 @@ pub fn plan(
     // domains; otherwise a spanning replica could split a domain that a later one needs.
     let mut order: Vec<(usize, &ExistingPlacement)> = Vec::new();
     for (i, dep) in deps.iter().enumerate() {
+        // Pools are re-planned whole (existing placements carry no role yet).
+        if dep.pools.is_some() {
+            continue;
+        }
         if let Some(list) = by_dep.get(&(dep.namespace.as_str(), dep.name.as_str())) {
             let mut list = list.clone();
             list.sort_by_key(|e| e.replica);
@@ -371,7 +445,10 @@ pub fn plan(
     // chosen layout is tried first (pass 0) and fallbacks only after (pass 1): a fallback is
     // usually a bigger or slower layout, and letting it take GPUs that another deployment of the
     // same priority would use for its first choice costs both of them.
-    let mut failed: HashMap<(usize, u32, u32, bool, u8, usize, usize), String> = HashMap::new();
+    // (GPU type, TP, PP, data-parallel attention, scope, grouping, eligibility class): layouts
+    // that found no room, with why, so a later replica does not search again.
+    type FailedKey = (usize, u32, u32, bool, u8, usize, usize);
+    let mut failed: HashMap<FailedKey, String> = HashMap::new();
     let mut level_start = 0;
     while level_start < deps.len() {
         let priority = deps[level_start].md.spec.priority;
@@ -384,7 +461,7 @@ pub fn plan(
                 let scope = dep.md.spec.placement.tensor_parallel_scope;
                 let ok = &classes[dep.class].elig.ok;
                 let g = &groupings[dep.grouping];
-                for r in 0..dep.md.spec.replicas.max(0) {
+                for r in 0..dep.replicas() {
                     if dep.placed.contains_key(&r) {
                         continue;
                     }
@@ -406,7 +483,12 @@ pub fn plan(
                     } else {
                         dep.choice.candidates.len()
                     };
-                    for cand in dep.choice.candidates.iter().take(tries) {
+                    // A pool's replicas take its layout only.
+                    let cands: Vec<&Candidate> = match dep.pool_of(r) {
+                        Some((cand, _)) => vec![cand],
+                        None => dep.choice.candidates.iter().take(tries).collect(),
+                    };
+                    for cand in cands {
                         let key = (
                             cand.gpu_type,
                             cand.tp,
@@ -453,8 +535,10 @@ pub fn plan(
                         }
                     }
                     if !done && pass == 1 {
-                        let n = dep.choice.candidates.len();
-                        let first = &dep.choice.candidates[0];
+                        let (n, first) = match dep.pool_of(r) {
+                            Some((cand, _)) => (1, cand),
+                            None => (dep.choice.candidates.len(), &dep.choice.candidates[0]),
+                        };
                         let mut reason =
                             format!("{}: {}", first.label(inv), first_reason.unwrap_or_default());
                         if n > 1 {
@@ -481,7 +565,12 @@ pub fn plan(
                 .first()
                 .map(|c| choose::layout(inv, c, None));
             let work = choose::workload(&dep.md.spec);
-            let placed = dep
+            let roles: BTreeMap<i32, &'static str> = dep
+                .placed
+                .keys()
+                .filter_map(|&r| dep.pool_of(r).map(|(_, role)| (r, role)))
+                .collect();
+            let placed: Vec<PlacedReplica> = dep
                 .placed
                 .into_iter()
                 .map(|(r, (t, layout, allocs, kept, note))| {
@@ -518,9 +607,19 @@ pub fn plan(
                         predicted: e.prediction(),
                         kept,
                         note,
+                        role: roles.get(&r).map(|x| (*x).to_owned()),
                     }
                 })
                 .collect();
+            let disaggregation = dep.decision.as_ref().map(|d| DisaggregationPlan {
+                disaggregated: dep.pools.is_some(),
+                reason: d.reason.clone(),
+                pools: dep
+                    .pools
+                    .as_ref()
+                    .map(|p| pool_statuses(inv, p, &placed))
+                    .unwrap_or_default(),
+            });
             DeploymentPlan {
                 namespace: dep.namespace,
                 name: dep.name,
@@ -535,6 +634,7 @@ pub fn plan(
                     feasible: dep.choice.candidates.len(),
                     rejected: dep.choice.rejected,
                 },
+                disaggregation,
             }
         })
         .collect();
@@ -542,6 +642,50 @@ pub fn plan(
         deployments,
         warnings,
     }
+}
+
+/// The status of both pools: layout, replicas, the nodes they were placed on, predictions.
+fn pool_statuses(
+    inv: &Inventory,
+    p: &Pools,
+    placed: &[PlacedReplica],
+) -> Vec<crate::api::PoolStatus> {
+    let pool = |cand: &Candidate, role: &str, replicas: i32| {
+        let mut nodes: Vec<String> = placed
+            .iter()
+            .filter(|r| r.role.as_deref() == Some(role))
+            .flat_map(|r| r.stages.iter().map(|s| s.node.clone()))
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        crate::api::PoolStatus {
+            role: role.to_owned(),
+            gpu_type: inv.types[cand.gpu_type].product.clone(),
+            tensor_parallel: cand.tp as i32,
+            pipeline_parallel: cand.pp as i32,
+            expert_parallel: (cand.ep > 1).then_some(cand.ep as i32),
+            data_parallel_attention: cand.data_attention,
+            replicas,
+            nodes,
+            batch: None,
+            time_to_first_token_seconds: None,
+            inter_token_latency_seconds: None,
+            requests_per_second_per_replica: 0.0,
+        }
+    };
+    let x = &p.pair;
+    let mut prefill = pool(&p.prefill, "prefill", p.prefill_replicas);
+    prefill.time_to_first_token_seconds = Some(round3(x.time_to_first_token_seconds));
+    prefill.requests_per_second_per_replica = round3(x.prefill_requests_per_second);
+    let mut decode = pool(&p.decode, "decode", p.decode_replicas);
+    decode.batch = Some(x.decode_batch as i32);
+    decode.inter_token_latency_seconds = Some(round3(x.inter_token_latency_seconds));
+    decode.requests_per_second_per_replica = round3(x.decode_requests_per_second);
+    vec![prefill, decode]
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
 
 fn try_place(
@@ -630,7 +774,8 @@ fn keep(
         let mut need = s.gpus as u32;
         let free = &cap.free[n];
         let mut plan: Vec<(u32, u32)> = Vec::new();
-        if scope == TensorParallelScope::NvLinkDomain {
+        // A data-parallel-attention group may spread over domains and nodes (see `try_place`).
+        if scope == TensorParallelScope::NvLinkDomain && !layout.data_attention {
             let best = free
                 .iter()
                 .enumerate()
