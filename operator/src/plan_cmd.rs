@@ -493,6 +493,38 @@ pub fn render_table(p: &Plan) -> String {
                 a.note.as_deref().unwrap_or("")
             );
         }
+        if let Some(x) = &d.disaggregation {
+            let _ = writeln!(s, "  disaggregation: {}", x.reason);
+            for p in &x.pools {
+                let layout = layout_label(&crate::api::LayoutPrediction {
+                    gpu_type: p.gpu_type.clone(),
+                    tensor_parallel: p.tensor_parallel,
+                    pipeline_parallel: p.pipeline_parallel,
+                    expert_parallel: p.expert_parallel,
+                    data_parallel_attention: p.data_parallel_attention,
+                    ..Default::default()
+                });
+                let _ = writeln!(
+                    s,
+                    "  pool {}: {} {} x{}, {:.2} requests/s per replica{}{}",
+                    p.role,
+                    short_type(&p.gpu_type),
+                    layout,
+                    p.replicas,
+                    p.requests_per_second_per_replica,
+                    p.time_to_first_token_seconds
+                        .map(|t| format!(", TTFT {t:.3} s with the KV transfer"))
+                        .unwrap_or_default(),
+                    p.inter_token_latency_seconds
+                        .map(|t| format!(
+                            ", ITL {:.0} ms at batch {}",
+                            t * 1e3,
+                            p.batch.unwrap_or(0)
+                        ))
+                        .unwrap_or_default()
+                );
+            }
+        }
         if d.choice.chosen.is_some() {
             for r in &d.choice.rejected {
                 let _ = writeln!(s, "  rejected: {r}");
@@ -522,6 +554,9 @@ pub fn render_table(p: &Plan) -> String {
                     .map(|st| format!("s{}={}:{}", st.stage, st.node, st.gpus))
                     .collect();
                 let mut rep = r.replica.to_string();
+                if let Some(role) = &r.role {
+                    rep.push_str(&format!(" ({role})"));
+                }
                 if r.kept {
                     rep.push_str(" (kept)");
                 }

@@ -554,12 +554,13 @@ fn error_display_has_the_api_server_shape() {
 
 #[test]
 fn every_rule_has_a_test_here() {
-    // 48 rules, each exercised in this file with accepted and rejected objects (the five engine
+    // 51 rules, each exercised in this file with accepted and rejected objects (the five engine
     // rules in the engine_* tests, the label rules in the *label*, annotation, node selector and
     // topology key tests, the volume rules in the volume_* and mount_* tests, the twelve
-    // mixture-of-experts rules in the moe_* tests). Adding a rule to
+    // mixture-of-experts rules in the moe_* tests, the three serving rules in the
+    // disaggregation_* tests). Adding a rule to
     // operator/src/api/rules.rs? Add its accepted and rejected cases to this file, then bump this.
-    assert_eq!(api::rules::rules().len(), 48);
+    assert_eq!(api::rules::rules().len(), 51);
 }
 
 #[test]
@@ -1370,4 +1371,47 @@ fn moe_data_parallel_attention_needs_expert_parallelism() {
         "/spec/parallelism/attention",
         json!("tensor"),
     ));
+}
+
+#[test]
+fn disaggregation_needs_a_workload_that_fits_the_context() {
+    let pd = json!({"inputTokens": 8192, "outputTokens": 256});
+    let v = with(base(), "/spec/serving/disaggregation", json!("Auto"));
+    assert_single(
+        &v,
+        "spec.serving.disaggregation",
+        "Auto: the planner decides and sizes prefill/decode pools by the request shape; set serving.workload (inputTokens, outputTokens), or disaggregation: Off",
+    );
+    let v = with(v, "/spec/serving/workload", pd.clone());
+    accepted(&v);
+    accepted(&with(
+        v.clone(),
+        "/spec/serving/slo",
+        json!({"timeToFirstTokenSeconds": 2.0, "interTokenLatencySeconds": 0.05}),
+    ));
+    assert_single(
+        &with(
+            base(),
+            "/spec/serving/slo",
+            json!({"interTokenLatencySeconds": 0.05}),
+        ),
+        "spec.serving.slo",
+        "the latency targets are for a typical request: set serving.workload (inputTokens, outputTokens) too, or remove serving.slo",
+    );
+    let v = with(v, "/spec/serving/contextLength", json!(8192));
+    assert_single(
+        &v,
+        "spec.serving.workload",
+        "8192 + 256 tokens exceed the context of 8192 tokens a sequence may use (serving.contextLength, else the context of the model); shorten the workload or raise serving.contextLength",
+    );
+    // Off needs nothing; unknown modes are refused by the schema.
+    accepted(&with(base(), "/spec/serving/disaggregation", json!("Off")));
+    assert!(
+        parse_model_deployment(&with(
+            base(),
+            "/spec/serving/disaggregation",
+            json!("Sometimes")
+        ))
+        .is_err()
+    );
 }

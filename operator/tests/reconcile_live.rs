@@ -471,3 +471,63 @@ fn what_the_fleet_measured_shows_next_to_the_prediction() {
     assert_eq!(p.measured_prefill_ratio, None);
     assert!(p.decode_tokens_per_second > 0.0);
 }
+
+#[test]
+fn a_disaggregation_verdict_reaches_status_while_replicas_serve_aggregated() {
+    // Long prompts under a tight inter-token target: the planner prefers a prefill pool and a
+    // decode pool; this controller does not run pools yet, so it says so in a condition, shows
+    // the pools it would run, and places the replicas aggregated (no pod has a role).
+    let mut md = deployment(1, 1);
+    let spec = &mut md.spec;
+    spec.parallelism = Default::default();
+    spec.serving.context_length = Some(16384);
+    spec.serving.workload = Some(tessera_operator::api::WorkloadShape {
+        input_tokens: 8192,
+        output_tokens: 256,
+    });
+    spec.serving.slo = Some(tessera_operator::api::ServingSlo {
+        time_to_first_token_seconds: Some(2.0),
+        inter_token_latency_seconds: Some(0.02),
+    });
+    spec.serving.disaggregation = tessera_operator::api::Disaggregation::Auto;
+    let nodes = [common::h100_node()];
+    let actions = decide(&md, &[], &nodes, t0());
+    let status = actions.status.expect("status");
+    assert_eq!(status.pools.len(), 2, "{status:?}");
+    assert_eq!(status.pools[0].role, "prefill");
+    assert_eq!(status.pools[1].role, "decode");
+    let why = status.disaggregation.as_deref().unwrap();
+    assert!(why.starts_with("disaggregated (Auto)"), "{why}");
+    let c = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Disaggregated")
+        .expect("condition");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "PoolsNotRunYet")
+    );
+    assert!(
+        c.message.contains("runs every replica aggregated"),
+        "{}",
+        c.message
+    );
+    // One aggregated replica, as spec.replicas says.
+    assert_eq!(status.placements.len(), 1);
+    assert!(!actions.apply_pods.is_empty());
+    assert!(status_violations(&status).is_empty());
+    // With short prompts the verdict is aggregated and the condition says why.
+    md.spec.serving.workload = Some(tessera_operator::api::WorkloadShape {
+        input_tokens: 256,
+        output_tokens: 256,
+    });
+    let status = decide(&md, &[], &nodes, t0()).status.expect("status");
+    assert!(status.pools.is_empty());
+    let c = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Disaggregated")
+        .expect("condition");
+    assert_eq!(c.reason, "AggregatedPredictedBetter");
+    assert!(c.message.starts_with("aggregated (Auto)"), "{}", c.message);
+}

@@ -655,10 +655,41 @@ pub fn rules() -> Vec<CelRule> {
         field_path: None,
         transition: false,
     });
+    rules.extend(serving_rules(arch));
     rules.extend(moe_rules(arch, &expert_is_int, &ep, &tensor_is_int, &tp));
     rules.extend(label_rules());
     rules.extend(volume_rules());
     rules
+}
+
+/// The request shape, latency targets and disaggregation.
+fn serving_rules(arch: &str) -> Vec<CelRule> {
+    vec![
+        CelRule {
+            at: &["spec", "serving"],
+            rule: "!has(self.disaggregation) || self.disaggregation == 'Off' || has(self.workload)".into(),
+            message_expression: "self.disaggregation + ': the planner decides and sizes prefill/decode pools by the request shape; set serving.workload (inputTokens, outputTokens), or disaggregation: Off'".into(),
+            message: "serving.disaggregation Auto or On needs serving.workload".into(),
+            field_path: Some(".disaggregation"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec", "serving"],
+            rule: "!has(self.slo) || has(self.workload)".into(),
+            message_expression: "'the latency targets are for a typical request: set serving.workload (inputTokens, outputTokens) too, or remove serving.slo'".into(),
+            message: "serving.slo needs serving.workload".into(),
+            field_path: Some(".slo"),
+            transition: false,
+        },
+        CelRule {
+            at: &["spec"],
+            rule: format!("!has(self.serving) || !has(self.serving.workload) || self.serving.workload.inputTokens + self.serving.workload.outputTokens <= (has(self.serving.contextLength) ? self.serving.contextLength : {arch}.contextLength)"),
+            message_expression: format!("string(self.serving.workload.inputTokens) + ' + ' + string(self.serving.workload.outputTokens) + ' tokens exceed the context of ' + string(has(self.serving.contextLength) ? self.serving.contextLength : {arch}.contextLength) + ' tokens a sequence may use (serving.contextLength, else the context of the model); shorten the workload or raise serving.contextLength'"),
+            message: "serving.workload must fit the serving context".into(),
+            field_path: Some(".serving.workload"),
+            transition: false,
+        },
+    ]
 }
 
 /// The mixture-of-experts shape and the expert-parallel degree.

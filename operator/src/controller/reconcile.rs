@@ -933,6 +933,7 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
         next_index += 1;
     }
     let mut plan_report = None;
+    let mut verdict: Option<planner::DisaggregationPlan> = None;
     if !wanted.is_empty() || old.alternatives.is_empty() {
         // The deployment with its pods' GPUs moved out of the way: every other pod's GPUs are
         // used, and pinned but not yet bound pods count on their planned node (otherwise two
@@ -962,6 +963,10 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
             .map_or(0, |m| m + 1);
         let mut planned_md = md.clone();
         planned_md.spec.replicas = max_index;
+        // Prefill/decode pools are planned and reported, but this controller runs every
+        // replica aggregated (it does not create pools yet): see the Disaggregated condition.
+        verdict = planner::disaggregation_verdict(&inv, md, &cfg.plan);
+        planned_md.spec.serving.disaggregation = api::Disaggregation::Off;
         let plan = planner::plan(
             &inv,
             std::slice::from_ref(&planned_md),
@@ -1122,6 +1127,19 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
                 .collect()
         })
         .unwrap_or_default();
+    match &verdict {
+        Some(v) => {
+            status.pools = v.pools.clone();
+            status.disaggregation = Some(bounded(&v.reason, MAX_MESSAGE));
+        }
+        None if plan_report.is_none()
+            && spec.serving.disaggregation != api::Disaggregation::Off =>
+        {
+            status.pools = old.pools.clone();
+            status.disaggregation = old.disaggregation.clone();
+        }
+        None => {}
+    }
     status.alternatives = match &plan_report {
         Some(dp) => dp
             .choice
@@ -1247,6 +1265,36 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
             "no replica is failing".into()
         },
     );
+    if spec.serving.disaggregation != api::Disaggregation::Off {
+        let wanted_pools = !status.pools.is_empty();
+        conditions.set(
+            "Disaggregated",
+            false,
+            if wanted_pools {
+                "PoolsNotRunYet"
+            } else {
+                "AggregatedPredictedBetter"
+            },
+            if wanted_pools {
+                bounded(
+                    &format!(
+                        "the planner chose prefill/decode pools ({}), but this operator version runs every replica aggregated; `tessera-operator plan` shows where the pools would go",
+                        status.pools
+                            .iter()
+                            .map(|p| format!("{} x{} on {} TP={}", p.role, p.replicas, p.gpu_type, p.tensor_parallel))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    MAX_MESSAGE,
+                )
+            } else {
+                status
+                    .disaggregation
+                    .clone()
+                    .unwrap_or_else(|| "serving.workload is needed to decide".into())
+            },
+        );
+    }
     // ScalingLimited belongs to the autoscaler; carry it over. ReplicaFailure (set by the
     // executor when creating a pod failed) holds while a starting group still misses pods.
     let mut conditions = conditions.list;

@@ -47,6 +47,12 @@ pub struct CostConstants {
     /// token counts and the barrier, seconds.
     #[serde(default = "default_all_to_all_latency_s")]
     pub all_to_all_latency_s: f64,
+    /// How much more SLO-meeting output tokens/s per GPU a prefill/decode pair must predict
+    /// than aggregated serving for `serving.disaggregation: Auto` to choose it (0.1: 10%): two
+    /// pools pay what the model does not count (the router hop, KV-transfer setup, pools kept
+    /// in ratio as load shifts).
+    #[serde(default = "default_disaggregation_margin")]
+    pub disaggregation_margin: f64,
     /// Corrections measured on the fleet per (GPU type, TP, PP, engine), applied to the
     /// predictions the planner ranks layouts by (`plan --calibration FILE`;
     /// `planner::calibration`).
@@ -70,6 +76,7 @@ impl Default for CostConstants {
             pcie_allreduce_efficiency: default_pcie_allreduce_efficiency(),
             all_to_all_efficiency: default_all_to_all_efficiency(),
             all_to_all_latency_s: default_all_to_all_latency_s(),
+            disaggregation_margin: default_disaggregation_margin(),
             calibration: Calibration::default(),
         }
     }
@@ -85,6 +92,10 @@ fn default_all_to_all_efficiency() -> f64 {
 
 fn default_all_to_all_latency_s() -> f64 {
     20e-6
+}
+
+fn default_disaggregation_margin() -> f64 {
+    0.1
 }
 
 impl CostConstants {

@@ -166,8 +166,16 @@ pub struct Pair {
 
 /// Score `p` as the prefill pool and `d` as the decode pool of `shape` under `slo`; the KV
 /// cache crosses `link` (per GPU) from every prefill GPU at once, bounded by the smaller pool's
-/// GPU count. `None` when either role cannot meet the SLO.
-pub fn pair(p: &Figures, d: &Figures, link: Link, shape: RequestShape, slo: Slo) -> Option<Pair> {
+/// GPU count. Only ratios `fits(prefill replicas, decode replicas)` accepts are considered (the
+/// cluster's GPUs of each type). `None` when either role cannot meet the SLO or no ratio fits.
+pub fn pair(
+    p: &Figures,
+    d: &Figures,
+    link: Link,
+    shape: RequestShape,
+    slo: Slo,
+    fits: &dyn Fn(u32, u32) -> bool,
+) -> Option<Pair> {
     let (pe, ttft) = p.prefill?;
     let dec = d.decode?;
     let lanes = f64::from(p.gpus.min(d.gpus).max(1));
@@ -183,6 +191,9 @@ pub fn pair(p: &Figures, d: &Figures, link: Link, shape: RequestShape, slo: Slo)
     let mut best: Option<(f64, u32, u32)> = None;
     for np in 1..=MAX_POOL_RATIO {
         for nd in 1..=MAX_POOL_RATIO {
+            if !fits(np, nd) {
+                continue;
+            }
             let rate = (f64::from(np) * rate_p).min(f64::from(nd) * rate_d);
             let gpus = f64::from(np * p.gpus + nd * d.gpus);
             let per_gpu = rate * output / gpus;
@@ -279,10 +290,21 @@ pub fn decide(
         gbps: c.fabric_gbps,
         latency_s: c.fabric_latency_s,
     };
+    // A unit's pools must fit the eligible GPUs of their types, `spec.replicas` units over.
+    let units = spec.replicas.max(1) as u32;
     let mut best: Option<(usize, usize, Pair)> = None;
     for (i, p) in figs.iter().enumerate() {
         for (j, d) in figs.iter().enumerate() {
-            if let Some(x) = pair(p, d, fabric, shape, slo)
+            let (tp_, td) = (choice.candidates[i].gpu_type, choice.candidates[j].gpu_type);
+            let fits = |np: u32, nd: u32| {
+                let (gp, gd) = (units * np * p.gpus, units * nd * d.gpus);
+                if tp_ == td {
+                    gp + gd <= stats[tp_].gpus
+                } else {
+                    gp <= stats[tp_].gpus && gd <= stats[td].gpus
+                }
+            };
+            if let Some(x) = pair(p, d, fabric, shape, slo, &fits)
                 && best.as_ref().is_none_or(|(_, _, b)| {
                     x.output_tokens_per_second_per_gpu > b.output_tokens_per_second_per_gpu
                 })
@@ -305,7 +327,7 @@ pub fn decide(
     );
     let pair_text = |(i, j, x): &(usize, usize, Pair)| {
         format!(
-            "prefill on {} x{} and decode on {} x{} per unit: {:.0} output tokens/s per GPU (TTFT {:.2} s with a {:.0} ms KV transfer at {:.0} GB/s, ITL {:.0} ms at batch {})",
+            "prefill on {} x{} and decode on {} x{} per unit: {:.0} output tokens/s per GPU (TTFT {:.2} s with a {:.1} ms KV transfer at {:.0} GB/s, ITL {:.0} ms at batch {})",
             label(*i),
             x.prefill_replicas,
             label(*j),
@@ -328,15 +350,26 @@ pub fn decide(
             true,
             format!("disaggregated (On): {}; vs {agg_text}", pair_text(b)),
         ),
-        (Some(b), _) if b.2.output_tokens_per_second_per_gpu > agg_per_gpu => (
-            true,
-            format!("disaggregated (Auto): {} beats {agg_text}", pair_text(b)),
-        ),
+        (Some(b), _)
+            if b.2.output_tokens_per_second_per_gpu
+                > agg_per_gpu * (1.0 + c.disaggregation_margin) =>
+        {
+            (
+                true,
+                format!(
+                    "disaggregated (Auto): {} beats {agg_text} by {}",
+                    pair_text(b),
+                    gain(b.2.output_tokens_per_second_per_gpu, agg_per_gpu)
+                ),
+            )
+        }
         (Some(b), _) => (
             false,
             format!(
-                "aggregated (Auto): {agg_text} beats the best pair, {}",
-                pair_text(b)
+                "aggregated (Auto): the best pair, {}, gains {} over {agg_text}, less than the {:.0}% two pools must gain",
+                pair_text(b),
+                gain(b.2.output_tokens_per_second_per_gpu, agg_per_gpu),
+                c.disaggregation_margin * 100.0
             ),
         ),
     };
@@ -346,6 +379,15 @@ pub fn decide(
         aggregated,
         pair: best,
     })
+}
+
+/// `+34%` (or why there is no ratio).
+fn gain(pd: f64, agg: f64) -> String {
+    if agg > 0.0 {
+        format!("{:+.0}%", (pd / agg - 1.0) * 100.0)
+    } else {
+        "all (no aggregated layout meets the SLO)".into()
+    }
 }
 
 #[cfg(test)]
@@ -422,8 +464,9 @@ mod tests {
             gbps: 50.0,
             latency_s: 10e-6,
         };
-        let best = pair(&h800, &h20, fabric, LONG, slo).expect("pair");
-        let reverse = pair(&h20, &h800, fabric, LONG, slo);
+        let any = |_: u32, _: u32| true;
+        let best = pair(&h800, &h20, fabric, LONG, slo, &any).expect("pair");
+        let reverse = pair(&h20, &h800, fabric, LONG, slo, &any);
         let agg = |f: &Figures| {
             f.aggregated
                 .map_or(0.0, |a| a.output_tokens_per_second / f64::from(f.gpus))

@@ -558,6 +558,7 @@ pub fn plan(
     let deployments = deps
         .into_iter()
         .map(|dep| {
+            let replicas = dep.replicas();
             let (reason, alternatives) = choose::explain(inv, &dep.md.spec, &dep.choice);
             let chosen = dep
                 .choice
@@ -624,7 +625,7 @@ pub fn plan(
                 namespace: dep.namespace,
                 name: dep.name,
                 priority: dep.md.spec.priority,
-                replicas: dep.md.spec.replicas,
+                replicas,
                 placed,
                 unplaced: dep.unplaced,
                 choice: ChoiceReport {
@@ -642,6 +643,43 @@ pub fn plan(
         deployments,
         warnings,
     }
+}
+
+/// The disaggregation verdict for one deployment on `inv` (its choice of layouts, the
+/// aggregated and the prefill/decode figures under the SLO), without placing anything; `None`
+/// when `serving.disaggregation` is Off or `serving.workload` is unset.
+pub fn disaggregation_verdict(
+    inv: &Inventory,
+    md: &ModelDeployment,
+    opts: &PlanOptions,
+) -> Option<DisaggregationPlan> {
+    let c = &opts.constants;
+    let elig = Eligibility::compute(inv, &md.spec.placement);
+    let stats = choose::type_stats(inv, &elig);
+    let choice = choose::choose(&md.spec, inv, &stats, &elig, c);
+    let d = disagg::decide(&md.spec, inv, &stats, &choice, c)?;
+    let pools = match (&d.pair, d.disaggregate) {
+        (Some((i, j, pair)), true) => {
+            let units = md.spec.replicas.max(0);
+            pool_statuses(
+                inv,
+                &Pools {
+                    prefill: choice.candidates[*i].clone(),
+                    decode: choice.candidates[*j].clone(),
+                    prefill_replicas: units * pair.prefill_replicas as i32,
+                    decode_replicas: units * pair.decode_replicas as i32,
+                    pair: pair.clone(),
+                },
+                &[],
+            )
+        }
+        _ => Vec::new(),
+    };
+    Some(DisaggregationPlan {
+        disaggregated: d.disaggregate,
+        reason: d.reason,
+        pools,
+    })
 }
 
 /// The status of both pools: layout, replicas, the nodes they were placed on, predictions.
