@@ -7,6 +7,8 @@
 //! `UPDATE_GOODPUT_TABLE=1 cargo test -p tessera-operator --test disaggregation`; the test fails
 //! when it is stale). Figures and the method: docs/planner.md, "Prefill/decode disaggregation".
 
+mod common;
+
 use serde_json::json;
 use tessera_operator::api::{ModelDeployment, parse_model_deployment};
 use tessera_operator::planner::catalog::Catalog;
@@ -209,16 +211,11 @@ fn goodput_table_and_the_lessons() {
         ));
     }
     print!("{table}");
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../docs/disaggregation-goodput.md"
-    );
-    if std::env::var_os("UPDATE_GOODPUT_TABLE").is_some() {
-        std::fs::write(path, &table).expect("write the table");
-    }
-    assert!(
-        std::fs::read_to_string(path).unwrap_or_default() == table,
-        "docs/disaggregation-goodput.md is stale: UPDATE_GOODPUT_TABLE=1 cargo test -p tessera-operator --test disaggregation"
+    common::generated_doc(
+        "disaggregation-goodput.md",
+        &table,
+        "UPDATE_GOODPUT_TABLE",
+        "cargo test -p tessera-operator --test disaggregation",
     );
     let find_model = |m: &str, cl: &str, w: &str| {
         cases

@@ -9,6 +9,8 @@
 //! `cargo test -p tessera-operator --test published -- --nocapture`; docs/cost-model.md has the
 //! table and what the model still gets wrong.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use serde_json::Value;
@@ -317,16 +319,11 @@ fn published_throughput_is_predicted_within_the_reported_error() {
             r.error() * 100.0
         ));
     }
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../docs/cost-model-validation.md"
-    );
-    if std::env::var_os("UPDATE_VALIDATION_TABLE").is_some() {
-        std::fs::write(path, &table).expect("write the table");
-    }
-    assert!(
-        std::fs::read_to_string(path).unwrap_or_default() == table,
-        "docs/cost-model-validation.md is stale: UPDATE_VALIDATION_TABLE=1 cargo test -p tessera-operator --test published"
+    common::generated_doc(
+        "cost-model-validation.md",
+        &table,
+        "UPDATE_VALIDATION_TABLE",
+        "cargo test -p tessera-operator --test published",
     );
     let gpus = by_gpu.len();
     assert!(
@@ -661,16 +658,11 @@ fn published_moe_throughput_is_predicted_within_the_reported_error() {
             r.error() * 100.0
         ));
     }
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../docs/cost-model-validation-moe.md"
-    );
-    if std::env::var_os("UPDATE_VALIDATION_TABLE").is_some() {
-        std::fs::write(path, &table).expect("write the table");
-    }
-    assert!(
-        std::fs::read_to_string(path).unwrap_or_default() == table,
-        "docs/cost-model-validation-moe.md is stale: UPDATE_VALIDATION_TABLE=1 cargo test -p tessera-operator --test published"
+    common::generated_doc(
+        "cost-model-validation-moe.md",
+        &table,
+        "UPDATE_VALIDATION_TABLE",
+        "cargo test -p tessera-operator --test published",
     );
     let models: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.model.as_str()).collect();
     let dep = rows.iter().filter(|r| r.layout.data_attention).count();

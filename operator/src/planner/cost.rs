@@ -520,6 +520,17 @@ pub fn estimate_layout(
     }
 }
 
+/// The largest value in `lo..=hi` that passes `ok`, for a predicate that holds for a prefix of
+/// the range and `ok(lo)` (binary search).
+pub fn largest_passing(lo: u32, hi: u32, ok: impl Fn(u32) -> bool) -> u32 {
+    let (mut lo, mut hi) = (lo, hi.max(lo));
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if ok(mid) { lo = mid } else { hi = mid - 1 }
+    }
+    lo
+}
+
 /// Largest concurrency `predict` and the serving prediction consider (the CRD's bound on
 /// `serving.maxConcurrency`).
 pub const MAX_BATCH: u32 = 4096;
@@ -604,12 +615,7 @@ pub fn serve(
     let max_batch = if !fits(1) {
         0
     } else {
-        let (mut lo, mut hi) = (1u32, MAX_BATCH);
-        while lo < hi {
-            let mid = lo + (hi - lo).div_ceil(2);
-            if fits(mid) { lo = mid } else { hi = mid - 1 }
-        }
-        lo
+        largest_passing(1, MAX_BATCH, fits)
     };
     let batch = batch.unwrap_or(max_batch).max(1);
     let memory = at(batch, input + output);

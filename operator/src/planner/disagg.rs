@@ -108,11 +108,7 @@ pub fn figures(
         if !ok(&first) {
             return None;
         }
-        let (mut lo, mut hi) = (1u32, first.max_batch);
-        while lo < hi {
-            let mid = lo + (hi - lo).div_ceil(2);
-            if ok(&at(mid)) { lo = mid } else { hi = mid - 1 }
-        }
+        let lo = cost::largest_passing(1, first.max_batch, |b| ok(&at(b)));
         Some(at(lo))
     };
     let stretched =
