@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The engines for real (run by scripts/test.sh):
 # 1. every vLLM and SGLang argument list that `tessera-operator plan -o yaml` renders for
-#    examples/engines is fed to the engine's own parser (tests/engines/check_engine_args.py);
+#    examples/engines and examples/disaggregation is fed to the engine's own parser, and the
+#    prefill/decode routers' arguments to sglang-router's and vllm-router's parsers
+#    (tests/engines/check_engine_args.py; the routers from scripts/routers-setup.sh);
 # 2. a real vLLM end to end on CPU (tests/engines/vllm_e2e.py): with the model URI of
 #    examples/engines/smollm2-135m-vllm.yaml pointed at a loopback HTTP server over the test model
 #    converted into a Hugging Face directory (cached in models/), the rendered model-fetch init
@@ -14,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh >/dev/null
 scripts/engines-setup.sh
+scripts/routers-setup.sh
 VENV=.tools/engines
 HF=models/SmolLM2-135M-Instruct-hf
 if [ ! -f "$HF/model.safetensors" ]; then
@@ -29,6 +32,8 @@ worker="$target_dir/debug/tessera-worker"
 quiet() { grep -v -E '^(W[0-9]{4}|INFO|WARNING) |^Triton is installed' || true; }
 echo "== engine argument lists through the engines' own parsers"
 set -o pipefail
-TESSERA_OPERATOR="$operator" VLLM_TARGET_DEVICE=cpu "$VENV/bin/python" tests/engines/check_engine_args.py 2>&1 | quiet
+TESSERA_OPERATOR="$operator" VLLM_TARGET_DEVICE=cpu \
+  SGLANG_ROUTER_PYTHON=.tools/routers/sglang/bin/python VLLM_ROUTER_PYTHON=.tools/routers/vllm/bin/python \
+  "$VENV/bin/python" tests/engines/check_engine_args.py 2>&1 | quiet
 echo "== vLLM end to end on CPU"
 "$VENV/bin/python" tests/engines/vllm_e2e.py "$operator" "$HF" "$VENV/bin" "$worker"

@@ -5,6 +5,10 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     HTTPGetAction, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
@@ -40,6 +44,14 @@ pub mod labels {
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
     pub const WORKER_NAME: &str = "tessera-worker";
     pub const MANAGER: &str = "tessera-operator";
+    /// The pool of a disaggregated deployment's worker pod: `prefill` or `decode` (absent in
+    /// aggregated serving). `tessera.dev/role` stays `leader` or `worker`.
+    pub const POOL: &str = "tessera.dev/pool";
+    /// The router pods of a disaggregated deployment carry the deployment's name under this key
+    /// (and no `tessera.dev/deployment`, which selects worker pods).
+    pub const ROUTER: &str = "tessera.dev/router";
+    /// `app.kubernetes.io/name` of the router pods.
+    pub const ROUTER_NAME: &str = "tessera-router";
 }
 
 /// Environment variables the worker reads (`docs/contract.md`).
@@ -99,6 +111,24 @@ pub const RUN_AS_USER: i64 = 65532;
 pub const DEFAULT_VLLM_IMAGE: &str = "vllm/vllm-openai:v0.32.0";
 /// Default image of `engine: sglang`.
 pub const DEFAULT_SGLANG_IMAGE: &str = "lmsysorg/sglang:v0.5.23";
+
+/// SGLang's KV-cache transfer backend between the pools of a disaggregated deployment
+/// (`--disaggregation-transfer-backend`): Mooncake's transfer engine (RDMA, TCP without it),
+/// SGLang's default and the one its published prefill/decode deployments use; its image ships
+/// it. A default `engine.args` may override (for example with `nixl`; the last one wins).
+pub const SGLANG_TRANSFER_BACKEND: &str = "mooncake";
+/// Port of the KV bootstrap server on the leader of each SGLang prefill replica
+/// (`--disaggregation-bootstrap-port`, SGLang's default); the router hands it to the decode side.
+pub const SGLANG_BOOTSTRAP_PORT: i32 = 8998;
+/// vLLM's `--kv-transfer-config` on both pools: the NIXL connector, every instance able to send
+/// and receive (the router's requests decide who prefills).
+pub const VLLM_KV_TRANSFER_CONFIG: &str = r#"{"kv_connector":"NixlConnector","kv_role":"kv_both"}"#;
+/// vLLM's NIXL side-channel (handshake) port, `VLLM_NIXL_SIDE_CHANNEL_PORT`'s default.
+pub const VLLM_NIXL_SIDE_CHANNEL_PORT: i32 = 5600;
+/// Prometheus port of the prefill/decode router (both routers' default).
+pub const ROUTER_METRICS_PORT: i32 = 29000;
+/// How long the router waits for the pools to come up before it exits (and is restarted).
+pub const ROUTER_STARTUP_TIMEOUT_SECONDS: i32 = 1800;
 
 /// Settings of the object builder that come from the operator, not the ModelDeployment.
 #[derive(Clone, Debug)]
@@ -208,17 +238,64 @@ pub struct ReplicaToBuild<'a> {
     pub incarnation: &'a str,
 }
 
+/// The half of a disaggregated deployment a replica serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PoolRole {
+    /// Prefills prompts and hands their KV caches over.
+    Prefill,
+    /// Takes the KV caches over and decodes.
+    Decode,
+}
+
+impl PoolRole {
+    /// `prefill` or `decode`, as in the plan (`placed[].role`) and the `tessera.dev/pool` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolRole::Prefill => "prefill",
+            PoolRole::Decode => "decode",
+        }
+    }
+
+    /// The role a plan names (`prefill` or `decode`).
+    pub fn parse(role: &str) -> Option<Self> {
+        match role {
+            "prefill" => Some(PoolRole::Prefill),
+            "decode" => Some(PoolRole::Decode),
+            _ => None,
+        }
+    }
+}
+
+/// A replica of a disaggregated deployment to materialise: its pool and the replica.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolReplicaToBuild<'a> {
+    pub role: PoolRole,
+    pub replica: ReplicaToBuild<'a>,
+}
+
 /// Everything the controller applies for one ModelDeployment.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Children {
     pub service_account: Option<ServiceAccount>,
     pub services: Vec<Service>,
     pub pods: Vec<Pod>,
+    /// The router in front of the pools of a disaggregated deployment.
+    pub router: Option<Deployment>,
 }
 
 /// Name of the headless rendezvous Service.
 pub fn workers_service_name(deployment: &str) -> String {
     format!("{deployment}-workers")
+}
+
+/// Name of the Service over the leaders of one pool of a disaggregated deployment.
+pub fn pool_service_name(deployment: &str, role: PoolRole) -> String {
+    format!("{deployment}-{}", role.as_str())
+}
+
+/// Name of the router Deployment of a disaggregated deployment.
+pub fn router_name(deployment: &str) -> String {
+    format!("{deployment}-router")
 }
 
 /// Name of a worker pod (also its hostname).
@@ -452,6 +529,30 @@ fn env_var(name: &str, value: impl ToString) -> EnvVar {
     }
 }
 
+/// A variable set from a field of the pod (`status.podIP`).
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                api_version: Some("v1".into()),
+                field_path: field_path.into(),
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+fn tcp_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: port,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }
+}
+
 fn http_probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -519,6 +620,8 @@ pub struct EngineLaunch<'a> {
     pub local_gpus: i32,
     /// Global rank of this pod's first GPU (the GPUs of the pods before it in the replica).
     pub first_rank: i32,
+    /// The pool of a disaggregated deployment this replica serves (`None`: aggregated).
+    pub pool: Option<PoolRole>,
 }
 
 /// How an engine runs the experts and attention of one replica.
@@ -560,9 +663,14 @@ impl EngineLaunch<'_> {
 /// pods `--data-parallel-size-local`, `--data-parallel-address`, `--data-parallel-rpc-port`,
 /// then `--data-parallel-start-rank` and `--headless` on all but the first); SGLang adds
 /// `--ep-size N`, `--attn-dp-size N` for data-parallel attention, and
-/// `--moe-a2a-backend deepep` when a stage's group spans pods. The operator-owned flags are the
-/// ones `api::rules` refuses in `engine.args` (`--moe-a2a-backend` is a default the user may
-/// override: the last occurrence wins).
+/// `--moe-a2a-backend deepep` when a stage's group spans pods. In a pool of a disaggregated
+/// deployment ([`EngineLaunch::pool`]), vLLM adds `--kv-transfer-config` with the NIXL
+/// connector ([`VLLM_KV_TRANSFER_CONFIG`]) and SGLang `--disaggregation-mode prefill|decode`,
+/// `--disaggregation-transfer-backend` ([`SGLANG_TRANSFER_BACKEND`]) and, on prefill,
+/// `--disaggregation-bootstrap-port` ([`SGLANG_BOOTSTRAP_PORT`]). The operator-owned flags are
+/// the ones `api::rules` refuses in `engine.args` (`--moe-a2a-backend` and
+/// `--disaggregation-transfer-backend` are defaults the user may override: the last occurrence
+/// wins).
 pub fn engine_command(l: &EngineLaunch<'_>) -> (Option<Vec<String>>, Vec<String>) {
     let s = |x: &str| x.to_owned();
     let moe = l.moe();
@@ -643,6 +751,9 @@ pub fn engine_command(l: &EngineLaunch<'_>) -> (Option<Vec<String>>, Vec<String>
                     a.push(s("--headless"));
                 }
             }
+            if l.pool.is_some() {
+                a.extend([s("--kv-transfer-config"), s(VLLM_KV_TRANSFER_CONFIG)]);
+            }
             (vec![s("vllm")], a)
         }
         EngineName::Sglang => {
@@ -693,6 +804,20 @@ pub fn engine_command(l: &EngineLaunch<'_>) -> (Option<Vec<String>>, Vec<String>
                     s("--dist-init-addr"),
                     format!("{}:{RENDEZVOUS_PORT}", l.leader_host),
                 ]);
+            }
+            if let Some(role) = l.pool {
+                a.extend([
+                    s("--disaggregation-mode"),
+                    s(role.as_str()),
+                    s("--disaggregation-transfer-backend"),
+                    s(SGLANG_TRANSFER_BACKEND),
+                ]);
+                if role == PoolRole::Prefill {
+                    a.extend([
+                        s("--disaggregation-bootstrap-port"),
+                        SGLANG_BOOTSTRAP_PORT.to_string(),
+                    ]);
+                }
             }
             (vec![s("python3"), s("-m"), s("sglang.launch_server")], a)
         }
@@ -749,17 +874,7 @@ fn engine_env(engine: EngineName) -> Vec<EnvVar> {
         env_var("TRITON_CACHE_DIR", "/tmp/.cache/triton"),
     ];
     if engine == EngineName::Vllm {
-        env.push(EnvVar {
-            name: "VLLM_HOST_IP".into(),
-            value: None,
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    api_version: Some("v1".into()),
-                    field_path: "status.podIP".into(),
-                }),
-                ..EnvVarSource::default()
-            }),
-        });
+        env.push(field_env("VLLM_HOST_IP", "status.podIP"));
         env.push(env_var("VLLM_CACHE_ROOT", "/tmp/.cache/vllm"));
     }
     env
@@ -767,6 +882,19 @@ fn engine_env(engine: EngineName) -> Vec<EnvVar> {
 
 /// The worker pods of one replica (one per stage, or per stage part).
 pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOptions) -> Vec<Pod> {
+    pool_replica_pods(md, r, opts, None)
+}
+
+/// The worker pods of one replica, of a pool of a disaggregated deployment when `pool` is set:
+/// labelled `tessera.dev/pool`, with the role's engine flags ([`engine_command`]), vLLM's NIXL
+/// side-channel address (`VLLM_NIXL_SIDE_CHANNEL_HOST`, the pod IP) and the ports the pools
+/// reach each other on.
+pub fn pool_replica_pods(
+    md: &ModelDeployment,
+    r: &ReplicaToBuild<'_>,
+    opts: &BuildOptions,
+    pool: Option<PoolRole>,
+) -> Vec<Pod> {
     let name = md.metadata.name.clone().unwrap_or_default();
     let namespace = md
         .metadata
@@ -835,6 +963,9 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
             .into(),
         );
         pod_labels.insert(labels::INCARNATION.into(), r.incarnation.to_owned());
+        if let Some(role) = pool {
+            pod_labels.insert(labels::POOL.into(), role.as_str().into());
+        }
 
         let mut env = vec![
             env_var(env::DEPLOYMENT, &name),
@@ -866,6 +997,10 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
             ));
         }
         env.extend(engine_env(engine));
+        if pool.is_some() && engine == EngineName::Vllm {
+            // The NIXL handshake address the prefill side hands to the decode side.
+            env.push(field_env("VLLM_NIXL_SIDE_CHANNEL_HOST", "status.podIP"));
+        }
         env.extend(spec.worker.env.iter().cloned());
         env.extend(spec.engine.env.iter().cloned());
         let (command, args) = engine_command(&EngineLaunch {
@@ -887,6 +1022,7 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
             stage_spans_pods,
             local_gpus: stage.gpus,
             first_rank: rank_offset,
+            pool,
         });
         let (readiness, liveness, startup) = engine_probes(engine, leader, spec.serving.port);
 
@@ -922,6 +1058,19 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
         volumes.extend(spec.worker.volumes.iter().map(user_volume));
         mounts.extend(spec.worker.volume_mounts.iter().cloned());
 
+        let mut ports = vec![
+            tcp_port("http", spec.serving.port),
+            tcp_port("rendezvous", RENDEZVOUS_PORT),
+        ];
+        match (pool, engine) {
+            (Some(PoolRole::Prefill), EngineName::Sglang) if leader => {
+                ports.push(tcp_port("bootstrap", SGLANG_BOOTSTRAP_PORT));
+            }
+            (Some(_), EngineName::Vllm) => {
+                ports.push(tcp_port("nixl", VLLM_NIXL_SIDE_CHANNEL_PORT));
+            }
+            _ => {}
+        }
         let container = Container {
             name: "worker".into(),
             image: Some(image.clone()),
@@ -929,20 +1078,7 @@ pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOp
             command,
             args: Some(args),
             env: Some(env),
-            ports: Some(vec![
-                ContainerPort {
-                    name: Some("http".into()),
-                    container_port: spec.serving.port,
-                    protocol: Some("TCP".into()),
-                    ..ContainerPort::default()
-                },
-                ContainerPort {
-                    name: Some("rendezvous".into()),
-                    container_port: RENDEZVOUS_PORT,
-                    protocol: Some("TCP".into()),
-                    ..ContainerPort::default()
-                },
-            ]),
+            ports: Some(ports),
             resources: Some(ResourceRequirements {
                 requests: quantity_map(resources.requests.as_ref(), None),
                 limits: quantity_map(resources.limits.as_ref(), Some(stage.gpus)),
@@ -1274,5 +1410,300 @@ pub fn desired_children(
             .iter()
             .flat_map(|r| replica_pods(md, r, opts))
             .collect(),
+        router: None,
     }
+}
+
+/// Every child object of a disaggregated deployment (`serving.disaggregation`, the planner
+/// chose pools): the worker pods of both pools ([`pool_replica_pods`]), the Services
+/// ([`disaggregated_services`]) and the router in front ([`router_deployment`]). An error (the
+/// engine cannot be rendered disaggregated, a pool has no replica, the router has no image)
+/// names the problem and the fix.
+pub fn disaggregated_children(
+    md: &ModelDeployment,
+    replicas: &[PoolReplicaToBuild<'_>],
+    opts: &BuildOptions,
+) -> Result<Children, String> {
+    let router = router_deployment(md, replicas, opts)?;
+    Ok(Children {
+        service_account: Some(worker_service_account(md)),
+        services: disaggregated_services(md),
+        pods: replicas
+            .iter()
+            .flat_map(|r| pool_replica_pods(md, &r.replica, opts, Some(r.role)))
+            .collect(),
+        router: Some(router),
+    })
+}
+
+/// The URL the router reaches a replica's leader at: its DNS name in the headless workers
+/// Service (stable for the incarnation) and the serving port. Each replica is addressed on its
+/// own: SGLang's decode side fetches the KV cache from the bootstrap server of the very prefill
+/// replica that took the request, which a Service over the pool would not guarantee.
+pub fn leader_url(md: &ModelDeployment, r: &ReplicaToBuild<'_>) -> String {
+    let name = md.metadata.name.clone().unwrap_or_default();
+    let namespace = md.metadata.namespace.as_deref().unwrap_or("default");
+    format!(
+        "http://{}.{}.{namespace}.svc:{}",
+        pod_name(&name, r.placement.replica, r.incarnation, 0, 0),
+        workers_service_name(&name),
+        md.spec.serving.port
+    )
+}
+
+/// The router's command and arguments, listening on `port`, in front of these prefill and
+/// decode leaders. SGLang: `python3 -m sglang_router.launch_router --pd-disaggregation` (the
+/// sglang-router package, in SGLang's image) with each prefill's bootstrap port. vLLM:
+/// `vllm-router --vllm-pd-disaggregation --kv-connector nixl` (the vllm-router package, the
+/// vLLM project's router): it prefills on one replica and hands the returned
+/// `kv_transfer_params` to a decode replica. The Tessera engine has no router here.
+pub fn router_command(
+    engine: EngineName,
+    prefill: &[String],
+    decode: &[String],
+    port: i32,
+) -> Result<(Vec<String>, Vec<String>), String> {
+    let s = |x: &str| x.to_owned();
+    let (command, mut args) = match engine {
+        EngineName::Tessera => return Err(TESSERA_POOLS_NOT_RENDERED.into()),
+        EngineName::Sglang => (
+            vec![s("python3"), s("-m"), s("sglang_router.launch_router")],
+            vec![s("--pd-disaggregation")],
+        ),
+        EngineName::Vllm => (
+            vec![s("vllm-router")],
+            vec![
+                s("--vllm-pd-disaggregation"),
+                s("--kv-connector"),
+                s("nixl"),
+            ],
+        ),
+    };
+    for url in prefill {
+        args.extend([s("--prefill"), url.clone()]);
+        if engine == EngineName::Sglang {
+            args.push(SGLANG_BOOTSTRAP_PORT.to_string());
+        }
+    }
+    for url in decode {
+        args.extend([s("--decode"), url.clone()]);
+    }
+    args.extend([
+        s("--host"),
+        s("0.0.0.0"),
+        s("--port"),
+        port.to_string(),
+        s("--prometheus-host"),
+        s("0.0.0.0"),
+        s("--prometheus-port"),
+        ROUTER_METRICS_PORT.to_string(),
+        s("--worker-startup-timeout-secs"),
+        ROUTER_STARTUP_TIMEOUT_SECONDS.to_string(),
+    ]);
+    Ok((command, args))
+}
+
+/// Why the Tessera engine's pools are not rendered.
+pub const TESSERA_POOLS_NOT_RENDERED: &str = "the tessera engine's prefill/decode pools are not rendered yet (its prefill/decode serving runs on one machine as `tessera-worker local --prefill/--decode`); use engine vllm or sglang for disaggregated pools, or serving.disaggregation Off";
+
+/// The labels of a deployment's router pods (no `tessera.dev/deployment`: the worker
+/// selectors, the disruption budget and the controller's pod accounting do not see them).
+pub fn router_labels(md: &ModelDeployment) -> BTreeMap<String, String> {
+    let name = md.metadata.name.clone().unwrap_or_default();
+    BTreeMap::from([
+        (labels::NAME.to_owned(), labels::ROUTER_NAME.to_owned()),
+        (labels::INSTANCE.to_owned(), name.clone()),
+        (labels::MANAGED_BY.to_owned(), labels::MANAGER.to_owned()),
+        (labels::ROUTER.to_owned(), name),
+    ])
+}
+
+/// The router's image: `engine.routerImage`; for SGLang, else the engine's image (SGLang's
+/// image ships sglang-router). vLLM's image has no router: it must be set.
+fn router_image(md: &ModelDeployment, opts: &BuildOptions) -> Result<String, String> {
+    let spec = &md.spec;
+    if let Some(image) = &spec.engine.router_image {
+        return Ok(image.clone());
+    }
+    match spec.engine.name {
+        EngineName::Sglang => Ok(spec
+            .engine
+            .image
+            .clone()
+            .or_else(|| spec.worker.image.clone())
+            .unwrap_or_else(|| opts.default_sglang_image.clone())),
+        EngineName::Vllm => Err("engine.routerImage is unset: vLLM's image has no prefill/decode router; set it to an image with the vllm-router package (for example python:3.12-slim with `pip install vllm-router==0.1.17`)".into()),
+        EngineName::Tessera => Err(TESSERA_POOLS_NOT_RENDERED.into()),
+    }
+}
+
+/// The router in front of the pools: one pod (a Deployment, restarted and rolled by
+/// Kubernetes) running [`router_command`] over every replica's leader ([`leader_url`], replicas
+/// in order), serving the deployment's port, ready once the router has healthy workers
+/// (`/readiness`). It runs under the restricted Pod Security Standard like the workers, and may
+/// run on any node (it needs no GPU).
+pub fn router_deployment(
+    md: &ModelDeployment,
+    replicas: &[PoolReplicaToBuild<'_>],
+    opts: &BuildOptions,
+) -> Result<Deployment, String> {
+    let spec = &md.spec;
+    let name = md.metadata.name.clone().unwrap_or_default();
+    let image = router_image(md, opts)?;
+    let urls = |role: PoolRole| {
+        let mut of_role: Vec<&PoolReplicaToBuild<'_>> =
+            replicas.iter().filter(|r| r.role == role).collect();
+        of_role.sort_by_key(|r| r.replica.placement.replica);
+        of_role
+            .iter()
+            .map(|r| leader_url(md, &r.replica))
+            .collect::<Vec<_>>()
+    };
+    let (prefill, decode) = (urls(PoolRole::Prefill), urls(PoolRole::Decode));
+    for (role, urls) in [(PoolRole::Prefill, &prefill), (PoolRole::Decode, &decode)] {
+        if urls.is_empty() {
+            return Err(format!(
+                "the {} pool has no placed replica: the router needs both pools",
+                role.as_str()
+            ));
+        }
+    }
+    let port = spec.serving.port;
+    let (command, args) = router_command(spec.engine.name, &prefill, &decode, port)?;
+    let q = |v: &str| Quantity(v.to_owned());
+    let container = Container {
+        name: "router".into(),
+        image: Some(image),
+        image_pull_policy: spec.worker.image_pull_policy.map(|p| p.as_str().to_owned()),
+        command: Some(command),
+        args: Some(args),
+        env: Some(vec![env_var("HOME", "/tmp")]),
+        ports: Some(vec![
+            tcp_port("http", port),
+            tcp_port("metrics", ROUTER_METRICS_PORT),
+        ]),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), q("1")),
+                ("memory".to_owned(), q("1Gi")),
+            ])),
+            limits: Some(BTreeMap::from([("memory".to_owned(), q("4Gi"))])),
+            ..ResourceRequirements::default()
+        }),
+        readiness_probe: Some(http_probe("/readiness", port, 5, 1)),
+        liveness_probe: Some(http_probe("/liveness", port, 10, 3)),
+        security_context: Some(restricted()),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..VolumeMount::default()
+        }]),
+        termination_message_path: Some("/dev/termination-log".into()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Container::default()
+    };
+    let pod_labels = router_labels(md);
+    let selector = BTreeMap::from([(labels::ROUTER.to_owned(), name.clone())]);
+    Ok(Deployment {
+        metadata: meta(md, router_name(&name), router_labels(md)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(1),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..LabelSelector::default()
+            },
+            // The old router serves until the new one has healthy workers.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(WORKER_SERVICE_ACCOUNT.into()),
+                    automount_service_account_token: Some(false),
+                    priority_class_name: spec.worker.priority_class_name.clone(),
+                    image_pull_secrets: (!spec.worker.image_pull_secrets.is_empty())
+                        .then(|| spec.worker.image_pull_secrets.clone()),
+                    tolerations: (!spec.placement.tolerations.is_empty())
+                        .then(|| spec.placement.tolerations.clone()),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(RUN_AS_USER),
+                        run_as_group: Some(RUN_AS_USER),
+                        fs_group: Some(RUN_AS_USER),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            localhost_profile: None,
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(vec![Volume {
+                        name: "tmp".into(),
+                        empty_dir: Some(EmptyDirVolumeSource::default()),
+                        ..Volume::default()
+                    }]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// The Services of a disaggregated deployment: the headless rendezvous Service (as in
+/// [`services`]), the traffic Service (the deployment's name) over the router, and one Service
+/// per pool over its ready leaders (`NAME-prefill`, `NAME-decode`; the SGLang prefill one also
+/// carries the bootstrap port) for clients of one pool (metrics, debugging).
+pub fn disaggregated_services(md: &ModelDeployment) -> Vec<Service> {
+    let name = md.metadata.name.clone().unwrap_or_default();
+    let port = md.spec.serving.port;
+    let service_port = |pname: &str, p: i32| ServicePort {
+        name: Some(pname.into()),
+        port: p,
+        target_port: Some(IntOrString::Int(p)),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
+    };
+    let mut out: Vec<Service> = services(md).into_iter().take(1).collect();
+    out.push(Service {
+        metadata: meta(md, name.clone(), router_labels(md)),
+        spec: Some(ServiceSpec {
+            selector: Some(BTreeMap::from([(labels::ROUTER.to_owned(), name.clone())])),
+            ports: Some(vec![service_port("http", port)]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    });
+    for role in [PoolRole::Prefill, PoolRole::Decode] {
+        let mut selector = BTreeMap::from([
+            (labels::DEPLOYMENT.to_owned(), name.clone()),
+            (labels::ROLE.to_owned(), labels::ROLE_LEADER.to_owned()),
+        ]);
+        selector.insert(labels::POOL.into(), role.as_str().into());
+        let mut meta_labels = common_labels(md);
+        meta_labels.insert(labels::POOL.into(), role.as_str().into());
+        let mut ports = vec![service_port("http", port)];
+        if role == PoolRole::Prefill && md.spec.engine.name == EngineName::Sglang {
+            ports.push(service_port("bootstrap", SGLANG_BOOTSTRAP_PORT));
+        }
+        out.push(Service {
+            metadata: meta(md, pool_service_name(&name, role), meta_labels),
+            spec: Some(ServiceSpec {
+                selector: Some(selector),
+                ports: Some(ports),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        });
+    }
+    out
 }

@@ -590,6 +590,23 @@ fn the_template_hash_of_existing_tessera_deployments_does_not_change() {
     assert_eq!(template_hash(&stored, "img"), PRE_ENGINE_HASH);
     let vllm = with_engine("vllm", &[]);
     assert_ne!(template_hash(&vllm, "img"), template_hash(&md, "img"));
+    // What steers the planner or the router only does not roll placed replicas: the request
+    // shape, the SLO, disaggregation and the router's image.
+    let mut steered = vllm.clone();
+    steered.spec.serving.workload = Some(tessera_operator::api::WorkloadShape {
+        input_tokens: 4096,
+        output_tokens: 256,
+    });
+    steered.spec.serving.slo = Some(tessera_operator::api::ServingSlo {
+        time_to_first_token_seconds: Some(1.0),
+        inter_token_latency_seconds: None,
+    });
+    steered.spec.serving.disaggregation = tessera_operator::api::Disaggregation::Auto;
+    steered.spec.engine.router_image = Some("router:1".into());
+    assert_eq!(template_hash(&steered, "img"), template_hash(&vllm, "img"));
+    // The KV-cache type does.
+    steered.spec.serving.kv_cache_dtype = tessera_operator::api::KvCacheDtype::Fp8;
+    assert_ne!(template_hash(&steered, "img"), template_hash(&vllm, "img"));
 }
 
 /// `template_hash` of `deployment("pvc://models/llama-405b")` with image "img", computed by the
@@ -1117,6 +1134,521 @@ fn moe_flags_are_refused_in_engine_args_but_the_all_to_all_backend_may_be_overri
         assert_eq!(
             args.last().map(String::as_str),
             Some("--moe-a2a-backend=none")
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill/decode disaggregation: each pool's pods carry their role's engine flags and the
+// `tessera.dev/pool` label, a router in front lists every replica's leader, and the
+// deployment's traffic Service points at the router.
+
+use tessera_operator::build::{PoolReplicaToBuild, PoolRole};
+
+/// Llama 3.3 70B FP8 with long prompts and `disaggregation: Auto` on `engine`.
+fn pd_deployment(engine: &str, engine_extra: serde_json::Value) -> ModelDeployment {
+    let mut engine_spec = json!({"name": engine});
+    if let (Some(e), Some(extra)) = (engine_spec.as_object_mut(), engine_extra.as_object()) {
+        e.extend(extra.clone());
+    }
+    // The tessera engine has no FP8 KV cache.
+    let kv = if engine == "tessera" { "bf16" } else { "fp8" };
+    parse_model_deployment(&json!({
+        "apiVersion": "tessera.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "llama-pd", "namespace": "inference"},
+        "spec": {
+            "model": {
+                "uri": "pvc://models/llama-3.3-70b-instruct-fp8",
+                "architecture": {
+                    "parameters": 70553706496i64, "layers": 80, "hiddenSize": 8192,
+                    "attentionHeads": 64, "kvHeads": 8, "intermediateSize": 28672,
+                    "vocabSize": 128256, "contextLength": 131072, "bytesPerParameter": 1
+                }
+            },
+            "gpu": {"types": ["H800", "H20"]},
+            "engine": engine_spec,
+            "serving": {
+                "maxConcurrency": 32, "contextLength": 16384, "kvCacheDtype": kv,
+                "workload": {"inputTokens": 8192, "outputTokens": 256},
+                "slo": {"timeToFirstTokenSeconds": 2.0, "interTokenLatencySeconds": 0.05},
+                "disaggregation": "Auto"
+            }
+        }
+    }))
+    .expect("valid deployment")
+}
+
+/// Replica `replica` with TP=4 on four GPUs of `node`.
+fn tp4(replica: i32, node: &str) -> ReplicaPlacement {
+    ReplicaPlacement {
+        replica,
+        gpu_type: "NVIDIA-H800".into(),
+        tensor_parallel: 4,
+        pipeline_parallel: 1,
+        stages: vec![StagePlacement {
+            stage: 0,
+            node: node.into(),
+            gpus: 4,
+        }],
+        ..ReplicaPlacement::default()
+    }
+}
+
+/// A Service's name, selector and ports.
+type ServiceSummary = (String, Vec<(String, String)>, Vec<i32>);
+
+/// Incarnation ids of the replicas in these tests.
+const INCARNATIONS: [&str; 3] = ["aaaaa", "bbbbb", "ccccc"];
+
+/// Two prefill replicas (0, 1) and one decode replica (2), in the order `placements` gives.
+fn pool_children(
+    md: &ModelDeployment,
+    placements: &[(PoolRole, ReplicaPlacement)],
+) -> Result<build::Children, String> {
+    let to_build: Vec<PoolReplicaToBuild<'_>> = placements
+        .iter()
+        .map(|(role, p)| PoolReplicaToBuild {
+            role: *role,
+            replica: ReplicaToBuild {
+                placement: p,
+                incarnation: INCARNATIONS[p.replica as usize],
+            },
+        })
+        .collect();
+    build::disaggregated_children(md, &to_build, &BuildOptions::default())
+}
+
+fn two_prefill_one_decode() -> Vec<(PoolRole, ReplicaPlacement)> {
+    vec![
+        (PoolRole::Decode, tp4(2, "h800-2")),
+        (PoolRole::Prefill, tp4(0, "h800-1")),
+        (PoolRole::Prefill, tp4(1, "h800-1")),
+    ]
+}
+
+fn pod_named<'a>(pods: &'a [Pod], name: &str) -> &'a Pod {
+    pods.iter()
+        .find(|p| p.metadata.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no pod {name}"))
+}
+
+fn label<'a>(
+    m: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    k: &str,
+) -> Option<&'a str> {
+    m.labels.as_ref().and_then(|l| l.get(k)).map(String::as_str)
+}
+
+fn port_names(pod: &Pod) -> Vec<(String, i32)> {
+    container(pod)
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap_or_default(), p.container_port))
+        .collect()
+}
+
+fn leader(replica: usize) -> String {
+    format!(
+        "http://llama-pd-r{replica}-{}-s0.llama-pd-workers.inference.svc:8000",
+        INCARNATIONS[replica]
+    )
+}
+
+#[test]
+fn sglang_pools_render_their_role_and_sglang_router_lists_every_leader() {
+    let md = pd_deployment("sglang", json!({"args": ["--mem-fraction-static=0.85"]}));
+    let children = pool_children(&md, &two_prefill_one_decode()).expect("renders");
+    let base = "--model-path /models/llama-3.3-70b-instruct-fp8 --served-model-name llama-pd \
+                --tp-size 4 --pp-size 1 --host 0.0.0.0 --port 8000 --enable-metrics \
+                --max-running-requests 32 --context-length 16384 --kv-cache-dtype fp8_e4m3";
+    for (replica, role) in [(0, "prefill"), (1, "prefill"), (2, "decode")] {
+        let pod = pod_named(
+            &children.pods,
+            &format!("llama-pd-r{replica}-{}-s0", INCARNATIONS[replica]),
+        );
+        let mut want = format!(
+            "{base} --disaggregation-mode {role} --disaggregation-transfer-backend mooncake"
+        );
+        if role == "prefill" {
+            want.push_str(" --disaggregation-bootstrap-port 8998");
+        }
+        want.push_str(" --mem-fraction-static=0.85");
+        assert_eq!(args_of(pod), words(&want), "{role}");
+        assert_eq!(
+            container(pod).command,
+            Some(words("python3 -m sglang.launch_server"))
+        );
+        assert_eq!(label(&pod.metadata, labels::POOL), Some(role));
+        assert_eq!(
+            label(&pod.metadata, labels::ROLE),
+            Some(labels::ROLE_LEADER)
+        );
+        assert_eq!(label(&pod.metadata, labels::DEPLOYMENT), Some("llama-pd"));
+        let mut ports = vec![("http".to_owned(), 8000), ("rendezvous".to_owned(), 29500)];
+        if role == "prefill" {
+            ports.push(("bootstrap".to_owned(), 8998));
+        }
+        assert_eq!(port_names(pod), ports, "{role}");
+    }
+    assert_eq!(children.pods.len(), 3);
+
+    let router = children.router.as_ref().expect("a router");
+    assert_eq!(router.metadata.name.as_deref(), Some("llama-pd-router"));
+    let spec = router.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(1));
+    let pod_spec = spec.template.spec.as_ref().unwrap();
+    let c = &pod_spec.containers[0];
+    assert_eq!(c.image.as_deref(), Some(build::DEFAULT_SGLANG_IMAGE));
+    assert_eq!(
+        c.command,
+        Some(words("python3 -m sglang_router.launch_router"))
+    );
+    let want = format!(
+        "--pd-disaggregation --prefill {} 8998 --prefill {} 8998 --decode {} \
+         --host 0.0.0.0 --port 8000 --prometheus-host 0.0.0.0 --prometheus-port 29000 \
+         --worker-startup-timeout-secs 1800",
+        leader(0),
+        leader(1),
+        leader(2)
+    );
+    assert_eq!(c.args, Some(words(&want)));
+    assert_eq!(
+        probe_path(&c.readiness_probe).as_deref(),
+        Some("/readiness")
+    );
+    assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/liveness"));
+    // The router's pods are not worker pods: no deployment label (worker selectors, the
+    // disruption budget and the controller's pod accounting skip them), no GPU.
+    let template_meta = spec.template.metadata.as_ref().unwrap();
+    assert_eq!(label(template_meta, labels::DEPLOYMENT), None);
+    assert_eq!(label(template_meta, labels::ROUTER), Some("llama-pd"));
+    assert_eq!(
+        spec.selector.match_labels,
+        Some([(labels::ROUTER.to_owned(), "llama-pd".to_owned())].into())
+    );
+    let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
+    assert!(!limits.contains_key(build::GPU_RESOURCE));
+    assert_eq!(pod_spec.automount_service_account_token, Some(false));
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        pod_spec.security_context.as_ref().unwrap().run_as_non_root,
+        Some(true)
+    );
+
+    // Services: headless rendezvous, the traffic Service over the router, one per pool.
+    let svc: Vec<ServiceSummary> = children
+        .services
+        .iter()
+        .map(|s| {
+            let spec = s.spec.as_ref().unwrap();
+            (
+                s.metadata.name.clone().unwrap(),
+                spec.selector.clone().unwrap().into_iter().collect(),
+                spec.ports.iter().flatten().map(|p| p.port).collect(),
+            )
+        })
+        .collect();
+    let kv = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+    assert_eq!(
+        svc,
+        vec![
+            (
+                "llama-pd-workers".to_owned(),
+                vec![kv(labels::DEPLOYMENT, "llama-pd")],
+                vec![29500]
+            ),
+            (
+                "llama-pd".to_owned(),
+                vec![kv(labels::ROUTER, "llama-pd")],
+                vec![8000]
+            ),
+            (
+                "llama-pd-prefill".to_owned(),
+                vec![
+                    kv(labels::DEPLOYMENT, "llama-pd"),
+                    kv(labels::POOL, "prefill"),
+                    kv(labels::ROLE, labels::ROLE_LEADER)
+                ],
+                vec![8000, 8998]
+            ),
+            (
+                "llama-pd-decode".to_owned(),
+                vec![
+                    kv(labels::DEPLOYMENT, "llama-pd"),
+                    kv(labels::POOL, "decode"),
+                    kv(labels::ROLE, labels::ROLE_LEADER)
+                ],
+                vec![8000]
+            ),
+        ]
+    );
+    assert_eq!(
+        children.services[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .cluster_ip
+            .as_deref(),
+        Some("None")
+    );
+}
+
+#[test]
+fn vllm_pools_render_the_nixl_connector_and_vllm_router_in_front() {
+    let md = pd_deployment(
+        "vllm",
+        json!({"routerImage": "registry.example.com/vllm-router:0.1.17"}),
+    );
+    let children = pool_children(&md, &two_prefill_one_decode()).expect("renders");
+    let want = "serve /models/llama-3.3-70b-instruct-fp8 --served-model-name llama-pd \
+                --tensor-parallel-size 4 --pipeline-parallel-size 1 --host 0.0.0.0 --port 8000 \
+                --max-num-seqs 32 --max-model-len 16384 --kv-cache-dtype fp8 \
+                --kv-transfer-config";
+    for (replica, role) in [(0, "prefill"), (1, "prefill"), (2, "decode")] {
+        let pod = pod_named(
+            &children.pods,
+            &format!("llama-pd-r{replica}-{}-s0", INCARNATIONS[replica]),
+        );
+        let mut want = words(want);
+        want.push(r#"{"kv_connector":"NixlConnector","kv_role":"kv_both"}"#.to_owned());
+        assert_eq!(args_of(pod), want, "{role}");
+        assert_eq!(label(&pod.metadata, labels::POOL), Some(role));
+        let side_channel = container(pod)
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "VLLM_NIXL_SIDE_CHANNEL_HOST")
+            .expect("the NIXL side-channel address");
+        assert_eq!(
+            side_channel
+                .value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str()),
+            Some("status.podIP")
+        );
+        assert_eq!(
+            port_names(pod),
+            vec![
+                ("http".to_owned(), 8000),
+                ("rendezvous".to_owned(), 29500),
+                ("nixl".to_owned(), 5600)
+            ]
+        );
+    }
+    let router = children.router.as_ref().expect("a router");
+    let c = &router
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    assert_eq!(
+        c.image.as_deref(),
+        Some("registry.example.com/vllm-router:0.1.17")
+    );
+    assert_eq!(c.command, Some(words("vllm-router")));
+    let want = format!(
+        "--vllm-pd-disaggregation --kv-connector nixl --prefill {} --prefill {} --decode {} \
+         --host 0.0.0.0 --port 8000 --prometheus-host 0.0.0.0 --prometheus-port 29000 \
+         --worker-startup-timeout-secs 1800",
+        leader(0),
+        leader(1),
+        leader(2)
+    );
+    assert_eq!(c.args, Some(words(&want)));
+    // No bootstrap port on vLLM's prefill Service.
+    let prefill = &children.services[2];
+    assert_eq!(prefill.metadata.name.as_deref(), Some("llama-pd-prefill"));
+    assert_eq!(
+        prefill.spec.as_ref().unwrap().ports.as_ref().unwrap().len(),
+        1
+    );
+}
+
+/// A pool of multi-pod replicas (DeepSeek-V3 EP=16 with data-parallel attention over two
+/// nodes): every pod of a replica carries its role, the router lists the leaders only.
+#[test]
+fn multi_node_pool_replicas_keep_their_launch_and_the_router_reaches_their_leaders() {
+    let mut md = deepseek("sglang", &[]);
+    md.metadata.name = Some("llama-pd".into());
+    let mut prefill = ep16_data_attention();
+    prefill.replica = 0;
+    let mut decode = ep16_data_attention();
+    decode.replica = 1;
+    decode.gpu_type = "NVIDIA-H20".into();
+    decode.stages = vec![
+        StagePlacement {
+            stage: 0,
+            node: "h20-1".into(),
+            gpus: 8,
+        },
+        StagePlacement {
+            stage: 0,
+            node: "h20-2".into(),
+            gpus: 8,
+        },
+    ];
+    let children = pool_children(
+        &md,
+        &[(PoolRole::Prefill, prefill), (PoolRole::Decode, decode)],
+    )
+    .expect("renders");
+    assert_eq!(children.pods.len(), 4);
+    for pod in &children.pods {
+        let args = args_of(pod);
+        let role = label(&pod.metadata, labels::POOL).unwrap();
+        assert_eq!(flag(&args, "--disaggregation-mode"), Some(role));
+        assert_eq!(flag(&args, "--ep-size"), Some("16"));
+        assert_eq!(flag(&args, "--nnodes"), Some("2"));
+        assert_eq!(
+            flag(&args, "--disaggregation-bootstrap-port").is_some(),
+            role == "prefill"
+        );
+        let leader = label(&pod.metadata, labels::ROLE) == Some(labels::ROLE_LEADER);
+        assert_eq!(
+            port_names(pod).iter().any(|(n, _)| n == "bootstrap"),
+            leader && role == "prefill",
+            "the bootstrap server runs on the prefill leader"
+        );
+    }
+    let router = children.router.unwrap();
+    let args = router.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    let urls: Vec<&String> = args.iter().filter(|a| a.starts_with("http://")).collect();
+    assert_eq!(urls, [&leader(0), &leader(1)]);
+}
+
+#[test]
+fn pools_are_not_rendered_without_a_router_image_for_vllm_without_both_pools_or_on_tessera() {
+    let err = pool_children(&pd_deployment("vllm", json!({})), &two_prefill_one_decode())
+        .expect_err("vLLM needs a router image");
+    assert!(
+        err.contains("engine.routerImage") && err.contains("vllm-router"),
+        "{err}"
+    );
+
+    let err = pool_children(
+        &pd_deployment("tessera", json!({})),
+        &two_prefill_one_decode(),
+    )
+    .expect_err("tessera pools are not rendered");
+    assert!(
+        err.contains("tessera-worker local --prefill/--decode"),
+        "{err}"
+    );
+
+    let only_prefill: Vec<_> = two_prefill_one_decode()
+        .into_iter()
+        .filter(|(r, _)| *r == PoolRole::Prefill)
+        .collect();
+    let err = pool_children(&pd_deployment("sglang", json!({})), &only_prefill)
+        .expect_err("no decode pool");
+    assert!(err.contains("decode pool has no placed replica"), "{err}");
+
+    // engine.routerImage wins for SGLang too.
+    let md = pd_deployment("sglang", json!({"routerImage": "my/sglang-router:1"}));
+    let router = pool_children(&md, &two_prefill_one_decode())
+        .unwrap()
+        .router
+        .unwrap();
+    assert_eq!(
+        router.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .as_deref(),
+        Some("my/sglang-router:1")
+    );
+}
+
+/// Aggregated rendering carries no pool label, no role flags and no router.
+#[test]
+fn aggregated_replicas_carry_no_pool_flags() {
+    for engine in ["vllm", "sglang"] {
+        let md = with_engine(engine, &[]);
+        let children = desired_children(
+            &md,
+            &[ReplicaToBuild {
+                placement: &placement(),
+                incarnation: "k3x9a",
+            }],
+            &BuildOptions::default(),
+        );
+        assert!(children.router.is_none());
+        for pod in &children.pods {
+            assert_eq!(label(&pod.metadata, labels::POOL), None);
+            let args = args_of(pod).join(" ");
+            assert!(
+                !args.contains("disaggregation") && !args.contains("kv-transfer"),
+                "{engine}: {args}"
+            );
+        }
+    }
+}
+
+/// The role flags are owned (refused in `engine.args`); SGLang's transfer backend is a default
+/// `engine.args` may override on both pools (the last occurrence wins).
+#[test]
+fn role_flags_are_owned_and_the_transfer_backend_may_be_overridden() {
+    use tessera_operator::api::rules::{SGLANG_OWNED_FLAGS, VLLM_OWNED_FLAGS};
+    for (engine, owned, extra) in [
+        (
+            "vllm",
+            VLLM_OWNED_FLAGS,
+            json!({"routerImage": "registry.example.com/vllm-router:0.1.17"}),
+        ),
+        ("sglang", SGLANG_OWNED_FLAGS, json!({})),
+    ] {
+        let children =
+            pool_children(&pd_deployment(engine, extra), &two_prefill_one_decode()).unwrap();
+        for pod in &children.pods {
+            for a in args_of(pod).iter().filter(|a| a.starts_with('-')) {
+                let name = a.trim_start_matches('-');
+                let ok = owned.contains(&name)
+                    || (engine == "sglang" && name == "disaggregation-transfer-backend");
+                assert!(ok, "{engine}: {a} is rendered but not owned");
+            }
+        }
+    }
+    for (engine, arg) in [
+        (
+            "vllm",
+            r#"--kv-transfer-config={"kv_connector":"NixlConnector","kv_role":"kv_producer"}"#,
+        ),
+        ("vllm", "--kv_transfer_config"),
+        ("sglang", "--disaggregation-mode=decode"),
+        ("sglang", "--disaggregation-bootstrap-port"),
+    ] {
+        let err = parse_model_deployment(&deepseek_object(engine, &[arg]))
+            .expect_err(&format!("{engine} {arg} refused"));
+        assert!(
+            err.errors
+                .iter()
+                .any(|e| e.field == "spec.engine.args" && e.message.starts_with(arg)),
+            "{engine} {arg}: {err:?}"
+        );
+    }
+    let md = pd_deployment(
+        "sglang",
+        json!({"args": ["--disaggregation-transfer-backend=nixl"]}),
+    );
+    for pod in pool_children(&md, &two_prefill_one_decode()).unwrap().pods {
+        let args = args_of(&pod);
+        assert_eq!(
+            flag(&args, "--disaggregation-transfer-backend"),
+            Some("mooncake")
+        );
+        assert_eq!(
+            args.last().map(String::as_str),
+            Some("--disaggregation-transfer-backend=nixl")
         );
     }
 }

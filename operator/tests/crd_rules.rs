@@ -1382,7 +1382,7 @@ fn disaggregation_needs_a_workload_that_fits_the_context() {
         "spec.serving.disaggregation",
         "Auto: the planner decides and sizes prefill/decode pools by the request shape; set serving.workload (inputTokens, outputTokens), or disaggregation: Off",
     );
-    let v = with(v, "/spec/serving/workload", pd.clone());
+    let v = with(v, "/spec/serving/workload", pd);
     accepted(&v);
     accepted(&with(
         v.clone(),

@@ -303,7 +303,7 @@ fn plan_places_both_pools_as_gangs_with_roles() {
         assert!(r.stages.iter().all(|s| pool.nodes.contains(&s.node)));
     }
     // Off: one aggregated pool, no verdict.
-    let mut off = md.clone();
+    let mut off = md;
     off.spec.serving.disaggregation = tessera_operator::api::Disaggregation::Off;
     let p = plan(
         &inv,

@@ -511,3 +511,163 @@ fn a_saved_calibration_changes_the_plan_offline() {
         &["bad.yaml: not a calibration file", "decodeRatios"],
     );
 }
+
+/// The objects of `plan -o yaml`, as JSON values.
+fn yaml_objects(out: &str) -> Vec<serde_json::Value> {
+    serde_yaml_ng::Deserializer::from_str(out)
+        .map(|doc| <serde_json::Value as serde::Deserialize>::deserialize(doc).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Each example of examples/disaggregation plans prefill/decode pools on the example cluster,
+/// and `-o yaml` renders both pools' pods with their role, a Service per pool, the router over
+/// every replica's leader, and the deployment's traffic Service on the router.
+#[test]
+fn disaggregated_examples_render_both_pools_and_a_router() {
+    for (file, router_command, role_flag) in [
+        (
+            "examples/disaggregation/llama-70b-sglang-pd.yaml",
+            "python3 -m sglang_router.launch_router",
+            "--disaggregation-mode",
+        ),
+        (
+            "examples/disaggregation/llama-70b-vllm-pd.yaml",
+            "vllm-router",
+            "--kv-transfer-config",
+        ),
+    ] {
+        let args = ["--nodes", "examples/cluster.yaml", "-f", file];
+        let out = plan_yaml(&args);
+        assert_eq!(out, plan_yaml(&args), "output must be reproducible");
+        let name = if file.contains("sglang") {
+            "llama-70b-sglang-pd"
+        } else {
+            "llama-70b-vllm-pd"
+        };
+        assert!(
+            out.contains(&format!("# inference/{name}: disaggregated, ")),
+            "{out}"
+        );
+        let objects = yaml_objects(&out);
+        let pods: Vec<&serde_json::Value> = objects.iter().filter(|o| o["kind"] == "Pod").collect();
+        let mut leaders = std::collections::BTreeMap::<&str, Vec<String>>::new();
+        for pod in &pods {
+            let labels = &pod["metadata"]["labels"];
+            let role = labels["tessera.dev/pool"].as_str().expect("a pool label");
+            let args: Vec<&str> = pod["spec"]["containers"][0]["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap())
+                .collect();
+            assert!(args.contains(&role_flag), "{file}: {args:?}");
+            if role_flag == "--disaggregation-mode" {
+                let i = args.iter().position(|a| *a == role_flag).unwrap();
+                assert_eq!(args[i + 1], role);
+            }
+            if labels["tessera.dev/role"] == "leader" {
+                leaders.entry(role).or_default().push(format!(
+                    "http://{}.{name}-workers.inference.svc:8000",
+                    pod["metadata"]["name"].as_str().unwrap()
+                ));
+            }
+        }
+        assert_eq!(
+            leaders.keys().copied().collect::<Vec<_>>(),
+            ["decode", "prefill"],
+            "{file}: both pools"
+        );
+
+        let routers: Vec<&serde_json::Value> = objects
+            .iter()
+            .filter(|o| o["kind"] == "Deployment")
+            .collect();
+        assert_eq!(routers.len(), 1, "{file}");
+        let router = routers[0];
+        assert_eq!(router["apiVersion"], "apps/v1");
+        assert_eq!(router["metadata"]["name"], format!("{name}-router"));
+        let c = &router["spec"]["template"]["spec"]["containers"][0];
+        let command: Vec<&str> = c["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(command.join(" "), router_command);
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        for (role, flag) in [("prefill", "--prefill"), ("decode", "--decode")] {
+            let listed: Vec<String> = args
+                .windows(2)
+                .filter(|w| w[0] == flag)
+                .map(|w| w[1].to_owned())
+                .collect();
+            assert_eq!(
+                listed, leaders[role],
+                "{file}: {role} leaders in the router"
+            );
+        }
+
+        let services: std::collections::BTreeMap<&str, &serde_json::Value> = objects
+            .iter()
+            .filter(|o| o["kind"] == "Service")
+            .map(|o| {
+                (
+                    o["metadata"]["name"].as_str().unwrap(),
+                    &o["spec"]["selector"],
+                )
+            })
+            .collect();
+        assert_eq!(
+            services[name],
+            &serde_json::json!({"tessera.dev/router": name}),
+            "{file}: the traffic Service selects the router"
+        );
+        for role in ["prefill", "decode"] {
+            assert_eq!(
+                services[format!("{name}-{role}").as_str()],
+                &serde_json::json!({
+                    "tessera.dev/deployment": name,
+                    "tessera.dev/role": "leader",
+                    "tessera.dev/pool": role
+                })
+            );
+        }
+    }
+}
+
+/// The tessera engine's pools are not rendered yet: the header says why, and the aggregated
+/// objects the controller serves follow.
+#[test]
+fn tessera_pools_are_not_rendered_and_the_aggregated_objects_follow() {
+    let text =
+        std::fs::read_to_string(root().join("examples/disaggregation/llama-70b-sglang-pd.yaml"))
+            .unwrap()
+            .replace("name: sglang", "name: tessera")
+            .replace("kvCacheDtype: fp8", "kvCacheDtype: bf16")
+            .replace("    args: [\"--mem-fraction-static=0.85\"]\n", "");
+    let file = tmp("tessera-pd.yaml", &text);
+    let out = plan_yaml(&[
+        "--nodes",
+        "examples/cluster.yaml",
+        "-f",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("prefill/decode pools not rendered: the tessera engine's prefill/decode pools are not rendered yet"),
+        "{out}"
+    );
+    let objects = yaml_objects(&out);
+    assert!(objects.iter().all(|o| o["kind"] != "Deployment"));
+    let pods: Vec<_> = objects.iter().filter(|o| o["kind"] == "Pod").collect();
+    assert!(!pods.is_empty(), "{out}");
+    assert!(
+        pods.iter()
+            .all(|p| p["metadata"]["labels"].get("tessera.dev/pool").is_none())
+    );
+}

@@ -762,6 +762,13 @@ pub struct EngineSpec {
     /// `worker.env`; names starting with `TESSERA_`, and `VLLM_HOST_IP`, are reserved.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
+    /// Image of the router in front of the prefill and decode pools of a disaggregated
+    /// deployment (`serving.disaggregation`). SGLang: defaults to the engine's image, which
+    /// ships sglang-router; vLLM: required, an image with the vllm-router package (vLLM's
+    /// image has none). See docs/engines.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub router_image: Option<String>,
 }
 
 /// What happens when a member of a replica fails.

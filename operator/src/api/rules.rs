@@ -106,6 +106,8 @@ pub const VLLM_OWNED_FLAGS: &[&str] = &[
     "data-parallel-external-lb",
     "no-data-parallel-external-lb",
     "data-parallel-multi-port-external-lb",
+    // Prefill/decode disaggregation: the KV connector and role must match the router's.
+    "kv-transfer-config",
 ];
 /// Short options of vLLM that alias owned ones (`-tp`, `-pp`, `-n` = `--nnodes`, `-r` =
 /// `--node-rank`, `-ep` = `--enable-expert-parallel`, `-dp` = `--data-parallel-size` and the
@@ -144,6 +146,11 @@ pub const SGLANG_OWNED_FLAGS: &[&str] = &[
     "dp-size",
     "data-parallel-size",
     "enable-dp-attention",
+    // Prefill/decode disaggregation: the pool's role, and the prefill bootstrap port the
+    // router hands to the decode side. `--disaggregation-transfer-backend` is not owned: a
+    // default the user may override (on both pools alike, as engine.args are).
+    "disaggregation-mode",
+    "disaggregation-bootstrap-port",
 ];
 
 /// An RE2 pattern that matches an argument setting one of `long` (`--name` or `--name=...`, with

@@ -411,20 +411,33 @@ fn node_lost(
 /// autoscaling, which never restart a group).
 pub fn template_hash(md: &ModelDeployment, default_image: &str) -> String {
     let s = &md.spec;
+    // The request shape, latency targets and disaggregation steer the planner (a new layout
+    // rolls through the placements), not the pods of a placed replica; the router's image
+    // shapes the router only.
+    let serving = crate::api::ServingSpec {
+        workload: None,
+        slo: None,
+        disaggregation: crate::api::Disaggregation::Off,
+        ..s.serving.clone()
+    };
+    let engine = crate::api::EngineSpec {
+        router_image: None,
+        ..s.engine.clone()
+    };
     let mut relevant = serde_json::json!({
         "model": s.model,
         "parallelism": s.parallelism,
         "gpu": s.gpu,
         "placement": s.placement,
-        "serving": s.serving,
+        "serving": serving,
         "worker": s.worker,
         "failurePolicy": s.failure_policy.recreate_group,
         "defaultImage": default_image,
     });
     // Only a non-default engine enters the hash, so that upgrading to an operator that knows
     // `spec.engine` does not roll running Tessera replicas.
-    if s.engine != crate::api::EngineSpec::default() {
-        relevant["engine"] = serde_json::json!(s.engine);
+    if engine != crate::api::EngineSpec::default() {
+        relevant["engine"] = serde_json::json!(engine);
     }
     build::short_hash(relevant.to_string().as_bytes())
 }
