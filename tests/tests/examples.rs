@@ -32,7 +32,13 @@ fn example_deployments_are_valid() {
     names.sort();
     assert_eq!(
         names,
-        ["deepseek-v3", "llama-405b", "llama-70b", "llama-8b", "smollm2-135m"]
+        [
+            "deepseek-v3",
+            "llama-405b",
+            "llama-70b",
+            "llama-8b",
+            "smollm2-135m"
+        ]
     );
 }
 
