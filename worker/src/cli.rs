@@ -15,7 +15,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve one rank of a replica, configured from the TESSERA_* environment the operator sets.
     Serve,
-    /// Start every rank of a replica as local processes and serve the OpenAI API on 127.0.0.1.
+    /// Start every rank of a replica as local processes and serve the OpenAI API on 127.0.0.1
+    /// (with --prefill/--decode: prefill and decode replicas behind a router).
     Local {
         /// Path to a GGUF or safetensors model.
         #[arg(long)]
@@ -36,6 +37,14 @@ pub enum Command {
         /// with CUDA and they are visible (rank i on GPU i), `cpu` or `cuda` force one.
         #[arg(long, env = "TESSERA_DEVICE", value_enum, default_value_t = crate::engine::device::DeviceRequest::Auto)]
         device: crate::engine::device::DeviceRequest,
+        /// Prefill/decode disaggregation: this many prefill replicas (of --tp ranks each)
+        /// behind a router on --port (default 1 when --decode is given).
+        #[arg(long)]
+        prefill: Option<u32>,
+        /// Prefill/decode disaggregation: this many decode replicas (of --tp ranks each;
+        /// default 1 when --prefill is given).
+        #[arg(long)]
+        decode: Option<u32>,
     },
     /// Generate text from a prompt on this machine's CPU (one rank), printing the text and, on
     /// stderr, prompt and decode speed.

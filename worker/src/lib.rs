@@ -9,8 +9,11 @@
 //!   kernels, the Llama decoder, the GGUF tokenizer, sampling and generation).
 //! - [`server`]: the OpenAI-compatible HTTP API, health, readiness and serving metrics over the
 //!   continuous-batching [`engine::scheduler`].
-//! - [`dist`]: the tensor-parallel rank group over TCP (rendezvous, all-reduce, steps, watchdog);
-//!   `serve` and `local`: one rank from the operator's environment, every rank on one machine.
+//! - [`dist`]: the tensor-parallel rank group over TCP (rendezvous, all-reduce, steps, watchdog)
+//!   and the KV hand-over between replicas; `serve` and `local`: one rank from the operator's
+//!   environment, every rank on one machine.
+//! - [`router`]: prefill/decode disaggregation's front, which splits each request between a
+//!   prefill replica and a decode replica.
 //! - `cuda` (only with `--features cuda`): the GPU path (cuBLAS, NVRTC kernels, NCCL).
 
 pub mod agent;
@@ -24,6 +27,7 @@ pub mod kernels;
 pub mod local;
 pub mod logging;
 pub mod model;
+pub mod router;
 pub mod serve;
 pub mod server;
 pub mod telemetry;

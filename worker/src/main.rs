@@ -45,6 +45,8 @@ fn main() -> ExitCode {
             port,
             threads,
             device,
+            prefill,
+            decode,
         } => report(tessera_worker::local::run(
             &tessera_worker::local::LocalArgs {
                 model,
@@ -53,6 +55,8 @@ fn main() -> ExitCode {
                 port,
                 threads,
                 device,
+                disaggregated: (prefill.is_some() || decode.is_some())
+                    .then(|| (prefill.unwrap_or(1) as usize, decode.unwrap_or(1) as usize)),
             },
         )),
     }

@@ -8,6 +8,11 @@
 //! process per rank (the same supervisor as `tessera-worker local`). An http(s) model is
 //! downloaded once into `TESSERA_MODEL_PATH` (resumable, checked against
 //! `TESSERA_MODEL_SHA256`).
+//!
+//! With `TESSERA_PD_ROLE` the replica is one half of a prefill/decode deployment: a prefill
+//! replica sends KV caches ([`crate::dist::kv`]), every rank of a decode replica listens for
+//! them on `TESSERA_KV_PORT`, and the leader serves the internal hand-over endpoints
+//! ([`crate::server::pd`]) to the router in front.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +26,7 @@ use crate::engine::device::{self, Device, DeviceFacts, DeviceRequest};
 use crate::engine::runner::{Runner, Step};
 use crate::engine::scheduler::{Scheduler, SchedulerConfig};
 use crate::fetch;
+use crate::server::pd::{PdConfig, PdRole};
 use crate::server::{self, Readiness, ServerConfig, ServerMetrics};
 
 /// The environment variables `serve` reads. The names of the operator's contract equal
@@ -60,6 +66,12 @@ pub mod env {
     /// Worker-only: the GPU this rank takes among those the pod sees (default 0; the
     /// supervisor of a pod with several local ranks gives rank i GPU i).
     pub const GPU_ORDINAL: &str = "TESSERA_GPU_ORDINAL";
+    /// Worker-only: `prefill` or `decode` makes the replica one half of a prefill/decode
+    /// deployment (unset: it serves requests whole).
+    pub const PD_ROLE: &str = "TESSERA_PD_ROLE";
+    /// Worker-only, decode replicas: the port every rank receives KV caches on (on
+    /// `TESSERA_HOST`).
+    pub const KV_PORT: &str = "TESSERA_KV_PORT";
 
     /// The variables `serve` requires: the rest have defaults.
     pub const REQUIRED: &[&str] = &[TP, PORT, MODEL_PATH];
@@ -106,6 +118,10 @@ pub struct ServeConfig {
     pub gpu_ordinal: usize,
     /// `TESSERA_GROUP_SECRET` (empty: none).
     pub group_secret: Vec<u8>,
+    /// `TESSERA_PD_ROLE` (None: aggregated serving).
+    pub pd_role: Option<PdRole>,
+    /// `TESSERA_KV_PORT` (decode replicas).
+    pub kv_port: Option<u16>,
 }
 
 fn invalid(var: &str, value: &str, rule: &str, fix: &str) -> anyhow::Error {
@@ -398,6 +414,43 @@ impl ServeConfig {
             1023,
             "the GPU this rank takes among those visible",
         )?;
+        let pd_role = match e.get(env::PD_ROLE) {
+            None => None,
+            Some(v) => Some(PdRole::parse(&v).ok_or_else(|| {
+                invalid(
+                    env::PD_ROLE,
+                    &v,
+                    "it must be prefill or decode",
+                    "unset it to serve requests whole",
+                )
+            })?),
+        };
+        if pd_role.is_some() && pp > 1 {
+            bail!(invalid(
+                env::PD_ROLE,
+                pd_role.map_or("", |r| r.name()),
+                &format!(
+                    "prefill/decode disaggregation does not support pipeline stages (TESSERA_PP={pp})"
+                ),
+                "set TESSERA_PP=1 or unset TESSERA_PD_ROLE"
+            ));
+        }
+        let kv_port = match e.get(env::KV_PORT) {
+            None if pd_role == Some(PdRole::Decode) => bail!(missing(
+                env::KV_PORT,
+                "every rank of a decode replica (TESSERA_PD_ROLE=decode) receives KV caches on a port of its own",
+                "set it to a free TCP port, e.g. TESSERA_KV_PORT=29600"
+            )),
+            None => None,
+            Some(v) => Some(v.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                invalid(
+                    env::KV_PORT,
+                    &v,
+                    "it must be a TCP port from 1 to 65535",
+                    "set it to a free port, e.g. TESSERA_KV_PORT=29600",
+                )
+            })?),
+        };
         Ok(Self {
             tp,
             pp,
@@ -421,6 +474,8 @@ impl ServeConfig {
             device,
             gpu_ordinal,
             group_secret: e.get(env::GROUP_SECRET).unwrap_or_default().into_bytes(),
+            pd_role,
+            kv_port,
         })
     }
 
@@ -527,10 +582,21 @@ pub fn run() -> anyhow::Result<()> {
             "this pod was given GPUs (NVIDIA_VISIBLE_DEVICES={granted}) but runs the model on the CPU ({why}); use the CUDA worker image (worker.image), or set TESSERA_DEVICE=cpu to silence this"
         );
     }
+    if let Some(role) = cfg.pd_role
+        && device != Device::Cpu
+    {
+        bail!(invalid(
+            env::PD_ROLE,
+            role.name(),
+            "prefill/decode disaggregation runs on the CPU engine only (the KV cache would have to leave the GPU)",
+            "set TESSERA_DEVICE=cpu, or unset TESSERA_PD_ROLE"
+        ));
+    }
     if cfg.world == 1 {
         let engine = Engine::open(&path, cfg.threads)?;
         let budget = kv_budget_per_sequence(&engine, cfg.context_length);
-        let runner = on_device(Runner::new(engine, budget, None), device, &cfg)?;
+        let runner = with_pd(Runner::new(engine, budget, None), &cfg)?;
+        let runner = on_device(runner, device, &cfg)?;
         return lead(&cfg, runner, GroupHealth::single());
     }
     check_layout(&cfg, &path)?;
@@ -557,7 +623,10 @@ pub fn run() -> anyhow::Result<()> {
         Role::Leader(broadcast) => lead(
             &cfg,
             on_device(
-                Runner::new(engine, budget, Some(broadcast)).with_pipe(pipe),
+                with_pd(
+                    Runner::new(engine, budget, Some(broadcast)).with_pipe(pipe),
+                    &cfg,
+                )?,
                 device,
                 &cfg,
             )?,
@@ -565,7 +634,7 @@ pub fn run() -> anyhow::Result<()> {
         ),
         Role::Follower(mut source) => {
             let mut runner = on_device(
-                Runner::new(engine, budget, None).with_pipe(pipe),
+                with_pd(Runner::new(engine, budget, None).with_pipe(pipe), &cfg)?,
                 device,
                 &cfg,
             )?;
@@ -574,6 +643,59 @@ pub fn run() -> anyhow::Result<()> {
             dist::follow(&mut runner, source.as_mut())?;
             tracing::info!(rank, "the leader closed the group; exiting");
             Ok(())
+        }
+    }
+}
+
+/// Give the runner its KV transport when the replica is half of a prefill/decode deployment:
+/// a prefill rank sends with the group secret; a decode rank listens on `TESSERA_KV_PORT`
+/// (every rank of the replica, before the leader serves) and installs what arrives.
+fn with_pd(runner: Runner, cfg: &ServeConfig) -> anyhow::Result<Runner> {
+    use crate::dist::kv::{self, Inbox, KvIdentity, KvReceiver, KvShape, TcpKvTransport};
+    match cfg.pd_role {
+        None => Ok(runner),
+        Some(PdRole::Prefill) => {
+            Ok(runner.with_kv(Box::new(TcpKvTransport::sender(cfg.group_secret.clone()))))
+        }
+        Some(PdRole::Decode) => {
+            let port = cfg.kv_port.context("TESSERA_KV_PORT is required")?;
+            let model = &runner.engine.model;
+            let per_token = model.kv_bytes_per_token().max(1);
+            let shape = KvShape {
+                layers: model.layers.len(),
+                kv_dim: model.kv_dim(),
+                max_tokens: (runner.kv_budget_bytes / per_token)
+                    .min(model.config.context_length)
+                    .max(1),
+            };
+            // Room for twice the scheduler's whole KV budget of hand-overs waiting to be
+            // installed (requests queued behind the running ones).
+            let max_bytes = runner
+                .kv_budget_bytes
+                .saturating_mul(cfg.max_concurrency)
+                .saturating_mul(2);
+            let inbox = Arc::new(Inbox::new(max_bytes, kv::KV_INBOX_TTL));
+            let id = KvIdentity {
+                group_id: cfg.incarnation.clone(),
+                world: cfg.world,
+                rank: cfg.rank_offset,
+                secret: cfg.group_secret.clone(),
+            };
+            let receiver = KvReceiver::listen((cfg.host.as_str(), port), id, shape, inbox)
+                .with_context(|| {
+                    format!(
+                        "rank {} of a decode replica (TESSERA_KV_PORT={port}, TESSERA_HOST={})",
+                        cfg.rank_offset, cfg.host
+                    )
+                })?;
+            tracing::info!(
+                rank = cfg.rank_offset,
+                "receiving KV caches on {}",
+                receiver.local_addr()
+            );
+            Ok(runner.with_kv(Box::new(TcpKvTransport::receiver(Arc::clone(
+                receiver.inbox(),
+            )))))
         }
     }
 }
@@ -743,6 +865,10 @@ fn serve_api(cfg: &ServeConfig, runner: Runner, health: GroupHealth) -> anyhow::
         ServerConfig {
             max_body_bytes: MAX_BODY_BYTES,
             readiness,
+            pd: cfg.pd_role.map(|role| PdConfig {
+                role,
+                token: server::pd::internal_token(&cfg.group_secret),
+            }),
             ..ServerConfig::new(cfg.served_model_name.clone())
         },
         handle.clone(),

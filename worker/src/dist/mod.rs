@@ -21,6 +21,9 @@
 //!   their own tensor-parallel group (all-reduces stay inside a stage), activations flow from
 //!   stage to stage and the last stage's logits return to rank 0; steps and heartbeats still go
 //!   through rank 0, so the watchdog sees every rank.
+//! - **KV hand-over** ([`kv`]): prefill/decode disaggregation; a prefill rank sends its shard
+//!   of a sequence's KV cache to the matching rank of a decode replica, which listens on a KV
+//!   port of its own and authenticates senders with the same challenge and HMAC.
 //! - **Watchdog** ([`health`]): heartbeats on their own connection and threads; a dead rank
 //!   (connection closed), a silent one (no heartbeat for `stall_timeout`) or a stalled
 //!   all-reduce makes [`GroupHealth`] unhealthy at once, the reason reaches every rank, and
@@ -28,6 +31,7 @@
 
 pub mod collective;
 pub mod health;
+pub mod kv;
 pub mod pipeline;
 pub mod steps;
 pub mod wire;
@@ -166,9 +170,11 @@ pub fn follow(runner: &mut Runner, source: &mut dyn StepSource) -> anyhow::Resul
                 return Err(e);
             }
             let seqs: Vec<u64> = match &step {
-                Step::Forward { seq, .. } | Step::Release { seq } | Step::Reserve { seq, .. } => {
-                    vec![*seq]
-                }
+                Step::Forward { seq, .. }
+                | Step::Release { seq }
+                | Step::Reserve { seq, .. }
+                | Step::SendKv { seq, .. }
+                | Step::InstallKv { seq, .. } => vec![*seq],
                 Step::ForwardBatch { seqs } => seqs.iter().map(|(s, _)| *s).collect(),
             };
             tracing::warn!(
@@ -329,7 +335,9 @@ fn join_leader(cfg: &GroupConfig, shared: Arc<Shared>) -> anyhow::Result<Group> 
             Channel::Data => data.push(s),
             Channel::Steps => steps.push(s),
             Channel::Heartbeat => beats.push((rank, s)),
-            Channel::Stage | Channel::Pipe => unreachable!("refused by check_hello"),
+            Channel::Stage | Channel::Pipe | Channel::Kv => {
+                unreachable!("refused by check_hello")
+            }
         }
     }
     let layout = Layout {
@@ -455,7 +463,7 @@ fn check_hello(
     }
     if !Channel::ALL.contains(&h.channel) {
         return Err(format!(
-            "rank {} opened a {:?} connection to the leader's rendezvous port (those go between stages)",
+            "rank {} opened a {:?} connection to the leader's rendezvous port (those go between stages, or to a decode replica's KV port)",
             h.rank, h.channel
         ));
     }

@@ -12,8 +12,10 @@ use serde::{Deserialize, Serialize};
 /// Protocol name and version carried in every hello; a peer speaking anything else is refused.
 /// Version 2 added the batched forward step (`Step::ForwardBatch`), which a version-1 rank
 /// cannot decode. Version 3 authenticates joiners: the leader opens every connection with a
-/// challenge, and the hello carries an HMAC over it ([`hello_mac`]).
-pub const MAGIC: &str = "tessera-group/3";
+/// challenge, and the hello carries an HMAC over it ([`hello_mac`]). Version 4 added the KV
+/// hand-over of prefill/decode disaggregation (`Step::SendKv`, `Step::InstallKv`, the
+/// [`Channel::Kv`] connection).
+pub const MAGIC: &str = "tessera-group/4";
 
 /// Largest frame accepted (a step carries at most a prompt's tokens).
 pub const MAX_FRAME: usize = 64 << 20;
@@ -41,6 +43,12 @@ pub mod kind {
     pub const LOGITS: u8 = 10;
     /// Handshake, leader to joiner, first: a random nonce to authenticate against.
     pub const CHALLENGE: u8 = 11;
+    /// KV connection, prefill rank to decode rank: what follows (JSON `dist::kv::KvBegin`).
+    pub const KV_BEGIN: u8 = 12;
+    /// KV connection: keys or values of one layer (f32 little-endian, in pieces).
+    pub const KV_DATA: u8 = 13;
+    /// KV connection, decode rank to prefill rank: stored or refused (JSON [`super::Welcome`]).
+    pub const KV_ACK: u8 = 14;
 }
 
 /// The three connections every follower opens to the leader.
@@ -58,6 +66,9 @@ pub enum Channel {
     Stage,
     /// Pipeline parallelism: TP rank t of stage s to TP rank t of stage s + 1 (activations).
     Pipe,
+    /// Prefill/decode disaggregation: rank r of a prefill replica to rank r of a decode
+    /// replica (one sequence's KV-cache shard per connection).
+    Kv,
 }
 
 impl Channel {
@@ -206,14 +217,20 @@ pub fn write_f32_frames(
     if chunks.peek().is_none() {
         return write_frame(w, kind, &[]);
     }
+    let mut buf = Vec::new();
     for chunk in chunks {
-        let mut payload = Vec::with_capacity(4 * chunk.len());
-        for v in chunk {
-            payload.extend_from_slice(&v.to_le_bytes());
+        // Header and payload in one buffer, one `write_all` (as `write_frame`), without a
+        // second copy of the payload.
+        buf.clear();
+        buf.resize(5 + 4 * chunk.len(), 0);
+        buf[0] = kind;
+        buf[1..5].copy_from_slice(&((4 * chunk.len()) as u32).to_le_bytes());
+        for (out, v) in buf[5..].chunks_exact_mut(4).zip(chunk) {
+            out.copy_from_slice(&v.to_le_bytes());
         }
-        write_frame(w, kind, &payload)?;
+        w.write_all(&buf)?;
     }
-    Ok(())
+    w.flush()
 }
 
 /// Read `n` floats sent by [`write_f32_frames`] with the same `piece`. `Ok(Err(why))` when

@@ -13,13 +13,19 @@
 //! token's logits back to the global leader, which samples. Whatever would make a step fail
 //! for every rank alike (no tokens, a token outside the vocabulary, a full KV cache) is checked
 //! on every rank before any activation moves, so no stage waits for a stage that gave up.
+//!
+//! With prefill/decode disaggregation a prefill replica hands a sequence's KV cache to a decode
+//! replica ([`Step::SendKv`] on every prefill rank, [`Step::InstallKv`] on every decode rank,
+//! each rank moving its own shard through its [`KvTransport`]); one all-reduce of a flag per
+//! rank makes every rank of a replica agree whether the hand-over worked, so no rank keeps a
+//! cache the others dropped.
 
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
 use super::Engine;
-use crate::model::kv_cache::KvCache;
+use crate::model::kv_cache::{KvCache, KvShard};
 use crate::model::llama::{Input, Logits, Output};
 
 /// Identifies one sequence (request) across the ranks of a group.
@@ -45,6 +51,49 @@ pub enum Step {
     /// generate, within the per-sequence budget). Without it a cache is made at the first
     /// step and grows as tokens arrive. Added in group protocol version 3.
     Reserve { seq: SeqId, tokens: usize },
+    /// Prefill/decode disaggregation, on a prefill replica: every rank sends its shard of
+    /// sequence `seq`'s KV cache to the matching rank of `target` under the name `transfer`,
+    /// and the ranks agree that every shard arrived (an error on every rank otherwise). Added
+    /// in group protocol version 4.
+    SendKv {
+        seq: SeqId,
+        transfer: String,
+        target: KvTarget,
+    },
+    /// Prefill/decode disaggregation, on a decode replica: every rank installs the shard it
+    /// received under `transfer` (the first `tokens` tokens of the sequence) into sequence
+    /// `seq`'s empty cache, and the ranks agree that every shard was there (otherwise every
+    /// rank leaves the cache empty and the step fails). Added in group protocol version 4.
+    InstallKv {
+        seq: SeqId,
+        transfer: String,
+        tokens: usize,
+    },
+}
+
+/// Where a prefill replica sends a sequence's KV cache: the decode replica's group id and the
+/// KV-transfer address (`HOST:PORT`) of each of its ranks. Rank `r` of the prefill replica
+/// sends its shard to `addrs[r]`, so both replicas must have the same tensor-parallel degree.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct KvTarget {
+    pub group_id: String,
+    pub addrs: Vec<String>,
+}
+
+/// How a rank moves KV-cache shards between replicas (prefill/decode disaggregation). The
+/// implementation over TCP is `dist::kv`.
+pub trait KvTransport: Send {
+    /// Send this rank's shard of `cache` to rank `rank` of `target`, named `transfer`; returns
+    /// once the receiver has stored it.
+    fn send(
+        &mut self,
+        target: &KvTarget,
+        transfer: &str,
+        rank: usize,
+        cache: &KvCache,
+    ) -> anyhow::Result<()>;
+    /// The shard received under `transfer` (waiting a bounded time for it).
+    fn take(&mut self, transfer: &str) -> anyhow::Result<KvShard>;
 }
 
 /// The leader's side of the group transport: deliver a step to every follower, in order.
@@ -73,6 +122,8 @@ pub struct Runner {
     caches: HashMap<SeqId, KvCache>,
     broadcast: Option<Box<dyn StepBroadcast>>,
     pipe: Option<Box<dyn Pipe>>,
+    /// KV-cache hand-over between replicas (prefill/decode disaggregation).
+    kv: Option<Box<dyn KvTransport>>,
     /// The shard on the GPU when the rank runs on CUDA ([`Runner::with_cuda`]); the CPU model in
     /// `engine` then only supplies the configuration.
     #[cfg(feature = "cuda")]
@@ -140,6 +191,7 @@ impl Runner {
             caches: HashMap::new(),
             broadcast,
             pipe: None,
+            kv: None,
             #[cfg(feature = "cuda")]
             gpu: None,
         }
@@ -163,6 +215,13 @@ impl Runner {
     /// A rank of a pipeline with more than one stage moves activations through `pipe`.
     pub fn with_pipe(mut self, pipe: Option<Box<dyn Pipe>>) -> Self {
         self.pipe = pipe;
+        self
+    }
+
+    /// Hand KV caches to, or take them from, other replicas through `kv` (prefill/decode
+    /// disaggregation).
+    pub fn with_kv(mut self, kv: Box<dyn KvTransport>) -> Self {
+        self.kv = Some(kv);
         self
     }
 
@@ -205,6 +264,29 @@ impl Runner {
                 }
                 Ok(None)
             }
+            Step::SendKv {
+                seq,
+                transfer,
+                target,
+            } => {
+                let mine = self.send_kv(*seq, transfer, target);
+                self.agree(mine, "sending its KV-cache shard to the decode replica")?;
+                Ok(None)
+            }
+            Step::InstallKv {
+                seq,
+                transfer,
+                tokens,
+            } => {
+                let mine = self.install_kv(*seq, transfer, *tokens);
+                let agreed = self.agree(mine, "installing the KV-cache shard it was handed");
+                if agreed.is_err()
+                    && let Some(c) = self.caches.get_mut(seq)
+                {
+                    c.clear();
+                }
+                agreed.map(|()| None)
+            }
             Step::Release { seq } => {
                 self.caches.remove(seq);
                 #[cfg(feature = "cuda")]
@@ -214,6 +296,89 @@ impl Runner {
                 Ok(None)
             }
         }
+    }
+
+    /// Why this rank cannot hand KV caches over, if it cannot.
+    fn kv_unsupported(&self) -> Option<&'static str> {
+        #[cfg(feature = "cuda")]
+        if self.gpu.is_some() {
+            return Some(
+                "prefill/decode disaggregation runs on the CPU engine only (the KV cache is on the GPU); set TESSERA_DEVICE=cpu",
+            );
+        }
+        (self.engine.model.stage.count > 1).then_some(
+            "prefill/decode disaggregation does not support pipeline stages (TESSERA_PP must be 1)",
+        )
+    }
+
+    fn send_kv(&mut self, seq: SeqId, transfer: &str, target: &KvTarget) -> anyhow::Result<()> {
+        if let Some(why) = self.kv_unsupported() {
+            anyhow::bail!(why);
+        }
+        let (rank, world) = (
+            self.engine.collective.rank(),
+            self.engine.collective.world(),
+        );
+        anyhow::ensure!(
+            target.addrs.len() == world,
+            "the decode replica has {} ranks and this prefill replica {world}: prefill/decode disaggregation needs the same tensor-parallel degree on both sides (--tp / TESSERA_TP)",
+            target.addrs.len()
+        );
+        let cache = self
+            .caches
+            .get(&seq)
+            .ok_or_else(|| anyhow::anyhow!("sequence {seq} has no KV cache on this rank"))?;
+        let kv = self.kv.as_mut().ok_or_else(|| {
+            anyhow::anyhow!("this replica hands no KV cache over (TESSERA_PD_ROLE is not prefill)")
+        })?;
+        kv.send(target, transfer, rank, cache)
+    }
+
+    fn install_kv(&mut self, seq: SeqId, transfer: &str, tokens: usize) -> anyhow::Result<()> {
+        if let Some(why) = self.kv_unsupported() {
+            anyhow::bail!(why);
+        }
+        let kv = self.kv.as_mut().ok_or_else(|| {
+            anyhow::anyhow!("this replica takes no KV cache over (TESSERA_PD_ROLE is not decode)")
+        })?;
+        let shard = kv.take(transfer)?;
+        anyhow::ensure!(
+            shard.tokens == tokens,
+            "the KV cache handed over as {transfer} holds {} tokens where the prompt has {tokens}",
+            shard.tokens
+        );
+        let cache = match self.caches.entry(seq) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(self.engine.model.new_cache(self.kv_budget_bytes)?)
+            }
+        };
+        cache.install(shard)
+    }
+
+    /// Every rank's outcome of a step that may fail on some ranks only (a KV hand-over): one
+    /// all-reduce of a flag per rank gives every rank the same verdict. A rank that failed
+    /// returns its own error; the others name the ranks that failed. A lost group is the
+    /// collective's error (fatal).
+    fn agree(&self, mine: anyhow::Result<()>, what: &str) -> anyhow::Result<()> {
+        let coll = self.engine.collective.as_ref();
+        let (rank, world) = (coll.rank(), coll.world());
+        if world == 1 {
+            return mine;
+        }
+        let mut failed = vec![0f32; world];
+        if let Err(e) = &mine {
+            tracing::warn!(rank, "rank {rank} failed {what}: {e:#}");
+            failed[rank] = 1.0;
+        }
+        coll.all_reduce_sum(&mut failed)?;
+        mine?;
+        let bad: Vec<usize> = (0..world).filter(|r| failed[*r] > 0.5).collect();
+        anyhow::ensure!(
+            bad.is_empty(),
+            "ranks {bad:?} of this replica failed {what} (their logs say why)"
+        );
+        Ok(())
     }
 
     /// One forward pass over `seqs` (one or more sequences); the caches are taken out of the

@@ -186,6 +186,11 @@ impl Rng {
         Self(seed)
     }
 
+    /// The generator's whole state: [`Rng::new`] of it continues the same stream.
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
@@ -238,6 +243,18 @@ impl Sampler {
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
+    }
+
+    /// The state of the random stream (prefill/decode disaggregation hands it to the decode
+    /// replica with the first token, so that seeded sampling continues as on one replica).
+    pub fn rng_state(&self) -> u64 {
+        self.rng.state()
+    }
+
+    /// Continue the random stream of another sampler from its [`Sampler::rng_state`].
+    pub fn with_rng_state(mut self, state: u64) -> Self {
+        self.rng = Rng::new(state);
+        self
     }
 
     /// Apply `logit_bias` and the presence and frequency penalties to `logits` in place (only
@@ -419,6 +436,28 @@ mod tests {
                 assert_eq!(s.sample(&[1.0, 30.0, -2.0, 29.5]), 1, "temperature {t}");
             }
         }
+    }
+
+    /// A sampler continued from another's state draws what the other would have drawn next.
+    #[test]
+    fn a_sampler_continues_from_another_ones_state() {
+        let logits = [0.3f32, 1.0, 0.2, 0.9, 0.5];
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: Some(9),
+            ..Default::default()
+        };
+        let mut a = Sampler::new(params.clone());
+        let first = a.sample(&logits);
+        let mut b = Sampler::new(SamplingParams {
+            seed: None,
+            ..params
+        })
+        .with_rng_state(a.rng_state());
+        b.observe(first);
+        let rest_a: Vec<u32> = (0..50).map(|_| a.sample(&logits)).collect();
+        let rest_b: Vec<u32> = (0..50).map(|_| b.sample(&logits)).collect();
+        assert_eq!(rest_a, rest_b);
     }
 
     #[test]

@@ -26,6 +26,16 @@
 //! A step that fails because the tensor-parallel group is lost is fatal: every request gets an
 //! error, later submissions get [`SubmitError::Unavailable`] and the thread ends (dropping the
 //! runner). Any other failed step fails only its sequence.
+//!
+//! Prefill/decode disaggregation uses the same loop. On a prefill replica,
+//! [`SchedulerHandle::submit_prefill`] queues sequences that end after their prompt: the first
+//! token is sampled, every rank sends its shard of the KV cache to a decode replica
+//! (`Step::SendKv`), and the receiver gets [`Event::Prefilled`] (the token, the sampler's random
+//! state, the log-probabilities when asked for). On a decode replica,
+//! [`SchedulerHandle::submit_resume`] queues sequences that start from such a hand-over: once
+//! admitted, every rank installs its shard (`Step::InstallKv`) and the first token is taken as
+//! if sampled here, so the text, the stop checks and the sampling stream continue exactly as on
+//! one replica.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -38,8 +48,8 @@ use tokio::sync::{Notify, mpsc};
 
 use super::detok::TextStream;
 use super::generate::{FinishReason, Usage};
-use super::runner::{Runner, SeqId, Step};
-use super::sampling::{Sampler, SamplingParams};
+use super::runner::{KvTarget, Runner, SeqId, Step};
+use super::sampling::{Logprobs, Sampler, SamplingParams};
 
 /// One generated token's log-probability and the most likely alternatives (with
 /// `SamplingParams::logprobs`): log softmax of the logits after `logit_bias` and the penalties,
@@ -112,10 +122,53 @@ pub enum Event {
     Done(Completion),
     /// This sequence failed (the step it was in failed); the replica goes on.
     Error(String),
-    /// The replica failed (its group was lost or the scheduler stopped): nothing it holds will
-    /// finish, and it is about to be restarted; another replica, or this one restarted, can
-    /// take the request again.
+    /// The replica failed (its group was lost or the scheduler stopped), or this sequence's KV
+    /// hand-over between a prefill and a decode replica failed: another replica, or this one
+    /// restarted, can take the request again.
     Failed(String),
+    /// Prefill/decode disaggregation, on a prefill replica: the prompt is prefilled, the first
+    /// token sampled and the KV cache handed to the decode replica; the sequence ends here.
+    Prefilled(Prefilled),
+}
+
+/// The prefill half of a disaggregated sequence, done ([`Event::Prefilled`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prefilled {
+    /// The first generated token.
+    pub token: u32,
+    /// The sampler's random state after drawing it ([`Sampler::rng_state`]).
+    pub rng_state: u64,
+    /// The first token's log-probabilities, when the request asked for them.
+    pub logprobs: Option<Logprobs>,
+    /// KV-cache bytes sent, all ranks together.
+    pub kv_bytes: usize,
+    /// Wall time of the hand-over (every rank's shard sent and acknowledged).
+    pub kv_seconds: f64,
+}
+
+/// Where a decode replica continues a disaggregated sequence from
+/// ([`SchedulerHandle::submit_resume`]): the KV cache the prefill replica sent under
+/// `transfer`, and what it reported in [`Prefilled`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resume {
+    pub transfer: String,
+    pub token: u32,
+    pub rng_state: u64,
+    pub logprobs: Option<Logprobs>,
+}
+
+/// What a queued sequence does.
+#[derive(Clone, Debug)]
+enum Mode {
+    /// Prefill and decode here.
+    Whole,
+    /// Prefill here, then hand the KV cache to `target` under `transfer`.
+    Prefill {
+        transfer: String,
+        target: Arc<KvTarget>,
+    },
+    /// Install a KV cache handed over by a prefill replica and decode from its first token.
+    Resume(Resume),
 }
 
 /// Why a request was not accepted.
@@ -235,8 +288,58 @@ impl SchedulerHandle {
         &self,
         reqs: Vec<Request>,
     ) -> Result<Vec<mpsc::Receiver<Event>>, SubmitError> {
+        self.submit_modes(reqs.into_iter().map(|r| (r, Mode::Whole)).collect())
+    }
+
+    /// Prefill/decode disaggregation, on a prefill replica: queue sequences (all or none, as
+    /// [`SchedulerHandle::submit_all`]) that prefill their prompt, sample the first token,
+    /// hand the KV cache to `target` under their transfer name and end with
+    /// [`Event::Prefilled`] (or [`Event::Failed`] when the hand-over failed). Give each a
+    /// `max_tokens` of 1: that is what its cache reserves.
+    pub fn submit_prefill(
+        &self,
+        reqs: Vec<(Request, String)>,
+        target: KvTarget,
+    ) -> Result<Vec<mpsc::Receiver<Event>>, SubmitError> {
+        let target = Arc::new(target);
+        self.submit_modes(
+            reqs.into_iter()
+                .map(|(r, transfer)| {
+                    let target = Arc::clone(&target);
+                    (r, Mode::Prefill { transfer, target })
+                })
+                .collect(),
+        )
+    }
+
+    /// Prefill/decode disaggregation, on a decode replica: queue sequences (all or none) that
+    /// start from a KV cache a prefill replica handed over and its first token, and then run
+    /// as [`SchedulerHandle::submit_all`]'s do (the first token is the first text).
+    pub fn submit_resume(
+        &self,
+        reqs: Vec<(Request, Resume)>,
+    ) -> Result<Vec<mpsc::Receiver<Event>>, SubmitError> {
+        for (_, r) in &reqs {
+            if r.token as usize >= self.shared.vocab {
+                return Err(SubmitError::Invalid(format!(
+                    "the first token {} handed over is outside the vocabulary of {}",
+                    r.token, self.shared.vocab
+                )));
+            }
+        }
+        self.submit_modes(
+            reqs.into_iter()
+                .map(|(r, resume)| (r, Mode::Resume(resume)))
+                .collect(),
+        )
+    }
+
+    fn submit_modes(
+        &self,
+        reqs: Vec<(Request, Mode)>,
+    ) -> Result<Vec<mpsc::Receiver<Event>>, SubmitError> {
         let s = &self.shared;
-        for req in &reqs {
+        for (req, _) in &reqs {
             self.validate(req)?;
         }
         let mut st = s.lock();
@@ -252,7 +355,7 @@ impl SchedulerHandle {
             });
         }
         let mut rxs = Vec::with_capacity(reqs.len());
-        for req in reqs {
+        for (req, mode) in reqs {
             // One slot per generated token (two with logprobs), the final text piece and the
             // end: never full.
             let per_token = 1 + usize::from(req.sampling.logprobs.is_some());
@@ -262,6 +365,7 @@ impl SchedulerHandle {
             st.waiting.push_back(Pending {
                 seq,
                 req,
+                mode,
                 tx,
                 submitted: Instant::now(),
             });
@@ -429,6 +533,7 @@ struct State {
 struct Pending {
     seq: SeqId,
     req: Request,
+    mode: Mode,
     tx: mpsc::Sender<Event>,
     submitted: Instant,
 }
@@ -464,10 +569,15 @@ enum End {
     Finished(FinishReason, Option<String>),
     Cancelled,
     Failed(String),
+    /// Its KV hand-over failed ([`Event::Failed`]: the request can be sent again).
+    Lost(String),
+    /// Prefilled and handed over to a decode replica.
+    HandedOff(Prefilled),
 }
 
 struct Seq {
     id: SeqId,
+    mode: Mode,
     tx: mpsc::Sender<Event>,
     prompt: Vec<u32>,
     /// Prompt tokens already in the cache.
@@ -549,14 +659,22 @@ impl Worker {
                 }
                 let p = st.waiting.pop_front().expect("front exists");
                 self.reserved_tokens += need;
+                let mut sampler = Sampler::new(p.req.sampling);
+                if let Mode::Resume(r) = &p.mode {
+                    // The prefill replica drew the first token: continue its random stream
+                    // and count the token for the penalties, as `sample_in_place` did there.
+                    sampler = sampler.with_rng_state(r.rng_state);
+                    sampler.observe(r.token);
+                }
                 self.running.push(Seq {
                     id: p.seq,
+                    mode: p.mode,
                     tx: p.tx,
                     prompt: p.req.prompt,
                     prefilled: 0,
                     max_tokens: p.req.max_tokens,
                     ignore_eos: p.req.ignore_eos,
-                    sampler: Sampler::new(p.req.sampling),
+                    sampler,
                     stream: TextStream::new(&p.req.stop),
                     generated: 0,
                     pending: None,
@@ -611,6 +729,39 @@ impl Worker {
                 }
             }
         }
+        // Sequences handed over by a prefill replica: every rank installs its shard of the KV
+        // cache, and the first token is taken as if sampled here.
+        for i in 0..self.running.len() {
+            let s = &self.running[i];
+            let Mode::Resume(r) = &s.mode else { continue };
+            if s.end.is_some() || s.prefilled == s.prompt.len() {
+                continue;
+            }
+            let step = Step::InstallKv {
+                seq: s.id,
+                transfer: r.transfer.clone(),
+                tokens: s.prompt.len(),
+            };
+            let (token, logprobs) = (r.token, r.logprobs.clone());
+            match self.runner.run(&step) {
+                Ok(_) => {
+                    let s = &mut self.running[i];
+                    s.prefilled = s.prompt.len();
+                    s.len = s.prompt.len();
+                    self.accept(i, token, logprobs);
+                }
+                Err(e) if crate::dist::is_group_error(&e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(
+                        seq = self.running[i].id,
+                        "installing a KV cache failed: {e:#}"
+                    );
+                    self.running[i].end = Some(End::Lost(format!(
+                        "installing the KV cache handed over by the prefill replica failed: {e:#}"
+                    )));
+                }
+            }
+        }
         // One batched step: the prefill chunks (at most `prefill_chunk` prompt tokens in all)
         // and one decode token for every sequence that has a sampled token to feed.
         let mut budget = self.shared.cfg.prefill_chunk;
@@ -645,9 +796,64 @@ impl Worker {
                     .inc_by(s.prompt.len() as u64);
             }
             let mut logits = logits;
-            self.sample(*i, &mut logits);
+            if matches!(self.running[*i].mode, Mode::Prefill { .. }) {
+                self.hand_off(*i, &mut logits)?;
+            } else {
+                self.sample(*i, &mut logits);
+            }
         }
         self.reap()
+    }
+
+    /// A prefill-only sequence's prompt is in the cache: sample the first token, then every
+    /// rank sends its shard of the KV cache to the decode replica (`Step::SendKv`) and the
+    /// sequence ends, handed over. A lost group is an error (fatal); a failed hand-over ends
+    /// only this sequence.
+    fn hand_off(&mut self, i: usize, logits: &mut [f32]) -> anyhow::Result<()> {
+        let metrics = Arc::clone(&self.shared.metrics);
+        let s = &mut self.running[i];
+        let token = s.sampler.sample_in_place(logits);
+        let logprobs = s
+            .sampler
+            .params()
+            .logprobs
+            .map(|k| super::sampling::logprobs(logits, token, k));
+        let now = Instant::now();
+        metrics
+            .time_to_first_token
+            .observe((now - s.submitted).as_secs_f64());
+        s.last_token = Some(now);
+        let Mode::Prefill { transfer, target } = &s.mode else {
+            unreachable!("hand_off is called for prefill-only sequences");
+        };
+        let step = Step::SendKv {
+            seq: s.id,
+            transfer: transfer.clone(),
+            target: KvTarget::clone(target),
+        };
+        let (seq, rng_state) = (s.id, s.sampler.rng_state());
+        let sent = self.runner.run(&step);
+        let kv_seconds = now.elapsed().as_secs_f64();
+        let end = match sent {
+            Ok(_) => End::HandedOff(Prefilled {
+                token,
+                rng_state,
+                logprobs,
+                kv_bytes: self.runner.seq_len(seq)
+                    * self.runner.engine.model.kv_bytes_per_token()
+                    * self.runner.engine.collective.world(),
+                kv_seconds,
+            }),
+            Err(e) if crate::dist::is_group_error(&e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(seq, "handing a KV cache over failed: {e:#}");
+                End::Lost(format!(
+                    "handing the KV cache to the decode replica failed: {e:#}"
+                ))
+            }
+        };
+        self.running[i].end = Some(end);
+        Ok(())
     }
 
     /// Run the forward steps of `batch` (running index, tokens): one `Step::ForwardBatch` for
@@ -724,11 +930,23 @@ impl Worker {
 
     /// Choose the next token of sequence `i` from its logits (as `Engine::generate` does).
     fn sample(&mut self, i: usize, logits: &mut [f32]) {
+        let s = &mut self.running[i];
+        let next = s.sampler.sample_in_place(logits);
+        let logprobs = s
+            .sampler
+            .params()
+            .logprobs
+            .map(|k| super::sampling::logprobs(logits, next, k));
+        self.accept(i, next, logprobs);
+    }
+
+    /// Take `next` as sequence `i`'s next token (sampled here, or handed over by a prefill
+    /// replica): stop checks, metrics, log-probabilities, text.
+    fn accept(&mut self, i: usize, next: u32, logprobs: Option<Logprobs>) {
         let tokenizer = &self.runner.engine.tokenizer;
         let metrics = &self.shared.metrics;
         let capacity = self.shared.capacity;
         let s = &mut self.running[i];
-        let next = s.sampler.sample_in_place(logits);
         let stop = (!s.ignore_eos && tokenizer.is_stop(next))
             || s.sampler.params().stop_token_ids.contains(&next);
         // The first token's time counts even when that token ends the sequence (an empty
@@ -749,8 +967,7 @@ impl Worker {
         s.generated += 1;
         metrics.generated_tokens.inc();
         let piece = tokenizer.decode_bytes(&[next], true);
-        if let Some(k) = s.sampler.params().logprobs {
-            let lp = super::sampling::logprobs(logits, next, k);
+        if let Some(lp) = logprobs {
             let top = lp
                 .top
                 .iter()
@@ -821,6 +1038,8 @@ impl Worker {
                 }
                 End::Cancelled => ("cancelled", None),
                 End::Failed(msg) => ("error", Some(Event::Error(msg))),
+                End::Lost(msg) => ("error", Some(Event::Failed(msg))),
+                End::HandedOff(p) => ("handoff", Some(Event::Prefilled(p))),
             };
             self.update_gauges();
             self.shared.metrics.finished(outcome);

@@ -45,11 +45,11 @@ pub struct FinishLabel {
 }
 
 /// Buckets of the time to first token (seconds).
-const TTFT_BUCKETS: [f64; 14] = [
+pub const TTFT_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
 ];
 /// Buckets of the inter-token latency (seconds).
-const ITL_BUCKETS: [f64; 12] = [
+pub const ITL_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
 ];
 

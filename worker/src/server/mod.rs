@@ -9,6 +9,7 @@
 //! | `GET /healthz` | 200 while the scheduler serves; 503 naming the cause once it has failed (a panic, a lost rank group), so that a liveness probe restarts the pod |
 //! | `GET /readyz` | 200 when the readiness callback says ready and the server is not draining, else 503 |
 //! | `GET /metrics` | Prometheus text ([`metrics`]) |
+//! | `POST /internal/pd/{prefill,decode}/{chat,completions}` | prefill/decode disaggregation's hand-over ([`pd`]; only with [`ServerConfig::pd`]) |
 //!
 //! Errors are OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`); overload is
 //! 429 and shutdown 503, both with `Retry-After`.
@@ -16,6 +17,7 @@
 pub mod error;
 pub mod metrics;
 mod openai;
+pub mod pd;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -49,6 +51,8 @@ pub struct ServerConfig {
     /// before any CPU is spent on them once as many wait as the scheduler's queue holds.
     pub max_concurrent_tokenizations: usize,
     pub readiness: Readiness,
+    /// This worker's part in a prefill/decode deployment (None: aggregated serving only).
+    pub pd: Option<pd::PdConfig>,
 }
 
 impl ServerConfig {
@@ -64,6 +68,7 @@ impl ServerConfig {
             max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
             max_concurrent_tokenizations: Self::DEFAULT_MAX_CONCURRENT_TOKENIZATIONS,
             readiness: Arc::new(|| Ok(())),
+            pd: None,
         }
     }
 }
@@ -126,6 +131,8 @@ pub fn router(cfg: ServerConfig, handle: SchedulerHandle, metrics: Arc<ServerMet
         .route("/v1/models/{*id}", get(openai::get_model))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat))
+        .route("/internal/pd/prefill/{kind}", post(pd::prefill))
+        .route("/internal/pd/decode/{kind}", post(pd::decode))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
@@ -237,16 +244,6 @@ pub async fn serve_with_limits(
     limits: HttpLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
-
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut http1 = hyper::server::conn::http1::Builder::new();
-    http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .keep_alive(true);
     let drained = {
         let handle = handle.clone();
         async move {
@@ -260,6 +257,29 @@ pub async fn serve_with_limits(
             tracing::info!("drained");
         }
     };
+    serve_until_drained(listener, router, limits, drained).await
+}
+
+/// The connection loop of [`serve_with_limits`] for any service: serve `router` under
+/// `limits` until `drained` resolves (the caller stops admission and waits for the requests
+/// in flight inside it), then give open connections `limits.shutdown_grace` and return. The
+/// prefill/decode router uses it with its own drain.
+pub async fn serve_until_drained(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: HttpLimits,
+    drained: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
     tokio::pin!(drained);
     loop {
         let (stream, peer) = tokio::select! {

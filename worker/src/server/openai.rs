@@ -24,7 +24,7 @@ use super::App;
 use super::error::ApiError;
 use crate::engine::sampling::SamplingParams;
 use crate::engine::sampling::{MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS};
-use crate::engine::scheduler::{Completion, Event, Request, TokenLogprobs};
+use crate::engine::scheduler::{Completion, Event, Request, Resume, TokenLogprobs};
 use crate::tokenizer::Message;
 
 fn now_unix() -> u64 {
@@ -43,7 +43,7 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}-{t:016x}{n:08x}")
 }
 
-fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let text = std::str::from_utf8(body).map_err(|e| {
         ApiError::invalid(format!("the request body is not valid UTF-8: {e}"))
             .with_code("invalid_utf8")
@@ -77,7 +77,7 @@ struct StreamOptions {
 
 /// The parameters chat and text completions share.
 #[derive(Deserialize)]
-struct Common {
+pub(super) struct Common {
     model: Option<String>,
     max_tokens: Option<i64>,
     max_completion_tokens: Option<i64>,
@@ -121,10 +121,10 @@ fn neutral(v: &Value) -> bool {
 }
 
 #[derive(Deserialize)]
-struct ChatRequest {
+pub(super) struct ChatRequest {
     messages: Option<Vec<ChatMessage>>,
     #[serde(flatten)]
-    common: Common,
+    pub(super) common: Common,
 }
 
 #[derive(Deserialize)]
@@ -148,12 +148,12 @@ struct ContentPart {
 }
 
 #[derive(Deserialize)]
-struct CompletionRequest {
+pub(super) struct CompletionRequest {
     prompt: Option<PromptInput>,
     echo: Option<bool>,
     best_of: Option<i64>,
     #[serde(flatten)]
-    common: Common,
+    pub(super) common: Common,
 }
 
 #[derive(Deserialize)]
@@ -166,17 +166,17 @@ enum PromptInput {
 }
 
 /// Which endpoint a request came through (for the response format).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
     Chat,
     Completion,
 }
 
 /// Validated options of one request.
-struct Options {
+pub(super) struct Options {
     sampling: SamplingParams,
     /// Choices to generate (1..=MAX_N).
-    n: usize,
+    pub(super) n: usize,
     stop: Vec<String>,
     stream: bool,
     include_usage: bool,
@@ -313,7 +313,7 @@ impl Common {
         }
     }
 
-    fn validate(&self, app: &App, kind: Kind) -> Result<Options, ApiError> {
+    pub(super) fn validate(&self, app: &App, kind: Kind) -> Result<Options, ApiError> {
         match self.model.as_deref() {
             None => {
                 return Err(ApiError::param(
@@ -481,7 +481,7 @@ impl Common {
 
 /// `max_tokens` for a prompt of `prompt_len` tokens: as asked if it fits the sequence, else
 /// `context_length_exceeded`; by default what is left (chat) or 16 (completions, as OpenAI).
-fn resolve_max_tokens(
+pub(super) fn resolve_max_tokens(
     app: &App,
     opts: &Options,
     prompt_len: usize,
@@ -575,9 +575,18 @@ pub(super) async fn chat(State(app): State<App>, body: Result<Bytes, BytesReject
 }
 
 async fn chat_inner(app: App, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let (opts, prompt) = parse_chat(&app, body).await?;
+    respond(app, Kind::Chat, opts, prompt).await
+}
+
+/// A chat request's options and prompt (the messages through the chat template, tokenised).
+pub(super) async fn parse_chat(
+    app: &App,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(Options, Vec<u32>), ApiError> {
     let body = body.map_err(ApiError::from_body)?;
     let req: ChatRequest = parse_json(&body)?;
-    let opts = req.common.validate(&app, Kind::Chat)?;
+    let opts = req.common.validate(app, Kind::Chat)?;
     let messages = req
         .messages
         .ok_or_else(|| ApiError::param("messages", "you must provide messages"))?;
@@ -632,12 +641,12 @@ async fn chat_inner(app: App, body: Result<Bytes, BytesRejection>) -> Result<Res
             content,
         });
     }
-    let prompt = tokenize(&app, move |t| {
+    let prompt = tokenize(app, move |t| {
         let text = t.apply_chat_template(&conv, true)?;
         Ok(t.encode(&text, true))
     })
     .await?;
-    respond(app, Kind::Chat, opts, prompt).await
+    Ok((opts, prompt))
 }
 
 pub(super) async fn completions(
@@ -653,20 +662,18 @@ async fn completions_inner(
     app: App,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let (opts, prompt) = parse_completion(&app, body).await?;
+    respond(app, Kind::Completion, opts, prompt).await
+}
+
+/// A text-completion request's options and prompt (tokenised, or token ids as given).
+pub(super) async fn parse_completion(
+    app: &App,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(Options, Vec<u32>), ApiError> {
     let body = body.map_err(ApiError::from_body)?;
     let req: CompletionRequest = parse_json(&body)?;
-    let opts = req.common.validate(&app, Kind::Completion)?;
-    if req.echo == Some(true) {
-        return Err(ApiError::param("echo", "echo is not supported"));
-    }
-    if let Some(b) = req.best_of
-        && b != 1
-    {
-        return Err(ApiError::param(
-            "best_of",
-            format!("only best_of = 1 is supported, got {b}"),
-        ));
-    }
+    let opts = completion_options(app, &req)?;
     let one = "one prompt per request is supported";
     let prompt = match req.prompt {
         None => return Err(ApiError::param("prompt", "you must provide a prompt")),
@@ -680,14 +687,32 @@ async fn completions_inner(
         Some(_) => return Err(ApiError::param("prompt", one)),
     };
     let prompt = match prompt {
-        PromptInput::Text(t) => tokenize(&app, move |tok| Ok(tok.encode(&t, true))).await?,
+        PromptInput::Text(t) => tokenize(app, move |tok| Ok(tok.encode(&t, true))).await?,
         PromptInput::Tokens(v) => v,
         _ => unreachable!("normalised above"),
     };
     if prompt.is_empty() {
         return Err(ApiError::param("prompt", "the prompt is empty"));
     }
-    respond(app, Kind::Completion, opts, prompt).await
+    Ok((opts, prompt))
+}
+
+/// A completion request's options checked as [`parse_completion`] does, without the prompt
+/// (a decode replica takes the prompt's tokens from the prefill replica's hand-over).
+pub(super) fn completion_options(app: &App, req: &CompletionRequest) -> Result<Options, ApiError> {
+    let opts = req.common.validate(app, Kind::Completion)?;
+    if req.echo == Some(true) {
+        return Err(ApiError::param("echo", "echo is not supported"));
+    }
+    if let Some(b) = req.best_of
+        && b != 1
+    {
+        return Err(ApiError::param(
+            "best_of",
+            format!("only best_of = 1 is supported, got {b}"),
+        ));
+    }
+    Ok(opts)
 }
 
 /// Submit and answer, streamed or whole. `n` choices are `n` sequences of the same prompt;
@@ -698,24 +723,55 @@ async fn respond(
     opts: Options,
     prompt: Vec<u32>,
 ) -> Result<Response, ApiError> {
-    let max_tokens = resolve_max_tokens(&app, &opts, prompt.len(), kind)?;
-    let reqs = (0..opts.n)
+    respond_with(app, kind, opts, prompt, None).await
+}
+
+/// The scheduler requests of a request's `n` choices; with a seed, choice `i > 0` samples with
+/// a seed derived from it.
+pub(super) fn choice_requests(opts: &Options, prompt: &[u32], max_tokens: usize) -> Vec<Request> {
+    (0..opts.n)
         .map(|i| {
             let mut sampling = opts.sampling.clone();
             if i > 0 {
                 sampling.seed = sampling.seed.map(|s| choice_seed(s, i));
             }
             Request {
-                prompt: prompt.clone(),
+                prompt: prompt.to_vec(),
                 max_tokens,
                 sampling,
                 stop: opts.stop.clone(),
                 ignore_eos: opts.ignore_eos,
             }
         })
-        .collect();
+        .collect()
+}
+
+/// [`respond`], or, with `resume`, the decode half of a disaggregated request: each choice
+/// continues from the KV cache and first token a prefill replica handed over.
+pub(super) async fn respond_with(
+    app: App,
+    kind: Kind,
+    opts: Options,
+    prompt: Vec<u32>,
+    resume: Option<Vec<Resume>>,
+) -> Result<Response, ApiError> {
+    let max_tokens = resolve_max_tokens(&app, &opts, prompt.len(), kind)?;
+    let reqs = choice_requests(&opts, &prompt, max_tokens);
     // All choices are queued or none: a refusal leaves nothing running.
-    let rxs = app.handle.submit_all(reqs)?;
+    let rxs = match resume {
+        None => app.handle.submit_all(reqs)?,
+        Some(resume) => {
+            if resume.len() != reqs.len() {
+                return Err(ApiError::invalid(format!(
+                    "the hand-over holds {} choices where the request asks for n = {}",
+                    resume.len(),
+                    reqs.len()
+                )));
+            }
+            app.handle
+                .submit_resume(reqs.into_iter().zip(resume).collect())?
+        }
+    };
     let meta = Meta {
         id: new_id(match kind {
             Kind::Chat => "chatcmpl",
@@ -829,7 +885,7 @@ fn logprobs_json(kind: Kind, entries: &[TokenLogprobs], offset: &mut usize) -> V
 /// 503 with `Retry-After`: the replica failed under the request (its group was lost, its
 /// scheduler stopped) and is being restarted; the request can be sent again. Not a 500: nothing
 /// was wrong with the request, and a retry elsewhere succeeds.
-fn replica_failed(why: &str) -> ApiError {
+pub(super) fn replica_failed(why: &str) -> ApiError {
     ApiError::unavailable(
         format!("the replica failed while serving this request ({why}); retry it"),
         "replica_failed",
@@ -848,6 +904,11 @@ async fn whole_response(rxs: Vec<mpsc::Receiver<Event>>, meta: Meta) -> Result<R
                 Some(Event::Done(c)) => break c,
                 Some(Event::Error(e)) => return Err(ApiError::internal(e)),
                 Some(Event::Failed(e)) => return Err(replica_failed(&e)),
+                Some(Event::Prefilled(_)) => {
+                    return Err(ApiError::internal(
+                        "a prefill-only hand-over ended a whole request",
+                    ));
+                }
                 None => return Err(replica_failed("generation ended without a result")),
             }
         };
@@ -1014,6 +1075,11 @@ fn stream_response(rxs: Vec<mpsc::Receiver<Event>>, meta: Meta) -> Response {
                 }
                 Some((_, Event::Failed(e))) => {
                     let _ = tx.send(sse(&replica_failed(&e).body())).await;
+                    break;
+                }
+                Some((_, Event::Prefilled(_))) => {
+                    let e = ApiError::internal("a prefill-only hand-over ended a whole request");
+                    let _ = tx.send(sse(&e.body())).await;
                     break;
                 }
                 None => {
