@@ -452,6 +452,22 @@ fn restricted() -> SecurityContext {
     }
 }
 
+/// A pod's security context under the restricted Pod Security Standard (non-root user and
+/// group, the runtime's default seccomp profile), for worker and router pods alike.
+fn restricted_pod() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS_USER),
+        run_as_group: Some(RUN_AS_USER),
+        fs_group: Some(RUN_AS_USER),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
 /// The init container that downloads an http(s) model into the cache volume before the engine
 /// starts (`tessera-worker fetch`: resumable, checked against `model.sha256`; a URI ending in
 /// `/` is a Hugging Face model directory). vLLM and SGLang cannot download it themselves; the
@@ -1125,17 +1141,7 @@ pub fn pool_replica_pods(
                 tolerations: (!spec.placement.tolerations.is_empty())
                     .then(|| spec.placement.tolerations.clone()),
                 affinity: Some(pinned_to(stage.node.clone())),
-                security_context: Some(PodSecurityContext {
-                    run_as_non_root: Some(true),
-                    run_as_user: Some(RUN_AS_USER),
-                    run_as_group: Some(RUN_AS_USER),
-                    fs_group: Some(RUN_AS_USER),
-                    seccomp_profile: Some(SeccompProfile {
-                        type_: "RuntimeDefault".into(),
-                        localhost_profile: None,
-                    }),
-                    ..PodSecurityContext::default()
-                }),
+                security_context: Some(restricted_pod()),
                 init_containers: fetch_container(md, &model, &image, opts).map(|c| vec![c]),
                 containers: vec![container],
                 volumes: Some(volumes),
@@ -1633,17 +1639,7 @@ pub fn router_deployment(
                         .then(|| spec.worker.image_pull_secrets.clone()),
                     tolerations: (!spec.placement.tolerations.is_empty())
                         .then(|| spec.placement.tolerations.clone()),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(RUN_AS_USER),
-                        run_as_group: Some(RUN_AS_USER),
-                        fs_group: Some(RUN_AS_USER),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            localhost_profile: None,
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
+                    security_context: Some(restricted_pod()),
                     containers: vec![container],
                     volumes: Some(vec![Volume {
                         name: "tmp".into(),

@@ -612,14 +612,13 @@ pub fn render_table(p: &Plan) -> String {
         if let Some(x) = &d.disaggregation {
             let _ = writeln!(s, "  disaggregation: {}", x.reason);
             for p in &x.pools {
-                let layout = layout_label(&crate::api::LayoutPrediction {
-                    gpu_type: p.gpu_type.clone(),
-                    tensor_parallel: p.tensor_parallel,
-                    pipeline_parallel: p.pipeline_parallel,
-                    expert_parallel: p.expert_parallel,
-                    data_parallel_attention: p.data_parallel_attention,
-                    ..Default::default()
-                });
+                let layout = crate::planner::cost::Layout::from_api(
+                    p.tensor_parallel,
+                    p.pipeline_parallel,
+                    p.expert_parallel,
+                    p.data_parallel_attention,
+                )
+                .label();
                 let _ = writeln!(
                     s,
                     "  pool {}: {} {} x{}, {:.2} requests/s per replica{}{}",
@@ -737,11 +736,11 @@ pub fn render_table(p: &Plan) -> String {
 
 /// `TP=8 PP=1`, `TP=8 EP=8`, `EP=16 DP-attention` for a layout in a plan.
 fn layout_label(l: &crate::api::LayoutPrediction) -> String {
-    crate::planner::cost::Layout {
-        tp: l.tensor_parallel.max(1) as u32,
-        pp: l.pipeline_parallel.max(1) as u32,
-        ep: l.expert_parallel.unwrap_or(1).max(1) as u32,
-        data_attention: l.data_parallel_attention,
-    }
+    crate::planner::cost::Layout::from_api(
+        l.tensor_parallel,
+        l.pipeline_parallel,
+        l.expert_parallel,
+        l.data_parallel_attention,
+    )
     .label()
 }

@@ -976,17 +976,15 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
             .map_or(0, |m| m + 1);
         let mut planned_md = md.clone();
         planned_md.spec.replicas = max_index;
-        // Prefill/decode pools are planned and reported, but this controller runs every
+        // Prefill/decode pools are decided and reported, but this controller runs every
         // replica aggregated (it does not create pools yet): see the Disaggregated condition.
-        verdict = planner::disaggregation_verdict(&inv, md, &cfg.plan);
-        planned_md.spec.serving.disaggregation = api::Disaggregation::Off;
-        let plan = planner::plan(
-            &inv,
-            std::slice::from_ref(&planned_md),
-            &existing,
-            &cfg.plan,
-        );
+        let opts = planner::PlanOptions {
+            aggregated_only: true,
+            ..cfg.plan.clone()
+        };
+        let plan = planner::plan(&inv, std::slice::from_ref(&planned_md), &existing, &opts);
         let dp = plan.deployments.into_iter().next().unwrap_or_default();
+        verdict = dp.disaggregation.clone();
         for (replica, restarts, why) in &wanted {
             if let Some(pr) = dp.placed.iter().find(|x| x.replica == *replica) {
                 let inc = new_incarnation(*replica);

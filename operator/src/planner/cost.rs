@@ -208,14 +208,26 @@ impl Layout {
         }
     }
 
+    /// A layout as the API writes it (`tensorParallel`, `pipelineParallel`,
+    /// `expertParallel` present only above 1, `dataParallelAttention`); negative degrees read
+    /// as 0 and are never feasible.
+    pub fn from_api(tp: i32, pp: i32, ep: Option<i32>, data_attention: bool) -> Layout {
+        Layout {
+            tp: tp.max(0) as u32,
+            pp: pp.max(0) as u32,
+            ep: ep.unwrap_or(1).max(1) as u32,
+            data_attention,
+        }
+    }
+
     /// The layout a replica was placed with (its status entry).
     pub fn of_placement(p: &crate::api::ReplicaPlacement) -> Layout {
-        Layout {
-            tp: p.tensor_parallel.max(1) as u32,
-            pp: p.pipeline_parallel.max(1) as u32,
-            ep: p.expert_parallel.unwrap_or(1).max(1) as u32,
-            data_attention: p.data_parallel_attention,
-        }
+        Layout::from_api(
+            p.tensor_parallel,
+            p.pipeline_parallel,
+            p.expert_parallel,
+            p.data_parallel_attention,
+        )
     }
 
     /// GPUs of one replica.

@@ -44,6 +44,10 @@ pub struct PlanOptions {
     /// uses it to compare placement alone against a scheduler that has no fallbacks.
     #[serde(default)]
     pub first_choice_only: bool,
+    /// Decide and report prefill/decode disaggregation (`DeploymentPlan::disaggregation`) but
+    /// place every replica aggregated: the controller, which does not run pools yet.
+    #[serde(default)]
+    pub aggregated_only: bool,
 }
 
 /// A replica placed by an earlier plan, kept where it is when it still fits.
@@ -68,12 +72,12 @@ pub struct ExistingPlacement {
 impl ExistingPlacement {
     /// The layout it was placed with.
     pub fn layout(&self) -> Layout {
-        Layout {
-            tp: self.tensor_parallel.max(0) as u32,
-            pp: self.pipeline_parallel.max(0) as u32,
-            ep: self.expert_parallel.unwrap_or(1).max(1) as u32,
-            data_attention: self.data_parallel_attention,
-        }
+        Layout::from_api(
+            self.tensor_parallel,
+            self.pipeline_parallel,
+            self.expert_parallel,
+            self.data_parallel_attention,
+        )
     }
 
     /// From a ModelDeployment's status entry.
@@ -234,6 +238,8 @@ struct Dep<'a> {
     /// `prefill_replicas` are the prefill pool, the rest the decode pool.
     decision: Option<disagg::Decision>,
     pools: Option<Pools>,
+    /// Whether the pools are placed (`PlanOptions::aggregated_only` off).
+    place_pools: bool,
 }
 
 /// The two pools of a disaggregated deployment.
@@ -246,10 +252,14 @@ struct Pools {
 }
 
 impl Dep<'_> {
+    /// The pools this plan places, if any.
+    fn placed_pools(&self) -> Option<&Pools> {
+        self.pools.as_ref().filter(|_| self.place_pools)
+    }
+
     /// Replicas to place: both pools when disaggregated.
     fn replicas(&self) -> i32 {
-        self.pools
-            .as_ref()
+        self.placed_pools()
             .map_or(self.md.spec.replicas.max(0), |p| {
                 p.prefill_replicas + p.decode_replicas
             })
@@ -257,7 +267,7 @@ impl Dep<'_> {
 
     /// The pool replica `r` belongs to: its layout and role.
     fn pool_of(&self, r: i32) -> Option<(&Candidate, &'static str)> {
-        self.pools.as_ref().map(|p| {
+        self.placed_pools().map(|p| {
             if r < p.prefill_replicas {
                 (&p.prefill, "prefill")
             } else {
@@ -386,6 +396,7 @@ pub fn plan(
             unplaced: Vec::new(),
             decision,
             pools,
+            place_pools: !opts.aggregated_only,
         });
     }
 
@@ -404,7 +415,7 @@ pub fn plan(
     let mut order: Vec<(usize, &ExistingPlacement)> = Vec::new();
     for (i, dep) in deps.iter().enumerate() {
         // Pools are re-planned whole (existing placements carry no role yet).
-        if dep.pools.is_some() {
+        if dep.placed_pools().is_some() {
             continue;
         }
         if let Some(list) = by_dep.get(&(dep.namespace.as_str(), dep.name.as_str())) {
@@ -643,43 +654,6 @@ pub fn plan(
         deployments,
         warnings,
     }
-}
-
-/// The disaggregation verdict for one deployment on `inv` (its choice of layouts, the
-/// aggregated and the prefill/decode figures under the SLO), without placing anything; `None`
-/// when `serving.disaggregation` is Off or `serving.workload` is unset.
-pub fn disaggregation_verdict(
-    inv: &Inventory,
-    md: &ModelDeployment,
-    opts: &PlanOptions,
-) -> Option<DisaggregationPlan> {
-    let c = &opts.constants;
-    let elig = Eligibility::compute(inv, &md.spec.placement);
-    let stats = choose::type_stats(inv, &elig);
-    let choice = choose::choose(&md.spec, inv, &stats, &elig, c);
-    let d = disagg::decide(&md.spec, inv, &stats, &choice, c)?;
-    let pools = match (&d.pair, d.disaggregate) {
-        (Some((i, j, pair)), true) => {
-            let units = md.spec.replicas.max(0);
-            pool_statuses(
-                inv,
-                &Pools {
-                    prefill: choice.candidates[*i].clone(),
-                    decode: choice.candidates[*j].clone(),
-                    prefill_replicas: units * pair.prefill_replicas as i32,
-                    decode_replicas: units * pair.decode_replicas as i32,
-                    pair: pair.clone(),
-                },
-                &[],
-            )
-        }
-        _ => Vec::new(),
-    };
-    Some(DisaggregationPlan {
-        disaggregated: d.disaggregate,
-        reason: d.reason,
-        pools,
-    })
 }
 
 /// The status of both pools: layout, replicas, the nodes they were placed on, predictions.
