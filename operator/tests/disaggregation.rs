@@ -35,16 +35,16 @@ fn cluster(products: &[usize]) -> Inventory {
     Inventory::from_nodes(&nodes, &[], &Catalog::builtin(), &keys)
 }
 
-/// DeepSeek-V3 (MoE, 37.6B active, MLA) in FP8, as examples/deployments/deepseek-v3.yaml.
+/// DeepSeek-V3 (MoE, 37.6B active, MLA) in FP8: the architecture of
+/// examples/deployments/deepseek-v3.yaml.
 fn deepseek() -> serde_json::Value {
-    json!({
-        "parameters": 671026419200i64, "layers": 61, "hiddenSize": 7168,
-        "attentionHeads": 128, "kvHeads": 128, "intermediateSize": 18432,
-        "vocabSize": 129280, "contextLength": 163840, "bytesPerParameter": 1,
-        "experts": 256, "expertsPerToken": 8, "sharedExperts": 1,
-        "expertIntermediateSize": 2048, "denseLayers": 3, "kvLoraRank": 512,
-        "qkRopeHeadDim": 64
-    })
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/deployments/deepseek-v3.yaml"
+    );
+    let md: serde_json::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("example")).expect("yaml");
+    md["spec"]["model"]["architecture"].clone()
 }
 
 /// Llama 3.3 70B in FP8 served by SGLang, with an SLO of 2 s to the first token and 50 ms

@@ -63,11 +63,12 @@ fn gpu(catalog: &Catalog, label: &str) -> Option<GpuModel> {
     catalog.models.iter().find(|m| m.name == name).cloned()
 }
 
+/// One predicted row of the fixture, dense or MoE.
 struct Row {
     id: String,
     gpu: String,
     model: String,
-    tp: u32,
+    layout: Layout,
     input: u32,
     output: u32,
     published: f64,
@@ -80,11 +81,10 @@ impl Row {
     }
 }
 
-/// Predict every row the model can represent; the others with the reason.
-fn predict_all() -> (Vec<Row>, BTreeMap<String, usize>) {
-    let catalog = Catalog::builtin();
-    // `PUBLISHED_CONSTANTS='{"mfu": 0.4}'` tries other constants against the table.
-    let c: CostConstants = match std::env::var("PUBLISHED_CONSTANTS") {
+/// The cost-model constants: the defaults, or with `PUBLISHED_CONSTANTS='{"mfu": 0.4}'` other
+/// constants tried against the tables.
+fn constants() -> CostConstants {
+    match std::env::var("PUBLISHED_CONSTANTS") {
         Ok(over) => {
             let mut v = serde_json::to_value(CostConstants::default()).expect("json");
             let over: Value = serde_json::from_str(&over).expect("PUBLISHED_CONSTANTS is JSON");
@@ -94,7 +94,13 @@ fn predict_all() -> (Vec<Row>, BTreeMap<String, usize>) {
             serde_json::from_value(v).expect("constants")
         }
         Err(_) => CostConstants::default(),
-    };
+    }
+}
+
+/// Predict every row the model can represent; the others with the reason.
+fn predict_all() -> (Vec<Row>, BTreeMap<String, usize>) {
+    let catalog = Catalog::builtin();
+    let c = constants();
     let mut rows = Vec::new();
     let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
     let mut skip = |why: String| *skipped.entry(why).or_default() += 1;
@@ -162,7 +168,7 @@ fn predict_all() -> (Vec<Row>, BTreeMap<String, usize>) {
             id: s("id"),
             gpu: g.name.clone(),
             model: s("model"),
-            tp,
+            layout: Layout::dense(tp, pp),
             input: input as u32,
             output: output as u32,
             published,
@@ -222,12 +228,12 @@ fn tp8_over_tp4(rows: &[Row], gpu: &str, model: &str) -> Vec<(u32, u32, f64, f64
     let mut out = Vec::new();
     for r8 in rows
         .iter()
-        .filter(|r| r.gpu == gpu && r.model == model && r.tp == 8)
+        .filter(|r| r.gpu == gpu && r.model == model && r.layout.tp == 8)
     {
         if let Some(r4) = rows.iter().find(|r| {
             r.gpu == gpu
                 && r.model == model
-                && r.tp == 4
+                && r.layout.tp == 4
                 && r.input == r8.input
                 && r.output == r8.output
         }) {
@@ -311,7 +317,7 @@ fn published_throughput_is_predicted_within_the_reported_error() {
             r.id,
             r.gpu,
             r.model,
-            r.tp,
+            r.layout.tp,
             r.input,
             r.output,
             r.published,
@@ -495,29 +501,12 @@ fn moe_architecture(model: &str, parameters: f64) -> Option<ModelArchitecture> {
     })
 }
 
-struct MoeRow {
-    id: String,
-    gpu: String,
-    model: String,
-    layout: Layout,
-    input: u32,
-    output: u32,
-    published: f64,
-    predicted: f64,
-}
-
-impl MoeRow {
-    fn error(&self) -> f64 {
-        (self.predicted - self.published) / self.published
-    }
-}
-
 /// Predict every MoE row the model can represent (offline max-throughput, FP8/BF16 weights, a
 /// known architecture and GPU), in the row's layout: TP, or expert parallelism with
 /// data-parallel attention where the row says so (TensorRT-LLM's "DEP" columns).
-fn predict_moe() -> (Vec<MoeRow>, BTreeMap<String, usize>) {
+fn predict_moe() -> (Vec<Row>, BTreeMap<String, usize>) {
     let catalog = Catalog::builtin();
-    let c = CostConstants::default();
+    let c = constants();
     let mut rows = Vec::new();
     let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
     let mut skip = |why: String| *skipped.entry(why).or_default() += 1;
@@ -588,7 +577,7 @@ fn predict_moe() -> (Vec<MoeRow>, BTreeMap<String, usize>) {
             skip("layouts whose weights do not fit by the model".into());
             continue;
         }
-        rows.push(MoeRow {
+        rows.push(Row {
             id: s("id"),
             gpu: g.name.clone(),
             model: s("model"),
