@@ -175,9 +175,7 @@ pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
     );
     let served = served_name(&model);
     // A secret of this run's own: only its ranks can join the group.
-    let secret = crate::hex(
-        &crate::dist::wire::nonce().context("reading /dev/urandom for the group secret")?,
-    );
+    let secret = new_secret()?;
     let replica = ReplicaEnv {
         model: &model,
         served: &served,
@@ -204,6 +202,13 @@ pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
         args.port
     );
     supervise(specs)
+}
+
+/// A fresh random group secret (hex) for the ranks this run starts.
+fn new_secret() -> anyhow::Result<String> {
+    Ok(crate::hex(
+        &crate::dist::wire::nonce().context("reading /dev/urandom for the group secret")?,
+    ))
 }
 
 /// The served model name: `TESSERA_SERVED_MODEL_NAME`, else the model file's stem.
@@ -237,9 +242,7 @@ fn run_disaggregated(
     let served = served_name(model);
     // One secret for the whole deployment: it authenticates each group's ranks, the KV
     // transfers between replicas and the router's internal calls.
-    let secret = crate::hex(
-        &crate::dist::wire::nonce().context("reading /dev/urandom for the group secret")?,
-    );
+    let secret = new_secret()?;
     let run_id = format!(
         "local-{}-{}",
         std::process::id(),

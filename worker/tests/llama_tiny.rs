@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Counting, encode, randn, rel_err};
+use common::{Counting, encode, greedy_alone, randn, rel_err};
 
 use tessera_worker::engine::sampling::Rng;
 use tessera_worker::kernels::Pool;
@@ -706,24 +706,10 @@ fn a_batched_forward_gives_each_sequences_logits_bit_for_bit() {
         let pool = Pool::new(2).unwrap();
 
         // Each sequence alone: prefill its prompt, then 4 greedy decode steps.
-        let mut want = Vec::new();
-        for p in PROMPTS {
-            let mut cache = model.new_cache(1 << 20).unwrap();
-            let mut steps = vec![
-                model
-                    .forward(&pool, &Identity, &mut cache, p, Logits::Last)
-                    .unwrap(),
-            ];
-            for _ in 0..4 {
-                let next = argmax(steps.last().unwrap());
-                steps.push(
-                    model
-                        .forward(&pool, &Identity, &mut cache, &[next], Logits::Last)
-                        .unwrap(),
-                );
-            }
-            want.push(steps);
-        }
+        let want: Vec<_> = PROMPTS
+            .iter()
+            .map(|p| greedy_alone(&model, &pool, p, 4, argmax))
+            .collect();
 
         // Batched, with sequences at different positions in every step: sequence 0 prefills
         // in step 0, sequence 1 in two chunks (steps 0 and 1), sequence 2 joins in step 2.

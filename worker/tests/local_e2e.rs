@@ -236,52 +236,12 @@ fn start_local(tp: usize, lines: mpsc::Sender<String>) -> (Proc, u16) {
 
 /// Start `local --tp TP --pp PP` and wait until its API is ready.
 fn start_layout(tp: usize, pp: usize, lines: mpsc::Sender<String>) -> (Proc, u16) {
-    let port = free_port();
-    let mut child = Command::new(BIN)
-        .arg("local")
-        .arg("--model")
-        .arg(model_path())
-        .args([
-            "--tp",
-            &tp.to_string(),
-            "--pp",
-            &pp.to_string(),
-            "--port",
-            &port.to_string(),
-            "--threads",
-            "1",
-        ])
-        .env("RUST_LOG", "info")
-        .env("TESSERA_STALL_TIMEOUT_SECS", "3")
-        .env("TESSERA_GROUP_SECRET", "e2e-secret")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines.send(line);
-        }
-    });
-    let mut p = Proc(child);
-    let t = Instant::now();
-    loop {
-        if let Some((200, _)) = http(port, "GET", "/readyz", None) {
-            break;
-        }
-        assert!(
-            p.0.try_wait().unwrap().is_none(),
-            "local --tp {tp} exited before it was ready"
-        );
-        assert!(
-            t.elapsed() < Duration::from_secs(180),
-            "local --tp {tp} not ready"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    (p, port)
+    let (tp, pp) = (tp.to_string(), pp.to_string());
+    common::start_local(
+        &["--tp", &tp, "--pp", &pp],
+        &[("TESSERA_GROUP_SECRET", "e2e-secret")],
+        lines,
+    )
 }
 
 fn ask_france(port: u16) -> String {

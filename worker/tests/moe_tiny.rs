@@ -13,7 +13,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Counting, Proc, encode, free_port, http, randn, rel_err};
+use common::{Counting, Proc, encode, free_port, greedy_alone, http, randn, rel_err};
 use tessera_worker::engine::sampling::{Rng, argmax};
 use tessera_worker::kernels::Pool;
 use tessera_worker::model::gguf::{GgmlType, Value, Writer};
@@ -513,24 +513,10 @@ fn a_batched_forward_gives_each_sequences_logits_bit_for_bit() {
         let (w, _) = build(ty, 13, None, None);
         let model = Llama::open(&write(&w, &format!("batch-{ty}")), Shard::SINGLE).unwrap();
         let pool = Pool::new(2).unwrap();
-        let mut want = Vec::new();
-        for p in PROMPTS {
-            let mut cache = model.new_cache(1 << 20).unwrap();
-            let mut steps = vec![
-                model
-                    .forward(&pool, &Identity, &mut cache, p, Logits::Last)
-                    .unwrap(),
-            ];
-            for _ in 0..3 {
-                let next = argmax(steps.last().unwrap());
-                steps.push(
-                    model
-                        .forward(&pool, &Identity, &mut cache, &[next], Logits::Last)
-                        .unwrap(),
-                );
-            }
-            want.push(steps);
-        }
+        let want: Vec<_> = PROMPTS
+            .iter()
+            .map(|p| greedy_alone(&model, &pool, p, 3, argmax))
+            .collect();
         let mut caches: Vec<_> = (0..3).map(|_| model.new_cache(1 << 20).unwrap()).collect();
         let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 3];
         let coll = Counting::default();

@@ -7,14 +7,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use common::{Proc, free_port, model_path};
+use common::{Proc, model_path};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera-worker");
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
@@ -123,43 +123,7 @@ fn post(port: u16, path: &str, body: &Value) -> Answer {
 /// Start `local` with `args` (and one thread per rank) and wait until `/readyz` says ready;
 /// its log lines go to `lines`.
 fn start(args: &[&str], lines: mpsc::Sender<String>) -> (Proc, u16) {
-    let port = free_port();
-    let mut child = Command::new(BIN)
-        .arg("local")
-        .arg("--model")
-        .arg(model_path())
-        .args(args)
-        .args(["--port", &port.to_string(), "--threads", "1"])
-        .env("RUST_LOG", "info")
-        .env("TESSERA_STALL_TIMEOUT_SECS", "3")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines.send(line);
-        }
-    });
-    let mut p = Proc(child);
-    let t = Instant::now();
-    loop {
-        if let Some((200, _)) = common::http(port, "GET", "/readyz", None) {
-            break;
-        }
-        assert!(
-            p.0.try_wait().unwrap().is_none(),
-            "local {args:?} exited before it was ready"
-        );
-        assert!(
-            t.elapsed() < Duration::from_secs(180),
-            "local {args:?} not ready"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    (p, port)
+    common::start_local(args, &[], lines)
 }
 
 /// The replicas `local` started: (role, API port, pid) of each replica's rank 0.

@@ -310,10 +310,7 @@ fn receive(mut s: TcpStream, id: &KvIdentity, shape: KvShape, inbox: &Inbox) -> 
     s.set_write_timeout(Some(KV_IO_TIMEOUT)).map_err(io)?;
     let (nonce, hello) = wire::challenge(&mut s).map_err(|e| format!("{e:#}"))?;
     let verdict = judge(id, &nonce, &hello);
-    let welcome = Welcome {
-        ok: verdict.is_ok(),
-        error: verdict.as_ref().err().cloned(),
-    };
+    let welcome = Welcome::of(&verdict);
     wire::write_json(&mut s, kind::WELCOME, &welcome).map_err(io)?;
     verdict?;
     let begin: KvBegin = wire::read_json(&mut s, kind::KV_BEGIN).map_err(|e| format!("{e:#}"))?;
@@ -331,23 +328,19 @@ fn receive(mut s: TcpStream, id: &KvIdentity, shape: KvShape, inbox: &Inbox) -> 
     } else {
         inbox.room_for(bytes)
     };
-    let answer = Welcome {
-        ok: ready.is_ok(),
-        error: ready.as_ref().err().cloned(),
-    };
+    let answer = Welcome::of(&ready);
     wire::write_json(&mut s, kind::KV_ACK, &answer).map_err(io)?;
     ready?;
     let n = begin.tokens * begin.kv_dim;
     let mut layers = Vec::with_capacity(begin.layers);
+    let mut half = || {
+        wire::read_f32_frames(&mut s, kind::KV_DATA, n, PIECE_FLOATS)
+            .map_err(io)?
+            .map_err(|why| format!("the sender fell out of step: {why}"))
+    };
     for _ in 0..begin.layers {
-        let mut pair = [Vec::new(), Vec::new()];
-        for half in &mut pair {
-            *half = wire::read_f32_frames(&mut s, kind::KV_DATA, n, PIECE_FLOATS)
-                .map_err(io)?
-                .map_err(|why| format!("the sender fell out of step: {why}"))?;
-        }
-        let [k, v] = pair;
-        layers.push((k, v));
+        // Keys, then values (evaluated in order).
+        layers.push((half()?, half()?));
     }
     let stored = inbox.put(
         &begin.transfer,
@@ -357,10 +350,7 @@ fn receive(mut s: TcpStream, id: &KvIdentity, shape: KvShape, inbox: &Inbox) -> 
             layers,
         },
     );
-    let ack = Welcome {
-        ok: stored.is_ok(),
-        error: stored.as_ref().err().cloned(),
-    };
+    let ack = Welcome::of(&stored);
     wire::write_json(&mut s, kind::KV_ACK, &ack).map_err(io)?;
     tracing::debug!(transfer = %begin.transfer, tokens = begin.tokens, "KV cache received");
     stored

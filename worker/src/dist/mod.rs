@@ -274,10 +274,7 @@ fn join_leader(cfg: &GroupConfig, shared: Arc<Shared>) -> anyhow::Result<Group> 
                 } => (stream, peer, nonce, hello),
             };
             let verdict = judge(cfg, &nonce, &hello, |r, c| slots.contains_key(&(r, c)));
-            let welcome = Welcome {
-                ok: verdict.is_ok(),
-                error: verdict.as_ref().err().cloned(),
-            };
+            let welcome = Welcome::of(&verdict);
             let sent = wire::write_json(&mut s, kind::WELCOME, &welcome);
             match (verdict, sent) {
                 (Ok(()), Ok(())) => {

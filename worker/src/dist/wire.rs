@@ -172,6 +172,16 @@ pub struct Welcome {
     pub error: Option<String>,
 }
 
+impl Welcome {
+    /// The answer that reports `verdict`: ok, or refused with its reason.
+    pub fn of(verdict: &Result<(), String>) -> Self {
+        Self {
+            ok: verdict.is_ok(),
+            error: verdict.as_ref().err().cloned(),
+        }
+    }
+}
+
 /// Write one frame in a single `write_all` (so a small frame is one segment with TCP_NODELAY).
 pub fn write_frame(w: &mut impl Write, kind: u8, payload: &[u8]) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(5 + payload.len());

@@ -601,6 +601,18 @@ struct Seq {
 }
 
 impl Seq {
+    /// Sample the next token from `logits` (processed in place), with its log-probabilities
+    /// when the request asked for them.
+    fn draw(&mut self, logits: &mut [f32]) -> (u32, Option<Logprobs>) {
+        let next = self.sampler.sample_in_place(logits);
+        let logprobs = self
+            .sampler
+            .params()
+            .logprobs
+            .map(|k| super::sampling::logprobs(logits, next, k));
+        (next, logprobs)
+    }
+
     fn send(&mut self, ev: Event) {
         if self.tx.try_send(ev).is_err() && self.end.is_none() {
             self.end = Some(End::Cancelled);
@@ -812,12 +824,7 @@ impl Worker {
     fn hand_off(&mut self, i: usize, logits: &mut [f32]) -> anyhow::Result<()> {
         let metrics = Arc::clone(&self.shared.metrics);
         let s = &mut self.running[i];
-        let token = s.sampler.sample_in_place(logits);
-        let logprobs = s
-            .sampler
-            .params()
-            .logprobs
-            .map(|k| super::sampling::logprobs(logits, token, k));
+        let (token, logprobs) = s.draw(logits);
         let now = Instant::now();
         metrics
             .time_to_first_token
@@ -930,13 +937,7 @@ impl Worker {
 
     /// Choose the next token of sequence `i` from its logits (as `Engine::generate` does).
     fn sample(&mut self, i: usize, logits: &mut [f32]) {
-        let s = &mut self.running[i];
-        let next = s.sampler.sample_in_place(logits);
-        let logprobs = s
-            .sampler
-            .params()
-            .logprobs
-            .map(|k| super::sampling::logprobs(logits, next, k));
+        let (next, logprobs) = self.running[i].draw(logits);
         self.accept(i, next, logprobs);
     }
 

@@ -539,8 +539,9 @@ impl Moe {
         // Per local expert: the tokens routed to it and their weights.
         let mut mine: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
         let mut chosen = Vec::with_capacity(self.n_used);
+        let mut order = Vec::with_capacity(n);
         for (t, l) in logits.chunks_exact(n).enumerate() {
-            route(l, self.n_used, &mut chosen);
+            route(l, self.n_used, &mut order, &mut chosen);
             for &(e, w) in &chosen {
                 self.routed[e].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let Some(list) = e.checked_sub(self.expert0).and_then(|j| mine.get_mut(j)) {
@@ -577,9 +578,10 @@ impl Moe {
 /// The router's choice for one token: the `k` largest `logits` (ties to the lower expert) with
 /// weights softmax(logits) taken at those experts and renormalised to sum 1, which is the
 /// softmax over the chosen logits alone (Mixtral's routing; Qwen3-MoE's `norm_topk_prob`).
-/// `out` receives `(expert, weight)` pairs, largest logit first.
-fn route(logits: &[f32], k: usize, out: &mut Vec<(usize, f32)>) {
-    let mut order: Vec<usize> = (0..logits.len()).collect();
+/// `out` receives `(expert, weight)` pairs, largest logit first; `order` is scratch.
+fn route(logits: &[f32], k: usize, order: &mut Vec<usize>, out: &mut Vec<(usize, f32)>) {
+    order.clear();
+    order.extend(0..logits.len());
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
     out.clear();
     let Some(&top) = order.first() else { return };

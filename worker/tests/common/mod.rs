@@ -47,6 +47,32 @@ pub fn chain_stages(
     (x, logits)
 }
 
+/// `prompt` alone in a fresh cache, then `decode` greedy steps (`pick` chooses each next token):
+/// the last position's logits of every pass (the batched tests' reference).
+pub fn greedy_alone(
+    model: &Llama,
+    pool: &Pool,
+    prompt: &[u32],
+    decode: usize,
+    pick: fn(&[f32]) -> u32,
+) -> Vec<Vec<f32>> {
+    let mut cache = model.new_cache(1 << 20).unwrap();
+    let mut steps = vec![
+        model
+            .forward(pool, &Identity, &mut cache, prompt, Logits::Last)
+            .unwrap(),
+    ];
+    for _ in 0..decode {
+        let next = pick(steps.last().unwrap());
+        steps.push(
+            model
+                .forward(pool, &Identity, &mut cache, &[next], Logits::Last)
+                .unwrap(),
+        );
+    }
+    steps
+}
+
 /// An in-memory all-reduce for tensor-parallel ranks running as threads of one test.
 struct Group {
     acc: Mutex<Vec<f32>>,
@@ -179,7 +205,7 @@ pub fn range_head(from: usize, len: usize) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Processes of the built binary (local_e2e.rs, moe_tiny.rs).
+// Processes of the built binary (local_e2e.rs, moe_tiny.rs, pd_e2e.rs).
 
 /// A free TCP port on 127.0.0.1 (free when asked; bound again by whoever uses it).
 pub fn free_port() -> u16 {
@@ -198,6 +224,58 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Start the built binary's `local` on the test model with `args` and `envs` (one thread per
+/// rank, `RUST_LOG=info`, a 3 s stall timeout) and wait until `/readyz` says ready; its stderr
+/// lines go to `lines` (local_e2e.rs, pd_e2e.rs).
+pub fn start_local(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    lines: std::sync::mpsc::Sender<String>,
+) -> (Proc, u16) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera-worker"))
+        .arg("local")
+        .arg("--model")
+        .arg(model_path())
+        .args(args)
+        .args(["--port", &port.to_string(), "--threads", "1"])
+        .env("RUST_LOG", "info")
+        .env("TESSERA_STALL_TIMEOUT_SECS", "3")
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut p = Proc(child);
+    let t = Instant::now();
+    loop {
+        if let Some((200, _)) = http(port, "GET", "/readyz", None) {
+            break;
+        }
+        assert!(
+            p.0.try_wait().unwrap().is_none(),
+            "local {args:?} exited before it was ready"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "local {args:?} not ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (p, port)
 }
 
 /// One HTTP/1.1 request to 127.0.0.1:`port`; (status, body). `None` when nothing listens.
