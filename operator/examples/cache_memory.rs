@@ -532,6 +532,7 @@ fn main() -> Result<(), String> {
                 md: &md,
                 pods: &[],
                 services: &[],
+                routers: &[],
                 nodes: &nodes,
                 other_pods: &[],
                 reserved: &[],
@@ -636,6 +637,7 @@ fn main() -> Result<(), String> {
                             &[]
                         },
                         services: &[],
+                        routers: &[],
                         nodes: &nodes,
                         other_pods: &shared,
                         reserved: &reserved,
@@ -686,6 +688,7 @@ fn main() -> Result<(), String> {
                             &[]
                         },
                         services: &[],
+                        routers: &[],
                         nodes: &nodes,
                         other_pods: &other,
                         reserved: &reserved,

@@ -22,7 +22,9 @@ use k8s_openapi::api::networking::v1::{
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta, OwnerReference,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 pub use crate::planner::inventory::GPU_RESOURCE;
@@ -1200,11 +1202,13 @@ pub fn network_policy_name(deployment: &str, replica: i32) -> String {
 
 /// The NetworkPolicy of one replica group: its pods accept any port (collectives, rendezvous,
 /// pipeline stage links) only from members of the same group, and the HTTP port from the API
-/// namespaces, the monitoring namespace and the operator (autoscaler scrapes). Egress is not
-/// restricted.
+/// namespaces, the monitoring namespace and the operator (autoscaler scrapes). A replica of a
+/// prefill/decode pool (`role`) also accepts any port from the deployment's other pool
+/// replicas (KV-cache transfer) and its router. Egress is not restricted.
 pub fn replica_network_policy(
     md: &ModelDeployment,
     replica: i32,
+    role: Option<PoolRole>,
     opts: &NetworkPolicyOptions,
 ) -> NetworkPolicy {
     let name = md.metadata.name.clone().unwrap_or_default();
@@ -1255,19 +1259,54 @@ pub fn replica_network_policy(
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(selector(&group)),
             policy_types: Some(vec!["Ingress".into()]),
-            ingress: Some(vec![
-                NetworkPolicyIngressRule {
-                    from: Some(vec![NetworkPolicyPeer {
-                        pod_selector: Some(selector(&group)),
-                        ..NetworkPolicyPeer::default()
-                    }]),
-                    ports: None,
-                },
-                NetworkPolicyIngressRule {
-                    from: Some(http_from),
-                    ports: Some(vec![http]),
-                },
-            ]),
+            ingress: Some(
+                vec![
+                    NetworkPolicyIngressRule {
+                        from: Some(vec![NetworkPolicyPeer {
+                            pod_selector: Some(selector(&group)),
+                            ..NetworkPolicyPeer::default()
+                        }]),
+                        ports: None,
+                    },
+                    NetworkPolicyIngressRule {
+                        from: Some(http_from),
+                        ports: Some(vec![http]),
+                    },
+                ]
+                .into_iter()
+                .chain(role.map(|_| {
+                    // A pool replica: the other pool's replicas move KV caches to and from it on
+                    // ports the engine picks (SGLang's bootstrap server and Mooncake, vLLM's
+                    // NIXL), and the router sends it requests.
+                    NetworkPolicyIngressRule {
+                        from: Some(vec![
+                            NetworkPolicyPeer {
+                                pod_selector: Some(LabelSelector {
+                                    match_labels: Some(BTreeMap::from([(
+                                        labels::DEPLOYMENT.to_owned(),
+                                        name.clone(),
+                                    )])),
+                                    match_expressions: Some(vec![LabelSelectorRequirement {
+                                        key: labels::POOL.to_owned(),
+                                        operator: "Exists".into(),
+                                        values: None,
+                                    }]),
+                                }),
+                                ..NetworkPolicyPeer::default()
+                            },
+                            NetworkPolicyPeer {
+                                pod_selector: Some(selector(&BTreeMap::from([(
+                                    labels::ROUTER.to_owned(),
+                                    name.clone(),
+                                )]))),
+                                ..NetworkPolicyPeer::default()
+                            },
+                        ]),
+                        ports: None,
+                    }
+                }))
+                .collect(),
+            ),
             egress: None,
         }),
     }
@@ -1422,24 +1461,25 @@ pub fn desired_children(
 
 /// Every child object of a disaggregated deployment (`serving.disaggregation`, the planner
 /// chose pools): the worker pods of both pools ([`pool_replica_pods`]), the Services
-/// ([`disaggregated_services`]) and the router in front ([`router_deployment`]). An error (the
-/// engine cannot be rendered disaggregated, a pool has no replica, the router has no image)
-/// names the problem and the fix.
+/// ([`disaggregated_services`]) and the router in front ([`router_deployment`]). Without a
+/// router (the engine cannot be rendered disaggregated, a pool has no replica yet, the router
+/// has no image) the second value names the problem and the fix.
 pub fn disaggregated_children(
     md: &ModelDeployment,
     replicas: &[PoolReplicaToBuild<'_>],
     opts: &BuildOptions,
-) -> Result<Children, String> {
-    let router = router_deployment(md, replicas, opts)?;
-    Ok(Children {
+) -> (Children, Option<String>) {
+    let router = router_deployment(md, replicas, opts);
+    let children = Children {
         service_account: Some(worker_service_account(md)),
         services: disaggregated_services(md),
         pods: replicas
             .iter()
             .flat_map(|r| pool_replica_pods(md, &r.replica, opts, Some(r.role)))
             .collect(),
-        router: Some(router),
-    })
+        router: router.as_ref().ok().cloned(),
+    };
+    (children, router.err())
 }
 
 /// The URL the router reaches a replica's leader at: its DNS name in the headless workers
@@ -1541,6 +1581,12 @@ fn router_image(md: &ModelDeployment, opts: &BuildOptions) -> Result<String, Str
         EngineName::Vllm => Err("engine.routerImage is unset: vLLM's image has no prefill/decode router; set it to an image with the vllm-router package (for example python:3.12-slim with `pip install vllm-router==0.1.17`)".into()),
         EngineName::Tessera => Err(TESSERA_POOLS_NOT_RENDERED.into()),
     }
+}
+
+/// Whether this deployment's pools can be rendered: an engine with disaggregated serving here
+/// (vLLM or SGLang) and a router image. The error says what is missing and the fix.
+pub fn pools_renderable(md: &ModelDeployment, opts: &BuildOptions) -> Result<(), String> {
+    router_image(md, opts).map(|_| ())
 }
 
 /// The router in front of the pools: one pod (a Deployment, restarted and rolled by

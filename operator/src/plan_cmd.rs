@@ -177,12 +177,10 @@ pub fn run(args: &PlanArgs) -> Result<String, String> {
 /// from the deployment and replica, so the output is reproducible. Files carry no uid, so the
 /// objects carry no owner references; the controller adds them in the cluster.
 ///
-/// A deployment the planner disaggregates (`serving.disaggregation`) is rendered as its pools:
-/// both pools' worker pods, their Services and the router in front
-/// (`build::disaggregated_children`, the build code the controller will use for pools). This
-/// controller version still serves such a deployment aggregated, which the header says; where
-/// the pools cannot be rendered (the tessera engine, a pool without a placed replica, a vLLM
-/// router without an image) the header says why and the aggregated objects follow.
+/// A deployment the planner disaggregates (`serving.disaggregation`) is rendered as the
+/// controller runs it: both pools' worker pods, their Services and the router in front. Where
+/// the pools cannot run (the tessera engine, a vLLM router without an image) the header says
+/// why (the `Disaggregated` condition) and the aggregated objects follow.
 fn render_children(
     nodes: &[Node],
     pods: &[Pod],
@@ -215,62 +213,11 @@ fn render_children(
     for md in &ordered {
         let ns = md.metadata.namespace.clone().unwrap_or_default();
         let name = md.metadata.name.clone().unwrap_or_default();
-        match pools_of(md, nodes, &cluster_pods, cfg) {
-            None => {}
-            Some(Ok((dp, children))) => {
-                let count = |role: &str| {
-                    dp.placed
-                        .iter()
-                        .filter(|r| r.role.as_deref() == Some(role))
-                        .count()
-                };
-                let _ = writeln!(
-                    header,
-                    "# {ns}/{name}: disaggregated, {} prefill and {} decode of {} replicas placed, {} pods and a router",
-                    count("prefill"),
-                    count("decode"),
-                    dp.replicas,
-                    children.pods.len()
-                );
-                let _ = writeln!(
-                    header,
-                    "#   the pools this operator version does not run yet (it serves the deployment aggregated; condition Disaggregated)"
-                );
-                for u in &dp.unplaced {
-                    let _ = writeln!(
-                        header,
-                        "#   unplaced replica {}: {}",
-                        u.replica,
-                        u.reason.replace('\n', " ")
-                    );
-                }
-                if accounts.insert(ns.clone()) {
-                    objects.push(to_value(&crate::build::worker_service_account(md))?);
-                }
-                for svc in &children.services {
-                    objects.push(to_value(svc)?);
-                }
-                objects.push(to_value(&crate::build::disruption_budget(md))?);
-                if let Some(router) = &children.router {
-                    objects.push(to_value(router)?);
-                }
-                for pod in &children.pods {
-                    objects.push(to_value(pod)?);
-                }
-                cluster_pods.extend(children.pods.into_iter().map(Into::into));
-                continue;
-            }
-            Some(Err(why)) => {
-                let _ = writeln!(
-                    header,
-                    "# {ns}/{name}: prefill/decode pools not rendered: {why}; rendered aggregated, as this operator version serves it"
-                );
-            }
-        }
         let obs = Observed {
             md,
             pods: &[],
             services: &[],
+            routers: &[],
             nodes,
             other_pods: &cluster_pods,
             reserved: &[],
@@ -278,18 +225,41 @@ fn render_children(
         };
         let actions = reconcile(&obs, cfg);
         let status = actions.status.unwrap_or_default();
-        let _ = writeln!(
-            header,
-            "# {ns}/{name}: {} of {} replicas placed, {} pods",
-            status.placements.len(),
-            md.spec.replicas,
-            actions.apply_pods.len()
-        );
-        for c in status
-            .conditions
-            .iter()
-            .filter(|c| c.type_ == "Placed" && c.status != "True")
-        {
+        let count = |role: &str| {
+            status
+                .placements
+                .iter()
+                .filter(|r| r.role.as_deref() == Some(role))
+                .count()
+        };
+        if status.placements.iter().any(|p| p.role.is_some()) {
+            let _ = writeln!(
+                header,
+                "# {ns}/{name}: disaggregated, {} prefill and {} decode of {} replicas placed, {} pods{}",
+                count("prefill"),
+                count("decode"),
+                status.pools.iter().map(|p| p.replicas).sum::<i32>(),
+                actions.apply_pods.len(),
+                if actions.apply_router.is_some() {
+                    " and a router"
+                } else {
+                    ""
+                }
+            );
+        } else {
+            let _ = writeln!(
+                header,
+                "# {ns}/{name}: {} of {} replicas placed, {} pods",
+                status.placements.len(),
+                md.spec.replicas,
+                actions.apply_pods.len()
+            );
+        }
+        for c in status.conditions.iter().filter(|c| {
+            (c.type_ == "Placed"
+                || c.type_ == "Disaggregated" && c.reason != "AggregatedPredictedBetter")
+                && c.status != "True"
+        }) {
             let _ = writeln!(header, "#   {}: {}", c.reason, c.message.replace('\n', " "));
         }
         if !actions.apply_pods.is_empty() && accounts.insert(ns.clone()) {
@@ -300,6 +270,9 @@ fn render_children(
         }
         if !actions.apply_pods.is_empty() {
             objects.push(to_value(&crate::build::disruption_budget(md))?);
+        }
+        if let Some(router) = &actions.apply_router {
+            objects.push(to_value(router)?);
         }
         for pod in &actions.apply_pods {
             objects.push(to_value(pod)?);
@@ -312,63 +285,6 @@ fn render_children(
         out.push_str(&serde_yaml_ng::to_string(o).map_err(|e| e.to_string())?);
     }
     Ok(out)
-}
-
-/// The pools of a deployment the planner disaggregates, planned on the cluster with the pods
-/// rendered so far, as the objects of `build::disaggregated_children` (incarnation ids as the
-/// controller derives them for a new deployment); `None` when it serves aggregated.
-fn pools_of(
-    md: &ModelDeployment,
-    nodes: &[Node],
-    cluster_pods: &[std::sync::Arc<Pod>],
-    cfg: &crate::controller::reconcile::Config,
-) -> Option<Result<(crate::planner::DeploymentPlan, crate::build::Children), String>> {
-    use crate::build::{PoolReplicaToBuild, PoolRole, ReplicaToBuild};
-    if md.spec.serving.disaggregation == crate::api::Disaggregation::Off {
-        return None;
-    }
-    let pods: Vec<Pod> = cluster_pods.iter().map(|p| (**p).clone()).collect();
-    let inv = Inventory::from_nodes(nodes, &pods, &cfg.catalog, &cfg.topology_keys);
-    let dp = plan(&inv, std::slice::from_ref(md), &[], &cfg.plan)
-        .deployments
-        .into_iter()
-        .next()?;
-    if !dp.disaggregation.as_ref().is_some_and(|d| d.disaggregated) {
-        return None;
-    }
-    let uid = md.metadata.uid.clone().unwrap_or_default();
-    let placements: Vec<(PoolRole, crate::api::ReplicaPlacement, String)> = dp
-        .placed
-        .iter()
-        .filter_map(|r| {
-            let role = PoolRole::parse(r.role.as_deref()?)?;
-            let placement = crate::api::ReplicaPlacement {
-                replica: r.replica,
-                gpu_type: r.gpu_type.clone(),
-                tensor_parallel: r.tensor_parallel,
-                pipeline_parallel: r.pipeline_parallel,
-                expert_parallel: r.expert_parallel,
-                data_parallel_attention: r.data_parallel_attention,
-                stages: r.stages.clone(),
-                predicted: r.predicted.clone(),
-                ..Default::default()
-            };
-            let incarnation = crate::controller::reconcile::incarnation_for(&uid, r.replica.into());
-            Some((role, placement, incarnation))
-        })
-        .collect();
-    let to_build: Vec<PoolReplicaToBuild<'_>> = placements
-        .iter()
-        .map(|(role, placement, incarnation)| PoolReplicaToBuild {
-            role: *role,
-            replica: ReplicaToBuild {
-                placement,
-                incarnation,
-            },
-        })
-        .collect();
-    let children = crate::build::disaggregated_children(md, &to_build, &cfg.build);
-    Some(children.map(|c| (dp, c)))
 }
 
 /// The built-in GPU catalog with the overrides of `path` (`--catalog FILE`) merged in.

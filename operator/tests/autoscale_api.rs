@@ -72,6 +72,7 @@ fn converged(replicas: i32, enabled: bool) -> (ModelDeployment, Vec<Pod>) {
         md: &md,
         pods: &[],
         services: &[],
+        routers: &[],
         nodes: &nodes,
         other_pods: &[],
         reserved: &[],

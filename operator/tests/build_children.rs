@@ -298,12 +298,45 @@ fn policy_options() -> build::NetworkPolicyOptions {
     }
 }
 
+/// A pool replica also admits the deployment's other pool replicas (KV caches move between
+/// them on ports the engine picks) and its router, on any port; nothing else is added.
+#[test]
+fn a_pool_replicas_network_policy_admits_the_other_pool_and_the_router() {
+    let md = deployment("pvc://models/llama-405b");
+    let plain = serde_json::to_value(build::replica_network_policy(
+        &md,
+        3,
+        None,
+        &policy_options(),
+    ))
+    .unwrap();
+    let pooled = serde_json::to_value(build::replica_network_policy(
+        &md,
+        3,
+        Some(build::PoolRole::Decode),
+        &policy_options(),
+    ))
+    .unwrap();
+    let rules = pooled["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(rules.len(), 3);
+    assert_eq!(&rules[..2], plain["spec"]["ingress"].as_array().unwrap());
+    assert!(rules[2].get("ports").is_none());
+    assert_eq!(
+        rules[2]["from"],
+        json!([
+            {"podSelector": {"matchLabels": {"tessera.dev/deployment": "llama-405b"},
+                "matchExpressions": [{"key": "tessera.dev/pool", "operator": "Exists"}]}},
+            {"podSelector": {"matchLabels": {"tessera.dev/router": "llama-405b"}}}
+        ])
+    );
+}
+
 /// A replica group's pods accept any port only from their own group, and the HTTP port from
 /// the API namespaces, monitoring and the operator; nothing else.
 #[test]
 fn replica_network_policy_admits_only_its_group_and_the_http_clients() {
     let md = deployment("pvc://models/llama-405b");
-    let p = build::replica_network_policy(&md, 3, &policy_options());
+    let p = build::replica_network_policy(&md, 3, None, &policy_options());
     assert_eq!(p.metadata.name.as_deref(), Some("llama-405b-r3"));
     assert_eq!(p.metadata.namespace.as_deref(), Some("inference"));
     assert_eq!(
@@ -344,7 +377,7 @@ fn replica_network_policy_admits_only_its_group_and_the_http_clients() {
     // Without an API namespace selector: only the deployment's own namespace.
     let mut own = policy_options();
     own.api_namespace_selector.clear();
-    let v = serde_json::to_value(build::replica_network_policy(&md, 0, &own)).unwrap();
+    let v = serde_json::to_value(build::replica_network_policy(&md, 0, None, &own)).unwrap();
     assert_eq!(
         v["spec"]["ingress"][1]["from"][0],
         json!({"podSelector": {}})
@@ -362,7 +395,7 @@ fn network_policy_changes_apply_what_differs_and_delete_the_rest() {
     let md = deployment("pvc://models/llama-405b");
     let o = policy_options();
     let want: Vec<_> = (0..2)
-        .map(|r| build::replica_network_policy(&md, r, &o))
+        .map(|r| build::replica_network_policy(&md, r, None, &o))
         .collect();
     // Nothing observed: both applied, with the hash annotation.
     let (apply, delete) = build::network_policy_changes(&want, &[]);
@@ -382,7 +415,7 @@ fn network_policy_changes_apply_what_differs_and_delete_the_rest() {
     // Scaled down to one replica: r1 deleted; a changed port re-applies r0.
     let mut md2 = md;
     md2.spec.serving.port = 9000;
-    let want2 = vec![build::replica_network_policy(&md2, 0, &o)];
+    let want2 = vec![build::replica_network_policy(&md2, 0, None, &o)];
     let (apply3, delete3) = build::network_policy_changes(&want2, &apply);
     assert_eq!(apply3.len(), 1);
     assert_eq!(apply3[0].metadata.name.as_deref(), Some("llama-405b-r0"));
@@ -1216,7 +1249,13 @@ fn pool_children(
             },
         })
         .collect();
-    build::disaggregated_children(md, &to_build, &BuildOptions::default())
+    match build::disaggregated_children(md, &to_build, &BuildOptions::default()) {
+        (children, None) => Ok(children),
+        (children, Some(why)) => {
+            assert!(children.router.is_none());
+            Err(why)
+        }
+    }
 }
 
 fn two_prefill_one_decode() -> Vec<(PoolRole, ReplicaPlacement)> {

@@ -55,6 +55,7 @@ fn observe<'a>(
         md,
         pods,
         services,
+        routers: &[],
         nodes,
         other_pods: &[],
         reserved: &[],
@@ -67,6 +68,7 @@ fn context(client: kube::Client) -> Context {
     Context::new(
         client.clone(),
         Config::default(),
+        reflector::store().0,
         reflector::store().0,
         reflector::store().0,
         reflector::store().0,

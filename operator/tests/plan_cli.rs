@@ -659,7 +659,8 @@ fn tessera_pools_are_not_rendered_and_the_aggregated_objects_follow() {
         file.to_str().unwrap(),
     ]);
     assert!(
-        out.contains("prefill/decode pools not rendered: the tessera engine's prefill/decode pools are not rendered yet"),
+        out.contains("#   PoolsNotRenderable: the planner chose prefill/decode pools")
+            && out.contains("but they cannot run: the tessera engine's prefill/decode pools are not rendered yet"),
         "{out}"
     );
     let objects = yaml_objects(&out);

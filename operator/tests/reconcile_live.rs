@@ -51,6 +51,7 @@ fn decide(md: &ModelDeployment, pods: &[Pod], nodes: &[Node], now: Timestamp) ->
         md,
         pods,
         services: &[],
+        routers: &[],
         nodes,
         other_pods: &[],
         reserved: &[],
@@ -341,6 +342,7 @@ fn placements_written_but_not_yet_visible_as_pods_hold_their_gpus() {
         md: &md,
         pods: &[],
         services: &[],
+        routers: &[],
         nodes: &nodes,
         other_pods: &[],
         reserved: &reserve_all(&other),
@@ -450,6 +452,7 @@ fn what_the_fleet_measured_shows_next_to_the_prediction() {
             md: &md,
             pods: &pods,
             services: &[],
+            routers: &[],
             nodes: &nodes,
             other_pods: &[],
             reserved: &[],
@@ -472,12 +475,10 @@ fn what_the_fleet_measured_shows_next_to_the_prediction() {
     assert!(p.decode_tokens_per_second > 0.0);
 }
 
-#[test]
-fn a_disaggregation_verdict_reaches_status_while_replicas_serve_aggregated() {
-    // Long prompts under a tight inter-token target: the planner prefers a prefill pool and a
-    // decode pool; this controller does not run pools yet, so it says so in a condition, shows
-    // the pools it would run, and places the replicas aggregated (no pod has a role).
-    let mut md = deployment(1, 1);
+/// A Llama-8B deployment whose workload (long prompts, a tight inter-token target) makes the
+/// planner prefer a prefill pool and a decode pool, on `engine`.
+fn long_prompt_deployment(engine: &str, units: i32) -> ModelDeployment {
+    let mut md = deployment(units, 1);
     let spec = &mut md.spec;
     spec.parallelism = Default::default();
     spec.serving.context_length = Some(16384);
@@ -490,6 +491,26 @@ fn a_disaggregation_verdict_reaches_status_while_replicas_serve_aggregated() {
         inter_token_latency_seconds: Some(0.02),
     });
     spec.serving.disaggregation = tessera_operator::api::Disaggregation::Auto;
+    spec.engine.name = serde_json::from_value(json!(engine)).expect("engine");
+    md
+}
+
+fn condition<'a>(
+    status: &'a tessera_operator::api::ModelDeploymentStatus,
+    type_: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {:?}", status.conditions))
+}
+
+#[test]
+fn pools_the_engine_cannot_run_are_reported_while_replicas_serve_aggregated() {
+    // The Tessera engine's pools are not rendered: the controller shows the pools it would
+    // run, says why it does not, and places the replicas aggregated (no pod has a role).
+    let mut md = long_prompt_deployment("tessera", 1);
     let nodes = [common::h100_node()];
     let actions = decide(&md, &[], &nodes, t0());
     let status = actions.status.expect("status");
@@ -498,23 +519,22 @@ fn a_disaggregation_verdict_reaches_status_while_replicas_serve_aggregated() {
     assert_eq!(status.pools[1].role, "decode");
     let why = status.disaggregation.as_deref().unwrap();
     assert!(why.starts_with("disaggregated (Auto)"), "{why}");
-    let c = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Disaggregated")
-        .expect("condition");
+    let c = condition(&status, "Disaggregated");
     assert_eq!(
         (c.status.as_str(), c.reason.as_str()),
-        ("False", "PoolsNotRunYet")
+        ("False", "PoolsNotRenderable")
     );
     assert!(
-        c.message.contains("runs every replica aggregated"),
+        c.message.contains("cannot run: the tessera engine")
+            && c.message.contains("every replica serves whole requests"),
         "{}",
         c.message
     );
     // One aggregated replica, as spec.replicas says.
     assert_eq!(status.placements.len(), 1);
+    assert_eq!(status.placements[0].role, None);
     assert!(!actions.apply_pods.is_empty());
+    assert!(actions.apply_router.is_none());
     assert!(status_violations(&status).is_empty());
     // With short prompts the verdict is aggregated and the condition says why.
     md.spec.serving.workload = Some(tessera_operator::api::WorkloadShape {
@@ -530,4 +550,207 @@ fn a_disaggregation_verdict_reaches_status_while_replicas_serve_aggregated() {
         .expect("condition");
     assert_eq!(c.reason, "AggregatedPredictedBetter");
     assert!(c.message.starts_with("aggregated (Auto)"), "{}", c.message);
+}
+
+fn h100_nodes(n: usize) -> Vec<Node> {
+    (1..=n)
+        .map(|i| {
+            let mut node = common::h100_node();
+            node.metadata.name = Some(format!("h100-{i}"));
+            node
+        })
+        .collect()
+}
+
+fn decide_with_routers(
+    md: &ModelDeployment,
+    pods: &[Pod],
+    routers: &[k8s_openapi::api::apps::v1::Deployment],
+    nodes: &[Node],
+    now: Timestamp,
+) -> Actions {
+    let obs = Observed {
+        md,
+        pods,
+        services: &[],
+        routers,
+        nodes,
+        other_pods: &[],
+        reserved: &[],
+        now,
+    };
+    reconcile(&obs, &Config::default())
+}
+
+fn pool_label(p: &Pod) -> Option<String> {
+    p.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("tessera.dev/pool"))
+        .cloned()
+}
+
+/// (replica, role) of every placement.
+fn roles(status: &tessera_operator::api::ModelDeploymentStatus) -> Vec<(i32, Option<String>)> {
+    status
+        .placements
+        .iter()
+        .map(|p| (p.replica, p.role.clone()))
+        .collect()
+}
+
+#[test]
+fn sglang_pools_run_as_gangs_behind_a_router_and_stay_put() {
+    let nodes = h100_nodes(4);
+    let mut md = long_prompt_deployment("sglang", 1);
+    // Pass 1: both pools placed, each replica a gang in its role, the router in front.
+    let a1 = decide_with_routers(&md, &[], &[], &nodes, t0());
+    let s1 = a1.status.clone().expect("status");
+    assert_eq!(s1.pools.len(), 2, "{s1:?}");
+    let (prefill, decode) = (s1.pools[0].replicas, s1.pools[1].replicas);
+    assert!(prefill >= 1 && decode >= 1, "{:?}", s1.pools);
+    let c = condition(&s1, "Disaggregated");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "PoolsRunning"),
+        "{}",
+        c.message
+    );
+    assert!(c.message.contains("llama-8b-router"), "{}", c.message);
+    assert_eq!(s1.placements.len() as i32, prefill + decode);
+    let count = |role: &str| {
+        s1.placements
+            .iter()
+            .filter(|p| p.role.as_deref() == Some(role))
+            .count() as i32
+    };
+    assert_eq!((count("prefill"), count("decode")), (prefill, decode));
+    // Every pod carries its replica's pool; every replica's pods were created.
+    for p in &s1.placements {
+        let inc = p.incarnation.clone().unwrap();
+        let pods: Vec<&Pod> = a1
+            .apply_pods
+            .iter()
+            .filter(|x| x.metadata.name.as_deref().unwrap().contains(&inc))
+            .collect();
+        assert_eq!(pods.len(), p.stages.len(), "replica {}", p.replica);
+        for x in pods {
+            assert_eq!(pool_label(x), p.role, "{:?}", x.metadata.name);
+        }
+    }
+    assert!(
+        a1.events
+            .iter()
+            .any(|e| e.reason == "Placed" && e.note.contains("(prefill) placed on"))
+    );
+    let router = a1.apply_router.clone().expect("router applied");
+    assert_eq!(router.metadata.name.as_deref(), Some("llama-8b-router"));
+    let args = router
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap_or_default();
+    assert!(args.contains(&"--pd-disaggregation".to_owned()), "{args:?}");
+    let n_args = |flag: &str| args.iter().filter(|a| *a == flag).count() as i32;
+    assert_eq!((n_args("--prefill"), n_args("--decode")), (prefill, decode));
+    let svc = |name: &str| {
+        a1.apply_services
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no Service {name}"))
+    };
+    let selector = |name: &str| svc(name).spec.as_ref().unwrap().selector.clone().unwrap();
+    assert_eq!(
+        selector("llama-8b")
+            .get("tessera.dev/router")
+            .map(String::as_str),
+        Some("llama-8b")
+    );
+    assert_eq!(
+        selector("llama-8b-prefill")
+            .get("tessera.dev/pool")
+            .map(String::as_str),
+        Some("prefill")
+    );
+    assert_eq!(
+        selector("llama-8b-decode")
+            .get("tessera.dev/pool")
+            .map(String::as_str),
+        Some("decode")
+    );
+    assert!(status_violations(&s1).is_empty());
+
+    // Pass 2: pods up, router running: nothing moves, nothing is written but status.
+    md.status = Some(s1.clone());
+    let pods = ready(&a1, t0());
+    let routers = vec![router];
+    let a2 = decide_with_routers(&md, &pods, &routers, &nodes, at(30));
+    assert!(
+        a2.apply_pods.is_empty() && a2.delete_pods.is_empty(),
+        "{a2:?}"
+    );
+    assert!(a2.apply_router.is_none() && a2.delete_routers.is_empty());
+    assert!(
+        !a2.events.iter().any(|e| e.reason == "Repooled"),
+        "{:?}",
+        a2.events
+    );
+    let s2 = a2.status.unwrap_or_else(|| s1.clone());
+    assert_eq!(roles(&s2), roles(&s1));
+    assert!(s2.placements.iter().all(|p| p.ready));
+
+    // Pass 3: two units: the pools double, every running replica keeps its index and role, and
+    // the router is rewritten with the new leaders.
+    md.spec.replicas = 2;
+    md.status = Some(s2.clone());
+    let a3 = decide_with_routers(&md, &pods, &routers, &nodes, at(60));
+    let s3 = a3.status.clone().expect("status");
+    assert_eq!(s3.placements.len() as i32, 2 * (prefill + decode), "{s3:?}");
+    for (replica, role) in roles(&s2) {
+        let now = s3.placements.iter().find(|p| p.replica == replica).unwrap();
+        assert_eq!(now.role, role, "replica {replica} changed pool");
+        assert_eq!(
+            now.incarnation,
+            s2.placements
+                .iter()
+                .find(|p| p.replica == replica)
+                .unwrap()
+                .incarnation
+        );
+    }
+    assert!(a3.delete_pods.is_empty(), "{:?}", a3.delete_pods);
+    let router3 = a3.apply_router.expect("router rewritten");
+    let args3 = router3.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert_eq!(
+        args3.iter().filter(|a| *a == "--decode").count() as i32,
+        2 * decode
+    );
+
+    // Pass 4: disaggregation Off: every pool replica is placed again aggregated, the router goes.
+    md.spec.replicas = 1;
+    md.spec.serving.disaggregation = tessera_operator::api::Disaggregation::Off;
+    md.status = Some(s2);
+    let a4 = decide_with_routers(&md, &pods, &routers, &nodes, at(90));
+    let s4 = a4.status.clone().expect("status");
+    assert_eq!(s4.placements.len(), 1, "{s4:?}");
+    assert_eq!(s4.placements[0].role, None);
+    assert_eq!(a4.delete_routers, vec!["llama-8b-router".to_owned()]);
+    assert!(a4.events.iter().any(|e| e.reason == "Repooled"));
+    assert!(a4.apply_pods.iter().all(|p| pool_label(p).is_none()));
+    assert_eq!(
+        a4.delete_pods.len(),
+        pods.len(),
+        "every pool pod goes: {:?}",
+        a4.delete_pods
+    );
 }

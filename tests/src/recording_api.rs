@@ -35,6 +35,7 @@ fn list_kind(resource: &str) -> &'static str {
         "nodes" => "NodeList",
         "pods" => "PodList",
         "services" => "ServiceList",
+        "deployments" => "DeploymentList",
         "networkpolicies" => "NetworkPolicyList",
         "modeldeployments" => "ModelDeploymentList",
         "leases" => "LeaseList",

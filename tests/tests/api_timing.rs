@@ -314,6 +314,7 @@ impl Operator {
             node_store,
             pod_store,
             svc_store,
+            reflector::store().0,
             None,
             md_store,
             Recorder::new(

@@ -29,6 +29,7 @@ fn example_pods() -> Vec<Pod> {
             md,
             pods: &[],
             services: &[],
+            routers: &[],
             nodes: &nodes,
             other_pods: &pods.iter().cloned().map(Into::into).collect::<Vec<_>>(),
             reserved: &[],

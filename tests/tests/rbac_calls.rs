@@ -77,9 +77,34 @@ fn deployment() -> ModelDeployment {
     md
 }
 
+/// A deployment whose prefill/decode pools run (SGLang, `disaggregation: On`): its router is
+/// applied.
+fn pooled_deployment() -> Value {
+    json!({
+        "apiVersion": "tessera.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "chat-pd", "namespace": WORKLOADS, "uid": "uid-2",
+                     "generation": 1, "resourceVersion": "1"},
+        "spec": {
+            "replicas": 1,
+            "engine": {"name": "sglang"},
+            "model": {"uri": "pvc://models/llama-8b", "architecture": {
+                "parameters": 8030261248i64, "layers": 32, "hiddenSize": 4096,
+                "attentionHeads": 32, "kvHeads": 8, "intermediateSize": 14336,
+                "vocabSize": 128256, "contextLength": 131072, "bytesPerParameter": 2}},
+            "serving": {"maxConcurrency": 16, "contextLength": 16384, "port": 8000,
+                "workload": {"inputTokens": 8192, "outputTokens": 256},
+                "disaggregation": "On"}
+        }
+    })
+}
+
 fn node() -> Value {
+    node_named("h100-1")
+}
+
+fn node_named(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": "h100-1", "labels": {
+        "metadata": {"name": name, "labels": {
             "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": "8",
             "nvidia.com/gpu.memory": "81559"}},
         "status": {"allocatable": {"nvidia.com/gpu": "8"},
@@ -113,6 +138,30 @@ async fn calls(watch_namespace: Option<&str>) -> BTreeSet<Call> {
     {
         let mut a = api.lock().expect("lock");
         a.put("", "", "nodes", node());
+        for n in ["h100-2", "h100-3"] {
+            a.put("", "", "nodes", node_named(n));
+        }
+        a.put(
+            "tessera.dev",
+            WORKLOADS,
+            "modeldeployments",
+            pooled_deployment(),
+        );
+        // A router left from when llama-8b ran pools: the controller deletes it.
+        a.put(
+            "apps",
+            WORKLOADS,
+            "deployments",
+            json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "llama-8b-router", "namespace": WORKLOADS, "resourceVersion": "1",
+                    "labels": {"tessera.dev/router": "llama-8b",
+                               "app.kubernetes.io/managed-by": "tessera-operator"},
+                    "ownerReferences": [{"apiVersion": "tessera.dev/v1alpha1", "kind": "ModelDeployment",
+                        "name": "llama-8b", "uid": "uid-1", "controller": true}]},
+                "spec": {"selector": {"matchLabels": {"tessera.dev/router": "llama-8b"}},
+                    "template": {"metadata": {"labels": {"tessera.dev/router": "llama-8b"}},
+                        "spec": {"containers": [{"name": "router", "image": "r"}]}}}}),
+        );
         a.put(
             "tessera.dev",
             WORKLOADS,
@@ -178,6 +227,8 @@ async fn calls(watch_namespace: Option<&str>) -> BTreeSet<Call> {
             && did("modeldeployments/status", "patch")
             && did("networkpolicies", "create")
             && did("networkpolicies", "delete")
+            && did("deployments", "patch")
+            && did("deployments", "delete")
         {
             break;
         }
@@ -229,6 +280,7 @@ async fn calls(watch_namespace: Option<&str>) -> BTreeSet<Call> {
         md: &md,
         pods: &[],
         services: &[],
+        routers: &[],
         nodes: &nodes,
         other_pods: &[],
         reserved: &[],

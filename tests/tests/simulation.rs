@@ -149,6 +149,7 @@ impl Sim {
                 reserved: &reserved,
                 pods: &own,
                 services: &services,
+                routers: &[],
                 nodes: &self.nodes,
                 other_pods: &other.into_iter().map(Into::into).collect::<Vec<_>>(),
                 now: self.now,

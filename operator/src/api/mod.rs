@@ -1035,6 +1035,10 @@ pub struct ReplicaPlacement {
     pub last_failure_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure: Option<String>,
+    /// `prefill` or `decode`: the pool of a disaggregated deployment this replica serves in
+    /// (absent when it serves whole requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 /// One pipeline stage of a replica (its tensor-parallel group).

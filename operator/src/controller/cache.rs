@@ -573,6 +573,7 @@ mod tests {
             md,
             pods: own,
             services: &[],
+            routers: &[],
             nodes,
             other_pods: other,
             reserved,

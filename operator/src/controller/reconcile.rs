@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -79,6 +80,8 @@ pub struct Observed<'a, N = Node> {
     pub pods: &'a [Pod],
     /// Services owned by this deployment.
     pub services: &'a [Service],
+    /// Deployments owned by this deployment: the router in front of its prefill/decode pools.
+    pub routers: &'a [Deployment],
     pub nodes: &'a [N],
     /// Every other pod in the cluster (their GPUs are not free), shared with the watch cache.
     pub other_pods: &'a [Arc<Pod>],
@@ -206,6 +209,11 @@ pub struct Actions {
     pub apply_pods: Vec<Pod>,
     /// Pod names to delete (in the deployment's namespace).
     pub delete_pods: Vec<String>,
+    /// The router in front of the prefill/decode pools, when it differs from the one running
+    /// (applied before the pods it routes to).
+    pub apply_router: Option<Deployment>,
+    /// Router Deployments to delete: the deployment serves aggregated again.
+    pub delete_routers: Vec<String>,
     /// The new status, when it differs from the current one.
     pub status: Option<ModelDeploymentStatus>,
     pub events: Vec<EventNote>,
@@ -225,6 +233,8 @@ impl Actions {
         self.apply_services.len()
             + self.apply_pods.len()
             + self.delete_pods.len()
+            + usize::from(self.apply_router.is_some())
+            + self.delete_routers.len()
             + usize::from(self.status.is_some())
     }
 }
@@ -593,7 +603,6 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
     }
     let spec = &md.spec;
     let name = md.metadata.name.clone().unwrap_or_default();
-    let namespace = md.metadata.namespace.clone().unwrap_or_default();
     let uid = md.metadata.uid.clone().unwrap_or_default();
     let generation = md.metadata.generation;
     let old = md.status.clone().unwrap_or_default();
@@ -889,8 +898,80 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
         }
     }
 
+    // Prefill/decode pools run when the deployment asks for disaggregation and its engine
+    // renders pools (SGLang; vLLM with a router image). Then the plan runs every pass: it
+    // decides the pools and their size (`spec.replicas` units of the pair's ratio), keeps each
+    // replica that still holds in its role, and every replica it does not keep is placed again
+    // from it. Otherwise pools are decided and reported, and every replica serves aggregated.
+    let disaggregation_asked = spec.serving.disaggregation != api::Disaggregation::Off;
+    let pools_blocked = if disaggregation_asked {
+        build::pools_renderable(md, &cfg.build).err()
+    } else {
+        None
+    };
+    let mut plan_report: Option<planner::DeploymentPlan> = None;
+    let mut pooled = false;
+    let mut desired = usize::try_from(spec.replicas.max(0)).unwrap_or(0);
+    if disaggregation_asked && pools_blocked.is_none() {
+        let dp = plan_deployment(obs, cfg, &avoid, &kept, None, false);
+        if dp.disaggregation.as_ref().is_some_and(|d| d.disaggregated) {
+            pooled = true;
+            desired = usize::try_from(dp.replicas.max(0)).unwrap_or(0);
+            kept.retain(|p| {
+                let stays = dp
+                    .placed
+                    .iter()
+                    .any(|x| x.replica == p.replica && x.kept && x.role == p.role);
+                if !stays {
+                    let now_role = dp
+                        .placed
+                        .iter()
+                        .find(|x| x.replica == p.replica)
+                        .and_then(|x| x.role.clone());
+                    actions.events.push(EventNote {
+                        type_: EventType::Normal,
+                        reason: "Repooled",
+                        note: match now_role {
+                            Some(role) => format!(
+                                "replica {} ({}) is placed again as a {role} replica: the pools changed",
+                                p.replica,
+                                p.role.as_deref().unwrap_or("aggregated")
+                            ),
+                            None => format!(
+                                "replica {} ({}) removed: the pools hold {} replicas",
+                                p.replica,
+                                p.role.as_deref().unwrap_or("aggregated"),
+                                dp.replicas
+                            ),
+                        },
+                    });
+                }
+                stays
+            });
+        }
+        plan_report = Some(dp);
+    }
+    if !pooled {
+        // Replicas of pools that no longer run are placed again, aggregated.
+        kept.retain(|p| {
+            if p.role.is_none() {
+                return true;
+            }
+            let why = format!(
+                "the {} pool no longer runs; serving whole requests",
+                p.role.as_deref().unwrap_or_default()
+            );
+            actions.events.push(EventNote {
+                type_: EventType::Normal,
+                reason: "Repooled",
+                note: format!("replica {}: {why}", p.replica),
+            });
+            replace.push((p.replica, 0, why));
+            false
+        });
+    }
+
     // 2. Scale down: keep ready replicas first, then the lowest indices.
-    let desired = usize::try_from(spec.replicas.max(0)).unwrap_or(0);
     if kept.len() > desired {
         kept.sort_by_key(|p| (!p.ready, p.replica));
         for p in kept.drain(desired..) {
@@ -932,11 +1013,22 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
 
     // 4. Place what is missing: replicas being re-placed keep their index, new ones take the
     //    lowest free indices.
+    //    With pools, the indices are the plan's (each index has its pool).
     let used: BTreeSet<i32> = kept.iter().map(|p| p.replica).collect();
-    let mut wanted: Vec<(i32, i32, Option<String>)> = replace
-        .iter()
-        .map(|(r, restarts, why)| (*r, *restarts, Some(why.clone())))
-        .collect();
+    let mut wanted: Vec<(i32, i32, Option<String>)> = if pooled {
+        (0..i32::try_from(desired).unwrap_or(i32::MAX))
+            .filter(|r| !used.contains(r))
+            .map(|r| match replace.iter().find(|x| x.0 == r) {
+                Some((_, restarts, why)) => (r, *restarts, Some(why.clone())),
+                None => (r, 0, None),
+            })
+            .collect()
+    } else {
+        replace
+            .iter()
+            .map(|(r, restarts, why)| (*r, *restarts, Some(why.clone())))
+            .collect()
+    };
     let mut next_index = 0;
     while kept.len() + wanted.len() < desired {
         while used.contains(&next_index) || wanted.iter().any(|w| w.0 == next_index) {
@@ -945,90 +1037,46 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
         wanted.push((next_index, 0, None));
         next_index += 1;
     }
-    let mut plan_report = None;
     let mut verdict: Option<planner::DisaggregationPlan> = None;
-    if !wanted.is_empty() || old.alternatives.is_empty() {
-        // The deployment with its pods' GPUs moved out of the way: every other pod's GPUs are
-        // used, and pinned but not yet bound pods count on their planned node (otherwise two
-        // deployments reconciled back to back could both be promised the same free GPUs).
-        // Of the nodes' labels, only those this deployment selects on are copied.
-        let mut inv = Inventory::from_nodes_and_use(
-            obs.nodes,
-            &crate::controller::cache::gpus_in_use(obs.other_pods, obs.reserved),
-            &cfg.catalog,
-            &cfg.topology_keys,
-            Some(&crate::planner::inventory::labels_read([&md
-                .spec
-                .placement])),
+    // The pools' plan above serves; an aggregated verdict is planned again here with the
+    // replica indices in use (a replica kept above `spec.replicas` after a scale-down).
+    if !pooled && (!wanted.is_empty() || old.alternatives.is_empty()) {
+        plan_report = None;
+    }
+    if let Some(dp) = plan_report.as_ref().filter(|_| pooled) {
+        verdict = dp.disaggregation.clone();
+        place_wanted(
+            dp,
+            &wanted,
+            &mut kept,
+            &mut actions,
+            &new_incarnation,
+            &hash,
         );
-        for n in inv.nodes.iter_mut().filter(|n| avoid.contains(&n.name)) {
-            n.unschedulable = true;
-        }
-        let existing: Vec<ExistingPlacement> = kept
-            .iter()
-            .map(|p| ExistingPlacement::from_status(&namespace, &name, p))
-            .collect();
+        kept.sort_by_key(|p| p.replica);
+    } else if !wanted.is_empty() || old.alternatives.is_empty() {
         let max_index = kept
             .iter()
             .map(|p| p.replica)
             .chain(wanted.iter().map(|w| w.0))
             .max()
             .map_or(0, |m| m + 1);
-        let mut planned_md = md.clone();
-        planned_md.spec.replicas = max_index;
-        // Prefill/decode pools are decided and reported, but this controller runs every
-        // replica aggregated (it does not create pools yet): see the Disaggregated condition.
-        let opts = planner::PlanOptions {
-            aggregated_only: true,
-            ..cfg.plan.clone()
-        };
-        let plan = planner::plan(&inv, std::slice::from_ref(&planned_md), &existing, &opts);
-        let dp = plan.deployments.into_iter().next().unwrap_or_default();
+        // Pools are decided and reported; replicas are placed aggregated (pools not asked for,
+        // not chosen, or not renderable: see the Disaggregated condition).
+        let dp = plan_deployment(obs, cfg, &avoid, &kept, Some(max_index), true);
         verdict = dp.disaggregation.clone();
-        for (replica, restarts, why) in &wanted {
-            if let Some(pr) = dp.placed.iter().find(|x| x.replica == *replica) {
-                let inc = new_incarnation(*replica);
-                let nodes_list: Vec<String> = pr
-                    .stages
-                    .iter()
-                    .map(|s| format!("{}:{}", s.node, s.gpus))
-                    .collect();
-                actions.events.push(EventNote {
-                    type_: EventType::Normal,
-                    reason: "Placed",
-                    note: format!(
-                        "replica {replica} placed on {} (TP={}, PP={}{}, {}){}",
-                        pr.gpu_type,
-                        pr.tensor_parallel,
-                        pr.pipeline_parallel,
-                        expert_note(pr.expert_parallel, pr.data_parallel_attention),
-                        nodes_list.join(", "),
-                        why.as_ref()
-                            .map(|w| format!(" after: {w}"))
-                            .unwrap_or_default()
-                    ),
-                });
-                kept.push(ReplicaPlacement {
-                    replica: *replica,
-                    incarnation: Some(inc),
-                    gpu_type: pr.gpu_type.clone(),
-                    tensor_parallel: pr.tensor_parallel,
-                    pipeline_parallel: pr.pipeline_parallel,
-                    expert_parallel: pr.expert_parallel,
-                    data_parallel_attention: pr.data_parallel_attention,
-                    stages: pr.stages.clone(),
-                    predicted: pr.predicted.clone(),
-                    ready: false,
-                    restarts: *restarts,
-                    state: ReplicaState::Creating,
-                    template_hash: Some(hash.clone()),
-                    last_failure_time: None,
-                    last_failure: why.clone(),
-                });
-            }
-        }
+        place_wanted(
+            &dp,
+            &wanted,
+            &mut kept,
+            &mut actions,
+            &new_incarnation,
+            &hash,
+        );
         kept.sort_by_key(|p| p.replica);
         plan_report = Some(dp);
+    } else if let Some(dp) = &plan_report {
+        verdict = dp.disaggregation.clone();
     }
 
     // 5. Build the pods of every live replica; apply those missing, delete everything else.
@@ -1048,13 +1096,57 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
             incarnation: inc,
         })
         .collect();
-    let children = build::desired_children(md, &to_build, &cfg.build);
+    let mut children = build::desired_children(md, &to_build, &cfg.build);
+    // Pools: each replica's pods in its role, the pools' Services, and the router in front
+    // (kept as it is while a pool has no replica placed yet: it needs one of each).
+    let mut router_problem: Option<String> = None;
+    if pooled {
+        let members: Vec<build::PoolReplicaToBuild<'_>> = to_build
+            .iter()
+            .filter_map(|r| {
+                let role = build::PoolRole::parse(r.placement.role.as_deref()?)?;
+                Some(build::PoolReplicaToBuild {
+                    role,
+                    replica: r.clone(),
+                })
+            })
+            .collect();
+        (children, router_problem) = build::disaggregated_children(md, &members, &cfg.build);
+    }
+    if let Some(mut router) = children.router {
+        let current = obs
+            .routers
+            .iter()
+            .find(|d| d.metadata.name == router.metadata.name);
+        if build::stamp_if_changed(
+            &router.spec,
+            &mut router.metadata,
+            current.map(|d| &d.metadata),
+            TEMPLATE_HASH,
+        ) {
+            actions.apply_router = Some(router);
+        }
+    } else if !pooled {
+        actions.delete_routers = obs
+            .routers
+            .iter()
+            .filter_map(|d| d.metadata.name.clone())
+            .collect();
+    }
     if let Some(np) = &cfg.build.network_policies {
         // Every replica group that exists, waiting out a backoff included (its pods come back).
-        let replicas: BTreeSet<i32> = kept.iter().map(|p| p.replica).collect();
+        let replicas: BTreeMap<i32, Option<build::PoolRole>> = kept
+            .iter()
+            .map(|p| {
+                (
+                    p.replica,
+                    p.role.as_deref().and_then(build::PoolRole::parse),
+                )
+            })
+            .collect();
         actions.network_policies = replicas
             .into_iter()
-            .map(|r| build::replica_network_policy(md, r, np))
+            .map(|(r, role)| build::replica_network_policy(md, r, role, np))
             .collect();
     }
     let existing_pods: BTreeSet<String> = obs.pods.iter().map(pod_name).collect();
@@ -1276,25 +1368,48 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
             "no replica is failing".into()
         },
     );
-    if spec.serving.disaggregation != api::Disaggregation::Off {
+    if disaggregation_asked {
         let wanted_pools = !status.pools.is_empty();
+        let pools_text = status
+            .pools
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} x{} on {} TP={}",
+                    p.role, p.replicas, p.gpu_type, p.tensor_parallel
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
         conditions.set(
             "Disaggregated",
-            false,
-            if wanted_pools {
-                "PoolsNotRunYet"
+            pooled,
+            if pooled {
+                "PoolsRunning"
+            } else if wanted_pools {
+                "PoolsNotRenderable"
             } else {
                 "AggregatedPredictedBetter"
             },
-            if wanted_pools {
+            if pooled {
                 bounded(
                     &format!(
-                        "the planner chose prefill/decode pools ({}), but this operator version runs every replica aggregated; `tessera-operator plan` shows where the pools would go",
-                        status.pools
-                            .iter()
-                            .map(|p| format!("{} x{} on {} TP={}", p.role, p.replicas, p.gpu_type, p.tensor_parallel))
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        "prefill/decode pools: {pools_text}; {}",
+                        router_problem
+                            .as_deref()
+                            .map(|e| format!("router not updated: {e}"))
+                            .unwrap_or_else(|| format!(
+                                "the router {} serves the deployment's Service",
+                                build::router_name(&name)
+                            ))
+                    ),
+                    MAX_MESSAGE,
+                )
+            } else if wanted_pools {
+                bounded(
+                    &format!(
+                        "the planner chose prefill/decode pools ({pools_text}), but they cannot run: {}; every replica serves whole requests",
+                        pools_blocked.as_deref().unwrap_or("the pools could not be rendered")
                     ),
                     MAX_MESSAGE,
                 )
@@ -1379,6 +1494,112 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
 }
 
 /// `, EP=16, data-parallel attention` for an expert-parallel placement; empty otherwise.
+/// Plan this deployment alone against the cluster as observed, its own pods' GPUs moved out
+/// of the way: every other pod's GPUs are used, and pinned but not yet bound pods count on
+/// their planned node (otherwise two deployments reconciled back to back could both be
+/// promised the same free GPUs). Of the nodes' labels, only those it selects on are copied.
+/// `kept` replicas stay where they are when they still fit; `replicas` overrides the count
+/// to place (aggregated replicas kept above `spec.replicas`); `aggregated_only` places pools'
+/// replicas aggregated.
+fn plan_deployment<N: Borrow<Node>>(
+    obs: &Observed<'_, N>,
+    cfg: &Config,
+    avoid: &BTreeSet<String>,
+    kept: &[ReplicaPlacement],
+    replicas: Option<i32>,
+    aggregated_only: bool,
+) -> planner::DeploymentPlan {
+    let md = obs.md;
+    let namespace = md.metadata.namespace.clone().unwrap_or_default();
+    let name = md.metadata.name.clone().unwrap_or_default();
+    let mut inv = Inventory::from_nodes_and_use(
+        obs.nodes,
+        &crate::controller::cache::gpus_in_use(obs.other_pods, obs.reserved),
+        &cfg.catalog,
+        &cfg.topology_keys,
+        Some(&crate::planner::inventory::labels_read([&md
+            .spec
+            .placement])),
+    );
+    for n in inv.nodes.iter_mut().filter(|n| avoid.contains(&n.name)) {
+        n.unschedulable = true;
+    }
+    let existing: Vec<ExistingPlacement> = kept
+        .iter()
+        .map(|p| ExistingPlacement::from_status(&namespace, &name, p))
+        .collect();
+    let mut planned_md = md.clone();
+    if let Some(r) = replicas {
+        planned_md.spec.replicas = r;
+    }
+    let opts = planner::PlanOptions {
+        aggregated_only,
+        ..cfg.plan.clone()
+    };
+    let plan = planner::plan(&inv, std::slice::from_ref(&planned_md), &existing, &opts);
+    plan.deployments.into_iter().next().unwrap_or_default()
+}
+
+/// Take the plan's placement of every wanted replica (index, restarts, why it is placed
+/// again) as a new incarnation, with an Event each.
+fn place_wanted(
+    dp: &planner::DeploymentPlan,
+    wanted: &[(i32, i32, Option<String>)],
+    kept: &mut Vec<ReplicaPlacement>,
+    actions: &mut Actions,
+    new_incarnation: &dyn Fn(i32) -> String,
+    hash: &str,
+) {
+    for (replica, restarts, why) in wanted {
+        let Some(pr) = dp.placed.iter().find(|x| x.replica == *replica) else {
+            continue;
+        };
+        let inc = new_incarnation(*replica);
+        let nodes_list: Vec<String> = pr
+            .stages
+            .iter()
+            .map(|s| format!("{}:{}", s.node, s.gpus))
+            .collect();
+        actions.events.push(EventNote {
+            type_: EventType::Normal,
+            reason: "Placed",
+            note: format!(
+                "replica {replica}{} placed on {} (TP={}, PP={}{}, {}){}",
+                pr.role
+                    .as_ref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default(),
+                pr.gpu_type,
+                pr.tensor_parallel,
+                pr.pipeline_parallel,
+                expert_note(pr.expert_parallel, pr.data_parallel_attention),
+                nodes_list.join(", "),
+                why.as_ref()
+                    .map(|w| format!(" after: {w}"))
+                    .unwrap_or_default()
+            ),
+        });
+        kept.push(ReplicaPlacement {
+            replica: *replica,
+            incarnation: Some(inc),
+            gpu_type: pr.gpu_type.clone(),
+            tensor_parallel: pr.tensor_parallel,
+            pipeline_parallel: pr.pipeline_parallel,
+            expert_parallel: pr.expert_parallel,
+            data_parallel_attention: pr.data_parallel_attention,
+            stages: pr.stages.clone(),
+            predicted: pr.predicted.clone(),
+            ready: false,
+            restarts: *restarts,
+            state: ReplicaState::Creating,
+            template_hash: Some(hash.to_owned()),
+            last_failure_time: None,
+            last_failure: why.clone(),
+            role: pr.role.clone(),
+        });
+    }
+}
+
 fn expert_note(ep: Option<i32>, data_attention: bool) -> String {
     match ep {
         Some(ep) if data_attention => format!(", EP={ep}, data-parallel attention"),

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -72,6 +73,8 @@ pub struct Context {
     pub nodes: Store<Node>,
     pub pods: Store<Pod>,
     pub services: Store<Service>,
+    /// The operator's Deployments: routers in front of prefill/decode pools.
+    pub routers: Store<Deployment>,
     /// The operator's NetworkPolicies, when `--worker-network-policies` is on.
     pub network_policies: Option<Store<NetworkPolicy>>,
     pub deployments: Store<ModelDeployment>,
@@ -103,6 +106,7 @@ impl Context {
         nodes: Store<Node>,
         pods: Store<Pod>,
         services: Store<Service>,
+        routers: Store<Deployment>,
         network_policies: Option<Store<NetworkPolicy>>,
         deployments: Store<ModelDeployment>,
         recorder: Recorder,
@@ -114,6 +118,7 @@ impl Context {
             nodes,
             pods,
             services,
+            routers,
             network_policies,
             deployments,
             recorder,
@@ -220,6 +225,18 @@ pub async fn reconcile_one(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Resul
         })
         .map(|s| (**s).clone())
         .collect();
+    let routers: Vec<Deployment> = ctx
+        .routers
+        .state()
+        .iter()
+        .filter(|d| {
+            d.metadata.namespace.as_deref() == Some(ns.as_str())
+                && d.owner_references()
+                    .iter()
+                    .any(|o| Some(&o.uid) == uid.as_ref())
+        })
+        .map(|d| (**d).clone())
+        .collect();
     let nodes: Vec<Arc<Node>> = ctx.nodes.state();
     let deployments: Vec<Arc<ModelDeployment>> = {
         let mut promises = ctx.promises.lock().expect("lock");
@@ -258,6 +275,7 @@ pub async fn reconcile_one(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Resul
             md,
             pods: own,
             services: &services,
+            routers: &routers,
             nodes: &nodes,
             other_pods: &other,
             reserved: &reserved,
@@ -447,6 +465,20 @@ pub async fn execute(ctx: &Context, md: &ModelDeployment, actions: Actions) -> R
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+    // The router in front of prefill/decode pools: before the pods it routes to (a pass whose
+    // router write failed still has those pods to write, so the next pass writes it again).
+    let routers: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Some(router) = &actions.apply_router {
+        let name = router.metadata.name.clone().unwrap_or_default();
+        routers.patch(&name, &params, &Patch::Apply(router)).await?;
+    }
+    for name in &actions.delete_routers {
+        match routers.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
         }
     }
     // With every new group, its deployment's disruption budget (idempotent; restores one that
@@ -648,19 +680,25 @@ pub async fn run_with_client(client: Client, args: RunArgs) -> anyhow::Result<()
     tokio::spawn(serve_http(args.metrics_addr, metrics_router, "metrics"));
     tokio::spawn(serve_http(args.health_addr, health_router, "health"));
 
-    let (mds, pods_api, services_api): (Api<ModelDeployment>, Api<Pod>, Api<Service>) =
-        match &args.watch_namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-            ),
-        };
+    let (mds, pods_api, services_api, routers_api): (
+        Api<ModelDeployment>,
+        Api<Pod>,
+        Api<Service>,
+        Api<Deployment>,
+    ) = match &args.watch_namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
     // GPU use is cluster-wide: every pod's GPUs count. With a watched namespace the operator
     // may read pods there only (its Role), so other namespaces' GPU use is left to the
     // scheduler: a gang that cannot start is re-placed after the gang timeout.
@@ -673,6 +711,7 @@ pub async fn run_with_client(client: Client, args: RunArgs) -> anyhow::Result<()
     let (node_store, node_writer) = reflector::store();
     let (pod_store, pod_writer) = reflector::store();
     let (svc_store, svc_writer) = reflector::store();
+    let (router_store, router_writer) = reflector::store();
     let managed = format!("{}={}", labels::MANAGED_BY, labels::MANAGER);
     let log_errors = |what: &'static str| move |e: &watcher::Error| tracing::warn!(watch = what, error = %e, "watch error; retrying");
     // The Node and Pod caches keep only what the controller reads (see `cache`); pods that
@@ -710,9 +749,22 @@ pub async fn run_with_client(client: Client, args: RunArgs) -> anyhow::Result<()
         .inspect_err(log_errors("services"))
         .for_each(|_| futures::future::ready(())),
     );
+    tokio::spawn(
+        reflector::reflector(
+            router_writer,
+            watcher(
+                routers_api.clone(),
+                watcher::Config::default().labels(&managed),
+            ),
+        )
+        .default_backoff()
+        .inspect_err(log_errors("routers"))
+        .for_each(|_| futures::future::ready(())),
+    );
     node_store.wait_until_ready().await.ok();
     pod_store.wait_until_ready().await.ok();
     svc_store.wait_until_ready().await.ok();
+    router_store.wait_until_ready().await.ok();
 
     // Per-replica worker NetworkPolicies, only when asked for (the RBAC for them is optional).
     let network_policy_options = if args.worker_network_policies {
@@ -806,6 +858,7 @@ pub async fn run_with_client(client: Client, args: RunArgs) -> anyhow::Result<()
         node_store,
         pod_store,
         svc_store,
+        router_store,
         policy_store,
         md_store,
         recorder,
@@ -875,6 +928,7 @@ pub async fn run_with_client(client: Client, args: RunArgs) -> anyhow::Result<()
     controller
         .owns(pods_api, watcher::Config::default().labels(&managed))
         .owns(services_api, watcher::Config::default().labels(&managed))
+        .owns(routers_api, watcher::Config::default().labels(&managed))
         .watches(nodes_api, watcher::Config::default(), move |node: Node| {
             // A Node change requeues the deployments placed on it.
             let name = node.name_any();

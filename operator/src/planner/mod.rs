@@ -45,7 +45,8 @@ pub struct PlanOptions {
     #[serde(default)]
     pub first_choice_only: bool,
     /// Decide and report prefill/decode disaggregation (`DeploymentPlan::disaggregation`) but
-    /// place every replica aggregated: the controller, which does not run pools yet.
+    /// place every replica aggregated: the controller, for a deployment whose pools cannot run
+    /// (the tessera engine, a vLLM router without an image).
     #[serde(default)]
     pub aggregated_only: bool,
 }
@@ -67,6 +68,9 @@ pub struct ExistingPlacement {
     #[serde(default)]
     pub data_parallel_attention: bool,
     pub stages: Vec<StagePlacement>,
+    /// `prefill` or `decode` for a replica of a disaggregated deployment's pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 impl ExistingPlacement {
@@ -92,6 +96,7 @@ impl ExistingPlacement {
             expert_parallel: p.expert_parallel,
             data_parallel_attention: p.data_parallel_attention,
             stages: p.stages.clone(),
+            role: p.role.clone(),
         }
     }
 }
@@ -122,6 +127,7 @@ impl Plan {
                     expert_parallel: p.expert_parallel,
                     data_parallel_attention: p.data_parallel_attention,
                     stages: p.stages.clone(),
+                    role: p.role.clone(),
                 });
             }
         }
@@ -234,8 +240,8 @@ struct Dep<'a> {
     /// replica -> (type, tp, pp, allocations, kept, note)
     placed: BTreeMap<i32, Held>,
     unplaced: Vec<UnplacedReplica>,
-    /// The disaggregation verdict, and the pools when disaggregated: replicas below
-    /// `prefill_replicas` are the prefill pool, the rest the decode pool.
+    /// The disaggregation verdict, and the pools when disaggregated (which replica serves in
+    /// which pool: `Dep::pool_of`).
     decision: Option<disagg::Decision>,
     pools: Option<Pools>,
     /// Whether the pools are placed (`PlanOptions::aggregated_only` off).
@@ -265,10 +271,17 @@ impl Dep<'_> {
             })
     }
 
-    /// The pool replica `r` belongs to: its layout and role.
+    /// The pool replica `r` belongs to: its layout and role. Replicas come in units of the
+    /// pair's ratio (`spec.replicas` units), each unit its prefill replicas then its decode
+    /// replicas: with 1:2, replicas 0, 3, 6 prefill and 1, 2, 4, 5 decode. Scaling the units
+    /// keeps every existing replica's role (a running pod never changes pool).
     fn pool_of(&self, r: i32) -> Option<(&Candidate, &'static str)> {
         self.placed_pools().map(|p| {
-            if r < p.prefill_replicas {
+            let (pre, dec) = (
+                p.pair.prefill_replicas as i32,
+                p.pair.decode_replicas as i32,
+            );
+            if r.rem_euclid((pre + dec).max(1)) < pre {
                 (&p.prefill, "prefill")
             } else {
                 (&p.decode, "decode")
@@ -414,12 +427,11 @@ pub fn plan(
     // domains; otherwise a spanning replica could split a domain that a later one needs.
     let mut order: Vec<(usize, &ExistingPlacement)> = Vec::new();
     for (i, dep) in deps.iter().enumerate() {
-        // Pools are re-planned whole (existing placements carry no role yet).
-        if dep.placed_pools().is_some() {
-            continue;
-        }
         if let Some(list) = by_dep.get(&(dep.namespace.as_str(), dep.name.as_str())) {
             let mut list = list.clone();
+            // A pool replica is kept only in its pool's role (placed aggregated, or in the
+            // other pool, it is placed again); an aggregated one only without pools.
+            list.retain(|e| e.role.as_deref() == dep.pool_of(e.replica).map(|(_, role)| role));
             list.sort_by_key(|e| e.replica);
             order.extend(list.into_iter().map(|e| (i, e)));
         }
@@ -436,8 +448,7 @@ pub fn plan(
     });
     for (i, e) in order {
         let dep = &mut deps[i];
-        if e.replica < 0 || e.replica >= dep.md.spec.replicas || dep.placed.contains_key(&e.replica)
-        {
+        if e.replica < 0 || e.replica >= dep.replicas() || dep.placed.contains_key(&e.replica) {
             continue;
         }
         match keep(inv, &mut cap, &node_index, dep, &classes[dep.class].elig, e) {
@@ -747,6 +758,15 @@ fn keep(
     {
         return Err(format!(
             "{} is no longer a feasible layout for the spec",
+            choose::label(inv, t, layout)
+        ));
+    }
+    if let Some((cand, role)) = dep.pool_of(e.replica)
+        && (cand.gpu_type != t || cand.layout() != layout)
+    {
+        return Err(format!(
+            "the {role} pool is now {}, not {}",
+            cand.label(inv),
             choose::label(inv, t, layout)
         ));
     }
