@@ -83,6 +83,9 @@ pub struct ReplicaSample {
     pub gpu_utilization: Option<f64>,
     /// Seconds since the sample was taken.
     pub age_s: f64,
+    /// The pool of a disaggregated deployment the leader serves in (`prefill`, `decode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 impl ReplicaSample {

@@ -35,7 +35,34 @@ pub fn capacity(inv: &Inventory, md: &ModelDeployment, placed: u32, opts: &PlanO
     probe.spec.replicas = i32::try_from(max - placed).unwrap_or(i32::MAX);
     probe.status = None;
     let p = plan(inv, std::slice::from_ref(&probe), &[], opts);
-    let more = p.deployments.first().map_or(0, |d| d.placed.len()) as u32;
+    let Some(d) = p.deployments.first() else {
+        return placed;
+    };
+    // Pools: `placed` and the answer count whole units of both pools.
+    let more = match d.disaggregation.as_ref().filter(|x| x.disaggregated) {
+        Some(x) if running_pools(md).is_some() => x
+            .pools
+            .iter()
+            .map(|pool| {
+                let per_unit = (pool.replicas.max(0) as u32)
+                    .div_ceil(probe.spec.replicas.max(1) as u32)
+                    .max(1);
+                d.placed
+                    .iter()
+                    .filter(|r| r.role.as_deref() == Some(pool.role.as_str()))
+                    .count() as u32
+                    / per_unit
+            })
+            .min()
+            .unwrap_or(0),
+        // Running pools the probe would not run now: replicas over the unit's size.
+        _ => match running_pools(md) {
+            Some(pools) => {
+                d.placed.len() as u32 / pools.iter().map(|(_, n, _)| n).sum::<u32>().max(1)
+            }
+            None => d.placed.len() as u32,
+        },
+    };
     placed + more
 }
 
@@ -76,11 +103,123 @@ fn current_of(md: &ModelDeployment) -> u32 {
     md.spec.replicas.max(0) as u32
 }
 
+/// The pools of a deployment whose prefill/decode pools run: (role, replicas per unit, GPUs
+/// per replica) each. `spec.replicas` counts units of the pools' ratio, so the autoscaler
+/// scales units.
+fn running_pools(md: &ModelDeployment) -> Option<Vec<(String, u32, u32)>> {
+    let st = md.status.as_ref()?;
+    if !st.placements.iter().any(|p| p.role.is_some()) || st.pools.is_empty() {
+        return None;
+    }
+    let units = md.spec.replicas.max(1) as u32;
+    Some(
+        st.pools
+            .iter()
+            .map(|p| {
+                (
+                    p.role.clone(),
+                    (p.replicas.max(0) as u32).div_ceil(units).max(1),
+                    (p.tensor_parallel.max(1) * p.pipeline_parallel.max(1)) as u32,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// GPUs one more replica (one more unit of both pools, when they run) takes.
 fn gpus_per_replica(md: &ModelDeployment) -> u32 {
+    if let Some(pools) = running_pools(md) {
+        return pools.iter().map(|(_, n, g)| n * g).sum();
+    }
     let st = md.status.as_ref();
     let tp = st.and_then(|s| s.tensor_parallel).unwrap_or(1).max(1);
     let pp = st.and_then(|s| s.pipeline_parallel).unwrap_or(1).max(1);
     (tp * pp) as u32
+}
+
+/// Replicas in the autoscaler's unit: placed replicas, or whole units of both pools.
+fn placed_of(md: &ModelDeployment) -> u32 {
+    let placements = md.status.as_ref().map_or(&[][..], |s| &s.placements[..]);
+    match running_pools(md) {
+        None => placements.len() as u32,
+        Some(pools) => pools
+            .iter()
+            .map(|(role, per_unit, _)| {
+                placements
+                    .iter()
+                    .filter(|p| p.role.as_deref() == Some(role.as_str()))
+                    .count() as u32
+                    / per_unit
+            })
+            .min()
+            .unwrap_or(0),
+    }
+}
+
+/// The samples a decision in units reads, for a deployment whose pools run: each pool's mean
+/// of the metric over its fresh leaders, and the pool whose mean is highest against the target
+/// speaks for the unit (prefill pressed by long prompts, decode by many long answers; a unit
+/// grows both). As `current` samples of that mean, as many fresh as the pool's share of fresh
+/// leaders, so the proportional rule counts units and partial metrics still hold a
+/// scale-down. With the note that goes before the decision's message.
+fn unit_samples(
+    md: &ModelDeployment,
+    samples: &[ReplicaSample],
+    params: &Params,
+) -> Option<(Vec<ReplicaSample>, String)> {
+    let pools = running_pools(md)?;
+    let metric = md.spec.autoscaling.as_ref()?.metric;
+    let current = current_of(md);
+    let mut best: Option<(f64, &str, f64)> = None; // (mean, role, share of leaders fresh)
+    let mut parts = Vec::new();
+    for (role, per_unit, _) in &pools {
+        let values: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.pool.as_deref() == Some(role.as_str()))
+            .filter(|s| s.age_s.is_finite() && s.age_s <= params.stale_after_s)
+            .filter_map(|s| s.value(metric))
+            .collect();
+        let expected = f64::from(per_unit * current.max(1));
+        let Some(mean) =
+            (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+        else {
+            parts.push(format!("{role}: no fresh sample"));
+            continue;
+        };
+        parts.push(format!("{role} {mean:.3} over {} leaders", values.len()));
+        let share = (values.len() as f64 / expected).min(1.0);
+        if best.is_none_or(|b| mean > b.0) {
+            best = Some((mean, role.as_str(), share));
+        }
+    }
+    let note = match best {
+        Some((_, role, _)) => format!(
+            "pools scale in units ({}); per pool: {}; the {role} pool leads: ",
+            pools
+                .iter()
+                .map(|(r, n, _)| format!("{n} {r}"))
+                .collect::<Vec<_>>()
+                .join(" + "),
+            parts.join(", ")
+        ),
+        None => format!("pools scale in units; per pool: {}: ", parts.join(", ")),
+    };
+    let out = match best {
+        None => Vec::new(),
+        Some((mean, _, share)) => {
+            let fresh = ((f64::from(current) * share).round() as u32).min(current);
+            (0..current)
+                .map(|i| {
+                    let mut s = ReplicaSample::of(metric, mean);
+                    if i >= fresh {
+                        s.age_s = f64::INFINITY;
+                    }
+                    s
+                })
+                .collect()
+        }
+    };
+    Some((out, note))
 }
 
 /// Decide every target. Deployments without `autoscaling.enabled` are skipped. With an
@@ -99,15 +238,32 @@ pub fn decide_pass(
         .iter()
         .filter(|t| t.md.spec.autoscaling.as_ref().is_some_and(|a| a.enabled))
         .collect();
+    // Deployments whose pools run decide in units, on the pool that leads.
+    let units: Vec<Option<(Vec<ReplicaSample>, String)>> = enabled
+        .iter()
+        .map(|t| unit_samples(t.md, &t.samples, params))
+        .collect();
+    let samples_of = |i: usize| -> &[ReplicaSample] {
+        units[i]
+            .as_ref()
+            .map_or(&enabled[i].samples[..], |(s, _)| &s[..])
+    };
+    let noted = |i: usize, mut d: Decision| {
+        if let Some((_, note)) = &units[i] {
+            d.message = format!("{note}{}", d.message);
+        }
+        d
+    };
     let first: Vec<Decision> = enabled
         .iter()
-        .map(|t| {
+        .enumerate()
+        .map(|(i, t)| {
             let spec = t.md.spec.autoscaling.as_ref().expect("filtered");
             decide(
                 &Input {
                     spec,
                     current: current_of(t.md),
-                    samples: &t.samples,
+                    samples: samples_of(i),
                     capacity: None,
                     now_s,
                 },
@@ -120,7 +276,8 @@ pub fn decide_pass(
         return enabled
             .iter()
             .zip(first)
-            .map(|(t, d)| (key(t.md), d))
+            .enumerate()
+            .map(|(i, (t, d))| (key(t.md), noted(i, d)))
             .collect();
     };
     // Capacity per deployment that wants to grow.
@@ -131,11 +288,7 @@ pub fn decide_pass(
         if d.replicas <= d.current {
             continue;
         }
-        let placed =
-            t.md.status
-                .as_ref()
-                .map_or(0, |s| s.placements.len() as u32);
-        caps[i] = Some(capacity(inv, t.md, placed, opts));
+        caps[i] = Some(capacity(inv, t.md, placed_of(t.md), opts));
         let target =
             t.md.spec
                 .autoscaling
@@ -161,14 +314,15 @@ pub fn decide_pass(
         .iter()
         .zip(first)
         .zip(caps)
-        .map(|((t, d), cap)| {
+        .enumerate()
+        .map(|(i, ((t, d), cap))| {
             let d = match cap {
                 None => d,
                 Some(c) => decide(
                     &Input {
                         spec: t.md.spec.autoscaling.as_ref().expect("filtered"),
                         current: current_of(t.md),
-                        samples: &t.samples,
+                        samples: samples_of(i),
                         capacity: Some(c),
                         now_s,
                     },
@@ -176,7 +330,7 @@ pub fn decide_pass(
                     params,
                 ),
             };
-            (key(t.md), d)
+            (key(t.md), noted(i, d))
         })
         .collect()
 }
@@ -298,6 +452,124 @@ mod tests {
         assert_eq!(capacity(&inventory(&[(3, 8), (2, 8)]), &d, 0, &opts), 8);
         // Already placed replicas count on top of what is free.
         assert_eq!(capacity(&inventory(&[(3, 1)]), &d, 3, &opts), 4);
+    }
+
+    /// One unit of 3 prefill and 1 decode replicas (TP=1) running.
+    fn pooled() -> ModelDeployment {
+        let mut d = md("pd", 0, 1);
+        let placement = |replica: i32, role: &str| crate::api::ReplicaPlacement {
+            replica,
+            tensor_parallel: 1,
+            pipeline_parallel: 1,
+            role: Some(role.into()),
+            ..Default::default()
+        };
+        let pool = |role: &str, replicas: i32| crate::api::PoolStatus {
+            role: role.into(),
+            tensor_parallel: 1,
+            pipeline_parallel: 1,
+            replicas,
+            ..Default::default()
+        };
+        d.status = Some(crate::api::ModelDeploymentStatus {
+            placements: vec![
+                placement(0, "prefill"),
+                placement(1, "prefill"),
+                placement(2, "prefill"),
+                placement(3, "decode"),
+            ],
+            pools: vec![pool("prefill", 3), pool("decode", 1)],
+            ..Default::default()
+        });
+        d
+    }
+
+    fn pool_samples(prefill: &[f64], decode: &[f64]) -> Vec<ReplicaSample> {
+        let of = |role: &str, v: f64| ReplicaSample {
+            pool: Some(role.into()),
+            ..ReplicaSample::of(ScalingMetric::QueueDepth, v)
+        };
+        prefill
+            .iter()
+            .map(|&v| of("prefill", v))
+            .chain(decode.iter().map(|&v| of("decode", v)))
+            .collect()
+    }
+
+    #[test]
+    fn pools_scale_in_units_on_the_pool_that_leads() {
+        let d = pooled();
+        assert_eq!((placed_of(&d), gpus_per_replica(&d)), (1, 4));
+        let run = |samples: Vec<ReplicaSample>| {
+            let t = [Target { md: &d, samples }];
+            decide_pass(
+                &t,
+                &HashMap::new(),
+                None,
+                &Params::default(),
+                &PlanOptions::default(),
+                0.0,
+            )
+            .remove(0)
+            .1
+        };
+        // Long prompts queue at the prefill pool (40 per leader, target 10): 4 units (the
+        // leaders taken as replicas would ask for 12, rate-limited to 5).
+        let up = run(pool_samples(&[40.0, 40.0, 40.0], &[0.0]));
+        assert_eq!((up.current, up.replicas), (1, 4), "{}", up.message);
+        assert!(
+            up.message
+                .starts_with("pools scale in units (3 prefill + 1 decode)")
+                && up.message.contains("the prefill pool leads"),
+            "{}",
+            up.message
+        );
+        // The decode pool leads when it is the one loaded (25: 3 units; as replicas, 4).
+        let up = run(pool_samples(&[2.0, 2.0, 2.0], &[25.0]));
+        assert_eq!(up.replicas, 3, "{}", up.message);
+        assert!(
+            up.message.contains("the decode pool leads"),
+            "{}",
+            up.message
+        );
+        // No pool sample: hold, saying so per pool.
+        let hold = run(Vec::new());
+        assert_eq!(hold.replicas, 1);
+        assert_eq!(
+            hold.reason,
+            crate::autoscale::decide::Reason::MetricsMissing
+        );
+        assert!(
+            hold.message.contains("prefill: no fresh sample"),
+            "{}",
+            hold.message
+        );
+    }
+
+    #[test]
+    fn pooled_units_hold_a_scale_down_while_a_pool_misses_samples() {
+        let mut d = pooled();
+        d.spec.replicas = 2;
+        let st = d.status.as_mut().unwrap();
+        st.pools[0].replicas = 6;
+        st.pools[1].replicas = 2;
+        // Light load, but only 2 of the 6 prefill leaders answered.
+        let t = [Target {
+            md: &d,
+            samples: pool_samples(&[1.0, 1.0], &[1.0, 1.0]),
+        }];
+        let d = decide_pass(
+            &t,
+            &HashMap::new(),
+            None,
+            &Params::default(),
+            &PlanOptions::default(),
+            0.0,
+        )
+        .remove(0)
+        .1;
+        assert_eq!(d.replicas, 2, "{}", d.message);
+        assert_eq!(d.reason, crate::autoscale::decide::Reason::MetricsPartial);
     }
 
     fn busy(n: u32) -> Vec<ReplicaSample> {

@@ -210,6 +210,8 @@ pub struct LeaderTarget {
     pub addr: SocketAddr,
     /// The replica the leader belongs to (its placement in status says on what it runs).
     pub replica: i32,
+    /// Its pool (`tessera.dev/pool`) in a disaggregated deployment.
+    pub pool: Option<String>,
 }
 
 fn pod_ready(p: &Pod) -> bool {
@@ -250,6 +252,7 @@ pub fn leaders<P: Borrow<Pod>>(md: &ModelDeployment, pods: &[P]) -> Vec<LeaderTa
                     .get(labels::REPLICA)
                     .and_then(|r| r.parse().ok())
                     .unwrap_or(-1),
+                pool: p.labels().get(labels::POOL).cloned(),
             })
         })
         .collect()
@@ -611,7 +614,8 @@ impl Runner {
                         l.tokens_total
                             .map(|v| (v, now.saturating_duration_since(l.at).as_secs_f64()))
                     });
-                    let s = m.sample(prev);
+                    let mut s = m.sample(prev);
+                    s.pool = t.pool.clone();
                     if let (Some(last), Some(md)) =
                         (self.last.get(&t.pod), by_key.get(&t.deployment))
                     {

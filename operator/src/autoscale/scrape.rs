@@ -344,6 +344,7 @@ impl LeaderMetrics {
             tokens_per_second,
             gpu_utilization: self.gpu_utilization,
             age_s: 0.0,
+            pool: None,
         }
     }
 }
