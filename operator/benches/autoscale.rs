@@ -33,6 +33,8 @@ fn fleet(n: usize) -> Vec<Dep> {
                 target: 16.0,
                 scale_up_stabilization_seconds: 30,
                 scale_down_stabilization_seconds: 300,
+                prefill: None,
+                decode: None,
             };
             let current = 1 + rng.below(8) as u32;
             let per = rng.below(48) as f64;

@@ -44,6 +44,8 @@ fn spec() -> impl Strategy<Value = AutoscalingSpec> {
             target,
             scale_up_stabilization_seconds: up,
             scale_down_stabilization_seconds: down,
+            prefill: None,
+            decode: None,
         },
     )
 }

@@ -554,13 +554,13 @@ fn error_display_has_the_api_server_shape() {
 
 #[test]
 fn every_rule_has_a_test_here() {
-    // 51 rules, each exercised in this file with accepted and rejected objects (the five engine
+    // 52 rules, each exercised in this file with accepted and rejected objects (the five engine
     // rules in the engine_* tests, the label rules in the *label*, annotation, node selector and
     // topology key tests, the volume rules in the volume_* and mount_* tests, the twelve
-    // mixture-of-experts rules in the moe_* tests, the three serving rules in the
+    // mixture-of-experts rules in the moe_* tests, the four serving rules in the
     // disaggregation_* tests). Adding a rule to
     // operator/src/api/rules.rs? Add its accepted and rejected cases to this file, then bump this.
-    assert_eq!(api::rules::rules().len(), 51);
+    assert_eq!(api::rules::rules().len(), 52);
 }
 
 #[test]
@@ -1404,6 +1404,24 @@ fn disaggregation_needs_a_workload_that_fits_the_context() {
         "spec.serving.workload",
         "8192 + 256 tokens exceed the context of 8192 tokens a sequence may use (serving.contextLength, else the context of the model); shorten the workload or raise serving.contextLength",
     );
+    // Pool scaling needs pools; each pool takes only its own signals.
+    let v = with(
+        with(base(), "/spec/serving/disaggregation", json!("On")),
+        "/spec/serving/workload",
+        json!({"inputTokens": 2048, "outputTokens": 256}),
+    );
+    let scaling = json!({"enabled": true, "maxReplicas": 4, "target": 10,
+        "prefill": {"metric": "timeToFirstToken", "target": 2.0},
+        "decode": {"metric": "kvCacheUtilization", "target": 0.8}});
+    accepted(&with(v.clone(), "/spec/autoscaling", scaling.clone()));
+    assert_single(
+        &with(base(), "/spec/autoscaling", scaling.clone()),
+        "spec.autoscaling",
+        "autoscaling.prefill and autoscaling.decode scale prefill/decode pools, which run only with serving.disaggregation Auto or On; set it, or remove them and scale on autoscaling.metric",
+    );
+    let mut wrong = scaling;
+    wrong["prefill"]["metric"] = json!("kvCacheUtilization");
+    assert!(parse_model_deployment(&with(v, "/spec/autoscaling", wrong)).is_err());
     // Off needs nothing; unknown modes are refused by the schema.
     accepted(&with(base(), "/spec/serving/disaggregation", json!("Off")));
     assert!(

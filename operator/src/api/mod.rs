@@ -574,6 +574,58 @@ pub enum ScalingMetric {
     TokensPerSecond,
     /// GPU utilisation (0..1) averaged over the replica's GPUs.
     GpuUtilization,
+    /// Mean time to first token of the requests since the last scrape, seconds (0 when idle).
+    TimeToFirstToken,
+    /// Mean time between output tokens since the last scrape, seconds (0 when idle).
+    InterTokenLatency,
+}
+
+/// What the prefill pool of a disaggregated deployment scales on.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum PrefillScalingMetric {
+    /// Waiting plus running requests per prefill replica.
+    QueueDepth,
+    /// Mean time to first token, seconds.
+    TimeToFirstToken,
+}
+
+/// What the decode pool of a disaggregated deployment scales on.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum DecodeScalingMetric {
+    /// Fraction (0..1) of the KV-cache budget in use.
+    KvCacheUtilization,
+    /// Mean time between output tokens, seconds.
+    InterTokenLatency,
+}
+
+/// The signal one pool of a disaggregated deployment scales on, and its per-replica target.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolScaling<M> {
+    pub metric: M,
+    /// Per-replica target of the metric (requests, fraction 0..1, or seconds).
+    #[schemars(range(min = 0.001, max = 1_000_000.0))]
+    pub target: f64,
+}
+
+impl From<PrefillScalingMetric> for ScalingMetric {
+    fn from(m: PrefillScalingMetric) -> Self {
+        match m {
+            PrefillScalingMetric::QueueDepth => ScalingMetric::QueueDepth,
+            PrefillScalingMetric::TimeToFirstToken => ScalingMetric::TimeToFirstToken,
+        }
+    }
+}
+
+impl From<DecodeScalingMetric> for ScalingMetric {
+    fn from(m: DecodeScalingMetric) -> Self {
+        match m {
+            DecodeScalingMetric::KvCacheUtilization => ScalingMetric::KvCacheUtilization,
+            DecodeScalingMetric::InterTokenLatency => ScalingMetric::InterTokenLatency,
+        }
+    }
 }
 
 /// Built-in autoscaling.
@@ -604,6 +656,16 @@ pub struct AutoscalingSpec {
     #[serde(default = "default_scale_down_window")]
     #[schemars(range(min = 0, max = 3600))]
     pub scale_down_stabilization_seconds: i32,
+    /// While prefill/decode pools run: what the prefill pool scales on (`queueDepth` or
+    /// `timeToFirstToken`). Default: time to first token against
+    /// `serving.slo.timeToFirstTokenSeconds` when set, else `metric` and `target`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<PoolScaling<PrefillScalingMetric>>,
+    /// While prefill/decode pools run: what the decode pool scales on (`kvCacheUtilization`
+    /// or `interTokenLatency`). Default: inter-token latency against
+    /// `serving.slo.interTokenLatencySeconds` when set, else `metric` and `target`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<PoolScaling<DecodeScalingMetric>>,
 }
 
 fn default_min_replicas() -> i32 {

@@ -696,6 +696,14 @@ fn serving_rules(arch: &str) -> Vec<CelRule> {
             field_path: Some(".serving.workload"),
             transition: false,
         },
+        CelRule {
+            at: &["spec"],
+            rule: "!has(self.autoscaling) || (!has(self.autoscaling.prefill) && !has(self.autoscaling.decode)) || (has(self.serving) && has(self.serving.disaggregation) && self.serving.disaggregation != 'Off')".into(),
+            message_expression: "'autoscaling.prefill and autoscaling.decode scale prefill/decode pools, which run only with serving.disaggregation Auto or On; set it, or remove them and scale on autoscaling.metric'".into(),
+            message: "autoscaling.prefill and autoscaling.decode need serving.disaggregation Auto or On".into(),
+            field_path: Some(".autoscaling"),
+            transition: false,
+        },
     ]
 }
 

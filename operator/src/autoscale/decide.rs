@@ -81,6 +81,12 @@ pub struct ReplicaSample {
     pub tokens_per_second: Option<f64>,
     /// Mean of `DCGM_FI_DEV_GPU_UTIL` over the leader's GPUs, as a fraction 0..1.
     pub gpu_utilization: Option<f64>,
+    /// Mean time to first token of the requests between the last two scrapes, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_first_token_s: Option<f64>,
+    /// Mean inter-token latency between the last two scrapes, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inter_token_latency_s: Option<f64>,
     /// Seconds since the sample was taken.
     pub age_s: f64,
     /// The pool of a disaggregated deployment the leader serves in (`prefill`, `decode`).
@@ -99,6 +105,9 @@ impl ReplicaSample {
             ScalingMetric::KvCacheUtilization => self.kv_cache_utilization,
             ScalingMetric::TokensPerSecond => self.tokens_per_second,
             ScalingMetric::GpuUtilization => self.gpu_utilization,
+            // No request in the interval: no latency, and none to scale for when idle.
+            ScalingMetric::TimeToFirstToken => self.time_to_first_token_s.or(self.idle()),
+            ScalingMetric::InterTokenLatency => self.inter_token_latency_s.or(self.idle()),
         }?;
         (v.is_finite() && v >= 0.0).then_some(v)
     }
@@ -114,8 +123,15 @@ impl ReplicaSample {
             ScalingMetric::KvCacheUtilization => s.kv_cache_utilization = Some(value),
             ScalingMetric::TokensPerSecond => s.tokens_per_second = Some(value),
             ScalingMetric::GpuUtilization => s.gpu_utilization = Some(value),
+            ScalingMetric::TimeToFirstToken => s.time_to_first_token_s = Some(value),
+            ScalingMetric::InterTokenLatency => s.inter_token_latency_s = Some(value),
         }
         s
+    }
+
+    /// `Some(0.0)` when the leader reports no request waiting or running.
+    fn idle(&self) -> Option<f64> {
+        (self.waiting == Some(0.0) && self.running == Some(0.0)).then_some(0.0)
     }
 }
 
@@ -256,12 +272,14 @@ pub struct Decision {
     pub fresh: u32,
 }
 
-fn metric_name(m: ScalingMetric) -> &'static str {
+pub fn metric_name(m: ScalingMetric) -> &'static str {
     match m {
         ScalingMetric::QueueDepth => "queueDepth",
         ScalingMetric::KvCacheUtilization => "kvCacheUtilization",
         ScalingMetric::TokensPerSecond => "tokensPerSecond",
         ScalingMetric::GpuUtilization => "gpuUtilization",
+        ScalingMetric::TimeToFirstToken => "timeToFirstToken",
+        ScalingMetric::InterTokenLatency => "interTokenLatency",
     }
 }
 
@@ -514,6 +532,8 @@ mod tests {
             target,
             scale_up_stabilization_seconds: up,
             scale_down_stabilization_seconds: down,
+            prefill: None,
+            decode: None,
         }
     }
 

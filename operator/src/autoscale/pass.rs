@@ -10,7 +10,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::arbitrate::{Claim, arbitrate};
 use super::decide::{Decision, History, Input, Params, ReplicaSample, decide};
-use crate::api::ModelDeployment;
+use crate::api::{AutoscalingSpec, ModelDeployment, ScalingMetric};
 use crate::planner::inventory::Inventory;
 use crate::planner::{PlanOptions, plan};
 
@@ -156,70 +156,107 @@ fn placed_of(md: &ModelDeployment) -> u32 {
     }
 }
 
-/// The samples a decision in units reads, for a deployment whose pools run: each pool's mean
-/// of the metric over its fresh leaders, and the pool whose mean is highest against the target
-/// speaks for the unit (prefill pressed by long prompts, decode by many long answers; a unit
-/// grows both). As `current` samples of that mean, as many fresh as the pool's share of fresh
-/// leaders, so the proportional rule counts units and partial metrics still hold a
-/// scale-down. With the note that goes before the decision's message.
+/// What pool `role` scales on: `autoscaling.prefill` / `.decode`; else the SLO's time to first
+/// token (prefill) or inter-token latency (decode); else the deployment's metric and target.
+pub fn pool_scaling(md: &ModelDeployment, role: &str) -> Option<(ScalingMetric, f64)> {
+    let a = md.spec.autoscaling.as_ref()?;
+    let slo = md.spec.serving.slo.as_ref();
+    let chosen = match role {
+        "prefill" => a.prefill.map(|p| (p.metric.into(), p.target)).or_else(|| {
+            slo.and_then(|s| s.time_to_first_token_seconds)
+                .map(|t| (ScalingMetric::TimeToFirstToken, t))
+        }),
+        "decode" => a.decode.map(|p| (p.metric.into(), p.target)).or_else(|| {
+            slo.and_then(|s| s.inter_token_latency_seconds)
+                .map(|t| (ScalingMetric::InterTokenLatency, t))
+        }),
+        _ => None,
+    };
+    Some(chosen.unwrap_or((a.metric, a.target)))
+}
+
+/// A decision in units for a deployment whose pools run: each pool's mean of its own signal
+/// ([`pool_scaling`]) over its fresh leaders against its target, and the pool that is the
+/// most loaded for its target speaks for the unit (prefill pressed by long prompts, decode by
+/// many long answers; a unit grows both at the planned ratio). Returned as the spec and the
+/// samples [`decide`] reads: that pool's metric and target, and `current` samples of its mean,
+/// as many fresh as the pool's share of fresh leaders (so the proportional rule counts units,
+/// and a pool missing samples still holds a scale-down), with the note that goes before the
+/// decision's message.
 fn unit_samples(
     md: &ModelDeployment,
     samples: &[ReplicaSample],
     params: &Params,
-) -> Option<(Vec<ReplicaSample>, String)> {
+) -> Option<(AutoscalingSpec, Vec<ReplicaSample>, String)> {
     let pools = running_pools(md)?;
-    let metric = md.spec.autoscaling.as_ref()?.metric;
+    let spec = md.spec.autoscaling.as_ref()?;
     let current = current_of(md);
-    let mut best: Option<(f64, &str, f64)> = None; // (mean, role, share of leaders fresh)
+    // (load ratio, role, metric, target, mean, share of leaders fresh)
+    let mut lead: Option<(f64, &str, ScalingMetric, f64, f64, f64)> = None;
     let mut parts = Vec::new();
     for (role, per_unit, _) in &pools {
+        let (metric, target) = pool_scaling(md, role)?;
+        let target = if target.is_finite() && target > 0.0 {
+            target
+        } else {
+            1.0
+        };
         let values: Vec<f64> = samples
             .iter()
             .filter(|s| s.pool.as_deref() == Some(role.as_str()))
             .filter(|s| s.age_s.is_finite() && s.age_s <= params.stale_after_s)
             .filter_map(|s| s.value(metric))
             .collect();
-        let expected = f64::from(per_unit * current.max(1));
-        let Some(mean) =
-            (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
-        else {
-            parts.push(format!("{role}: no fresh sample"));
+        let name = crate::autoscale::decide::metric_name(metric);
+        if values.is_empty() {
+            parts.push(format!("{role} {name}: no fresh sample"));
             continue;
-        };
-        parts.push(format!("{role} {mean:.3} over {} leaders", values.len()));
-        let share = (values.len() as f64 / expected).min(1.0);
-        if best.is_none_or(|b| mean > b.0) {
-            best = Some((mean, role.as_str(), share));
+        }
+        let mean = values.iter().sum::<f64>() / values.len() as f64;
+        let ratio = mean / target;
+        parts.push(format!(
+            "{role} {name} {mean:.3} over {} leaders is {:.0}% of {target}",
+            values.len(),
+            ratio * 100.0
+        ));
+        let share = (values.len() as f64 / f64::from(per_unit * current.max(1))).min(1.0);
+        if lead.is_none_or(|l| ratio > l.0) {
+            lead = Some((ratio, role.as_str(), metric, target, mean, share));
         }
     }
-    let note = match best {
-        Some((_, role, _)) => format!(
-            "pools scale in units ({}); per pool: {}; the {role} pool leads: ",
-            pools
-                .iter()
-                .map(|(r, n, _)| format!("{n} {r}"))
-                .collect::<Vec<_>>()
-                .join(" + "),
-            parts.join(", ")
+    let unit = pools
+        .iter()
+        .map(|(r, n, _)| format!("{n} {r}"))
+        .collect::<Vec<_>>()
+        .join(" + ");
+    let Some((_, role, metric, target, mean, share)) = lead else {
+        return Some((
+            spec.clone(),
+            Vec::new(),
+            format!("pools scale in units ({unit}); {}: ", parts.join("; ")),
+        ));
+    };
+    let fresh = ((f64::from(current) * share).round() as u32).min(current);
+    let out = (0..current)
+        .map(|i| {
+            let mut s = ReplicaSample::of(metric, mean);
+            if i >= fresh {
+                s.age_s = f64::INFINITY;
+            }
+            s
+        })
+        .collect();
+    let mut lead_spec = spec.clone();
+    lead_spec.metric = metric;
+    lead_spec.target = target;
+    Some((
+        lead_spec,
+        out,
+        format!(
+            "pools scale in units ({unit}); {}; the {role} pool leads, per unit: ",
+            parts.join("; ")
         ),
-        None => format!("pools scale in units; per pool: {}: ", parts.join(", ")),
-    };
-    let out = match best {
-        None => Vec::new(),
-        Some((mean, _, share)) => {
-            let fresh = ((f64::from(current) * share).round() as u32).min(current);
-            (0..current)
-                .map(|i| {
-                    let mut s = ReplicaSample::of(metric, mean);
-                    if i >= fresh {
-                        s.age_s = f64::INFINITY;
-                    }
-                    s
-                })
-                .collect()
-        }
-    };
-    Some((out, note))
+    ))
 }
 
 /// Decide every target. Deployments without `autoscaling.enabled` are skipped. With an
@@ -239,17 +276,23 @@ pub fn decide_pass(
         .filter(|t| t.md.spec.autoscaling.as_ref().is_some_and(|a| a.enabled))
         .collect();
     // Deployments whose pools run decide in units, on the pool that leads.
-    let units: Vec<Option<(Vec<ReplicaSample>, String)>> = enabled
+    let units: Vec<Option<(AutoscalingSpec, Vec<ReplicaSample>, String)>> = enabled
         .iter()
         .map(|t| unit_samples(t.md, &t.samples, params))
         .collect();
     let samples_of = |i: usize| -> &[ReplicaSample] {
         units[i]
             .as_ref()
-            .map_or(&enabled[i].samples[..], |(s, _)| &s[..])
+            .map_or(&enabled[i].samples[..], |(_, s, _)| &s[..])
+    };
+    let spec_of = |i: usize| -> &AutoscalingSpec {
+        units[i].as_ref().map_or_else(
+            || enabled[i].md.spec.autoscaling.as_ref().expect("filtered"),
+            |(spec, _, _)| spec,
+        )
     };
     let noted = |i: usize, mut d: Decision| {
-        if let Some((_, note)) = &units[i] {
+        if let Some((_, _, note)) = &units[i] {
             d.message = format!("{note}{}", d.message);
         }
         d
@@ -258,10 +301,9 @@ pub fn decide_pass(
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let spec = t.md.spec.autoscaling.as_ref().expect("filtered");
             decide(
                 &Input {
-                    spec,
+                    spec: spec_of(i),
                     current: current_of(t.md),
                     samples: samples_of(i),
                     capacity: None,
@@ -289,11 +331,7 @@ pub fn decide_pass(
             continue;
         }
         caps[i] = Some(capacity(inv, t.md, placed_of(t.md), opts));
-        let target =
-            t.md.spec
-                .autoscaling
-                .as_ref()
-                .map_or(1.0, |a| a.target.max(1e-9));
+        let target = spec_of(i).target.max(1e-9);
         claims.push(Claim {
             priority: t.md.spec.priority,
             running: d.current,
@@ -320,7 +358,7 @@ pub fn decide_pass(
                 None => d,
                 Some(c) => decide(
                     &Input {
-                        spec: t.md.spec.autoscaling.as_ref().expect("filtered"),
+                        spec: spec_of(i),
                         current: current_of(t.md),
                         samples: samples_of(i),
                         capacity: Some(c),
@@ -540,10 +578,95 @@ mod tests {
             crate::autoscale::decide::Reason::MetricsMissing
         );
         assert!(
-            hold.message.contains("prefill: no fresh sample"),
+            hold.message.contains("prefill queueDepth: no fresh sample"),
             "{}",
             hold.message
         );
+    }
+
+    #[test]
+    fn each_pool_scales_on_its_own_signal_against_its_target() {
+        // With an SLO, prefill scales on time to first token (target 2 s) and decode on
+        // inter-token latency (50 ms) unless autoscaling.decode says otherwise.
+        let mut d = pooled();
+        d.spec.serving.slo = Some(crate::api::ServingSlo {
+            time_to_first_token_seconds: Some(2.0),
+            inter_token_latency_seconds: Some(0.05),
+        });
+        assert_eq!(
+            pool_scaling(&d, "prefill"),
+            Some((ScalingMetric::TimeToFirstToken, 2.0))
+        );
+        assert_eq!(
+            pool_scaling(&d, "decode"),
+            Some((ScalingMetric::InterTokenLatency, 0.05))
+        );
+        let sample = |role: &str, ttft: Option<f64>, itl: Option<f64>, kv: f64| ReplicaSample {
+            pool: Some(role.into()),
+            time_to_first_token_s: ttft,
+            inter_token_latency_s: itl,
+            kv_cache_utilization: Some(kv),
+            waiting: Some(1.0),
+            running: Some(4.0),
+            ..ReplicaSample::default()
+        };
+        let run = |d: &ModelDeployment, samples: Vec<ReplicaSample>| {
+            let t = [Target { md: d, samples }];
+            decide_pass(
+                &t,
+                &HashMap::new(),
+                None,
+                &Params::default(),
+                &PlanOptions::default(),
+                0.0,
+            )
+            .remove(0)
+            .1
+        };
+        // Prefill 3 s against 2 s (150%), decode 40 ms against 50 ms (80%): 2 units, led by
+        // prefill, whose signal the message names.
+        let pools = vec![
+            sample("prefill", Some(3.0), None, 0.1),
+            sample("prefill", Some(3.0), None, 0.1),
+            sample("prefill", Some(3.0), None, 0.1),
+            sample("decode", None, Some(0.04), 0.95),
+        ];
+        let up = run(&d, pools.clone());
+        assert_eq!(up.replicas, 2, "{}", up.message);
+        assert!(
+            up.message
+                .contains("prefill timeToFirstToken 3.000 over 3 leaders is 150% of 2")
+                && up.message.contains("decode interTokenLatency 0.040")
+                && up.message.contains("the prefill pool leads"),
+            "{}",
+            up.message
+        );
+        // autoscaling.decode on KV-cache use (target 0.5): the decode pool at 0.95 leads (190%).
+        d.spec.autoscaling.as_mut().unwrap().decode = Some(crate::api::PoolScaling {
+            metric: crate::api::DecodeScalingMetric::KvCacheUtilization,
+            target: 0.5,
+        });
+        let up = run(&d, pools);
+        assert_eq!(up.replicas, 2, "{}", up.message);
+        assert!(
+            up.message.contains("decode kvCacheUtilization 0.950")
+                && up.message.contains("the decode pool leads"),
+            "{}",
+            up.message
+        );
+        // Idle leaders (nothing waiting or running) have no latency to scale for: 0, not absent.
+        let idle = ReplicaSample {
+            pool: Some("prefill".into()),
+            waiting: Some(0.0),
+            running: Some(0.0),
+            ..ReplicaSample::default()
+        };
+        assert_eq!(idle.value(ScalingMetric::TimeToFirstToken), Some(0.0));
+        let busy_no_latency = ReplicaSample {
+            running: Some(3.0),
+            ..idle
+        };
+        assert_eq!(busy_no_latency.value(ScalingMetric::TimeToFirstToken), None);
     }
 
     #[test]

@@ -616,6 +616,11 @@ impl Runner {
                     });
                     let mut s = m.sample(prev);
                     s.pool = t.pool.clone();
+                    if let Some(last) = self.last.get(&t.pod) {
+                        let means = interval_means(&last.metrics, &m);
+                        s.time_to_first_token_s = means.time_to_first_token_s;
+                        s.inter_token_latency_s = means.inter_token_latency_s;
+                    }
                     if let (Some(last), Some(md)) =
                         (self.last.get(&t.pod), by_key.get(&t.deployment))
                     {

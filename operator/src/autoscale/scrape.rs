@@ -343,6 +343,8 @@ impl LeaderMetrics {
             kv_cache_utilization: self.kv_cache_utilization,
             tokens_per_second,
             gpu_utilization: self.gpu_utilization,
+            time_to_first_token_s: None,
+            inter_token_latency_s: None,
             age_s: 0.0,
             pool: None,
         }
