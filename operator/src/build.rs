@@ -273,6 +273,10 @@ impl PoolRole {
 pub struct PoolReplicaToBuild<'a> {
     pub role: PoolRole,
     pub replica: ReplicaToBuild<'a>,
+    /// Requests the replica runs at once when its pool was sized for a batch (the decode
+    /// pool: the largest batch whose decode step meets the inter-token target and whose KV
+    /// cache fits), instead of `serving.maxConcurrency`: the pools' ratio counts on it.
+    pub max_concurrency: Option<i32>,
 }
 
 /// Everything the controller applies for one ModelDeployment.
@@ -900,7 +904,7 @@ fn engine_env(engine: EngineName) -> Vec<EnvVar> {
 
 /// The worker pods of one replica (one per stage, or per stage part).
 pub fn replica_pods(md: &ModelDeployment, r: &ReplicaToBuild<'_>, opts: &BuildOptions) -> Vec<Pod> {
-    pool_replica_pods(md, r, opts, None)
+    pool_replica_pods(md, r, opts, None, None)
 }
 
 /// The worker pods of one replica, of a pool of a disaggregated deployment when `pool` is set:
@@ -912,6 +916,7 @@ pub fn pool_replica_pods(
     r: &ReplicaToBuild<'_>,
     opts: &BuildOptions,
     pool: Option<PoolRole>,
+    max_concurrency: Option<i32>,
 ) -> Vec<Pod> {
     let name = md.metadata.name.clone().unwrap_or_default();
     let namespace = md
@@ -944,6 +949,7 @@ pub fn pool_replica_pods(
         .unwrap_or_else(|| opts.default_image(engine).to_owned());
     let leader_dns = format!("{leader_host}.{workers_svc}.{namespace}.svc");
     let resources = spec.worker.resources.clone().unwrap_or_default();
+    let max_concurrency = max_concurrency.map_or(spec.serving.max_concurrency, |m| m.max(1));
 
     // A stage placed over several pods (an expert-parallel group with data-parallel attention
     // over whole nodes) has several entries with its stage number.
@@ -1002,7 +1008,7 @@ pub fn pool_replica_pods(
             env_var(env::MODEL_URI, &spec.model.uri),
             env_var(env::MODEL_PATH, &model.path),
             env_var(env::SERVED_MODEL_NAME, &served_name),
-            env_var(env::MAX_CONCURRENCY, spec.serving.max_concurrency),
+            env_var(env::MAX_CONCURRENCY, max_concurrency),
             env_var(env::CONTEXT_LENGTH, context_length),
         ];
         if let Some(sha) = &spec.model.sha256 {
@@ -1031,7 +1037,7 @@ pub fn pool_replica_pods(
             node_rank: pods.len(),
             leader_host: &leader_dns,
             port: spec.serving.port,
-            max_concurrency: spec.serving.max_concurrency,
+            max_concurrency,
             context_length,
             kv_cache_dtype: spec.serving.kv_cache_dtype,
             extra_args: &spec.engine.args,
@@ -1475,7 +1481,7 @@ pub fn disaggregated_children(
         services: disaggregated_services(md),
         pods: replicas
             .iter()
-            .flat_map(|r| pool_replica_pods(md, &r.replica, opts, Some(r.role)))
+            .flat_map(|r| pool_replica_pods(md, &r.replica, opts, Some(r.role), r.max_concurrency))
             .collect(),
         router: router.as_ref().ok().cloned(),
     };

@@ -1247,6 +1247,7 @@ fn pool_children(
                 placement: p,
                 incarnation: INCARNATIONS[p.replica as usize],
             },
+            max_concurrency: None,
         })
         .collect();
     match build::disaggregated_children(md, &to_build, &BuildOptions::default()) {

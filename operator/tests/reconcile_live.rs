@@ -643,6 +643,24 @@ fn sglang_pools_run_as_gangs_behind_a_router_and_stay_put() {
             .iter()
             .any(|e| e.reason == "Placed" && e.note.contains("(prefill) placed on"))
     );
+    // The decode pool runs at the batch the planner sized it for; prefill at maxConcurrency.
+    let decode_batch = s1.pools[1].batch.expect("decode batch");
+    assert_ne!(decode_batch, md.spec.serving.max_concurrency);
+    for pod in &a1.apply_pods {
+        let args = pod.spec.as_ref().unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap();
+        let at = args
+            .iter()
+            .position(|a| a == "--max-running-requests")
+            .unwrap();
+        let want = match pool_label(pod).as_deref() {
+            Some("decode") => decode_batch,
+            _ => md.spec.serving.max_concurrency,
+        };
+        assert_eq!(args[at + 1], want.to_string(), "{:?}", pod.metadata.name);
+    }
     let router = a1.apply_router.clone().expect("router applied");
     assert_eq!(router.metadata.name.as_deref(), Some("llama-8b-router"));
     let args = router

@@ -1101,6 +1101,15 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
     // (kept as it is while a pool has no replica placed yet: it needs one of each).
     let mut router_problem: Option<String> = None;
     if pooled {
+        // Each pool runs at the batch the planner sized it for (the decode pool's meets the
+        // inter-token target).
+        let pools: &[api::PoolStatus] = verdict.as_ref().map_or(&[], |v| &v.pools[..]);
+        let batch_of = |role: build::PoolRole| {
+            pools
+                .iter()
+                .find(|p| p.role == role.as_str())
+                .and_then(|p| p.batch)
+        };
         let members: Vec<build::PoolReplicaToBuild<'_>> = to_build
             .iter()
             .filter_map(|r| {
@@ -1108,6 +1117,7 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
                 Some(build::PoolReplicaToBuild {
                     role,
                     replica: r.clone(),
+                    max_concurrency: batch_of(role),
                 })
             })
             .collect();
