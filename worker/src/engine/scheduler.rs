@@ -225,7 +225,7 @@ impl Scheduler {
             metrics,
             cfg,
         });
-        let worker = Worker {
+        let mut worker = Worker {
             runner,
             shared: Arc::clone(&shared),
             running: Vec::new(),
@@ -235,7 +235,10 @@ impl Scheduler {
         let thread = std::thread::Builder::new()
             .name("tessera-scheduler".into())
             .spawn(move || {
-                let result = std::panic::catch_unwind(AssertUnwindSafe(move || worker.run()));
+                // The worker outlives a panic in it: the failure is recorded (so /healthz fails)
+                // before any running sequence learns of it, which a request answered 503
+                // must never see the other way round.
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| worker.run()));
                 if let Err(panic) = result {
                     let what = panic
                         .downcast_ref::<&str>()
@@ -244,7 +247,8 @@ impl Scheduler {
                         .unwrap_or_else(|| "a non-text panic payload".into());
                     let msg = format!("the scheduler thread panicked: {what}");
                     tracing::error!("{msg}; the replica stops serving and /healthz fails");
-                    thread_shared.fail(msg);
+                    thread_shared.fail(msg.clone());
+                    worker.fail_all(&msg);
                     thread_shared.in_flight.store(0, Ordering::SeqCst);
                     thread_shared.idle.notify_waiters();
                 }
@@ -628,7 +632,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self) {
+    fn run(&mut self) {
         loop {
             if !self.admit() {
                 break;
