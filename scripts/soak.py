@@ -7,6 +7,9 @@ mid-stream; oversized (5 MiB) and malformed bodies; invalid values; prompts far 
 context; connections that stay idle without sending a request. Then the load stops and the
 server's /metrics must agree with what the clients saw.
 
+With --prefill N --decode M the same runs through `local`'s prefill/decode router (the killed
+rank is then a replica behind it).
+
 Phase 2: requests in flight, one rank is killed (SIGKILL). The in-flight requests must end (an
 error event, a 503, or a closed connection; none may hang), `local` must exit non-zero naming
 the rank, and a new group (restarted as Kubernetes would) must serve again; a short load and the
@@ -20,7 +23,7 @@ by the server after its header timeout. Prints a JSON report and a table; exit s
 assertion failed.
 
 Usage: python3 scripts/soak.py --worker BIN --model GGUF [--seconds 60] [--clients 12]
-       [--tp 3] [--max-requests 100000] [--report FILE]
+       [--tp 3] [--max-requests 100000] [--report FILE] [--prefill N --decode M]
 """
 
 import argparse
@@ -71,6 +74,7 @@ class Stats:
         self.accepted_sequences = 0
         self.requests = 0
         self.failures = []
+        self.overloaded = {}  # 429 answers by the reason they give
 
     def add(self, kind, status, latency=None, ttft=None, sequences=0, streamed=False):
         with self.lock:
@@ -152,6 +156,14 @@ def check_refusal(stats, kind, resp, expect_restart):
         return
     if status in (429, 503) and not resp.getheader("Retry-After"):
         stats.fail(f"{kind}: HTTP {status} without Retry-After")
+    if status == 429:
+        try:
+            why = json.loads(resp.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError, OSError):
+            why = "(no OpenAI error body)"
+        why = "".join("N" if c.isdigit() else c for c in why)[:160]
+        with stats.lock:
+            stats.overloaded[why] = stats.overloaded.get(why, 0) + 1
     if status not in ALLOWED:
         stats.fail(f"{kind}: unexpected HTTP {status}")
 
@@ -339,8 +351,9 @@ def wait_ready(port, proc, limit):
 
 def start_local(args, port, log):
     env = dict(os.environ, TESSERA_SERVED_MODEL_NAME="m", RUST_LOG="warn")
+    pools = ["--prefill", str(args.prefill), "--decode", str(args.decode)] if args.prefill else []
     return subprocess.Popen([args.worker, "local", "--model", args.model, "--tp", str(args.tp),
-                             "--port", str(port), "--device", "cpu"], env=env, stdout=log,
+                             "--port", str(port), "--device", "cpu"] + pools, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -410,12 +423,16 @@ def main() -> int:
     ap.add_argument("--tp", type=int, default=3)
     ap.add_argument("--max-requests", type=int, default=100_000)
     ap.add_argument("--idle", type=int, default=16)
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="serve disaggregated: this many prefill replicas behind the router")
+    ap.add_argument("--decode", type=int, default=1)
     ap.add_argument("--report")
     args = ap.parse_args()
     port = free_port()
     log = open(os.environ.get("SOAK_LOG", "/dev/null"), "w")
     proc = start_local(args, port, log)
-    report = {"tp": args.tp, "clients": args.clients, "seconds": args.seconds}
+    report = {"tp": args.tp, "clients": args.clients, "seconds": args.seconds,
+              "prefill": args.prefill, "decode": args.decode if args.prefill else 0}
     checks = []
 
     def check(name, ok, detail=""):
@@ -525,6 +542,7 @@ def main() -> int:
         "refusal_s": {"p50": pct(stats.refusal, 50), "p99": pct(stats.refusal, 99),
                       "n": len(stats.refusal)},
         "accepted_sequences": stats.accepted_sequences,
+        "overloaded": stats.overloaded,
         "checks": [{"check": n, "ok": ok, "detail": d} for n, ok, d in checks],
     })
     if args.report:

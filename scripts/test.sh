@@ -47,6 +47,9 @@ fi
 step "soak: hostile traffic, a killed rank and a restarted group, 45 s (scripts/soak.sh)"
 SOAK_SECONDS="${SOAK_SECONDS:-45}" scripts/soak.sh
 
+step "soak through the prefill/decode router: the same traffic and a killed replica, 30 s (local --prefill 1 --decode 1)"
+SOAK_SECONDS=30 SOAK_PREFILL=1 SOAK_DECODE=1 SOAK_TP=1 scripts/soak.sh
+
 # The engines take about 7 GB once installed (torch with its CUDA libraries, vLLM, SGLang, the
 # routers) and a few GB more while installing. The test executables (about 3 GB) are not read again
 # by any later step: when the disk is short, drop them rather than fail the install half-way.
