@@ -314,3 +314,63 @@ fn plan_places_both_pools_as_gangs_with_roles() {
     assert!(p.deployments[0].disaggregation.is_none());
     assert!(p.deployments[0].placed.iter().all(|r| r.role.is_none()));
 }
+
+/// `racks` racks of `per_rack` 8-GPU H800 nodes, one block; `used` GPUs of the first node of
+/// the last rack held by another pod.
+fn h800_racks(racks: u32, per_rack: u32, used: u32) -> Inventory {
+    let mut nodes: Vec<k8s_openapi::api::core::v1::Node> = Vec::new();
+    for rack in 0..racks {
+        for i in 0..per_rack {
+            let v = node_json(&format!("r{rack}-{i}"), 1, 8, 0, 0, rack);
+            nodes.push(serde_json::from_value(v).expect("node"));
+        }
+    }
+    let other: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "other", "namespace": "x"},
+        "spec": {"nodeName": format!("r{}-0", racks - 1), "containers": [{"name": "c",
+            "resources": {"limits": {"nvidia.com/gpu": used.to_string()}}}]},
+        "status": {"phase": "Running"}
+    }))
+    .expect("pod");
+    let keys: Vec<String> = DEFAULT_TOPOLOGY_KEYS
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    Inventory::from_nodes(&nodes, &[other], &Catalog::builtin(), &keys)
+}
+
+#[test]
+fn a_unit_of_the_pools_is_placed_inside_one_rack_when_it_has_room() {
+    // The KV cache of every request crosses from a unit's prefill replicas to its decode
+    // replicas, so a unit stays inside the rack (the innermost topology key) of its first
+    // replica. Here best fit alone would split it: its first replica takes the tight 2 GPUs left
+    // on r1-0, and every next one the emptiest-first order of rack 0.
+    let inv = h800_racks(2, 6, 6);
+    let md = deployment(8192, 256);
+    let p = plan(
+        &inv,
+        std::slice::from_ref(&md),
+        &[],
+        &PlanOptions::default(),
+    );
+    let d = &p.deployments[0];
+    let x = d.disaggregation.as_ref().expect("verdict");
+    assert!(x.disaggregated, "{}", x.reason);
+    assert!(d.unplaced.is_empty(), "{:?}", d.unplaced);
+    let placed: Vec<(i32, Vec<String>)> = d
+        .placed
+        .iter()
+        .map(|r| (r.replica, r.stages.iter().map(|s| s.node.clone()).collect()))
+        .collect();
+    let racks: std::collections::BTreeSet<&str> = placed
+        .iter()
+        .flat_map(|(_, nodes)| nodes.iter().map(|n| n.split('-').next().unwrap()))
+        .collect();
+    assert_eq!(
+        racks.into_iter().collect::<Vec<_>>(),
+        vec!["r1"],
+        "{placed:?} ({:?})",
+        x.pools
+    );
+}

@@ -271,6 +271,40 @@ impl Dep<'_> {
             })
     }
 
+    /// The eligible nodes near the replicas of `r`'s unit already placed: in the innermost
+    /// topology group (rack, then block, zone, as `inv.topology_keys` name them) of the unit's
+    /// first placed replica, so the KV caches a unit's prefill replicas hand to its decode
+    /// replicas stay inside it. `None` without pools, for a unit's first replica, or without
+    /// topology keys.
+    fn near_unit(
+        &self,
+        r: i32,
+        ok: &[bool],
+        inv: &Inventory,
+        grouping: &LazyGrouping,
+    ) -> Option<Vec<bool>> {
+        let p = self.placed_pools()?;
+        let size = (p.pair.prefill_replicas + p.pair.decode_replicas).max(1) as i32;
+        let grouping = grouping.get(inv);
+        // Levels: node, the topology keys from the innermost, the cluster.
+        if grouping.ids.len() < 3 {
+            return None;
+        }
+        let level = &grouping.ids[1];
+        let unit = r / size;
+        let (_, (_, _, allocs, _, _)) = self.placed.range(unit * size..(unit + 1) * size).next()?;
+        let group = level[allocs.first()?.node as usize];
+        if group == place::EXCLUDED {
+            return None;
+        }
+        Some(
+            ok.iter()
+                .zip(level)
+                .map(|(&o, &gid)| o && gid == group)
+                .collect(),
+        )
+    }
+
     /// The pool replica `r` belongs to: its layout and role. Replicas come in units of the
     /// pair's ratio (`spec.replicas` units), each unit its prefill replicas then its decode
     /// replicas: with 1:2, replicas 0, 3, 6 prefill and 1, 2, 4, 5 decode. Scaling the units
@@ -520,9 +554,13 @@ pub fn plan(
                             dep.grouping,
                             dep.class,
                         );
+                        // A pool replica tries near its unit first, then anywhere.
                         let res = match failed.get(&key) {
                             Some(why) => Err(why.clone()),
-                            None => try_place(inv, &cap, cand, scope, ok, g),
+                            None => dep
+                                .near_unit(r, ok, inv, g)
+                                .and_then(|near| try_place(inv, &cap, cand, scope, &near, g).ok())
+                                .map_or_else(|| try_place(inv, &cap, cand, scope, ok, g), Ok),
                         };
                         match res {
                             Ok(allocs) => {
