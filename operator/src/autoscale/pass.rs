@@ -522,6 +522,21 @@ mod tests {
         d
     }
 
+    /// One pass over `d` alone, without an inventory.
+    fn decide_one(d: &ModelDeployment, samples: Vec<ReplicaSample>) -> Decision {
+        let t = [Target { md: d, samples }];
+        decide_pass(
+            &t,
+            &HashMap::new(),
+            None,
+            &Params::default(),
+            &PlanOptions::default(),
+            0.0,
+        )
+        .remove(0)
+        .1
+    }
+
     fn pool_samples(prefill: &[f64], decode: &[f64]) -> Vec<ReplicaSample> {
         let of = |role: &str, v: f64| ReplicaSample {
             pool: Some(role.into()),
@@ -538,19 +553,7 @@ mod tests {
     fn pools_scale_in_units_on_the_pool_that_leads() {
         let d = pooled();
         assert_eq!((placed_of(&d), gpus_per_replica(&d)), (1, 4));
-        let run = |samples: Vec<ReplicaSample>| {
-            let t = [Target { md: &d, samples }];
-            decide_pass(
-                &t,
-                &HashMap::new(),
-                None,
-                &Params::default(),
-                &PlanOptions::default(),
-                0.0,
-            )
-            .remove(0)
-            .1
-        };
+        let run = |samples: Vec<ReplicaSample>| decide_one(&d, samples);
         // Long prompts queue at the prefill pool (40 per leader, target 10): 4 units (the
         // leaders taken as replicas would ask for 12, rate-limited to 5).
         let up = run(pool_samples(&[40.0, 40.0, 40.0], &[0.0]));
@@ -610,19 +613,7 @@ mod tests {
             running: Some(4.0),
             ..ReplicaSample::default()
         };
-        let run = |d: &ModelDeployment, samples: Vec<ReplicaSample>| {
-            let t = [Target { md: d, samples }];
-            decide_pass(
-                &t,
-                &HashMap::new(),
-                None,
-                &Params::default(),
-                &PlanOptions::default(),
-                0.0,
-            )
-            .remove(0)
-            .1
-        };
+        let run = decide_one;
         // Prefill 3 s against 2 s (150%), decode 40 ms against 50 ms (80%): 2 units, led by
         // prefill, whose signal the message names.
         let pools = vec![
@@ -677,20 +668,7 @@ mod tests {
         st.pools[0].replicas = 6;
         st.pools[1].replicas = 2;
         // Light load, but only 2 of the 6 prefill leaders answered.
-        let t = [Target {
-            md: &d,
-            samples: pool_samples(&[1.0, 1.0], &[1.0, 1.0]),
-        }];
-        let d = decide_pass(
-            &t,
-            &HashMap::new(),
-            None,
-            &Params::default(),
-            &PlanOptions::default(),
-            0.0,
-        )
-        .remove(0)
-        .1;
+        let d = decide_one(&d, pool_samples(&[1.0, 1.0], &[1.0, 1.0]));
         assert_eq!(d.replicas, 2, "{}", d.message);
         assert_eq!(d.reason, crate::autoscale::decide::Reason::MetricsPartial);
     }

@@ -1123,19 +1123,8 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
             .collect();
         (children, router_problem) = build::disaggregated_children(md, &members, &cfg.build);
     }
-    if let Some(mut router) = children.router {
-        let current = obs
-            .routers
-            .iter()
-            .find(|d| d.metadata.name == router.metadata.name);
-        if build::stamp_if_changed(
-            &router.spec,
-            &mut router.metadata,
-            current.map(|d| &d.metadata),
-            TEMPLATE_HASH,
-        ) {
-            actions.apply_router = Some(router);
-        }
+    if let Some(router) = children.router {
+        actions.apply_router = changed(router, obs.routers, |d| &d.spec);
     } else if !pooled {
         actions.delete_routers = obs
             .routers
@@ -1181,19 +1170,10 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
             actions.delete_pods.push(pname);
         }
     }
-    for mut svc in children.services {
-        let current = obs
-            .services
-            .iter()
-            .find(|s| s.metadata.name == svc.metadata.name);
-        if build::stamp_if_changed(
-            &svc.spec,
-            &mut svc.metadata,
-            current.map(|s| &s.metadata),
-            TEMPLATE_HASH,
-        ) {
-            actions.apply_services.push(svc);
-        }
+    for svc in children.services {
+        actions
+            .apply_services
+            .extend(changed(svc, obs.services, |s| &s.spec));
     }
 
     // 6. Status.
@@ -1504,6 +1484,26 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
 }
 
 /// `, EP=16, data-parallel attention` for an expert-parallel placement; empty otherwise.
+/// `desired`, stamped with the hash of its spec, when the observed object of its name carries
+/// another hash (or is missing): what to apply.
+fn changed<K, S>(mut desired: K, observed: &[K], spec: impl Fn(&K) -> &S) -> Option<K>
+where
+    K: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+    S: serde::Serialize + Clone,
+{
+    let hashed = spec(&desired).clone();
+    let current = observed
+        .iter()
+        .find(|o| o.metadata().name == desired.metadata().name);
+    build::stamp_if_changed(
+        &hashed,
+        desired.metadata_mut(),
+        current.map(|o| o.metadata()),
+        TEMPLATE_HASH,
+    )
+    .then_some(desired)
+}
+
 /// Plan this deployment alone against the cluster as observed, its own pods' GPUs moved out
 /// of the way: every other pod's GPUs are used, and pinned but not yet bound pods count on
 /// their planned node (otherwise two deployments reconciled back to back could both be
