@@ -1037,13 +1037,28 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
         wanted.push((next_index, 0, None));
         next_index += 1;
     }
-    let mut verdict: Option<planner::DisaggregationPlan> = None;
-    // The pools' plan above serves; an aggregated verdict is planned again here with the
-    // replica indices in use (a replica kept above `spec.replicas` after a scale-down).
+    // The pools' plan above serves; aggregated replicas are planned here, with the replica
+    // indices in use (a replica kept above `spec.replicas` after a scale-down). Pools are then
+    // decided and reported, and replicas placed aggregated (pools not asked for, not chosen,
+    // or not renderable: see the Disaggregated condition).
     if !pooled && (!wanted.is_empty() || old.alternatives.is_empty()) {
-        plan_report = None;
+        let max_index = kept
+            .iter()
+            .map(|p| p.replica)
+            .chain(wanted.iter().map(|w| w.0))
+            .max()
+            .map_or(0, |m| m + 1);
+        plan_report = Some(plan_deployment(
+            obs,
+            cfg,
+            &avoid,
+            &kept,
+            Some(max_index),
+            true,
+        ));
     }
-    if let Some(dp) = plan_report.as_ref().filter(|_| pooled) {
+    let mut verdict: Option<planner::DisaggregationPlan> = None;
+    if let Some(dp) = &plan_report {
         verdict = dp.disaggregation.clone();
         place_wanted(
             dp,
@@ -1054,29 +1069,6 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
             &hash,
         );
         kept.sort_by_key(|p| p.replica);
-    } else if !wanted.is_empty() || old.alternatives.is_empty() {
-        let max_index = kept
-            .iter()
-            .map(|p| p.replica)
-            .chain(wanted.iter().map(|w| w.0))
-            .max()
-            .map_or(0, |m| m + 1);
-        // Pools are decided and reported; replicas are placed aggregated (pools not asked for,
-        // not chosen, or not renderable: see the Disaggregated condition).
-        let dp = plan_deployment(obs, cfg, &avoid, &kept, Some(max_index), true);
-        verdict = dp.disaggregation.clone();
-        place_wanted(
-            &dp,
-            &wanted,
-            &mut kept,
-            &mut actions,
-            &new_incarnation,
-            &hash,
-        );
-        kept.sort_by_key(|p| p.replica);
-        plan_report = Some(dp);
-    } else if let Some(dp) = &plan_report {
-        verdict = dp.disaggregation.clone();
     }
 
     // 5. Build the pods of every live replica; apply those missing, delete everything else.

@@ -213,30 +213,24 @@ pub async fn reconcile_one(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Resul
     // Nothing of the caches is copied but this deployment's own pods and Services (a few):
     // every other pod, every node and deployment is read through the caches' `Arc`s.
     let (own, other) = cache::own_and_other(&ctx.pods, &ns, &name);
-    let services: Vec<Service> = ctx
-        .services
-        .state()
-        .iter()
-        .filter(|s| {
-            s.metadata.namespace.as_deref() == Some(ns.as_str())
-                && s.owner_references()
-                    .iter()
-                    .any(|o| Some(&o.uid) == uid.as_ref())
-        })
-        .map(|s| (**s).clone())
-        .collect();
-    let routers: Vec<Deployment> = ctx
-        .routers
-        .state()
-        .iter()
-        .filter(|d| {
-            d.metadata.namespace.as_deref() == Some(ns.as_str())
-                && d.owner_references()
-                    .iter()
-                    .any(|o| Some(&o.uid) == uid.as_ref())
-        })
-        .map(|d| (**d).clone())
-        .collect();
+    // Copies of the objects in `store` in this namespace that this deployment owns.
+    fn owned<K>(store: &Store<K>, ns: &str, uid: Option<&String>) -> Vec<K>
+    where
+        K: kube::Resource + Clone,
+        K::DynamicType: Eq + std::hash::Hash + Clone,
+    {
+        store
+            .state()
+            .iter()
+            .filter(|o| {
+                o.meta().namespace.as_deref() == Some(ns)
+                    && o.owner_references().iter().any(|r| Some(&r.uid) == uid)
+            })
+            .map(|o| (**o).clone())
+            .collect()
+    }
+    let services: Vec<Service> = owned(&ctx.services, &ns, uid.as_ref());
+    let routers: Vec<Deployment> = owned(&ctx.routers, &ns, uid.as_ref());
     let nodes: Vec<Arc<Node>> = ctx.nodes.state();
     let deployments: Vec<Arc<ModelDeployment>> = {
         let mut promises = ctx.promises.lock().expect("lock");
