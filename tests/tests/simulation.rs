@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod, PodCondition, PodStatus, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -80,6 +81,8 @@ struct Sim {
     deployments: Vec<ModelDeployment>,
     pods: BTreeMap<String, Pod>,
     services: BTreeMap<String, Service>,
+    /// Router Deployments of prefill/decode pools.
+    routers: BTreeMap<String, Deployment>,
     /// When each pod was bound.
     bound_at: BTreeMap<String, Timestamp>,
     cfg: Config,
@@ -101,11 +104,20 @@ impl Sim {
             deployments,
             pods: BTreeMap::new(),
             services: BTreeMap::new(),
+            routers: BTreeMap::new(),
             bound_at: BTreeMap::new(),
             cfg,
             writes: 0,
             log: Vec::new(),
         }
+    }
+
+    fn deployment_owner(d: &Deployment) -> Option<String> {
+        d.metadata
+            .owner_references
+            .as_ref()
+            .and_then(|o| o.iter().find(|o| o.controller == Some(true)))
+            .map(|o| o.uid.clone())
     }
 
     fn owner_uid(p: &Pod) -> Option<String> {
@@ -143,13 +155,19 @@ impl Sim {
                 })
                 .cloned()
                 .collect();
+            let routers: Vec<Deployment> = self
+                .routers
+                .values()
+                .filter(|d| Self::deployment_owner(d) == uid)
+                .cloned()
+                .collect();
             let reserved = reserved_by_others(&self.deployments, uid.as_deref(), &other);
             let obs = Observed {
                 md: &md,
                 reserved: &reserved,
                 pods: &own,
                 services: &services,
-                routers: &[],
+                routers: &routers,
                 nodes: &self.nodes,
                 other_pods: &other.into_iter().map(Into::into).collect::<Vec<_>>(),
                 now: self.now,
@@ -191,6 +209,13 @@ impl Sim {
         for s in a.apply_services {
             self.services
                 .insert(s.metadata.name.clone().expect("name"), s);
+        }
+        if let Some(r) = a.apply_router {
+            self.routers
+                .insert(r.metadata.name.clone().expect("name"), r);
+        }
+        for name in a.delete_routers {
+            self.routers.remove(&name);
         }
         if let Some(s) = a.status {
             self.deployments[i].status = Some(s);
@@ -864,4 +889,133 @@ fn simulation_half_placed_gang_releases_its_gpus_after_the_timeout() {
     // The member that had started on the first node no longer holds GPUs there unless the new
     // placement uses that node again.
     assert_eq!(sim.pods.values().filter(|p| !Sim::is_foreign(p)).count(), 2);
+}
+
+/// Llama 3.1 8B on SGLang with long prompts and a tight inter-token target: the planner runs it
+/// as a prefill pool and a decode pool (`disaggregation: Auto`).
+fn pooled_deployment(name: &str) -> ModelDeployment {
+    let mut md = deployment(name, 1, 0, 1);
+    md.spec.parallelism = Default::default();
+    md.spec.engine.name = serde_json::from_value(json!("sglang")).expect("engine");
+    md.spec.serving.context_length = Some(16384);
+    md.spec.serving.workload = Some(tessera_operator::api::WorkloadShape {
+        input_tokens: 8192,
+        output_tokens: 256,
+    });
+    md.spec.serving.slo = Some(tessera_operator::api::ServingSlo {
+        time_to_first_token_seconds: Some(2.0),
+        inter_token_latency_seconds: Some(0.02),
+    });
+    md.spec.serving.disaggregation = tessera_operator::api::Disaggregation::Auto;
+    md
+}
+
+/// (replica, role, incarnation) of every placement.
+fn pool_roles(sim: &Sim) -> Vec<(i32, Option<String>, Option<String>)> {
+    sim.deployments[0]
+        .status
+        .as_ref()
+        .map(|st| {
+            st.placements
+                .iter()
+                .map(|p| (p.replica, p.role.clone(), p.incarnation.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn router_args(sim: &Sim) -> Vec<String> {
+    let router = sim.routers.values().next().expect("a router");
+    router
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap_or_default()
+}
+
+#[test]
+fn simulation_pools_run_stay_quiet_and_heal_a_lost_decode_node_in_its_role() {
+    let mut sim = Sim::new(cluster(3), vec![pooled_deployment("chat")]);
+    let (secs, _) = sim.run_until(60, "both pools ready", |s| {
+        let st = s.deployments[0].status.as_ref();
+        st.is_some_and(|st| {
+            !st.pools.is_empty()
+                && st.ready_replicas == st.pools.iter().map(|p| p.replicas).sum::<i32>()
+        })
+    });
+    sim.converge(10);
+    // Re-planned on every pass, a running pool deployment still makes no writes.
+    for _ in 0..20 {
+        assert_eq!(sim.step(), 0, "{}", sim.log.join("\n"));
+    }
+    let st = sim.deployments[0].status.clone().expect("status");
+    let (prefill, decode) = (st.pools[0].replicas, st.pools[1].replicas);
+    println!("pools {prefill} prefill + {decode} decode ready after {secs} simulated s");
+    let before = pool_roles(&sim);
+    let args = router_args(&sim);
+    let count = |args: &[String], flag: &str| args.iter().filter(|a| *a == flag).count() as i32;
+    assert_eq!(
+        (count(&args, "--prefill"), count(&args, "--decode")),
+        (prefill, decode)
+    );
+    // The node of the (first) decode replica is lost: that replica is placed again as a decode
+    // replica, the others keep their incarnations, and the router follows its new leader.
+    let d = st
+        .placements
+        .iter()
+        .find(|p| p.role.as_deref() == Some("decode"))
+        .expect("a decode replica");
+    let lost = d.stages[0].node.clone();
+    sim.set_node_ready(&lost, false);
+    let (secs, _) = sim.run_until(80, "every replica ready off the lost node", |s| {
+        let st = s.deployments[0].status.as_ref().unwrap();
+        st.ready_replicas == prefill + decode
+            && st
+                .placements
+                .iter()
+                .all(|p| p.stages.iter().all(|x| x.node != lost))
+    });
+    println!("decode node {lost} lost: its replicas ready again after {secs} simulated s");
+    // As for any replica: placed again only after the node's grace period (60 s), not at the
+    // first pass whose plan could not reserve the NotReady node.
+    assert!(
+        secs >= 60,
+        "re-placed after {secs} s, before the grace period"
+    );
+    let after = pool_roles(&sim);
+    assert_eq!(after.len(), before.len());
+    for ((r0, role0, inc0), (r1, role1, inc1)) in before.iter().zip(&after) {
+        assert_eq!((r0, role0), (r1, role1), "a replica changed pool");
+        let moved = st
+            .placements
+            .iter()
+            .find(|p| p.replica == *r0)
+            .unwrap()
+            .stages
+            .iter()
+            .any(|s| s.node == lost);
+        assert_eq!(
+            inc0 != inc1,
+            moved,
+            "replica {r0}: recreated iff it was on {lost}"
+        );
+    }
+    let new_decode = after
+        .iter()
+        .find(|(r, _, _)| *r == d.replica)
+        .and_then(|(_, _, inc)| inc.clone())
+        .unwrap();
+    assert!(
+        router_args(&sim).iter().any(|a| a.contains(&new_decode)),
+        "the router lists the new decode leader ({new_decode}): {:?}",
+        router_args(&sim)
+    );
+    sim.converge(10);
 }

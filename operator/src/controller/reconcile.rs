@@ -917,31 +917,34 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
         if dp.disaggregation.as_ref().is_some_and(|d| d.disaggregated) {
             pooled = true;
             desired = usize::try_from(dp.replicas.max(0)).unwrap_or(0);
+            // A replica stays while the pools still have its index, in its role and layout;
+            // whether its node is healthy is decided above (with the grace periods), as for
+            // every replica, not by whether this plan could reserve it again.
+            let pools = dp.disaggregation.as_ref().expect("disaggregated");
             kept.retain(|p| {
-                let stays = dp
-                    .placed
-                    .iter()
-                    .any(|x| x.replica == p.replica && x.kept && x.role == p.role);
+                let pool = pools.pool_of(spec.replicas, p.replica);
+                let stays = usize::try_from(p.replica).is_ok_and(|r| r < desired)
+                    && pool.is_some_and(|x| {
+                        Some(&x.role) == p.role.as_ref()
+                            && x.gpu_type == p.gpu_type
+                            && x.tensor_parallel == p.tensor_parallel
+                            && x.pipeline_parallel == p.pipeline_parallel
+                            && x.expert_parallel == p.expert_parallel
+                            && x.data_parallel_attention == p.data_parallel_attention
+                    });
                 if !stays {
-                    let now_role = dp
-                        .placed
-                        .iter()
-                        .find(|x| x.replica == p.replica)
-                        .and_then(|x| x.role.clone());
+                    let was = p.role.as_deref().unwrap_or("aggregated");
                     actions.events.push(EventNote {
                         type_: EventType::Normal,
                         reason: "Repooled",
-                        note: match now_role {
-                            Some(role) => format!(
-                                "replica {} ({}) is placed again as a {role} replica: the pools changed",
-                                p.replica,
-                                p.role.as_deref().unwrap_or("aggregated")
+                        note: match pool.filter(|_| usize::try_from(p.replica).is_ok_and(|r| r < desired)) {
+                            Some(x) => format!(
+                                "replica {} ({was}) is placed again as a {} replica: the pools changed",
+                                p.replica, x.role
                             ),
                             None => format!(
-                                "replica {} ({}) removed: the pools hold {} replicas",
-                                p.replica,
-                                p.role.as_deref().unwrap_or("aggregated"),
-                                dp.replicas
+                                "replica {} ({was}) removed: the pools hold {} replicas",
+                                p.replica, dp.replicas
                             ),
                         },
                     });

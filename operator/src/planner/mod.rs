@@ -166,6 +166,33 @@ pub struct DisaggregationPlan {
     pub pools: Vec<crate::api::PoolStatus>,
 }
 
+impl DisaggregationPlan {
+    /// The pool replica `replica` serves in when the pools hold `units` units (`spec.replicas`):
+    /// as the plan places it ([`prefill_slot`]).
+    pub fn pool_of(&self, units: i32, replica: i32) -> Option<&crate::api::PoolStatus> {
+        let per_unit = |role: &str| {
+            self.pools
+                .iter()
+                .find(|p| p.role == role)
+                .map_or(0, |p| p.replicas / units.max(1))
+        };
+        let role = if prefill_slot(replica, per_unit("prefill"), per_unit("decode")) {
+            "prefill"
+        } else {
+            "decode"
+        };
+        self.pools.iter().find(|p| p.role == role)
+    }
+}
+
+/// Whether replica `r` of a disaggregated deployment is a prefill replica. Replicas come in units
+/// of the pair's ratio, each unit its `prefill` replicas then its `decode` replicas: with 1:2,
+/// replicas 0, 3, 6 prefill and 1, 2, 4, 5 decode. Scaling the units keeps every existing
+/// replica's role (a running pod never changes pool).
+pub fn prefill_slot(r: i32, prefill: i32, decode: i32) -> bool {
+    r.rem_euclid((prefill + decode).max(1)) < prefill
+}
+
 /// One placed replica.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -305,17 +332,14 @@ impl Dep<'_> {
         )
     }
 
-    /// The pool replica `r` belongs to: its layout and role. Replicas come in units of the
-    /// pair's ratio (`spec.replicas` units), each unit its prefill replicas then its decode
-    /// replicas: with 1:2, replicas 0, 3, 6 prefill and 1, 2, 4, 5 decode. Scaling the units
-    /// keeps every existing replica's role (a running pod never changes pool).
+    /// The pool replica `r` belongs to: its layout and role ([`prefill_slot`]).
     fn pool_of(&self, r: i32) -> Option<(&Candidate, &'static str)> {
         self.placed_pools().map(|p| {
             let (pre, dec) = (
                 p.pair.prefill_replicas as i32,
                 p.pair.decode_replicas as i32,
             );
-            if r.rem_euclid((pre + dec).max(1)) < pre {
+            if prefill_slot(r, pre, dec) {
                 (&p.prefill, "prefill")
             } else {
                 (&p.decode, "decode")
