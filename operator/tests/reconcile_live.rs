@@ -618,6 +618,8 @@ fn sglang_pools_run_as_gangs_behind_a_router_and_stay_put() {
     );
     assert!(c.message.contains("llama-8b-router"), "{}", c.message);
     assert_eq!(s1.placements.len() as i32, prefill + decode);
+    // The scale subresource counts units, as spec.replicas does: one unit with pods, none ready.
+    assert_eq!((s1.replicas, s1.ready_replicas), (1, 0));
     let count = |role: &str| {
         s1.placements
             .iter()
@@ -723,6 +725,7 @@ fn sglang_pools_run_as_gangs_behind_a_router_and_stay_put() {
     let s2 = a2.status.unwrap_or_else(|| s1.clone());
     assert_eq!(roles(&s2), roles(&s1));
     assert!(s2.placements.iter().all(|p| p.ready));
+    assert_eq!((s2.replicas, s2.ready_replicas), (1, 1));
 
     // Pass 3: two units: the pools double, every running replica keeps its index and role, and
     // the router is rewritten with the new leaders.
@@ -731,6 +734,7 @@ fn sglang_pools_run_as_gangs_behind_a_router_and_stay_put() {
     let a3 = decide_with_routers(&md, &pods, &routers, &nodes, at(60));
     let s3 = a3.status.clone().expect("status");
     assert_eq!(s3.placements.len() as i32, 2 * (prefill + decode), "{s3:?}");
+    assert_eq!((s3.replicas, s3.ready_replicas), (2, 1));
     for (replica, role) in roles(&s2) {
         let now = s3.placements.iter().find(|p| p.replica == replica).unwrap();
         assert_eq!(now.role, role, "replica {replica} changed pool");

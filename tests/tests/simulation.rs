@@ -947,7 +947,8 @@ fn simulation_pools_run_stay_quiet_and_heal_a_lost_decode_node_in_its_role() {
         let st = s.deployments[0].status.as_ref();
         st.is_some_and(|st| {
             !st.pools.is_empty()
-                && st.ready_replicas == st.pools.iter().map(|p| p.replicas).sum::<i32>()
+                && st.placements.len() as i32 == st.pools.iter().map(|p| p.replicas).sum::<i32>()
+                && st.placements.iter().all(|p| p.ready)
         })
     });
     sim.converge(10);
@@ -957,6 +958,8 @@ fn simulation_pools_run_stay_quiet_and_heal_a_lost_decode_node_in_its_role() {
     }
     let st = sim.deployments[0].status.clone().expect("status");
     let (prefill, decode) = (st.pools[0].replicas, st.pools[1].replicas);
+    // The scale subresource counts units, as spec.replicas does (HPA compares the two).
+    assert_eq!((st.replicas, st.ready_replicas), (1, 1));
     println!("pools {prefill} prefill + {decode} decode ready after {secs} simulated s");
     let before = pool_roles(&sim);
     let args = router_args(&sim);
@@ -976,7 +979,8 @@ fn simulation_pools_run_stay_quiet_and_heal_a_lost_decode_node_in_its_role() {
     sim.set_node_ready(&lost, false);
     let (secs, _) = sim.run_until(80, "every replica ready off the lost node", |s| {
         let st = s.deployments[0].status.as_ref().unwrap();
-        st.ready_replicas == prefill + decode
+        st.ready_replicas == 1
+            && st.placements.iter().all(|p| p.ready)
             && st
                 .placements
                 .iter()

@@ -901,10 +901,11 @@ pub struct ModelDeploymentStatus {
     /// Placed, Ready, Progressing, Degraded and ScalingLimited, each with a reason and numbers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// Replicas that currently have worker pods (scale subresource status path).
+    /// Replicas that currently have worker pods (scale subresource status path). While
+    /// prefill/decode pools run, whole units of the pools (as `spec.replicas` counts them).
     #[serde(default)]
     pub replicas: i32,
-    /// Replicas whose whole worker group is ready.
+    /// Replicas whose whole worker group is ready (with pools: whole units ready).
     #[serde(default)]
     pub ready_replicas: i32,
     /// Label selector of the worker pods, for the scale subresource (HPA, KEDA).

@@ -1174,13 +1174,21 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
     // 6. Status.
     let placed = kept.len();
     let ready = kept.iter().filter(|p| p.ready).count();
-    status.replicas = i32::try_from(
-        kept.iter()
-            .filter(|p| p.state != ReplicaState::Backoff)
-            .count(),
-    )
-    .unwrap_or(i32::MAX);
-    status.ready_replicas = i32::try_from(ready).unwrap_or(i32::MAX);
+    let running = |p: &&ReplicaPlacement| p.state != ReplicaState::Backoff;
+    let is_ready = |p: &&ReplicaPlacement| p.ready;
+    match verdict.as_ref().filter(|_| pooled) {
+        // Pools: `spec.replicas` counts units, so the scale subresource's status does too (HPA
+        // and KEDA compare the two): whole units with pods, whole units ready.
+        Some(v) => {
+            status.replicas = whole_units(v, spec.replicas, &kept, running);
+            status.ready_replicas = whole_units(v, spec.replicas, &kept, is_ready);
+        }
+        None => {
+            status.replicas =
+                i32::try_from(kept.iter().filter(running).count()).unwrap_or(i32::MAX);
+            status.ready_replicas = i32::try_from(ready).unwrap_or(i32::MAX);
+        }
+    }
     for n in &avoid {
         status
             .avoid_nodes_since
@@ -1497,6 +1505,30 @@ where
         TEMPLATE_HASH,
     )
     .then_some(desired)
+}
+
+/// Whole units of a pooled deployment whose every replica is `counted`: for each pool, its
+/// replicas counted over its replicas per unit, the smallest of the pools.
+fn whole_units(
+    pools: &planner::DisaggregationPlan,
+    units: i32,
+    placements: &[ReplicaPlacement],
+    counted: impl Fn(&&ReplicaPlacement) -> bool,
+) -> i32 {
+    pools
+        .pools
+        .iter()
+        .map(|pool| {
+            let per_unit = (pool.replicas / units.max(1)).max(1);
+            let n = placements
+                .iter()
+                .filter(|p| p.role.as_deref() == Some(pool.role.as_str()))
+                .filter(&counted)
+                .count();
+            i32::try_from(n).unwrap_or(i32::MAX) / per_unit
+        })
+        .min()
+        .unwrap_or(0)
 }
 
 /// Plan this deployment alone against the cluster as observed, its own pods' GPUs moved out
