@@ -900,9 +900,10 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
 
     // Prefill/decode pools run when the deployment asks for disaggregation and its engine
     // renders pools (SGLang; vLLM with a router image). Then the plan runs every pass: it
-    // decides the pools and their size (`spec.replicas` units of the pair's ratio), keeps each
-    // replica that still holds in its role, and every replica it does not keep is placed again
-    // from it. Otherwise pools are decided and reported, and every replica serves aggregated.
+    // decides the pools and their size (`spec.replicas` units of the pair's ratio); a running
+    // replica stays while the pools have its index in its role and layout, and every missing
+    // one is placed from this plan. Otherwise pools are decided and reported, and every
+    // replica serves aggregated.
     let disaggregation_asked = spec.serving.disaggregation != api::Disaggregation::Off;
     let pools_blocked = if disaggregation_asked {
         build::pools_renderable(md, &cfg.build).err()
