@@ -997,6 +997,33 @@ pub struct PoolStatus {
     pub requests_per_second_per_replica: f64,
 }
 
+impl PoolStatus {
+    /// Replicas of this pool in one unit, when the pools hold `units` units (`spec.replicas`).
+    pub fn per_unit(&self, units: i32) -> i32 {
+        (self.replicas.max(0) / units.max(1)).max(1)
+    }
+}
+
+/// Whole units of the pools among replicas with these `roles`: for each pool, its replicas
+/// over its replicas per unit, the smallest of the pools (0 without pools).
+pub fn whole_units<'a>(
+    pools: &[PoolStatus],
+    units: i32,
+    roles: impl Iterator<Item = Option<&'a str>> + Clone,
+) -> i32 {
+    pools
+        .iter()
+        .map(|pool| {
+            let n = roles
+                .clone()
+                .filter(|&r| r == Some(pool.role.as_str()))
+                .count();
+            i32::try_from(n).unwrap_or(i32::MAX) / pool.per_unit(units)
+        })
+        .min()
+        .unwrap_or(0)
+}
+
 /// Lifecycle of one replica (its whole worker group).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 pub enum ReplicaState {

@@ -129,6 +129,11 @@ impl ReplicaSample {
         s
     }
 
+    /// Taken recently enough to count (`Params::stale_after_s`).
+    pub fn is_fresh(&self, params: &Params) -> bool {
+        self.age_s.is_finite() && self.age_s <= params.stale_after_s
+    }
+
     /// `Some(0.0)` when the leader reports no request waiting or running.
     fn idle(&self) -> Option<f64> {
         (self.waiting == Some(0.0) && self.running == Some(0.0)).then_some(0.0)
@@ -319,7 +324,7 @@ pub fn decide(input: &Input<'_>, history: &History, params: &Params) -> Decision
     let mut stale = 0u32;
     let mut sum = 0.0;
     for s in input.samples {
-        if !(s.age_s.is_finite() && s.age_s <= params.stale_after_s) {
+        if !s.is_fresh(params) {
             stale += 1;
             continue;
         }

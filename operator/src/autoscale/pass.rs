@@ -10,7 +10,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::arbitrate::{Claim, arbitrate};
 use super::decide::{Decision, History, Input, Params, ReplicaSample, decide};
-use crate::api::{AutoscalingSpec, ModelDeployment, ScalingMetric};
+use crate::api::{AutoscalingSpec, ModelDeployment, ScalingMetric, whole_units};
 use crate::planner::inventory::Inventory;
 use crate::planner::{PlanOptions, plan};
 
@@ -40,21 +40,12 @@ pub fn capacity(inv: &Inventory, md: &ModelDeployment, placed: u32, opts: &PlanO
     };
     // Pools: `placed` and the answer count whole units of both pools.
     let more = match d.disaggregation.as_ref().filter(|x| x.disaggregated) {
-        Some(x) if running_pools(md).is_some() => x
-            .pools
-            .iter()
-            .map(|pool| {
-                let per_unit = (pool.replicas.max(0) as u32)
-                    .div_ceil(probe.spec.replicas.max(1) as u32)
-                    .max(1);
-                d.placed
-                    .iter()
-                    .filter(|r| r.role.as_deref() == Some(pool.role.as_str()))
-                    .count() as u32
-                    / per_unit
-            })
-            .min()
-            .unwrap_or(0),
+        Some(x) if running_pools(md).is_some() => whole_units(
+            &x.pools,
+            probe.spec.replicas,
+            d.placed.iter().map(|r| r.role.as_deref()),
+        )
+        .max(0) as u32,
         // Running pools the probe would not run now: replicas over the unit's size.
         _ => match running_pools(md) {
             Some(pools) => {
@@ -111,14 +102,13 @@ fn running_pools(md: &ModelDeployment) -> Option<Vec<(String, u32, u32)>> {
     if !st.placements.iter().any(|p| p.role.is_some()) || st.pools.is_empty() {
         return None;
     }
-    let units = md.spec.replicas.max(1) as u32;
     Some(
         st.pools
             .iter()
             .map(|p| {
                 (
                     p.role.clone(),
-                    (p.replicas.max(0) as u32).div_ceil(units).max(1),
+                    p.per_unit(md.spec.replicas) as u32,
                     (p.tensor_parallel.max(1) * p.pipeline_parallel.max(1)) as u32,
                 )
             })
@@ -139,20 +129,17 @@ fn gpus_per_replica(md: &ModelDeployment) -> u32 {
 
 /// Replicas in the autoscaler's unit: placed replicas, or whole units of both pools.
 fn placed_of(md: &ModelDeployment) -> u32 {
-    let placements = md.status.as_ref().map_or(&[][..], |s| &s.placements[..]);
+    let Some(st) = md.status.as_ref() else {
+        return 0;
+    };
     match running_pools(md) {
-        None => placements.len() as u32,
-        Some(pools) => pools
-            .iter()
-            .map(|(role, per_unit, _)| {
-                placements
-                    .iter()
-                    .filter(|p| p.role.as_deref() == Some(role.as_str()))
-                    .count() as u32
-                    / per_unit
-            })
-            .min()
-            .unwrap_or(0),
+        None => st.placements.len() as u32,
+        Some(_) => whole_units(
+            &st.pools,
+            md.spec.replicas,
+            st.placements.iter().map(|p| p.role.as_deref()),
+        )
+        .max(0) as u32,
     }
 }
 
@@ -204,7 +191,7 @@ fn unit_samples(
         let values: Vec<f64> = samples
             .iter()
             .filter(|s| s.pool.as_deref() == Some(role.as_str()))
-            .filter(|s| s.age_s.is_finite() && s.age_s <= params.stale_after_s)
+            .filter(|s| s.is_fresh(params))
             .filter_map(|s| s.value(metric))
             .collect();
         let name = crate::autoscale::decide::metric_name(metric);

@@ -1181,8 +1181,16 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
         // Pools: `spec.replicas` counts units, so the scale subresource's status does too (HPA
         // and KEDA compare the two): whole units with pods, whole units ready.
         Some(v) => {
-            status.replicas = whole_units(v, spec.replicas, &kept, running);
-            status.ready_replicas = whole_units(v, spec.replicas, &kept, is_ready);
+            status.replicas = api::whole_units(
+                &v.pools,
+                spec.replicas,
+                kept.iter().filter(running).map(|p| p.role.as_deref()),
+            );
+            status.ready_replicas = api::whole_units(
+                &v.pools,
+                spec.replicas,
+                kept.iter().filter(is_ready).map(|p| p.role.as_deref()),
+            );
         }
         None => {
             status.replicas =
@@ -1506,30 +1514,6 @@ where
         TEMPLATE_HASH,
     )
     .then_some(desired)
-}
-
-/// Whole units of a pooled deployment whose every replica is `counted`: for each pool, its
-/// replicas counted over its replicas per unit, the smallest of the pools.
-fn whole_units(
-    pools: &planner::DisaggregationPlan,
-    units: i32,
-    placements: &[ReplicaPlacement],
-    counted: impl Fn(&&ReplicaPlacement) -> bool,
-) -> i32 {
-    pools
-        .pools
-        .iter()
-        .map(|pool| {
-            let per_unit = (pool.replicas / units.max(1)).max(1);
-            let n = placements
-                .iter()
-                .filter(|p| p.role.as_deref() == Some(pool.role.as_str()))
-                .filter(&counted)
-                .count();
-            i32::try_from(n).unwrap_or(i32::MAX) / per_unit
-        })
-        .min()
-        .unwrap_or(0)
 }
 
 /// Plan this deployment alone against the cluster as observed, its own pods' GPUs moved out

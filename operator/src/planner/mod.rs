@@ -174,7 +174,7 @@ impl DisaggregationPlan {
             self.pools
                 .iter()
                 .find(|p| p.role == role)
-                .map_or(0, |p| p.replicas / units.max(1))
+                .map_or(0, |p| p.per_unit(units))
         };
         let role = if prefill_slot(replica, per_unit("prefill"), per_unit("decode")) {
             "prefill"
