@@ -496,7 +496,7 @@ fn unknown_fields_decode_for_the_controller_and_are_named_at_plan_time() {
         "{errors:?}"
     );
     assert!(
-        errors[0].message.starts_with("unknown field \"newFeature\"; the fields here are autoscaling, engine, failurePolicy, gpu, model, parallelism, placement, priority, replicas, serving, worker"),
+        errors[0].message.starts_with("unknown field \"newFeature\"; the fields here are autoscaling, engine, failurePolicy, gpu, model, parallelism, placement, poolReplicas, priority, replicas, serving, worker"),
         "{errors:?}"
     );
 }
@@ -554,13 +554,13 @@ fn error_display_has_the_api_server_shape() {
 
 #[test]
 fn every_rule_has_a_test_here() {
-    // 52 rules, each exercised in this file with accepted and rejected objects (the five engine
+    // 53 rules, each exercised in this file with accepted and rejected objects (the five engine
     // rules in the engine_* tests, the label rules in the *label*, annotation, node selector and
     // topology key tests, the volume rules in the volume_* and mount_* tests, the twelve
-    // mixture-of-experts rules in the moe_* tests, the four serving rules in the
+    // mixture-of-experts rules in the moe_* tests, the five serving rules in the
     // disaggregation_* tests). Adding a rule to
     // operator/src/api/rules.rs? Add its accepted and rejected cases to this file, then bump this.
-    assert_eq!(api::rules::rules().len(), 52);
+    assert_eq!(api::rules::rules().len(), 53);
 }
 
 #[test]
@@ -1421,7 +1421,34 @@ fn disaggregation_needs_a_workload_that_fits_the_context() {
     );
     let mut wrong = scaling;
     wrong["prefill"]["metric"] = json!("kvCacheUtilization");
-    assert!(parse_model_deployment(&with(v, "/spec/autoscaling", wrong)).is_err());
+    assert!(parse_model_deployment(&with(v.clone(), "/spec/autoscaling", wrong)).is_err());
+    // Pool sizes need pools, and each is at least 1.
+    let sized = accepted(&with(
+        v.clone(),
+        "/spec/poolReplicas",
+        json!({"prefill": 12, "decode": 3}),
+    ));
+    assert_eq!(sized.spec.pool_size("prefill", 10), 12);
+    assert_eq!(sized.spec.pool_size("decode", 1), 3);
+    let half = accepted(&with(v.clone(), "/spec/poolReplicas", json!({"decode": 3})));
+    assert_eq!(half.spec.replicas, 2);
+    assert_eq!(
+        half.spec.pool_size("prefill", 10),
+        20,
+        "unset: replicas units of the ratio"
+    );
+    assert_single(
+        &with(base(), "/spec/poolReplicas", json!({"prefill": 2})),
+        "spec.poolReplicas",
+        "poolReplicas sizes prefill/decode pools, which run only with serving.disaggregation Auto or On; set it, or remove poolReplicas and size the deployment with replicas",
+    );
+    // The API server's bounds (the CRD's schema): a pool of 0 replicas is refused.
+    let spec_schema = &api::spec_schema()["properties"]["spec"];
+    let zero = with(v, "/spec/poolReplicas", json!({"decode": 0}));
+    assert_eq!(
+        api::schema::violations(spec_schema, &zero["spec"]),
+        vec![".poolReplicas.decode: 0 is less than minimum 1".to_owned()]
+    );
     // Off needs nothing; unknown modes are refused by the schema.
     accepted(&with(base(), "/spec/serving/disaggregation", json!("Off")));
     assert!(

@@ -155,6 +155,41 @@ pub struct ModelDeploymentSpec {
     /// What happens when a member of a replica fails.
     #[serde(default)]
     pub failure_policy: FailurePolicy,
+
+    /// Replicas of each prefill/decode pool while pools run (`serving.disaggregation` Auto or
+    /// On). A pool left unset holds `replicas` units of the planner's prefill:decode ratio;
+    /// one set here holds exactly that many replicas, and changing it adds or removes replicas
+    /// of that pool only. The built-in autoscaler writes these, each pool on its own signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_replicas: Option<PoolReplicas>,
+}
+
+/// Replicas of the prefill and the decode pool (`spec.poolReplicas`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolReplicas {
+    /// Prefill replicas; unset: `replicas` units of the planned ratio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 512))]
+    pub prefill: Option<i32>,
+    /// Decode replicas; unset: `replicas` units of the planned ratio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 512))]
+    pub decode: Option<i32>,
+}
+
+impl ModelDeploymentSpec {
+    /// Replicas of pool `role` (`prefill` or `decode`) with `per_unit` replicas per unit of the
+    /// planned ratio: `poolReplicas.<role>` when set, else `replicas` units.
+    pub fn pool_size(&self, role: &str, per_unit: i32) -> i32 {
+        let set = self.pool_replicas.and_then(|p| match role {
+            "prefill" => p.prefill,
+            "decode" => p.decode,
+            _ => None,
+        });
+        set.unwrap_or_else(|| self.replicas.max(0).saturating_mul(per_unit.max(0)))
+            .max(0)
+    }
 }
 
 fn default_replicas() -> i32 {
@@ -966,6 +1001,10 @@ fn is_zero(v: &i64) -> bool {
     *v == 0
 }
 
+fn is_zero32(v: &i32) -> bool {
+    *v == 0
+}
+
 /// One pool of a disaggregated deployment.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -979,8 +1018,12 @@ pub struct PoolStatus {
     pub expert_parallel: Option<i32>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub data_parallel_attention: bool,
-    /// Replicas of this pool (per serving unit times `spec.replicas`).
+    /// Replicas of this pool: `spec.poolReplicas`, else its replicas per unit times
+    /// `spec.replicas`.
     pub replicas: i32,
+    /// Replicas of this pool in one unit of the planned prefill:decode ratio.
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub replicas_per_unit: i32,
     /// Nodes its placed replicas use.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
@@ -998,8 +1041,12 @@ pub struct PoolStatus {
 }
 
 impl PoolStatus {
-    /// Replicas of this pool in one unit, when the pools hold `units` units (`spec.replicas`).
+    /// Replicas of this pool in one unit of the planned ratio (read from a status written
+    /// before `replicasPerUnit`: its replicas over `units`, `spec.replicas`).
     pub fn per_unit(&self, units: i32) -> i32 {
+        if self.replicas_per_unit > 0 {
+            return self.replicas_per_unit;
+        }
         (self.replicas.max(0) / units.max(1)).max(1)
     }
 }

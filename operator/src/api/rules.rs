@@ -704,6 +704,14 @@ fn serving_rules(arch: &str) -> Vec<CelRule> {
             field_path: Some(".autoscaling"),
             transition: false,
         },
+        CelRule {
+            at: &["spec"],
+            rule: "!has(self.poolReplicas) || (has(self.serving) && has(self.serving.disaggregation) && self.serving.disaggregation != 'Off')".into(),
+            message_expression: "'poolReplicas sizes prefill/decode pools, which run only with serving.disaggregation Auto or On; set it, or remove poolReplicas and size the deployment with replicas'".into(),
+            message: "poolReplicas needs serving.disaggregation Auto or On".into(),
+            field_path: Some(".poolReplicas"),
+            transition: false,
+        },
     ]
 }
 

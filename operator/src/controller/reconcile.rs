@@ -900,10 +900,10 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
 
     // Prefill/decode pools run when the deployment asks for disaggregation and its engine
     // renders pools (SGLang; vLLM with a router image). Then the plan runs every pass: it
-    // decides the pools and their size (`spec.replicas` units of the pair's ratio); a running
-    // replica stays while the pools have its index in its role and layout, and every missing
-    // one is placed from this plan. Otherwise pools are decided and reported, and every
-    // replica serves aggregated.
+    // decides the pools and their sizes (`spec.poolReplicas`, else `spec.replicas` units of the
+    // pair's ratio) and each pool's replica indices; a running replica stays while the pools
+    // have its index in its role and layout, and every missing one is placed from this plan.
+    // Otherwise pools are decided and reported, and every replica serves aggregated.
     let disaggregation_asked = spec.serving.disaggregation != api::Disaggregation::Off;
     let pools_blocked = if disaggregation_asked {
         build::pools_renderable(md, &cfg.build).err()
@@ -913,6 +913,8 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
     let mut plan_report: Option<planner::DeploymentPlan> = None;
     let mut pooled = false;
     let mut desired = usize::try_from(spec.replicas.max(0)).unwrap_or(0);
+    // The pools' replica indices, when they run.
+    let mut pool_indices: Vec<i32> = Vec::new();
     if disaggregation_asked && pools_blocked.is_none() {
         let dp = plan_deployment(obs, cfg, &avoid, &kept, None, false);
         if dp.disaggregation.as_ref().is_some_and(|d| d.disaggregated) {
@@ -922,10 +924,13 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
             // whether its node is healthy is decided above (with the grace periods), as for
             // every replica, not by whether this plan could reserve it again.
             let pools = dp.disaggregation.as_ref().expect("disaggregated");
+            pool_indices = pools.indices(spec.replicas);
+            let indices = &pool_indices;
             kept.retain(|p| {
-                let pool = pools.pool_of(spec.replicas, p.replica);
-                let stays = usize::try_from(p.replica).is_ok_and(|r| r < desired)
-                    && pool.is_some_and(|x| {
+                let pool = pools
+                    .pool_of(spec.replicas, p.replica)
+                    .filter(|_| indices.binary_search(&p.replica).is_ok());
+                let stays = pool.is_some_and(|x| {
                         Some(&x.role) == p.role.as_ref()
                             && x.gpu_type == p.gpu_type
                             && x.tensor_parallel == p.tensor_parallel
@@ -938,14 +943,20 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
                     actions.events.push(EventNote {
                         type_: EventType::Normal,
                         reason: "Repooled",
-                        note: match pool.filter(|_| usize::try_from(p.replica).is_ok_and(|r| r < desired)) {
+                        note: match pool {
                             Some(x) => format!(
                                 "replica {} ({was}) is placed again as a {} replica: the pools changed",
                                 p.replica, x.role
                             ),
                             None => format!(
-                                "replica {} ({was}) removed: the pools hold {} replicas",
-                                p.replica, dp.replicas
+                                "replica {} ({was}) removed: the pools hold {}",
+                                p.replica,
+                                pools
+                                    .pools
+                                    .iter()
+                                    .map(|x| format!("{} {} replicas", x.replicas, x.role))
+                                    .collect::<Vec<_>>()
+                                    .join(" and ")
                             ),
                         },
                     });
@@ -1020,7 +1031,9 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
     //    With pools, the indices are the plan's (each index has its pool).
     let used: BTreeSet<i32> = kept.iter().map(|p| p.replica).collect();
     let mut wanted: Vec<(i32, i32, Option<String>)> = if pooled {
-        (0..i32::try_from(desired).unwrap_or(i32::MAX))
+        pool_indices
+            .iter()
+            .copied()
             .filter(|r| !used.contains(r))
             .map(|r| match replace.iter().find(|x| x.0 == r) {
                 Some((_, restarts, why)) => (r, *restarts, Some(why.clone())),

@@ -183,6 +183,19 @@ impl DisaggregationPlan {
         };
         self.pools.iter().find(|p| p.role == role)
     }
+
+    /// The replica indices of the pools ([`pool_indices`]), ascending; `units` is
+    /// `spec.replicas`.
+    pub fn indices(&self, units: i32) -> Vec<i32> {
+        let pool = |role: &str| {
+            self.pools
+                .iter()
+                .find(|p| p.role == role)
+                .map_or((0, 0), |p| (p.replicas, p.per_unit(units)))
+        };
+        let (pre, dec) = (pool("prefill"), pool("decode"));
+        pool_indices((pre.0, dec.0), (pre.1, dec.1))
+    }
 }
 
 /// Whether replica `r` of a disaggregated deployment is a prefill replica. Replicas come in units
@@ -191,6 +204,27 @@ impl DisaggregationPlan {
 /// replica's role (a running pod never changes pool).
 pub fn prefill_slot(r: i32, prefill: i32, decode: i32) -> bool {
     r.rem_euclid((prefill + decode).max(1)) < prefill
+}
+
+/// The replica indices of pools of `pools.0` prefill and `pools.1` decode replicas, with
+/// `unit.0` prefill and `unit.1` decode replicas per unit ([`prefill_slot`]): the first
+/// `pools.0` prefill slots and the first `pools.1` decode slots, ascending. Each pool's k-th
+/// replica has the same index whatever the size of either pool, so one pool grows or shrinks
+/// without moving a replica of the other: with 1:2 units, 2 prefill and 5 decode replicas are
+/// 0, 3 and 1, 2, 4, 5, 7.
+pub fn pool_indices(pools: (i32, i32), unit: (i32, i32)) -> Vec<i32> {
+    let (p, d) = (unit.0.max(0), unit.1.max(0));
+    let size = (p + d).max(1);
+    let slot = |k: i32, per: i32, offset: i32| (k / per) * size + offset + k % per;
+    let mut out: Vec<i32> = Vec::new();
+    if p > 0 {
+        out.extend((0..pools.0.max(0)).map(|k| slot(k, p, 0)));
+    }
+    if d > 0 {
+        out.extend((0..pools.1.max(0)).map(|k| slot(k, d, p)));
+    }
+    out.sort_unstable();
+    out
 }
 
 /// One placed replica.
@@ -296,6 +330,21 @@ impl Dep<'_> {
             .map_or(self.md.spec.replicas.max(0), |p| {
                 p.prefill_replicas + p.decode_replicas
             })
+    }
+
+    /// The indices of the replicas to place: `0..replicas`, or each pool's slots
+    /// ([`pool_indices`]) when disaggregated.
+    fn indices(&self) -> Vec<i32> {
+        match self.placed_pools() {
+            None => (0..self.md.spec.replicas.max(0)).collect(),
+            Some(p) => pool_indices(
+                (p.prefill_replicas, p.decode_replicas),
+                (
+                    p.pair.prefill_replicas as i32,
+                    p.pair.decode_replicas as i32,
+                ),
+            ),
+        }
     }
 
     /// The eligible nodes near the replicas of `r`'s unit already placed: in the innermost
@@ -447,12 +496,11 @@ pub fn plan(
         let decision = disagg::decide(&md.spec, inv, &classes[class].stats, &choice, c);
         let pools = decision.as_ref().and_then(|d| {
             let (i, j, pair) = d.pair.clone().filter(|_| d.disaggregate)?;
-            let units = md.spec.replicas.max(0);
             Some(Pools {
                 prefill: choice.candidates[i].clone(),
                 decode: choice.candidates[j].clone(),
-                prefill_replicas: units * pair.prefill_replicas as i32,
-                decode_replicas: units * pair.decode_replicas as i32,
+                prefill_replicas: md.spec.pool_size("prefill", pair.prefill_replicas as i32),
+                decode_replicas: md.spec.pool_size("decode", pair.decode_replicas as i32),
                 pair,
             })
         });
@@ -504,9 +552,10 @@ pub fn plan(
             != TensorParallelScope::NvLinkDomain;
         (spans, std::cmp::Reverse(e.tensor_parallel))
     });
+    let indices: Vec<Vec<i32>> = deps.iter().map(Dep::indices).collect();
     for (i, e) in order {
         let dep = &mut deps[i];
-        if e.replica < 0 || e.replica >= dep.replicas() || dep.placed.contains_key(&e.replica) {
+        if indices[i].binary_search(&e.replica).is_err() || dep.placed.contains_key(&e.replica) {
             continue;
         }
         match keep(inv, &mut cap, &node_index, dep, &classes[dep.class].elig, e) {
@@ -537,11 +586,14 @@ pub fn plan(
             .position(|d| d.md.spec.priority != priority)
             .map_or(deps.len(), |k| level_start + k);
         for pass in 0..2 {
-            for dep in &mut deps[level_start..level_end] {
+            for (dep, indices) in deps[level_start..level_end]
+                .iter_mut()
+                .zip(&indices[level_start..level_end])
+            {
                 let scope = dep.md.spec.placement.tensor_parallel_scope;
                 let ok = &classes[dep.class].elig.ok;
                 let g = &groupings[dep.grouping];
-                for r in 0..dep.replicas() {
+                for &r in indices {
                     if dep.placed.contains_key(&r) {
                         continue;
                     }
@@ -735,7 +787,7 @@ fn pool_statuses(
     p: &Pools,
     placed: &[PlacedReplica],
 ) -> Vec<crate::api::PoolStatus> {
-    let pool = |cand: &Candidate, role: &str, replicas: i32| {
+    let pool = |cand: &Candidate, role: &str, replicas: i32, per_unit: u32| {
         let mut nodes: Vec<String> = placed
             .iter()
             .filter(|r| r.role.as_deref() == Some(role))
@@ -751,6 +803,7 @@ fn pool_statuses(
             expert_parallel: (cand.ep > 1).then_some(cand.ep as i32),
             data_parallel_attention: cand.data_attention,
             replicas,
+            replicas_per_unit: per_unit as i32,
             nodes,
             batch: None,
             time_to_first_token_seconds: None,
@@ -759,10 +812,15 @@ fn pool_statuses(
         }
     };
     let x = &p.pair;
-    let mut prefill = pool(&p.prefill, "prefill", p.prefill_replicas);
+    let mut prefill = pool(
+        &p.prefill,
+        "prefill",
+        p.prefill_replicas,
+        x.prefill_replicas,
+    );
     prefill.time_to_first_token_seconds = Some(round3(x.time_to_first_token_seconds));
     prefill.requests_per_second_per_replica = round3(x.prefill_requests_per_second);
-    let mut decode = pool(&p.decode, "decode", p.decode_replicas);
+    let mut decode = pool(&p.decode, "decode", p.decode_replicas, x.decode_replicas);
     decode.batch = Some(x.decode_batch as i32);
     decode.inter_token_latency_seconds = Some(round3(x.inter_token_latency_seconds));
     decode.requests_per_second_per_replica = round3(x.decode_requests_per_second);
