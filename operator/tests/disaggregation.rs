@@ -374,3 +374,97 @@ fn a_unit_of_the_pools_is_placed_inside_one_rack_when_it_has_room() {
         x.pools
     );
 }
+
+#[test]
+fn each_pools_replicas_keep_their_indices_whatever_the_size_of_the_other_pool() {
+    use tessera_operator::planner::{pool_indices, prefill_slot};
+    for unit in [(1, 1), (3, 1), (1, 2), (10, 1), (2, 3)] {
+        for pre in 0..9 {
+            for dec in 0..9 {
+                let at = pool_indices((pre, dec), unit);
+                let roles: Vec<bool> = at
+                    .iter()
+                    .map(|&r| prefill_slot(r, unit.0, unit.1))
+                    .collect();
+                assert_eq!(at.len() as i32, pre + dec, "{unit:?} {pre}+{dec}: {at:?}");
+                assert!(at.windows(2).all(|w| w[0] < w[1]), "distinct: {at:?}");
+                assert_eq!(roles.iter().filter(|&&p| p).count() as i32, pre, "{at:?}");
+                // One more prefill replica adds one prefill index and moves nothing.
+                let grown = pool_indices((pre + 1, dec), unit);
+                let added: Vec<i32> = grown.iter().copied().filter(|r| !at.contains(r)).collect();
+                assert_eq!(added.len(), 1, "{unit:?} {pre}+{dec}");
+                assert!(prefill_slot(added[0], unit.0, unit.1));
+                assert!(at.iter().all(|r| grown.contains(r)));
+                // Likewise one more decode replica.
+                let grown = pool_indices((pre, dec + 1), unit);
+                let added: Vec<i32> = grown.iter().copied().filter(|r| !at.contains(r)).collect();
+                assert_eq!(added.len(), 1, "{unit:?} {pre}+{dec}");
+                assert!(!prefill_slot(added[0], unit.0, unit.1));
+                assert!(at.iter().all(|r| grown.contains(r)));
+            }
+        }
+    }
+    // Whole units are the interleaving the pools always had: 1:2, two units.
+    assert_eq!(pool_indices((2, 4), (1, 2)), vec![0, 1, 2, 3, 4, 5]);
+    assert_eq!(pool_indices((2, 5), (1, 2)), vec![0, 1, 2, 3, 4, 5, 7]);
+}
+
+#[test]
+fn a_pool_sized_on_its_own_keeps_every_placed_replica_and_adds_its_own() {
+    let inv = cluster(&[1, 2]);
+    let md = deployment(8192, 256);
+    let opts = PlanOptions::default();
+    let first = plan(&inv, std::slice::from_ref(&md), &[], &opts);
+    let d = &first.deployments[0];
+    let x = d.disaggregation.as_ref().expect("verdict");
+    assert!(x.disaggregated, "{}", x.reason);
+    let (pre, dec) = (x.pools[0].replicas, x.pools[1].replicas);
+    let existing: Vec<tessera_operator::planner::ExistingPlacement> = d
+        .placed
+        .iter()
+        .map(|r| tessera_operator::planner::ExistingPlacement {
+            namespace: d.namespace.clone(),
+            name: d.name.clone(),
+            replica: r.replica,
+            gpu_type: r.gpu_type.clone(),
+            tensor_parallel: r.tensor_parallel,
+            pipeline_parallel: r.pipeline_parallel,
+            expert_parallel: r.expert_parallel,
+            data_parallel_attention: r.data_parallel_attention,
+            stages: r.stages.clone(),
+            role: r.role.clone(),
+        })
+        .collect();
+    // Two more decode replicas, the prefill pool as planned. (The inventory has no pods: the
+    // kept replicas' GPUs are taken again by the plan itself, as the controller's are.)
+    let mut grown = md.clone();
+    grown.spec.pool_replicas = Some(tessera_operator::api::PoolReplicas {
+        prefill: None,
+        decode: Some(dec + 2),
+    });
+    let second = plan(&inv, std::slice::from_ref(&grown), &existing, &opts);
+    let d2 = &second.deployments[0];
+    assert!(d2.unplaced.is_empty(), "{:?}", d2.unplaced);
+    let x2 = d2.disaggregation.as_ref().expect("verdict");
+    assert_eq!((x2.pools[0].replicas, x2.pools[1].replicas), (pre, dec + 2));
+    for r in &d.placed {
+        let now = d2
+            .placed
+            .iter()
+            .find(|p| p.replica == r.replica)
+            .expect("kept");
+        assert!(now.kept, "replica {} placed again", r.replica);
+        assert_eq!(now.role, r.role);
+    }
+    let new: Vec<(i32, Option<&str>)> = d2
+        .placed
+        .iter()
+        .filter(|p| !p.kept)
+        .map(|p| (p.replica, p.role.as_deref()))
+        .collect();
+    assert_eq!(new.len(), 2, "{new:?}");
+    assert!(
+        new.iter().all(|(_, role)| *role == Some("decode")),
+        "{new:?}"
+    );
+}

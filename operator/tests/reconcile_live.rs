@@ -599,6 +599,137 @@ fn roles(status: &tessera_operator::api::ModelDeploymentStatus) -> Vec<(i32, Opt
         .collect()
 }
 
+/// The router's `--prefill` / `--decode` arguments.
+fn router_counts(router: &k8s_openapi::api::apps::v1::Deployment) -> (usize, usize) {
+    let args = router
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap_or_default();
+    let n = |flag: &str| args.iter().filter(|a| *a == flag).count();
+    (n("--prefill"), n("--decode"))
+}
+
+#[test]
+fn each_pool_grows_and_shrinks_alone_and_the_other_keeps_its_replicas() {
+    let nodes = h100_nodes(4);
+    let mut md = long_prompt_deployment("sglang", 1);
+    let a1 = decide_with_routers(&md, &[], &[], &nodes, t0());
+    let s1 = a1.status.clone().expect("status");
+    let (prefill, decode) = (s1.pools[0].replicas, s1.pools[1].replicas);
+    assert_eq!(
+        (s1.pools[0].role.as_str(), s1.pools[1].role.as_str()),
+        ("prefill", "decode")
+    );
+    assert!(prefill >= 2 && decode >= 1, "{:?}", s1.pools);
+    assert_eq!(
+        (s1.pools[0].replicas_per_unit, s1.pools[1].replicas_per_unit),
+        (prefill, decode),
+        "one unit"
+    );
+    md.status = Some(s1.clone());
+    let pods = ready(&a1, t0());
+    let routers = vec![a1.apply_router.clone().expect("router")];
+    let incarnation = |s: &tessera_operator::api::ModelDeploymentStatus, r: i32| {
+        s.placements
+            .iter()
+            .find(|p| p.replica == r)
+            .and_then(|p| p.incarnation.clone())
+    };
+
+    // The decode pool grows by one: one decode replica is added in the next decode slot, every
+    // running replica keeps its index, role and incarnation, the router lists the new one.
+    md.spec.pool_replicas = Some(tessera_operator::api::PoolReplicas {
+        prefill: None,
+        decode: Some(decode + 1),
+    });
+    let a2 = decide_with_routers(&md, &pods, &routers, &nodes, at(30));
+    let s2 = a2.status.clone().expect("status");
+    assert_eq!(
+        (s2.pools[0].replicas, s2.pools[1].replicas),
+        (prefill, decode + 1)
+    );
+    assert!(a2.delete_pods.is_empty(), "{:?}", a2.delete_pods);
+    let added: Vec<(i32, Option<String>)> = roles(&s2)
+        .into_iter()
+        .filter(|r| !roles(&s1).contains(r))
+        .collect();
+    // Units of `prefill` prefill replicas then one decode replica: the second decode replica
+    // takes the decode slot of the second unit, after its prefill slots.
+    assert_eq!(decode, 1, "{:?}", s1.pools);
+    let next_decode = (prefill + decode) + prefill;
+    assert_eq!(added, vec![(next_decode, Some("decode".to_owned()))]);
+    for (r, role) in roles(&s1) {
+        assert!(roles(&s2).contains(&(r, role)), "replica {r} moved");
+        assert_eq!(
+            incarnation(&s2, r),
+            incarnation(&s1, r),
+            "replica {r} recreated"
+        );
+    }
+    let router2 = a2.apply_router.clone().expect("router rewritten");
+    assert_eq!(
+        router_counts(&router2),
+        (prefill as usize, decode as usize + 1)
+    );
+    // Whole units: still one (the extra decode replica is no unit of its own).
+    assert_eq!(s2.replicas, 1);
+    assert!(status_violations(&s2).is_empty());
+
+    // Then the prefill pool shrinks by one: its last replica goes, nothing else moves.
+    md.spec.pool_replicas = Some(tessera_operator::api::PoolReplicas {
+        prefill: Some(prefill - 1),
+        decode: Some(decode + 1),
+    });
+    md.status = Some(s2.clone());
+    let pods2: Vec<Pod> = pods.iter().cloned().chain(ready(&a2, at(30))).collect();
+    let routers2 = vec![router2];
+    let a3 = decide_with_routers(&md, &pods2, &routers2, &nodes, at(60));
+    let s3 = a3.status.clone().expect("status");
+    assert_eq!(
+        (s3.pools[0].replicas, s3.pools[1].replicas),
+        (prefill - 1, decode + 1)
+    );
+    let gone: Vec<(i32, Option<String>)> = roles(&s2)
+        .into_iter()
+        .filter(|r| !roles(&s3).contains(r))
+        .collect();
+    assert_eq!(gone, vec![(prefill - 1, Some("prefill".to_owned()))]);
+    assert!(
+        a3.apply_pods.is_empty(),
+        "nothing placed: {:?}",
+        a3.apply_pods
+    );
+    let gone_inc = incarnation(&s2, prefill - 1).expect("incarnation");
+    assert!(!a3.delete_pods.is_empty());
+    assert!(
+        a3.delete_pods.iter().all(|p| p.contains(&gone_inc)),
+        "only the removed replica's pods: {:?}",
+        a3.delete_pods
+    );
+    for p in &s3.placements {
+        assert_eq!(incarnation(&s3, p.replica), incarnation(&s2, p.replica));
+    }
+    assert!(
+        a3.events.iter().any(|e| e.reason == "Repooled"
+            && e.note
+                .contains(&format!("replica {} (prefill) removed", prefill - 1))),
+        "{:?}",
+        a3.events
+    );
+    assert_eq!(
+        router_counts(&a3.apply_router.expect("router rewritten")),
+        (prefill as usize - 1, decode as usize + 1)
+    );
+}
+
 #[test]
 fn sglang_pools_run_as_gangs_behind_a_router_and_stay_put() {
     let nodes = h100_nodes(4);
