@@ -1041,3 +1041,153 @@ async fn a_vllm_deployment_scales_on_vllms_own_queue_metrics() {
     );
     assert_eq!((m.waiting, m.running), (Some(0.0), Some(0.0)));
 }
+
+/// An SGLang leader's `/metrics`.
+fn sglang_load(queue: u32, running: u32, kv: f64) -> Answer {
+    Answer::Metrics(format!(
+        "# TYPE sglang:num_queue_reqs gauge\nsglang:num_queue_reqs {queue}\n\
+         # TYPE sglang:num_running_reqs gauge\nsglang:num_running_reqs {running}\n\
+         # TYPE sglang:token_usage gauge\nsglang:token_usage {kv}\n"
+    ))
+}
+
+#[tokio::test]
+async fn each_pool_scales_on_its_own_and_one_merge_patch_sizes_both() {
+    // SGLang prefill/decode pools of a long-prompt workload, placed by the controller on two
+    // H100 nodes; prefill scales on queue depth (target 10), decode on KV-cache use (0.8).
+    let mut md = deployment(1, true);
+    md.spec.parallelism = Default::default();
+    md.spec.engine.name = serde_json::from_value(json!("sglang")).expect("engine");
+    let serving = &mut md.spec.serving;
+    serving.context_length = Some(16384);
+    serving.workload = Some(tessera_operator::api::WorkloadShape {
+        input_tokens: 8192,
+        output_tokens: 256,
+    });
+    serving.slo = Some(tessera_operator::api::ServingSlo {
+        time_to_first_token_seconds: Some(2.0),
+        inter_token_latency_seconds: Some(0.02),
+    });
+    serving.disaggregation = tessera_operator::api::Disaggregation::Auto;
+    let a = md.spec.autoscaling.as_mut().expect("autoscaling");
+    a.prefill = Some(tessera_operator::api::PoolScaling {
+        metric: tessera_operator::api::PrefillScalingMetric::QueueDepth,
+        target: 10.0,
+    });
+    a.decode = Some(tessera_operator::api::PoolScaling {
+        metric: tessera_operator::api::DecodeScalingMetric::KvCacheUtilization,
+        target: 0.8,
+    });
+    let second = {
+        let mut n = node();
+        n.metadata.name = Some("h100-2".into());
+        n
+    };
+    let nodes = vec![node(), second];
+    let actions = reconcile(
+        &Observed {
+            md: &md,
+            pods: &[],
+            services: &[],
+            routers: &[],
+            nodes: &nodes,
+            other_pods: &[],
+            reserved: &[],
+            now: Timestamp::now(),
+        },
+        &Config::default(),
+    );
+    md.status = actions.status.clone();
+    let st = md.status.clone().expect("status");
+    assert_eq!(st.pools.len(), 2, "{st:?}");
+    let (prefill, decode) = (st.pools[0].replicas, st.pools[1].replicas);
+    assert_eq!(st.placements.len() as i32, prefill + decode, "all placed");
+    let gpus: i32 = st
+        .pools
+        .iter()
+        .map(|p| p.replicas * p.tensor_parallel * p.pipeline_parallel)
+        .sum();
+    assert!(gpus < 16, "room to grow: {gpus} of 16 GPUs");
+    let mut h = harness(always_ok(), Duration::from_secs(3));
+    let pods: Vec<Pod> = actions
+        .apply_pods
+        .into_iter()
+        .map(|mut p| {
+            let labels = p.metadata.labels.clone().expect("labels");
+            let replica: u32 = labels["tessera.dev/replica"].parse().expect("replica");
+            let ip = format!("10.0.1.{}", replica + 1);
+            // Prefill leaders queue 30 long prompts each; the decode leader is at 50% KV use.
+            match labels.get("tessera.dev/pool").map(String::as_str) {
+                Some("prefill") => h.scraper.set(&ip, sglang_load(30, 0, 0.1)),
+                Some("decode") => h.scraper.set(&ip, sglang_load(0, 8, 0.5)),
+                other => panic!("pod without a pool: {other:?}"),
+            }
+            let pinned =
+                tessera_operator::controller::reconcile::pinned_node(&p).map(str::to_owned);
+            p.spec.as_mut().expect("spec").node_name = pinned;
+            p.status = Some(ready_status(Some(&ip)));
+            p
+        })
+        .collect();
+    let snap = Snapshot {
+        nodes,
+        pods,
+        deployments: vec![md.clone()],
+    };
+    let out = h.runner.pass(&snap).await;
+    let keys: Vec<&str> = out.iter().map(|o| o.deployment.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["inference/llama-8b:prefill", "inference/llama-8b:decode"]
+    );
+    let (p, q) = (&out[0].decision, &out[1].decision);
+    // The prefill pool grows as far as the free GPUs allow; the decode pool holds.
+    assert_eq!(p.current, prefill as u32);
+    assert!(p.replicas > p.current, "{}", p.message);
+    assert!(
+        p.capacity_limited,
+        "3x the queue does not fit: {}",
+        p.message
+    );
+    assert_eq!(
+        (q.current, q.replicas),
+        (decode as u32, decode as u32),
+        "{}",
+        q.message
+    );
+    assert_eq!(out[0].scale, WriteResult::Written);
+    assert_eq!(out[1].scale, WriteResult::Skipped);
+    let m = h.metrics();
+    assert_eq!(
+        value(
+            &m,
+            r#"tessera_autoscaler_desired_replicas{namespace="inference",deployment="llama-8b:prefill"}"#
+        ),
+        Some(f64::from(p.replicas))
+    );
+    let seen = h.requests().await;
+    // One merge patch of the deployment with both pools' sizes, no write of the scale
+    // subresource, and the prefill pool's ScalingLimited condition.
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0].method, Method::PATCH);
+    assert_eq!(
+        seen[0].path,
+        "/apis/tessera.dev/v1alpha1/namespaces/inference/modeldeployments/llama-8b"
+    );
+    assert_eq!(seen[0].content_type, "application/merge-patch+json");
+    assert_eq!(
+        seen[0].body,
+        json!({"spec": {"poolReplicas": {"decode": decode, "prefill": p.replicas}}})
+    );
+    let c = scaling_limited(&seen[1]);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "InsufficientCapacity")
+    );
+    assert!(
+        c.message
+            .starts_with(&format!("the prefill pool wanted {} replicas", p.wanted)),
+        "{}",
+        c.message
+    );
+}

@@ -1,7 +1,7 @@
 //! Which Kubernetes API calls the operator makes, derived by running its real code against a
 //! recording in-memory API server: the controller's main loop (`run_with_client`: watches,
 //! leader election, reconciles, the executor's writes, Events), the Lease release on shutdown,
-//! and one autoscaler pass that scales and sets `ScalingLimited`. Both modes: every namespace
+//! and autoscaler passes that scale, size prefill/decode pools and set `ScalingLimited`. Both modes: every namespace
 //! (a ClusterRole) and one watched namespace (a Role there, plus Nodes cluster-wide).
 //!
 //! The result must equal `tests/chart/rbac-calls.json`; `scripts/chart-test.sh` holds the
@@ -78,7 +78,7 @@ fn deployment() -> ModelDeployment {
 }
 
 /// A deployment whose prefill/decode pools run (SGLang, `disaggregation: On`): its router is
-/// applied.
+/// applied, and the autoscaler sizes its pools (`spec.poolReplicas`).
 fn pooled_deployment() -> Value {
     json!({
         "apiVersion": "tessera.dev/v1alpha1", "kind": "ModelDeployment",
@@ -93,7 +93,10 @@ fn pooled_deployment() -> Value {
                 "vocabSize": 128256, "contextLength": 131072, "bytesPerParameter": 2}},
             "serving": {"maxConcurrency": 16, "contextLength": 16384, "port": 8000,
                 "workload": {"inputTokens": 8192, "outputTokens": 256},
-                "disaggregation": "On"}
+                "disaggregation": "On"},
+            "autoscaling": {"enabled": true, "minReplicas": 1, "maxReplicas": 8,
+                "metric": "queueDepth", "target": 10,
+                "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 0}
         }
     })
 }
@@ -123,6 +126,8 @@ impl Scraper for Busy {
             Ok(format!(
                 "# TYPE tessera_requests_waiting gauge\ntessera_requests_waiting 500\n\
                 # TYPE tessera_requests_running gauge\ntessera_requests_running 16\n\
+                # TYPE sglang:num_queue_reqs gauge\nsglang:num_queue_reqs 500\n\
+                # TYPE sglang:num_running_reqs gauge\nsglang:num_running_reqs 16\n\
                 # TYPE tessera_inter_token_latency_seconds histogram\n\
                 tessera_inter_token_latency_seconds_sum {}\ntessera_inter_token_latency_seconds_count {}\n",
                 n * 10.0,
@@ -273,34 +278,52 @@ async fn calls(watch_namespace: Option<&str>) -> BTreeSet<Call> {
     for _ in 0..2 {
         recorder.publish(&event, &reference).await.expect("event");
     }
-    // One autoscaler pass over the placed replica: it scales and sets ScalingLimited.
-    let mut md = deployment();
-    let nodes: Vec<Node> = vec![serde_json::from_value(node()).expect("node")];
-    let obs = Observed {
-        md: &md,
-        pods: &[],
-        services: &[],
-        routers: &[],
-        nodes: &nodes,
-        other_pods: &[],
-        reserved: &[],
-        now: Timestamp::now(),
+    // One autoscaler pass over the placed replica (it scales and sets ScalingLimited) and
+    // over the pools of the pooled deployment (it sizes them in its spec).
+    let placed = |mut md: ModelDeployment, nodes: &[Node]| {
+        let obs = Observed {
+            md: &md,
+            pods: &[],
+            services: &[],
+            routers: &[],
+            nodes,
+            other_pods: &[],
+            reserved: &[],
+            now: Timestamp::now(),
+        };
+        let actions = reconcile(&obs, &Config::default());
+        md.status = actions.status.clone();
+        let pods: Vec<Pod> = actions
+            .apply_pods
+            .into_iter()
+            .map(|mut p| {
+                let pinned =
+                    tessera_operator::controller::reconcile::pinned_node(&p).map(str::to_owned);
+                p.spec.as_mut().expect("spec").node_name = pinned;
+                p.status = Some(
+                    serde_json::from_value(json!({"phase": "Running", "podIP": "10.0.0.1",
+                        "conditions": [{"type": "Ready", "status": "True"}]}))
+                    .expect("status"),
+                );
+                p
+            })
+            .collect::<Vec<Pod>>();
+        (md, pods)
     };
-    let actions = reconcile(&obs, &Config::default());
-    md.status = actions.status.clone();
-    let pods: Vec<Pod> = actions
-        .apply_pods
-        .into_iter()
-        .map(|mut p| {
-            p.spec.as_mut().expect("spec").node_name = Some("h100-1".into());
-            p.status = Some(
-                serde_json::from_value(json!({"phase": "Running", "podIP": "10.0.0.1",
-                    "conditions": [{"type": "Ready", "status": "True"}]}))
-                .expect("status"),
-            );
-            p
-        })
-        .collect();
+    let node_of = |name: &str| -> Node { serde_json::from_value(node_named(name)).expect("node") };
+    let (md, mut pods) = placed(deployment(), &[node_of("h100-1")]);
+    let mut pooled: ModelDeployment = parse_model_deployment(&pooled_deployment()).expect("pooled");
+    pooled.metadata.uid = Some("uid-2".into());
+    let (pooled, pool_pods) = placed(pooled, &[node_of("h100-2"), node_of("h100-3")]);
+    assert!(
+        pooled
+            .status
+            .as_ref()
+            .is_some_and(|s| s.placements.iter().all(|p| p.role.is_some())),
+        "the pools run"
+    );
+    pods.extend(pool_pods);
+    let nodes = vec![node_of("h100-1"), node_of("h100-2"), node_of("h100-3")];
     let mut registry = Registry::default();
     let mut runner = Runner::new(
         client(api.clone()),
@@ -316,7 +339,7 @@ async fn calls(watch_namespace: Option<&str>) -> BTreeSet<Call> {
     let snap = Snapshot {
         nodes,
         pods,
-        deployments: vec![md],
+        deployments: vec![md, pooled],
     };
     // Enough passes for the calibration to have its samples, and so to be saved.
     for _ in 0..5 {

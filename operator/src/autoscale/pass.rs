@@ -10,7 +10,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::arbitrate::{Claim, arbitrate};
 use super::decide::{Decision, History, Input, Params, ReplicaSample, decide};
-use crate::api::{AutoscalingSpec, ModelDeployment, ScalingMetric, whole_units};
+use crate::api::{AutoscalingSpec, ModelDeployment, ScalingMetric};
 use crate::planner::inventory::Inventory;
 use crate::planner::{PlanOptions, plan};
 
@@ -20,7 +20,9 @@ pub const CONDITION: &str = "ScalingLimited";
 /// How many replicas of `md` can be placed: the `placed` ones plus as many new replicas (up
 /// to `autoscaling.maxReplicas`) as the planner fits into the free GPUs of `inv`. The planner
 /// tries every feasible layout of the spec's `gpu.types` in order of preference, so a fallback
-/// GPU type with room counts. `inv` must count every pod's GPUs (this deployment's included).
+/// GPU type with room counts. For one pool of a deployment whose pools run ([`pool_view`]),
+/// the planner places replicas of that pool's GPU type and layout. `inv` must count every
+/// pod's GPUs (this deployment's included).
 pub fn capacity(inv: &Inventory, md: &ModelDeployment, placed: u32, opts: &PlanOptions) -> u32 {
     let max = md
         .spec
@@ -32,29 +34,35 @@ pub fn capacity(inv: &Inventory, md: &ModelDeployment, placed: u32, opts: &PlanO
         return placed;
     }
     let mut probe = md.clone();
-    probe.spec.replicas = i32::try_from(max - placed).unwrap_or(i32::MAX);
     probe.status = None;
+    probe.spec.replicas = i32::try_from(max - placed).unwrap_or(i32::MAX);
+    if let Some(pool) = view_pool(md) {
+        // One pool: replicas of its GPU type and layout, whatever the other pool needs (the
+        // pools' verdict weighs whole units, which a pool growing alone does not need).
+        let Some(t) = inv.types.iter().find(|t| t.product == pool.gpu_type) else {
+            return placed;
+        };
+        let spec = &mut probe.spec;
+        spec.serving.disaggregation = crate::api::Disaggregation::Off;
+        spec.serving.slo = None;
+        spec.pool_replicas = None;
+        spec.autoscaling = None;
+        spec.gpu.types = vec![t.short().to_owned()];
+        let fixed = |n: i32| crate::api::ParallelDegree::Fixed(n.max(1) as u32);
+        spec.parallelism.tensor = fixed(pool.tensor_parallel);
+        spec.parallelism.pipeline = fixed(pool.pipeline_parallel);
+        if let Some(ep) = pool.expert_parallel {
+            spec.parallelism.expert = fixed(ep);
+        }
+        if pool.data_parallel_attention {
+            spec.parallelism.attention = crate::api::AttentionParallelism::Data;
+        }
+    }
     let p = plan(inv, std::slice::from_ref(&probe), &[], opts);
     let Some(d) = p.deployments.first() else {
         return placed;
     };
-    // Pools: `placed` and the answer count whole units of both pools.
-    let more = match d.disaggregation.as_ref().filter(|x| x.disaggregated) {
-        Some(x) if running_pools(md).is_some() => whole_units(
-            &x.pools,
-            probe.spec.replicas,
-            d.placed.iter().map(|r| r.role.as_deref()),
-        )
-        .max(0) as u32,
-        // Running pools the probe would not run now: replicas over the unit's size.
-        _ => match running_pools(md) {
-            Some(pools) => {
-                d.placed.len() as u32 / pools.iter().map(|(_, n, _)| n).sum::<u32>().max(1)
-            }
-            None => d.placed.len() as u32,
-        },
-    };
-    placed + more
+    placed + d.placed.len() as u32
 }
 
 /// Pods as the inventory should count them: unbound pods that the operator pinned to a node
@@ -94,32 +102,70 @@ fn current_of(md: &ModelDeployment) -> u32 {
     md.spec.replicas.max(0) as u32
 }
 
-/// The pools of a deployment whose prefill/decode pools run: (role, replicas per unit, GPUs
-/// per replica) each. `spec.replicas` counts units of the pools' ratio, so the autoscaler
-/// scales units.
-fn running_pools(md: &ModelDeployment) -> Option<Vec<(String, u32, u32)>> {
+/// The pools of a deployment whose prefill/decode pools run (placements in roles, two pools
+/// in status).
+fn running_pools(md: &ModelDeployment) -> Option<&[crate::api::PoolStatus]> {
     let st = md.status.as_ref()?;
-    if !st.placements.iter().any(|p| p.role.is_some()) || st.pools.is_empty() {
-        return None;
-    }
-    Some(
-        st.pools
-            .iter()
-            .map(|p| {
-                (
-                    p.role.clone(),
-                    p.per_unit(md.spec.replicas) as u32,
-                    (p.tensor_parallel.max(1) * p.pipeline_parallel.max(1)) as u32,
-                )
-            })
-            .collect(),
-    )
+    (st.placements.iter().any(|p| p.role.is_some()) && st.pools.len() > 1)
+        .then_some(st.pools.as_slice())
 }
 
-/// GPUs one more replica (one more unit of both pools, when they run) takes.
+/// The pool a [`pool_view`] stands for (its status holds that one pool).
+fn view_pool(md: &ModelDeployment) -> Option<&crate::api::PoolStatus> {
+    let st = md.status.as_ref()?;
+    match st.pools.as_slice() {
+        [one] => Some(one),
+        _ => None,
+    }
+}
+
+/// The deployment's name without a pool view's `:ROLE`.
+fn base_name(md: &ModelDeployment) -> &str {
+    let name = md.metadata.name.as_deref().unwrap_or("");
+    name.split_once(':').map_or(name, |(n, _)| n)
+}
+
+/// The deployment's key and the pool of a key from [`decide_pass`]: `ns/name` and `None`, or
+/// `ns/name:ROLE` and the role (`:` never occurs in a Kubernetes name).
+pub fn split_key(key: &str) -> (&str, Option<&str>) {
+    match key.split_once(':') {
+        Some((k, role)) => (k, Some(role)),
+        None => (key, None),
+    }
+}
+
+/// One pool of a deployment whose pools run, as the autoscaler scales it: named `NAME:ROLE`;
+/// `spec.replicas` is the pool's size (`spec.poolReplicas`, else its units); the bounds are
+/// `autoscaling.minReplicas` / `maxReplicas` units of the pool's replicas per unit; the metric
+/// and target are the pool's own ([`pool_scaling`]); its status holds the pool's placements and
+/// the pool alone, with the pool's layout. `None` without that pool.
+pub fn pool_view(md: &ModelDeployment, role: &str) -> Option<ModelDeployment> {
+    let pool = running_pools(md)?.iter().find(|p| p.role == role)?;
+    let per_unit = pool.per_unit(md.spec.replicas);
+    let (metric, target) = pool_scaling(md, role)?;
+    let mut v = md.clone();
+    v.metadata.name = Some(format!("{}:{role}", base_name(md)));
+    v.spec.replicas = md.spec.pool_size(role, per_unit);
+    if let Some(a) = v.spec.autoscaling.as_mut() {
+        a.min_replicas = a.min_replicas.saturating_mul(per_unit);
+        a.max_replicas = a.max_replicas.saturating_mul(per_unit);
+        a.metric = metric;
+        a.target = target;
+    }
+    let st = v.status.as_mut().expect("pools run");
+    st.placements.retain(|p| p.role.as_deref() == Some(role));
+    st.gpu_type = Some(pool.gpu_type.clone());
+    st.tensor_parallel = Some(pool.tensor_parallel);
+    st.pipeline_parallel = Some(pool.pipeline_parallel);
+    st.expert_parallel = pool.expert_parallel;
+    st.pools = vec![pool.clone()];
+    Some(v)
+}
+
+/// GPUs one more replica takes (of the pool, for a [`pool_view`]).
 fn gpus_per_replica(md: &ModelDeployment) -> u32 {
-    if let Some(pools) = running_pools(md) {
-        return pools.iter().map(|(_, n, g)| n * g).sum();
+    if let Some(p) = view_pool(md) {
+        return (p.tensor_parallel.max(1) * p.pipeline_parallel.max(1)) as u32;
     }
     let st = md.status.as_ref();
     let tp = st.and_then(|s| s.tensor_parallel).unwrap_or(1).max(1);
@@ -127,20 +173,11 @@ fn gpus_per_replica(md: &ModelDeployment) -> u32 {
     (tp * pp) as u32
 }
 
-/// Replicas in the autoscaler's unit: placed replicas, or whole units of both pools.
+/// Placed replicas (of the pool, for a [`pool_view`]).
 fn placed_of(md: &ModelDeployment) -> u32 {
-    let Some(st) = md.status.as_ref() else {
-        return 0;
-    };
-    match running_pools(md) {
-        None => st.placements.len() as u32,
-        Some(_) => whole_units(
-            &st.pools,
-            md.spec.replicas,
-            st.placements.iter().map(|p| p.role.as_deref()),
-        )
-        .max(0) as u32,
-    }
+    md.status
+        .as_ref()
+        .map_or(0, |st| st.placements.len() as u32)
 }
 
 /// What pool `role` scales on: `autoscaling.prefill` / `.decode`; else the SLO's time to first
@@ -162,88 +199,41 @@ pub fn pool_scaling(md: &ModelDeployment, role: &str) -> Option<(ScalingMetric, 
     Some(chosen.unwrap_or((a.metric, a.target)))
 }
 
-/// A decision in units for a deployment whose pools run: each pool's mean of its own signal
-/// ([`pool_scaling`]) over its fresh leaders against its target, and the pool that is the
-/// most loaded for its target speaks for the unit (prefill pressed by long prompts, decode by
-/// many long answers; a unit grows both at the planned ratio). Returned as the spec and the
-/// samples [`decide`] reads: that pool's metric and target, and `current` samples of its mean,
-/// as many fresh as the pool's share of fresh leaders (so the proportional rule counts units,
-/// and a pool missing samples still holds a scale-down), with the note that goes before the
-/// decision's message.
-fn unit_samples(
-    md: &ModelDeployment,
-    samples: &[ReplicaSample],
-    params: &Params,
-) -> Option<(AutoscalingSpec, Vec<ReplicaSample>, String)> {
-    let pools = running_pools(md)?;
-    let spec = md.spec.autoscaling.as_ref()?;
-    let current = current_of(md);
-    // (load ratio, role, metric, target, mean, share of leaders fresh)
-    let mut lead: Option<(f64, &str, ScalingMetric, f64, f64, f64)> = None;
-    let mut parts = Vec::new();
-    for (role, per_unit, _) in &pools {
-        let (metric, target) = pool_scaling(md, role)?;
-        let target = if target.is_finite() && target > 0.0 {
-            target
-        } else {
-            1.0
-        };
-        let values: Vec<f64> = samples
+/// The (namespace, name) of what the autoscaler decides on for `md`: `NAME`, or `NAME:ROLE`
+/// for each pool while its pools run.
+pub fn scaled_names(md: &ModelDeployment) -> Vec<(String, String)> {
+    let ns = md.metadata.namespace.clone().unwrap_or_default();
+    let name = base_name(md).to_owned();
+    match running_pools(md) {
+        None => vec![(ns, name)],
+        Some(pools) => pools
             .iter()
-            .filter(|s| s.pool.as_deref() == Some(role.as_str()))
-            .filter(|s| s.is_fresh(params))
-            .filter_map(|s| s.value(metric))
-            .collect();
-        let name = crate::autoscale::decide::metric_name(metric);
-        if values.is_empty() {
-            parts.push(format!("{role} {name}: no fresh sample"));
-            continue;
-        }
-        let mean = values.iter().sum::<f64>() / values.len() as f64;
-        let ratio = mean / target;
-        parts.push(format!(
-            "{role} {name} {mean:.3} over {} leaders is {:.0}% of {target}",
-            values.len(),
-            ratio * 100.0
-        ));
-        let share = (values.len() as f64 / f64::from(per_unit * current.max(1))).min(1.0);
-        if lead.is_none_or(|l| ratio > l.0) {
-            lead = Some((ratio, role.as_str(), metric, target, mean, share));
-        }
+            .map(|p| (ns.clone(), format!("{name}:{}", p.role)))
+            .collect(),
     }
-    let unit = pools
-        .iter()
-        .map(|(r, n, _)| format!("{n} {r}"))
-        .collect::<Vec<_>>()
-        .join(" + ");
-    let Some((_, role, metric, target, mean, share)) = lead else {
-        return Some((
-            spec.clone(),
-            Vec::new(),
-            format!("pools scale in units ({unit}); {}: ", parts.join("; ")),
-        ));
+}
+
+/// What the autoscaler decides on for one deployment: the deployment itself, or, while its
+/// prefill/decode pools run, each pool on its own ([`pool_view`]) with its own leaders' samples.
+fn scaled<'a>(
+    md: &'a ModelDeployment,
+    samples: &[ReplicaSample],
+) -> Vec<(std::borrow::Cow<'a, ModelDeployment>, Vec<ReplicaSample>)> {
+    let Some(pools) = running_pools(md) else {
+        return vec![(std::borrow::Cow::Borrowed(md), samples.to_vec())];
     };
-    let fresh = ((f64::from(current) * share).round() as u32).min(current);
-    let out = (0..current)
-        .map(|i| {
-            let mut s = ReplicaSample::of(metric, mean);
-            if i >= fresh {
-                s.age_s = f64::INFINITY;
-            }
-            s
+    pools
+        .iter()
+        .filter_map(|p| {
+            let view = pool_view(md, &p.role)?;
+            let own = samples
+                .iter()
+                .filter(|s| s.pool.as_deref() == Some(p.role.as_str()))
+                .cloned()
+                .collect();
+            Some((std::borrow::Cow::Owned(view), own))
         })
-        .collect();
-    let mut lead_spec = spec.clone();
-    lead_spec.metric = metric;
-    lead_spec.target = target;
-    Some((
-        lead_spec,
-        out,
-        format!(
-            "pools scale in units ({unit}); {}; the {role} pool leads, per unit: ",
-            parts.join("; ")
-        ),
-    ))
+        .collect()
 }
 
 /// Decide every target. Deployments without `autoscaling.enabled` are skipped. With an
@@ -258,72 +248,54 @@ pub fn decide_pass(
     now_s: f64,
 ) -> Vec<(String, Decision)> {
     let empty = History::default();
-    let enabled: Vec<&Target<'_>> = targets
+    // Deployments whose pools run are decided pool by pool, each under `NAME:ROLE`.
+    let enabled: Vec<(std::borrow::Cow<'_, ModelDeployment>, Vec<ReplicaSample>)> = targets
         .iter()
         .filter(|t| t.md.spec.autoscaling.as_ref().is_some_and(|a| a.enabled))
+        .flat_map(|t| scaled(t.md, &t.samples))
         .collect();
-    // Deployments whose pools run decide in units, on the pool that leads.
-    let units: Vec<Option<(AutoscalingSpec, Vec<ReplicaSample>, String)>> = enabled
-        .iter()
-        .map(|t| unit_samples(t.md, &t.samples, params))
-        .collect();
-    let samples_of = |i: usize| -> &[ReplicaSample] {
-        units[i]
-            .as_ref()
-            .map_or(&enabled[i].samples[..], |(_, s, _)| &s[..])
+    let spec_of = |md: &ModelDeployment| -> AutoscalingSpec {
+        md.spec.autoscaling.clone().expect("filtered")
     };
-    let spec_of = |i: usize| -> &AutoscalingSpec {
-        units[i].as_ref().map_or_else(
-            || enabled[i].md.spec.autoscaling.as_ref().expect("filtered"),
-            |(spec, _, _)| spec,
+    let decide_with = |md: &ModelDeployment, samples: &[ReplicaSample], capacity| {
+        decide(
+            &Input {
+                spec: &spec_of(md),
+                current: current_of(md),
+                samples,
+                capacity,
+                now_s,
+            },
+            histories.get(&key(md)).unwrap_or(&empty),
+            params,
         )
-    };
-    let noted = |i: usize, mut d: Decision| {
-        if let Some((_, _, note)) = &units[i] {
-            d.message = format!("{note}{}", d.message);
-        }
-        d
     };
     let first: Vec<Decision> = enabled
         .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            decide(
-                &Input {
-                    spec: spec_of(i),
-                    current: current_of(t.md),
-                    samples: samples_of(i),
-                    capacity: None,
-                    now_s,
-                },
-                histories.get(&key(t.md)).unwrap_or(&empty),
-                params,
-            )
-        })
+        .map(|(md, samples)| decide_with(md, samples, None))
         .collect();
     let Some(inv) = inv else {
         return enabled
             .iter()
             .zip(first)
-            .enumerate()
-            .map(|(i, (t, d))| (key(t.md), noted(i, d)))
+            .map(|((md, _), d)| (key(md), d))
             .collect();
     };
-    // Capacity per deployment that wants to grow.
+    // Capacity per deployment (or pool) that wants to grow.
     let mut caps: Vec<Option<u32>> = vec![None; enabled.len()];
     let mut claims = Vec::new();
     let mut claim_of = Vec::new();
-    for (i, (t, d)) in enabled.iter().zip(&first).enumerate() {
+    for (i, ((md, _), d)) in enabled.iter().zip(&first).enumerate() {
         if d.replicas <= d.current {
             continue;
         }
-        caps[i] = Some(capacity(inv, t.md, placed_of(t.md), opts));
-        let target = spec_of(i).target.max(1e-9);
+        caps[i] = Some(capacity(inv, md, placed_of(md), opts));
+        let target = spec_of(md).target.max(1e-9);
         claims.push(Claim {
-            priority: t.md.spec.priority,
+            priority: md.spec.priority,
             running: d.current,
             wanted: d.replicas,
-            gpus_per_replica: gpus_per_replica(t.md),
+            gpus_per_replica: gpus_per_replica(md),
             ratio: d.average.unwrap_or(0.0) / target,
         });
         claim_of.push(i);
@@ -339,23 +311,12 @@ pub fn decide_pass(
         .iter()
         .zip(first)
         .zip(caps)
-        .enumerate()
-        .map(|(i, ((t, d), cap))| {
+        .map(|(((md, samples), d), cap)| {
             let d = match cap {
                 None => d,
-                Some(c) => decide(
-                    &Input {
-                        spec: spec_of(i),
-                        current: current_of(t.md),
-                        samples: samples_of(i),
-                        capacity: Some(c),
-                        now_s,
-                    },
-                    histories.get(&key(t.md)).unwrap_or(&empty),
-                    params,
-                ),
+                Some(c) => decide_with(md, samples, Some(c)),
             };
-            (key(t.md), noted(i, d))
+            (key(md), d)
         })
         .collect()
 }
@@ -367,6 +328,7 @@ pub fn decide_pass(
 pub fn scaling_condition(
     old: &[Condition],
     d: &Decision,
+    pool: Option<&str>,
     generation: Option<i64>,
     now: Timestamp,
 ) -> Option<Vec<Condition>> {
@@ -376,7 +338,8 @@ pub fn scaling_condition(
             "True",
             "InsufficientCapacity",
             format!(
-                "wanted {} replicas, {} fit in the cluster (allowed GPU types included); running {}",
+                "{}wanted {} replicas, {} fit in the cluster (allowed GPU types included); running {}",
+                pool.map_or(String::new(), |p| format!("the {p} pool ")),
                 d.wanted,
                 d.capacity.unwrap_or(0),
                 d.replicas
@@ -388,7 +351,11 @@ pub fn scaling_condition(
             Some(_) => (
                 "False",
                 "CapacityAvailable",
-                format!("the {} replicas the load asks for fit", d.replicas),
+                format!(
+                    "the {} replicas the load asks for fit{}",
+                    d.replicas,
+                    pool.map_or(String::new(), |p| format!(" (the {p} pool)"))
+                ),
             ),
         }
     };
@@ -509,8 +476,8 @@ mod tests {
         d
     }
 
-    /// One pass over `d` alone, without an inventory.
-    fn decide_one(d: &ModelDeployment, samples: Vec<ReplicaSample>) -> Decision {
+    /// One pass over `d` alone, without an inventory: every decision, by key.
+    fn decide_all(d: &ModelDeployment, samples: Vec<ReplicaSample>) -> Vec<(String, Decision)> {
         let t = [Target { md: d, samples }];
         decide_pass(
             &t,
@@ -520,8 +487,15 @@ mod tests {
             &PlanOptions::default(),
             0.0,
         )
-        .remove(0)
-        .1
+    }
+
+    /// The decisions for the prefill and the decode pool of `d`.
+    fn decide_pools(d: &ModelDeployment, samples: Vec<ReplicaSample>) -> (Decision, Decision) {
+        let out = decide_all(d, samples);
+        let keys: Vec<&str> = out.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["ns/pd:prefill", "ns/pd:decode"]);
+        let mut it = out.into_iter().map(|(_, d)| d);
+        (it.next().unwrap(), it.next().unwrap())
     }
 
     fn pool_samples(prefill: &[f64], decode: &[f64]) -> Vec<ReplicaSample> {
@@ -537,41 +511,64 @@ mod tests {
     }
 
     #[test]
-    fn pools_scale_in_units_on_the_pool_that_leads() {
+    fn each_pool_scales_alone_on_its_own_signal() {
         let d = pooled();
-        assert_eq!((placed_of(&d), gpus_per_replica(&d)), (1, 4));
-        let run = |samples: Vec<ReplicaSample>| decide_one(&d, samples);
-        // Long prompts queue at the prefill pool (40 per leader, target 10): 4 units (the
-        // leaders taken as replicas would ask for 12, rate-limited to 5).
-        let up = run(pool_samples(&[40.0, 40.0, 40.0], &[0.0]));
-        assert_eq!((up.current, up.replicas), (1, 4), "{}", up.message);
-        assert!(
-            up.message
-                .starts_with("pools scale in units (3 prefill + 1 decode)")
-                && up.message.contains("the prefill pool leads"),
-            "{}",
-            up.message
+        let (pre, dec) = (
+            pool_view(&d, "prefill").unwrap(),
+            pool_view(&d, "decode").unwrap(),
         );
-        // The decode pool leads when it is the one loaded (25: 3 units; as replicas, 4).
-        let up = run(pool_samples(&[2.0, 2.0, 2.0], &[25.0]));
-        assert_eq!(up.replicas, 3, "{}", up.message);
-        assert!(
-            up.message.contains("the decode pool leads"),
-            "{}",
-            up.message
-        );
-        // No pool sample: hold, saying so per pool.
-        let hold = run(Vec::new());
-        assert_eq!(hold.replicas, 1);
+        assert_eq!((placed_of(&pre), gpus_per_replica(&pre)), (3, 1));
+        assert_eq!((placed_of(&dec), gpus_per_replica(&dec)), (1, 1));
+        // Bounds: 1..8 units of each pool's replicas per unit.
+        let bounds = |v: &ModelDeployment| {
+            let a = v.spec.autoscaling.as_ref().unwrap();
+            (a.min_replicas, a.max_replicas)
+        };
+        assert_eq!((bounds(&pre), bounds(&dec)), ((3, 24), (1, 8)));
+        // Long prompts queue at the prefill pool (40 per leader, target 10): the prefill pool
+        // grows, the idle decode pool stays as it is.
+        let (p, q) = decide_pools(&d, pool_samples(&[40.0, 40.0, 40.0], &[0.0]));
+        assert_eq!(p.current, 3);
+        assert!(p.replicas > 3, "{}", p.message);
+        assert_eq!((q.current, q.replicas), (1, 1), "{}", q.message);
+        // Many long answers load the decode pool (25 at target 10): it alone grows to 3; the
+        // light prefill pool holds (its scale-down window has not passed).
+        let (p, q) = decide_pools(&d, pool_samples(&[2.0, 2.0, 2.0], &[25.0]));
+        assert_eq!((q.current, q.replicas), (1, 3), "{}", q.message);
+        assert_eq!(p.replicas, 3, "{}", p.message);
+        // No sample from a pool: that pool holds, saying so.
+        let (p, q) = decide_pools(&d, pool_samples(&[], &[25.0]));
+        assert_eq!(p.replicas, 3);
+        assert_eq!(p.reason, crate::autoscale::decide::Reason::MetricsMissing);
+        assert_eq!(q.replicas, 3, "{}", q.message);
+    }
+
+    #[test]
+    fn a_pools_size_comes_from_pool_replicas_else_its_units() {
+        let mut d = pooled();
+        d.spec.replicas = 2;
+        d.status.as_mut().unwrap().pools[0].replicas_per_unit = 3;
+        d.status.as_mut().unwrap().pools[1].replicas_per_unit = 1;
+        let size = |d: &ModelDeployment, role: &str| pool_view(d, role).unwrap().spec.replicas;
+        assert_eq!((size(&d, "prefill"), size(&d, "decode")), (6, 2));
+        d.spec.pool_replicas = Some(crate::api::PoolReplicas {
+            prefill: Some(7),
+            decode: None,
+        });
+        assert_eq!((size(&d, "prefill"), size(&d, "decode")), (7, 2));
         assert_eq!(
-            hold.reason,
-            crate::autoscale::decide::Reason::MetricsMissing
+            scaled_names(&d),
+            [
+                ("ns".to_owned(), "pd:prefill".to_owned()),
+                ("ns".to_owned(), "pd:decode".to_owned())
+            ]
         );
-        assert!(
-            hold.message.contains("prefill queueDepth: no fresh sample"),
-            "{}",
-            hold.message
-        );
+        assert_eq!(split_key("ns/pd:decode"), ("ns/pd", Some("decode")));
+        assert_eq!(split_key("ns/pd"), ("ns/pd", None));
+        // A deployment without running pools is decided whole.
+        let plain = md("a", 0, 2);
+        assert!(pool_view(&plain, "prefill").is_none());
+        assert_eq!(decide_all(&plain, busy(2))[0].0, "ns/a");
     }
 
     #[test]
@@ -600,37 +597,34 @@ mod tests {
             running: Some(4.0),
             ..ReplicaSample::default()
         };
-        let run = decide_one;
-        // Prefill 3 s against 2 s (150%), decode 40 ms against 50 ms (80%): 2 units, led by
-        // prefill, whose signal the message names.
+        // Prefill 3 s against 2 s (150%): 3 prefill replicas become ceil(4.5) = 5; decode
+        // 40 ms against 50 ms (80%) holds its one replica.
         let pools = vec![
             sample("prefill", Some(3.0), None, 0.1),
             sample("prefill", Some(3.0), None, 0.1),
             sample("prefill", Some(3.0), None, 0.1),
             sample("decode", None, Some(0.04), 0.95),
         ];
-        let up = run(&d, pools.clone());
-        assert_eq!(up.replicas, 2, "{}", up.message);
-        assert!(
-            up.message
-                .contains("prefill timeToFirstToken 3.000 over 3 leaders is 150% of 2")
-                && up.message.contains("decode interTokenLatency 0.040")
-                && up.message.contains("the prefill pool leads"),
-            "{}",
-            up.message
+        let (p, q) = decide_pools(&d, pools.clone());
+        assert_eq!(
+            (p.replicas, q.replicas),
+            (5, 1),
+            "{} / {}",
+            p.message,
+            q.message
         );
-        // autoscaling.decode on KV-cache use (target 0.5): the decode pool at 0.95 leads (190%).
+        // autoscaling.decode on KV-cache use (target 0.5): the decode pool at 0.95 grows to 2.
         d.spec.autoscaling.as_mut().unwrap().decode = Some(crate::api::PoolScaling {
             metric: crate::api::DecodeScalingMetric::KvCacheUtilization,
             target: 0.5,
         });
-        let up = run(&d, pools);
-        assert_eq!(up.replicas, 2, "{}", up.message);
-        assert!(
-            up.message.contains("decode kvCacheUtilization 0.950")
-                && up.message.contains("the decode pool leads"),
-            "{}",
-            up.message
+        let (p, q) = decide_pools(&d, pools);
+        assert_eq!(
+            (p.replicas, q.replicas),
+            (5, 2),
+            "{} / {}",
+            p.message,
+            q.message
         );
         // Idle leaders (nothing waiting or running) have no latency to scale for: 0, not absent.
         let idle = ReplicaSample {
@@ -648,16 +642,16 @@ mod tests {
     }
 
     #[test]
-    fn pooled_units_hold_a_scale_down_while_a_pool_misses_samples() {
+    fn a_pool_holds_a_scale_down_while_it_misses_samples() {
         let mut d = pooled();
         d.spec.replicas = 2;
         let st = d.status.as_mut().unwrap();
         st.pools[0].replicas = 6;
         st.pools[1].replicas = 2;
         // Light load, but only 2 of the 6 prefill leaders answered.
-        let d = decide_one(&d, pool_samples(&[1.0, 1.0], &[1.0, 1.0]));
-        assert_eq!(d.replicas, 2, "{}", d.message);
-        assert_eq!(d.reason, crate::autoscale::decide::Reason::MetricsPartial);
+        let (p, _) = decide_pools(&d, pool_samples(&[1.0, 1.0], &[1.0, 1.0]));
+        assert_eq!(p.replicas, 6, "{}", p.message);
+        assert_eq!(p.reason, crate::autoscale::decide::Reason::MetricsPartial);
     }
 
     fn busy(n: u32) -> Vec<ReplicaSample> {
@@ -766,8 +760,8 @@ mod tests {
             average: Some(30.0),
             fresh: 2,
         };
-        let set =
-            scaling_condition(std::slice::from_ref(&other), &limited, Some(4), t0).expect("set");
+        let set = scaling_condition(std::slice::from_ref(&other), &limited, None, Some(4), t0)
+            .expect("set");
         assert_eq!(set.len(), 2);
         let c = set.iter().find(|c| c.type_ == CONDITION).expect("cond");
         assert_eq!(
@@ -781,18 +775,18 @@ mod tests {
         );
         assert_eq!(c.observed_generation, Some(4));
         // Same decision again: nothing to write.
-        assert_eq!(scaling_condition(&set, &limited, Some(4), t1), None);
+        assert_eq!(scaling_condition(&set, &limited, None, Some(4), t1), None);
         // Not limited any more: False, with a new transition time; the other condition stays.
         let fine = Decision {
             capacity_limited: false,
             ..limited
         };
-        let cleared = scaling_condition(&set, &fine, Some(4), t1).expect("clear");
+        let cleared = scaling_condition(&set, &fine, None, Some(4), t1).expect("clear");
         let c = cleared.iter().find(|c| c.type_ == CONDITION).expect("cond");
         assert_eq!(c.status, "False");
         assert_eq!(c.last_transition_time, Time(t1));
         assert!(cleared.iter().any(|c| c.type_ == "Ready"));
         // Never limited: no condition written at all.
-        assert_eq!(scaling_condition(&[other], &fine, None, t1), None);
+        assert_eq!(scaling_condition(&[other], &fine, None, None, t1), None);
     }
 }

@@ -19,7 +19,7 @@
 //!   direction, desired replicas per deployment).
 
 use std::borrow::Borrow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -557,12 +557,15 @@ impl Runner {
             .filter(|d| d.spec.autoscaling.as_ref().is_some_and(|a| a.enabled))
             .collect();
         let known: HashSet<String> = deployments.iter().map(|d| pass::key(d)).collect();
-        self.histories.retain(|k, _| known.contains(k));
+        // A pool's history is under `ns/NAME:ROLE`: kept while its deployment is.
+        self.histories
+            .retain(|k, _| known.contains(pass::split_key(k).0));
         let gauges: HashSet<DeploymentLabels> = deployments
             .iter()
-            .map(|d| DeploymentLabels {
-                namespace: d.namespace().unwrap_or_default(),
-                deployment: d.name_any(),
+            .flat_map(|d| pass::scaled_names(d))
+            .map(|(namespace, deployment)| DeploymentLabels {
+                namespace,
+                deployment,
             })
             .collect();
         for gone in self.gauges.difference(&gauges) {
@@ -695,8 +698,42 @@ impl Runner {
             &self.plan_cfg.plan,
             now_s,
         );
+        // The pools' sizes as decided in this pass, per deployment: one write carries both, so
+        // two pools that change in the same pass never undo each other.
+        let mut pool_sizes: HashMap<&str, BTreeMap<String, u32>> = HashMap::new();
+        // The decision that writes a deployment's condition: its first pool limited by
+        // capacity, else its first.
+        let mut speaks: HashMap<&str, (&str, bool)> = HashMap::new();
+        for (k, d) in &decisions {
+            let (dep, role) = pass::split_key(k);
+            if let Some(role) = role {
+                pool_sizes
+                    .entry(dep)
+                    .or_default()
+                    .insert(role.to_owned(), d.replicas);
+            }
+            match speaks.get(dep) {
+                None => {
+                    speaks.insert(dep, (k.as_str(), d.capacity_limited));
+                }
+                Some(&(_, false)) if d.capacity_limited => {
+                    speaks.insert(dep, (k.as_str(), true));
+                }
+                Some(_) => {}
+            }
+        }
+        let speaks: HashSet<String> = speaks.values().map(|(k, _)| (*k).to_owned()).collect();
+        let pool_sizes: HashMap<String, BTreeMap<String, u32>> = pool_sizes
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
         let mut outcomes = Vec::with_capacity(decisions.len());
-        for (md, (key, d)) in deployments.iter().zip(decisions) {
+        for (key, d) in decisions {
+            let (dep_key, pool) = pass::split_key(&key);
+            let Some(md) = by_key.get(dep_key).copied() else {
+                continue;
+            };
+            let pool = pool.map(str::to_owned);
             let spec = md.spec.autoscaling.as_ref().expect("enabled");
             self.metrics
                 .decisions
@@ -704,29 +741,40 @@ impl Runner {
                     direction: direction(&d),
                 })
                 .inc();
+            let labels = DeploymentLabels {
+                namespace: md.namespace().unwrap_or_default(),
+                deployment: match &pool {
+                    Some(role) => format!("{}:{role}", md.name_any()),
+                    None => md.name_any(),
+                },
+            };
             self.metrics
                 .desired_replicas
-                .get_or_create(&DeploymentLabels {
-                    namespace: md.namespace().unwrap_or_default(),
-                    deployment: md.name_any(),
-                })
+                .get_or_create(&labels)
                 .set(i64::from(d.replicas));
             self.metrics
                 .capacity_limited
-                .get_or_create(&DeploymentLabels {
-                    namespace: md.namespace().unwrap_or_default(),
-                    deployment: md.name_any(),
-                })
+                .get_or_create(&labels)
                 .set(i64::from(d.capacity_limited));
             let scale = if d.replicas != d.current {
-                let r = write_result(self.apply_replicas(md, d.replicas).await);
+                let r = match &pool {
+                    None => write_result(self.apply_replicas(md, d.replicas).await),
+                    Some(_) => {
+                        write_result(self.apply_pool_replicas(md, &pool_sizes[dep_key]).await)
+                    }
+                };
                 match &r {
                     WriteResult::Written => {
                         tracing::info!(deployment = %key, from = d.current, to = d.replicas, reason = d.reason.as_str(), "{}", d.message);
                     }
-                    other => {
-                        tracing::warn!(deployment = %key, result = ?other, "writing replicas through the scale subresource failed; retrying next tick");
-                    }
+                    other => match &pool {
+                        None => {
+                            tracing::warn!(deployment = %key, result = ?other, "writing replicas through the scale subresource failed; retrying next tick")
+                        }
+                        Some(_) => {
+                            tracing::warn!(deployment = %key, result = ?other, "writing spec.poolReplicas failed; retrying next tick")
+                        }
+                    },
                 }
                 r
             } else {
@@ -749,8 +797,14 @@ impl Runner {
                 .unwrap_or(&[]);
             // The condition describes the replicas written: when that write failed, it waits
             // for the next pass with it.
-            let conditions = if applied {
-                scaling_condition(old, &d, md.metadata.generation, self.clock.wall())
+            let conditions = if applied && speaks.contains(&key) {
+                scaling_condition(
+                    old,
+                    &d,
+                    pool.as_deref(),
+                    md.metadata.generation,
+                    self.clock.wall(),
+                )
             } else {
                 None
             };
@@ -793,6 +847,23 @@ impl Runner {
         .map(|_| ())
     }
 
+    /// Write both pools' sizes (`spec.poolReplicas`) with a JSON merge patch of the spec.
+    async fn apply_pool_replicas(
+        &self,
+        md: &ModelDeployment,
+        sizes: &BTreeMap<String, u32>,
+    ) -> Result<(), kube::Error> {
+        let api: Api<ModelDeployment> =
+            Api::namespaced(self.client.clone(), &md.namespace().unwrap_or_default());
+        api.patch(
+            &md.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&pool_replicas_patch(sizes)),
+        )
+        .await
+        .map(|_| ())
+    }
+
     async fn write_conditions(
         &self,
         md: &ModelDeployment,
@@ -818,6 +889,11 @@ pub fn scale_body(replicas: u32) -> serde_json::Value {
         "kind": "Scale",
         "spec": {"replicas": replicas},
     })
+}
+
+/// The merge patch of `spec.poolReplicas` with every pool's size (role -> replicas).
+pub fn pool_replicas_patch(sizes: &BTreeMap<String, u32>) -> serde_json::Value {
+    serde_json::json!({"spec": {"poolReplicas": sizes}})
 }
 
 /// The merge patch of the conditions, guarded by the resourceVersion that was read.
