@@ -437,7 +437,7 @@ fn a_pool_sized_on_its_own_keeps_every_placed_replica_and_adds_its_own() {
         .collect();
     // Two more decode replicas, the prefill pool as planned. (The inventory has no pods: the
     // kept replicas' GPUs are taken again by the plan itself, as the controller's are.)
-    let mut grown = md.clone();
+    let mut grown = md;
     grown.spec.pool_replicas = Some(tessera_operator::api::PoolReplicas {
         prefill: None,
         decode: Some(dec + 2),

@@ -636,7 +636,7 @@ fn each_pool_grows_and_shrinks_alone_and_the_other_keeps_its_replicas() {
     );
     md.status = Some(s1.clone());
     let pods = ready(&a1, t0());
-    let routers = vec![a1.apply_router.clone().expect("router")];
+    let routers = vec![a1.apply_router.expect("router")];
     let incarnation = |s: &tessera_operator::api::ModelDeploymentStatus, r: i32| {
         s.placements
             .iter()
