@@ -1023,3 +1023,85 @@ fn simulation_pools_run_stay_quiet_and_heal_a_lost_decode_node_in_its_role() {
     );
     sim.converge(10);
 }
+
+#[test]
+fn simulation_each_pool_resizes_alone_and_the_other_keeps_running() {
+    let mut sim = Sim::new(cluster(3), vec![pooled_deployment("chat")]);
+    let all_ready = |want: (i32, i32)| {
+        move |s: &Sim| {
+            let st = s.deployments[0].status.as_ref();
+            st.is_some_and(|st| {
+                st.pools.len() == 2
+                    && (st.pools[0].replicas, st.pools[1].replicas) == want
+                    && st.placements.len() as i32 == want.0 + want.1
+                    && st.placements.iter().all(|p| p.ready)
+            })
+        }
+    };
+    sim.run_until(60, "both pools ready", |s| {
+        s.deployments[0].status.as_ref().is_some_and(|st| {
+            st.pools.len() == 2
+                && st.placements.len() as i32 == st.pools.iter().map(|p| p.replicas).sum::<i32>()
+                && st.placements.iter().all(|p| p.ready)
+        })
+    });
+    sim.converge(10);
+    let st = sim.deployments[0].status.clone().expect("status");
+    let (prefill, decode) = (st.pools[0].replicas, st.pools[1].replicas);
+    assert_eq!(
+        (st.pools[0].role.as_str(), st.pools[1].role.as_str()),
+        ("prefill", "decode")
+    );
+    assert!(prefill >= 3, "{:?}", st.pools);
+    let before = pool_roles(&sim);
+    // As the autoscaler does: the decode pool grows by one and the prefill pool shrinks by two,
+    // in one write of spec.poolReplicas.
+    sim.deployments[0].spec.pool_replicas = Some(tessera_operator::api::PoolReplicas {
+        prefill: Some(prefill - 2),
+        decode: Some(decode + 1),
+    });
+    let (secs, _) = sim.run_until(
+        60,
+        "the resized pools ready",
+        all_ready((prefill - 2, decode + 1)),
+    );
+    println!(
+        "pools {prefill}+{decode} resized to {}+{} in {secs} simulated s",
+        prefill - 2,
+        decode + 1
+    );
+    let after = pool_roles(&sim);
+    // Every replica that stays keeps its index, role and incarnation: the last two prefill
+    // replicas went, one decode replica came, nothing else was recreated.
+    let kept: Vec<_> = before.iter().filter(|x| after.contains(x)).collect();
+    let gone: Vec<(i32, Option<String>)> = before
+        .iter()
+        .filter(|x| !after.contains(x))
+        .map(|(r, role, _)| (*r, role.clone()))
+        .collect();
+    let prefill_role = Some("prefill".to_owned());
+    assert_eq!(
+        gone,
+        vec![
+            (prefill - 2, prefill_role.clone()),
+            (prefill - 1, prefill_role)
+        ],
+        "{}",
+        sim.log.join("\n")
+    );
+    assert_eq!(kept.len(), before.len() - 2);
+    let added: Vec<_> = after.iter().filter(|x| !before.contains(x)).collect();
+    assert_eq!(added.len(), 1, "{added:?}");
+    assert_eq!(added[0].1.as_deref(), Some("decode"));
+    let args = router_args(&sim);
+    let count = |flag: &str| args.iter().filter(|a| *a == flag).count() as i32;
+    assert_eq!(
+        (count("--prefill"), count("--decode")),
+        (prefill - 2, decode + 1)
+    );
+    // Quiet again.
+    sim.converge(10);
+    for _ in 0..10 {
+        assert_eq!(sim.step(), 0, "{}", sim.log.join("\n"));
+    }
+}
