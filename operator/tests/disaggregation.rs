@@ -468,3 +468,101 @@ fn a_pool_sized_on_its_own_keeps_every_placed_replica_and_adds_its_own() {
         "{new:?}"
     );
 }
+
+#[test]
+fn a_ttft_budget_only_nvlink_meets_keeps_each_unit_on_one_node() {
+    // Llama 3.3 70B, long prompts, on H800 alone. With a 2 s TTFT the best pair sends the KV
+    // cache over the fabric (its unit is larger than a node). With a budget that leaves the
+    // prefill only half of that transfer, only a unit inside one node's NVLink domain meets it.
+    let (d, _) = decide(None, &[1], 8192, 256);
+    let (_, _, x) = d.pair.expect("pair");
+    assert_eq!(x.kv_link, disagg::KvLink::Fabric);
+    let budget = x.time_to_first_token_seconds - x.kv_transfer_seconds / 2.0;
+    let inv = cluster(&[1]);
+    let mut md = deployment(8192, 256);
+    md.spec
+        .serving
+        .slo
+        .as_mut()
+        .unwrap()
+        .time_to_first_token_seconds = Some(budget);
+    let opts = PlanOptions::default();
+    let p = plan(&inv, std::slice::from_ref(&md), &[], &opts);
+    let dp = &p.deployments[0];
+    let v = dp.disaggregation.as_ref().expect("verdict");
+    assert!(v.disaggregated, "{}", v.reason);
+    assert!(
+        v.reason.contains("over NVLink inside a node"),
+        "{}",
+        v.reason
+    );
+    let prefill = &v.pools[0];
+    assert_eq!(prefill.kv_transfer_link.as_deref(), Some("NVLink"));
+    assert!(prefill.time_to_first_token_seconds.unwrap() <= budget + 1e-3);
+    // Every unit's replicas sit on one node.
+    let per_unit = (v.pools[0].replicas_per_unit + v.pools[1].replicas_per_unit) as i32;
+    let mut nodes: std::collections::BTreeMap<i32, std::collections::BTreeSet<String>> =
+        Default::default();
+    for r in &dp.placed {
+        nodes
+            .entry(r.replica / per_unit)
+            .or_default()
+            .extend(r.stages.iter().map(|s| s.node.clone()));
+    }
+    assert!(!nodes.is_empty());
+    assert!(nodes.values().all(|n| n.len() == 1), "{nodes:?}");
+
+    // A unit whose decode replica is kept on another node (say, placed before a node came
+    // back): the status says so, with the fabric's longer time to first token.
+    let decode = dp
+        .placed
+        .iter()
+        .find(|r| r.role.as_deref() == Some("decode"))
+        .expect("a decode replica");
+    let home = decode.stages[0].node.clone();
+    let away = inv
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .find(|n| {
+            dp.placed
+                .iter()
+                .all(|r| r.stages.iter().all(|s| &s.node != n))
+        })
+        .expect("an empty node");
+    let existing: Vec<tessera_operator::planner::ExistingPlacement> = dp
+        .placed
+        .iter()
+        .map(|r| tessera_operator::planner::ExistingPlacement {
+            namespace: dp.namespace.clone(),
+            name: dp.name.clone(),
+            replica: r.replica,
+            gpu_type: r.gpu_type.clone(),
+            tensor_parallel: r.tensor_parallel,
+            pipeline_parallel: r.pipeline_parallel,
+            expert_parallel: r.expert_parallel,
+            data_parallel_attention: r.data_parallel_attention,
+            stages: r
+                .stages
+                .iter()
+                .map(|s| {
+                    let mut s = s.clone();
+                    if r.replica == decode.replica && s.node == home {
+                        s.node = away.clone();
+                    }
+                    s
+                })
+                .collect(),
+            role: r.role.clone(),
+        })
+        .collect();
+    let p2 = plan(&inv, std::slice::from_ref(&md), &existing, &opts);
+    let v2 = p2.deployments[0].disaggregation.as_ref().expect("verdict");
+    assert!(p2.deployments[0].placed.iter().all(|r| r.kept));
+    let split = &v2.pools[0];
+    assert_eq!(split.kv_transfer_link.as_deref(), Some("fabric"));
+    assert!(
+        split.time_to_first_token_seconds.unwrap() > prefill.time_to_first_token_seconds.unwrap(),
+        "{split:?} vs {prefill:?}"
+    );
+}

@@ -1030,7 +1030,11 @@ pub struct PoolStatus {
     /// Concurrent sequences per replica the prediction assumes (decode pool).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<i32>,
-    /// Time to first token (prefill pool: with the KV transfer), seconds.
+    /// The link a prompt's KV cache crosses to the decode pool, as placed: `NVLink` or `PCIe`
+    /// (every unit's replicas on one node), or `fabric` (prefill pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_transfer_link: Option<String>,
+    /// Time to first token (prefill pool: with the KV transfer over `kvTransferLink`), seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_to_first_token_seconds: Option<f64>,
     /// Inter-token latency (decode pool), seconds.

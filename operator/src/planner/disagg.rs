@@ -13,8 +13,9 @@
 //!   and whose KV cache fits; requests/s at that batch.
 //!
 //! Every (prefill layout, decode layout) pair is then scored ([`pair`]): the prompt's KV cache
-//! crosses from the prefill to the decode GPUs over the fabric (added to the time to first
-//! token), and the pools are sized in the integer ratio (each side up to [`MAX_POOL_RATIO`]) that wastes the
+//! crosses from the prefill to the decode GPUs (added to the time to first token) over the
+//! fabric, or, for pools of one GPU type whose unit fits one node, over NVLink or PCIe inside
+//! it ([`KvLink`]), and the pools are sized in the integer ratio (each side up to [`MAX_POOL_RATIO`]) that wastes the
 //! fewest GPUs;
 //! the objective is output tokens/s per GPU of the two pools together. `docs/planner.md` has the
 //! formulas and a worked example.
@@ -138,6 +139,36 @@ pub fn figures(
     }
 }
 
+/// The link a prompt's KV cache crosses from a prefill replica to a decode replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum KvLink {
+    /// Inside one node's NVLink domain (the unit of the pools sits on one node).
+    #[serde(rename = "NVLink")]
+    NvLink,
+    /// Inside one node, over PCIe.
+    #[serde(rename = "PCIe")]
+    Pcie,
+    /// Between nodes.
+    #[serde(rename = "fabric")]
+    Fabric,
+}
+
+impl KvLink {
+    /// `NVLink`, `PCIe` or `fabric`, as the status says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvLink::NvLink => "NVLink",
+            KvLink::Pcie => "PCIe",
+            KvLink::Fabric => "fabric",
+        }
+    }
+
+    /// Whether the link needs a unit's replicas on one node.
+    pub fn in_node(self) -> bool {
+        self != KvLink::Fabric
+    }
+}
+
 /// A prefill pool and a decode pool in a ratio.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -150,9 +181,12 @@ pub struct Pair {
     /// One prompt's prefill plus its KV transfer to the decode pool.
     pub time_to_first_token_seconds: f64,
     pub inter_token_latency_seconds: f64,
-    /// Transfer time of one prompt's KV cache, seconds, and the link it used (GB/s).
+    /// Transfer time of one prompt's KV cache, seconds, the link it crosses and its GB/s, and
+    /// the bytes each lane carries.
     pub kv_transfer_seconds: f64,
     pub kv_transfer_gbps: f64,
+    pub kv_link: KvLink,
+    pub kv_bytes_per_lane: f64,
     /// The decode pool's batch per replica.
     pub decode_batch: u32,
     /// Requests/s of one replica of each pool.
@@ -161,13 +195,14 @@ pub struct Pair {
 }
 
 /// Score `p` as the prefill pool and `d` as the decode pool of `shape` under `slo`; the KV
-/// cache crosses `link` (per GPU) from every prefill GPU at once, bounded by the smaller pool's
-/// GPU count. Only ratios `fits(prefill replicas, decode replicas)` accepts are considered (the
-/// cluster's GPUs of each type). `None` when either role cannot meet the SLO or no ratio fits.
+/// cache crosses `link` (of kind `kind`, per GPU) from every prefill GPU at once, bounded by
+/// the smaller pool's GPU count. Only ratios `fits(prefill replicas, decode replicas)` accepts
+/// are considered (the cluster's GPUs of each type; a unit inside one node for an in-node
+/// link). `None` when either role cannot meet the SLO or no ratio fits.
 pub fn pair(
     p: &Figures,
     d: &Figures,
-    link: Link,
+    (link, kind): (Link, KvLink),
     shape: RequestShape,
     slo: Slo,
     fits: &dyn Fn(u32, u32) -> bool,
@@ -175,7 +210,8 @@ pub fn pair(
     let (pe, ttft) = p.prefill?;
     let dec = d.decode?;
     let lanes = f64::from(p.gpus.min(d.gpus).max(1));
-    let transfer = cost::send_seconds(d.kv_bytes_per_request / lanes, link);
+    let per_lane = d.kv_bytes_per_request / lanes;
+    let transfer = cost::send_seconds(per_lane, link);
     let ttft = ttft + transfer;
     if !slo.ttft_ok(ttft) {
         return None;
@@ -208,6 +244,8 @@ pub fn pair(
         inter_token_latency_seconds: dec.inter_token_latency_seconds,
         kv_transfer_seconds: transfer,
         kv_transfer_gbps: link.gbps,
+        kv_link: kind,
+        kv_bytes_per_lane: per_lane,
         decode_batch: dec.batch,
         prefill_requests_per_second: rate_p,
         decode_requests_per_second: rate_d,
@@ -282,6 +320,8 @@ pub fn decide(
         }
     }
     // Pools of different GPU types sit on different nodes: the KV cache crosses the fabric.
+    // Pools of one type may also keep each unit inside one node, where it crosses NVLink (the
+    // unit inside the node's NVLink domain) or PCIe; the placement then keeps units on one node.
     let fabric = Link {
         gbps: c.fabric_gbps,
         latency_s: c.fabric_latency_s,
@@ -300,12 +340,37 @@ pub fn decide(
                     gp <= stats[tp_].gpus && gd <= stats[td].gpus
                 }
             };
-            if let Some(x) = pair(p, d, fabric, shape, slo, &fits)
-                && best.as_ref().is_none_or(|(_, _, b)| {
-                    x.output_tokens_per_second_per_gpu > b.output_tokens_per_second_per_gpu
-                })
-            {
-                best = Some((i, j, x));
+            let mut links = vec![((fabric, KvLink::Fabric), u32::MAX)];
+            if tp_ == td {
+                let st = &stats[tp_];
+                if st.nvlink_gbps > 0.0 && st.largest_domain > 1 {
+                    let nvlink = Link {
+                        gbps: st.nvlink_gbps,
+                        latency_s: c.nvlink_latency_s,
+                    };
+                    links.push(((nvlink, KvLink::NvLink), st.largest_domain));
+                } else if st.largest_node > 1 {
+                    let pcie = c.pcie_link(&inv.types[tp_].model);
+                    links.push(((pcie, KvLink::Pcie), st.largest_node));
+                }
+            }
+            for (link, room) in links {
+                let unit_fits =
+                    |np: u32, nd: u32| fits(np, nd) && np * p.gpus + nd * d.gpus <= room;
+                // Most output per GPU; at equal output, the shorter time to first token.
+                if let Some(x) = pair(p, d, link, shape, slo, &unit_fits)
+                    && best.as_ref().is_none_or(|(_, _, b)| {
+                        let (xo, bo) = (
+                            x.output_tokens_per_second_per_gpu,
+                            b.output_tokens_per_second_per_gpu,
+                        );
+                        xo > bo * (1.0 + 1e-9)
+                            || (xo >= bo * (1.0 - 1e-9)
+                                && x.time_to_first_token_seconds < b.time_to_first_token_seconds)
+                    })
+                {
+                    best = Some((i, j, x));
+                }
             }
         }
     }
@@ -323,7 +388,7 @@ pub fn decide(
     );
     let pair_text = |(i, j, x): &(usize, usize, Pair)| {
         format!(
-            "prefill on {} x{} and decode on {} x{} per unit: {:.0} output tokens/s per GPU (TTFT {:.2} s with a {:.1} ms KV transfer at {:.0} GB/s, ITL {:.0} ms at batch {})",
+            "prefill on {} x{} and decode on {} x{} per unit: {:.0} output tokens/s per GPU (TTFT {:.2} s with a {:.1} ms KV transfer over {} at {:.0} GB/s, ITL {:.0} ms at batch {})",
             label(*i),
             x.prefill_replicas,
             label(*j),
@@ -331,6 +396,11 @@ pub fn decide(
             x.output_tokens_per_second_per_gpu,
             x.time_to_first_token_seconds,
             x.kv_transfer_seconds * 1e3,
+            match x.kv_link {
+                KvLink::Fabric => "the fabric",
+                KvLink::NvLink => "NVLink inside a node",
+                KvLink::Pcie => "PCIe inside a node",
+            },
             x.kv_transfer_gbps,
             x.inter_token_latency_seconds * 1e3,
             x.decode_batch
@@ -461,8 +531,8 @@ mod tests {
             latency_s: 10e-6,
         };
         let any = |_: u32, _: u32| true;
-        let best = pair(&h800, &h20, fabric, LONG, slo, &any).expect("pair");
-        let reverse = pair(&h20, &h800, fabric, LONG, slo, &any);
+        let best = pair(&h800, &h20, (fabric, KvLink::Fabric), LONG, slo, &any).expect("pair");
+        let reverse = pair(&h20, &h800, (fabric, KvLink::Fabric), LONG, slo, &any);
         let agg = |f: &Figures| {
             f.aggregated
                 .map_or(0.0, |a| a.output_tokens_per_second / f64::from(f.gpus))

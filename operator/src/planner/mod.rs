@@ -347,38 +347,57 @@ impl Dep<'_> {
         }
     }
 
-    /// The eligible nodes near the replicas of `r`'s unit already placed: in the innermost
-    /// topology group (rack, then block, zone, as `inv.topology_keys` name them) of the unit's
-    /// first placed replica, so the KV caches a unit's prefill replicas hand to its decode
-    /// replicas stay inside it. `None` without pools, for a unit's first replica, or without
-    /// topology keys.
+    /// The eligible nodes near the replicas of `r`'s unit already placed, nearest first: the
+    /// node of the unit's first placed replica when the pools planned the KV transfer inside a
+    /// node (NVLink or PCIe, [`disagg::KvLink`]), then the innermost topology group (rack, then
+    /// block, zone, as `inv.topology_keys` name them) of that replica, so the KV caches a
+    /// unit's prefill replicas hand to its decode replicas stay inside it. Empty without pools
+    /// or for a unit's first replica.
     fn near_unit(
         &self,
         r: i32,
         ok: &[bool],
         inv: &Inventory,
         grouping: &LazyGrouping,
-    ) -> Option<Vec<bool>> {
-        let p = self.placed_pools()?;
+    ) -> Vec<Vec<bool>> {
+        let Some(p) = self.placed_pools() else {
+            return Vec::new();
+        };
         let size = (p.pair.prefill_replicas + p.pair.decode_replicas).max(1) as i32;
+        let unit = r / size;
+        let Some(first) = self
+            .placed
+            .range(unit * size..(unit + 1) * size)
+            .next()
+            .and_then(|(_, (_, _, allocs, _, _))| allocs.first())
+        else {
+            return Vec::new();
+        };
+        let node = first.node as usize;
+        let mut out = Vec::new();
+        if p.pair.kv_link.in_node() {
+            out.push(
+                ok.iter()
+                    .enumerate()
+                    .map(|(i, &o)| o && i == node)
+                    .collect(),
+            );
+        }
         let grouping = grouping.get(inv);
         // Levels: node, the topology keys from the innermost, the cluster.
-        if grouping.ids.len() < 3 {
-            return None;
+        if grouping.ids.len() >= 3 {
+            let level = &grouping.ids[1];
+            let group = level[node];
+            if group != place::EXCLUDED {
+                out.push(
+                    ok.iter()
+                        .zip(level)
+                        .map(|(&o, &gid)| o && gid == group)
+                        .collect(),
+                );
+            }
         }
-        let level = &grouping.ids[1];
-        let unit = r / size;
-        let (_, (_, _, allocs, _, _)) = self.placed.range(unit * size..(unit + 1) * size).next()?;
-        let group = level[allocs.first()?.node as usize];
-        if group == place::EXCLUDED {
-            return None;
-        }
-        Some(
-            ok.iter()
-                .zip(level)
-                .map(|(&o, &gid)| o && gid == group)
-                .collect(),
-        )
+        out
     }
 
     /// The pool replica `r` belongs to: its layout and role ([`prefill_slot`]).
@@ -635,7 +654,8 @@ pub fn plan(
                             Some(why) => Err(why.clone()),
                             None => dep
                                 .near_unit(r, ok, inv, g)
-                                .and_then(|near| try_place(inv, &cap, cand, scope, &near, g).ok())
+                                .iter()
+                                .find_map(|near| try_place(inv, &cap, cand, scope, near, g).ok())
                                 .map_or_else(|| try_place(inv, &cap, cand, scope, ok, g), Ok),
                         };
                         match res {
@@ -754,7 +774,7 @@ pub fn plan(
                 pools: dep
                     .pools
                     .as_ref()
-                    .map(|p| pool_statuses(inv, p, &placed))
+                    .map(|p| pool_statuses(inv, p, &placed, c))
                     .unwrap_or_default(),
             });
             DeploymentPlan {
@@ -781,11 +801,35 @@ pub fn plan(
     }
 }
 
-/// The status of both pools: layout, replicas, the nodes they were placed on, predictions.
+/// The link the KV caches of the placed units cross: the planned in-node link where every
+/// placed replica of every unit shares one node, else the fabric (`None` with nothing placed).
+fn placed_kv_link(p: &Pools, placed: &[PlacedReplica]) -> Option<disagg::KvLink> {
+    let size = (p.pair.prefill_replicas + p.pair.decode_replicas).max(1) as i32;
+    let mut units: BTreeMap<i32, std::collections::BTreeSet<&str>> = BTreeMap::new();
+    for r in placed {
+        units
+            .entry(r.replica / size)
+            .or_default()
+            .extend(r.stages.iter().map(|s| s.node.as_str()));
+    }
+    if units.is_empty() {
+        return None;
+    }
+    let one_node = units.values().all(|nodes| nodes.len() == 1);
+    Some(if p.pair.kv_link.in_node() && one_node {
+        p.pair.kv_link
+    } else {
+        disagg::KvLink::Fabric
+    })
+}
+
+/// The status of both pools: layout, replicas, the nodes they were placed on, predictions (the
+/// time to first token with the KV transfer over the link the placement gives).
 fn pool_statuses(
     inv: &Inventory,
     p: &Pools,
     placed: &[PlacedReplica],
+    c: &CostConstants,
 ) -> Vec<crate::api::PoolStatus> {
     let pool = |cand: &Candidate, role: &str, replicas: i32, per_unit: u32| {
         let mut nodes: Vec<String> = placed
@@ -804,6 +848,7 @@ fn pool_statuses(
             data_parallel_attention: cand.data_attention,
             replicas,
             replicas_per_unit: per_unit as i32,
+            kv_transfer_link: None,
             nodes,
             batch: None,
             time_to_first_token_seconds: None,
@@ -818,7 +863,19 @@ fn pool_statuses(
         p.prefill_replicas,
         x.prefill_replicas,
     );
-    prefill.time_to_first_token_seconds = Some(round3(x.time_to_first_token_seconds));
+    let link = placed_kv_link(p, placed).unwrap_or(x.kv_link);
+    let ttft = if link == x.kv_link {
+        x.time_to_first_token_seconds
+    } else {
+        let fabric = cost::Link {
+            gbps: c.fabric_gbps,
+            latency_s: c.fabric_latency_s,
+        };
+        x.time_to_first_token_seconds - x.kv_transfer_seconds
+            + cost::send_seconds(x.kv_bytes_per_lane, fabric)
+    };
+    prefill.time_to_first_token_seconds = Some(round3(ttft));
+    prefill.kv_transfer_link = Some(link.as_str().to_owned());
     prefill.requests_per_second_per_replica = round3(x.prefill_requests_per_second);
     let mut decode = pool(&p.decode, "decode", p.decode_replicas, x.decode_replicas);
     decode.batch = Some(x.decode_batch as i32);
