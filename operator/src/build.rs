@@ -146,6 +146,57 @@ pub struct BuildOptions {
     /// The operator's key for rank-group secrets (`--group-key-file`): each incarnation of a
     /// Tessera replica gets `TESSERA_GROUP_SECRET` derived from it ([`group_secret`]).
     pub group_key: Option<GroupKey>,
+    /// RDMA devices for the pods that move data between nodes (`--rdma-resource`).
+    pub rdma: Option<RdmaOptions>,
+}
+
+/// The RDMA devices (extended resources of an RDMA device plugin, for example
+/// `rdma/rdma_shared_device_a` or `nvidia.com/hostdev`) that every pod moving KV caches or
+/// expert tokens between nodes requests: the pods of prefill/decode pools (Mooncake's or NIXL's
+/// transfer) and the pods of an expert-parallel group spread over nodes (DeepEP). Those
+/// containers also get the `IPC_LOCK` capability, which RDMA memory registration needs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RdmaOptions {
+    pub resources: BTreeMap<String, Quantity>,
+}
+
+impl RdmaOptions {
+    /// Parse `--rdma-resource` values (`NAME=COUNT`, each a qualified extended resource name
+    /// and a positive whole count); `None` when there are none. The error names the flag, the
+    /// value, the rule and an example.
+    pub fn parse(values: &[String]) -> Result<Option<Self>, String> {
+        let mut resources = BTreeMap::new();
+        for v in values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()) {
+            let example = "use for example --rdma-resource rdma/rdma_shared_device_a=1";
+            let Some((name, count)) = v.split_once('=') else {
+                return Err(format!("--rdma-resource {v:?}: not NAME=COUNT; {example}"));
+            };
+            let (name, count) = (name.trim(), count.trim());
+            let qualified = name.split_once('/').is_some_and(|(domain, n)| {
+                !domain.is_empty()
+                    && !n.is_empty()
+                    && domain != "kubernetes.io"
+                    && !domain.ends_with(".kubernetes.io")
+                    && domain
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+                    && n.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
+            });
+            if !qualified {
+                return Err(format!(
+                    "--rdma-resource {v:?}: {name:?} is not an extended resource name (DOMAIN/NAME outside kubernetes.io, as the RDMA device plugin advertises it on nodes); {example}"
+                ));
+            }
+            if !count.parse::<u32>().is_ok_and(|n| n > 0) {
+                return Err(format!(
+                    "--rdma-resource {v:?}: the count {count:?} must be a whole number of at least 1 (extended resources are not overcommitted); {example}"
+                ));
+            }
+            resources.insert(name.to_owned(), Quantity(count.to_owned()));
+        }
+        Ok((!resources.is_empty()).then_some(RdmaOptions { resources }))
+    }
 }
 
 /// A key that does not print itself.
@@ -201,6 +252,7 @@ impl Default for BuildOptions {
             default_sglang_image: DEFAULT_SGLANG_IMAGE.into(),
             network_policies: None,
             group_key: None,
+            rdma: None,
         }
     }
 }
@@ -1095,6 +1147,20 @@ pub fn pool_replica_pods(
             }
             _ => {}
         }
+        let mut limits = quantity_map(resources.limits.as_ref(), Some(stage.gpus));
+        let mut security = restricted();
+        // Pods that move KV caches (pools) or expert tokens (an expert-parallel group over
+        // nodes) between nodes get the RDMA devices, and IPC_LOCK to register memory with them.
+        if let Some(rdma) = &opts.rdma
+            && (pool.is_some() || (stage_spans_pods && p.expert_parallel.unwrap_or(1) > 1))
+        {
+            limits
+                .get_or_insert_with(BTreeMap::new)
+                .extend(rdma.resources.clone());
+            if let Some(caps) = security.capabilities.as_mut() {
+                caps.add = Some(vec!["IPC_LOCK".into()]);
+            }
+        }
         let container = Container {
             name: "worker".into(),
             image: Some(image.clone()),
@@ -1105,14 +1171,14 @@ pub fn pool_replica_pods(
             ports: Some(ports),
             resources: Some(ResourceRequirements {
                 requests: quantity_map(resources.requests.as_ref(), None),
-                limits: quantity_map(resources.limits.as_ref(), Some(stage.gpus)),
+                limits,
                 ..ResourceRequirements::default()
             }),
             // Readiness is group-wide on the leader (see `engine_probes`).
             readiness_probe: readiness,
             liveness_probe: liveness,
             startup_probe: startup,
-            security_context: Some(restricted()),
+            security_context: Some(security),
             volume_mounts: Some(mounts),
             // The worker writes why it exited here; the controller shows it in status.
             termination_message_path: Some("/dev/termination-log".into()),

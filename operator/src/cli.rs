@@ -86,6 +86,17 @@ pub struct RunArgs {
         default_value = "topology.kubernetes.io/zone,tessera.dev/fabric.block,tessera.dev/fabric.rack"
     )]
     pub topology_keys: Vec<String>,
+    /// RDMA devices, as NAME=COUNT (repeat, or separate with commas), that every worker pod
+    /// moving KV caches or expert tokens between nodes requests: prefill/decode pool pods and
+    /// the pods of an expert-parallel group over nodes. Those containers also get the IPC_LOCK
+    /// capability. Example: --rdma-resource rdma/rdma_shared_device_a=1. Unset: such traffic
+    /// goes over TCP (the engines fall back to it).
+    #[arg(
+        long = "rdma-resource",
+        value_delimiter = ',',
+        env = "TESSERA_RDMA_RESOURCES"
+    )]
+    pub rdma_resources: Vec<String>,
     /// Create a NetworkPolicy per replica so that workers accept collective and rendezvous
     /// traffic only from their own replica group.
     #[arg(long, env = "TESSERA_WORKER_NETWORK_POLICIES")]

@@ -76,6 +76,10 @@ pub struct PlanArgs {
     /// Image of `engine: sglang` pods that set no image (`-o yaml`).
     #[arg(long, default_value = crate::build::DEFAULT_SGLANG_IMAGE)]
     pub sglang_image: String,
+    /// RDMA devices (NAME=COUNT) of the pods that move data between nodes, as the operator's
+    /// `--rdma-resource` (`-o yaml`).
+    #[arg(long = "rdma-resource", value_delimiter = ',')]
+    pub rdma_resources: Vec<String>,
 }
 
 /// Run `plan`; prints the plan or the error and returns the exit code.
@@ -163,6 +167,7 @@ pub fn run(args: &PlanArgs) -> Result<String, String> {
                     // Printed manifests carry no secret: the operator derives them in the
                     // cluster from its own key.
                     group_key: None,
+                    rdma: crate::build::RdmaOptions::parse(&args.rdma_resources)?,
                 },
                 ..crate::controller::reconcile::Config::default()
             };

@@ -1692,3 +1692,140 @@ fn role_flags_are_owned_and_the_transfer_backend_may_be_overridden() {
         );
     }
 }
+
+#[test]
+fn rdma_devices_go_to_the_pods_that_move_data_between_nodes_only() {
+    let rdma = build::RdmaOptions::parse(&["rdma/rdma_shared_device_a=1".to_owned()])
+        .expect("valid")
+        .expect("set");
+    let opts = BuildOptions {
+        rdma: Some(rdma),
+        ..BuildOptions::default()
+    };
+    let has_rdma = |pod: &Pod| {
+        let c = container(pod);
+        let limits = c
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.clone())
+            .unwrap_or_default();
+        let caps = c
+            .security_context
+            .as_ref()
+            .and_then(|s| s.capabilities.as_ref())
+            .and_then(|c| c.add.clone())
+            .unwrap_or_default();
+        let rdma = limits.get("rdma/rdma_shared_device_a").map(|q| q.0.clone());
+        assert_eq!(
+            rdma.is_some(),
+            caps == ["IPC_LOCK"],
+            "the devices and IPC_LOCK come together: {limits:?} {caps:?}"
+        );
+        // Everything else stays restricted.
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop,
+            Some(vec!["ALL".to_owned()])
+        );
+        rdma
+    };
+    // Prefill and decode pods move KV caches: every one of them.
+    let md = pd_deployment("sglang", json!({}));
+    let placements = two_prefill_one_decode();
+    let to_build: Vec<PoolReplicaToBuild<'_>> = placements
+        .iter()
+        .map(|(role, p)| PoolReplicaToBuild {
+            role: *role,
+            replica: ReplicaToBuild {
+                placement: p,
+                incarnation: INCARNATIONS[p.replica as usize],
+            },
+            max_concurrency: None,
+        })
+        .collect();
+    let (children, why) = build::disaggregated_children(&md, &to_build, &opts);
+    assert_eq!(why, None);
+    assert_eq!(children.pods.len(), 3);
+    for pod in &children.pods {
+        assert_eq!(
+            has_rdma(pod),
+            Some("1".to_owned()),
+            "{:?}",
+            pod.metadata.name
+        );
+        // The GPUs are still there.
+        assert!(
+            container(pod)
+                .resources
+                .as_ref()
+                .unwrap()
+                .limits
+                .as_ref()
+                .unwrap()
+                .contains_key("nvidia.com/gpu")
+        );
+    }
+    // An expert-parallel group over two nodes (DeepEP) does; one on a single node does not.
+    let ds = deepseek("sglang", &[]);
+    let spread = desired_children(
+        &ds,
+        &[ReplicaToBuild {
+            placement: &ep16_data_attention(),
+            incarnation: "k3x9a",
+        }],
+        &opts,
+    );
+    assert!(spread.pods.iter().all(|p| has_rdma(p).is_some()));
+    let one = desired_children(
+        &ds,
+        &[ReplicaToBuild {
+            placement: &ep8_one_node(),
+            incarnation: "k3x9a",
+        }],
+        &opts,
+    );
+    assert!(one.pods.iter().all(|p| has_rdma(p).is_none()));
+    // An aggregated dense replica does not, even with a pipeline over two nodes.
+    let plain = desired_children(
+        &deployment("pvc://models/llama"),
+        &[ReplicaToBuild {
+            placement: &placement(),
+            incarnation: "k3x9a",
+        }],
+        &opts,
+    );
+    assert_eq!(plain.pods.len(), 2);
+    assert!(plain.pods.iter().all(|p| has_rdma(p).is_none()));
+    // Without the option nothing changes.
+    let (children, _) = build::disaggregated_children(&md, &to_build, &BuildOptions::default());
+    assert!(children.pods.iter().all(|p| has_rdma(p).is_none()));
+}
+
+#[test]
+fn rdma_resource_flags_are_checked_with_the_fix_in_the_error() {
+    let parse = |v: &[&str]| {
+        build::RdmaOptions::parse(&v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+    };
+    assert_eq!(parse(&[]), Ok(None));
+    assert_eq!(parse(&[" "]), Ok(None));
+    let two = parse(&["rdma/hca_shared_devices_a=2", "nvidia.com/hostdev=1"])
+        .unwrap()
+        .unwrap();
+    assert_eq!(two.resources.len(), 2);
+    for (bad, says) in [
+        ("rdma", "not NAME=COUNT"),
+        ("hostdev=1", "is not an extended resource name"),
+        ("kubernetes.io/rdma=1", "is not an extended resource name"),
+        ("rdma/ib=0", "must be a whole number of at least 1"),
+        ("rdma/ib=1.5", "must be a whole number of at least 1"),
+    ] {
+        let e = parse(&[bad]).expect_err(bad);
+        assert!(e.starts_with(&format!("--rdma-resource {bad:?}")), "{e}");
+        assert!(e.contains(says), "{e}");
+        assert!(
+            e.contains("--rdma-resource rdma/rdma_shared_device_a=1"),
+            "{e}"
+        );
+    }
+}

@@ -433,6 +433,9 @@ def check_worker_network_policies(r: Rendered) -> None:
     else:
         assert not sel
     assert f"--monitoring-namespace={r.values['monitoring']['namespace']}" in args
+    rdma = sorted(a for a in args if a.startswith("--rdma-resource="))
+    want = sorted(f"--rdma-resource={k}={v}" for k, v in r.values["worker"]["rdma"]["resources"].items())
+    assert rdma == want, (rdma, want)
 
 
 def check_network_policy(r: Rendered) -> None:
@@ -932,6 +935,10 @@ def main() -> int:
         "/monitoring/prometheusRule/for/TesseraRankLost")
     run("schema rejects a dashboard sidecar label that is not a label key", check_rejected,
         ("--set", "monitoring.dashboard.sidecarLabel=bad:key"), "/monitoring/dashboard/sidecarLabel")
+    run("schema rejects an RDMA resource count of 0", check_rejected,
+        ("--set-json", 'worker.rdma.resources={"rdma/ib":0}'), "/worker/rdma/resources")
+    run("schema rejects an RDMA resource name without a domain", check_rejected,
+        ("--set-json", 'worker.rdma.resources={"ib":1}'), "invalid propertyName 'ib'")
 
     for df in sorted((ROOT / "docker").glob("*.Dockerfile")):
         run(f"{df.name}: multi-stage, pinned FROM tags, non-root USER", check_dockerfile, df)

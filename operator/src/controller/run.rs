@@ -846,6 +846,8 @@ pub async fn run_with_client(client: Client, args: RunArgs) -> anyhow::Result<()
                 default_sglang_image: args.sglang_image.clone(),
                 network_policies: network_policy_options,
                 group_key,
+                rdma: build::RdmaOptions::parse(&args.rdma_resources)
+                    .map_err(|e| anyhow::anyhow!(e))?,
             },
             ..Config::default()
         },
