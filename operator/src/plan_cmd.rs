@@ -549,7 +549,16 @@ pub fn render_table(p: &Plan) -> String {
                     p.replicas,
                     p.requests_per_second_per_replica,
                     p.time_to_first_token_seconds
-                        .map(|t| format!(", TTFT {t:.3} s with the KV transfer"))
+                        .map(|t| format!(
+                            ", TTFT {t:.3} s with the KV transfer{}",
+                            p.kv_transfer_link
+                                .as_deref()
+                                .map(|l| match l {
+                                    "fabric" => " over the fabric".to_owned(),
+                                    l => format!(" over {l} inside a node"),
+                                })
+                                .unwrap_or_default()
+                        ))
                         .unwrap_or_default(),
                     p.inter_token_latency_seconds
                         .map(|t| format!(
