@@ -1234,12 +1234,9 @@ type ServiceSummary = (String, Vec<(String, String)>, Vec<i32>);
 /// Incarnation ids of the replicas in these tests.
 const INCARNATIONS: [&str; 3] = ["aaaaa", "bbbbb", "ccccc"];
 
-/// Two prefill replicas (0, 1) and one decode replica (2), in the order `placements` gives.
-fn pool_children(
-    md: &ModelDeployment,
-    placements: &[(PoolRole, ReplicaPlacement)],
-) -> Result<build::Children, String> {
-    let to_build: Vec<PoolReplicaToBuild<'_>> = placements
+/// The pool replicas to build of `placements`, each with its incarnation of [`INCARNATIONS`].
+fn pool_to_build(placements: &[(PoolRole, ReplicaPlacement)]) -> Vec<PoolReplicaToBuild<'_>> {
+    placements
         .iter()
         .map(|(role, p)| PoolReplicaToBuild {
             role: *role,
@@ -1249,7 +1246,15 @@ fn pool_children(
             },
             max_concurrency: None,
         })
-        .collect();
+        .collect()
+}
+
+/// Two prefill replicas (0, 1) and one decode replica (2), in the order `placements` gives.
+fn pool_children(
+    md: &ModelDeployment,
+    placements: &[(PoolRole, ReplicaPlacement)],
+) -> Result<build::Children, String> {
+    let to_build = pool_to_build(placements);
     match build::disaggregated_children(md, &to_build, &BuildOptions::default()) {
         (children, None) => Ok(children),
         (children, Some(why)) => {
@@ -1733,17 +1738,7 @@ fn rdma_devices_go_to_the_pods_that_move_data_between_nodes_only() {
     // Prefill and decode pods move KV caches: every one of them.
     let md = pd_deployment("sglang", json!({}));
     let placements = two_prefill_one_decode();
-    let to_build: Vec<PoolReplicaToBuild<'_>> = placements
-        .iter()
-        .map(|(role, p)| PoolReplicaToBuild {
-            role: *role,
-            replica: ReplicaToBuild {
-                placement: p,
-                incarnation: INCARNATIONS[p.replica as usize],
-            },
-            max_concurrency: None,
-        })
-        .collect();
+    let to_build = pool_to_build(&placements);
     let (children, why) = build::disaggregated_children(&md, &to_build, &opts);
     assert_eq!(why, None);
     assert_eq!(children.pods.len(), 3);

@@ -419,22 +419,7 @@ fn a_pool_sized_on_its_own_keeps_every_placed_replica_and_adds_its_own() {
     let x = d.disaggregation.as_ref().expect("verdict");
     assert!(x.disaggregated, "{}", x.reason);
     let (pre, dec) = (x.pools[0].replicas, x.pools[1].replicas);
-    let existing: Vec<tessera_operator::planner::ExistingPlacement> = d
-        .placed
-        .iter()
-        .map(|r| tessera_operator::planner::ExistingPlacement {
-            namespace: d.namespace.clone(),
-            name: d.name.clone(),
-            replica: r.replica,
-            gpu_type: r.gpu_type.clone(),
-            tensor_parallel: r.tensor_parallel,
-            pipeline_parallel: r.pipeline_parallel,
-            expert_parallel: r.expert_parallel,
-            data_parallel_attention: r.data_parallel_attention,
-            stages: r.stages.clone(),
-            role: r.role.clone(),
-        })
-        .collect();
+    let existing = first.existing();
     // Two more decode replicas, the prefill pool as planned. (The inventory has no pods: the
     // kept replicas' GPUs are taken again by the plan itself, as the controller's are.)
     let mut grown = md;
@@ -530,32 +515,12 @@ fn a_ttft_budget_only_nvlink_meets_keeps_each_unit_on_one_node() {
                 .all(|r| r.stages.iter().all(|s| &s.node != n))
         })
         .expect("an empty node");
-    let existing: Vec<tessera_operator::planner::ExistingPlacement> = dp
-        .placed
-        .iter()
-        .map(|r| tessera_operator::planner::ExistingPlacement {
-            namespace: dp.namespace.clone(),
-            name: dp.name.clone(),
-            replica: r.replica,
-            gpu_type: r.gpu_type.clone(),
-            tensor_parallel: r.tensor_parallel,
-            pipeline_parallel: r.pipeline_parallel,
-            expert_parallel: r.expert_parallel,
-            data_parallel_attention: r.data_parallel_attention,
-            stages: r
-                .stages
-                .iter()
-                .map(|s| {
-                    let mut s = s.clone();
-                    if r.replica == decode.replica && s.node == home {
-                        s.node = away.clone();
-                    }
-                    s
-                })
-                .collect(),
-            role: r.role.clone(),
-        })
-        .collect();
+    let mut existing = p.existing();
+    for e in existing.iter_mut().filter(|e| e.replica == decode.replica) {
+        for s in e.stages.iter_mut().filter(|s| s.node == home) {
+            s.node = away.clone();
+        }
+    }
     let p2 = plan(&inv, std::slice::from_ref(&md), &existing, &opts);
     let v2 = p2.deployments[0].disaggregation.as_ref().expect("verdict");
     assert!(p2.deployments[0].placed.iter().all(|r| r.kept));

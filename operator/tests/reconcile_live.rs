@@ -599,9 +599,9 @@ fn roles(status: &tessera_operator::api::ModelDeploymentStatus) -> Vec<(i32, Opt
         .collect()
 }
 
-/// The router's `--prefill` / `--decode` arguments.
-fn router_counts(router: &k8s_openapi::api::apps::v1::Deployment) -> (usize, usize) {
-    let args = router
+/// The router's arguments.
+fn router_args(router: &k8s_openapi::api::apps::v1::Deployment) -> Vec<String> {
+    router
         .spec
         .as_ref()
         .unwrap()
@@ -612,7 +612,12 @@ fn router_counts(router: &k8s_openapi::api::apps::v1::Deployment) -> (usize, usi
         .containers[0]
         .args
         .clone()
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// The router's `--prefill` / `--decode` arguments.
+fn router_counts(router: &k8s_openapi::api::apps::v1::Deployment) -> (usize, usize) {
+    let args = router_args(router);
     let n = |flag: &str| args.iter().filter(|a| *a == flag).count();
     (n("--prefill"), n("--decode"))
 }
@@ -796,18 +801,7 @@ fn sglang_pools_run_as_gangs_behind_a_router_and_stay_put() {
     }
     let router = a1.apply_router.clone().expect("router applied");
     assert_eq!(router.metadata.name.as_deref(), Some("llama-8b-router"));
-    let args = router
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
-        .args
-        .clone()
-        .unwrap_or_default();
+    let args = router_args(&router);
     assert!(args.contains(&"--pd-disaggregation".to_owned()), "{args:?}");
     let n_args = |flag: &str| args.iter().filter(|a| *a == flag).count() as i32;
     assert_eq!((n_args("--prefill"), n_args("--decode")), (prefill, decode));
@@ -880,14 +874,7 @@ fn sglang_pools_run_as_gangs_behind_a_router_and_stay_put() {
     }
     assert!(a3.delete_pods.is_empty(), "{:?}", a3.delete_pods);
     let router3 = a3.apply_router.expect("router rewritten");
-    let args3 = router3.spec.unwrap().template.spec.unwrap().containers[0]
-        .args
-        .clone()
-        .unwrap();
-    assert_eq!(
-        args3.iter().filter(|a| *a == "--decode").count() as i32,
-        2 * decode
-    );
+    assert_eq!(router_counts(&router3).1 as i32, 2 * decode);
 
     // Pass 4: disaggregation Off: every pool replica is placed again aggregated, the router goes.
     md.spec.replicas = 1;
