@@ -12,9 +12,10 @@ use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     HTTPGetAction, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
-    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
-    Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodAffinityTerm, PodAntiAffinity,
+    PodSecurityContext, PodSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
+    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
@@ -129,6 +130,9 @@ pub const VLLM_KV_TRANSFER_CONFIG: &str = r#"{"kv_connector":"NixlConnector","kv
 pub const VLLM_NIXL_SIDE_CHANNEL_PORT: i32 = 5600;
 /// Prometheus port of the prefill/decode router (both routers' default).
 pub const ROUTER_METRICS_PORT: i32 = 29000;
+/// Router pods of a disaggregated deployment: two, preferably on different nodes, so losing a
+/// node or rolling the router leaves one serving (the routers keep no shared state).
+pub const ROUTER_REPLICAS: i32 = 2;
 /// How long the router waits for the pools to come up before it exits (and is restarted).
 pub const ROUTER_STARTUP_TIMEOUT_SECONDS: i32 = 1800;
 
@@ -1661,11 +1665,11 @@ pub fn pools_renderable(md: &ModelDeployment, opts: &BuildOptions) -> Result<(),
     router_image(md, opts).map(|_| ())
 }
 
-/// The router in front of the pools: one pod (a Deployment, restarted and rolled by
-/// Kubernetes) running [`router_command`] over every replica's leader ([`leader_url`], replicas
-/// in order), serving the deployment's port, ready once the router has healthy workers
-/// (`/readiness`). It runs under the restricted Pod Security Standard like the workers, and may
-/// run on any node (it needs no GPU).
+/// The router in front of the pools: [`ROUTER_REPLICAS`] pods (a Deployment, restarted and
+/// rolled by Kubernetes, spread over nodes where it can) running [`router_command`] over every
+/// replica's leader ([`leader_url`], replicas in order), serving the deployment's port, ready
+/// once the router has healthy workers (`/readiness`). It runs under the restricted Pod
+/// Security Standard like the workers, and may run on any node (it needs no GPU).
 pub fn router_deployment(
     md: &ModelDeployment,
     replicas: &[PoolReplicaToBuild<'_>],
@@ -1731,9 +1735,9 @@ pub fn router_deployment(
     Ok(Deployment {
         metadata: meta(md, router_name(&name), router_labels(md)),
         spec: Some(DeploymentSpec {
-            replicas: Some(1),
+            replicas: Some(ROUTER_REPLICAS),
             selector: LabelSelector {
-                match_labels: Some(selector),
+                match_labels: Some(selector.clone()),
                 ..LabelSelector::default()
             },
             // The old router serves until the new one has healthy workers.
@@ -1758,6 +1762,26 @@ pub fn router_deployment(
                     tolerations: (!spec.placement.tolerations.is_empty())
                         .then(|| spec.placement.tolerations.clone()),
                     security_context: Some(restricted_pod()),
+                    // One router per node where there are nodes enough.
+                    affinity: Some(Affinity {
+                        pod_anti_affinity: Some(PodAntiAffinity {
+                            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                                WeightedPodAffinityTerm {
+                                    weight: 100,
+                                    pod_affinity_term: PodAffinityTerm {
+                                        label_selector: Some(LabelSelector {
+                                            match_labels: Some(selector),
+                                            ..LabelSelector::default()
+                                        }),
+                                        topology_key: "kubernetes.io/hostname".into(),
+                                        ..PodAffinityTerm::default()
+                                    },
+                                },
+                            ]),
+                            ..PodAntiAffinity::default()
+                        }),
+                        ..Affinity::default()
+                    }),
                     containers: vec![container],
                     volumes: Some(vec![Volume {
                         name: "tmp".into(),

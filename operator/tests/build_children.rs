@@ -1342,8 +1342,31 @@ fn sglang_pools_render_their_role_and_sglang_router_lists_every_leader() {
     let router = children.router.as_ref().expect("a router");
     assert_eq!(router.metadata.name.as_deref(), Some("llama-pd-router"));
     let spec = router.spec.as_ref().unwrap();
-    assert_eq!(spec.replicas, Some(1));
+    // Two routers, preferably on two nodes: a lost node or a roll leaves one serving.
+    assert_eq!(spec.replicas, Some(2));
     let pod_spec = spec.template.spec.as_ref().unwrap();
+    let spread = pod_spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .and_then(|a| {
+            a.preferred_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .expect("anti-affinity");
+    assert_eq!(
+        spread[0].pod_affinity_term.topology_key,
+        "kubernetes.io/hostname"
+    );
+    assert_eq!(
+        spread[0]
+            .pod_affinity_term
+            .label_selector
+            .as_ref()
+            .unwrap()
+            .match_labels,
+        spec.selector.match_labels
+    );
     let c = &pod_spec.containers[0];
     assert_eq!(c.image.as_deref(), Some(build::DEFAULT_SGLANG_IMAGE));
     assert_eq!(
