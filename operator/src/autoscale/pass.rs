@@ -110,13 +110,10 @@ fn running_pools(md: &ModelDeployment) -> Option<&[crate::api::PoolStatus]> {
         .then_some(st.pools.as_slice())
 }
 
-/// The pool a [`pool_view`] stands for (its status holds that one pool).
+/// The pool a [`pool_view`] stands for: the one its `NAME:ROLE` names.
 fn view_pool(md: &ModelDeployment) -> Option<&crate::api::PoolStatus> {
-    let st = md.status.as_ref()?;
-    match st.pools.as_slice() {
-        [one] => Some(one),
-        _ => None,
-    }
+    let (_, role) = md.metadata.name.as_deref()?.split_once(':')?;
+    md.status.as_ref()?.pools.iter().find(|p| p.role == role)
 }
 
 /// The deployment's name without a pool view's `:ROLE`.
@@ -254,13 +251,13 @@ pub fn decide_pass(
         .filter(|t| t.md.spec.autoscaling.as_ref().is_some_and(|a| a.enabled))
         .flat_map(|t| scaled(t.md, &t.samples))
         .collect();
-    let spec_of = |md: &ModelDeployment| -> AutoscalingSpec {
-        md.spec.autoscaling.clone().expect("filtered")
-    };
+    fn spec_of(md: &ModelDeployment) -> &AutoscalingSpec {
+        md.spec.autoscaling.as_ref().expect("filtered")
+    }
     let decide_with = |md: &ModelDeployment, samples: &[ReplicaSample], capacity| {
         decide(
             &Input {
-                spec: &spec_of(md),
+                spec: spec_of(md),
                 current: current_of(md),
                 samples,
                 capacity,

@@ -619,24 +619,25 @@ impl Runner {
                     });
                     let mut s = m.sample(prev);
                     s.pool = t.pool.clone();
-                    if let Some(last) = self.last.get(&t.pod) {
-                        let means = interval_means(&last.metrics, &m);
+                    // The interval since the pod's last scrape: the latencies the pools
+                    // scale on, and the calibration's measurement.
+                    let means = self
+                        .last
+                        .get(&t.pod)
+                        .map(|l| interval_means(&l.metrics, &m));
+                    if let Some(means) = &means {
                         s.time_to_first_token_s = means.time_to_first_token_s;
                         s.inter_token_latency_s = means.inter_token_latency_s;
                     }
-                    if let (Some(last), Some(md)) =
-                        (self.last.get(&t.pod), by_key.get(&t.deployment))
+                    if let (Some(means), Some(md)) = (&means, by_key.get(&t.deployment))
+                        && let Some((key, measurement)) =
+                            calibration_sample(md, t.replica, means, &m, &self.plan_cfg)
                     {
-                        let means = interval_means(&last.metrics, &m);
-                        if let Some((key, measurement)) =
-                            calibration_sample(md, t.replica, &means, &m, &self.plan_cfg)
-                        {
-                            self.calibration
-                                .lock()
-                                .expect("lock")
-                                .observe(&key, measurement);
-                            self.calibration_changed = true;
-                        }
+                        self.calibration
+                            .lock()
+                            .expect("lock")
+                            .observe(&key, measurement);
+                        self.calibration_changed = true;
                     }
                     self.last.insert(
                         t.pod.clone(),
@@ -699,34 +700,26 @@ impl Runner {
             now_s,
         );
         // The pools' sizes as decided in this pass, per deployment: one write carries both, so
-        // two pools that change in the same pass never undo each other.
-        let mut pool_sizes: HashMap<&str, BTreeMap<String, u32>> = HashMap::new();
-        // The decision that writes a deployment's condition: its first pool limited by
-        // capacity, else its first.
-        let mut speaks: HashMap<&str, (&str, bool)> = HashMap::new();
+        // two pools that change in the same pass never undo each other. And the decision that
+        // writes a deployment's condition: its first one limited by capacity, else its first.
+        let mut pool_sizes: HashMap<String, BTreeMap<String, u32>> = HashMap::new();
+        let mut speaks: HashMap<String, (String, bool)> = HashMap::new();
         for (k, d) in &decisions {
             let (dep, role) = pass::split_key(k);
             if let Some(role) = role {
                 pool_sizes
-                    .entry(dep)
+                    .entry(dep.to_owned())
                     .or_default()
                     .insert(role.to_owned(), d.replicas);
             }
-            match speaks.get(dep) {
-                None => {
-                    speaks.insert(dep, (k.as_str(), d.capacity_limited));
-                }
-                Some(&(_, false)) if d.capacity_limited => {
-                    speaks.insert(dep, (k.as_str(), true));
-                }
-                Some(_) => {}
+            if speaks
+                .get(dep)
+                .is_none_or(|&(_, limited)| !limited && d.capacity_limited)
+            {
+                speaks.insert(dep.to_owned(), (k.clone(), d.capacity_limited));
             }
         }
-        let speaks: HashSet<String> = speaks.values().map(|(k, _)| (*k).to_owned()).collect();
-        let pool_sizes: HashMap<String, BTreeMap<String, u32>> = pool_sizes
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
+        let speaks: HashSet<String> = speaks.into_values().map(|(k, _)| k).collect();
         let mut outcomes = Vec::with_capacity(decisions.len());
         for (key, d) in decisions {
             let (dep_key, pool) = pass::split_key(&key);
@@ -767,14 +760,13 @@ impl Runner {
                     WriteResult::Written => {
                         tracing::info!(deployment = %key, from = d.current, to = d.replicas, reason = d.reason.as_str(), "{}", d.message);
                     }
-                    other => match &pool {
-                        None => {
-                            tracing::warn!(deployment = %key, result = ?other, "writing replicas through the scale subresource failed; retrying next tick")
-                        }
-                        Some(_) => {
-                            tracing::warn!(deployment = %key, result = ?other, "writing spec.poolReplicas failed; retrying next tick")
-                        }
-                    },
+                    other => {
+                        let what = match &pool {
+                            None => "replicas through the scale subresource",
+                            Some(_) => "spec.poolReplicas",
+                        };
+                        tracing::warn!(deployment = %key, result = ?other, "writing {what} failed; retrying next tick");
+                    }
                 }
                 r
             } else {

@@ -1508,7 +1508,6 @@ pub fn reconcile<N: Borrow<Node>>(obs: &Observed<'_, N>, cfg: &Config) -> Action
     actions
 }
 
-/// `, EP=16, data-parallel attention` for an expert-parallel placement; empty otherwise.
 /// `desired`, stamped with the hash of its spec, when the observed object of its name carries
 /// another hash (or is missing): what to apply.
 fn changed<K, S>(mut desired: K, observed: &[K], spec: impl Fn(&K) -> &S) -> Option<K>
@@ -1635,6 +1634,7 @@ fn place_wanted(
     }
 }
 
+/// `, EP=16, data-parallel attention` for an expert-parallel placement; empty otherwise.
 fn expert_note(ep: Option<i32>, data_attention: bool) -> String {
     match ep {
         Some(ep) if data_attention => format!(", EP={ep}, data-parallel attention"),

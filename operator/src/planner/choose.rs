@@ -123,10 +123,7 @@ pub fn nominal_links(
         latency_s: c.nvlink_latency_s,
     };
     let pcie = c.pcie_link(model);
-    let fabric = Link {
-        gbps: c.fabric_gbps,
-        latency_s: c.fabric_latency_s,
-    };
+    let fabric = c.fabric_link();
     let link_for = |n: u32| {
         if n <= stats.largest_domain && stats.nvlink_gbps > 0.0 && stats.largest_domain > 1 {
             nvlink

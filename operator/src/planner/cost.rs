@@ -158,6 +158,14 @@ impl CostConstants {
         }
     }
 
+    /// The fabric between nodes (per GPU).
+    pub fn fabric_link(&self) -> Link {
+        Link {
+            gbps: self.fabric_gbps,
+            latency_s: self.fabric_latency_s,
+        }
+    }
+
     /// The PCIe link a collective gets on `gpu`.
     pub fn pcie_link(&self, gpu: &GpuModel) -> Link {
         Link {
@@ -682,10 +690,7 @@ pub fn packed_links(
     } else {
         c.pcie_link(gpu)
     };
-    let fabric = Link {
-        gbps: c.fabric_gbps,
-        latency_s: c.fabric_latency_s,
-    };
+    let fabric = c.fabric_link();
     Links {
         tp: if tp <= gpus_per_node { inside } else { fabric },
         pp: if tp * pp <= gpus_per_node {

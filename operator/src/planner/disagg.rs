@@ -322,10 +322,7 @@ pub fn decide(
     // Pools of different GPU types sit on different nodes: the KV cache crosses the fabric.
     // Pools of one type may also keep each unit inside one node, where it crosses NVLink (the
     // unit inside the node's NVLink domain) or PCIe; the placement then keeps units on one node.
-    let fabric = Link {
-        gbps: c.fabric_gbps,
-        latency_s: c.fabric_latency_s,
-    };
+    let fabric = c.fabric_link();
     // A unit's pools must fit the eligible GPUs of their types, `spec.replicas` units over.
     let units = spec.replicas.max(1) as u32;
     let mut best: Option<(usize, usize, Pair)> = None;

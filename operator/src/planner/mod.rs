@@ -318,6 +318,22 @@ struct Pools {
     pair: disagg::Pair,
 }
 
+impl Pools {
+    /// Prefill and decode replicas in one unit of the pair's ratio.
+    fn unit(&self) -> (i32, i32) {
+        (
+            self.pair.prefill_replicas as i32,
+            self.pair.decode_replicas as i32,
+        )
+    }
+
+    /// Replicas in one unit (the index stride of [`pool_indices`]).
+    fn unit_size(&self) -> i32 {
+        let (p, d) = self.unit();
+        (p + d).max(1)
+    }
+}
+
 impl Dep<'_> {
     /// The pools this plan places, if any.
     fn placed_pools(&self) -> Option<&Pools> {
@@ -337,13 +353,7 @@ impl Dep<'_> {
     fn indices(&self) -> Vec<i32> {
         match self.placed_pools() {
             None => (0..self.md.spec.replicas.max(0)).collect(),
-            Some(p) => pool_indices(
-                (p.prefill_replicas, p.decode_replicas),
-                (
-                    p.pair.prefill_replicas as i32,
-                    p.pair.decode_replicas as i32,
-                ),
-            ),
+            Some(p) => pool_indices((p.prefill_replicas, p.decode_replicas), p.unit()),
         }
     }
 
@@ -363,7 +373,7 @@ impl Dep<'_> {
         let Some(p) = self.placed_pools() else {
             return Vec::new();
         };
-        let size = (p.pair.prefill_replicas + p.pair.decode_replicas).max(1) as i32;
+        let size = p.unit_size();
         let unit = r / size;
         let Some(first) = self
             .placed
@@ -403,10 +413,7 @@ impl Dep<'_> {
     /// The pool replica `r` belongs to: its layout and role ([`prefill_slot`]).
     fn pool_of(&self, r: i32) -> Option<(&Candidate, &'static str)> {
         self.placed_pools().map(|p| {
-            let (pre, dec) = (
-                p.pair.prefill_replicas as i32,
-                p.pair.decode_replicas as i32,
-            );
+            let (pre, dec) = p.unit();
             if prefill_slot(r, pre, dec) {
                 (&p.prefill, "prefill")
             } else {
@@ -804,7 +811,7 @@ pub fn plan(
 /// The link the KV caches of the placed units cross: the planned in-node link where every
 /// placed replica of every unit shares one node, else the fabric (`None` with nothing placed).
 fn placed_kv_link(p: &Pools, placed: &[PlacedReplica]) -> Option<disagg::KvLink> {
-    let size = (p.pair.prefill_replicas + p.pair.decode_replicas).max(1) as i32;
+    let size = p.unit_size();
     let mut units: BTreeMap<i32, std::collections::BTreeSet<&str>> = BTreeMap::new();
     for r in placed {
         units
@@ -867,10 +874,7 @@ fn pool_statuses(
     let ttft = if link == x.kv_link {
         x.time_to_first_token_seconds
     } else {
-        let fabric = cost::Link {
-            gbps: c.fabric_gbps,
-            latency_s: c.fabric_latency_s,
-        };
+        let fabric = c.fabric_link();
         x.time_to_first_token_seconds - x.kv_transfer_seconds
             + cost::send_seconds(x.kv_bytes_per_lane, fabric)
     };
@@ -1067,10 +1071,7 @@ fn slower(a: Link, b: Link) -> Link {
 pub fn actual_links(inv: &Inventory, t: usize, allocs: &[Alloc], c: &CostConstants) -> Links {
     let model = &inv.types[t].model;
     let pcie = c.pcie_link(model);
-    let fabric = Link {
-        gbps: c.fabric_gbps,
-        latency_s: c.fabric_latency_s,
-    };
+    let fabric = c.fabric_link();
     let domain_link = |node: u32| {
         let n = &inv.nodes[node as usize];
         if n.nvlink_gbps > 0.0 {
