@@ -1051,10 +1051,11 @@ fn sglang_load(queue: u32, running: u32, kv: f64) -> Answer {
     ))
 }
 
-#[tokio::test]
-async fn each_pool_scales_on_its_own_and_one_merge_patch_sizes_both() {
-    // SGLang prefill/decode pools of a long-prompt workload, placed by the controller on two
-    // H100 nodes; prefill scales on queue depth (target 10), decode on KV-cache use (0.8).
+/// SGLang prefill/decode pools of a long-prompt workload, placed by the controller on two
+/// H100 nodes and running; prefill scales on queue depth (target 10), decode on KV-cache use
+/// (0.8). Prefill leaders queue 30 long prompts each; the decode leader is at 50% KV use.
+/// Returns the snapshot and the pools' sizes (prefill, decode).
+fn pooled_and_loaded(h: &Harness) -> (Snapshot, i32, i32) {
     let mut md = deployment(1, true);
     md.spec.parallelism = Default::default();
     md.spec.engine.name = serde_json::from_value(json!("sglang")).expect("engine");
@@ -1108,7 +1109,6 @@ async fn each_pool_scales_on_its_own_and_one_merge_patch_sizes_both() {
         .map(|p| p.replicas * p.tensor_parallel * p.pipeline_parallel)
         .sum();
     assert!(gpus < 16, "room to grow: {gpus} of 16 GPUs");
-    let mut h = harness(always_ok(), Duration::from_secs(3));
     let pods: Vec<Pod> = actions
         .apply_pods
         .into_iter()
@@ -1116,7 +1116,6 @@ async fn each_pool_scales_on_its_own_and_one_merge_patch_sizes_both() {
             let labels = p.metadata.labels.clone().expect("labels");
             let replica: u32 = labels["tessera.dev/replica"].parse().expect("replica");
             let ip = format!("10.0.1.{}", replica + 1);
-            // Prefill leaders queue 30 long prompts each; the decode leader is at 50% KV use.
             match labels.get("tessera.dev/pool").map(String::as_str) {
                 Some("prefill") => h.scraper.set(&ip, sglang_load(30, 0, 0.1)),
                 Some("decode") => h.scraper.set(&ip, sglang_load(0, 8, 0.5)),
@@ -1132,8 +1131,18 @@ async fn each_pool_scales_on_its_own_and_one_merge_patch_sizes_both() {
     let snap = Snapshot {
         nodes,
         pods,
-        deployments: vec![md.clone()],
+        deployments: vec![md],
     };
+    (snap, prefill, decode)
+}
+
+const DEPLOYMENT_PATH: &str =
+    "/apis/tessera.dev/v1alpha1/namespaces/inference/modeldeployments/llama-8b";
+
+#[tokio::test]
+async fn each_pool_scales_on_its_own_and_one_merge_patch_sizes_both() {
+    let mut h = harness(always_ok(), Duration::from_secs(3));
+    let (snap, prefill, decode) = pooled_and_loaded(&h);
     let out = h.runner.pass(&snap).await;
     let keys: Vec<&str> = out.iter().map(|o| o.deployment.as_str()).collect();
     assert_eq!(
@@ -1170,10 +1179,7 @@ async fn each_pool_scales_on_its_own_and_one_merge_patch_sizes_both() {
     // subresource, and the prefill pool's ScalingLimited condition.
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert_eq!(seen[0].method, Method::PATCH);
-    assert_eq!(
-        seen[0].path,
-        "/apis/tessera.dev/v1alpha1/namespaces/inference/modeldeployments/llama-8b"
-    );
+    assert_eq!(seen[0].path, DEPLOYMENT_PATH);
     assert_eq!(seen[0].content_type, "application/merge-patch+json");
     assert_eq!(
         seen[0].body,
@@ -1189,5 +1195,45 @@ async fn each_pool_scales_on_its_own_and_one_merge_patch_sizes_both() {
             .starts_with(&format!("the prefill pool wanted {} replicas", p.wanted)),
         "{}",
         c.message
+    );
+}
+
+#[tokio::test]
+async fn a_refused_pool_size_write_is_retried_next_pass_before_the_condition() {
+    // The API answers the first merge patch of spec.poolReplicas 409 (a user's edit in
+    // between): nothing is recorded, the condition waits, and the next pass writes the same
+    // sizes again.
+    let mut h = harness(
+        fail_first(DEPLOYMENT_PATH, StatusCode::CONFLICT),
+        Duration::from_secs(3),
+    );
+    let (snap, _, decode) = pooled_and_loaded(&h);
+    let out = h.runner.pass(&snap).await;
+    let grown = out[0].decision.replicas;
+    assert_eq!(out[0].scale, WriteResult::Conflict, "{:?}", out[0]);
+    assert_eq!(out[0].condition, WriteResult::Skipped);
+    h.clock.advance(PASS);
+    let out = h.runner.pass(&snap).await;
+    assert_eq!(
+        out[0].decision.replicas, grown,
+        "{}",
+        out[0].decision.message
+    );
+    assert_eq!(
+        (&out[0].scale, &out[0].condition),
+        (&WriteResult::Written, &WriteResult::Written)
+    );
+    let seen = h.requests().await;
+    let patches: Vec<&Value> = seen
+        .iter()
+        .filter(|s| s.path == DEPLOYMENT_PATH)
+        .map(|s| &s.body)
+        .collect();
+    let want = json!({"spec": {"poolReplicas": {"decode": decode, "prefill": grown}}});
+    assert_eq!(patches, vec![&want, &want], "{seen:?}");
+    assert_eq!(
+        seen.iter().filter(|s| s.path == STATUS).count(),
+        1,
+        "one ScalingLimited write, after the sizes landed"
     );
 }
